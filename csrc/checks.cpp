@@ -1,0 +1,297 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace spikeops {
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
+  os << "]";
+  return os.str();
+}
+
+std::string shape_str(std::initializer_list<int64_t> dims) {
+  std::ostringstream os;
+  os << "[";
+  bool first = true;
+  for (int64_t d : dims) {
+    os << (first ? "" : ", ") << d;
+    first = false;
+  }
+  os << "]";
+  return os.str();
+}
+
+void check_dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType want) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be a ", dtype_name(want),
+                   " tensor, got ", dtype_name(t.scalar_type()));
+}
+
+void check_shape(const char* op, const at::Tensor& t, const char* name,
+                 std::initializer_list<int64_t> want) {
+  bool ok = t.dim() == static_cast<int64_t>(want.size());
+  int64_t d = 0;
+  for (int64_t w : want) ok = ok && t.size(d++) == w;
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " must have shape ", shape_str(want), ", got ",
+                    shape_str(t));
+}
+
+// An optional tensor is absent when it has no elements (SPEC §1).
+bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+// Values of CPU tensors are checked here. CUDA kernels never synchronize for such checks: they
+// guard every index they read instead (see cuda/), and the Python layer validates values once.
+bool host_readable(const at::Tensor& t) { return t.device().is_cpu(); }
+
+}  // namespace
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "minmax") return Mode::kMinMax;
+  if (mode == "absmax") return Mode::kAbsMax;
+  if (mode == "absmean") return Mode::kAbsMean;
+  if (mode == "static") return Mode::kStatic;
+  if (mode == "oat") return Mode::kOat;
+  TORCH_CHECK_VALUE(false, "gif_encode: mode must be one of 'minmax', 'absmax', 'absmean', ",
+                    "'static', 'oat', got '", mode, "'");
+}
+
+void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                       const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on the device of ",
+                    ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op, ": ",
+                   name, " must be torch.float16, torch.bfloat16 or torch.float32, got ",
+                   dtype_name(dtype));
+}
+
+Encode check_encode(const at::Tensor& x, const std::string& mode_name, int64_t bits, double gamma,
+                    const at::Tensor& salient_mask, int64_t salient_bits,
+                    const at::Tensor& scale, const at::Tensor& zero, double theta_nor,
+                    double theta_out) {
+  const char* op = "gif_encode";
+  Encode e;
+  e.mode = parse_mode(mode_name);
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_TYPE(xt == at::kHalf || xt == at::kBFloat16 || xt == at::kFloat || xt == at::kDouble,
+                   op, ": x must be a float16, bfloat16, float32 or float64 tensor, got ",
+                   dtype_name(xt));
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [M, K], got ", shape_str(x));
+  e.M = x.size(0);
+  e.K = x.size(1);
+  TORCH_CHECK_VALUE(e.K >= 1 && e.K <= kMaxK, op, ": x must have 1 <= K <= ", kMaxK,
+                    " channels, got K = ", e.K);
+  e.x = x.contiguous();
+  e.W = (e.K + 31) / 32;
+
+  const bool is_static = e.mode == Mode::kStatic;
+  TORCH_CHECK_VALUE(is_static || !present(scale), op, ": scale is only taken by mode 'static', ",
+                    "got a tensor of shape ", shape_str(scale), " with mode '", mode_name, "'");
+  TORCH_CHECK_VALUE(is_static || !present(zero), op, ": zero is only taken by mode 'static', ",
+                    "got a tensor of shape ", shape_str(zero), " with mode '", mode_name, "'");
+  e.is_signed = e.mode == Mode::kAbsMax || e.mode == Mode::kAbsMean || e.mode == Mode::kOat ||
+                (is_static && !present(zero));
+
+  // A signed code spends one bit on the sign, except oat whose `bits` counts magnitude planes.
+  const int64_t min_bits = (e.is_signed && e.mode != Mode::kOat) ? 2 : 1;
+  TORCH_CHECK_VALUE(bits >= min_bits && bits <= kMaxPlanes, op, ": bits must be in [", min_bits,
+                    ", ", kMaxPlanes, "] for mode '", mode_name, "'",
+                    (e.mode == Mode::kStatic && e.is_signed ? " (signed: no zero given)" : ""),
+                    ", got ", bits);
+  e.bits = static_cast<int>(bits);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0.0 && gamma <= 1.0, op,
+                    ": gamma must be in (0, 1], got ", gamma);
+  e.gamma = static_cast<float>(gamma);
+
+  e.salient_bits = 0;
+  if (present(salient_mask)) {
+    TORCH_CHECK_VALUE(e.mode == Mode::kMinMax || e.mode == Mode::kAbsMax ||
+                          e.mode == Mode::kAbsMean,
+                      op, ": salient_mask combines with modes 'minmax', 'absmax', 'absmean', ",
+                      "got mode '", mode_name, "'");
+    check_dtype(op, salient_mask, "salient_mask", at::kBool);
+    check_shape(op, salient_mask, "salient_mask", {e.K});
+    check_same_device(op, salient_mask, "salient_mask", x, "x");
+    TORCH_CHECK_VALUE(salient_bits > bits && salient_bits <= kMaxPlanes, op,
+                      ": salient_bits must be in (bits, ", kMaxPlanes, "] = (", bits, ", ",
+                      kMaxPlanes, "], got ", salient_bits);
+    e.salient_mask = salient_mask.contiguous();
+    e.salient_bits = static_cast<int>(salient_bits);
+  }
+  const int top_bits = e.salient_bits ? e.salient_bits : e.bits;
+  e.P = (e.is_signed && e.mode != Mode::kOat) ? top_bits - 1 : top_bits;
+  e.R = (e.salient_bits || e.mode == Mode::kOat) ? 2 : 1;
+
+  if (is_static) {
+    TORCH_CHECK_VALUE(present(scale) || e.M == 0, op, ": mode 'static' needs scale, a float32 ",
+                      "tensor of shape [M] = [", e.M, "]");
+    if (present(scale)) {
+      check_dtype(op, scale, "scale", at::kFloat);
+      check_shape(op, scale, "scale", {e.M});
+      check_same_device(op, scale, "scale", x, "x");
+      e.scale = scale.contiguous();
+      if (host_readable(scale)) {
+        const float* s = e.scale.data_ptr<float>();
+        for (int64_t m = 0; m < e.M; ++m)
+          TORCH_CHECK_VALUE(std::isfinite(s[m]) && s[m] > 0.f, op,
+                            ": scale must be positive and finite, got scale[", m, "] = ", s[m]);
+      }
+    }
+    if (present(zero)) {
+      check_dtype(op, zero, "zero", at::kInt);
+      check_shape(op, zero, "zero", {e.M});
+      check_same_device(op, zero, "zero", x, "x");
+      e.zero = zero.contiguous();
+      if (host_readable(zero)) {
+        const int32_t* z = e.zero.data_ptr<int32_t>();
+        for (int64_t m = 0; m < e.M; ++m)
+          TORCH_CHECK_VALUE(z[m] >= -kZeroLimit && z[m] <= kZeroLimit, op,
+                            ": zero must be in [-1e4, 1e4], got zero[", m, "] = ", z[m]);
+      }
+    }
+  }
+
+  if (e.mode == Mode::kOat) {
+    e.theta_nor = static_cast<float>(theta_nor);
+    e.theta_out = static_cast<float>(theta_out);
+    TORCH_CHECK_VALUE(std::isfinite(e.theta_nor) && std::isfinite(e.theta_out) &&
+                          e.theta_nor > 0.f && e.theta_nor < e.theta_out,
+                      op, ": mode 'oat' needs 0 < theta_nor < theta_out (finite in float32), ",
+                      "got theta_nor = ", theta_nor, ", theta_out = ", theta_out);
+  } else {
+    TORCH_CHECK_VALUE(theta_nor == 0.0 && theta_out == 0.0, op,
+                      ": theta_nor and theta_out are only taken by mode 'oat' (pass 0), got ",
+                      theta_nor, ", ", theta_out, " with mode '", mode_name, "'");
+    e.theta_nor = e.theta_out = 0.f;
+  }
+  return e;
+}
+
+Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tensor& sign,
+                        const at::Tensor& hi) {
+  Spikes s;
+  check_dtype(op, planes, "planes", at::kInt);
+  TORCH_CHECK_VALUE(planes.dim() == 3, op, ": planes must have shape [P, M, W], got ",
+                    shape_str(planes));
+  s.P = planes.size(0);
+  s.M = planes.size(1);
+  s.W = planes.size(2);
+  TORCH_CHECK_VALUE(s.P >= 1 && s.P <= kMaxPlanes, op, ": planes must hold 1 to ", kMaxPlanes,
+                    " planes, got P = ", s.P);
+  TORCH_CHECK_VALUE(s.W >= 1, op, ": planes must hold at least one word per token, got W = 0");
+  s.planes = planes.contiguous();
+  if (present(sign)) {
+    check_dtype(op, sign, "sign", at::kInt);
+    check_shape(op, sign, "sign", {s.M, s.W});
+    check_same_device(op, sign, "sign", planes, "planes");
+    s.sign = sign.contiguous();
+  }
+  if (present(hi)) {
+    check_dtype(op, hi, "hi", at::kInt);
+    check_shape(op, hi, "hi", {s.M, s.W});
+    check_same_device(op, hi, "hi", planes, "planes");
+    s.hi = hi.contiguous();
+  }
+  s.R = s.hi.defined() ? 2 : 1;
+  return s;
+}
+
+Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& sign,
+                    const at::Tensor& hi, const at::Tensor& scale, const at::Tensor& zero) {
+  Spikes s = check_spike_bits(op, planes, sign, hi);
+  // With no tokens every optional tensor is empty, so scale alone tells whether there are
+  // two ranges.
+  if (s.M == 0 && scale.dim() == 2 && scale.size(1) == 2) s.R = 2;
+  check_dtype(op, scale, "scale", at::kFloat);
+  check_shape(op, scale, "scale", {s.M, s.R});
+  check_same_device(op, scale, "scale", planes, "planes");
+  s.scale = scale.contiguous();
+  if (present(zero)) {
+    check_dtype(op, zero, "zero", at::kInt);
+    check_shape(op, zero, "zero", {s.M, s.R});
+    check_same_device(op, zero, "zero", planes, "planes");
+    s.zero = zero.contiguous();
+    if (host_readable(zero)) {
+      // Codes minus zeros stay far from int32 overflow (gif_encode gives |zero| <= 1e4).
+      const int32_t* z = s.zero.data_ptr<int32_t>();
+      for (int64_t i = 0; i < s.M * s.R; ++i)
+        TORCH_CHECK_VALUE(z[i] >= -kMaxZero && z[i] <= kMaxZero, op, ": zero must be in [-",
+                          kMaxZero, ", ", kMaxZero, "], got ", z[i], " at flat index ", i);
+    }
+  }
+  return s;
+}
+
+void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source) {
+  TORCH_CHECK_VALUE(s.W == (K + 31) / 32, op, ": planes must hold ceil(K / 32) = ",
+                    (K + 31) / 32, " words per token for K = ", K, " (from ", k_source,
+                    "), got W = ", s.W);
+}
+
+Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
+                const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                int64_t zero_offset) {
+  Gptq w;
+  TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op,
+                    ": bits must be 2, 4 or 8 (3-bit weights are repacked to 4-bit codes by ",
+                    "spikeops.GPTQWeight), got ", bits);
+  TORCH_CHECK_VALUE(zero_offset == 0 || zero_offset == 1, op,
+                    ": zero_offset must be 1 (v1 'gptq' zeros) or 0 (v2 zeros), got ", zero_offset);
+  w.bits = static_cast<int>(bits);
+  w.zero_offset = static_cast<int32_t>(zero_offset);
+  check_dtype(op, qweight, "qweight", at::kInt);
+  check_dtype(op, qzeros, "qzeros", at::kInt);
+  check_dtype(op, scales, "scales", at::kHalf);
+  check_dtype(op, g_idx, "g_idx", at::kInt);
+  TORCH_CHECK_VALUE(g_idx.dim() == 1 && g_idx.size(0) >= 1 && g_idx.size(0) <= kMaxK, op,
+                    ": g_idx must have shape [K] with 1 <= K <= ", kMaxK, ", got ",
+                    shape_str(g_idx));
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) >= 1 && scales.size(1) >= 1, op,
+                    ": scales must have shape [G, N] with G, N >= 1, got ", shape_str(scales));
+  w.K = g_idx.size(0);
+  w.G = scales.size(0);
+  w.N = scales.size(1);
+  const int64_t per_word = 32 / bits;
+  check_shape(op, qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
+  check_shape(op, qzeros, "qzeros", {w.G, (w.N + per_word - 1) / per_word});
+  check_same_device(op, qzeros, "qzeros", qweight, "qweight");
+  check_same_device(op, scales, "scales", qweight, "qweight");
+  check_same_device(op, g_idx, "g_idx", qweight, "qweight");
+  w.qweight = qweight.contiguous();
+  w.qzeros = qzeros.contiguous();
+  w.scales = scales.contiguous();
+  w.g_idx = g_idx.contiguous();
+  if (host_readable(g_idx)) {
+    const int32_t* gi = w.g_idx.data_ptr<int32_t>();
+    for (int64_t k = 0; k < w.K; ++k)
+      TORCH_CHECK_VALUE(gi[k] >= 0 && gi[k] < w.G, op, ": g_idx values must be in [0, G) = [0, ",
+                        w.G, "), got g_idx[", k, "] = ", gi[k]);
+  }
+  return w;
+}
+
+}  // namespace spikeops

@@ -1,0 +1,78 @@
+// Boundary checks of every op, in one place. Each check raises ValueError (bad value or shape) or
+// TypeError (bad dtype) with a message naming the op, the argument, the expectation and what was
+// given; kernels behind these checks trust their inputs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "spike_math.h"
+
+namespace spikeops {
+
+// A SpikeTensor's fields, contiguous, with absent tensors (numel 0) kept as undefined tensors.
+struct Spikes {
+  at::Tensor planes;  // int32 [P, M, W]
+  at::Tensor sign;    // int32 [M, W] or undefined
+  at::Tensor hi;      // int32 [M, W] or undefined
+  at::Tensor scale;   // float32 [M, R]
+  at::Tensor zero;    // int32 [M, R] or undefined
+  int64_t P, M, W, R;
+};
+
+// GPTQ tensors of one linear layer, contiguous; bits in {2, 4, 8} (3-bit is repacked in Python).
+struct Gptq {
+  at::Tensor qweight;  // int32 [ceil(K*bits/32), N]
+  at::Tensor qzeros;   // int32 [G, ceil(N*bits/32)]
+  at::Tensor scales;   // float16 [G, N]
+  at::Tensor g_idx;    // int32 [K], values in [0, G)
+  int64_t K, N, G;
+  int bits;
+  int32_t zero_offset;  // 1 for v1 ("gptq") zeros, 0 for v2: z = stored field + zero_offset
+};
+
+// gif_encode's arguments, checked, with the derived sizes of the SpikeTensor it produces.
+struct Encode {
+  at::Tensor x;             // [M, K] contiguous; float16, bfloat16, float32 or float64
+  at::Tensor salient_mask;  // bool [K] or undefined
+  at::Tensor scale;         // static mode: float32 [M]; else undefined
+  at::Tensor zero;          // static unsigned mode: int32 [M]; else undefined
+  Mode mode;
+  bool is_signed;
+  int bits, salient_bits;   // salient_bits is 0 without a salient mask
+  float gamma, theta_nor, theta_out;
+  int64_t M, K, W, P, R;
+};
+
+std::string dtype_name(at::ScalarType t);
+
+Encode check_encode(const at::Tensor& x, const std::string& mode, int64_t bits, double gamma,
+                    const at::Tensor& salient_mask, int64_t salient_bits,
+                    const at::Tensor& scale, const at::Tensor& zero, double theta_nor,
+                    double theta_out);
+
+// planes, sign and hi only (spike_counts and spike_accumulate take no scale); R is 2 with hi.
+Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tensor& sign,
+                        const at::Tensor& hi);
+
+Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& sign,
+                    const at::Tensor& hi, const at::Tensor& scale, const at::Tensor& zero);
+
+Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
+                const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                int64_t zero_offset);
+
+// The spike words must cover exactly K channels: W == ceil(K / 32).
+void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);
+
+// `t` lies on the device of `ref` (argument names for the message).
+void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                       const at::Tensor& ref, const char* ref_name);
+
+// Output dtypes of the float-producing ops: float16, bfloat16 or float32.
+void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* name);
+
+Mode parse_mode(const std::string& mode);
+
+}  // namespace spikeops

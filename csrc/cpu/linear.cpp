@@ -1,0 +1,474 @@
+// CPU kernels of spike_linear, spike_accumulate and gptq_dequantize.
+//
+// Both spike_linear backends first turn one token's spikes into lists of terms bucketed by
+// (group, range), then sweep output columns in blocks of kBlock whose accumulators stay in
+// registers, reading only the weight rows named by the terms:
+//   int   : a term is (channel k, code c = s*Q - zero[r]); D[g, r] = sum c * (q - z).
+//   spike : a term is a spike (channel k, plane p, sign); per plane, the weight codes of positive
+//           spikes are added and those of negative spikes subtracted, then shifted by p. The
+//           zero point of unsigned encodings acts as one more always-firing plane of weight
+//           -zero[r]. Silent words are skipped while the lists are built.
+// Both produce the same integers D[g, r], and share the float epilogue, so their outputs are
+// identical bit for bit:
+//   y[m, n] = float32( sum_r double(scale[m, r]) * S_r[n] + bias[n] ),
+//   S_r[n]  = sum_g double( float32(scales[g, n]) * float32(D[g, r]) )     (g ascending).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+#include "spikeops.h"
+
+// Hot loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPIKEOPS_MULTIVERSION
+#endif
+
+namespace spikeops {
+namespace {
+
+constexpr int64_t kBlock = 64;        // output columns per task
+constexpr int64_t kTokenChunk = 32;   // tokens whose term lists are built at once
+
+// A token's terms, bucketed: bucket b holds terms [start[b], start[b + 1]).
+struct Terms {
+  std::vector<int32_t> k;      // channel
+  std::vector<int32_t> c;      // int backend: code s*Q - zero[r]
+  std::vector<int64_t> csum;   // int backend: sum of c per bucket
+  std::vector<int32_t> start;
+  int32_t cmax = 0;            // int backend: largest |c|
+};
+
+// Words of one token row with the bits of channels >= K cleared, so that no stray bit can name a
+// weight row past the end.
+inline uint32_t word_at(const uint32_t* row, int64_t w, int64_t W, uint32_t last_mask) {
+  return w == W - 1 ? row[w] & last_mask : row[w];
+}
+
+struct Layer {
+  const uint32_t* planes;  // [P, M, W]
+  const uint32_t* sign;    // [M, W] or null
+  const uint32_t* hi;      // [M, W] or null
+  const int32_t* zero;     // [M, R] or null
+  const int32_t* g_idx;    // [K]
+  int64_t P, M, W, R, K, G;
+  uint32_t last_mask;
+};
+
+// Counting sort of (bucket, channel, code) triples into t; emit(f) calls f(bucket, k, c) for
+// every term, twice (count pass, fill pass), so it must be deterministic.
+template <typename Emit>
+void bucket_terms(Terms& t, int64_t buckets, bool with_codes, const Emit& emit) {
+  t.start.assign(buckets + 1, 0);
+  emit([&](int64_t b, int32_t, int32_t) { ++t.start[b + 1]; });
+  for (int64_t b = 0; b < buckets; ++b) t.start[b + 1] += t.start[b];
+  const int64_t total = t.start[buckets];
+  t.k.resize(total);
+  if (with_codes) {
+    t.c.resize(total);
+    t.csum.assign(buckets, 0);
+  }
+  std::vector<int32_t> fill(t.start.begin(), t.start.end() - 1);
+  t.cmax = 0;
+  emit([&](int64_t b, int32_t k, int32_t c) {
+    const int32_t i = fill[b]++;
+    t.k[i] = k;
+    if (with_codes) {
+      t.c[i] = c;
+      t.csum[b] += c;
+      t.cmax = std::max(t.cmax, c < 0 ? -c : c);
+    }
+  });
+}
+
+// int backend: bucket (g, r) holds the nonzero codes of the channels of group g in range r.
+void build_code_terms(const Layer& L, int64_t m, Terms& t) {
+  bucket_terms(t, L.G * L.R, true, [&](auto&& add) {
+    for (int64_t w = 0; w < L.W; ++w) {
+      uint32_t q_bits[kMaxPlanes];
+      uint32_t any = 0;
+      for (int64_t p = 0; p < L.P; ++p) {
+        q_bits[p] = word_at(L.planes + (p * L.M + m) * L.W, w, L.W, L.last_mask);
+        any |= q_bits[p];
+      }
+      const uint32_t sgn = L.sign ? L.sign[m * L.W + w] : 0u;
+      const uint32_t hib = L.hi ? L.hi[m * L.W + w] : 0u;
+      const int64_t k_end = std::min<int64_t>(32 * w + 32, L.K);
+      if (!any && !L.zero) continue;  // a silent word adds nothing without a zero point
+      for (int64_t k = 32 * w; k < k_end; ++k) {
+        const int j = static_cast<int>(k - 32 * w);
+        int32_t q = 0;
+        for (int64_t p = 0; p < L.P; ++p) q |= static_cast<int32_t>((q_bits[p] >> j) & 1u) << p;
+        if ((sgn >> j) & 1u) q = -q;
+        const int r = (hib >> j) & 1u;
+        const int32_t c = q - (L.zero ? L.zero[m * L.R + r] : 0);
+        if (c != 0) add(static_cast<int64_t>(L.g_idx[k]) * L.R + r, static_cast<int32_t>(k), c);
+      }
+    }
+  });
+}
+
+// spike backend: bucket ((g * planes + p) * R + r) * 2 + negative, where plane P is the zero point
+// plane (every channel fires once) present only for unsigned encodings.
+int64_t spike_planes(const Layer& L, int64_t m) {
+  return L.P + ((L.zero && (L.zero[m * L.R] || (L.R == 2 && L.zero[m * L.R + 1]))) ? 1 : 0);
+}
+
+void build_spike_terms(const Layer& L, int64_t m, Terms& t) {
+  const int64_t planes = spike_planes(L, m);
+  bucket_terms(t, L.G * planes * L.R * 2, false, [&](auto&& add) {
+    for (int64_t w = 0; w < L.W; ++w) {
+      const uint32_t sgn = L.sign ? L.sign[m * L.W + w] : 0u;
+      const uint32_t hib = L.hi ? L.hi[m * L.W + w] : 0u;
+      for (int64_t p = 0; p < planes; ++p) {
+        uint32_t bits = p < L.P ? word_at(L.planes + (p * L.M + m) * L.W, w, L.W, L.last_mask)
+                                : L.last_mask | (w == L.W - 1 ? 0u : ~0u);
+        while (bits) {  // only the channels that spiked
+          const int j = __builtin_ctz(bits);
+          bits &= bits - 1;
+          const int64_t k = 32 * w + j;
+          const int64_t r = (hib >> j) & 1u;
+          const int64_t neg = p < L.P ? (sgn >> j) & 1u : 0;
+          add(((L.g_idx[k] * planes + p) * L.R + r) * 2 + neg, static_cast<int32_t>(k), 0);
+        }
+      }
+    }
+  });
+}
+
+// Accumulators of one block of output columns for one token.
+struct BlockAcc {
+  int64_t D[kBlock];
+  double S[2][kBlock];
+};
+
+#define SPIKEOPS_INLINE __attribute__((always_inline)) inline
+
+// 16 int32 lanes as a GCC vector: each multiversioned clone lowers it to its own ISA (one zmm,
+// two ymm or four xmm registers); aligned(4) allows unaligned loads from the weight rows.
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t v16u __attribute__((vector_size(64), aligned(4)));
+constexpr int kLanes = 16;
+constexpr int64_t kPrefetchTerms = 32;
+static_assert(kBlock % kLanes == 0, "a block is a whole number of vectors");
+
+// acc[n] += c * q[k, n0 + n] for a run of terms (k, c); kSign = +1 / -1 adds / subtracts the
+// codes of spikes, with no multiply. kCols > 0 (a full block) keeps the accumulators in vector
+// registers; kCols = 0 is the scalar path of the last, partial block.
+template <int kSign, int64_t kCols>
+SPIKEOPS_INLINE void add_rows(int32_t* __restrict acc, const int32_t* __restrict qweight,
+                              int64_t N, int64_t n0, int64_t cols, int bits,
+                              const int32_t* ks, const int32_t* cs, int64_t count) {
+  const int log_per_word = log2_codes_per_word(bits);
+  const int per_word_mask = (1 << log_per_word) - 1;
+  const uint32_t mask = (1u << bits) - 1u;
+  if constexpr (kCols > 0) {
+    constexpr int kVecs = kCols / kLanes;
+    v16i sum[kVecs];
+    for (int j = 0; j < kVecs; ++j) sum[j] = *reinterpret_cast<const v16i*>(acc + kLanes * j);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t k = ks[i];
+      const int32_t* row = qweight + (k >> log_per_word) * N + n0;
+      const int shift = bits * static_cast<int>(k & per_word_mask);
+      // The rows of one block lie N words apart, a stride the hardware prefetchers do not
+      // follow: fetch the row of a term a few packed rows ahead ourselves.
+      if (i + kPrefetchTerms < count) {
+        const char* ahead = reinterpret_cast<const char*>(
+            qweight + (static_cast<int64_t>(ks[i + kPrefetchTerms]) >> log_per_word) * N + n0);
+        for (int64_t line = 0; line < kCols * 4; line += 64) __builtin_prefetch(ahead + line);
+      }
+      for (int j = 0; j < kVecs; ++j) {
+        const v16u w = *reinterpret_cast<const v16u*>(row + kLanes * j);
+        const v16i q = reinterpret_cast<v16i>((w >> shift) & mask);
+        if constexpr (kSign > 0) sum[j] += q;
+        else if constexpr (kSign < 0) sum[j] -= q;
+        else sum[j] += cs[i] * q;
+      }
+    }
+    for (int j = 0; j < kVecs; ++j) *reinterpret_cast<v16i*>(acc + kLanes * j) = sum[j];
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t k = ks[i];
+      const int32_t* row = qweight + (k >> log_per_word) * N + n0;
+      const int shift = bits * static_cast<int>(k & per_word_mask);
+      const int32_t c = kSign ? kSign : cs[i];
+      for (int64_t n = 0; n < cols; ++n) acc[n] += c * gptq_field(row[n], shift, mask);
+    }
+  }
+}
+
+struct LinearArgs {
+  Layer L;
+  const int32_t* qweight;  // [ceil(K*bits/32), N]
+  const int32_t* zeros;    // true weight zero points z, unpacked, [G, N]
+  const float* scales;     // float32 copy of the fp16 scales, [G, N]
+  int64_t N;
+  int bits;
+};
+
+// D[g, r] of one block into S_r (the epilogue's per-range sums).
+SPIKEOPS_INLINE void fold_group(const LinearArgs& a, BlockAcc& acc, int64_t g, int64_t r,
+                                int64_t n0, int64_t cols) {
+  const float* sc = a.scales + g * a.N + n0;
+  for (int64_t n = 0; n < cols; ++n)
+    acc.S[r][n] += static_cast<double>(sc[n] * static_cast<float>(acc.D[n]));
+}
+
+template <int64_t kCols>
+SPIKEOPS_INLINE void int_block_cols(const LinearArgs& a, const Terms& t, int64_t n0,
+                                    int64_t cols_arg, BlockAcc& acc) {
+  const int64_t cols = kCols ? kCols : cols_arg;
+  const int32_t maxq = (1 << a.bits) - 1;
+  // Terms per int32 partial sum: |c * q| summed that many times stays below 2^31.
+  const int64_t run = std::max<int64_t>(1, INT32_MAX / (static_cast<int64_t>(t.cmax) * maxq + 1));
+  int32_t part[kBlock];
+  for (int64_t g = 0; g < a.L.G; ++g) {
+    const int32_t* z = a.zeros + g * a.N + n0;
+    for (int64_t r = 0; r < a.L.R; ++r) {
+      const int64_t b = g * a.L.R + r, lo = t.start[b], hi = t.start[b + 1];
+      if (lo == hi) continue;
+      std::fill(acc.D, acc.D + cols, 0);
+      for (int64_t i = lo; i < hi; i += run) {
+        std::fill(part, part + cols, 0);
+        add_rows<0, kCols>(part, a.qweight, a.N, n0, cols, a.bits, &t.k[i], &t.c[i],
+                    std::min(run, hi - i));
+        for (int64_t n = 0; n < cols; ++n) acc.D[n] += part[n];
+      }
+      for (int64_t n = 0; n < cols; ++n) acc.D[n] -= static_cast<int64_t>(z[n]) * t.csum[b];
+      fold_group(a, acc, g, r, n0, cols);
+    }
+  }
+}
+
+template <int64_t kCols>
+SPIKEOPS_INLINE void spike_block_cols(const LinearArgs& a, const Terms& t, int64_t m, int64_t n0,
+                                      int64_t cols_arg, BlockAcc& acc) {
+  const int64_t cols = kCols ? kCols : cols_arg;
+  const int64_t planes = spike_planes(a.L, m);
+  int32_t part[kBlock];
+  for (int64_t g = 0; g < a.L.G; ++g) {
+    const int32_t* z = a.zeros + g * a.N + n0;
+    for (int64_t r = 0; r < a.L.R; ++r) {
+      bool any = false;
+      for (int64_t p = 0; p < planes; ++p) {
+        const int64_t b = ((g * planes + p) * a.L.R + r) * 2;
+        const int32_t* s = t.start.data() + b;
+        const int64_t npos = s[1] - s[0], nneg = s[2] - s[1];
+        if (npos + nneg == 0) continue;
+        if (!any) std::fill(acc.D, acc.D + cols, 0), any = true;
+        std::fill(part, part + cols, 0);
+        add_rows<1, kCols>(part, a.qweight, a.N, n0, cols, a.bits, &t.k[s[0]], nullptr, npos);
+        add_rows<-1, kCols>(part, a.qweight, a.N, n0, cols, a.bits, &t.k[s[1]], nullptr, nneg);
+        // Plane p weighs 2^p; the zero-point plane weighs -zero[r]. Each spike also carried the
+        // weight zero point z, removed here once per plane: sum s*(q - z) = part - z * count.
+        const int64_t weight = p < a.L.P ? (int64_t(1) << p) : -a.L.zero[m * a.L.R + r];
+        const int64_t count = npos - nneg;
+        for (int64_t n = 0; n < cols; ++n)
+          acc.D[n] += weight * (static_cast<int64_t>(part[n]) - z[n] * count);
+      }
+      if (any) fold_group(a, acc, g, r, n0, cols);
+    }
+  }
+}
+
+SPIKEOPS_MULTIVERSION
+void int_block(const LinearArgs& a, const Terms& t, int64_t n0, int64_t cols, BlockAcc& acc) {
+  cols == kBlock ? int_block_cols<kBlock>(a, t, n0, cols, acc) : int_block_cols<0>(a, t, n0, cols, acc);
+}
+
+SPIKEOPS_MULTIVERSION
+void spike_block(const LinearArgs& a, const Terms& t, int64_t m, int64_t n0, int64_t cols,
+                 BlockAcc& acc) {
+  cols == kBlock ? spike_block_cols<kBlock>(a, t, m, n0, cols, acc)
+                 : spike_block_cols<0>(a, t, m, n0, cols, acc);
+}
+
+template <typename out_t>
+void store_block(const LinearArgs& a, const float* scale, const double* bias, int64_t m,
+                 int64_t n0, int64_t cols, const BlockAcc& acc, out_t* y) {
+  for (int64_t n = 0; n < cols; ++n) {
+    double v = static_cast<double>(scale[m * a.L.R]) * acc.S[0][n];
+    if (a.L.R == 2) v += static_cast<double>(scale[m * a.L.R + 1]) * acc.S[1][n];
+    if (bias) v += bias[n0 + n];
+    y[m * a.N + n0 + n] = static_cast<out_t>(static_cast<float>(v));
+  }
+}
+
+// True zero points z [G, N] of a layer: stored fields + zero_offset.
+at::Tensor unpack_zeros(const Gptq& w) {
+  at::Tensor z = at::empty({w.G, w.N}, w.qzeros.options());
+  const int32_t* qz = w.qzeros.data_ptr<int32_t>();
+  int32_t* zp = z.data_ptr<int32_t>();
+  const int64_t cols = w.qzeros.size(1);
+  at::parallel_for(0, w.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t n = 0; n < w.N; ++n)
+        zp[g * w.N + n] = gptq_zero(qz, cols, g, n, w.bits, w.zero_offset);
+  });
+  return z;
+}
+
+Layer make_layer(const Spikes& s, const int32_t* g_idx, int64_t K, int64_t G) {
+  Layer L;
+  L.planes = reinterpret_cast<const uint32_t*>(s.planes.data_ptr<int32_t>());
+  L.sign = s.sign.defined() ? reinterpret_cast<const uint32_t*>(s.sign.data_ptr<int32_t>()) : nullptr;
+  L.hi = s.hi.defined() ? reinterpret_cast<const uint32_t*>(s.hi.data_ptr<int32_t>()) : nullptr;
+  L.zero = s.zero.defined() ? s.zero.data_ptr<int32_t>() : nullptr;
+  L.g_idx = g_idx;
+  L.P = s.P, L.M = s.M, L.W = s.W, L.R = s.R, L.K = K, L.G = G;
+  L.last_mask = (K % 32) ? ((1u << (K % 32)) - 1u) : ~0u;
+  return L;
+}
+
+}  // namespace
+
+at::Tensor spike_linear_cpu(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                            const at::Tensor& scale, const at::Tensor& zero,
+                            const at::Tensor& qweight, const at::Tensor& qzeros,
+                            const at::Tensor& scales, const at::Tensor& g_idx,
+                            const at::Tensor& bias, int64_t bits, int64_t zero_offset,
+                            at::ScalarType out_dtype, const std::string& backend) {
+  const char* op = "spike_linear";
+  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
+  const Gptq w = check_gptq(op, qweight, qzeros, scales, g_idx, bits, zero_offset);
+  check_same_device(op, qweight, "qweight", planes, "planes");
+  check_spike_width(op, s, w.K, "g_idx");
+  check_float_out_dtype(op, out_dtype, "out_dtype");
+  TORCH_CHECK_VALUE(backend == "auto" || backend == "spike" || backend == "int", op,
+                    ": backend must be 'auto', 'spike' or 'int', got '", backend, "'");
+  at::Tensor bias64;  // float64 [N]: exact for every accepted bias dtype
+  if (bias.defined() && bias.numel() > 0) {
+    TORCH_CHECK_TYPE(bias.scalar_type() == at::kHalf || bias.scalar_type() == at::kBFloat16 ||
+                         bias.scalar_type() == at::kFloat,
+                     op, ": bias must be a float16, bfloat16 or float32 tensor, got ",
+                     dtype_name(bias.scalar_type()));
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == w.N, op, ": bias must have shape [N] = [",
+                      w.N, "], got ", bias.sizes());
+    check_same_device(op, bias, "bias", qweight, "qweight");
+    bias64 = bias.to(at::kDouble).contiguous();
+  }
+  const double* bp = bias64.defined() ? bias64.data_ptr<double>() : nullptr;
+  // On CPU the int backend is faster at every firing rate we measured (bench/), so auto = int.
+  const bool use_spike = backend == "spike";
+
+  LinearArgs a;
+  a.L = make_layer(s, w.g_idx.data_ptr<int32_t>(), w.K, w.G);
+  // The epilogue reads every scale and zero point once per token and block: unpack them once.
+  const at::Tensor zeros = unpack_zeros(w);
+  const at::Tensor scales_f = w.scales.to(at::kFloat);
+  a.qweight = w.qweight.data_ptr<int32_t>();
+  a.zeros = zeros.data_ptr<int32_t>();
+  a.scales = scales_f.data_ptr<float>();
+  a.N = w.N;
+  a.bits = w.bits;
+  const float* sc = s.scale.data_ptr<float>();
+
+  at::Tensor y = at::empty({s.M, w.N}, planes.options().dtype(out_dtype));
+  const int64_t blocks = (w.N + kBlock - 1) / kBlock;
+  std::vector<Terms> terms(std::min(s.M, kTokenChunk));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "spike_linear", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t m0 = 0; m0 < s.M; m0 += kTokenChunk) {
+      const int64_t tokens = std::min(kTokenChunk, s.M - m0);
+      at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          use_spike ? build_spike_terms(a.L, m0 + i, terms[i]) : build_code_terms(a.L, m0 + i, terms[i]);
+      });
+      at::parallel_for(0, blocks * tokens, 1, [&](int64_t begin, int64_t end) {
+        BlockAcc acc;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t i = task % tokens, n0 = (task / tokens) * kBlock;
+          const int64_t cols = std::min(kBlock, w.N - n0);
+          for (int r = 0; r < 2; ++r) std::fill(acc.S[r], acc.S[r] + cols, 0.0);
+          if (use_spike) {
+            spike_block(a, terms[i], m0 + i, n0, cols, acc);
+          } else {
+            int_block(a, terms[i], n0, cols, acc);
+          }
+          store_block(a, sc, bp, m0 + i, n0, cols, acc, yp);
+        }
+      });
+    }
+  });
+  return y;
+}
+
+at::Tensor spike_accumulate_cpu(const at::Tensor& planes, const at::Tensor& sign,
+                                const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
+  const char* op = "spike_accumulate";
+  const Spikes s = check_spike_bits(op, planes, sign, hi);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be a torch.int8 tensor, got ",
+                   dtype_name(w.scalar_type()));
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
+                    ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", w.sizes());
+  check_same_device(op, w, "w", planes, "planes");
+  const int64_t K = w.size(0), N = w.size(1);
+  check_spike_width(op, s, K, "w.shape[0]");
+  const at::Tensor wc = w.contiguous();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+
+  // One group holds every channel; no zero point: acc counts s * Q only (SPEC §3.1).
+  const std::vector<int32_t> one_group(K, 0);
+  Spikes bits_only = s;
+  bits_only.zero = at::Tensor();
+  const Layer L = make_layer(bits_only, one_group.data(), K, 1);
+  at::Tensor out = at::zeros(per_plane ? at::IntArrayRef{s.P, s.R, s.M, N}
+                                       : at::IntArrayRef{s.R, s.M, N},
+                             planes.options().dtype(at::kLong));
+  int64_t* op_out = out.data_ptr<int64_t>();
+  at::parallel_for(0, s.M, 1, [&](int64_t begin, int64_t end) {
+    Terms t;
+    std::vector<int32_t> part(N);
+    for (int64_t m = begin; m < end; ++m) {
+      build_spike_terms(L, m, t);
+      for (int64_t p = 0; p < s.P; ++p) {
+        for (int64_t r = 0; r < s.R; ++r) {
+          const int32_t* st = t.start.data() + (p * s.R + r) * 2;
+          std::fill(part.begin(), part.end(), 0);
+          for (int32_t i = st[0]; i < st[2]; ++i) {  // |sum| <= K * 128 < 2^31
+            const int8_t* row = wp + static_cast<int64_t>(t.k[i]) * N;
+            if (i < st[1]) {
+              for (int64_t n = 0; n < N; ++n) part[n] += row[n];
+            } else {
+              for (int64_t n = 0; n < N; ++n) part[n] -= row[n];
+            }
+          }
+          int64_t* dst = op_out + ((per_plane ? p * s.R + r : r) * s.M + m) * N;
+          const int shift = per_plane ? 0 : static_cast<int>(p);
+          for (int64_t n = 0; n < N; ++n) dst[n] += static_cast<int64_t>(part[n]) << shift;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor gptq_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qzeros,
+                               const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                               int64_t zero_offset) {
+  const Gptq w = check_gptq("gptq_dequantize", qweight, qzeros, scales, g_idx, bits, zero_offset);
+  at::Tensor out = at::empty({w.N, w.K}, qweight.options().dtype(at::kHalf));
+  at::Half* o = out.data_ptr<at::Half>();
+  const int32_t *qw = w.qweight.data_ptr<int32_t>(), *qz = w.qzeros.data_ptr<int32_t>();
+  const int32_t* gi = w.g_idx.data_ptr<int32_t>();
+  const at::Half* sc = w.scales.data_ptr<at::Half>();
+  const int64_t zcols = w.qzeros.size(1);
+  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < w.K; ++k) {
+        const int64_t g = gi[k];
+        const int32_t q = gptq_code(qw, w.N, k, n, w.bits);
+        const int32_t z = gptq_zero(qz, zcols, g, n, w.bits, w.zero_offset);
+        o[n * w.K + k] = static_cast<at::Half>(static_cast<float>(sc[g * w.N + n]) *
+                                               static_cast<float>(q - z));
+      }
+  });
+  return out;
+}
+
+}  // namespace spikeops

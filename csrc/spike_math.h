@@ -1,0 +1,197 @@
+// Element-level arithmetic of SPEC.md, shared by the CPU kernels and the CUDA kernels so that both
+// backends compute the same codes by construction. Plain C++ (no torch headers): it compiles with
+// nvcc and with the host compiler alike. All float arithmetic is IEEE float32 with round-half-even
+// (rintf); the build disables FMA contraction so that no product is fused into a sum.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define SPIKE_HD __host__ __device__ __forceinline__
+#else
+#define SPIKE_HD inline
+#endif
+
+namespace spikeops {
+
+// Encoding modes, in the order of the `mode` strings accepted by gif_encode.
+enum class Mode : int32_t { kMinMax = 0, kAbsMax = 1, kAbsMean = 2, kStatic = 3, kOat = 4 };
+
+constexpr int kMaxPlanes = 16;          // Q < 2^16: codes, zeros and products stay small integers
+constexpr float kScaleMin = 1e-5f;      // SPEC §2 clamps of every dynamic scale
+constexpr float kScaleMax = 1e4f;
+constexpr float kZeroLimit = 1e4f;      // |zero| of minmax encodings
+constexpr int32_t kMaxZero = 1 << 16;  // consumers' bound on |zero|: |s*Q - zero| < 2^17
+constexpr int64_t kMaxK = int64_t(1) << 23;  // K * 255 fits int32 per-plane accumulators
+
+SPIKE_HD float clamp_f(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
+
+SPIKE_HD uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+#endif
+}
+
+// Quantizer of one range of one token row: the stored code of an element and its sign bit.
+struct RangeQuant {
+  float scale;   // s of SPEC §2 (for oat: theta_r, the code is floor(|x| / theta_r * 2^P))
+  float zero;    // z as a float (exact: |z| <= 1e4); 0 for signed encodings
+  int32_t qmax;  // largest code
+};
+
+// minmax / static unsigned: Q = clamp(round(x / s) + z, 0, qmax).
+SPIKE_HD int32_t unsigned_code(float x, const RangeQuant& q) {
+  const float v = rintf(x / q.scale) + q.zero;
+  return static_cast<int32_t>(clamp_f(v, 0.f, static_cast<float>(q.qmax)));
+}
+
+// absmax / absmean / static signed: Q = min(round(|x| / s), qmax); the caller sets the sign bit
+// for x < 0 and Q > 0.
+SPIKE_HD int32_t signed_code(float x, const RangeQuant& q) {
+  return static_cast<int32_t>(fminf(rintf(fabsf(x) / q.scale), static_cast<float>(q.qmax)));
+}
+
+// oat: a = |clamp(x, -theta_out, theta_out)|, Q = min(floor(a / theta_r * 2^P), 2^P - 1).
+// theta_r is passed as q.scale; the multiplication by 2^P is exact.
+SPIKE_HD int32_t oat_code(float a, const RangeQuant& q) {
+  const float u = a / q.scale;
+  return static_cast<int32_t>(fminf(floorf(u * static_cast<float>(q.qmax + 1)),
+                                    static_cast<float>(q.qmax)));
+}
+
+// The dynamic scale of minmax: s = clamp((max - min) / qmax, 1e-5, 1e4), z = round(clamp(-min / s)).
+SPIKE_HD RangeQuant minmax_quant(float mn, float mx, int32_t qmax) {
+  RangeQuant q;
+  q.scale = clamp_f((mx - mn) / static_cast<float>(qmax), kScaleMin, kScaleMax);
+  q.zero = rintf(clamp_f(-mn / q.scale, -kZeroLimit, kZeroLimit));
+  q.qmax = qmax;
+  return q;
+}
+
+// The dynamic scale of absmax (stat = max|x|) and absmean (stat = mean|x|, qmax_div = 1):
+// s = clamp(gamma * stat / qmax_div, 1e-5, 1e4).
+SPIKE_HD RangeQuant symmetric_quant(float gamma, float stat, float qmax_div, int32_t qmax) {
+  RangeQuant q;
+  q.scale = clamp_f(gamma * stat / qmax_div, kScaleMin, kScaleMax);
+  q.zero = 0.f;
+  q.qmax = qmax;
+  return q;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact sum of |x| for absmean: mean|x| must not depend on the order of the additions, or CPU,
+// CUDA and the Python reference would disagree on the scale in rare rows. Each finite float32
+// is m * 2^(e - 150) with an integer mantissa m < 2^24; summing mantissas per exponent e in int64
+// is exact and order independent (2^24 * K < 2^63). The total is then rounded once to float64.
+struct ExactSum {
+  static constexpr int kBuckets = 255;  // biased exponents 1..254 (0 folds into 1)
+  int64_t bucket[kBuckets];
+
+  SPIKE_HD void clear() {
+    for (int e = 0; e < kBuckets; ++e) bucket[e] = 0;
+  }
+
+  // Exponent bucket and mantissa of |v| (v finite); both are pure functions of the bits.
+  SPIKE_HD static void split(float v, int* e, int64_t* m) {
+    const uint32_t u = float_bits(v) & 0x7fffffffu;
+    const uint32_t biased = u >> 23;
+    const uint32_t frac = u & 0x7fffffu;
+    *e = biased ? static_cast<int>(biased) : 1;
+    *m = biased ? static_cast<int64_t>(frac | 0x800000u) : static_cast<int64_t>(frac);
+  }
+
+  SPIKE_HD void add(float v) {
+    int e;
+    int64_t m;
+    split(v, &e, &m);
+    bucket[e] += m;
+  }
+
+  // The exact total, rounded to nearest-even float64. The total is sum bucket[e] * 2^(e - 150),
+  // i.e. an integer count of 2^-149 units held in 5 x 64 bits (2^55 * 2^253 < 2^320).
+  SPIKE_HD double to_double() const {
+    uint64_t limb[5] = {0, 0, 0, 0, 0};
+    for (int e = 1; e < kBuckets; ++e) {
+      if (bucket[e] == 0) continue;
+      const int bit = e - 1;
+      const int li = bit / 64, sh = bit % 64;
+      const uint64_t v = static_cast<uint64_t>(bucket[e]);
+      uint64_t lo = v << sh;
+      uint64_t hi = sh ? (v >> (64 - sh)) : 0;
+      uint64_t old = limb[li];
+      limb[li] = old + lo;
+      uint64_t carry = (limb[li] < old) ? 1 : 0;
+      for (int j = li + 1; j < 5 && (hi | carry); ++j) {
+        old = limb[j];
+        limb[j] = old + hi + carry;
+        carry = (limb[j] < old || (carry && limb[j] == old)) ? 1 : 0;
+        hi = 0;
+      }
+    }
+    int top = 4;
+    while (top >= 0 && limb[top] == 0) --top;
+    if (top < 0) return 0.0;
+    int h = 63;
+    while (!((limb[top] >> h) & 1u)) --h;
+    const int msb = 64 * top + h;
+    if (msb < 53) return ldexp(static_cast<double>(limb[0]), -149);  // exact
+    const int low = msb - 52;  // lowest kept bit
+    uint64_t mant = 0;
+    for (int b = msb; b >= low; --b) mant = (mant << 1) | ((limb[b / 64] >> (b % 64)) & 1u);
+    const bool round_bit = (limb[(low - 1) / 64] >> ((low - 1) % 64)) & 1u;
+    bool sticky = false;
+    for (int b = low - 2; b >= 0 && !sticky; --b) sticky = (limb[b / 64] >> (b % 64)) & 1u;
+    if (round_bit && (sticky || (mant & 1u))) ++mant;  // 2^53 after a carry is still exact
+    return ldexp(static_cast<double>(mant), low - 149);
+  }
+};
+
+// mean|x| of a row: the exact sum rounded to float64, divided by K in float64, rounded to float32.
+SPIKE_HD float exact_mean(const ExactSum& s, int64_t K) {
+  return static_cast<float>(s.to_double() / static_cast<double>(K));
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPTQ packing: field t of a word holds bits [b*t, b*t + b) (GPTQ.md), b in {2, 4, 8}.
+SPIKE_HD int32_t gptq_field(int32_t word, int shift, uint32_t mask) {
+  return static_cast<int32_t>((static_cast<uint32_t>(word) >> shift) & mask);
+}
+
+// log2 of the codes per 32-bit word (32 / bits), for shifts instead of divisions in hot loops.
+SPIKE_HD int log2_codes_per_word(int bits) { return bits == 2 ? 4 : bits == 4 ? 3 : 2; }
+
+// Code i of a packed run: word i >> log2(32 / bits), field i & (32 / bits - 1).
+SPIKE_HD int32_t gptq_unpack(const int32_t* words, int64_t i, int bits) {
+  const int lg = log2_codes_per_word(bits);
+  return gptq_field(words[i >> lg], bits * static_cast<int>(i & ((1 << lg) - 1)),
+                    (1u << bits) - 1u);
+}
+
+// Weight code q[k, n] of a [K*b/32, N] qweight (packed along K) and zero point z[g, n] of a
+// [G, N*b/32] qzeros (packed along N).
+SPIKE_HD int32_t gptq_code(const int32_t* qweight, int64_t N, int64_t k, int64_t n, int bits) {
+  const int lg = log2_codes_per_word(bits);
+  return gptq_field(qweight[(k >> lg) * N + n], bits * static_cast<int>(k & ((1 << lg) - 1)),
+                    (1u << bits) - 1u);
+}
+
+SPIKE_HD int32_t gptq_zero(const int32_t* qzeros, int64_t zeros_cols, int64_t g, int64_t n,
+                           int bits, int32_t zero_offset) {
+  return gptq_unpack(qzeros + g * zeros_cols, n, bits) + zero_offset;
+}
+
+SPIKE_HD int popcount32(uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __popc(v);
+#else
+  return __builtin_popcount(v);
+#endif
+}
+
+}  // namespace spikeops

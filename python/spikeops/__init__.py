@@ -1,0 +1,15 @@
+"""spikeops: exact, fast spiking LLM kernels for PyTorch.
+
+Activations become bit-plane spike trains (``encode``), and linear layers on GPTQ weights add up
+the weights of the inputs that fired (``spike_linear``, ``SpikeLinear``). The ops live in
+``torch.ops.spikeops`` (CPU, and CUDA when built with it); ``spikeops.reference`` holds their
+plain-PyTorch specification.
+"""
+
+from .gptq import GPTQWeight, pack, unpack
+from .nn import SpikeLinear, spike_accumulate, spike_linear
+from .spikes import Encoding, SpikeTensor, encode
+
+__all__ = ["Encoding", "SpikeTensor", "encode", "GPTQWeight", "pack", "unpack", "spike_linear",
+           "spike_accumulate", "SpikeLinear"]
+__version__ = "0.1.0"

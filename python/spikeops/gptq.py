@@ -1,0 +1,149 @@
+"""GPTQ weights (GPTQ.md): packing, v1/v2 zero points, 3-bit repacking, and ``GPTQWeight``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from . import _checks, ops
+
+log = logging.getLogger("spikeops")
+
+BITS = (2, 3, 4, 8)
+FORMATS = ("gptq", "gptq_v2")
+
+
+def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2^bits)`` along ``dim`` (0: rows, as qweight; 1: columns, as
+    qzeros) into int32 words: code i sits at bit ``bits * i`` of a little-endian bit stream, so a
+    3-bit code may straddle two words (GPTQ.md). A partial last word is padded with zero bits."""
+    c = codes.to(torch.int64).movedim(dim, 0)
+    count = c.shape[0]
+    words = (count * bits + 31) // 32
+    pos = torch.arange(count, device=c.device) * bits
+    word, shift = pos // 32, pos % 32
+    view = (-1,) + (1,) * (c.dim() - 1)
+    out = torch.zeros((words + 1,) + tuple(c.shape[1:]), dtype=torch.int64, device=c.device)
+    # Bits of different codes never overlap, so adding the pieces is the bitwise OR.
+    out.index_add_(0, word, (c << shift.view(view)) & 0xFFFFFFFF)
+    out.index_add_(0, word + 1, c >> (32 - shift).view(view))
+    out = out[:words]
+    out = torch.where(out >= 2**31, out - 2**32, out)
+    return out.to(torch.int32).movedim(0, dim).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
+    """Inverse of ``pack``: ``count`` int32 codes along ``dim``."""
+    p = packed.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
+    p = torch.cat([p, torch.zeros_like(p[:1])])
+    pos = torch.arange(count, device=p.device) * bits
+    word, shift = pos // 32, pos % 32
+    view = (-1,) + (1,) * (p.dim() - 1)
+    both = p[word] | (p[word + 1] << 32)
+    codes = (both >> shift.view(view)) & ((1 << bits) - 1)
+    return codes.to(torch.int32).movedim(0, dim).contiguous()
+
+
+class GPTQWeight:
+    """The GPTQ tensors of one linear layer (K = in_features, N = out_features, G groups).
+
+    qweight: int32 ``[K*bits/32, N]``; qzeros: int32 ``[G, N*bits/32]``; scales: float16
+    ``[G, N]``; g_idx: int32/int64 ``[K]`` or None (= ``k // group_size``).
+    checkpoint_format: ``"gptq"`` (v1: stored zero = true zero - 1) or ``"gptq_v2"`` (true zero).
+    For ``sym=True`` the stored zeros decide (all ``2^(bits-1) - 1`` means v1, all
+    ``2^(bits-1)`` means v2) and the label only breaks ties; the decision is logged.
+    3-bit weights are repacked to 4-bit codes, exactly. Every tensor is validated here, once.
+    """
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: Optional[torch.Tensor] = None, bits: int = 4, group_size: int = 128,
+                 sym: bool = True, checkpoint_format: str = "gptq"):
+        fn = "GPTQWeight"
+        _checks.integer(fn, "bits", bits, 2, 8)
+        _checks.choice(fn, "bits", bits, BITS)
+        _checks.choice(fn, "checkpoint_format", checkpoint_format, FORMATS)
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"{fn}: group_size must be an int, got {type(group_size).__name__}")
+        if group_size != -1 and group_size < 1:
+            raise ValueError(f"{fn}: group_size must be -1 or positive, got {group_size}")
+        _checks.tensor(fn, "qweight", qweight, (torch.int32,), dim=2)
+        _checks.tensor(fn, "qzeros", qzeros, (torch.int32,), dim=2)
+        _checks.tensor(fn, "scales", scales, (torch.float16,), dim=2)
+        if g_idx is not None:
+            _checks.tensor(fn, "g_idx", g_idx, (torch.int32, torch.int64), dim=1)
+        _checks.same_device(fn, {"qweight": qweight, "qzeros": qzeros, "scales": scales,
+                                 "g_idx": g_idx})
+
+        N = qweight.shape[1]
+        if g_idx is not None:
+            K = g_idx.shape[0]
+        elif (qweight.shape[0] * 32) % bits == 0:
+            K = qweight.shape[0] * 32 // bits
+        else:
+            raise ValueError(f"{fn}: without g_idx, K = qweight.shape[0] * 32 / bits must be an "
+                             f"integer, got qweight.shape[0] = {qweight.shape[0]}, bits = {bits}")
+        if K < 1 or N < 1:
+            raise ValueError(f"{fn}: K and N must be >= 1, got K = {K}, N = {N}")
+        G = 1 if group_size == -1 else -(-K // group_size)
+        _checks.shape(fn, "qweight", qweight, ((K * bits + 31) // 32, N))
+        _checks.shape(fn, "scales", scales, (G, N))
+        _checks.shape(fn, "qzeros", qzeros, (G, (N * bits + 31) // 32))
+        if g_idx is None:
+            gs = K if group_size == -1 else group_size
+            g_idx = torch.arange(K, dtype=torch.int32, device=qweight.device) // gs
+        elif g_idx.numel():
+            lo, hi = int(g_idx.min()), int(g_idx.max())
+            if lo < 0 or hi >= G:
+                bad = int(torch.nonzero((g_idx < 0) | (g_idx >= G))[0])
+                raise ValueError(f"{fn}: g_idx values must be in [0, G) = [0, {G}), got "
+                                 f"g_idx[{bad}] = {int(g_idx[bad])}")
+        zeros = unpack(qzeros, bits, N, dim=1)
+        self.zero_offset = _zero_offset(zeros, bits, sym, checkpoint_format)
+        if bits == 3:  # the kernels read 2/4/8-bit fields; 3-bit codes fit 4 bits exactly
+            qweight = pack(unpack(qweight, 3, K, dim=0), 4, dim=0)
+            qzeros = pack(zeros, 4, dim=1)
+        self.qweight = qweight.contiguous()
+        self.qzeros = qzeros.contiguous()
+        self.scales = scales.contiguous()
+        self.g_idx = g_idx.to(torch.int32).contiguous()
+        self.bits = bits
+        self.kernel_bits = 4 if bits == 3 else bits
+        self.group_size = group_size
+        self.sym = sym
+        self.checkpoint_format = checkpoint_format
+        self.in_features = K
+        self.out_features = N
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def dequantize(self) -> torch.Tensor:
+        """``W_hat`` float16 ``[N, K]`` (the nn.Linear convention), bit exact."""
+        return ops.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                   self.kernel_bits, self.zero_offset)
+
+    def codes(self) -> tuple:
+        """Unpacked ``(q int32 [K, N], z int32 [G, N])`` with true zero points."""
+        q = unpack(self.qweight, self.kernel_bits, self.in_features, dim=0)
+        z = unpack(self.qzeros, self.kernel_bits, self.out_features, dim=1) + self.zero_offset
+        return q, z
+
+
+def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:
+    """1 if the stored zeros are v1 (true zero - 1), 0 for v2 (GPTQ.md, "Zero points")."""
+    labelled = 1 if label == "gptq" else 0
+    if not sym:
+        return labelled
+    v1 = bool((zeros == 2 ** (bits - 1) - 1).all())
+    v2 = bool((zeros == 2 ** (bits - 1)).all())
+    if v1 == v2:  # neither pattern (or no zeros at all): trust the label
+        log.info("GPTQWeight: sym zeros match neither v1 nor v2; using the label %r", label)
+        return labelled
+    offset = 1 if v1 else 0
+    if offset != labelled:
+        log.warning("GPTQWeight: labelled %r but the sym zeros are %s; reading them as %s",
+                    label, "v1" if v1 else "v2", "v1" if v1 else "v2")
+    return offset

@@ -1,0 +1,125 @@
+"""Consumers of spikes (SPEC.md section 3): ``spike_linear``, ``spike_accumulate`` and the
+``SpikeLinear`` module."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, ops
+from .gptq import GPTQWeight
+from .spikes import Encoding, SpikeTensor, encode
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BIAS_DTYPES = OUT_DTYPES
+
+
+def _check_spikes(fn: str, st) -> None:
+    if not isinstance(st, SpikeTensor):
+        raise TypeError(f"{fn}: st must be a spikeops.SpikeTensor, got {type(st).__name__}")
+
+
+def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = None,
+                 out_dtype: torch.dtype = torch.float16, backend: str = "auto") -> torch.Tensor:
+    """``y [..., N] = x_hat @ W_hat^T + bias`` from spikes of ``x [..., K]`` and GPTQ weights.
+
+    Integer sums of spikes times weight codes per group and range, one float32 multiply per
+    group and range (SPEC.md 3.2). backend: ``"spike"`` (event driven), ``"int"`` (integer
+    codes) or ``"auto"``; all give identical bits.
+    """
+    fn = "spike_linear"
+    _check_spikes(fn, st)
+    if not isinstance(w, GPTQWeight):
+        raise TypeError(f"{fn}: w must be a spikeops.GPTQWeight, got {type(w).__name__}")
+    if st.shape[-1] != w.in_features:
+        raise ValueError(f"{fn}: the spikes' K = {st.shape[-1]} must equal w.in_features = "
+                         f"{w.in_features}")
+    _checks.dtype(fn, "out_dtype", out_dtype, OUT_DTYPES)
+    _checks.choice(fn, "backend", backend, ops.BACKENDS)
+    if bias is not None:
+        _checks.tensor(fn, "bias", bias, BIAS_DTYPES, dim=1)
+        _checks.shape(fn, "bias", bias, (w.out_features,))
+    _checks.same_device(fn, {"st.planes": st.planes, "w.qweight": w.qweight, "bias": bias})
+    return _linear(st, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.kernel_bits,
+                   w.zero_offset, out_dtype, backend)
+
+
+def _linear(st: SpikeTensor, qweight, qzeros, scales, g_idx, bias, bits: int, zero_offset: int,
+            out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, qweight, qzeros, scales,
+                         g_idx, bias, bits, zero_offset, out_dtype, backend)
+    return y.reshape(*st.shape[:-1], qweight.shape[1])
+
+
+def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) -> torch.Tensor:
+    """Exact bidirectional accumulation with int8 weights ``w [K, N]`` (SPEC.md 3.1):
+    ``acc[r, m, n] = sum over k in range r of s * Q[m, k] * w[k, n]``, int64 ``[R, M, N]``
+    (M = flattened tokens), or the per-plane currents ``[P, R, M, N]``."""
+    fn = "spike_accumulate"
+    _check_spikes(fn, st)
+    _checks.tensor(fn, "w", w, (torch.int8,), dim=2)
+    if w.shape[0] != st.shape[-1]:
+        raise ValueError(f"{fn}: w must have shape [K, N] with K = {st.shape[-1]} (the spikes' "
+                         f"K), got {list(w.shape)}")
+    _checks.same_device(fn, {"st.planes": st.planes, "w": w})
+    if not isinstance(per_plane, bool):
+        raise TypeError(f"{fn}: per_plane must be a bool, got {type(per_plane).__name__}")
+    return ops.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane)
+
+
+class SpikeLinear(torch.nn.Module):
+    """A GPTQ linear layer that runs on spikes: ``x -> encode(x) -> spike_linear``, output in x's
+    dtype. Holds the GPTQ tensors as buffers (packed, never dequantized), the Encoding and an
+    optional salient-channel mask (bool ``[K]``)."""
+
+    def __init__(self, weight: GPTQWeight, enc: Encoding, bias: Optional[torch.Tensor] = None,
+                 salient_mask: Optional[torch.Tensor] = None, backend: str = "auto"):
+        super().__init__()
+        fn = "SpikeLinear"
+        if not isinstance(weight, GPTQWeight):
+            raise TypeError(f"{fn}: weight must be a spikeops.GPTQWeight, got "
+                            f"{type(weight).__name__}")
+        if not isinstance(enc, Encoding):
+            raise TypeError(f"{fn}: enc must be a spikeops.Encoding, got {type(enc).__name__}")
+        if enc.mode == "static":
+            raise ValueError(f"{fn}: enc.mode 'static' needs per-call scales; use encode() and "
+                             f"spike_linear() directly")
+        _checks.choice(fn, "backend", backend, ops.BACKENDS)
+        if bias is not None:
+            _checks.tensor(fn, "bias", bias, BIAS_DTYPES, dim=1)
+            _checks.shape(fn, "bias", bias, (weight.out_features,))
+        if salient_mask is not None:
+            _checks.tensor(fn, "salient_mask", salient_mask, (torch.bool,), dim=1)
+            _checks.shape(fn, "salient_mask", salient_mask, (weight.in_features,))
+            if enc.salient_bits is None:
+                raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits")
+        _checks.same_device(fn, {"weight.qweight": weight.qweight, "bias": bias,
+                                 "salient_mask": salient_mask})
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
+        self.bits = weight.bits
+        self.kernel_bits = weight.kernel_bits
+        self.zero_offset = weight.zero_offset
+        self.enc = enc
+        self.backend = backend
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("qzeros", weight.qzeros)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("g_idx", weight.g_idx)
+        self.register_buffer("bias", bias)
+        self.register_buffer("salient_mask", salient_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SpikeLinear: x must have shape [..., in_features] = "
+                             f"[..., {self.in_features}], got {tuple(x.shape)}")
+        st = encode(x, self.enc, self.salient_mask)
+        out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
+        y = _linear(st, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
+                    self.kernel_bits, self.zero_offset, out_dtype, self.backend)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, enc={self.enc}, backend={self.backend!r}")

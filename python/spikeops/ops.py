@@ -1,0 +1,136 @@
+"""One typed wrapper per op of ``torch.ops.spikeops`` and, right below it, its fake (meta) kernel
+so that ``torch.compile`` can trace the ops without running them.
+
+The wrappers take and return tensors only; absent optional tensors are ``None`` here and empty
+tensors at the op level (SPEC.md section 1). Shapes: M tokens, K inputs, N outputs, P planes,
+W = ceil(K / 32) words, R ranges (2 when ``hi`` is present), G groups.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library, which registers the ops)
+
+_ops = torch.ops.spikeops
+
+Tensor = torch.Tensor
+_INT32 = torch.int32
+
+MODES = ("minmax", "absmax", "absmean", "static", "oat")
+BACKENDS = ("auto", "spike", "int")
+
+
+def _empty_like_absent(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t is not None else like.new_empty((0,), dtype=dtype)
+
+
+def _present(t: Tensor) -> bool:
+    return t.numel() > 0
+
+
+def _plane_count(mode: str, bits: int, salient_bits: int, salient: bool, signed: bool) -> int:
+    top = salient_bits if salient else bits
+    return top - 1 if signed and mode != "oat" else top
+
+
+def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
+               salient_mask: Optional[Tensor] = None, salient_bits: int = 0,
+               scale: Optional[Tensor] = None, zero: Optional[Tensor] = None,
+               theta_nor: float = 0.0, theta_out: float = 0.0):
+    """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
+    zero [M, R])``; absent outputs are empty tensors. See SPEC.md section 2 for every mode."""
+    return _ops.gif_encode(x, mode, bits, gamma,
+                           _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
+                           _empty_like_absent(scale, x, torch.float32),
+                           _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
+
+
+@torch.library.register_fake("spikeops::gif_encode")
+def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, theta_out):
+    torch._check(x.dim() == 2, lambda: f"gif_encode: x must have shape [M, K], got {tuple(x.shape)}")
+    torch._check(mode in MODES, lambda: f"gif_encode: mode must be one of {MODES}, got {mode!r}")
+    M, K = x.shape
+    salient = _present(salient_mask)
+    signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and not _present(zero))
+    P = _plane_count(mode, bits, salient_bits, salient, signed)
+    R = 2 if salient or mode == "oat" else 1
+    W = (K + 31) // 32
+    return (x.new_empty((P, M, W), dtype=_INT32),
+            x.new_empty((M if signed else 0, W), dtype=_INT32),
+            x.new_empty((M if R == 2 else 0, W), dtype=_INT32),
+            x.new_empty((M, R), dtype=torch.float32),
+            x.new_empty((0 if signed else M, R), dtype=_INT32))
+
+
+def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
+                 zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32, cast to ``dtype``."""
+    return _ops.spike_decode(planes, _empty_like_absent(sign, planes, _INT32),
+                             _empty_like_absent(hi, planes, _INT32), scale,
+                             _empty_like_absent(zero, planes, _INT32), K, dtype)
+
+
+@torch.library.register_fake("spikeops::spike_decode")
+def _(planes, sign, hi, scale, zero, K, dtype):
+    return planes.new_empty((planes.shape[1], K), dtype=dtype)
+
+
+def spike_counts(planes: Tensor, sign: Optional[Tensor] = None, negative: bool = False) -> Tensor:
+    """Set bits per plane and token, int64 ``[P, M]``; ``negative`` counts only negative spikes."""
+    return _ops.spike_counts(planes, _empty_like_absent(sign, planes, _INT32), negative)
+
+
+@torch.library.register_fake("spikeops::spike_counts")
+def _(planes, sign, negative):
+    return planes.new_empty((planes.shape[0], planes.shape[1]), dtype=torch.int64)
+
+
+def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], w: Tensor,
+                     per_plane: bool = False) -> Tensor:
+    """Exact ``sum_k s * Q * w[k, n]`` per range with int8 ``w [K, N]``: int64 ``[R, M, N]``,
+    or ``[P, R, M, N]`` per plane."""
+    return _ops.spike_accumulate(planes, _empty_like_absent(sign, planes, _INT32),
+                                 _empty_like_absent(hi, planes, _INT32), w, per_plane)
+
+
+@torch.library.register_fake("spikeops::spike_accumulate")
+def _(planes, sign, hi, w, per_plane):
+    P, M = planes.shape[0], planes.shape[1]
+    R = 2 if _present(hi) else 1
+    shape = (P, R, M, w.shape[1]) if per_plane else (R, M, w.shape[1])
+    return planes.new_empty(shape, dtype=torch.int64)
+
+
+def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
+                 zero: Optional[Tensor], qweight: Tensor, qzeros: Tensor, scales: Tensor,
+                 g_idx: Tensor, bias: Optional[Tensor], bits: int, zero_offset: int,
+                 out_dtype: torch.dtype = torch.float16, backend: str = "auto") -> Tensor:
+    """``y [M, N] = x_hat @ W_hat^T + bias`` on GPTQ tensors (SPEC.md section 3.2); the weight zero
+    point is the stored field plus ``zero_offset`` (1 for v1 files, 0 for v2)."""
+    return _ops.spike_linear(planes, _empty_like_absent(sign, planes, _INT32),
+                             _empty_like_absent(hi, planes, _INT32), scale,
+                             _empty_like_absent(zero, planes, _INT32), qweight, qzeros, scales,
+                             g_idx, _empty_like_absent(bias, planes, torch.float32), bits,
+                             zero_offset, out_dtype, backend)
+
+
+@torch.library.register_fake("spikeops::spike_linear")
+def _(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, bias, bits, zero_offset,
+      out_dtype, backend):
+    torch._check(backend in BACKENDS,
+                 lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    return planes.new_empty((planes.shape[1], qweight.shape[1]), dtype=out_dtype)
+
+
+def gptq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                    zero_offset: int) -> Tensor:
+    """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(float32(scale) * float32(q - z))``."""
+    return _ops.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
+
+
+@torch.library.register_fake("spikeops::gptq_dequantize")
+def _(qweight, qzeros, scales, g_idx, bits, zero_offset):
+    return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=torch.float16)

@@ -1,0 +1,226 @@
+"""Plain-PyTorch specification of every op of ``torch.ops.spikeops``: slow, readable, and written
+from SPEC.md, not from the kernels. Each function takes the arguments of the wrapper of the same
+name in ``spikeops.ops`` (absent tensors as None) and returns what the op returns, bit for bit.
+
+Shapes: M tokens, K inputs, N outputs, P planes, W = ceil(K / 32) words, R ranges, G groups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .gptq import unpack
+
+Tensor = torch.Tensor
+_F32 = torch.float32
+
+
+# ----------------------------------------------------------------------------- bit planes
+def pack_bits(bits: Tensor) -> Tensor:
+    """bool ``[M, K]`` -> int32 ``[M, W]``: element k is bit ``k % 32`` of word ``k // 32``."""
+    M, K = bits.shape
+    W = (K + 31) // 32
+    padded = torch.zeros(M, W * 32, dtype=torch.int64, device=bits.device)
+    padded[:, :K] = bits.to(torch.int64)
+    words = (padded.view(M, W, 32) << torch.arange(32, device=bits.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_bits(words: Tensor, K: int) -> Tensor:
+    """int32 ``[..., W]`` -> bool ``[..., K]``."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bits = (w.unsqueeze(-1) >> torch.arange(32, device=words.device)) & 1
+    return bits.flatten(-2)[..., :K].bool()
+
+
+def _codes(planes: Tensor, sign: Optional[Tensor], K: int, only_plane: Optional[int] = None):
+    """Signed codes ``s * Q`` (int64 ``[M, K]``), or ``s * bit_p(Q)`` for one plane."""
+    P = planes.shape[0]
+    q = torch.zeros(planes.shape[1], K, dtype=torch.int64, device=planes.device)
+    for p in range(P):
+        if only_plane is None or p == only_plane:
+            q += unpack_bits(planes[p], K).to(torch.int64) << (p if only_plane is None else 0)
+    if sign is not None:
+        q = torch.where(unpack_bits(sign, K), -q, q)
+    return q
+
+
+def _ranges(hi: Optional[Tensor], M: int, K: int, device) -> Tensor:
+    """Range bit of every element, int64 ``[M, K]``."""
+    if hi is None:
+        return torch.zeros(M, K, dtype=torch.int64, device=device)
+    return unpack_bits(hi, K).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- encoding
+def _f32(v: float, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), v, dtype=_F32, device=like.device)
+
+
+def _exact_mean_abs(x: Tensor) -> Tensor:
+    """mean|x| per row: the exact sum (math.fsum) rounded to float64, / K, rounded to float32."""
+    rows = x.abs().double().cpu().tolist()
+    return torch.tensor([math.fsum(r) / len(r) for r in rows], dtype=torch.float64,
+                        device=x.device).to(_F32)
+
+
+def _quantizer(mode, bits, x, mn, mx, amax, gamma, scale, zero):
+    """(s [M], z [M] as float32, qmax) of one range (SPEC.md section 2)."""
+    signed = mode in ("absmax", "absmean") or (mode == "static" and zero is None)
+    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    q = _f32(float(qmax), x)
+    g = _f32(gamma, x)
+    if mode == "minmax":
+        s = torch.clamp((mx - mn) / q, 1e-5, 1e4)
+        z = torch.round(torch.clamp(-mn / s, -1e4, 1e4))
+    elif mode == "absmax":
+        s = torch.clamp(g * amax / q, 1e-5, 1e4)
+        z = torch.zeros_like(s)
+    elif mode == "absmean":
+        s = torch.clamp(g * _exact_mean_abs(x), 1e-5, 1e4)
+        z = torch.zeros_like(s)
+    else:  # static
+        s = scale.to(_F32)
+        z = zero.to(_F32) if zero is not None else torch.zeros_like(s)
+    return s, z, qmax, signed
+
+
+def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
+               salient_mask: Optional[Tensor] = None, salient_bits: int = 0,
+               scale: Optional[Tensor] = None, zero: Optional[Tensor] = None,
+               theta_nor: float = 0.0, theta_out: float = 0.0):
+    x = x.to(_F32)
+    M, K = x.shape
+    finite = torch.isfinite(x).all(dim=1)
+    xf = torch.where(finite[:, None], x, torch.zeros_like(x))  # statistics of finite rows only
+    mn, mx = xf.min(dim=1).values, xf.max(dim=1).values
+    amax = xf.abs().max(dim=1).values
+    empty = x.new_empty((0,), dtype=torch.int32)
+
+    if mode == "oat":
+        P, signed = bits, True
+        xc = torch.clamp(xf, -theta_out, theta_out)
+        a = xc.abs()
+        r = a >= torch.tensor(theta_nor, dtype=_F32)
+        th = torch.where(r, torch.tensor(theta_out, dtype=_F32), torch.tensor(theta_nor, dtype=_F32))
+        two_p = float(2**P)
+        Q = torch.minimum(torch.floor(a / th * two_p), a.new_full(a.shape, two_p - 1))
+        neg = xf < 0
+        steps = [torch.tensor(theta_nor, dtype=_F32) / two_p, torch.tensor(theta_out, dtype=_F32) / two_p]
+        scale_out = torch.stack([s.expand(M) for s in steps], dim=1).to(x.device)
+        zero_out = None
+    else:
+        ranges = [bits] + ([salient_bits] if salient_mask is not None else [])
+        Qs, scales, zeros = [], [], []
+        for b in ranges:
+            s, z, qmax, signed = _quantizer(mode, b, xf, mn, mx, amax, gamma, scale, zero)
+            if signed:
+                Qr = torch.minimum(torch.round(xf.abs() / s[:, None]), xf.new_full(xf.shape, qmax))
+            else:
+                Qr = torch.clamp(torch.round(xf / s[:, None]) + z[:, None], 0, qmax)
+            Qs.append(Qr)
+            scales.append(s)
+            zeros.append(z)
+        P = (max(ranges) - 1) if signed else max(ranges)
+        if salient_mask is not None:
+            r = salient_mask[None, :].expand(M, K)
+            Q = torch.where(r, Qs[1], Qs[0])
+        else:
+            r = torch.zeros(M, K, dtype=torch.bool, device=x.device)
+            Q = Qs[0]
+        neg = xf < 0
+        scale_out = torch.stack(scales, dim=1)
+        zero_out = None if signed else torch.stack(zeros, dim=1).to(torch.int32)
+
+    Q = torch.where(finite[:, None], Q.to(torch.int64), 0)
+    neg = neg & (Q > 0)
+    nan = torch.tensor(float("nan"), dtype=_F32, device=x.device)
+    scale_out = torch.where(finite[:, None], scale_out, nan)
+    if zero_out is not None:
+        zero_out = torch.where(finite[:, None], zero_out, 0)
+    if mode == "oat":
+        r = r & finite[:, None]
+    planes = torch.stack([pack_bits(((Q >> p) & 1).bool()) for p in range(P)])
+    sign = pack_bits(neg) if signed else empty.reshape(0, (K + 31) // 32)
+    R = 2 if (salient_mask is not None or mode == "oat") else 1
+    hi = pack_bits(r) if R == 2 else empty.reshape(0, (K + 31) // 32)
+    zero_t = zero_out if zero_out is not None else empty.reshape(0, R)
+    return planes, sign, hi, scale_out, zero_t
+
+
+# ----------------------------------------------------------------------------- consumers
+def spike_decode(planes, sign, hi, scale, zero, K, dtype=torch.float32):
+    M = planes.shape[1]
+    c = _codes(planes, sign, K)
+    r = _ranges(hi, M, K, planes.device)
+    z = zero.gather(1, r).to(torch.int64) if zero is not None else 0
+    return (scale.gather(1, r) * (c - z).to(_F32)).to(dtype)
+
+
+def spike_counts(planes, sign=None, negative=False):
+    P, M, W = planes.shape
+    bits = unpack_bits(planes, 32 * W)
+    if negative:
+        bits = bits & unpack_bits(sign, 32 * W)[None]
+    return bits.sum(-1).to(torch.int64)
+
+
+def spike_accumulate(planes, sign, hi, w, per_plane=False):
+    K = w.shape[0]
+    M = planes.shape[1]
+    r = _ranges(hi, M, K, planes.device)
+    R = 2 if hi is not None else 1
+    w64 = w.to(torch.int64)
+
+    def per_range(c):
+        return torch.stack([(c * (r == i)) @ w64 for i in range(R)])
+
+    if per_plane:
+        return torch.stack([per_range(_codes(planes, sign, K, only_plane=p))
+                            for p in range(planes.shape[0])])
+    return per_range(_codes(planes, sign, K))
+
+
+def gptq_codes(qweight, qzeros, g_idx, bits, zero_offset):
+    """Weight codes q int64 ``[K, N]`` and true zeros z int64 ``[G, N]`` of GPTQ tensors."""
+    K, N = g_idx.shape[0], qweight.shape[1]
+    q = unpack(qweight, bits, K, dim=0).to(torch.int64)
+    z = unpack(qzeros, bits, N, dim=1).to(torch.int64) + zero_offset
+    return q, z
+
+
+def spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, bias, bits,
+                 zero_offset, out_dtype=torch.float16, backend="auto"):
+    """SPEC.md 3.2: D[g, r] = sum over k in group g and range r of (s*Q - zero[r]) * (q - z),
+    exact integers; S_r = sum over g ascending of float64(float32(scales[g]) * float32(D[g, r]));
+    y = float32(scale[m, 0] * S_0 + scale[m, 1] * S_1 + bias) (products and sums in float64),
+    then cast to out_dtype. ``backend`` does not change the result."""
+    K, M = g_idx.shape[0], planes.shape[1]
+    G = scales.shape[0]
+    q, z = gptq_codes(qweight, qzeros, g_idx, bits, zero_offset)
+    g_of_k = g_idx.to(torch.int64)
+    wd = q - z[g_of_k]  # q - z of every weight, [K, N]
+    r = _ranges(hi, M, K, planes.device)
+    R = scale.shape[1]
+    c = _codes(planes, sign, K) - (zero.gather(1, r).to(torch.int64) if zero is not None else 0)
+    y = None
+    for ri in range(R):
+        S = torch.zeros(M, qweight.shape[1], dtype=torch.float64, device=planes.device)
+        for g in range(G):
+            mask = (r == ri) & (g_of_k == g)[None, :]
+            D = (c * mask) @ wd
+            S = S + (scales[g].to(_F32)[None, :] * D.to(_F32)).double()
+        term = scale[:, ri].double()[:, None] * S
+        y = term if y is None else y + term
+    if bias is not None:
+        y = y + bias.double()[None, :]
+    return y.to(_F32).to(out_dtype)
+
+
+def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset):
+    q, z = gptq_codes(qweight, qzeros, g_idx, bits, zero_offset)
+    g = g_idx.to(torch.int64)
+    return (scales[g].to(_F32) * (q - z[g]).to(_F32)).to(torch.float16).t().contiguous()

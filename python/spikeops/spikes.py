@@ -1,0 +1,193 @@
+"""Bit-plane GIF spike encoding (SPEC.md sections 1-2): ``Encoding``, ``encode`` and
+``SpikeTensor``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from . import _checks, ops
+
+MAX_PLANES = 16
+ZERO_LIMIT = 10_000  # |zero| of static encodings, as for minmax (SPEC.md section 2)
+SIGNED_MODES = ("absmax", "absmean", "oat")
+SALIENT_MODES = ("minmax", "absmax", "absmean")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How activations become spikes.
+
+    mode: ``"minmax"`` (unsigned, per-token min/max), ``"absmax"`` / ``"absmean"`` (signed,
+        symmetric: bidirectional spikes), ``"static"`` (caller-given scale, and zero for unsigned
+        codes), ``"oat"`` (LAS outlier-aware two-range neuron).
+    bits: code bits; for signed modes one of them is the sign, so P = bits - 1 planes.
+    gamma: membrane clipping ratio in (0, 1] of absmax/absmean.
+    salient_bits: bits of salient channels (Optimal Brain Spiking) when ``encode`` gets a
+        ``salient_mask``; must exceed ``bits``.
+    theta: ``(theta_nor, theta_out)`` thresholds of ``"oat"``.
+    planes: number of planes P of ``"oat"`` (LAS uses 16).
+    """
+
+    mode: str = "minmax"
+    bits: int = 4
+    gamma: float = 1.0
+    salient_bits: Optional[int] = None
+    theta: Optional[Tuple[float, float]] = None
+    planes: int = 16
+
+    def __post_init__(self):
+        fn = "Encoding"
+        _checks.choice(fn, "mode", self.mode, ops.MODES)
+        _checks.integer(fn, "bits", self.bits, 2 if self.mode in ("absmax", "absmean") else 1,
+                        MAX_PLANES)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+            raise TypeError(f"{fn}: gamma must be a float, got {type(self.gamma).__name__}")
+        if not (math.isfinite(self.gamma) and 0.0 < self.gamma <= 1.0):
+            raise ValueError(f"{fn}: gamma must be in (0, 1], got {self.gamma}")
+        if self.salient_bits is not None:
+            if self.mode not in SALIENT_MODES:
+                raise ValueError(f"{fn}: salient_bits combines with modes {SALIENT_MODES}, "
+                                 f"got mode {self.mode!r}")
+            _checks.integer(fn, "salient_bits", self.salient_bits, self.bits + 1, MAX_PLANES)
+        if self.mode == "oat":
+            _checks.integer(fn, "planes", self.planes, 1, MAX_PLANES)
+            theta = self.theta
+            if (not isinstance(theta, (tuple, list)) or len(theta) != 2
+                    or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in theta)):
+                raise TypeError(f"{fn}: mode 'oat' needs theta = (theta_nor, theta_out), two "
+                                f"floats, got {theta!r}")
+            if not (math.isfinite(theta[0]) and math.isfinite(theta[1]) and 0 < theta[0] < theta[1]):
+                raise ValueError(f"{fn}: theta must satisfy 0 < theta_nor < theta_out, got {tuple(theta)}")
+        elif self.theta is not None:
+            raise ValueError(f"{fn}: theta is only used by mode 'oat', got theta={self.theta!r} "
+                             f"with mode {self.mode!r}")
+
+    @property
+    def op_bits(self) -> int:
+        """The ``bits`` argument of ``gif_encode``: the plane count for oat, else ``bits``."""
+        return self.planes if self.mode == "oat" else self.bits
+
+
+class SpikeTensor(NamedTuple):
+    """Packed bit-plane spikes of an activation tensor of ``shape`` ``[..., K]``, flattened to M
+    token rows (SPEC.md section 1). ``sign``, ``hi`` and ``zero`` are None when absent."""
+
+    planes: torch.Tensor            # int32 [P, M, W]
+    sign: Optional[torch.Tensor]    # int32 [M, W]: bit set = negative element (signed encodings)
+    hi: Optional[torch.Tensor]      # int32 [M, W]: bit set = range 1 (salient / LAS outlier)
+    scale: torch.Tensor             # float32 [M, R]
+    zero: Optional[torch.Tensor]    # int32 [M, R] (unsigned encodings)
+    shape: Tuple[int, ...]          # shape of the encoded activations
+
+    @property
+    def num_planes(self) -> int:
+        return self.planes.shape[0]
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``x_hat = scale[m, r] * (s * Q - zero[m, r])`` with the shape of the encoded tensor."""
+        _checks.dtype("SpikeTensor.decode", "dtype", dtype, _FLOATS[:3])
+        K = self.shape[-1]
+        x_hat = ops.spike_decode(self.planes, self.sign, self.hi, self.scale, self.zero, K, dtype)
+        return x_hat.reshape(self.shape)
+
+    def counts(self, negative: bool = False) -> torch.Tensor:
+        """Spikes per plane and token, int64 ``[P, M]``; only negative ones with ``negative``."""
+        if negative and self.sign is None:
+            raise ValueError("SpikeTensor.counts: negative=True needs a signed encoding "
+                             "(sign is None)")
+        return ops.spike_counts(self.planes, self.sign, negative)
+
+    def firing_rate(self) -> float:
+        """Spikes / (M * K * P), the fraction of possible events that fired (SPEC.md 3.3)."""
+        M, K, P = self.planes.shape[1], self.shape[-1], self.planes.shape[0]
+        total = M * K * P
+        return float(self.counts().sum()) / total if total else 0.0
+
+
+def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] = None,
+           scale=None, zero=None) -> SpikeTensor:
+    """Encode ``x [..., K]`` into a SpikeTensor.
+
+    salient_mask: bool ``[K]``, channels coded with ``enc.salient_bits`` in range 1 (needs
+        ``enc.salient_bits``; without a mask every channel uses ``enc.bits``).
+    scale, zero: mode ``"static"`` only: a scale (float or tensor, one per token or a scalar) and,
+        for unsigned codes, a zero point (int or int tensor, likewise); no zero = signed codes.
+    """
+    fn = "encode"
+    _checks.tensor(fn, "x", x, _FLOATS)
+    if not isinstance(enc, Encoding):
+        raise TypeError(f"{fn}: enc must be a spikeops.Encoding, got {type(enc).__name__}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{fn}: x must have shape [..., K] with K >= 1, got {tuple(x.shape)}")
+    K = x.shape[-1]
+    rows = x.reshape(-1, K)
+    M = rows.shape[0]
+    salient_bits = 0
+    if salient_mask is not None:
+        _checks.tensor(fn, "salient_mask", salient_mask, (torch.bool,), dim=1)
+        _checks.shape(fn, "salient_mask", salient_mask, (K,))
+        _checks.same_device(fn, {"x": x, "salient_mask": salient_mask})
+        if enc.salient_bits is None:
+            raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits, got "
+                             f"salient_bits=None (mode {enc.mode!r})")
+        salient_bits = enc.salient_bits
+    if enc.mode == "static":
+        if scale is None:
+            raise ValueError(f"{fn}: mode 'static' needs scale (a float, or a tensor of shape "
+                             f"[] or [M] = [{M}]), got None")
+        scale = _per_token(fn, "scale", scale, M, x.device, torch.float32)
+        if zero is not None:
+            zero = _per_token(fn, "zero", zero, M, x.device, torch.int32)
+    elif scale is not None or zero is not None:
+        raise ValueError(f"{fn}: scale and zero are only taken by mode 'static', got mode "
+                         f"{enc.mode!r}")
+    theta = enc.theta or (0.0, 0.0)
+    planes, sign, hi, scale_out, zero_out = ops.gif_encode(
+        rows, enc.mode, enc.op_bits, enc.gamma, salient_mask, salient_bits, scale, zero,
+        theta[0], theta[1])
+    return SpikeTensor(planes, _or_none(sign), _or_none(hi), scale_out, _or_none(zero_out),
+                       tuple(x.shape))
+
+
+def _or_none(t: torch.Tensor) -> Optional[torch.Tensor]:
+    return t if t.numel() > 0 else None
+
+
+def _per_token(fn: str, name: str, value, M: int, device, dtype) -> torch.Tensor:
+    """A static scale or zero as a ``[M]`` tensor: a scalar is broadcast to every token.
+    Values are checked here, before any cast could overflow or wrap them."""
+    want_float = dtype.is_floating_point
+    kind = "float" if want_float else "integer"
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.dtype.is_floating_point != want_float:
+            raise TypeError(f"{fn}: {name} must be a {kind} tensor, got {value.dtype}")
+        if value.numel() not in (1, M):
+            raise ValueError(f"{fn}: {name} must hold one value or one per token (M = {M}), "
+                             f"got shape {tuple(value.shape)}")
+        if value.device != torch.device(device):
+            raise ValueError(f"{fn}: {name} must be on the device of x ({device}), "
+                             f"got {value.device}")
+        values = value.reshape(-1)
+    else:
+        ok = isinstance(value, (int, float)) if want_float else isinstance(value, int)
+        if isinstance(value, bool) or not ok:
+            raise TypeError(f"{fn}: {name} must be a {kind} or a {kind} tensor, "
+                            f"got {type(value).__name__}")
+        values = torch.tensor([value], dtype=torch.float64 if want_float else torch.int64)
+    if values.numel():
+        if want_float:
+            v = values.double()
+            bad = ~(torch.isfinite(v) & (v > 0) & (v <= torch.finfo(torch.float32).max))
+            what = "positive and finite in float32"
+        else:
+            bad = values.abs() > ZERO_LIMIT
+            what = f"in [-{ZERO_LIMIT}, {ZERO_LIMIT}]"
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise ValueError(f"{fn}: {name} must be {what}, got {values[i].item()} at index {i}")
+    return values.to(device=device, dtype=dtype).expand(M).contiguous()

@@ -1,0 +1,105 @@
+"""GPTQ packing, 3-bit straddling, v1/v2 zero points and GPTQWeight validation (GPTQ.md)."""
+
+import logging
+
+import pytest
+import torch
+
+import spikeops
+from helpers import make_layer, pack_loops
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("count", [1, 31, 32, 33, 96, 100])
+def test_pack_matches_independent_packer(bits, count):
+    codes = torch.randint(0, 1 << bits, (count, 5))
+    packed = spikeops.pack(codes, bits, dim=0)
+    assert torch.equal(packed, pack_loops(codes, bits))
+    assert torch.equal(spikeops.unpack(packed, bits, count, dim=0), codes.int())
+    cols = spikeops.pack(codes.t(), bits, dim=1)
+    assert torch.equal(cols, packed.t())
+    assert torch.equal(spikeops.unpack(cols, bits, count, dim=1), codes.t().int())
+
+
+def test_three_bit_straddles_words():
+    """GPTQ.md: value 10 spans words 0/1 (bits 30-31 of word 0, bit 0 of word 1); value 21
+    spans words 1/2 (bit 31 of word 1, bits 0-1 of word 2)."""
+    codes = torch.zeros(32, 1, dtype=torch.int64)
+    codes[10] = 0b101
+    codes[21] = 0b011
+    words = spikeops.pack(codes, 3, dim=0)[:, 0].tolist()
+    u = [w & 0xFFFFFFFF for w in words]
+    assert u[0] == 0b01 << 30 and u[1] == (0b1 | (0b1 << 31)) and u[2] == 0b01
+    codes = torch.arange(32).remainder(8).reshape(32, 1)
+    words = [w & 0xFFFFFFFF for w in spikeops.pack(codes, 3, dim=0)[:, 0].tolist()]
+    for j in range(10):
+        assert (words[0] >> (3 * j)) & 7 == j % 8
+    for j in range(11, 21):
+        assert (words[1] >> (3 * (j - 11) + 1)) & 7 == j % 8
+    for j in range(22, 32):
+        assert (words[2] >> (3 * (j - 22) + 2)) & 7 == j % 8
+
+
+@pytest.mark.parametrize("bits, word", [(4, 0x77777777), (8, 0x7F7F7F7F), (2, 0x55555555)])
+def test_sym_v1_zero_words(bits, word):
+    w, *_ = make_layer(64, 32, bits, 32, sym=True, fmt="gptq")
+    assert all((v & 0xFFFFFFFF) == word for v in w.qzeros.flatten().tolist())
+    assert w.zero_offset == 1
+
+
+def test_sym_zeros_decide_the_format(caplog):
+    """Files labelled "gptq" may hold v2 zeros: for sym=True the data decides and is logged."""
+    v2, q, z, scales, g_idx = make_layer(64, 32, 4, 32, sym=True, fmt="gptq_v2")
+    with caplog.at_level(logging.WARNING, logger="spikeops"):
+        mislabelled = spikeops.GPTQWeight(v2.qweight, v2.qzeros, v2.scales, None, 4, 32,
+                                          sym=True, checkpoint_format="gptq")
+    assert mislabelled.zero_offset == 0 and "v2" in caplog.text
+    assert torch.equal(mislabelled.dequantize(), v2.dequantize())
+    v1, *_ = make_layer(64, 32, 4, 32, sym=True, fmt="gptq")
+    relabelled = spikeops.GPTQWeight(v1.qweight, v1.qzeros, v1.scales, None, 4, 32, sym=True,
+                                     checkpoint_format="gptq_v2")
+    assert relabelled.zero_offset == 1
+    assert torch.equal(relabelled.dequantize(), v1.dequantize())
+
+
+def test_asym_label_decides():
+    w, q, z, *_ = make_layer(64, 32, 4, 32, sym=False, fmt="gptq")
+    assert w.zero_offset == 1
+    assert torch.equal(w.codes()[1].long(), z)
+    w2, q2, z2, *_ = make_layer(64, 32, 4, 32, sym=False, fmt="gptq_v2")
+    assert w2.zero_offset == 0 and torch.equal(w2.codes()[1].long(), z2)
+
+
+def test_asym_v1_true_zero_zero_reads_like_autogptq():
+    """A v1 file whose true zero is 0 stores -1, whose bits spill over the following fields.
+    spikeops reads every field as ((word >> shift) & mask) + 1, as the AutoGPTQ reader does."""
+    bits, N = 4, 16
+    stored = torch.full((1, N), 3)
+    stored[0, 5] = -1
+    words = torch.zeros(1, 2, dtype=torch.int64)
+    for n in range(N):  # the AutoGPTQ packer: zeros |= (z - 1) << shift, in 32-bit words
+        words[0, n // 8] |= (int(stored[0, n]) & 0xFFFFFFFF) << (4 * (n % 8))
+    words = (words & 0xFFFFFFFF)
+    qzeros = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    qweight = torch.zeros(2, N, dtype=torch.int32)
+    w = spikeops.GPTQWeight(qweight, qzeros, torch.ones(1, N).half(), None, bits, -1, sym=False)
+    autogptq = [((int(qzeros[0, n // 8]) & 0xFFFFFFFF) >> (4 * (n % 8)) & 15) + 1 for n in range(N)]
+    assert w.codes()[1][0].tolist() == autogptq
+    assert autogptq[5] == 16 and autogptq[6] == 16 and autogptq[4] == 4
+
+
+def test_three_bit_repacks_exactly():
+    w3, q, z, scales, g_idx = make_layer(96, 64, 3, 32, act_order=True, sym=False)
+    assert w3.bits == 3 and w3.kernel_bits == 4
+    q4, z4 = w3.codes()
+    assert torch.equal(q4.long(), q) and torch.equal(z4.long(), z)
+    expect = (scales.float()[g_idx] * (q - z[g_idx]).float()).half().t()
+    assert torch.equal(w3.dequantize(), expect)
+
+
+def test_default_g_idx_and_group_all():
+    """Without g_idx, K = qweight rows * 32 / bits and g_idx = k // group_size."""
+    w, *_ = make_layer(96, 8, 4, -1, sym=False)
+    assert w.in_features == 96 and torch.equal(w.g_idx, torch.zeros(96, dtype=torch.int32))
+    w, *_ = make_layer(104, 8, 4, 32, sym=False)
+    assert torch.equal(w.g_idx.long(), torch.arange(104) // 32)

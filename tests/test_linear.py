@@ -1,0 +1,185 @@
+"""spike_linear, gptq_dequantize and spike_accumulate against reference.py (bit for bit) and
+against independent float64 / int64 computations."""
+
+import itertools
+
+import pytest
+import torch
+
+import spikeops
+from spikeops import reference
+from helpers import assert_within_spec, exact_weight, make_layer
+
+ENCODINGS = {
+    "minmax4": (spikeops.Encoding("minmax", 4), False),
+    "minmax8": (spikeops.Encoding("minmax", 8), False),
+    "absmax4-g0.5": (spikeops.Encoding("absmax", 4, gamma=0.5), False),
+    "absmean3": (spikeops.Encoding("absmean", 3), False),
+    "minmax4-salient6": (spikeops.Encoding("minmax", 4, salient_bits=6), True),
+    "absmax4-salient8": (spikeops.Encoding("absmax", 4, salient_bits=8), True),
+    "oat8": (spikeops.Encoding("oat", theta=(0.8, 2.5), planes=8), False),
+    "minmax16": (spikeops.Encoding("minmax", 16), False),
+}
+
+# (bits, group_size, act_order, sym, format, K): every bit width, group size and zero format,
+# with K ragged against 32 and against the group.
+WEIGHTS = [
+    (4, 128, False, True, "gptq", 256),
+    (4, 128, True, True, "gptq", 264),
+    (4, 32, False, False, "gptq", 200),
+    (4, -1, False, False, "gptq_v2", 136),
+    (2, 64, True, False, "gptq", 208),
+    (2, 32, False, True, "gptq_v2", 96),
+    (3, 64, False, True, "gptq", 192),
+    (3, 32, True, False, "gptq", 128),
+    (8, 128, False, True, "gptq", 300),
+    (8, 48, True, False, "gptq_v2", 100),
+    (8, -1, False, True, "gptq_v2", 36),
+]
+WEIGHT_IDS = [f"w{b}-g{g}{'-act' if a else ''}-{'sym' if s else 'asym'}-{f}-K{K}"
+              for b, g, a, s, f, K in WEIGHTS]
+
+
+def spikes_for(x, name, device):
+    enc, salient = ENCODINGS[name]
+    mask = (torch.rand(x.shape[-1], device=device) < 0.15) if salient else None
+    return spikeops.encode(x, enc, salient_mask=mask)
+
+
+def linear_args(st, w, bias, out_dtype, backend):
+    return (st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.qzeros, w.scales,
+            w.g_idx, bias, w.kernel_bits, w.zero_offset, out_dtype, backend)
+
+
+def check_linear(device, st, w, layer, bias=None, out_dtype=torch.float16):
+    """Both backends identical; identical to reference.py; within SPEC tolerance of float64."""
+    y_int = spikeops.spike_linear(st, w, bias, out_dtype, backend="int")
+    y_spike = spikeops.spike_linear(st, w, bias, out_dtype, backend="spike")
+    y_auto = spikeops.spike_linear(st, w, bias, out_dtype)
+    assert torch.equal(y_int, y_spike) and torch.equal(y_int, y_auto)
+    ref = reference.spike_linear(*linear_args(st, w, bias, out_dtype, "auto"))
+    torch.testing.assert_close(y_int.reshape(ref.shape).cpu(), ref.cpu(), rtol=0, atol=0,
+                               equal_nan=True)
+    _, q, z, scales, g_idx = layer
+    assert_within_spec(y_int, st.decode(torch.float32), exact_weight(q, z, scales, g_idx), bias)
+    return y_int
+
+
+@pytest.mark.parametrize("bits, group_size, act, sym, fmt, K", WEIGHTS, ids=WEIGHT_IDS)
+@pytest.mark.parametrize("enc_name", ["minmax4", "absmax4-g0.5", "minmax4-salient6", "oat8"])
+def test_spike_linear_weights(device, bits, group_size, act, sym, fmt, K, enc_name):
+    layer = make_layer(K, 72, bits, group_size, act, sym, fmt, device=device)
+    x = torch.randn(5, K, device=device) * 2
+    check_linear(device, spikes_for(x, enc_name, device), layer[0], layer)
+
+
+@pytest.mark.parametrize("enc_name", list(ENCODINGS))
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_spike_linear_encodings(device, enc_name, out_dtype):
+    layer = make_layer(200, 130, 4, 64, act_order=True, sym=False, device=device)
+    bias = torch.randn(130, device=device).to(out_dtype)
+    x = torch.randn(2, 3, 200, device=device)
+    y = check_linear(device, spikes_for(x, enc_name, device), layer[0], layer, bias, out_dtype)
+    assert y.shape == (2, 3, 130) and y.dtype == out_dtype
+
+
+@pytest.mark.parametrize("M", [1, 2, 33, 70])
+def test_spike_linear_tokens_and_wide_n(device, M):
+    """M across the CPU token chunk (32) and N across several column blocks plus a tail."""
+    layer = make_layer(160, 64 * 3 + 17, 4, 32, device=device)
+    x = torch.randn(M, 160, device=device)
+    check_linear(device, spikes_for(x, "absmean3", device), layer[0], layer)
+
+
+def test_spike_linear_large_codes_no_overflow(device):
+    """16-bit codes times 8-bit weights over K = 4096 in one group exceed int32: the integer
+    sums must stay exact (the int backend splits them, the spike backend shifts in int64)."""
+    layer = make_layer(4096, 40, 8, -1, sym=False, device=device)
+    x = torch.randn(2, 4096, device=device) * 100
+    x[:, 0] = 5000.0  # a wide range: codes near 2^16 - 1, zero points far from 0
+    check_linear(device, spikes_for(x, "minmax16", device), layer[0], layer)
+
+
+def test_spike_linear_nan_row_and_noncontiguous(device):
+    layer = make_layer(96, 40, 4, 32, device=device)
+    x = torch.randn(40, 4, 96, device=device).transpose(0, 1)  # non-contiguous [4, 40, 96]
+    x[1, 3, 7] = float("nan")
+    x[2, 0, 0] = float("inf")
+    st = spikeops.encode(x, ENCODINGS["minmax4"][0])
+    y = spikeops.spike_linear(st, layer[0], out_dtype=torch.float32)
+    bad = torch.zeros(4, 40, dtype=torch.bool)
+    bad[1, 3] = bad[2, 0] = True
+    assert torch.isnan(y[bad.to(device)]).all()
+    assert torch.isfinite(y[~bad.to(device)]).all()
+    clean = spikeops.encode(x.contiguous(), ENCODINGS["minmax4"][0])
+    assert torch.equal(spikeops.spike_linear(clean, layer[0], out_dtype=torch.float32)[~bad],
+                       y[~bad])
+
+
+def test_spike_linear_silent_input(device):
+    """All-zero activations: no spike fires and y is the bias, in every encoding."""
+    layer = make_layer(64, 16, 4, 32, device=device)
+    bias = torch.randn(16, device=device)
+    for name in ENCODINGS:
+        st = spikes_for(torch.zeros(3, 64, device=device), name, device)
+        for backend in ("int", "spike"):
+            y = spikeops.spike_linear(st, layer[0], bias, torch.float32, backend)
+            assert torch.equal(y, bias.expand(3, 16)), (name, backend)
+
+
+def test_spike_linear_module(device):
+    layer = make_layer(128, 48, 4, 64, device=device)
+    enc = spikeops.Encoding("minmax", 4, salient_bits=6)
+    mask = torch.zeros(128, dtype=torch.bool, device=device)
+    mask[::9] = True
+    bias = torch.randn(48, device=device).half()
+    lin = spikeops.SpikeLinear(layer[0], enc, bias=bias, salient_mask=mask)
+    x = torch.randn(3, 128, device=device).half()
+    y = lin(x)
+    st = spikeops.encode(x, enc, salient_mask=mask)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, spikeops.spike_linear(st, layer[0], bias, torch.float16))
+    assert torch.equal(lin(x.double()), spikeops.spike_linear(st, layer[0], bias,
+                                                              torch.float32).double())
+
+
+@pytest.mark.parametrize("bits, group_size, act, sym, fmt, K", WEIGHTS, ids=WEIGHT_IDS)
+def test_gptq_dequantize(device, bits, group_size, act, sym, fmt, K):
+    w, q, z, scales, g_idx = make_layer(K, 40, bits, group_size, act, sym, fmt, device=device)
+    W = w.dequantize()
+    expect = (scales.float()[g_idx] * (q - z[g_idx]).float()).half().t()  # one rounding
+    assert W.dtype == torch.float16 and torch.equal(W.cpu(), expect)
+    assert torch.equal(W.cpu(), reference.gptq_dequantize(
+        w.qweight, w.qzeros, w.scales, w.g_idx, w.kernel_bits, w.zero_offset).cpu())
+
+
+@pytest.mark.parametrize("enc_name", ["minmax4", "absmax4-salient8", "oat8", "absmean3"])
+@pytest.mark.parametrize("per_plane", [False, True])
+def test_spike_accumulate(device, enc_name, per_plane):
+    K, N = 77, 19
+    x = torch.randn(2, 3, K, device=device)
+    st = spikes_for(x, enc_name, device)
+    w = torch.randint(-128, 128, (K, N), dtype=torch.int8, device=device)
+    acc = spikeops.spike_accumulate(st, w, per_plane)
+    ref = reference.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane)
+    assert acc.dtype == torch.int64 and torch.equal(acc.cpu(), ref.cpu())
+    total = acc if not per_plane else sum((acc[p] << p) for p in range(acc.shape[0]))
+    # Independent: the signed codes s*Q recovered from the decoded values, in float64.
+    x_hat = st.decode(torch.float32).reshape(-1, K).double()
+    R = st.scale.shape[1]
+    r = reference.unpack_bits(st.hi, K).long() if st.hi is not None else torch.zeros_like(x_hat).long()
+    zero = st.zero.double().gather(1, r) if st.zero is not None else 0.0
+    codes = torch.round(x_hat / st.scale.double().gather(1, r) + zero).long()
+    expect = torch.stack([(codes * (r == i)) @ w.long() for i in range(R)])
+    assert torch.equal(total.cpu(), expect.cpu())
+
+
+def test_spike_accumulate_ternary_is_add_subtract(device):
+    """Ternary weights: every output is a sum of +-codes of the inputs, i.e. additions only."""
+    K, N = 64, 8
+    st = spikeops.encode(torch.randn(4, K, device=device), spikeops.Encoding("absmax", 5))
+    w = torch.randint(-1, 2, (K, N), dtype=torch.int8, device=device)
+    codes = reference._codes(st.planes.cpu(), st.sign.cpu(), K)
+    plus = torch.stack([codes[:, w[:, n].cpu() == 1].sum(1) for n in range(N)], 1)
+    minus = torch.stack([codes[:, w[:, n].cpu() == -1].sum(1) for n in range(N)], 1)
+    assert torch.equal(spikeops.spike_accumulate(st, w)[0].cpu(), plus - minus)

@@ -1,0 +1,162 @@
+"""``torch.library.opcheck`` on every op of torch.ops.spikeops: schema (no hidden mutation or
+aliasing), autograd registration, fake (meta) kernels against the real ones, and AOT dispatch with
+dynamic shapes. Sample inputs are small and built through the public API (encode, pack)."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import spikeops
+from spikeops import Encoding
+
+OPS = torch.ops.spikeops
+I32, F32 = torch.int32, torch.float32
+M, K, N, GS = 5, 40, 24, 16   # W = 2 words (the last one partial), G = 3 groups
+
+# name -> (Encoding, with a salient mask, static scale/zero)
+ENCODINGS = {
+    "minmax4": (Encoding("minmax", 4), False, None),
+    "minmax8": (Encoding("minmax", 8), False, None),
+    "absmax4-gamma": (Encoding("absmax", 4, gamma=0.7), False, None),
+    "absmean3": (Encoding("absmean", 3), False, None),
+    "static-signed": (Encoding("static", 4), False, "signed"),
+    "static-unsigned": (Encoding("static", 4), False, "unsigned"),
+    "oat8": (Encoding("oat", theta=(0.5, 2.0), planes=8), False, None),
+    "salient-minmax": (Encoding("minmax", 4, salient_bits=8), True, None),
+    "salient-absmax": (Encoding("absmax", 3, salient_bits=6), True, None),
+    "salient-absmean": (Encoding("absmean", 4, salient_bits=5), True, None),
+}
+
+
+def dtype_id(v):
+    """Readable test ids for dtypes (pytest's default for other values)."""
+    return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None
+
+
+def absent(like, dtype=I32):
+    return like.new_empty((0,), dtype=dtype)
+
+
+def or_absent(t, like):
+    return t if t is not None else absent(like)
+
+
+def activations(device, dtype=F32, m=M):
+    return (torch.randn(m, K, device=device) * 2).to(dtype)
+
+
+def encode_args(name, device, dtype=F32, m=M):
+    """Arguments of gif_encode for one entry of ENCODINGS."""
+    enc, salient, static = ENCODINGS[name]
+    x = activations(device, dtype, m)
+    mask = (torch.arange(K, device=device) % 7 == 3) if salient else absent(x, torch.bool)
+    scale = torch.rand(m, device=device) / 4 + 0.05 if static else absent(x, F32)
+    zero = (torch.randint(0, 16, (m,), device=device, dtype=I32) if static == "unsigned"
+            else absent(x))
+    theta = enc.theta or (0.0, 0.0)
+    return (x, enc.mode, enc.op_bits, enc.gamma, mask, enc.salient_bits if salient else 0,
+            scale, zero, theta[0], theta[1])
+
+
+def spikes(name, device):
+    enc, salient, static = ENCODINGS[name]
+    kw = {}
+    if salient:
+        kw["salient_mask"] = torch.arange(K, device=device) % 7 == 3
+    if static:
+        kw["scale"] = torch.rand(M, device=device) / 4 + 0.05
+        if static == "unsigned":
+            kw["zero"] = torch.randint(0, 16, (M,), device=device, dtype=I32)
+    return spikeops.encode(activations(device), enc, **kw)
+
+
+def fields(st):
+    """(planes, sign, hi, scale, zero) with absent tensors empty, as the ops take them."""
+    p = st.planes
+    return p, or_absent(st.sign, p), or_absent(st.hi, p), st.scale, or_absent(st.zero, p)
+
+
+def gptq(device, bits=4, zero_offset=1, group_size=GS, k=K, n=N):
+    """(qweight, qzeros, scales, g_idx) of random codes; the zeros fit the stored field."""
+    groups = -(-k // group_size)
+    q = torch.randint(0, 2**bits, (k, n), device=device)
+    z = torch.randint(0, 2**bits - zero_offset, (groups, n), device=device)
+    scales = (torch.rand(groups, n, device=device) / 16 + 0.01).half()
+    g_idx = (torch.arange(k, device=device) // group_size).to(I32)
+    return spikeops.pack(q, bits, 0), spikeops.pack(z, bits, 1), scales, g_idx
+
+
+# Every encoding on float32 input; the other input dtypes on a few of them.
+ENCODE_CASES = ([(name, torch.float32) for name in ENCODINGS]
+                + [(name, torch.float16) for name in ("minmax4", "absmax4-gamma", "salient-minmax")]
+                + [("absmean3", torch.float64), ("oat8", torch.bfloat16)])
+
+
+@pytest.mark.parametrize("name, dtype", ENCODE_CASES, ids=dtype_id)
+def test_gif_encode(device, name, dtype):
+    opcheck(OPS.gif_encode, encode_args(name, device, dtype))
+
+
+@pytest.mark.parametrize("name", ["minmax4", "static-signed", "oat8"])
+def test_gif_encode_zero_tokens(device, name):
+    opcheck(OPS.gif_encode, encode_args(name, device, m=0))
+
+
+@pytest.mark.parametrize("out", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("name", ["minmax4", "absmax4-gamma", "oat8", "salient-minmax",
+                                  "static-unsigned"])
+def test_spike_decode(device, name, out):
+    opcheck(OPS.spike_decode, (*fields(spikes(name, device)), K, out))
+
+
+@pytest.mark.parametrize("name, negative", [("minmax4", False), ("absmax4-gamma", False),
+                                            ("absmax4-gamma", True), ("oat8", True)])
+def test_spike_counts(device, name, negative):
+    st = spikes(name, device)
+    opcheck(OPS.spike_counts, (st.planes, or_absent(st.sign, st.planes), negative))
+
+
+@pytest.mark.parametrize("per_plane", [False, True])
+@pytest.mark.parametrize("name", ["absmax4-gamma", "salient-absmax", "oat8", "minmax4"])
+def test_spike_accumulate(device, name, per_plane):
+    planes, sign, hi, _, _ = fields(spikes(name, device))
+    w = torch.randint(-128, 128, (K, N), dtype=torch.int8, device=device)
+    opcheck(OPS.spike_accumulate, (planes, sign, hi, w, per_plane))
+
+
+# Encodings that give every combination of the optional spike fields: zero only (minmax),
+# sign only (absmax), hi + zero (salient minmax), hi + sign (salient absmax, oat).
+LINEAR_ENCODINGS = ["minmax4", "absmax4-gamma", "salient-minmax", "salient-absmax", "oat8"]
+
+
+# Without and with a float32 bias on every encoding; a float16 bias on one.
+LINEAR_CASES = ([(name, None) for name in LINEAR_ENCODINGS]
+                + [(name, torch.float32) for name in LINEAR_ENCODINGS]
+                + [("salient-minmax", torch.float16)])
+
+
+@pytest.mark.parametrize("backend", ["spike", "int"])
+@pytest.mark.parametrize("name, bias", LINEAR_CASES,
+                         ids=lambda v: "no-bias" if v is None else
+                         f"bias-{dtype_id(v)}" if isinstance(v, torch.dtype) else None)
+def test_spike_linear(device, name, backend, bias):
+    planes, sign, hi, scale, zero = fields(spikes(name, device))
+    qweight, qzeros, scales, g_idx = gptq(device)
+    b = torch.randn(N, device=device).to(bias) if bias else absent(planes, F32)
+    opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, b,
+                               4, 1, torch.float16, backend))
+
+
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("bits, zero_offset", [(2, 0), (8, 1)])
+def test_spike_linear_bits_and_out_dtypes(device, bits, zero_offset, out):
+    planes, sign, hi, scale, zero = fields(spikes("salient-absmean", device))
+    qweight, qzeros, scales, g_idx = gptq(device, bits, zero_offset)
+    opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx,
+                               absent(planes, F32), bits, zero_offset, out, "auto"))
+
+
+@pytest.mark.parametrize("group_size", [GS, K])
+@pytest.mark.parametrize("bits, zero_offset", [(2, 1), (4, 0), (4, 1), (8, 0)])
+def test_gptq_dequantize(device, bits, zero_offset, group_size):
+    opcheck(OPS.gptq_dequantize, (*gptq(device, bits, zero_offset, group_size), bits, zero_offset))
