@@ -32,11 +32,13 @@ def extension():
     # Relative paths: setuptools refuses absolute source paths in editable builds.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -ffp-contract=off: no fused multiply-adds, so float32 arithmetic is exactly SPEC.md's.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math"]
+    # -fopenmp: at::parallel_for is a header template that runs serially without it.
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "cuda")]
     if not want_cuda():
         return CppExtension("spikeops._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, py_limited_api=False)
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: build for Ampere and Hopper, plus PTX for later chips.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
@@ -45,7 +47,7 @@ def extension():
     nvcc = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
     return CUDAExtension("spikeops._C", sources, include_dirs=include_dirs,
                          define_macros=[("SPIKEOPS_WITH_CUDA", None)],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(

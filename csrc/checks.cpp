@@ -294,4 +294,68 @@ Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qze
   return w;
 }
 
+Spikes check_spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                          const at::Tensor& scale, const at::Tensor& zero, int64_t K,
+                          at::ScalarType dtype) {
+  const char* op = "spike_decode";
+  Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
+  TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
+  check_spike_width(op, s, K, "K");
+  check_float_out_dtype(op, dtype, "dtype");
+  return s;
+}
+
+Spikes check_spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative) {
+  const char* op = "spike_counts";
+  Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
+  TORCH_CHECK_VALUE(!negative || s.sign.defined(), op,
+                    ": negative=True needs sign (a signed encoding), got an empty sign tensor");
+  return s;
+}
+
+Spikes check_spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
+                              const at::Tensor& hi, const at::Tensor& w, at::Tensor* w_out) {
+  const char* op = "spike_accumulate";
+  Spikes s = check_spike_bits(op, planes, sign, hi);
+  check_dtype(op, w, "w", at::kChar);
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
+                    ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", shape_str(w));
+  check_same_device(op, w, "w", planes, "planes");
+  check_spike_width(op, s, w.size(0), "w.shape[0]");
+  *w_out = w.contiguous();
+  return s;
+}
+
+Linear check_spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                          const at::Tensor& scale, const at::Tensor& zero,
+                          const at::Tensor& qweight, const at::Tensor& qzeros,
+                          const at::Tensor& scales, const at::Tensor& g_idx,
+                          const at::Tensor& bias, int64_t bits, int64_t zero_offset,
+                          at::ScalarType out_dtype, const std::string& backend) {
+  const char* op = "spike_linear";
+  Linear l{check_spikes(op, planes, sign, hi, scale, zero),
+           check_gptq(op, qweight, qzeros, scales, g_idx, bits, zero_offset), at::Tensor(),
+           Backend::kAuto};
+  check_same_device(op, qweight, "qweight", planes, "planes");
+  check_spike_width(op, l.s, l.w.K, "g_idx");
+  check_float_out_dtype(op, out_dtype, "out_dtype");
+  if (backend == "spike") {
+    l.backend = Backend::kSpike;
+  } else if (backend == "int") {
+    l.backend = Backend::kInt;
+  } else {
+    TORCH_CHECK_VALUE(backend == "auto", op, ": backend must be 'auto', 'spike' or 'int', got '",
+                      backend, "'");
+  }
+  if (present(bias)) {
+    const auto bt = bias.scalar_type();
+    TORCH_CHECK_TYPE(bt == at::kHalf || bt == at::kBFloat16 || bt == at::kFloat, op,
+                     ": bias must be a float16, bfloat16 or float32 tensor, got ", dtype_name(bt));
+    check_shape(op, bias, "bias", {l.w.N});
+    check_same_device(op, bias, "bias", qweight, "qweight");
+    l.bias64 = bias.to(at::kDouble).contiguous();
+  }
+  return l;
+}
+
 }  // namespace spikeops

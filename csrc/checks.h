@@ -63,6 +63,38 @@ Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qze
                 const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
                 int64_t zero_offset);
 
+// Whole-op checks shared by the CPU and CUDA host entries of the consumers.
+Spikes check_spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                          const at::Tensor& scale, const at::Tensor& zero, int64_t K,
+                          at::ScalarType dtype);
+Spikes check_spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative);
+// w: int8 [K, N], returned contiguous in `w_out`.
+Spikes check_spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
+                              const at::Tensor& hi, const at::Tensor& w, at::Tensor* w_out);
+
+struct Linear {
+  Spikes s;
+  Gptq w;
+  at::Tensor bias64;  // float64 [N] (exact for every accepted bias dtype) or undefined
+  Backend backend;
+};
+
+Linear check_spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                          const at::Tensor& scale, const at::Tensor& zero,
+                          const at::Tensor& qweight, const at::Tensor& qzeros,
+                          const at::Tensor& scales, const at::Tensor& g_idx,
+                          const at::Tensor& bias, int64_t bits, int64_t zero_offset,
+                          at::ScalarType out_dtype, const std::string& backend);
+
+// Word views of int32 bit tensors; absent (undefined or empty) tensors give null.
+inline const uint32_t* words(const at::Tensor& t) {
+  return t.defined() && t.numel() ? reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>())
+                                  : nullptr;
+}
+inline uint32_t* mutable_words(at::Tensor& t) {
+  return t.numel() ? reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()) : nullptr;
+}
+
 // The spike words must cover exactly K channels: W == ceil(K / 32).
 void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);
 

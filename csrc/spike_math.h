@@ -19,6 +19,9 @@ namespace spikeops {
 // Encoding modes, in the order of the `mode` strings accepted by gif_encode.
 enum class Mode : int32_t { kMinMax = 0, kAbsMax = 1, kAbsMean = 2, kStatic = 3, kOat = 4 };
 
+// spike_linear backends; kAuto is resolved per device (docs/ops.md).
+enum class Backend : int32_t { kAuto = 0, kSpike = 1, kInt = 2 };
+
 constexpr int kMaxPlanes = 16;          // Q < 2^16: codes, zeros and products stay small integers
 constexpr float kScaleMin = 1e-5f;      // SPEC §2 clamps of every dynamic scale
 constexpr float kScaleMax = 1e4f;
@@ -82,6 +85,41 @@ SPIKE_HD RangeQuant symmetric_quant(float gamma, float stat, float qmax_div, int
   q.zero = 0.f;
   q.qmax = qmax;
   return q;
+}
+
+// The quantizers of both ranges of one finite token row from its statistics (SPEC §2). `c` is
+// any struct with gif_encode's parameters (mode, is_signed, bits, salient_bits, gamma,
+// theta_nor, theta_out): checks.h's Encode on the CPU, kernels.h's EncodeArgs on CUDA. `mean` is
+// read by absmean only; static mode takes the row's given scale and zero.
+template <typename Config>
+SPIKE_HD void row_quantizers(const Config& c, float mn, float mx, float amax, float mean,
+                             float static_scale, int32_t static_zero, RangeQuant range[2]) {
+  if (c.mode == Mode::kOat) {
+    const int32_t qmax = (1 << c.bits) - 1;
+    range[0] = RangeQuant{c.theta_nor, 0.f, qmax};
+    range[1] = RangeQuant{c.theta_out, 0.f, qmax};
+    return;
+  }
+  const int ranges = c.salient_bits ? 2 : 1;
+  for (int r = 0; r < ranges; ++r) {
+    const int b = r ? c.salient_bits : c.bits;
+    const int32_t qmax_unsigned = (1 << b) - 1, qmax_signed = (1 << (b - 1)) - 1;
+    switch (c.mode) {
+      case Mode::kMinMax:
+        range[r] = minmax_quant(mn, mx, qmax_unsigned);
+        break;
+      case Mode::kAbsMax:
+        range[r] = symmetric_quant(c.gamma, amax, static_cast<float>(qmax_signed), qmax_signed);
+        break;
+      case Mode::kAbsMean:
+        range[r] = symmetric_quant(c.gamma, mean, 1.f, qmax_signed);
+        break;
+      default:  // kStatic
+        range[r] = RangeQuant{static_scale, c.is_signed ? 0.f : static_cast<float>(static_zero),
+                              c.is_signed ? qmax_signed : qmax_unsigned};
+        break;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -103,3 +103,19 @@ def test_default_g_idx_and_group_all():
     assert w.in_features == 96 and torch.equal(w.g_idx, torch.zeros(96, dtype=torch.int32))
     w, *_ = make_layer(104, 8, 4, 32, sym=False)
     assert torch.equal(w.g_idx.long(), torch.arange(104) // 32)
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: spikeops.pack(torch.tensor([[16]]), 4, 0), ValueError, "codes"),
+    (lambda: spikeops.pack(torch.tensor([[-1]]), 4, 0), ValueError, "codes"),
+    (lambda: spikeops.pack(torch.tensor([[1.0]]), 4, 0), TypeError, "codes"),
+    (lambda: spikeops.pack(torch.tensor([1]), 4, 0), ValueError, "codes"),
+    (lambda: spikeops.pack(torch.tensor([[1]]), 5, 0), ValueError, "bits"),
+    (lambda: spikeops.pack(torch.tensor([[1]]), 4, 2), ValueError, "dim"),
+    (lambda: spikeops.unpack(torch.zeros(1, 1, dtype=torch.int64), 4, 8, 0), TypeError, "packed"),
+    (lambda: spikeops.unpack(torch.zeros(1, 1, dtype=torch.int32), 4, 9, 0), ValueError, "count"),
+], ids=["pack-range-hi", "pack-range-neg", "pack-float", "pack-1d", "pack-bits", "pack-dim",
+        "unpack-dtype", "unpack-count"])
+def test_pack_rejects(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()

@@ -32,34 +32,10 @@ RowQuant row_quant(const Encode& e, const float* x, int64_t m) {
     amax = std::fmax(amax, std::fabs(v));
     if (want_sum) sum.add(v);
   }
-  const int nr = e.salient_bits ? 2 : 1;
-  for (int r = 0; r < nr; ++r) {
-    const int b = r ? e.salient_bits : e.bits;
-    const int32_t qmax_unsigned = (1 << b) - 1, qmax_signed = (1 << (b - 1)) - 1;
-    switch (e.mode) {
-      case Mode::kMinMax:
-        rq.range[r] = minmax_quant(mn, mx, qmax_unsigned);
-        break;
-      case Mode::kAbsMax:
-        rq.range[r] = symmetric_quant(e.gamma, amax, static_cast<float>(qmax_signed), qmax_signed);
-        break;
-      case Mode::kAbsMean:
-        rq.range[r] = symmetric_quant(e.gamma, exact_mean(sum, e.K), 1.f, qmax_signed);
-        break;
-      case Mode::kStatic:
-        rq.range[r].scale = e.scale.data_ptr<float>()[m];
-        rq.range[r].zero = e.is_signed ? 0.f : static_cast<float>(e.zero.data_ptr<int32_t>()[m]);
-        rq.range[r].qmax = e.is_signed ? qmax_signed : qmax_unsigned;
-        break;
-      case Mode::kOat:
-        break;
-    }
-  }
-  if (e.mode == Mode::kOat) {
-    const int32_t qmax = (1 << e.bits) - 1;
-    rq.range[0] = RangeQuant{e.theta_nor, 0.f, qmax};
-    rq.range[1] = RangeQuant{e.theta_out, 0.f, qmax};
-  }
+  const bool is_static = e.mode == Mode::kStatic;
+  row_quantizers(e, mn, mx, amax, want_sum ? exact_mean(sum, e.K) : 0.f,
+                 is_static ? e.scale.data_ptr<float>()[m] : 0.f,
+                 is_static && !e.is_signed ? e.zero.data_ptr<int32_t>()[m] : 0, rq.range);
   return rq;
 }
 
@@ -121,13 +97,6 @@ void encode_row(const Encode& e, const scalar_t* xin, float* x, const bool* sali
   }
 }
 
-uint32_t* words(at::Tensor& t) {
-  return t.numel() ? reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()) : nullptr;
-}
-const uint32_t* words(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>()) : nullptr;
-}
-
 }  // namespace
 
 EncodeResult gif_encode_cpu(const at::Tensor& x, const std::string& mode, int64_t bits,
@@ -142,7 +111,7 @@ EncodeResult gif_encode_cpu(const at::Tensor& x, const std::string& mode, int64_
   at::Tensor hi = at::empty({e.R == 2 ? e.M : 0, e.W}, i32);
   at::Tensor scale_out = at::empty({e.M, e.R}, x.options().dtype(at::kFloat));
   at::Tensor zero_out = at::empty({e.is_signed ? 0 : e.M, e.R}, i32);
-  uint32_t *pp = words(planes), *sp = words(sign), *hp = words(hi);
+  uint32_t *pp = mutable_words(planes), *sp = mutable_words(sign), *hp = mutable_words(hi);
   float* scp = scale_out.data_ptr<float>();
   int32_t* zp = zero_out.numel() ? zero_out.data_ptr<int32_t>() : nullptr;
   const bool* salient = e.salient_mask.defined() ? e.salient_mask.data_ptr<bool>() : nullptr;
@@ -161,11 +130,7 @@ EncodeResult gif_encode_cpu(const at::Tensor& x, const std::string& mode, int64_
 at::Tensor spike_decode_cpu(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
                             const at::Tensor& scale, const at::Tensor& zero, int64_t K,
                             at::ScalarType dtype) {
-  const char* op = "spike_decode";
-  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
-  TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
-  check_spike_width(op, s, K, "K");
-  check_float_out_dtype(op, dtype, "dtype");
+  const Spikes s = check_spike_decode(planes, sign, hi, scale, zero, K, dtype);
   at::Tensor out = at::empty({s.M, K}, planes.options().dtype(dtype));
   const uint32_t *pp = words(s.planes), *sp = words(s.sign), *hp = words(s.hi);
   const float* scp = s.scale.data_ptr<float>();
@@ -194,10 +159,7 @@ at::Tensor spike_decode_cpu(const at::Tensor& planes, const at::Tensor& sign, co
 }
 
 at::Tensor spike_counts_cpu(const at::Tensor& planes, const at::Tensor& sign, bool negative) {
-  const char* op = "spike_counts";
-  const Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
-  TORCH_CHECK_VALUE(!negative || s.sign.defined(), op,
-                    ": negative=True needs sign (a signed encoding), got an empty sign tensor");
+  const Spikes s = check_spike_counts(planes, sign, negative);
   at::Tensor out = at::empty({s.P, s.M}, planes.options().dtype(at::kLong));
   const uint32_t *pp = words(s.planes), *sp = negative ? words(s.sign) : nullptr;
   int64_t* counts = out.data_ptr<int64_t>();

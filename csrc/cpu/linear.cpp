@@ -32,7 +32,7 @@
 namespace spikeops {
 namespace {
 
-constexpr int64_t kBlock = 64;        // output columns per task
+constexpr int64_t kBlock = 128;       // output columns per task
 constexpr int64_t kTokenChunk = 32;   // tokens whose term lists are built at once
 
 // A token's terms, bucketed: bucket b holds terms [start[b], start[b + 1]).
@@ -315,9 +315,9 @@ at::Tensor unpack_zeros(const Gptq& w) {
 
 Layer make_layer(const Spikes& s, const int32_t* g_idx, int64_t K, int64_t G) {
   Layer L;
-  L.planes = reinterpret_cast<const uint32_t*>(s.planes.data_ptr<int32_t>());
-  L.sign = s.sign.defined() ? reinterpret_cast<const uint32_t*>(s.sign.data_ptr<int32_t>()) : nullptr;
-  L.hi = s.hi.defined() ? reinterpret_cast<const uint32_t*>(s.hi.data_ptr<int32_t>()) : nullptr;
+  L.planes = words(s.planes);
+  L.sign = words(s.sign);
+  L.hi = words(s.hi);
   L.zero = s.zero.defined() ? s.zero.data_ptr<int32_t>() : nullptr;
   L.g_idx = g_idx;
   L.P = s.P, L.M = s.M, L.W = s.W, L.R = s.R, L.K = K, L.G = G;
@@ -333,28 +333,14 @@ at::Tensor spike_linear_cpu(const at::Tensor& planes, const at::Tensor& sign, co
                             const at::Tensor& scales, const at::Tensor& g_idx,
                             const at::Tensor& bias, int64_t bits, int64_t zero_offset,
                             at::ScalarType out_dtype, const std::string& backend) {
-  const char* op = "spike_linear";
-  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
-  const Gptq w = check_gptq(op, qweight, qzeros, scales, g_idx, bits, zero_offset);
-  check_same_device(op, qweight, "qweight", planes, "planes");
-  check_spike_width(op, s, w.K, "g_idx");
-  check_float_out_dtype(op, out_dtype, "out_dtype");
-  TORCH_CHECK_VALUE(backend == "auto" || backend == "spike" || backend == "int", op,
-                    ": backend must be 'auto', 'spike' or 'int', got '", backend, "'");
-  at::Tensor bias64;  // float64 [N]: exact for every accepted bias dtype
-  if (bias.defined() && bias.numel() > 0) {
-    TORCH_CHECK_TYPE(bias.scalar_type() == at::kHalf || bias.scalar_type() == at::kBFloat16 ||
-                         bias.scalar_type() == at::kFloat,
-                     op, ": bias must be a float16, bfloat16 or float32 tensor, got ",
-                     dtype_name(bias.scalar_type()));
-    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == w.N, op, ": bias must have shape [N] = [",
-                      w.N, "], got ", bias.sizes());
-    check_same_device(op, bias, "bias", qweight, "qweight");
-    bias64 = bias.to(at::kDouble).contiguous();
-  }
-  const double* bp = bias64.defined() ? bias64.data_ptr<double>() : nullptr;
-  // On CPU the int backend is faster at every firing rate we measured (bench/), so auto = int.
-  const bool use_spike = backend == "spike";
+  const Linear l = check_spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales,
+                                      g_idx, bias, bits, zero_offset, out_dtype, backend);
+  const Spikes& s = l.s;
+  const Gptq& w = l.w;
+  // On CPU the int backend never does more work than the spike backend (each nonzero code is
+  // one term, and it has at least one spike), so auto = int.
+  const bool use_spike = l.backend == Backend::kSpike;
+  const double* bp = l.bias64.defined() ? l.bias64.data_ptr<double>() : nullptr;
 
   LinearArgs a;
   a.L = make_layer(s, w.g_idx.data_ptr<int32_t>(), w.K, w.G);
@@ -400,16 +386,9 @@ at::Tensor spike_linear_cpu(const at::Tensor& planes, const at::Tensor& sign, co
 
 at::Tensor spike_accumulate_cpu(const at::Tensor& planes, const at::Tensor& sign,
                                 const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
-  const char* op = "spike_accumulate";
-  const Spikes s = check_spike_bits(op, planes, sign, hi);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be a torch.int8 tensor, got ",
-                   dtype_name(w.scalar_type()));
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
-                    ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", w.sizes());
-  check_same_device(op, w, "w", planes, "planes");
-  const int64_t K = w.size(0), N = w.size(1);
-  check_spike_width(op, s, K, "w.shape[0]");
-  const at::Tensor wc = w.contiguous();
+  at::Tensor wc;
+  const Spikes s = check_spike_accumulate(planes, sign, hi, w, &wc);
+  const int64_t K = wc.size(0), N = wc.size(1);
   const int8_t* wp = wc.data_ptr<int8_t>();
 
   // One group holds every channel; no zero point: acc counts s * Q only (SPEC §3.1).

@@ -19,6 +19,12 @@ def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2^bits)`` along ``dim`` (0: rows, as qweight; 1: columns, as
     qzeros) into int32 words: code i sits at bit ``bits * i`` of a little-endian bit stream, so a
     3-bit code may straddle two words (GPTQ.md). A partial last word is padded with zero bits."""
+    _check_packing("pack", codes, "codes", bits, dim)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"pack: codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"pack: codes must be in [0, 2^bits) = [0, {1 << bits}), got values in "
+                         f"[{int(codes.min())}, {int(codes.max())}]")
     c = codes.to(torch.int64).movedim(dim, 0)
     count = c.shape[0]
     words = (count * bits + 31) // 32
@@ -36,6 +42,13 @@ def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
     """Inverse of ``pack``: ``count`` int32 codes along ``dim``."""
+    _check_packing("unpack", packed, "packed", bits, dim)
+    _checks.tensor("unpack", "packed", packed, (torch.int32,))
+    words = packed.shape[dim]
+    if isinstance(count, bool) or not isinstance(count, int) or \
+            not 0 <= count <= words * 32 // bits:
+        raise ValueError(f"unpack: count must be an int in [0, {words * 32 // bits}] "
+                         f"({words} words of {bits}-bit codes), got {count!r}")
     p = packed.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF
     p = torch.cat([p, torch.zeros_like(p[:1])])
     pos = torch.arange(count, device=p.device) * bits
@@ -44,6 +57,12 @@ def unpack(packed: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tenso
     both = p[word] | (p[word + 1] << 32)
     codes = (both >> shift.view(view)) & ((1 << bits) - 1)
     return codes.to(torch.int32).movedim(0, dim).contiguous()
+
+
+def _check_packing(fn: str, t, name: str, bits: int, dim: int) -> None:
+    _checks.tensor(fn, name, t, dim=2)
+    _checks.choice(fn, "bits", bits, BITS)
+    _checks.choice(fn, "dim", dim, (0, 1))
 
 
 class GPTQWeight:

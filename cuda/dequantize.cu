@@ -1,0 +1,35 @@
+// CUDA kernel of gptq_dequantize: W_hat[n, k] = fp16(float32(scales[g, n]) * float32(q - z)),
+// g = g_idx[k], the one rounding of csrc/cpu/linear.cpp (gptq_dequantize_cpu). A g_idx entry
+// outside [0, G) gives NaN in column k instead of a read out of bounds.
+#include "device.cuh"
+
+namespace spikeops {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One thread per output element, k fastest: the stores are coalesced, and the lanes of a warp
+// share a few qweight words (one per 32 / bits channels).
+__global__ void __launch_bounds__(kThreads) gptq_dequantize_kernel(const DequantizeArgs a) {
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < a.N * a.K;
+       i += int64_t(gridDim.x) * kThreads) {
+    const int64_t n = i / a.K, k = i % a.K;
+    const int32_t g = __ldg(a.g_idx + k);
+    float v = dev::quiet_nan();
+    if (g >= 0 && g < a.G) {
+      const int32_t q = gptq_code(a.qweight, a.N, k, n, a.bits);
+      const int32_t z = gptq_zero(a.qzeros, a.zero_cols, g, n, a.bits, a.zero_offset);
+      v = __half2float(a.scales[g * a.N + n]) * static_cast<float>(q - z);
+    }
+    a.out[i] = __float2half_rn(v);
+  }
+}
+
+}  // namespace
+
+void launch_gptq_dequantize(const DequantizeArgs& a, cudaStream_t stream) {
+  const unsigned grid = dev::grid_size((a.N * a.K + kThreads - 1) / kThreads);
+  gptq_dequantize_kernel<<<grid, kThreads, 0, stream>>>(a);
+}
+
+}  // namespace spikeops

@@ -1,0 +1,90 @@
+// Device helpers shared by the kernels of cuda/*.cu: element conversions, word masks, grid sizes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels.h"
+#include "spike_math.h"
+
+namespace spikeops {
+namespace dev {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Blocks of a grid-stride launch: every kernel loops over its work units, so any count works;
+// the cap keeps gridDim.x legal for any size.
+inline unsigned grid_size(int64_t units) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(units, int64_t(1) << 30)));
+}
+
+// The NaN that the CPU kernels write (std::numeric_limits<float>::quiet_NaN()).
+__device__ __forceinline__ float quiet_nan() { return __uint_as_float(0x7fc00000u); }
+
+// Input element -> float32; double rounds to nearest like static_cast<float> on the CPU.
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(double v) { return static_cast<float>(v); }
+
+// float32 -> output element, round to nearest even (what c10::Half / c10::BFloat16 do).
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ double from_float<double>(float v) { return v; }
+
+// Calls f(Tag<T>{}) with the C++ element type T of t (host side, to pick a kernel template).
+template <typename T>
+struct Tag {
+  using type = T;
+};
+template <typename F>
+void dispatch_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::kHalf: f(Tag<__half>{}); break;
+    case FloatType::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+    case FloatType::kFloat: f(Tag<float>{}); break;
+    case FloatType::kDouble: f(Tag<double>{}); break;
+  }
+}
+
+// Bits of word w that name channels k < K (words past the end give 0).
+__device__ __forceinline__ uint32_t channel_bits(int64_t w, int64_t K) {
+  const int64_t left = K - 32 * w;
+  return left >= 32 ? kFullMask : left <= 0 ? 0u : (1u << left) - 1u;
+}
+
+// Bits of word w that name channels in [lo, hi).
+__device__ __forceinline__ uint32_t range_bits(int64_t w, int64_t lo, int64_t hi) {
+  const int64_t base = 32 * w;
+  const int64_t a = lo > base ? lo - base : 0, b = hi - base < 32 ? hi - base : 32;
+  if (a >= b) return 0u;
+  const uint32_t upto_b = b == 32 ? kFullMask : (1u << b) - 1u;
+  return upto_b & ~((1u << a) - 1u);
+}
+
+// Magnitude code Q of channel bit j from the P plane words of one token and word
+// (plane p at planes[p * plane_stride]).
+__device__ __forceinline__ int32_t plane_code(const uint32_t* planes, int64_t plane_stride,
+                                              int64_t P, int j) {
+  int32_t q = 0;
+  for (int64_t p = 0; p < P; ++p)
+    q |= static_cast<int32_t>((__ldg(planes + p * plane_stride) >> j) & 1u) << p;
+  return q;
+}
+
+__device__ __forceinline__ bool zero_in_range(int32_t z) { return z >= -kMaxZero && z <= kMaxZero; }
+
+}  // namespace dev
+}  // namespace spikeops
