@@ -204,18 +204,16 @@ Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tens
                     " planes, got P = ", s.P);
   TORCH_CHECK_VALUE(s.W >= 1, op, ": planes must hold at least one word per token, got W = 0");
   s.planes = planes.contiguous();
-  if (present(sign)) {
-    check_dtype(op, sign, "sign", at::kInt);
-    check_shape(op, sign, "sign", {s.M, s.W});
-    check_same_device(op, sign, "sign", planes, "planes");
-    s.sign = sign.contiguous();
-  }
-  if (present(hi)) {
-    check_dtype(op, hi, "hi", at::kInt);
-    check_shape(op, hi, "hi", {s.M, s.W});
-    check_same_device(op, hi, "hi", planes, "planes");
-    s.hi = hi.contiguous();
-  }
+  // sign and hi: one int32 word per token and 32 channels, like a plane.
+  const auto word_mask = [&](const at::Tensor& t, const char* name) {
+    if (!present(t)) return at::Tensor();
+    check_dtype(op, t, name, at::kInt);
+    check_shape(op, t, name, {s.M, s.W});
+    check_same_device(op, t, name, planes, "planes");
+    return t.contiguous();
+  };
+  s.sign = word_mask(sign, "sign");
+  s.hi = word_mask(hi, "hi");
   s.R = s.hi.defined() ? 2 : 1;
   return s;
 }
@@ -356,6 +354,14 @@ Linear check_spike_linear(const at::Tensor& planes, const at::Tensor& sign, cons
     l.bias64 = bias.to(at::kDouble).contiguous();
   }
   return l;
+}
+
+EncodeResult encode_outputs(const Encode& e) {
+  const auto i32 = e.x.options().dtype(at::kInt);
+  return {at::empty({e.P, e.M, e.W}, i32), at::empty({e.is_signed ? e.M : 0, e.W}, i32),
+          at::empty({e.R == 2 ? e.M : 0, e.W}, i32),
+          at::empty({e.M, e.R}, e.x.options().dtype(at::kFloat)),
+          at::empty({e.is_signed ? 0 : e.M, e.R}, i32)};
 }
 
 }  // namespace spikeops

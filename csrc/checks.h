@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 
 #include "spike_math.h"
 
@@ -62,6 +63,10 @@ Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& 
 Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
                 const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
                 int64_t zero_offset);
+
+// gif_encode's outputs (planes, sign, hi, scale, zero), uninitialized, absent ones empty.
+using EncodeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+EncodeResult encode_outputs(const Encode& e);
 
 // Whole-op checks shared by the CPU and CUDA host entries of the consumers.
 Spikes check_spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,

@@ -5,11 +5,10 @@
 #include <ATen/ATen.h>
 
 #include <string>
-#include <tuple>
+
+#include "checks.h"
 
 namespace spikeops {
-
-using EncodeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 #define SPIKEOPS_DECLARE_HOST_ENTRIES(dev)                                                        \
   EncodeResult gif_encode_##dev(const at::Tensor& x, const std::string& mode, int64_t bits,       \

@@ -4,19 +4,11 @@ where no GPU is present)."""
 import pytest
 import torch
 
-import spikeops  # noqa: F401  (registers the ops)
-
-CUDA_REASON = "no CUDA device (or spikeops built without CUDA): CUDA case not run"
-
-
-def _cuda_ready() -> bool:
-    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "spikeops::spike_linear", "CUDA")
-
+from helpers import CUDA_REASON, cuda_ready
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ready(), reason=CUDA_REASON)),
+    pytest.param("cuda", marks=pytest.mark.skipif(not cuda_ready(), reason=CUDA_REASON)),
 ]
 
 

@@ -1,11 +1,19 @@
-"""Test-side builders of GPTQ layers, written from GPTQ.md alone (a packer independent of
-``spikeops.pack``), and the SPEC.md 3.2 tolerance."""
+"""Test helpers: whether CUDA cases can run, builders of GPTQ layers written from GPTQ.md alone
+(a packer independent of ``spikeops.pack``), and the SPEC.md 3.2 tolerance."""
 
 from __future__ import annotations
 
 import torch
 
 import spikeops
+
+CUDA_REASON = "no CUDA device (or spikeops built without CUDA): CUDA case not run"
+
+
+def cuda_ready() -> bool:
+    """A GPU is visible and spikeops was built with its CUDA kernels."""
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "spikeops::spike_linear", "CUDA")
 
 
 def pack_loops(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -105,12 +105,8 @@ EncodeResult gif_encode_cpu(const at::Tensor& x, const std::string& mode, int64_
                             double theta_out) {
   const Encode e = check_encode(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
                                 theta_nor, theta_out);
-  const auto i32 = x.options().dtype(at::kInt);
-  at::Tensor planes = at::empty({e.P, e.M, e.W}, i32);
-  at::Tensor sign = at::empty({e.is_signed ? e.M : 0, e.W}, i32);
-  at::Tensor hi = at::empty({e.R == 2 ? e.M : 0, e.W}, i32);
-  at::Tensor scale_out = at::empty({e.M, e.R}, x.options().dtype(at::kFloat));
-  at::Tensor zero_out = at::empty({e.is_signed ? 0 : e.M, e.R}, i32);
+  EncodeResult out = encode_outputs(e);
+  auto& [planes, sign, hi, scale_out, zero_out] = out;
   uint32_t *pp = mutable_words(planes), *sp = mutable_words(sign), *hp = mutable_words(hi);
   float* scp = scale_out.data_ptr<float>();
   int32_t* zp = zero_out.numel() ? zero_out.data_ptr<int32_t>() : nullptr;
@@ -124,7 +120,7 @@ EncodeResult gif_encode_cpu(const at::Tensor& x, const std::string& mode, int64_
         encode_row<scalar_t>(e, xin + m * e.K, row.data(), salient, m, pp, sp, hp, scp, zp);
     });
   });
-  return {planes, sign, hi, scale_out, zero_out};
+  return out;
 }
 
 at::Tensor spike_decode_cpu(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,

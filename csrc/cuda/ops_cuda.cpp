@@ -48,12 +48,8 @@ EncodeResult gif_encode_cuda(const at::Tensor& x, const std::string& mode, int64
                                 theta_nor, theta_out);
   check_cuda("gif_encode", x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto i32 = x.options().dtype(at::kInt);
-  at::Tensor planes = at::empty({e.P, e.M, e.W}, i32);
-  at::Tensor sign = at::empty({e.is_signed ? e.M : 0, e.W}, i32);
-  at::Tensor hi = at::empty({e.R == 2 ? e.M : 0, e.W}, i32);
-  at::Tensor scale_out = at::empty({e.M, e.R}, x.options().dtype(at::kFloat));
-  at::Tensor zero_out = at::empty({e.is_signed ? 0 : e.M, e.R}, i32);
+  EncodeResult out = encode_outputs(e);
+  auto& [planes, sign, hi, scale_out, zero_out] = out;
   if (e.M > 0) {
     EncodeArgs a;
     a.x = e.x.data_ptr();
@@ -79,7 +75,7 @@ EncodeResult gif_encode_cuda(const at::Tensor& x, const std::string& mode, int64
     launch_gif_encode(a, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {planes, sign, hi, scale_out, zero_out};
+  return out;
 }
 
 at::Tensor spike_decode_cuda(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,

@@ -1,0 +1,174 @@
+"""CUDA against CPU: every op gives the same bits on both devices (the CPU kernels are checked
+against reference.py elsewhere), CUDA-graph capture of a SpikeLinear forward, a second GPU, and
+the kernels' guards for values the CUDA host does not read. Skipped, with the reason, where no
+GPU (or no CUDA build) is present; scripts/gpu_check.sh runs them on a GPU machine."""
+
+import pytest
+import torch
+
+import spikeops
+from spikeops import ops
+from helpers import CUDA_REASON, cuda_ready, make_layer
+
+pytestmark = pytest.mark.skipif(not cuda_ready(), reason=CUDA_REASON)
+
+ENCODE_CASES = [
+    ("minmax", 4, {}), ("minmax", 1, {}), ("minmax", 16, {}), ("absmax", 5, dict(gamma=0.6)),
+    ("absmean", 3, {}), ("absmean", 16, dict(gamma=0.3)),
+    ("oat", 8, dict(theta_nor=0.7, theta_out=2.5)),
+    ("minmax", 4, dict(salient_bits=7)), ("absmax", 3, dict(salient_bits=5)),
+]
+
+
+def on_both(fn, *tensors):
+    """fn on CPU copies and on CUDA copies of the same inputs; outputs come back on the CPU."""
+    cpu = fn(*[t.cpu() if torch.is_tensor(t) else t for t in tensors])
+    gpu = fn(*[t.cuda() if torch.is_tensor(t) else t for t in tensors])
+    as_tuple = (lambda o: o if isinstance(o, (tuple, list)) else (o,))
+    return as_tuple(cpu), tuple(g.cpu() for g in as_tuple(gpu))
+
+
+def assert_bits_equal(a, b):
+    for u, v in zip(a, b):
+        assert u.shape == v.shape and u.dtype == v.dtype
+        if u.is_floating_point():
+            assert torch.equal(u.isnan(), v.isnan())
+            assert torch.equal(torch.nan_to_num(u), torch.nan_to_num(v))
+        else:
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("mode, bits, kw", ENCODE_CASES)
+@pytest.mark.parametrize("K", [1, 33, 100, 4096 + 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_encode_cpu_equals_cuda(mode, bits, kw, K, dtype):
+    x = (torch.randn(7, K) * 4).to(dtype)
+    x[2, 0] = float("nan")
+    x[4, -1] = float("inf")
+    mask = torch.rand(K) < 0.2 if "salient_bits" in kw else None
+    cpu, gpu = on_both(lambda x, m: ops.gif_encode(x, mode, bits, salient_mask=m, **kw), x, mask)
+    assert_bits_equal(cpu, gpu)
+
+
+def test_static_encode_cpu_equals_cuda():
+    x = torch.randn(5, 70)
+    scale, zero = torch.rand(5) + 0.05, torch.randint(-50, 50, (5,), dtype=torch.int32)
+    for z in (zero, None):
+        cpu, gpu = on_both(lambda x, s, z: ops.gif_encode(x, "static", 5, scale=s, zero=z),
+                           x, scale, z)
+        assert_bits_equal(cpu, gpu)
+
+
+@pytest.mark.parametrize("mode, bits, kw", ENCODE_CASES)
+def test_decode_counts_accumulate_cpu_equals_cuda(mode, bits, kw):
+    K, N = 200, 45
+    x = torch.randn(2, 5, K)
+    enc = spikeops.Encoding(mode, bits, gamma=kw.get("gamma", 1.0),
+                            salient_bits=kw.get("salient_bits"),
+                            theta=(kw["theta_nor"], kw["theta_out"]) if mode == "oat" else None,
+                            planes=bits if mode == "oat" else 16)
+    mask = torch.rand(K) < 0.2 if "salient_bits" in kw else None
+    w = torch.randint(-128, 128, (K, N), dtype=torch.int8)
+
+    def consumers(x, m, w):
+        st = spikeops.encode(x, enc, salient_mask=m)
+        out = [st.decode(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+        out += [st.counts()] + ([st.counts(negative=True)] if st.sign is not None else [])
+        return out + [spikeops.spike_accumulate(st, w, pp) for pp in (False, True)]
+
+    cpu, gpu = on_both(consumers, x, mask, w)
+    assert_bits_equal(cpu, gpu)
+
+
+@pytest.mark.parametrize("bits, group_size, act, sym, fmt, K", [
+    (4, 128, False, True, "gptq", 4096), (4, 128, True, False, "gptq", 264),
+    (2, 64, False, False, "gptq_v2", 200), (3, 32, True, True, "gptq", 128),
+    (8, 48, False, False, "gptq_v2", 100), (8, -1, True, True, "gptq", 4096 + 32)])
+@pytest.mark.parametrize("M", [1, 3, 16, 70])
+@pytest.mark.parametrize("enc", [spikeops.Encoding("minmax", 4),
+                                 spikeops.Encoding("absmax", 4, gamma=0.5),
+                                 spikeops.Encoding("oat", theta=(0.8, 2.5), planes=8),
+                                 spikeops.Encoding("minmax", 16)],
+                         ids=["minmax4", "absmax4", "oat8", "minmax16"])
+def test_spike_linear_and_dequantize_cpu_equals_cuda(bits, group_size, act, sym, fmt, K, M, enc):
+    """Same integers and the same epilogue order on both devices: identical bits, for both
+    backends and every out dtype."""
+    w_cpu = make_layer(K, 130, bits, group_size, act, sym, fmt)[0]
+    w_gpu = make_layer(K, 130, bits, group_size, act, sym, fmt, device="cuda")[0]
+    assert torch.equal(w_cpu.dequantize(), w_gpu.dequantize().cpu())
+    x = torch.randn(M, K)
+    bias = torch.randn(130)
+    for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        y_cpu = spikeops.spike_linear(spikeops.encode(x, enc), w_cpu, bias.to(out_dtype),
+                                      out_dtype)
+        st = spikeops.encode(x.cuda(), enc)
+        ys = [spikeops.spike_linear(st, w_gpu, bias.to(out_dtype).cuda(), out_dtype, backend=b)
+              for b in ("int", "spike", "auto")]
+        for y in ys:
+            assert torch.equal(y.cpu(), y_cpu)
+
+
+def test_cuda_graph_capture_of_spike_linear():
+    w = make_layer(512, 256, 4, 128, device="cuda")[0]
+    lin = spikeops.SpikeLinear(w, spikeops.Encoding("absmax", 4, gamma=0.7)).cuda()
+    static_x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph, as capture requires
+        lin(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = lin(static_x)
+    for _ in range(3):
+        x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, lin(x))
+
+
+def test_compile_on_cuda_matches_eager():
+    w = make_layer(256, 96, 4, 64, device="cuda")[0]
+    lin = spikeops.SpikeLinear(w, spikeops.Encoding("minmax", 4))
+    x = torch.randn(3, 256, device="cuda")
+    assert torch.equal(torch.compile(lin, fullgraph=True)(x), lin(x))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    """Tensors on cuda:1 run on cuda:1 while cuda:0 is current."""
+    w_cpu = make_layer(128, 40, 4, 32)[0]
+    w1 = make_layer(128, 40, 4, 32, device="cuda:1")[0]
+    x = torch.randn(2, 128)
+    st = spikeops.encode(x.to("cuda:1"), spikeops.Encoding("minmax", 4))
+    assert st.planes.device == torch.device("cuda:1")
+    y = spikeops.spike_linear(st, w1)
+    assert y.device == torch.device("cuda:1")
+    assert torch.equal(y.cpu(), spikeops.spike_linear(spikeops.encode(x, spikeops.Encoding(
+        "minmax", 4)), w_cpu))
+
+
+def test_guards_for_device_values():
+    """The CUDA host does not read tensor values; the kernels turn invalid ones into NaN
+    instead of reading out of bounds (cuda/kernels.h)."""
+    w = make_layer(64, 32, 4, 32, device="cuda")[0]
+    st = spikeops.encode(torch.randn(2, 64, device="cuda"), spikeops.Encoding("minmax", 4))
+    bad_g_idx = w.g_idx.clone()
+    bad_g_idx[5] = 1000
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.qzeros,
+                         w.scales, bad_g_idx, None, 4, w.zero_offset, torch.float32, "auto")
+    assert y.isnan().all()
+    W = ops.gptq_dequantize(w.qweight, w.qzeros, w.scales, bad_g_idx, 4, w.zero_offset)
+    assert W[:, 5].isnan().all() and not W[:, :5].isnan().any()
+    bad_zero = st.zero.clone()
+    bad_zero[1, 0] = 1 << 20
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad_zero, w.qweight, w.qzeros,
+                         w.scales, w.g_idx, None, 4, w.zero_offset, torch.float32, "auto")
+    assert y[1].isnan().all() and not y[0].isnan().any()
+    x = torch.randn(3, 40, device="cuda")
+    planes, sign, *_ , scale, zero = ops.gif_encode(
+        x, "static", 4, scale=torch.tensor([0.1, -1.0, float("inf")], device="cuda"),
+        zero=torch.zeros(3, dtype=torch.int32, device="cuda"))
+    assert scale[1:].isnan().all() and not scale[0].isnan().any()
+    torch.cuda.synchronize()
