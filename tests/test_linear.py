@@ -183,3 +183,16 @@ def test_spike_accumulate_ternary_is_add_subtract(device):
     plus = torch.stack([codes[:, w[:, n].cpu() == 1].sum(1) for n in range(N)], 1)
     minus = torch.stack([codes[:, w[:, n].cpu() == -1].sum(1) for n in range(N)], 1)
     assert torch.equal(spikeops.spike_accumulate(st, w)[0].cpu(), plus - minus)
+
+
+def test_module_dtype_casts_keep_fp16_scales(device):
+    """model.to(bfloat16) / .float() cast the bias but never the fp16 group scales."""
+    layer = make_layer(64, 24, 4, 32, device=device)
+    lin = spikeops.SpikeLinear(layer[0], spikeops.Encoding("minmax", 4),
+                               bias=torch.randn(24, device=device).half())
+    scales = lin.scales.clone()
+    x = torch.randn(2, 64, device=device)
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        lin.to(dtype)
+        assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
+        assert lin.bias.dtype == dtype and lin(x.to(dtype)).dtype == dtype

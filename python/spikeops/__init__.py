@@ -7,9 +7,10 @@ plain-PyTorch specification.
 """
 
 from .gptq import GPTQWeight, pack, unpack
+from .hf import load_gptq, patch, quantize, save_gptq
 from .nn import SpikeLinear, spike_accumulate, spike_linear
 from .spikes import Encoding, SpikeTensor, encode
 
 __all__ = ["Encoding", "SpikeTensor", "encode", "GPTQWeight", "pack", "unpack", "spike_linear",
-           "spike_accumulate", "SpikeLinear"]
+           "spike_accumulate", "SpikeLinear", "load_gptq", "patch", "quantize", "save_gptq"]
 __version__ = "0.1.0"

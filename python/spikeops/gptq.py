@@ -152,7 +152,13 @@ class GPTQWeight:
 
 
 def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:
-    """1 if the stored zeros are v1 (true zero - 1), 0 for v2 (GPTQ.md, "Zero points")."""
+    """1 if the stored zeros are v1 (true zero - 1), 0 for v2 (GPTQ.md, "Zero points").
+
+    A v1 zero is read as ``(field & maxq) + 1``, as AutoGPTQ's dequantizing forward passes
+    (qlinear_cuda_old, triton) read it. An asymmetric v1 file whose true zero was 0 stored -1,
+    whose bits also spilled into the following fields: those read as ``2^bits`` here, as there.
+    (AutoGPTQ's format converters compute ``(field + 1) & maxq`` instead, giving 0 for such a
+    field; the two agree on every field that did not overflow.)"""
     labelled = 1 if label == "gptq" else 0
     if not sym:
         return labelled

@@ -71,49 +71,78 @@ def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) 
 class SpikeLinear(torch.nn.Module):
     """A GPTQ linear layer that runs on spikes: ``x -> encode(x) -> spike_linear``, output in x's
     dtype. Holds the GPTQ tensors as buffers (packed, never dequantized), the Encoding and an
-    optional salient-channel mask (bool ``[K]``)."""
+    optional salient-channel mask (bool ``[K]``).
 
-    def __init__(self, weight: GPTQWeight, enc: Encoding, bias: Optional[torch.Tensor] = None,
+    ``enc=None`` runs the layer on float activations instead (``x @ W_hat^T`` with the weights
+    dequantized for each call): the "GPTQ weights, float activations" baseline of evaluations
+    and the way calibration sees a layer's inputs. ``set_encoding`` changes both at once."""
+
+    def __init__(self, weight: GPTQWeight, enc: Optional[Encoding],
+                 bias: Optional[torch.Tensor] = None,
                  salient_mask: Optional[torch.Tensor] = None, backend: str = "auto"):
         super().__init__()
         fn = "SpikeLinear"
         if not isinstance(weight, GPTQWeight):
             raise TypeError(f"{fn}: weight must be a spikeops.GPTQWeight, got "
                             f"{type(weight).__name__}")
-        if not isinstance(enc, Encoding):
-            raise TypeError(f"{fn}: enc must be a spikeops.Encoding, got {type(enc).__name__}")
-        if enc.mode == "static":
-            raise ValueError(f"{fn}: enc.mode 'static' needs per-call scales; use encode() and "
-                             f"spike_linear() directly")
         _checks.choice(fn, "backend", backend, ops.BACKENDS)
         if bias is not None:
             _checks.tensor(fn, "bias", bias, BIAS_DTYPES, dim=1)
             _checks.shape(fn, "bias", bias, (weight.out_features,))
-        if salient_mask is not None:
-            _checks.tensor(fn, "salient_mask", salient_mask, (torch.bool,), dim=1)
-            _checks.shape(fn, "salient_mask", salient_mask, (weight.in_features,))
-            if enc.salient_bits is None:
-                raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits")
-        _checks.same_device(fn, {"weight.qweight": weight.qweight, "bias": bias,
-                                 "salient_mask": salient_mask})
+        _checks.same_device(fn, {"weight.qweight": weight.qweight, "bias": bias})
         self.in_features = weight.in_features
         self.out_features = weight.out_features
         self.bits = weight.bits
         self.kernel_bits = weight.kernel_bits
         self.zero_offset = weight.zero_offset
-        self.enc = enc
         self.backend = backend
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("qzeros", weight.qzeros)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("g_idx", weight.g_idx)
         self.register_buffer("bias", bias)
-        self.register_buffer("salient_mask", salient_mask)
+        self.register_buffer("salient_mask", None)
+        self.set_encoding(enc, salient_mask)
+
+    def set_encoding(self, enc: Optional[Encoding],
+                     salient_mask: Optional[torch.Tensor] = None) -> None:
+        """Switch the layer to another Encoding (and salient mask), or to float activations
+        (``enc=None``). Everything is checked before anything changes."""
+        fn = "SpikeLinear.set_encoding"
+        if enc is not None and not isinstance(enc, Encoding):
+            raise TypeError(f"{fn}: enc must be a spikeops.Encoding or None, got "
+                            f"{type(enc).__name__}")
+        if enc is not None and enc.mode == "static":
+            raise ValueError(f"{fn}: enc.mode 'static' needs per-call scales; use encode() and "
+                             f"spike_linear() directly")
+        if salient_mask is not None:
+            _checks.tensor(fn, "salient_mask", salient_mask, (torch.bool,), dim=1)
+            _checks.shape(fn, "salient_mask", salient_mask, (self.in_features,))
+            if enc is None or enc.salient_bits is None:
+                raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits, got "
+                                 f"enc={enc}")
+            _checks.same_device(fn, {"qweight": self.qweight, "salient_mask": salient_mask})
+        self.enc = enc
+        self.salient_mask = salient_mask
+
+    def _apply(self, fn, recurse=True):
+        """``module.to(dtype)`` / ``.half()`` / ``.float()`` would cast the fp16 group scales,
+        which the kernels read as fp16 (and bfloat16 would round them): they follow the module's
+        device moves only."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.scales.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SpikeLinear: x must have shape [..., in_features] = "
                              f"[..., {self.in_features}], got {tuple(x.shape)}")
+        if self.enc is None:
+            W = ops.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                    self.kernel_bits, self.zero_offset)
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, W.to(x.dtype), bias)
         st = encode(x, self.enc, self.salient_mask)
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
         y = _linear(st, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
@@ -121,5 +150,6 @@ class SpikeLinear(torch.nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
+        enc = self.enc if self.enc is not None else "float activations"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, enc={self.enc}, backend={self.backend!r}")
+                f"bits={self.bits}, enc={enc}, backend={self.backend!r}")

@@ -1,0 +1,113 @@
+"""Evaluation of causal language models, dense or spiking: perplexity on a text with sliding
+windows, and greedy or sampled generation. Tokens are the model's tokenizer's, or bytes (one
+token per UTF-8 byte, vocabulary 256) when no tokenizer is given."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import _checks
+
+
+def encode_text(text: str, tokenizer=None) -> torch.Tensor:
+    """Token ids int64 ``[T]``: the tokenizer's, or the UTF-8 bytes of ``text``."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode_text: text must be a str, got {type(text).__name__}")
+    if tokenizer is None:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
+def decode_tokens(tokens, tokenizer=None) -> str:
+    """Inverse of ``encode_text`` (invalid UTF-8 byte sequences are replaced)."""
+    ids = [int(t) for t in tokens]
+    if tokenizer is None:
+        return bytes(ids).decode("utf-8", errors="replace")
+    return tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[int] = None,
+               batch_size: int = 8, progress: bool = True) -> float:
+    """Perplexity of ``tokens`` (int64 ``[T]``) under a causal LM, with sliding windows of
+    ``window`` tokens moved by ``stride`` (default window / 2): every token after the first is
+    predicted exactly once, with at least ``window - stride`` tokens of context except at the
+    start. Returns exp(mean negative log-likelihood)."""
+    fn = "perplexity"
+    _checks.tensor(fn, "tokens", tokens, (torch.int64, torch.int32), dim=1)
+    _checks.integer(fn, "window", window, 2, 1 << 20)
+    stride = window // 2 if stride is None else stride
+    _checks.integer(fn, "stride", stride, 1, window)
+    _checks.integer(fn, "batch_size", batch_size, 1, 1 << 16)
+    T = tokens.shape[0]
+    if T < 2:
+        raise ValueError(f"{fn}: tokens must hold at least 2 tokens, got {T}")
+    device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
+    # Window w covers [start, start + window) and scores positions [first, end) of it.
+    spans, scored_to = [], 1
+    for start in range(0, T - 1, stride):
+        end = min(start + window, T)
+        if end <= scored_to:
+            continue
+        spans.append((start, end, scored_to))
+        scored_to = end
+        if end == T:
+            break
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(spans), batch_size), desc="perplexity", disable=not progress,
+                  unit="batch"):
+        chunk = spans[i:i + batch_size]
+        length = max(end - start for start, end, _ in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.int64)
+        mask = torch.zeros(len(chunk), length, dtype=torch.bool)
+        for j, (start, end, first) in enumerate(chunk):
+            ids[j, : end - start] = tokens[start:end]
+            mask[j, first - start: end - start] = True  # positions whose token is scored
+        logits = model(input_ids=ids.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        target = ids[:, 1:].to(device)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        scored = mask[:, 1:].to(device)
+        nll -= float(picked[scored].double().sum())
+        count += int(scored.sum())
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature: float = 0.0,
+             top_k: Optional[int] = None, seed: int = 0) -> torch.Tensor:
+    """Continue ``prompt`` (int64 ``[T]``) by ``max_new_tokens`` tokens: greedy when
+    ``temperature`` is 0, else sampled from softmax(logits / temperature), optionally restricted
+    to the ``top_k`` most likely tokens. Uses the model's key-value cache. Returns the new tokens."""
+    fn = "generate"
+    _checks.tensor(fn, "prompt", prompt, (torch.int64, torch.int32), dim=1)
+    if prompt.shape[0] < 1:
+        raise ValueError(f"{fn}: prompt must hold at least one token, got none")
+    _checks.integer(fn, "max_new_tokens", max_new_tokens, 0, 1 << 20)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{fn}: temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None:
+        _checks.integer(fn, "top_k", top_k, 1, 1 << 24)
+    device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
+    gen = torch.Generator().manual_seed(seed)
+    ids = prompt.to(torch.int64).unsqueeze(0).to(device)
+    past, out = None, []
+    for _ in range(max_new_tokens):
+        result = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = result.past_key_values
+        logits = result.logits[0, -1].float().cpu()
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            if top_k is not None:
+                kth = logits.topk(min(top_k, logits.shape[0])).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
+        out.append(token)
+        ids = torch.tensor([[token]], device=device)
+    return torch.tensor(out, dtype=torch.int64)
