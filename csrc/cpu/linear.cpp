@@ -33,7 +33,7 @@ namespace spikeops {
 namespace {
 
 constexpr int64_t kBlock = 128;       // output columns per task
-constexpr int64_t kTokenChunk = 32;   // tokens whose term lists are built at once
+constexpr int64_t kTokenChunk = 128;  // tokens whose term lists are built at once
 
 // A token's terms, bucketed: bucket b holds terms [start[b], start[b + 1]).
 struct Terms {

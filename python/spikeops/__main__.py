@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
+
+DATA = Path(__file__).parent / "data"
+DEFAULT_MODEL = DATA / "default_model"
+DEFAULT_TEXT = DATA / "heldout.txt"
 
 DEMO_ENCODINGS = [
     ("minmax 4-bit (SpikeLLM)", Encoding("minmax", 4), False),
@@ -92,10 +97,132 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits), oatP (P planes), and "
+                 "'+sS' for salient channels at S bits, e.g. minmax4+s6; absmax/absmean take "
+                 "their gamma, oat its thresholds and salient channels their masks from the "
+                 "model's calibration (spikeops calibrate)")
+
+
+def parse_encoding(spec: str, calibration) -> Encoding:
+    """An Encoding from a CLI spec such as ``minmax4``, ``absmax4+s6`` or ``oat8``."""
+    import re
+    match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:\+s(\d+))?", spec)
+    if match is None:
+        raise ValueError(f"unknown encoding {spec!r}; {ENCODING_HELP}")
+    mode, n, salient = match.group(1), int(match.group(2)), match.group(3)
+    if (mode == "oat" or salient) and calibration is None:
+        raise ValueError(f"encoding {spec!r} needs a calibration (run spikeops calibrate first)")
+    if mode == "oat":
+        # Every layer's thresholds come from the calibration; these only satisfy Encoding.
+        return Encoding("oat", planes=n, theta=(1.0, 2.0))
+    return Encoding(mode, n, salient_bits=int(salient) if salient else None)
+
+
+def _tokens(args, folder):
+    from .evaluate import encode_text
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else DEFAULT_TEXT.read_text(
+        encoding="utf-8")
+    return encode_text(text, _tokenizer(folder))
+
+
+def _tokenizer(folder):
+    """The checkpoint's tokenizer if it ships one, else None (byte-level tokens)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(folder))
+    return None
+
+
+def _calibration(folder):
+    from .calibrate import JSON_FILE, Calibration
+    return Calibration.load(folder) if (Path(folder) / JSON_FILE).exists() else None
+
+
+def _batches(tokens, samples: int, seq_len: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    if tokens.shape[0] <= seq_len:
+        raise ValueError(f"the calibration text must be longer than --seq-len = {seq_len} "
+                         f"tokens, got {tokens.shape[0]}")
+    starts = torch.randint(0, tokens.shape[0] - seq_len, (samples,), generator=gen)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+def cmd_quantize(args) -> int:
+    from transformers import AutoModelForCausalLM
+    from .hf import quantize, save_gptq
+    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True,
+                                                 dtype=torch.float32)
+    ids = _batches(_tokens(args, args.model), args.samples, args.seq_len, args.seed)
+    weights = quantize(model, ids, bits=args.bits, group_size=args.group_size, sym=not args.asym,
+                       desc_act=args.act_order)
+    save_gptq(model, weights, args.out)
+    print(f"wrote a {args.bits}-bit GPTQ checkpoint of {len(weights)} layers to {args.out}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .hf import load_gptq
+    model = load_gptq(args.model, Encoding("minmax", 4))
+    ids = _batches(_tokens(args, args.model), args.samples, args.seq_len, args.seed)
+    cal = calibrate(model, ids.split(4), methods=args.methods.split(","), bits=args.bits,
+                    salient_fraction=args.salient_fraction)
+    cal.save(args.out or args.model)
+    print(f"calibrated {len(cal.layers)} layers ({args.methods}); saved to {args.out or args.model}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import compare
+    from .hf import load_gptq
+    calibration = _calibration(args.model)
+    encodings = {"GPTQ, float activations": None}
+    encodings.update({spec: parse_encoding(spec, calibration) for spec in args.encodings.split(",")})
+    model = load_gptq(args.model, Encoding("minmax", 4))
+    dense = None
+    if args.dense:
+        from transformers import AutoModelForCausalLM
+        dense = AutoModelForCausalLM.from_pretrained(args.dense, use_safetensors=True).eval()
+    tokens = _tokens(args, args.model)[: args.max_tokens]
+    rows = compare(model, tokens, encodings, calibration, dense, window=args.window)
+    print_table(rows, tokens.shape[0])
+    return 0
+
+
+def print_table(rows, count) -> None:
+    print(f"\n{'model / encoding':32} {'perplexity':>10} {'firing rate':>11}   ({count} tokens)")
+    for label, ppl, rate in rows:
+        print(f"{label:32} {ppl:>10.3f} {('%.4f' % rate) if rate is not None else '-':>11}")
+
+
+def cmd_generate(args) -> int:
+    from .calibrate import set_encoding
+    from .evaluate import decode_tokens, encode_text, generate
+    from .hf import load_gptq
+    calibration = _calibration(args.model)
+    model = load_gptq(args.model, Encoding("minmax", 4))
+    set_encoding(model, parse_encoding(args.encoding, calibration), calibration)
+    tok = _tokenizer(args.model)
+    out = generate(model, encode_text(args.prompt, tok), args.max_new_tokens, args.temperature,
+                   args.top_k, args.seed)
+    print(args.prompt + decode_tokens(out, tok))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="spikeops", description="Exact, fast spiking LLM kernels for PyTorch.")
+        prog="spikeops", description="Exact, fast spiking LLM kernels for PyTorch. Commands "
+        "take a GPTQ checkpoint folder (default: the embedded byte-level model) and a text file "
+        "(default: its held-out sample).", epilog=ENCODING_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_and_text(p, model_help="GPTQ checkpoint folder"):
+        p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
+                       help=f"{model_help} (default: the embedded model)")
+        p.add_argument("--text", help="UTF-8 text file (default: the embedded held-out sample)")
+        p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("demo", help="run a GPTQ layer on spikes under several encodings and "
                                     "compare it with the dense layer",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,13 +231,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out-features", type=int, default=11008, help="N")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
+
+    p = sub.add_parser("quantize", help="GPTQ-quantize a float LLaMA folder (safetensors) on a "
+                                        "calibration text and write a GPTQ checkpoint")
+    p.add_argument("model", help="float model folder (config.json + safetensors)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
+    p.add_argument("--asym", action="store_true", help="asymmetric zero points")
+    p.add_argument("--act-order", action="store_true", help="desc_act: quantize columns by "
+                                                            "decreasing Hessian diagonal")
+    p.add_argument("--samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("calibrate", help="calibrate the seed methods per layer (OBS salient "
+                                         "channels, SDLLM gamma, LAS thresholds) and save them "
+                                         "beside the checkpoint")
+    model_and_text(p)
+    p.add_argument("--out", help="folder for the calibration files (default: the model's)")
+    p.add_argument("--methods", default="obs,sdllm,las", help="comma list of obs, sdllm, las")
+    p.add_argument("--bits", type=int, default=4, help="spike bits for the SDLLM gamma search")
+    p.add_argument("--salient-fraction", type=float, default=0.1)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.set_defaults(run=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity and firing rate of a GPTQ model on float "
+                                    "activations and under spiking encodings")
+    model_and_text(p)
+    p.add_argument("--encodings", default="minmax4,minmax4+s6,absmax4,absmean4,oat8",
+                   help="comma list (see the encodings below)")
+    p.add_argument("--dense", help="float model folder for the dense baseline row")
+    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text with a spiking GPTQ model")
+    model_and_text(p)
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--encoding", default="minmax4", help="one encoding (see below)")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.set_defaults(run=cmd_generate)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.tokens < 1 or args.in_features < 128 or args.in_features % 128 or \
                 args.out_features < 1:
             parser.error("demo needs --tokens >= 1, --in-features a positive multiple of 128, "
                          "--out-features >= 1")
-    return args.run(args)
+    for attr in ("model", "out"):
+        path = getattr(args, attr, None)
+        if attr == "model" and path is not None and not Path(path).is_dir():
+            parser.error(f"{path!r} is not a folder (a model checkpoint folder is expected)")
+    if getattr(args, "text", None) and not Path(args.text).is_file():
+        parser.error(f"--text {args.text!r} is not a file")
+    try:
+        return args.run(args)
+    except (ValueError, TypeError) as e:
+        print(f"spikeops {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 
 from . import _checks
-from .gptq import BITS, FORMATS, GPTQWeight, pack
+from .calibrate import JSON_FILE as CALIBRATION_FILE, Calibration, set_encoding
+from .gptq import BITS, FORMATS, GPTQWeight, log, pack
 from .nn import BIAS_DTYPES, SpikeLinear
 from .spikes import Encoding
 
@@ -86,7 +87,8 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         checkpoint's ``torch_dtype``/``dtype`` (float32 when absent).
 
     Returns the ``transformers`` model (e.g. LlamaForCausalLM) in eval mode whose seven
-    projections per decoder layer are ``SpikeLinear``. Strict: a missing or unexpected tensor,
+    projections per decoder layer are ``SpikeLinear``. A calibration saved in the folder
+    (``spikeops calibrate``: salient masks, gamma, theta per layer) refines ``enc`` per layer. Strict: a missing or unexpected tensor,
     a wrong dtype or shape, or an inconsistent config raises ValueError/TypeError naming the
     tensor's key and the expectation, and no model is returned.
     """
@@ -132,7 +134,11 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
             if t.is_meta]
     if left:
         raise ValueError(f"{fn}: no tensor in {folder} provides {_first(sorted(left))}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if (folder / CALIBRATION_FILE).exists():  # the seed methods' per-layer settings
+        set_encoding(model, enc, Calibration.load(folder))
+        log.info("load_gptq: applied the calibration in %s", folder / CALIBRATION_FILE)
+    return model
 
 
 def patch(model: torch.nn.Module, enc: Encoding,

@@ -102,6 +102,8 @@ class SpikeLinear(torch.nn.Module):
         self.register_buffer("g_idx", weight.g_idx)
         self.register_buffer("bias", bias)
         self.register_buffer("salient_mask", None)
+        # Called as observer(layer, spikes) on every spiking forward (statistics); None = off.
+        self.observer = None
         self.set_encoding(enc, salient_mask)
 
     def set_encoding(self, enc: Optional[Encoding],
@@ -144,6 +146,8 @@ class SpikeLinear(torch.nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return torch.nn.functional.linear(x, W.to(x.dtype), bias)
         st = encode(x, self.enc, self.salient_mask)
+        if self.observer is not None:
+            self.observer(self, st)
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
         y = _linear(st, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
                     self.kernel_bits, self.zero_offset, out_dtype, self.backend)

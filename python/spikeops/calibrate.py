@@ -1,0 +1,246 @@
+"""Per-layer calibration of the seed methods' encodings, and switching a whole model's encoding.
+
+- SpikeLLM Optimal Brain Spiking (``"obs"``): the first-order saliency of input channel k of a
+  layer is the calibration mean of ``((X W^T W) * X)[:, k]`` (signed, W the dequantized weights
+  ``[N, K]``); the top ``salient_fraction`` of channels get ``salient_bits``.
+- SDLLM (``"sdllm"``): the membrane clipping ratio gamma of absmax/absmean spikes, chosen per
+  layer from a grid to minimise the layer's output error ``||spike_linear(x) - x W_hat^T||``.
+- LAS (``"las"``): the OAT thresholds from the layer's activation statistics:
+  ``theta_nor`` = the ``las_quantile`` quantile of ``|x|``, ``theta_out`` = ``max |x|``.
+
+A ``Calibration`` is saved beside a checkpoint as ``spikeops_calibration.json`` (gamma, theta,
+settings) and ``spikeops_calibration.safetensors`` (salient masks): never pickle.
+``load_gptq`` applies one found there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from . import _checks
+from . import ops
+from .nn import SpikeLinear, _linear
+from .spikes import Encoding, encode
+
+JSON_FILE = "spikeops_calibration.json"
+MASK_FILE = "spikeops_calibration.safetensors"
+METHODS = ("obs", "sdllm", "las")
+GAMMA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+
+
+@dataclasses.dataclass
+class LayerCalibration:
+    salient: Optional[torch.Tensor] = None         # bool [K]: OBS salient channels
+    gamma: Optional[float] = None                  # SDLLM clipping ratio
+    theta: Optional[Tuple[float, float]] = None    # LAS (theta_nor, theta_out)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Per-layer results, keyed by the SpikeLinear's module name, and the settings used."""
+
+    layers: Dict[str, LayerCalibration]
+    settings: dict
+
+    def save(self, folder) -> None:
+        """Write the JSON and safetensors files into ``folder``."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        layers = {name: {"gamma": c.gamma, "theta": list(c.theta) if c.theta else None,
+                         "salient": c.salient is not None}
+                  for name, c in self.layers.items()}
+        (folder / JSON_FILE).write_text(json.dumps({"format": 1, "settings": self.settings,
+                                                    "layers": layers}, indent=1))
+        masks = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
+                 for name, c in self.layers.items() if c.salient is not None}
+        save_file(masks, str(folder / MASK_FILE))
+
+    @classmethod
+    def load(cls, folder) -> "Calibration":
+        """Read a calibration written by ``save``; malformed files raise ValueError."""
+        from safetensors.torch import load_file
+        fn = "Calibration.load"
+        folder = Path(folder)
+        try:
+            raw = json.loads((folder / JSON_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{fn}: cannot read {folder / JSON_FILE}: {e}") from e
+        if not isinstance(raw, dict) or raw.get("format") != 1 or \
+                not isinstance(raw.get("layers"), dict):
+            raise ValueError(f"{fn}: {folder / JSON_FILE} is not a spikeops calibration "
+                             f"(format 1 with a 'layers' object)")
+        masks = load_file(str(folder / MASK_FILE)) if (folder / MASK_FILE).exists() else {}
+        layers = {}
+        for name, entry in raw["layers"].items():
+            gamma, theta = entry.get("gamma"), entry.get("theta")
+            salient = None
+            if entry.get("salient"):
+                key = f"{name}.salient"
+                if key not in masks:
+                    raise ValueError(f"{fn}: {folder / MASK_FILE} lacks tensor {key!r}")
+                salient = masks[key].bool()
+            if gamma is not None and not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+                raise ValueError(f"{fn}: layer {name!r}: gamma must be in (0, 1], got {gamma!r}")
+            if theta is not None and not (isinstance(theta, list) and len(theta) == 2
+                                          and 0 < theta[0] < theta[1]):
+                raise ValueError(f"{fn}: layer {name!r}: theta must be [theta_nor, theta_out] "
+                                 f"with 0 < theta_nor < theta_out, got {theta!r}")
+            layers[name] = LayerCalibration(salient, gamma, tuple(theta) if theta else None)
+        return cls(layers, raw.get("settings", {}))
+
+
+def spike_layers(model: torch.nn.Module) -> Dict[str, SpikeLinear]:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SpikeLinear)}
+    if not layers:
+        raise ValueError(f"spikeops: model must contain SpikeLinear modules (load_gptq / patch), "
+                         f"found none in {type(model).__name__}")
+    return layers
+
+
+def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
+    """The Encoding and salient mask of one layer: ``enc`` with the layer's calibrated gamma
+    (absmax/absmean), theta (oat) and salient mask (when ``enc.salient_bits`` is set)."""
+    if enc is None or cal is None:
+        return enc, None
+    if enc.mode in ("absmax", "absmean") and cal.gamma is not None:
+        enc = dataclasses.replace(enc, gamma=cal.gamma)
+    if enc.mode == "oat" and cal.theta is not None:
+        enc = dataclasses.replace(enc, theta=cal.theta)
+    mask = cal.salient if enc.salient_bits is not None else None
+    return enc, mask
+
+
+def set_encoding(model: torch.nn.Module, enc: Optional[Encoding],
+                 calibration: Optional[Calibration] = None) -> torch.nn.Module:
+    """Give every SpikeLinear of ``model`` the Encoding ``enc`` (None: float activations),
+    refined per layer by ``calibration``. All layers are checked before any changes."""
+    fn = "set_encoding"
+    if enc is not None and not isinstance(enc, Encoding):
+        raise TypeError(f"{fn}: enc must be a spikeops.Encoding or None, got {type(enc).__name__}")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"{fn}: calibration must be a spikeops Calibration or None, got "
+                        f"{type(calibration).__name__}")
+    layers = spike_layers(model)
+    plan = {}
+    for name, layer in layers.items():
+        cal = calibration.layers.get(name) if calibration is not None else None
+        layer_enc, mask = layer_encoding(enc, cal)
+        if mask is not None:
+            mask = mask.to(layer.qweight.device)
+            if mask.shape != (layer.in_features,):
+                raise ValueError(f"{fn}: calibration of {name!r} has a salient mask of shape "
+                                 f"{list(mask.shape)}, the layer has K = {layer.in_features}")
+        plan[name] = (layer_enc, mask)
+    for name, (layer_enc, mask) in plan.items():
+        layers[name].set_encoding(layer_enc, mask)
+    return model
+
+
+@torch.no_grad()
+def collect_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor],
+                   max_tokens: int = 4096) -> Dict[str, torch.Tensor]:
+    """Inputs ``x`` (float32 ``[T, K]``, at most ``max_tokens`` rows) of every SpikeLinear when
+    the model runs on float activations; the layers' encodings are restored afterwards."""
+    layers = spike_layers(model)
+    saved = {name: (m.enc, m.salient_mask) for name, m in layers.items()}
+    inputs: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            take = max_tokens - counts[name]
+            if take > 0:
+                inputs[name].append(x[:take].cpu())
+                counts[name] += min(take, x.shape[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers.items()]
+    try:
+        for m in layers.values():
+            m.set_encoding(None)
+        device = next(iter(layers.values())).qweight.device
+        for ids in batches:
+            model(input_ids=ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        for name, m in layers.items():
+            m.set_encoding(*saved[name])
+    return {name: torch.cat(xs) for name, xs in inputs.items() if xs}
+
+
+def _dense_weight(layer: SpikeLinear) -> torch.Tensor:
+    """W_hat float32 [N, K] on the CPU."""
+    return ops.gptq_dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                               layer.kernel_bits, layer.zero_offset).float().cpu()
+
+
+def _layer_error(layer: SpikeLinear, x: torch.Tensor, enc: Encoding, y_ref: torch.Tensor) -> float:
+    """Squared error of the layer on spikes of x against the float result y_ref."""
+    st = encode(x.to(layer.qweight.device), enc)
+    y = _linear(st, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, None,
+                layer.kernel_bits, layer.zero_offset, torch.float32, layer.backend)
+    return float((y.cpu() - y_ref).pow(2).sum())
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
+              methods: Iterable[str] = METHODS, bits: int = 4, salient_fraction: float = 0.1,
+              sdllm_mode: str = "absmax", las_quantile: float = 0.99,
+              max_tokens: int = 2048) -> Calibration:
+    """Calibrate every SpikeLinear of ``model`` on ``batches`` of token ids (int64 ``[B, T]``).
+
+    methods: any of ``"obs"``, ``"sdllm"``, ``"las"``. bits: the spike bits the SDLLM gamma is
+    searched for. salient_fraction: share of channels OBS marks salient (SpikeLLM: 10%, with
+    ``salient_bits = bits + 1``; 5% with ``bits + 2``). sdllm_mode: ``"absmax"`` or
+    ``"absmean"``. las_quantile: quantile of ``|x|`` that becomes ``theta_nor``.
+    """
+    fn = "calibrate"
+    methods = tuple(methods)
+    for m in methods:
+        _checks.choice(fn, "methods", m, METHODS)
+    _checks.integer(fn, "bits", bits, 2, 16)
+    if not (isinstance(salient_fraction, float) and 0 < salient_fraction < 1):
+        raise ValueError(f"{fn}: salient_fraction must be a float in (0, 1), got "
+                         f"{salient_fraction!r}")
+    _checks.choice(fn, "sdllm_mode", sdllm_mode, ("absmax", "absmean"))
+    if not (isinstance(las_quantile, float) and 0 < las_quantile < 1):
+        raise ValueError(f"{fn}: las_quantile must be a float in (0, 1), got {las_quantile!r}")
+    inputs = collect_inputs(model, batches, max_tokens)
+    if not inputs:
+        raise ValueError(f"{fn}: batches must hold at least one batch of token ids, got none")
+    layers = spike_layers(model)
+    result = {}
+    for name, x in inputs.items():
+        layer = layers[name]
+        cal = LayerCalibration()
+        W = _dense_weight(layer)  # [N, K]
+        if "obs" in methods:
+            saliency = ((x @ W.t() @ W) * x).mean(0)
+            top = max(1, math.ceil(salient_fraction * layer.in_features))
+            cal.salient = torch.zeros(layer.in_features, dtype=torch.bool)
+            cal.salient[saliency.topk(top).indices] = True
+        if "sdllm" in methods:
+            y_ref = x @ W.t()
+            errors = [(_layer_error(layer, x, Encoding(sdllm_mode, bits, gamma=g), y_ref), g)
+                      for g in GAMMA_GRID]
+            cal.gamma = min(errors)[1]
+        if "las" in methods:
+            a = x.abs().flatten()
+            theta_out = float(a.max())
+            theta_nor = float(torch.quantile(a[:1 << 24], las_quantile))
+            if not 0 < theta_nor < theta_out:  # degenerate inputs (all equal, or all zero)
+                theta_out = max(theta_out, 1e-6)
+                theta_nor = theta_out / 2
+            cal.theta = (theta_nor, theta_out)
+        result[name] = cal
+    settings = {"methods": list(methods), "bits": bits, "salient_fraction": salient_fraction,
+                "sdllm_mode": sdllm_mode, "las_quantile": las_quantile, "max_tokens": max_tokens}
+    return Calibration(result, settings)
