@@ -53,6 +53,8 @@ def extension():
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
+    # The embedded default model, its calibration and held-out text (python/spikeops/data).
+    package_data={"spikeops": ["data/*.txt", "data/*.md", "data/*/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

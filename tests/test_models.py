@@ -54,7 +54,8 @@ def test_calibration_values_and_round_trip(model, calibration, tmp_path):
     for name, c in cal.layers.items():
         K = layers[name].in_features
         assert c.salient.dtype == torch.bool and int(c.salient.sum()) == math.ceil(0.1 * K)
-        assert 0 < c.gamma <= 1 and 0 < c.theta[0] < c.theta[1]
+        assert set(c.gamma) == {"absmax", "absmean"} and all(0 < g <= 1 for g in c.gamma.values())
+        assert 0 < c.theta[0] < c.theta[1]
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
     for name, c in cal.layers.items():
@@ -86,9 +87,10 @@ def test_sdllm_gamma_minimises_the_layer_error(model):
     layer = spike_layers(model)[name]
     x = collect_inputs(model, batches(), 2048)[name]
     y = x @ _dense_weight(layer).t()
-    errors = {g: _layer_error(layer, x, spikeops.Encoding("absmax", 3, gamma=g), y)
-              for g in GAMMA_GRID}
-    assert errors[cal.layers[name].gamma] == min(errors.values())
+    for mode in ("absmax", "absmean"):
+        errors = {g: _layer_error(layer, x, spikeops.Encoding(mode, 3, gamma=g), y)
+                  for g in GAMMA_GRID}
+        assert errors[cal.layers[name].gamma[mode]] == min(errors.values())
 
 
 def test_malformed_calibration_is_refused(model, tmp_path):
@@ -108,7 +110,7 @@ def test_set_encoding_and_load_apply_the_calibration(checkpoint, model, calibrat
     cal = calibration
     set_encoding(model, spikeops.Encoding("absmax", 4, salient_bits=6), cal)
     for name, layer in spike_layers(model).items():
-        assert layer.enc.gamma == cal.layers[name].gamma
+        assert layer.enc.gamma == cal.layers[name].gamma["absmax"]
         assert torch.equal(layer.salient_mask, cal.layers[name].salient)
     set_encoding(model, None)
     assert all(layer.enc is None for layer in spike_layers(model).values())

@@ -1,9 +1,12 @@
 """The ``spikeops`` command line (also ``python -m spikeops``).
 
-``spikeops demo``: a GPTQ-shaped layer made in code (LLaMA-2-7B gate projection, 4096 -> 11008,
-W4 g128) runs on spikes of LLM-like activations (a few outlier channels) under several
-encodings: its output is compared with the dense float64 layer, and its firing rate, synaptic
-operations and speed against float32 ``F.linear`` are printed.
+``spikeops demo``: first the embedded byte-level LLaMA (a few million parameters, W4 GPTQ, with
+its seed-method calibration) is evaluated on its held-out text: perplexity of the dense model,
+of the GPTQ weights on float activations and of each spiking encoding, with firing rates; it
+generates a sample and prints per-layer firing rates. Then a GPTQ-shaped layer made in code
+(LLaMA-2-7B gate projection, 4096 -> 11008, W4 g128) runs on spikes of LLM-like activations
+under the same encodings: its output is compared with the dense float64 layer, and its firing
+rate, synaptic operations and speed against float32 ``F.linear`` are printed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from . import Encoding, GPTQWeight, encode, pack, spike_linear
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_MODEL = DATA / "default_model"
+DEFAULT_DENSE = DATA / "default_model_dense"
 DEFAULT_TEXT = DATA / "heldout.txt"
 
 DEMO_ENCODINGS = [
@@ -54,10 +58,48 @@ def demo_layer(K: int, N: int, group: int, seed: int):
     return w, scales.double()[g] * (q - z[g]).double()
 
 
+MODEL_DEMO_ENCODINGS = "minmax4,minmax4+s6,absmax4,absmean4,oat8"
+
+
+def model_demo(max_tokens: int) -> None:
+    """The embedded model: perplexities (dense, GPTQ on float activations, each spiking
+    encoding with its calibration), a generated sample and per-layer firing rates."""
+    from transformers import AutoModelForCausalLM
+    from .calibrate import Calibration, set_encoding
+    from .evaluate import compare, decode_tokens, encode_text, firing_rates, generate
+    from .hf import load_gptq
+    calibration = Calibration.load(DEFAULT_MODEL)
+    model = load_gptq(DEFAULT_MODEL, Encoding("minmax", 4))
+    dense = AutoModelForCausalLM.from_pretrained(DEFAULT_DENSE, use_safetensors=True,
+                                                 dtype=torch.float32).eval()
+    tokens = encode_text(DEFAULT_TEXT.read_text(encoding="utf-8"))[:max_tokens]
+    print(f"spikeops demo: the embedded byte-level LLaMA ({DEFAULT_MODEL.name}, "
+          f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M parameters, W4 GPTQ) on "
+          f"{tokens.shape[0]} held-out bytes")
+    encodings = {"GPTQ, float activations": None}
+    encodings.update({spec: parse_encoding(spec, calibration)
+                      for spec in MODEL_DEMO_ENCODINGS.split(",")})
+    print_table(compare(model, tokens, encodings, calibration, dense, progress=False),
+                tokens.shape[0])
+    enc = parse_encoding("absmax4", calibration)
+    set_encoding(model, enc, calibration)
+    prompt = "def "
+    with firing_rates(model) as totals:
+        sample = generate(model, encode_text(prompt), 96)
+    print(f"\nabsmax4 (SDLLM, calibrated gamma) continues {prompt!r}:\n" + "-" * 60)
+    print(prompt + decode_tokens(sample))
+    print("-" * 60 + "\nfiring rate per layer while generating (spikes / (tokens * K * planes)):")
+    for name, (spikes, slots) in totals.items():
+        print(f"  {name:36} {spikes / slots:.4f}")
+
+
 def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    if DEFAULT_MODEL.is_dir():
+        model_demo(args.max_tokens)
+        print()
     K, N = args.in_features, args.out_features
-    print(f"spikeops demo: GPTQ W4 g128 layer {K} -> {N}, {args.tokens} token(s), "
+    print(f"spikeops demo, kernel: GPTQ W4 g128 layer {K} -> {N}, {args.tokens} token(s), "
           f"{torch.get_num_threads()} CPU threads")
     w, W64 = demo_layer(K, N, 128, args.seed)
     x = torch.randn(args.tokens, K)
@@ -226,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run a GPTQ layer on spikes under several encodings and "
                                     "compare it with the dense layer",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=1, help="tokens M (default 1: decode)")
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="held-out bytes the model part evaluates")
+    p.add_argument("--tokens", type=int, default=1, help="tokens M of the kernel part "
+                                                         "(default 1: decode)")
     p.add_argument("--in-features", type=int, default=4096, help="K (multiple of 128)")
     p.add_argument("--out-features", type=int, default=11008, help="N")
     p.add_argument("--seed", type=int, default=0)

@@ -3,8 +3,9 @@
 - SpikeLLM Optimal Brain Spiking (``"obs"``): the first-order saliency of input channel k of a
   layer is the calibration mean of ``((X W^T W) * X)[:, k]`` (signed, W the dequantized weights
   ``[N, K]``); the top ``salient_fraction`` of channels get ``salient_bits``.
-- SDLLM (``"sdllm"``): the membrane clipping ratio gamma of absmax/absmean spikes, chosen per
-  layer from a grid to minimise the layer's output error ``||spike_linear(x) - x W_hat^T||``.
+- SDLLM (``"sdllm"``): the membrane clipping ratio gamma of absmax and of absmean spikes (one
+  each: the two modes scale differently), chosen per layer from a grid to minimise the layer's
+  output error ``||spike_linear(x) - x W_hat^T||``.
 - LAS (``"las"``): the OAT thresholds from the layer's activation statistics:
   ``theta_nor`` = the ``las_quantile`` quantile of ``|x|``, ``theta_out`` = ``max |x|``.
 
@@ -37,7 +38,7 @@ GAMMA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 @dataclasses.dataclass
 class LayerCalibration:
     salient: Optional[torch.Tensor] = None         # bool [K]: OBS salient channels
-    gamma: Optional[float] = None                  # SDLLM clipping ratio
+    gamma: Optional[Dict[str, float]] = None       # SDLLM clipping ratio per mode
     theta: Optional[Tuple[float, float]] = None    # LAS (theta_nor, theta_out)
 
 
@@ -86,8 +87,11 @@ class Calibration:
                 if key not in masks:
                     raise ValueError(f"{fn}: {folder / MASK_FILE} lacks tensor {key!r}")
                 salient = masks[key].bool()
-            if gamma is not None and not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
-                raise ValueError(f"{fn}: layer {name!r}: gamma must be in (0, 1], got {gamma!r}")
+            if gamma is not None and not (
+                    isinstance(gamma, dict) and set(gamma) <= {"absmax", "absmean"}
+                    and all(isinstance(g, (int, float)) and 0 < g <= 1 for g in gamma.values())):
+                raise ValueError(f"{fn}: layer {name!r}: gamma must map 'absmax'/'absmean' to "
+                                 f"values in (0, 1], got {gamma!r}")
             if theta is not None and not (isinstance(theta, list) and len(theta) == 2
                                           and 0 < theta[0] < theta[1]):
                 raise ValueError(f"{fn}: layer {name!r}: theta must be [theta_nor, theta_out] "
@@ -109,8 +113,8 @@ def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
     (absmax/absmean), theta (oat) and salient mask (when ``enc.salient_bits`` is set)."""
     if enc is None or cal is None:
         return enc, None
-    if enc.mode in ("absmax", "absmean") and cal.gamma is not None:
-        enc = dataclasses.replace(enc, gamma=cal.gamma)
+    if cal.gamma is not None and enc.mode in cal.gamma:
+        enc = dataclasses.replace(enc, gamma=cal.gamma[enc.mode])
     if enc.mode == "oat" and cal.theta is not None:
         enc = dataclasses.replace(enc, theta=cal.theta)
     mask = cal.salient if enc.salient_bits is not None else None
@@ -193,14 +197,14 @@ def _layer_error(layer: SpikeLinear, x: torch.Tensor, enc: Encoding, y_ref: torc
 
 def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
               methods: Iterable[str] = METHODS, bits: int = 4, salient_fraction: float = 0.1,
-              sdllm_mode: str = "absmax", las_quantile: float = 0.99,
+              las_quantile: float = 0.99,
               max_tokens: int = 2048) -> Calibration:
     """Calibrate every SpikeLinear of ``model`` on ``batches`` of token ids (int64 ``[B, T]``).
 
     methods: any of ``"obs"``, ``"sdllm"``, ``"las"``. bits: the spike bits the SDLLM gamma is
     searched for. salient_fraction: share of channels OBS marks salient (SpikeLLM: 10%, with
-    ``salient_bits = bits + 1``; 5% with ``bits + 2``). sdllm_mode: ``"absmax"`` or
-    ``"absmean"``. las_quantile: quantile of ``|x|`` that becomes ``theta_nor``.
+    ``salient_bits = bits + 1``; 5% with ``bits + 2``). las_quantile: quantile of ``|x|`` that
+    becomes ``theta_nor``.
     """
     fn = "calibrate"
     methods = tuple(methods)
@@ -210,7 +214,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     if not (isinstance(salient_fraction, float) and 0 < salient_fraction < 1):
         raise ValueError(f"{fn}: salient_fraction must be a float in (0, 1), got "
                          f"{salient_fraction!r}")
-    _checks.choice(fn, "sdllm_mode", sdllm_mode, ("absmax", "absmean"))
     if not (isinstance(las_quantile, float) and 0 < las_quantile < 1):
         raise ValueError(f"{fn}: las_quantile must be a float in (0, 1), got {las_quantile!r}")
     inputs = collect_inputs(model, batches, max_tokens)
@@ -229,9 +232,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.salient[saliency.topk(top).indices] = True
         if "sdllm" in methods:
             y_ref = x @ W.t()
-            errors = [(_layer_error(layer, x, Encoding(sdllm_mode, bits, gamma=g), y_ref), g)
-                      for g in GAMMA_GRID]
-            cal.gamma = min(errors)[1]
+            cal.gamma = {mode: min((_layer_error(layer, x, Encoding(mode, bits, gamma=g), y_ref), g)
+                                   for g in GAMMA_GRID)[1]
+                         for mode in ("absmax", "absmean")}
         if "las" in methods:
             a = x.abs().flatten()
             theta_out = float(a.max())
@@ -242,5 +245,5 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.theta = (theta_nor, theta_out)
         result[name] = cal
     settings = {"methods": list(methods), "bits": bits, "salient_fraction": salient_fraction,
-                "sdllm_mode": sdllm_mode, "las_quantile": las_quantile, "max_tokens": max_tokens}
+                "las_quantile": las_quantile, "max_tokens": max_tokens}
     return Calibration(result, settings)
