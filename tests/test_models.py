@@ -200,3 +200,40 @@ def test_demo_on_the_embedded_model(capsys):
     for label in ("GPTQ, float activations", "minmax4", "minmax4+s6", "absmax4", "oat8"):
         assert float(rows[label][0]) < 1.25 * dense, label
     assert "spec ok" in out and " NO " not in out
+
+
+@torch.no_grad()
+def test_device_map(checkpoint):
+    """Placed modules keep the model's results; bad keys and devices are refused."""
+    enc = spikeops.Encoding("absmax", 4)
+    ids = encode_text(TEXT)[:64][None]
+    plain = spikeops.load_gptq(checkpoint / "q", enc)(input_ids=ids).logits
+    mapped = spikeops.load_gptq(checkpoint / "q", enc, device_map={
+        "model.layers.1": "cpu", "model.layers.1.mlp": "cpu", "lm_head": "cpu"})
+    assert torch.equal(mapped(input_ids=ids).logits, plain)
+    with pytest.raises(ValueError, match="device_map key 'model.layers.9'"):
+        spikeops.load_gptq(checkpoint / "q", enc, device_map={"model.layers.9": "cpu"})
+    with pytest.raises(ValueError, match="device"):
+        spikeops.load_gptq(checkpoint / "q", enc, device_map={"lm_head": "tpu:7"})
+    with pytest.raises(TypeError, match="device_map"):
+        spikeops.load_gptq(checkpoint / "q", enc, device_map=["lm_head"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_device_map_across_devices(checkpoint):
+    """Layer 0 on the CPU, layer 1 and the head on the GPU: the spiking model gives the logits of
+    the all-CPU model (up to float accumulation order in attention), and generates with its
+    key-value cache spread over both devices."""
+    from helpers import CUDA_REASON, cuda_ready
+    if not cuda_ready():
+        pytest.skip(CUDA_REASON)
+    enc = spikeops.Encoding("minmax", 4)
+    ids = encode_text(TEXT)[:64][None]
+    cpu = spikeops.load_gptq(checkpoint / "q", enc)
+    split = spikeops.load_gptq(checkpoint / "q", enc, device_map={
+        "model.layers.1": "cuda", "model.norm": "cuda", "lm_head": "cuda"})
+    assert split.model.layers[1].mlp.up_proj.qweight.is_cuda
+    torch.testing.assert_close(split(input_ids=ids).logits.cpu(), cpu(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-4)
+    assert generate(split, encode_text("def f1(x):\n"), 8).shape == (8,)

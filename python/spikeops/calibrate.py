@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
 from . import _checks
 from . import ops
@@ -221,7 +222,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
         raise ValueError(f"{fn}: batches must hold at least one batch of token ids, got none")
     layers = spike_layers(model)
     result = {}
-    for name, x in inputs.items():
+    for name, x in tqdm(inputs.items(), desc="calibrate", unit="layer"):
         layer = layers[name]
         cal = LayerCalibration()
         W = _dense_weight(layer)  # [N, K]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from . import _checks
 from .calibrate import JSON_FILE as CALIBRATION_FILE, Calibration, set_encoding
@@ -73,7 +74,8 @@ class QuantConfig:
 
 
 def load_gptq(path: PathLike, enc: Encoding, device="cpu",
-              dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+              dtype: Optional[torch.dtype] = None,
+              device_map: Optional[Mapping[str, object]] = None) -> torch.nn.Module:
     """Load a GPTQ checkpoint folder as a spiking causal LM (GPTQ.md, "Loading without optimum
     or gptqmodel").
 
@@ -83,6 +85,11 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         old AutoGPTQ-named ``*.safetensors``). Pickle files are never read.
     enc: the Encoding of every projection's input spikes (not mode ``"static"``).
     device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a torch.device).
+    device_map: optional ``{module name: device}``, e.g. ``{"model.layers.16": "cuda:1",
+        "lm_head": "cuda:1"}``: each named module (with everything inside it) goes to its
+        device, the rest to ``device``; tensors entering a placed module are moved to its device,
+        so activations follow the layers across devices (pipeline placement, one device busy
+        at a time).
     dtype: float16/bfloat16/float32 of the dense parts and activations; None = the
         checkpoint's ``torch_dtype``/``dtype`` (float32 when absent).
 
@@ -95,6 +102,10 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
     fn = "load_gptq"
     _check_encoding(fn, enc)
     device = _device(fn, device)
+    if device_map is not None and not isinstance(device_map, Mapping):
+        raise TypeError(f"{fn}: device_map must be a dict of module name -> device, got "
+                        f"{type(device_map).__name__}")
+    placement = {name: _device(fn, dev) for name, dev in (device_map or {}).items()}
     if dtype is not None:
         _checks.dtype(fn, "dtype", dtype, MODEL_DTYPES)
     folder = Path(path)
@@ -134,7 +145,16 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
             if t.is_meta]
     if left:
         raise ValueError(f"{fn}: no tensor in {folder} provides {_first(sorted(left))}")
+    for name in placement:
+        if not isinstance(name, str) or _submodule(model, name) is None:
+            raise ValueError(f"{fn}: device_map key {name!r} must name a module of the model, "
+                             f"e.g. 'model.layers.0' or 'lm_head'")
     model = model.to(device).eval()
+    # Parents before children, so that a child's own entry overrides its parent's.
+    for name, dev in sorted(placement.items(), key=lambda item: item[0].count(".")):
+        module = model if name == "" else model.get_submodule(name)
+        module.to(dev)
+        module.register_forward_pre_hook(_inputs_to(dev), with_kwargs=True)
     if (folder / CALIBRATION_FILE).exists():  # the seed methods' per-layer settings
         set_encoding(model, enc, Calibration.load(folder))
         log.info("load_gptq: applied the calibration in %s", folder / CALIBRATION_FILE)
@@ -237,7 +257,7 @@ def quantize(model: torch.nn.Module, calib_inputs, bits: int = 4, group_size: in
     weights = {}
     with torch.no_grad():
         inputs = _first_layer_inputs(model, layers[0], batches)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(tqdm(layers, desc="GPTQ", unit="layer")):
             linears = {f"model.layers.{i}.{p}": layer.get_submodule(p) for p in PROJECTIONS}
             hessians = _hessians(layer, linears, inputs)
             for name, lin in linears.items():
@@ -476,6 +496,30 @@ def _device(fn: str, device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{fn}: device {str(device)!r} needs CUDA, which is not available")
     return device
+
+
+def _submodule(model: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _inputs_to(device: torch.device):
+    """A forward pre-hook moving every tensor among a module's inputs (inside tuples, lists and
+    dicts too, e.g. the rotary position embeddings) to ``device``."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, (tuple, list)):
+            return type(value)(move(v) for v in value)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    def hook(_module, args, kwargs):
+        return move(args), move(kwargs)
+    return hook
 
 
 def _read_json(fn: str, file: Path) -> dict:
