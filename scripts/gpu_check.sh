@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole check on a GPU machine (torch with CUDA, nvcc, no network): clean CUDA build, GPU
-# facts, the test suite, compute-sanitizer memcheck on the small CUDA tests, the benchmarks.
+# facts, the test suite, the benchmarks and their report, compute-sanitizer memcheck on the small
+# CUDA tests (last, time-bounded by SANITIZER_TIMEOUT seconds, default 300).
 # Every step runs even after a failed one; each step's exit code goes to OUTDIR/summary.txt and
 # the script exits non-zero if any step failed.
 #
@@ -71,8 +72,11 @@ sanitizer() {
   fi
   # Without the caching allocator every tensor is its own allocation, so memcheck sees reads
   # past the end of a tensor instead of into a neighbour in the same pool block.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool memcheck --error-exitcode 97 \
-    python -m pytest tests -q -k cuda 2>&1 | tee "$out/sanitizer.txt"
+  # Small cases only (memcheck slows kernels 10-100x), bounded so the step cannot eat the
+  # rest of a device session: it runs last.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-300}" "$tool" --tool memcheck \
+    --error-exitcode 97 python -m pytest tests -q -k "cuda and not 4096 and not 4128" 2>&1 |
+    tee "$out/sanitizer.txt"
 }
 
 benchmarks() {
@@ -99,9 +103,9 @@ report() {
 step build build
 step gpu gpu_facts
 step pytest tests
-step sanitizer sanitizer
 step bench benchmarks
 step report report
+step sanitizer sanitizer
 
 echo "=== summary ($summary)"
 cat "$summary"
