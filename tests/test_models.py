@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import spikeops
 from spikeops import __main__ as cli
 from spikeops.calibrate import Calibration, calibrate, set_encoding, spike_layers
-from spikeops.evaluate import compare, decode_tokens, encode_text, firing_rates, generate, perplexity
+from spikeops.evaluate import compare, decode_tokens, encode_text, generate, perplexity
 
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(120))
 
@@ -157,10 +157,10 @@ def test_compare_and_firing_rates(model):
     assert [r[0] for r in rows] == list(encodings) and rows[0][2] is None
     assert all(math.isfinite(r[1]) for r in rows) and 0 < rows[1][2] < 1
     set_encoding(model, spikeops.Encoding("minmax", 4))
-    with firing_rates(model) as totals:
+    with spikeops.track(model) as tracker:
         model(input_ids=tokens[None, :50])
-    layer = spike_layers(model)["model.layers.0.mlp.up_proj"]
-    assert totals["model.layers.0.mlp.up_proj"][1] == 50 * layer.in_features * 4
+    up = next(r for r in tracker.layers() if r.name == "model.layers.0.mlp.up_proj")
+    assert up.tokens == 50 and up.P == 4 and 0 < up.firing_rate < 1
     assert all(layer.observer is None for layer in spike_layers(model).values())
 
 

@@ -10,7 +10,9 @@ from .gptq import GPTQWeight, pack, unpack
 from .hf import load_gptq, patch, quantize, save_gptq
 from .nn import SpikeLinear, spike_accumulate, spike_linear
 from .spikes import Encoding, SpikeTensor, encode
+from .stats import EnergyModel, Tracker, track
 
 __all__ = ["Encoding", "SpikeTensor", "encode", "GPTQWeight", "pack", "unpack", "spike_linear",
-           "spike_accumulate", "SpikeLinear", "load_gptq", "patch", "quantize", "save_gptq"]
+           "spike_accumulate", "SpikeLinear", "load_gptq", "patch", "quantize", "save_gptq",
+           "track", "Tracker", "EnergyModel"]
 __version__ = "0.1.0"

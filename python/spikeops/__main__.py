@@ -66,7 +66,7 @@ def model_demo(max_tokens: int) -> None:
     encoding with its calibration), a generated sample and per-layer firing rates."""
     from transformers import AutoModelForCausalLM
     from .calibrate import Calibration, set_encoding
-    from .evaluate import compare, decode_tokens, encode_text, firing_rates, generate
+    from .evaluate import compare, decode_tokens, encode_text, generate
     from .hf import load_gptq
     calibration = Calibration.load(DEFAULT_MODEL)
     model = load_gptq(DEFAULT_MODEL, Encoding("minmax", 4))
@@ -84,13 +84,19 @@ def model_demo(max_tokens: int) -> None:
     enc = parse_encoding("absmax4", calibration)
     set_encoding(model, enc, calibration)
     prompt = "def "
-    with firing_rates(model) as totals:
+    from .stats import track
+    with track(model) as generating:
         sample = generate(model, encode_text(prompt), 96)
+    set_encoding(model, parse_encoding("minmax4", calibration), calibration)
+    with track(model) as tracker, torch.no_grad():
+        model(input_ids=tokens[:256].unsqueeze(0))
     print(f"\nabsmax4 (SDLLM, calibrated gamma) continues {prompt!r}:\n" + "-" * 60)
     print(prompt + decode_tokens(sample))
     print("-" * 60 + "\nfiring rate per layer while generating (spikes / (tokens * K * planes)):")
-    for name, (spikes, slots) in totals.items():
-        print(f"  {name:36} {spikes / slots:.4f}")
+    for row in generating.layers():
+        print(f"  {row.name:36} {row.firing_rate:.4f}")
+    print(f"\nminmax4 on {min(256, tokens.shape[0])} held-out bytes (spikeops report for more): "
+          f"{tracker.summary()}")
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -252,6 +258,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Spike statistics and energy estimate of one encoding on a text: report.txt, report.json
+    and the plots firing_rate.png, planes.png, energy.png in --out."""
+    from .calibrate import set_encoding
+    from .hf import load_gptq
+    from .stats import track
+    calibration = _calibration(args.model)
+    enc = parse_encoding(args.encoding, calibration)
+    model = load_gptq(args.model, Encoding("minmax", 4))
+    set_encoding(model, enc, calibration)
+    tokens = _tokens(args, args.model)[: args.max_tokens]
+    if tokens.shape[0] < 1:
+        raise ValueError("the text gives no tokens")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with track(model) as tracker, torch.no_grad():
+        for chunk in tokens.split(args.window):
+            model(input_ids=chunk.unsqueeze(0))
+    header = (f"spikeops report: {args.model}, encoding {args.encoding}, {tokens.shape[0]} tokens "
+              f"in windows of {args.window}\n\n")
+    (out / "report.txt").write_text(header + tracker.table() + "\n", encoding="utf-8")
+    (out / "report.json").write_text(tracker.to_json(), encoding="utf-8")
+    tracker.plot(out)
+    print(header + tracker.table())
+    print(f"\nwrote report.txt, report.json, firing_rate.png, planes.png, energy.png to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="spikeops", description="Exact, fast spiking LLM kernels for PyTorch. Commands "
@@ -323,7 +357,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=None)
     p.set_defaults(run=cmd_generate)
 
+    p = sub.add_parser("report", help="per-layer spike statistics and an energy estimate "
+                                      "(text, JSON and PNG plots; see docs/energy.md)")
+    model_and_text(p)
+    p.add_argument("--encoding", default="minmax4", help="one encoding (see below)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many")
+    p.add_argument("--window", type=int, default=256, help="tokens per forward")
+    p.add_argument("--out", default="spikeops-report", help="output folder")
+    p.set_defaults(run=cmd_report)
+
     args = parser.parse_args(argv)
+    if args.command == "report" and (args.max_tokens < 1 or args.window < 1):
+        parser.error("report needs --max-tokens >= 1 and --window >= 1")
     if args.command == "demo":
         if args.tokens < 1 or args.in_features < 128 or args.in_features % 128 or \
                 args.out_features < 1:

@@ -4,7 +4,6 @@ token per UTF-8 byte, vocabulary 256) when no tokenizer is given."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -114,35 +113,6 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
     return torch.tensor(out, dtype=torch.int64)
 
 
-@contextlib.contextmanager
-def firing_rates(model):
-    """While active, count every SpikeLinear's spikes: yields ``{layer name: [spikes, slots]}``
-    where slots = tokens * K * planes, so spikes / slots is the layer's firing rate (SPEC.md
-    3.3). Counting runs ``spike_counts`` on the layer's device."""
-    from .calibrate import spike_layers
-    layers = spike_layers(model)
-    totals = {name: [0, 0] for name in layers}
-
-    def observer_for(name):
-        def observe(layer, st):
-            totals[name][0] += int(st.counts().sum())
-            totals[name][1] += st.planes.shape[0] * st.planes.shape[1] * layer.in_features
-        return observe
-
-    for name, layer in layers.items():
-        layer.observer = observer_for(name)
-    try:
-        yield totals
-    finally:
-        for layer in layers.values():
-            layer.observer = None
-
-
-def overall_rate(totals) -> float:
-    spikes, slots = (sum(v[i] for v in totals.values()) for i in (0, 1))
-    return spikes / slots if slots else float("nan")
-
-
 def compare(model, tokens: torch.Tensor, encodings, calibration=None, dense_model=None,
             window: int = 256, progress: bool = True):
     """Perplexity and firing rate of ``model`` (with SpikeLinear layers) under each entry of
@@ -151,6 +121,7 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=None, dense_mode
     Returns rows ``(label, perplexity, firing rate or None)``; the model's encodings are
     restored afterwards."""
     from .calibrate import set_encoding, spike_layers
+    from .stats import track
     rows = []
     if dense_model is not None:
         rows.append(("dense float", perplexity(dense_model, tokens, window, progress=progress),
@@ -159,9 +130,9 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=None, dense_mode
     try:
         for label, enc in encodings.items():
             set_encoding(model, enc, calibration)
-            with firing_rates(model) as totals:
+            with track(model) as tracker:
                 ppl = perplexity(model, tokens, window, progress=progress)
-            rows.append((label, ppl, overall_rate(totals) if enc is not None else None))
+            rows.append((label, ppl, tracker.totals()["firing_rate"] if enc is not None else None))
     finally:
         for name, m in spike_layers(model).items():
             m.set_encoding(*saved[name])

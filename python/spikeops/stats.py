@@ -1,0 +1,431 @@
+"""Spike statistics and energy accounting (SPEC.md 3.3).
+
+``spikeops.track(model)`` is a context manager that, through the ``observer`` hook of every
+``SpikeLinear``, accumulates per layer (as device tensors; nothing syncs until the results are
+read):
+
+- spikes per plane ``[P]`` (``SpikeTensor.counts()`` summed over tokens) and, for signed
+  encodings, negative spikes per plane;
+- tokens M, in/out features K and N, planes P, weight groups G and ranges R;
+- silent channels: per token, the channels whose train is empty in every plane (K minus the
+  popcount of the OR of the plane words), summed over tokens;
+- zero words: 32-channel spike words whose OR over planes is 0 (the ``"spike"`` kernel skips them),
+  out of M * W words.
+
+Derived: firing rate = spikes / (M * K * P); SOPs (synaptic operations, one addition of an
+integer weight per spike and output) = spikes * N; dense-equivalent MACs = M * K * N.
+
+Energy model (``EnergyModel``, per-operation energies in pJ). Per layer:
+
+    E_spike = SOPs * ac + M * N * G * P * shift + M * N * G * R * mult
+    E_dense = MACs * mac
+
+- SOPs * ac: every spike adds (or subtracts) one weight per output (SPEC.md 3.2, "spike" backend).
+- shifts: the per-plane partial sums are combined by shifting; we charge P shifts per output,
+  per token and per weight group (the integer sums are kept per group), each costing ``shift``.
+- epilogue: one float32 multiply per group and range per output and token (SPEC.md 3.2), ``mult``.
+  The zero-point correction (zero * B) and the per-token scale are folded into this count.
+- E_dense: the same layer run densely, one multiply-accumulate per (token, input, output).
+
+Presets (Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm, 0.9 V):
+
+- ``"45nm"``: float32 MAC = mult 3.7 + add 0.9 = 4.6 pJ; AC = float32 add 0.9 pJ; shift charged
+  as an add (0.9 pJ); epilogue float32 multiply 3.7 pJ. The classic SNN-vs-ANN comparison.
+- ``"int8"``: int8 MAC = mult 0.2 + add 0.03 = 0.23 pJ; AC = int8 add 0.03 pJ; shift 0.03 pJ;
+  epilogue still a float32 multiply (3.7 pJ). The fair comparison against a quantized integer
+  accelerator: the spiking adds are integer adds of weight codes too.
+
+Reports compare: spiking run under ``45nm`` and ``int8`` vs dense float (``45nm`` MAC) and dense
+int8 (``int8`` MAC).
+
+Caveat. These figures count arithmetic only: no memory traffic (weight and spike reads usually
+dominate), no control logic for sparse event routing, no multi-time-step state. Dampfhoffer et al.
+("Are SNNs really more energy-efficient than ANNs? An in-depth hardware-aware study", IEEE TETCI
+2023) show that with memory accesses and addressing included, SNNs beat ANNs only at low firing
+rates (well below ~1 spike per neuron, and lower for multi-step trains). Here each activation has
+P spike slots, so SOPs / MACs = P * firing rate: with ``int8`` constants a spiking layer only wins
+when SOPs * 0.03 < MACs * 0.23, i.e. P * rate < ~7.7 before the shift and epilogue costs.
+See docs/energy.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from .nn import SpikeLinear
+
+__all__ = ["EnergyModel", "PRESETS", "LayerStats", "Tracker", "track", "popcount32"]
+
+
+@dataclass(frozen=True)
+class EnergyModel:
+    """Energy per operation in picojoules."""
+
+    name: str
+    mac_pj: float    # one multiply-accumulate of the dense layer
+    ac_pj: float     # one accumulate (a synaptic operation: add a weight for a spike)
+    shift_pj: float  # one shift of a per-plane partial sum
+    mult_pj: float   # one float32 multiply of the epilogue (per group and range)
+
+
+PRESETS: Dict[str, EnergyModel] = {
+    "45nm": EnergyModel("45nm", mac_pj=4.6, ac_pj=0.9, shift_pj=0.9, mult_pj=3.7),
+    "int8": EnergyModel("int8", mac_pj=0.23, ac_pj=0.03, shift_pj=0.03, mult_pj=3.7),
+}
+
+
+def energy_model(preset) -> EnergyModel:
+    if isinstance(preset, EnergyModel):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"energy model must be an EnergyModel or one of {sorted(PRESETS)}, "
+                         f"got {preset!r}")
+    return PRESETS[preset]
+
+
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word, int64, with torch bit operations on the words' device."""
+    v = words.to(torch.int64) & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def _or_planes(planes: torch.Tensor) -> torch.Tensor:
+    """OR over the plane axis of int32 ``[P, M, W]`` -> ``[M, W]``."""
+    out = planes[0].clone() if planes.shape[0] else torch.zeros(planes.shape[1:],
+                                                                dtype=planes.dtype,
+                                                                device=planes.device)
+    for p in range(1, planes.shape[0]):
+        out |= planes[p]
+    return out
+
+
+def layer_type(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj`` -> ``q``; other names keep their last part."""
+    last = name.rsplit(".", 1)[-1]
+    return last[:-5] if last.endswith("_proj") else last
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one SpikeLinear over everything it ran while tracked (host values)."""
+
+    name: str
+    type: str
+    calls: int
+    tokens: int
+    K: int
+    N: int
+    P: int
+    groups: int
+    ranges: int
+    spikes_per_plane: List[int]
+    negative_per_plane: Optional[List[int]]
+    silent_channels: int
+    zero_words: int
+    words: int
+
+    @property
+    def spikes(self) -> int:
+        return sum(self.spikes_per_plane)
+
+    @property
+    def negative(self) -> Optional[int]:
+        return None if self.negative_per_plane is None else sum(self.negative_per_plane)
+
+    @property
+    def firing_rate(self) -> float:
+        slots = self.tokens * self.K * self.P
+        return self.spikes / slots if slots else 0.0
+
+    @property
+    def silent_fraction(self) -> float:
+        slots = self.tokens * self.K
+        return self.silent_channels / slots if slots else 0.0
+
+    @property
+    def zero_word_fraction(self) -> float:
+        return self.zero_words / self.words if self.words else 0.0
+
+    @property
+    def sops(self) -> int:
+        return self.spikes * self.N
+
+    @property
+    def macs(self) -> int:
+        return self.tokens * self.K * self.N
+
+    def shifts(self) -> int:
+        return self.tokens * self.N * self.groups * self.P
+
+    def epilogue_mults(self) -> int:
+        return self.tokens * self.N * self.groups * self.ranges
+
+    def spike_energy_pj(self, preset="45nm") -> float:
+        """``SOPs * ac + M*N*G*P * shift + M*N*G*R * mult`` (module docstring)."""
+        e = energy_model(preset)
+        return self.sops * e.ac_pj + self.shifts() * e.shift_pj + \
+            self.epilogue_mults() * e.mult_pj
+
+    def dense_energy_pj(self, preset="45nm") -> float:
+        """``MACs * mac``: the dense layer under ``preset`` (45nm: float32, int8: int8)."""
+        return self.macs * energy_model(preset).mac_pj
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(spikes=self.spikes, negative=self.negative, firing_rate=self.firing_rate,
+                 silent_fraction=self.silent_fraction,
+                 zero_word_fraction=self.zero_word_fraction, sops=self.sops, macs=self.macs,
+                 shifts=self.shifts(), epilogue_mults=self.epilogue_mults(),
+                 energy_pj={"spike_45nm": self.spike_energy_pj("45nm"),
+                            "spike_int8": self.spike_energy_pj("int8"),
+                            "dense_float_45nm": self.dense_energy_pj("45nm"),
+                            "dense_int8": self.dense_energy_pj("int8")})
+        return d
+
+
+class _Acc:
+    """Device-side accumulators of one layer."""
+
+    __slots__ = ("calls", "tokens", "K", "N", "P", "groups", "ranges", "spikes", "negative",
+                 "silent", "zero_words", "words")
+
+    def __init__(self, layer: SpikeLinear):
+        self.calls = self.tokens = self.words = 0
+        self.K, self.N = layer.in_features, layer.out_features
+        self.groups = layer.scales.shape[0]
+        self.P = self.ranges = 0
+        self.spikes = self.negative = self.silent = self.zero_words = None
+
+    @staticmethod
+    def _add(acc, value):
+        if acc is None:
+            return value
+        if acc.dim() and acc.shape[0] != value.shape[0]:  # plane count changed: pad
+            n = max(acc.shape[0], value.shape[0])
+            acc = torch.nn.functional.pad(acc, (0, n - acc.shape[0]))
+            value = torch.nn.functional.pad(value, (0, n - value.shape[0]))
+        return acc + value
+
+    def observe(self, layer: SpikeLinear, st) -> None:
+        planes = st.planes
+        P, M, W = planes.shape
+        self.calls += 1
+        self.tokens += M
+        self.words += M * W
+        self.P = max(self.P, P)
+        self.ranges = max(self.ranges, st.scale.shape[1])
+        self.spikes = self._add(self.spikes, st.counts().sum(1))
+        if st.sign is not None:
+            self.negative = self._add(self.negative, st.counts(negative=True).sum(1))
+        fired = _or_planes(planes)
+        self.silent = self._add(self.silent, M * self.K - popcount32(fired).sum())
+        self.zero_words = self._add(self.zero_words, (fired == 0).sum())
+
+    def result(self, name: str) -> LayerStats:
+        def host(t):
+            return [] if t is None else [int(v) for v in t.tolist()]
+        spikes = host(self.spikes)
+        spikes += [0] * (self.P - len(spikes))
+        neg = None
+        if self.negative is not None:
+            neg = host(self.negative)
+            neg += [0] * (self.P - len(neg))
+        return LayerStats(name, layer_type(name), self.calls, self.tokens, self.K, self.N, self.P,
+                          self.groups, self.ranges, spikes, neg,
+                          int(self.silent) if self.silent is not None else 0,
+                          int(self.zero_words) if self.zero_words is not None else 0,
+                          self.words)
+
+
+class Tracker:
+    """Collects spike statistics of every SpikeLinear of ``model`` while entered (``with``).
+    Read the results after (or during) tracking: ``layers()``, ``totals()``, ``by_type()``,
+    ``table()``, ``to_json()``, ``plot(folder)``."""
+
+    def __init__(self, model: torch.nn.Module):
+        from .calibrate import spike_layers
+        self.model = model
+        self._layers = spike_layers(model)
+        self._acc: Dict[str, _Acc] = {}
+        self._active = False
+
+    def __enter__(self) -> "Tracker":
+        busy = [n for n, m in self._layers.items() if m.observer is not None]
+        if busy:
+            raise RuntimeError(f"spikeops.track: layer {busy[0]!r} already has an observer "
+                               f"(another track() is active on this model); "
+                               f"nested tracking is not supported")
+        self._acc = {name: _Acc(layer) for name, layer in self._layers.items()}
+        for name, layer in self._layers.items():
+            layer.observer = self._acc[name].observe
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for layer in self._layers.values():
+            layer.observer = None
+        self._active = False
+        return False
+
+    # ---- results (these synchronize with the device) ----
+
+    def layers(self) -> List[LayerStats]:
+        """Per-layer statistics of the layers that ran on spikes, in module order."""
+        return [acc.result(name) for name, acc in self._acc.items() if acc.calls]
+
+    @staticmethod
+    def _sum(rows: List[LayerStats], label: str) -> dict:
+        spikes = sum(r.spikes for r in rows)
+        slots = sum(r.tokens * r.K * r.P for r in rows)
+        out = {"name": label, "layers": len(rows), "spikes": spikes,
+               "firing_rate": spikes / slots if slots else 0.0,
+               "silent_fraction": (sum(r.silent_channels for r in rows) /
+                                   max(1, sum(r.tokens * r.K for r in rows))),
+               "zero_word_fraction": (sum(r.zero_words for r in rows) /
+                                      max(1, sum(r.words for r in rows))),
+               "sops": sum(r.sops for r in rows), "macs": sum(r.macs for r in rows)}
+        out["energy_pj"] = {k: sum(r.as_dict()["energy_pj"][k] for r in rows)
+                            for k in ("spike_45nm", "spike_int8", "dense_float_45nm",
+                                      "dense_int8")}
+        return out
+
+    def totals(self) -> dict:
+        return self._sum(self.layers(), "all")
+
+    def by_type(self) -> Dict[str, dict]:
+        """Sums per layer type (q, k, v, o, gate, up, down, ...)."""
+        rows = self.layers()
+        types = list(dict.fromkeys(r.type for r in rows))
+        return {t: self._sum([r for r in rows if r.type == t], t) for t in types}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps({"energy_models": {k: asdict(v) for k, v in PRESETS.items()},
+                           "totals": self.totals(), "by_type": self.by_type(),
+                           "layers": [r.as_dict() for r in self.layers()]}, indent=indent)
+
+    def summary(self) -> str:
+        """One line: firing rate, SOPs/MACs and the energy ratios."""
+        t = self.totals()
+        e = t["energy_pj"]
+        ratio = t["sops"] / t["macs"] if t["macs"] else 0.0
+        return (f"firing rate {t['firing_rate']:.4f}, SOPs/MACs {ratio:.3f}; energy (pJ-model, "
+                f"arithmetic only): spiking {e['spike_45nm'] / 1e6:.3f} uJ vs dense float "
+                f"{e['dense_float_45nm'] / 1e6:.3f} uJ (45nm, x{_ratio(e['dense_float_45nm'], e['spike_45nm'])}); "
+                f"spiking {e['spike_int8'] / 1e6:.3f} uJ vs dense int8 "
+                f"{e['dense_int8'] / 1e6:.3f} uJ (int8, x{_ratio(e['dense_int8'], e['spike_int8'])})")
+
+    def table(self) -> str:
+        """Per-layer table, per-type summary and totals as text."""
+        head = (f"{'layer':36} {'type':>5} {'tok':>6} {'K':>5} {'N':>5} {'P':>2} {'rate':>7} "
+                f"{'neg':>6} {'silent':>7} {'0words':>7} {'SOPs/MAC':>8} {'E spk45':>9} "
+                f"{'E fp32':>9} {'E spk8':>9} {'E int8':>9}")
+        lines = [head, "-" * len(head)]
+
+        def energy(d):
+            e = d["energy_pj"]
+            return (f"{e['spike_45nm'] / 1e6:>9.3f} {e['dense_float_45nm'] / 1e6:>9.3f} "
+                    f"{e['spike_int8'] / 1e6:>9.3f} {e['dense_int8'] / 1e6:>9.3f}")
+
+        for r in self.layers():
+            d = r.as_dict()
+            neg = f"{r.negative / r.spikes:.3f}" if r.negative is not None and r.spikes else "-"
+            lines.append(f"{r.name:36} {r.type:>5} {r.tokens:>6} {r.K:>5} {r.N:>5} {r.P:>2} "
+                         f"{r.firing_rate:>7.4f} {neg:>6} {r.silent_fraction:>7.3f} "
+                         f"{r.zero_word_fraction:>7.3f} {r.sops / max(1, r.macs):>8.3f} "
+                         f"{energy(d)}")
+        lines += ["", f"{'type':8} {'layers':>6} {'rate':>7} {'silent':>7} {'0words':>7} "
+                      f"{'SOPs/MAC':>8} {'E spk45':>9} {'E fp32':>9} {'E spk8':>9} {'E int8':>9}"]
+        for d in list(self.by_type().values()) + [self.totals()]:
+            lines.append(f"{d['name']:8} {d['layers']:>6} {d['firing_rate']:>7.4f} "
+                         f"{d['silent_fraction']:>7.3f} {d['zero_word_fraction']:>7.3f} "
+                         f"{d['sops'] / max(1, d['macs']):>8.3f} {energy(d)}")
+        lines += ["", "rate = spikes / (tokens*K*P); neg = negative share of spikes; silent = "
+                      "channels with no spike in any plane, per token; 0words = 32-channel spike "
+                      "words with no spike (skipped);",
+                  "energies in uJ (arithmetic only, see docs/energy.md): E spk45 / E spk8 = "
+                  "spiking run with 45nm / int8 constants, E fp32 = dense float32 MACs, "
+                  "E int8 = dense int8 MACs.", "", self.summary()]
+        return "\n".join(lines)
+
+    def plot(self, folder) -> List[str]:
+        """Write firing_rate.png, planes.png and energy.png into ``folder``; returns the paths."""
+        import os
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        os.makedirs(folder, exist_ok=True)
+        rows = self.layers()
+        names = [r.name.replace("model.layers.", "L").replace("self_attn.", "")
+                 .replace("mlp.", "") for r in rows]
+        paths = []
+
+        fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(rows) + 2), 4.5))
+        ax.bar(range(len(rows)), [r.firing_rate for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+        ax.set_ylabel("firing rate = spikes / (tokens·K·P)")
+        ax.set_title("Firing rate per layer")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, "firing_rate.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        by_type: Dict[str, List[int]] = {}
+        for r in rows:
+            acc = by_type.setdefault(r.type, [0] * r.P)
+            acc += [0] * (r.P - len(acc))
+            for p, c in enumerate(r.spikes_per_plane):
+                acc[p] += c
+        P = max((len(v) for v in by_type.values()), default=0)
+        width = 0.8 / max(1, len(by_type))
+        for i, (t, counts) in enumerate(by_type.items()):
+            counts = counts + [0] * (P - len(counts))
+            ax.bar([p + i * width for p in range(P)], counts, width, label=t)
+        ax.set_xticks([p + 0.4 - width / 2 for p in range(P)], [f"p={p} (2^{p})" for p in range(P)])
+        ax.set_ylabel("spikes")
+        ax.set_title("Spikes per plane, by layer type")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, "planes.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        groups = list(self.by_type().values()) + [self.totals()]
+        keys = [("spike_45nm", "spiking (45nm: fp32 add)"), ("dense_float_45nm", "dense fp32 MAC"),
+                ("spike_int8", "spiking (int8 add)"), ("dense_int8", "dense int8 MAC")]
+        width = 0.2
+        for i, (k, label) in enumerate(keys):
+            ax.bar([g + i * width for g in range(len(groups))],
+                   [d["energy_pj"][k] / 1e6 for d in groups], width, label=label)
+        ax.set_xticks([g + 1.5 * width for g in range(len(groups))], [d["name"] for d in groups])
+        ax.set_yscale("log")
+        ax.set_ylabel("energy (uJ, arithmetic only, log scale)")
+        ax.set_title("Energy: spiking vs dense float vs dense int8, per layer type")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, "energy.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+        return paths
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def track(model: torch.nn.Module) -> Tracker:
+    """``with spikeops.track(model) as t: model(...)``: spike statistics of every SpikeLinear
+    (module docstring). The observers are removed on exit, also on exceptions; nesting raises
+    RuntimeError. Not tracking costs nothing (observer is None)."""
+    return Tracker(model)
