@@ -374,10 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out_features < 1:
             parser.error("demo needs --tokens >= 1, --in-features a positive multiple of 128, "
                          "--out-features >= 1")
-    for attr in ("model", "out"):
-        path = getattr(args, attr, None)
-        if attr == "model" and path is not None and not Path(path).is_dir():
-            parser.error(f"{path!r} is not a folder (a model checkpoint folder is expected)")
+    model = getattr(args, "model", None)
+    if model is not None and not Path(model).is_dir():
+        parser.error(f"{model!r} is not a folder (a model checkpoint folder is expected)")
     if getattr(args, "text", None) and not Path(args.text).is_file():
         parser.error(f"--text {args.text!r} is not a file")
     try:

@@ -366,16 +366,21 @@ class Tracker:
                  .replace("mlp.", "") for r in rows]
         paths = []
 
+        def save(fig, ax, name, legend=True):
+            if legend:
+                ax.legend(fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            fig.tight_layout()
+            paths.append(os.path.join(folder, name))
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
+
         fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(rows) + 2), 4.5))
         ax.bar(range(len(rows)), [r.firing_rate for r in rows], color="tab:blue")
         ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
         ax.set_ylabel("firing rate = spikes / (tokens·K·P)")
         ax.set_title("Firing rate per layer")
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        paths.append(os.path.join(folder, "firing_rate.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "firing_rate.png", legend=False)
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
         by_type: Dict[str, List[int]] = {}
@@ -392,12 +397,7 @@ class Tracker:
         ax.set_xticks([p + 0.4 - width / 2 for p in range(P)], [f"p={p} (2^{p})" for p in range(P)])
         ax.set_ylabel("spikes")
         ax.set_title("Spikes per plane, by layer type")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        paths.append(os.path.join(folder, "planes.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "planes.png")
 
         fig, ax = plt.subplots(figsize=(9, 4.5))
         groups = list(self.by_type().values()) + [self.totals()]
@@ -411,12 +411,7 @@ class Tracker:
         ax.set_yscale("log")
         ax.set_ylabel("energy (uJ, arithmetic only, log scale)")
         ax.set_title("Energy: spiking vs dense float vs dense int8, per layer type")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        paths.append(os.path.join(folder, "energy.png"))
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, ax, "energy.png")
         return paths
 
 
