@@ -73,6 +73,8 @@ Spikes check_spike_decode(const at::Tensor& planes, const at::Tensor& sign, cons
                           const at::Tensor& scale, const at::Tensor& zero, int64_t K,
                           at::ScalarType dtype);
 Spikes check_spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative);
+// spike_stats' output length: spikes and negative spikes per plane, fired channels, zero words.
+inline int64_t stats_size(int64_t P) { return 2 * P + 2; }
 // w: int8 [K, N], returned contiguous in `w_out`.
 Spikes check_spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
                               const at::Tensor& hi, const at::Tensor& w, at::Tensor* w_out);

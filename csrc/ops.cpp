@@ -29,6 +29,10 @@ TORCH_LIBRARY(spikeops, m) {
       "ScalarType dtype) -> Tensor");
   // Set bits per plane and token, int64 [P, M]; negative=True counts only spikes with sign set.
   m.def("spike_counts(Tensor planes, Tensor sign, bool negative) -> Tensor");
+  // One pass of layer statistics, int64 [2P + 2], summed over tokens: spikes per plane [0, P),
+  // negative spikes per plane [P, 2P) (zeros without sign), fired channels (set bits of the OR
+  // over planes) at 2P, and all-zero words (OR over planes == 0) at 2P + 1.
+  m.def("spike_stats(Tensor planes, Tensor sign) -> Tensor");
   // Exact signed accumulation with int8 weights w [K, N]: int64 [R, M, N], or per plane
   // [P, R, M, N] whose 2^p-weighted sum is the total.
   m.def(
@@ -51,6 +55,7 @@ TORCH_LIBRARY(spikeops, m) {
   m.impl("gif_encode", &spikeops::gif_encode_##dev);             \
   m.impl("spike_decode", &spikeops::spike_decode_##dev);         \
   m.impl("spike_counts", &spikeops::spike_counts_##dev);         \
+  m.impl("spike_stats", &spikeops::spike_stats_##dev);             \
   m.impl("spike_accumulate", &spikeops::spike_accumulate_##dev); \
   m.impl("spike_linear", &spikeops::spike_linear_##dev);         \
   m.impl("gptq_dequantize", &spikeops::gptq_dequantize_##dev);

@@ -19,6 +19,7 @@ namespace spikeops {
                                 const at::Tensor& hi, const at::Tensor& scale,                    \
                                 const at::Tensor& zero, int64_t K, at::ScalarType dtype);         \
   at::Tensor spike_counts_##dev(const at::Tensor& planes, const at::Tensor& sign, bool negative); \
+  at::Tensor spike_stats_##dev(const at::Tensor& planes, const at::Tensor& sign);                \
   at::Tensor spike_accumulate_##dev(const at::Tensor& planes, const at::Tensor& sign,             \
                                     const at::Tensor& hi, const at::Tensor& w, bool per_plane);   \
   at::Tensor spike_linear_##dev(                                                                  \

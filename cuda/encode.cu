@@ -1,4 +1,4 @@
-// CUDA kernels of gif_encode, spike_decode and spike_counts. The CPU kernels of
+// CUDA kernels of gif_encode, spike_decode, spike_counts and spike_stats. The CPU kernels of
 // csrc/cpu/encode.cpp define the results bit for bit; every element operation below is the
 // spike_math.h function the CPU uses, on the same float32 values, in the same order.
 #include <cmath>
@@ -214,6 +214,46 @@ __global__ void __launch_bounds__(kCountThreads) spike_counts_kernel(const Count
   }
 }
 
+// spike_stats: a grid-stride loop over the M * W word columns, one thread per column. Each
+// count is summed over the warp (__reduce_add_sync), then over the block in shared memory, and
+// each block adds its totals to the output once. Integer sums: the result does not depend on the
+// order, so it equals the CPU's exactly.
+constexpr int kStatsThreads = 256;
+constexpr int kMaxStats = 2 * kMaxPlanes + 2;
+
+__global__ void __launch_bounds__(kStatsThreads) spike_stats_kernel(const StatsArgs a) {
+  __shared__ unsigned long long block_stats[kMaxStats];
+  const int n = static_cast<int>(2 * a.P + 2), lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < n; i += kStatsThreads) block_stats[i] = 0;
+  __syncthreads();
+  const int64_t columns = a.M * a.W, stride = int64_t(gridDim.x) * kStatsThreads;
+  const auto warp_add = [&](int slot, unsigned v) {
+    // Every lane reaches this with the same loop trip count (the loop bound is per block).
+    v = __reduce_add_sync(kFullMask, v);
+    if (lane == 0 && v) atomicAdd(block_stats + slot, static_cast<unsigned long long>(v));
+  };
+  // Start of this block's columns: the loop runs while any thread of the block has a column,
+  // so all lanes of a warp iterate together and out-of-range lanes contribute zeros.
+  for (int64_t base = int64_t(blockIdx.x) * kStatsThreads; base < columns; base += stride) {
+    const int64_t col = base + threadIdx.x;
+    const bool valid = col < columns;
+    const uint32_t neg = valid && a.sign ? __ldg(a.sign + col) : 0u;
+    uint32_t fired = 0;
+    for (int64_t p = 0; p < a.P; ++p) {
+      const uint32_t v = valid ? __ldg(a.planes + p * columns + col) : 0u;
+      warp_add(static_cast<int>(p), __popc(v));
+      if (a.sign) warp_add(static_cast<int>(a.P + p), __popc(v & neg));
+      fired |= v;
+    }
+    warp_add(static_cast<int>(2 * a.P), __popc(fired));
+    warp_add(static_cast<int>(2 * a.P + 1), valid && fired == 0 ? 1u : 0u);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += kStatsThreads)
+    if (block_stats[i])
+      atomicAdd(reinterpret_cast<unsigned long long*>(a.stats) + i, block_stats[i]);
+}
+
 }  // namespace
 
 void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream) {
@@ -234,6 +274,12 @@ void launch_spike_decode(const DecodeArgs& a, cudaStream_t stream) {
 void launch_spike_counts(const CountsArgs& a, cudaStream_t stream) {
   const unsigned grid = dev::grid_size((a.P * a.M + kCountWarps - 1) / kCountWarps);
   spike_counts_kernel<<<grid, kCountThreads, 0, stream>>>(a);
+}
+
+void launch_spike_stats(const StatsArgs& a, cudaStream_t stream) {
+  // Enough blocks to fill the GPU on large inputs; each block reads P + 1 words per column.
+  const int64_t blocks = (a.M * a.W + kStatsThreads - 1) / kStatsThreads;
+  spike_stats_kernel<<<dev::grid_size(std::min<int64_t>(blocks, 1024)), kStatsThreads, 0, stream>>>(a);
 }
 
 }  // namespace spikeops

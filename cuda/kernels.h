@@ -61,6 +61,13 @@ struct CountsArgs {
   int64_t P, M, W;
 };
 
+struct StatsArgs {
+  const uint32_t* planes;       // [P, M, W]
+  const uint32_t* sign;         // [M, W] or null
+  int64_t* stats;               // [2P + 2], zeroed: see spike_stats in csrc/ops.cpp
+  int64_t P, M, W;
+};
+
 struct AccumulateArgs {
   const uint32_t* planes;       // [P, M, W]
   const uint32_t* sign;         // [M, W] or null
@@ -105,6 +112,7 @@ struct DequantizeArgs {
 void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream);
 void launch_spike_decode(const DecodeArgs& a, cudaStream_t stream);
 void launch_spike_counts(const CountsArgs& a, cudaStream_t stream);
+void launch_spike_stats(const StatsArgs& a, cudaStream_t stream);
 void launch_spike_accumulate(const AccumulateArgs& a, cudaStream_t stream);
 void launch_spike_linear(const LinearArgs& a, cudaStream_t stream);
 void launch_gptq_dequantize(const DequantizeArgs& a, cudaStream_t stream);

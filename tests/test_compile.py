@@ -82,7 +82,7 @@ def test_encode_linear_decode_function(device, name, backend):
     def f(x):
         st = spikeops.encode(x, enc)
         y = spikeops.spike_linear(st, w, bias=bias, out_dtype=torch.float32, backend=backend)
-        return y, st.decode(torch.float16), st.counts()
+        return y, st.decode(torch.float16), st.counts(), st.stats()
 
     x = torch.randn(3, 5, K, device=device)
     eager = f(x)

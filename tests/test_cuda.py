@@ -73,7 +73,7 @@ def test_decode_counts_accumulate_cpu_equals_cuda(mode, bits, kw):
     def consumers(x, m, w):
         st = spikeops.encode(x, enc, salient_mask=m)
         out = [st.decode(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
-        out += [st.counts()] + ([st.counts(negative=True)] if st.sign is not None else [])
+        out += [st.counts(), st.stats()] + ([st.counts(negative=True)] if st.sign is not None else [])
         return out + [spikeops.spike_accumulate(st, w, pp) for pp in (False, True)]
 
     cpu, gpu = on_both(consumers, x, mask, w)

@@ -189,6 +189,61 @@ def test_counts(device, mode):
         assert torch.equal(neg.cpu(), reference.spike_counts(st.planes.cpu(), st.sign.cpu(), True))
 
 
+def loop_stats(planes, sign):
+    """spike_stats by Python loops over words (independent of reference.unpack_bits)."""
+    P, M, W = planes.shape
+    pl, sg = planes.tolist(), sign.tolist() if sign is not None else None
+    out = [0] * (2 * P + 2)
+    for m in range(M):
+        for w in range(W):
+            fired = 0
+            for p in range(P):
+                word = pl[p][m][w] & 0xFFFFFFFF
+                out[p] += bin(word).count("1")
+                if sg is not None:
+                    out[P + p] += bin(word & sg[m][w] & 0xFFFFFFFF).count("1")
+                fired |= word
+            out[2 * P] += bin(fired).count("1")
+            out[2 * P + 1] += fired == 0
+    return out
+
+
+@pytest.mark.parametrize("P, M, W, density", [(1, 1, 1, 0.5), (4, 1, 128, 0.1), (16, 37, 3, 0.02),
+                                              (7, 100, 5, 0.3), (3, 0, 2, 0.5)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_stats_random_words(device, P, M, W, density, signed):
+    """Random words (every bit position, sparse and dense, M over several CPU chunks of 16
+    tokens) against reference.py and a Python loop."""
+    bits = torch.rand(P, M, W * 32) < density
+    bits[:, ::3, 32:] = False  # whole zero words in some tokens (when W > 1)
+    weights = 2 ** torch.arange(32, dtype=torch.int64)
+    planes = (bits.reshape(P, M, W, 32).long() * weights).sum(-1).to(torch.int64)
+    planes = planes.where(planes < 2**31, planes - 2**32).to(torch.int32)
+    sign = torch.randint(-2**31, 2**31 - 1, (M, W), dtype=torch.int32) if signed else None
+    got = ops.spike_stats(planes.to(device), sign.to(device) if signed else None)
+    assert got.dtype == torch.int64 and got.shape == (2 * P + 2,)
+    assert torch.equal(got.cpu(), reference.spike_stats(planes, sign))
+    assert got.tolist() == loop_stats(planes, sign)
+
+
+@pytest.mark.parametrize("mode", ["minmax", "absmax"])
+def test_stats_agree_with_counts(device, mode):
+    x = torch.randn(33, 100, device=device)
+    x[3] = 0.0
+    st = spikeops.encode(x, spikeops.Encoding(mode, 5))
+    P = st.num_planes
+    stats = st.stats()
+    assert torch.equal(stats[:P], st.counts().sum(1))
+    if st.sign is not None:
+        assert torch.equal(stats[P:2 * P], st.counts(negative=True).sum(1))
+    else:
+        assert not stats[P:2 * P].any()
+    fired = bits_of(st.planes, 100).any(0)
+    assert int(stats[2 * P]) == int(fired.sum())
+    assert int(stats[2 * P + 1]) == int((~bits_of(st.planes, 128).any(0).reshape(33, 4, 32)
+                                         .any(-1)).sum())
+
+
 @pytest.mark.parametrize("mode, kw", [("minmax", {}), ("absmean", {}),
                                       ("oat", dict(theta=(0.3, 1.5), planes=6)),
                                       ("absmax", dict(salient_bits=7))])

@@ -90,6 +90,12 @@ def counts_op(device, enc=None, **over):
     return OPS.spike_counts(**override(args, over))
 
 
+def stats_op(device, enc=None, **over):
+    f = op_fields(device, enc or Encoding("absmax", 4))
+    args = dict(planes=f["planes"], sign=f["sign"])
+    return OPS.spike_stats(**override(args, over))
+
+
 def accumulate_op(device, **over):
     f = op_fields(device, Encoding("absmax", 4))
     args = dict(planes=f["planes"], sign=f["sign"], hi=f["hi"],
@@ -358,6 +364,18 @@ PY_CASES = [
          "spike_linear-bias-device"),
     case(lambda d: linear_py(d, st=spikes(d)._replace(planes=spikes(d).planes.float())),
          TypeError, "planes", "spike_linear-planes-float"),
+
+    # spike_stats
+    case(lambda d: stats_op(d, planes=lambda a: a["planes"].long()), TypeError, "planes",
+         "spike_stats-planes-int64"),
+    case(lambda d: stats_op(d, planes=lambda a: a["planes"][0]), ValueError, "planes",
+         "spike_stats-planes-2d"),
+    case(lambda d: stats_op(d, planes=lambda a: a["planes"].repeat(6, 1, 1)), ValueError,
+         "planes", "spike_stats-planes-too-many"),
+    case(lambda d: stats_op(d, sign=lambda a: a["sign"][:, :1]), ValueError, "sign",
+         "spike_stats-sign-shape"),
+    case(lambda d: stats_op(d, sign=lambda a: a["sign"].float()), TypeError, "sign",
+         "spike_stats-sign-float"),
 
     # spike_accumulate
     case(lambda d: accumulate_py(d, st=spikes(d).planes), TypeError, "st",
@@ -644,6 +662,8 @@ DEVICE_CASES = [
                  id="spike_decode-scale"),
     pytest.param(lambda d: counts_op(d, sign=wrong_device(lambda a: a["sign"])), "sign",
                  id="spike_counts-sign"),
+    pytest.param(lambda d: stats_op(d, sign=wrong_device(lambda a: a["sign"])), "sign",
+                 id="spike_stats-sign"),
     pytest.param(lambda d: accumulate_op(d, w=wrong_device(lambda a: a["w"])), "w",
                  id="spike_accumulate-w"),
     pytest.param(lambda d: linear_op(d, qweight=wrong_device(lambda a: a["qweight"])),

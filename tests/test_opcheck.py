@@ -116,6 +116,12 @@ def test_spike_counts(device, name, negative):
     opcheck(OPS.spike_counts, (st.planes, or_absent(st.sign, st.planes), negative))
 
 
+@pytest.mark.parametrize("name", ["minmax4", "absmax4-gamma", "oat8"])
+def test_spike_stats(device, name):
+    st = spikes(name, device)
+    opcheck(OPS.spike_stats, (st.planes, or_absent(st.sign, st.planes)))
+
+
 @pytest.mark.parametrize("per_plane", [False, True])
 @pytest.mark.parametrize("name", ["absmax4-gamma", "salient-absmax", "oat8", "minmax4"])
 def test_spike_accumulate(device, name, per_plane):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spikeops
-from spikeops.stats import PRESETS, LayerStats, popcount32
+from spikeops.stats import PRESETS, LayerStats
 
 from helpers import make_layer
 
@@ -48,12 +48,6 @@ def crafted_x():
     return x
 
 
-def test_popcount32_matches_python():
-    words = torch.tensor([0, 1, -1, 0x7FFFFFFF, -(1 << 31), 0x55555555, -123456789, 0x0F0F0F0F],
-                         dtype=torch.int32)
-    assert popcount32(words).tolist() == [bits_of(int(w)) for w in words.tolist()]
-
-
 @pytest.mark.parametrize("enc", [spikeops.Encoding("absmax", 4), spikeops.Encoding("minmax", 4),
                                  spikeops.Encoding("absmax", 5, gamma=0.5)])
 def test_counts_silent_and_zero_words_match_reference(enc):
@@ -84,6 +78,27 @@ def test_counts_silent_and_zero_words_match_reference(enc):
     if enc.mode == "absmax" and enc.gamma == 1.0:
         assert zero_words >= 3 + 1  # token 1 (3 words) and token 0 word 1
         assert silent >= K + 32
+
+
+def test_encoding_changed_while_tracking():
+    """Calls with different plane counts (and signed and unsigned calls) add up per plane."""
+    x = crafted_x()
+    K, N = x.shape[1], 8
+    layer = spikeops.SpikeLinear(make_layer(K, N, 4, 32)[0], spikeops.Encoding("minmax", 4))
+    model = torch.nn.Sequential(layer)
+    enc6 = spikeops.Encoding("absmax", 7)
+    st4, st6 = spikeops.encode(x, layer.enc), spikeops.encode(x, enc6)
+    s4, _, silent4, zw4 = reference(st4, K)
+    s6, n6, silent6, zw6 = reference(st6, K)
+    with spikeops.track(model) as t:
+        model(x)
+        layer.set_encoding(enc6)
+        model(x)
+    (r,) = t.layers()
+    assert r.P == 6 and r.calls == 2 and r.tokens == 8
+    assert r.spikes_per_plane == [a + b for a, b in zip(s4 + [0, 0], s6)]
+    assert r.negative_per_plane == n6
+    assert r.silent_channels == silent4 + silent6 and r.zero_words == zw4 + zw6
 
 
 def test_energy_arithmetic_by_hand():

@@ -1,7 +1,8 @@
-// CPU kernels of gif_encode, spike_decode and spike_counts: one token row per task.
+// CPU kernels of gif_encode, spike_decode, spike_counts and spike_stats: one token row per task.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -168,6 +169,41 @@ at::Tensor spike_counts_cpu(const at::Tensor& planes, const at::Tensor& sign, bo
       counts[pm] = c;
     }
   });
+  return out;
+}
+
+at::Tensor spike_stats_cpu(const at::Tensor& planes, const at::Tensor& sign) {
+  const Spikes s = check_spike_bits("spike_stats", planes, sign, at::Tensor());
+  const int64_t n = stats_size(s.P);
+  const uint32_t *pp = words(s.planes), *sp = words(s.sign);
+  // Tokens are split into chunks, each summing into its own row of partials, so the result
+  // does not depend on the thread count; the rows are added at the end.
+  constexpr int64_t kChunk = 16;
+  const int64_t chunks = (s.M + kChunk - 1) / kChunk;
+  std::vector<int64_t> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1) * n), 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* acc = partial.data() + c * n;
+      for (int64_t m = c * kChunk; m < std::min(s.M, (c + 1) * kChunk); ++m) {
+        for (int64_t w = 0; w < s.W; ++w) {
+          const uint32_t neg = sp ? sp[m * s.W + w] : 0u;
+          uint32_t fired = 0;
+          for (int64_t p = 0; p < s.P; ++p) {
+            const uint32_t v = pp[(p * s.M + m) * s.W + w];
+            acc[p] += popcount32(v);
+            acc[s.P + p] += popcount32(v & neg);
+            fired |= v;
+          }
+          acc[2 * s.P] += popcount32(fired);
+          acc[2 * s.P + 1] += fired == 0;
+        }
+      }
+    }
+  });
+  at::Tensor out = at::zeros({n}, planes.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < n; ++i) o[i] += partial[c * n + i];
   return out;
 }
 

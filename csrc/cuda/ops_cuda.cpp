@@ -118,6 +118,24 @@ at::Tensor spike_counts_cuda(const at::Tensor& planes, const at::Tensor& sign, b
   return out;
 }
 
+at::Tensor spike_stats_cuda(const at::Tensor& planes, const at::Tensor& sign) {
+  const Spikes s = check_spike_bits("spike_stats", planes, sign, at::Tensor());
+  check_cuda("spike_stats", planes, "planes");
+  const c10::cuda::CUDAGuard guard(planes.device());
+  // The kernel adds into the output with atomics, so it starts from zeros.
+  at::Tensor out = at::zeros({stats_size(s.P)}, planes.options().dtype(at::kLong));
+  if (s.M > 0) {
+    StatsArgs a;
+    a.planes = words(s.planes);
+    a.sign = words(s.sign);
+    a.stats = out.data_ptr<int64_t>();
+    a.P = s.P, a.M = s.M, a.W = s.W;
+    launch_spike_stats(a, current_stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
 at::Tensor spike_accumulate_cuda(const at::Tensor& planes, const at::Tensor& sign,
                                  const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
   at::Tensor wc;

@@ -88,6 +88,18 @@ def _(planes, sign, negative):
     return planes.new_empty((planes.shape[0], planes.shape[1]), dtype=torch.int64)
 
 
+def spike_stats(planes: Tensor, sign: Optional[Tensor] = None) -> Tensor:
+    """One-pass statistics summed over tokens, int64 ``[2P + 2]``: spikes per plane, negative
+    spikes per plane (zeros without ``sign``), fired channels (set bits of the OR over planes)
+    and all-zero words (OR over planes == 0). ``spikeops.track`` calls this once per layer."""
+    return _ops.spike_stats(planes, _empty_like_absent(sign, planes, _INT32))
+
+
+@torch.library.register_fake("spikeops::spike_stats")
+def _(planes, sign):
+    return planes.new_empty((2 * planes.shape[0] + 2,), dtype=torch.int64)
+
+
 def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], w: Tensor,
                      per_plane: bool = False) -> Tensor:
     """Exact ``sum_k s * Q * w[k, n]`` per range with int8 ``w [K, N]``: int64 ``[R, M, N]``,

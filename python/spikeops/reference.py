@@ -168,6 +168,16 @@ def spike_counts(planes, sign=None, negative=False):
     return bits.sum(-1).to(torch.int64)
 
 
+def spike_stats(planes, sign=None):
+    P, M, W = planes.shape
+    bits = unpack_bits(planes, 32 * W)                  # [P, M, 32W]
+    neg = bits & unpack_bits(sign, 32 * W)[None] if sign is not None else torch.zeros_like(bits)
+    fired = bits.amax(0)                                # [M, 32W]: any plane fired
+    zero_words = (fired.reshape(M, W, 32).amax(-1) == 0).sum()
+    return torch.cat([bits.sum((1, 2)), neg.sum((1, 2)), fired.sum().reshape(1),
+                      zero_words.reshape(1)]).to(torch.int64)
+
+
 def spike_accumulate(planes, sign, hi, w, per_plane=False):
     K = w.shape[0]
     M = planes.shape[1]

@@ -102,6 +102,12 @@ class SpikeTensor(NamedTuple):
                              "(sign is None)")
         return ops.spike_counts(self.planes, self.sign, negative)
 
+    def stats(self) -> torch.Tensor:
+        """One-pass statistics summed over tokens, int64 ``[2P + 2]``: spikes per plane,
+        negative spikes per plane (zeros if unsigned), fired channels (tokens x channels with a
+        spike in any plane) and all-zero 32-channel words (``ops.spike_stats``)."""
+        return ops.spike_stats(self.planes, self.sign)
+
     def firing_rate(self) -> float:
         """Spikes / (M * K * P), the fraction of possible events that fired (SPEC.md 3.3)."""
         M, K, P = self.planes.shape[1], self.shape[-1], self.planes.shape[0]

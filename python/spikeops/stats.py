@@ -4,13 +4,16 @@
 ``SpikeLinear``, accumulates per layer (as device tensors; nothing syncs until the results are
 read):
 
-- spikes per plane ``[P]`` (``SpikeTensor.counts()`` summed over tokens) and, for signed
-  encodings, negative spikes per plane;
+- spikes per plane ``[P]`` and, for signed encodings, negative spikes per plane;
 - tokens M, in/out features K and N, planes P, weight groups G and ranges R;
 - silent channels: per token, the channels whose train is empty in every plane (K minus the
   popcount of the OR of the plane words), summed over tokens;
 - zero words: 32-channel spike words whose OR over planes is 0 (the ``"spike"`` kernel skips them),
   out of M * W words.
+
+All four come from one fused pass over the spike words per layer call (``SpikeTensor.stats()``,
+op ``spike_stats``), added in place into the layer's accumulator: two small ops per call, which
+keeps tracking cheap at decode, where every call carries one token.
 
 Derived: firing rate = spikes / (M * K * P); SOPs (synaptic operations, one addition of an
 integer weight per spike and output) = spikes * N; dense-equivalent MACs = M * K * N.
@@ -58,7 +61,7 @@ import torch
 
 from .nn import SpikeLinear
 
-__all__ = ["EnergyModel", "PRESETS", "LayerStats", "Tracker", "track", "popcount32"]
+__all__ = ["EnergyModel", "PRESETS", "LayerStats", "Tracker", "track"]
 
 
 @dataclass(frozen=True)
@@ -85,25 +88,6 @@ def energy_model(preset) -> EnergyModel:
         raise ValueError(f"energy model must be an EnergyModel or one of {sorted(PRESETS)}, "
                          f"got {preset!r}")
     return PRESETS[preset]
-
-
-def popcount32(words: torch.Tensor) -> torch.Tensor:
-    """Set bits of each int32 word, int64, with torch bit operations on the words' device."""
-    v = words.to(torch.int64) & 0xFFFFFFFF
-    v = v - ((v >> 1) & 0x55555555)
-    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-    v = (v + (v >> 4)) & 0x0F0F0F0F
-    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
-
-
-def _or_planes(planes: torch.Tensor) -> torch.Tensor:
-    """OR over the plane axis of int32 ``[P, M, W]`` -> ``[M, W]``."""
-    out = planes[0].clone() if planes.shape[0] else torch.zeros(planes.shape[1:],
-                                                                dtype=planes.dtype,
-                                                                device=planes.device)
-    for p in range(1, planes.shape[0]):
-        out |= planes[p]
-    return out
 
 
 def layer_type(name: str) -> str:
@@ -191,57 +175,47 @@ class LayerStats:
 
 
 class _Acc:
-    """Device-side accumulators of one layer."""
+    """Device-side accumulators of one layer: one ``spike_stats`` result per plane count P
+    (P only changes if the encoding is changed while tracking), added in place."""
 
-    __slots__ = ("calls", "tokens", "K", "N", "P", "groups", "ranges", "spikes", "negative",
-                 "silent", "zero_words", "words")
+    __slots__ = ("calls", "tokens", "words", "K", "N", "groups", "ranges", "signed", "stats")
 
     def __init__(self, layer: SpikeLinear):
-        self.calls = self.tokens = self.words = 0
+        self.calls = self.tokens = self.words = self.ranges = 0
         self.K, self.N = layer.in_features, layer.out_features
         self.groups = layer.scales.shape[0]
-        self.P = self.ranges = 0
-        self.spikes = self.negative = self.silent = self.zero_words = None
-
-    @staticmethod
-    def _add(acc, value):
-        if acc is None:
-            return value
-        if acc.dim() and acc.shape[0] != value.shape[0]:  # plane count changed: pad
-            n = max(acc.shape[0], value.shape[0])
-            acc = torch.nn.functional.pad(acc, (0, n - acc.shape[0]))
-            value = torch.nn.functional.pad(value, (0, n - value.shape[0]))
-        return acc + value
+        self.signed = False
+        self.stats: Dict[int, torch.Tensor] = {}
 
     def observe(self, layer: SpikeLinear, st) -> None:
-        planes = st.planes
-        P, M, W = planes.shape
+        # The per-call cost matters at decode (one token per call): one fused op and one add.
+        P, M, W = st.planes.shape
         self.calls += 1
         self.tokens += M
         self.words += M * W
-        self.P = max(self.P, P)
         self.ranges = max(self.ranges, st.scale.shape[1])
-        self.spikes = self._add(self.spikes, st.counts().sum(1))
-        if st.sign is not None:
-            self.negative = self._add(self.negative, st.counts(negative=True).sum(1))
-        fired = _or_planes(planes)
-        self.silent = self._add(self.silent, M * self.K - popcount32(fired).sum())
-        self.zero_words = self._add(self.zero_words, (fired == 0).sum())
+        self.signed |= st.sign is not None
+        value = st.stats()
+        acc = self.stats.get(P)
+        if acc is None:
+            self.stats[P] = value
+        else:
+            acc.add_(value)
 
     def result(self, name: str) -> LayerStats:
-        def host(t):
-            return [] if t is None else [int(v) for v in t.tolist()]
-        spikes = host(self.spikes)
-        spikes += [0] * (self.P - len(spikes))
-        neg = None
-        if self.negative is not None:
-            neg = host(self.negative)
-            neg += [0] * (self.P - len(neg))
-        return LayerStats(name, layer_type(name), self.calls, self.tokens, self.K, self.N, self.P,
-                          self.groups, self.ranges, spikes, neg,
-                          int(self.silent) if self.silent is not None else 0,
-                          int(self.zero_words) if self.zero_words is not None else 0,
-                          self.words)
+        P = max(self.stats, default=0)
+        spikes, negative = [0] * P, [0] * P
+        fired = zero_words = 0
+        for p, acc in self.stats.items():
+            v = acc.tolist()
+            for i in range(p):
+                spikes[i] += v[i]
+                negative[i] += v[p + i]
+            fired += v[2 * p]
+            zero_words += v[2 * p + 1]
+        return LayerStats(name, layer_type(name), self.calls, self.tokens, self.K, self.N, P,
+                          self.groups, self.ranges, spikes, negative if self.signed else None,
+                          self.tokens * self.K - fired, zero_words, self.words)
 
 
 class Tracker:
