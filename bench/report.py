@@ -1,38 +1,224 @@
-"""pytest-benchmark JSON -> markdown: one table per group, the median time of every entry and its
-speedup over each baseline of the same group (entries not named ``spikeops-*``), measured in the
-same run. Usage: ``python bench/report.py bench.json [> report.md]``."""
+"""pytest-benchmark JSON -> markdown report. Usage:
+``python bench/report.py bench.json [more.json ...] [--headline] [> report.md]``; several JSON
+files (the stages of one GPU session, scripts/gpu_check.sh) are merged, machine facts from the
+first.
 
+Sections: the machine (GPU, clocks, torch, CUDA, the measured copy bandwidth), the targets of
+PERFORMANCE.md with the measured ratio and met / missed (by how much), a headline table (the
+README shows it; ``--headline`` prints only that), and one table per group: every entry's
+median, GB/s, TOPS, share of the copy bandwidth and its speedup over each baseline of the group
+(entries not named ``spikeops-*``), all from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
 import json
-import sys
+import re
+import statistics
+from typing import Dict, List, Optional
 
 
 def fmt_time(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
     return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
 
 
-def report(data: dict) -> str:
-    info = data.get("machine_info", {})
-    lines = ["# spikeops benchmark report", ""]
-    facts = [("CPU", info.get("cpu", {}).get("brand_raw")), ("threads", info.get("cpu_threads")),
-             ("CPU capability", info.get("cpu_capability")), ("GPU", info.get("gpu")),
-             ("torch", info.get("torch")), ("CUDA", info.get("torch_cuda")),
-             ("Python", info.get("python_version")), ("date", data.get("datetime"))]
-    lines += [f"- {k}: {v}" for k, v in facts if v is not None]
-    groups = {}
-    for b in data["benchmarks"]:
-        groups.setdefault(b["group"], []).append(b)
-    for group, entries in groups.items():
-        baselines = [e for e in entries if not e["name"].startswith("spikeops")]
-        lines += ["", f"## {group}", "",
-                  "| entry | median | " + " | ".join(f"x vs {b['name']}" for b in baselines) + " |",
-                  "|---|---|" + "---|" * len(baselines)]
-        for e in sorted(entries, key=lambda e: e["stats"]["median"]):
-            t = e["stats"]["median"]
-            ratios = " | ".join(f"{b['stats']['median'] / t:.2f}x" for b in baselines)
-            lines.append(f"| {e['name']} | {fmt_time(t)} | {ratios} |")
+def _num(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+class Run:
+    """The benchmarks of one JSON, indexed by group and entry name."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.info = data.get("machine_info", {})
+        self.groups: Dict[str, Dict[str, dict]] = {}
+        for b in data["benchmarks"]:
+            self.groups.setdefault(b["group"], {})[b["name"]] = b
+        copy = self.groups.get("copy-roofline", {}).get("copy")
+        self.copy_gbps = copy["extra_info"].get("gb_per_s") if copy and copy.get("stats") else None
+
+    @staticmethod
+    def median(entry: Optional[dict]) -> Optional[float]:
+        return entry["stats"]["median"] if entry and entry.get("stats") else None
+
+    def ratio(self, group: str, baseline: str, entry: str) -> Optional[float]:
+        """Speedup of ``entry`` over ``baseline`` in ``group`` (baseline time / entry time)."""
+        g = self.groups.get(group, {})
+        a, b = self.median(g.get(baseline)), self.median(g.get(entry))
+        return a / b if a and b else None
+
+    def linear_groups(self, M: int, bits: int = 4) -> List[str]:
+        pattern = re.compile(rf"^spike_linear \S+ \d+x\d+ M={M} W{bits}g")
+        return [g for g in self.groups if pattern.match(g)]
+
+
+def _facts(run: Run) -> List[str]:
+    info = run.info
+    facts = [("GPU", info.get("gpu")), ("GPU clocks", info.get("gpu_clocks")),
+             ("CPU", info.get("cpu", {}).get("brand_raw")), ("CPU threads", info.get("cpu_threads")),
+             ("torch", info.get("torch")), ("CUDA (torch)", info.get("torch_cuda")),
+             ("transformers", info.get("transformers")), ("Python", info.get("python_version")),
+             ("date", run.data.get("datetime")),
+             ("device-to-device copy", f"{run.copy_gbps:.0f} GB/s (read + write, measured in "
+                                       f"this run)" if run.copy_gbps else None)]
+    return [f"- {k}: {v}" for k, v in facts if v is not None]
+
+
+def _worst(values: List[Optional[float]]):
+    vals = [v for v in values if v is not None]
+    return (min(vals), statistics.median(vals), len(vals)) if vals else None
+
+
+def targets(run: Run) -> List[str]:
+    """PERFORMANCE.md targets, each with its measured ratio (worst and median over shapes)."""
+    on_gpu = bool(run.info.get("gpu"))
+    ref = "cublas-fp16" if on_gpu else "torch-fp32-F.linear"
+    auto = "spikeops-auto-minmax4"
+    rows = []
+
+    def add(name, goal, values, unit="x"):
+        w = _worst(values)
+        if w is None:
+            rows.append(f"| {name} | {goal}{unit} | not measured in this run | - |")
+            return
+        worst, med, n = w
+        verdict = "met" if worst >= goal else f"missed by {100 * (1 - worst / goal):.0f}%"
+        rows.append(f"| {name} | {goal}{unit} | {worst:.2f}{unit} (median {med:.2f}{unit}, "
+                    f"{n} shapes) | {verdict} |")
+
+    def over(M, baseline, entry=auto, bits=4):
+        return [run.ratio(g, baseline, entry) for g in run.linear_groups(M, bits)]
+
+    def copy_share(M):
+        if not run.copy_gbps:
+            return []
+        return [run.groups[g][auto]["extra_info"].get("gb_per_s") / run.copy_gbps
+                for g in run.linear_groups(M) if auto in run.groups[g]
+                and run.groups[g][auto].get("stats")]
+
+    if on_gpu:
+        add(f"M=1 auto vs {ref}", 3.0, over(1, ref))
+        add("M=1 auto, share of copy bandwidth", 0.8, copy_share(1), "")
+        add("M=1 auto vs torch int4 tinygemm", 1.5, over(1, "torch-int4-tinygemm"))
+        add(f"M=1 spike backend vs {ref}", 2.0, over(1, ref, "spikeops-spike-minmax4"))
+        add(f"M=16 auto vs {ref}", 2.5, over(16, ref))
+        add(f"M=2048 auto vs {ref}", 1.3, over(2048, ref))
+        add("M=2048 auto vs torch._int_mm", 0.8, over(2048, "torch-int8-_int_mm"))
+        enc = [e["extra_info"].get("gb_per_s") / run.copy_gbps
+               for g, es in run.groups.items() if g.startswith("gif_encode") and run.copy_gbps
+               for n, e in es.items() if n == "spikeops-minmax4" and e.get("stats")
+               and " M=2048" in g]
+        add("encode (minmax4, M=2048), share of copy bandwidth", 0.7, enc, "")
+        decode = [run.ratio(f"model decode-batch{b}", "hf-fp16", "spikeops-W4-minmax4")
+                  for b in (1, 16)]
+        add("whole-model decode vs fp16 HF", 2.0, decode)
+        sim = [run.ratio(f"model decode-batch{b}", "timestep-sim-T15", "spikeops-W4-minmax4")
+               for b in (1, 16)]
+        add("whole-model decode vs T-step simulation", 100.0, sim)
+    else:
+        add(f"CPU M=1 4096->11008 auto vs {ref}", 2.0,
+            [run.ratio(g, ref, auto) for g in run.linear_groups(1) if "4096x11008" in g])
+        add("CPU M=1 4096->11008 auto vs T-step simulation", 20.0,
+            [run.ratio(g, "timestep-sim-T15", auto) for g in run.linear_groups(1)
+             if "4096x11008" in g])
+    return ["| target | goal | measured (worst over shapes) | verdict |", "|---|---|---|---|",
+            *rows]
+
+
+def headline(run: Run) -> List[str]:
+    """spikeops auto (minmax4) per shape and M: speedup over the reference, int4, int8, the
+    simulation; then the whole-model rows."""
+    on_gpu = bool(run.info.get("gpu"))
+    ref = "cublas-fp16" if on_gpu else "torch-fp32-F.linear"
+    auto = "spikeops-auto-minmax4"
+    lines = [f"| layer (W4 g128, minmax4 spikes) | M | auto | vs {ref} | vs int4 tinygemm | "
+             f"vs _int_mm | vs T=15 simulation | GB/s |", "|---|---|---|---|---|---|---|---|"]
+    for g, es in run.groups.items():
+        m = re.match(r"^spike_linear (\S+ \d+x\d+) M=(\d+) W4g", g)
+        if not m or auto not in es or not es[auto].get("stats"):
+            continue
+        e = es[auto]
+        cells = [_num(run.ratio(g, b, auto), ".2f") + "x" if run.ratio(g, b, auto) else "-"
+                 for b in (ref, "torch-int4-tinygemm", "torch-int8-_int_mm", "timestep-sim-T15")]
+        lines.append(f"| {m.group(1)} | {m.group(2)} | {fmt_time(run.median(e))} | "
+                     f"{' | '.join(cells)} | {_num(e['extra_info'].get('gb_per_s'), '.0f')} |")
+    model = [g for g in run.groups if g.startswith("model ")]
+    if model:
+        lines += ["", "| whole model | hf (tokens/s) | spikeops (tokens/s) | vs hf | vs simulation | "
+                      "peak GiB (hf / spikeops) |", "|---|---|---|---|---|---|"]
+        for g in model:
+            es = run.groups[g]
+
+            def tps(name):
+                e = es.get(name)
+                return e["extra_info"].get("tokens_per_s") if e and e.get("stats") else None
+
+            def peak(name):
+                e = es.get(name)
+                return _num(e["extra_info"].get("peak_gib") if e else None, ".1f")
+
+            sp = "spikeops-W4-minmax4"
+            r_hf, r_sim = run.ratio(g, "hf-fp16", sp), run.ratio(g, "timestep-sim-T15", sp)
+            lines.append(f"| {g[len('model '):]} | {_num(tps('hf-fp16'), '.1f')} | "
+                         f"{_num(tps(sp), '.1f')} | {_num(r_hf, '.2f')}x | {_num(r_sim, '.1f')}x | "
+                         f"{peak('hf-fp16')} / {peak(sp)} |")
+    return lines
+
+
+def group_tables(run: Run) -> List[str]:
+    lines = []
+    for group, entries in run.groups.items():
+        timed = {n: e for n, e in entries.items() if e.get("stats")}
+        baselines = [n for n in timed if not n.startswith("spikeops")]
+        lines += ["", f"### {group}", "",
+                  "| entry | median | GB/s | TOPS | of copy BW | " +
+                  " | ".join(f"x vs {b}" for b in baselines) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(baselines)]
+        for name, e in sorted(timed.items(), key=lambda kv: kv[1]["stats"]["median"]):
+            x = e["extra_info"]
+            gbps = x.get("gb_per_s")
+            share = f"{100 * gbps / run.copy_gbps:.0f}%" if gbps and run.copy_gbps else "-"
+            ratios = " | ".join(f"{run.ratio(group, b, name):.2f}x" for b in baselines)
+            note = " (int_mm padded to 32 rows)" if x.get("int_mm_padded_rows") else ""
+            note += "" if x.get("cuda_graph", True) else " (eager: graph capture failed)"
+            lines.append(f"| {name}{note} | {fmt_time(e['stats']['median'])} | "
+                         f"{_num(gbps, '.1f')} | {_num(x.get('tops'), '.3f')} | {share} | "
+                         f"{ratios} |")
+    return lines
+
+
+def merge(paths: List[str]) -> dict:
+    """The benchmarks of several JSON files in one record (machine facts of the first)."""
+    merged = None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
+    return merged
+
+
+def report(data: dict, only_headline: bool = False) -> str:
+    run = Run(data)
+    if only_headline:
+        return "\n".join(headline(run)) + "\n"
+    lines = ["# spikeops benchmark report", "", *_facts(run), "",
+             "Ratios are speedups (baseline time / entry time) from the same run; GB/s and "
+             "TOPS count what each entry must move and compute (bench/*.py docstrings).",
+             "", "## Targets (PERFORMANCE.md)", "", *targets(run),
+             "", "## Headline", "", *headline(run), "", "## All groups", *group_tables(run)]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        print(report(json.load(f)), end="")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--headline", action="store_true", help="print only the headline table")
+    args = parser.parse_args()
+    print(report(merge(args.json), args.headline), end="")

@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# The whole check on a GPU machine (torch with CUDA, nvcc, no network): clean CUDA build, GPU
-# facts, the test suite, the benchmarks and their report, compute-sanitizer memcheck on the small
-# CUDA tests (last, time-bounded by SANITIZER_TIMEOUT seconds, default 300).
-# Every step runs even after a failed one; each step's exit code goes to OUTDIR/summary.txt and
-# the script exits non-zero if any step failed.
+# The whole check on a GPU machine (torch with CUDA, nvcc, no network), in stages so that it fits
+# device calls of at most 10 minutes: clean CUDA build, GPU facts, the test suite, the
+# benchmarks (one JSON per stage) and their report, compute-sanitizer memcheck on the small CUDA
+# tests (time-bounded by SANITIZER_TIMEOUT seconds, default 240).
+# Every stage runs even after a failed one; each stage's exit code goes to OUTDIR/summary.txt and
+# the script exits non-zero if any failed. Stages other than `build` build only when the CUDA
+# kernels are not importable yet (a fresh machine).
 #
-# Usage: scripts/gpu_check.sh OUTDIR
-# OUTDIR receives at most 8 files: summary.txt build.txt gpu.txt pytest.txt sanitizer.txt
-# bench.txt bench.json report.md.
+# Usage: scripts/gpu_check.sh OUTDIR [STAGE ...]
+# Stages, in the default order (all of them when none is named):
+#   build tests bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model report
+#   sanitizer
+# A 30-minute device budget fits, for example, three calls:
+#   1) build tests sanitizer   2) bench-linear-7B bench-linear-8B bench-ops
+#   3) bench-linear-70B bench-model report
+# OUTDIR receives summary.txt, build.txt, gpu.txt, pytest.txt, sanitizer.txt, bench-*.txt,
+# bench-*.json and report.md (from every bench-*.json present in OUTDIR).
 set -uo pipefail
 
-if [[ $# -ne 1 ]]; then
-  echo "usage: $0 OUTDIR" >&2
+if [[ $# -lt 1 ]]; then
+  echo "usage: $0 OUTDIR [STAGE ...]" >&2
   exit 2
 fi
 mkdir -p "$1"
 out="$(cd "$1" && pwd)"
+shift
+stages=("$@")
+if (( ${#stages[@]} == 0 )); then
+  stages=(build tests bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model
+          report sanitizer)
+fi
 cd "$(dirname "$0")/.."
 summary="$out/summary.txt"
-: > "$summary"
+touch "$summary"
 failed=0
 
 # step NAME COMMAND...: runs the command, records and prints its exit code.
@@ -34,9 +48,23 @@ step() {
   return 0
 }
 
+cuda_ready() {
+  python -c 'import torch, spikeops; raise SystemExit(0 if torch.cuda.is_available() and
+torch._C._dispatch_has_kernel_for_dispatch_key("spikeops::spike_linear", "CUDA") else 1)' \
+    2>/dev/null
+}
+
 build() {
   rm -rf build python/spikeops/_C*.so
-  SPIKEOPS_CUDA=1 pip install --no-build-isolation --no-deps -e . 2>&1 | tee "$out/build.txt"
+  SPIKEOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install --no-build-isolation --no-deps -e . \
+    2>&1 | tee "$out/build.txt"
+  local rc=${PIPESTATUS[0]}
+  gpu_facts
+  return "$rc"
+}
+
+ensure_built() {
+  cuda_ready || build
 }
 
 gpu_facts() {
@@ -51,16 +79,18 @@ print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_devi
 import spikeops  # noqa: F401  (registers the ops)
 registered = torch._C._dispatch_has_kernel_for_dispatch_key("spikeops::spike_linear", "CUDA")
 print("spikeops CUDA kernels registered:", registered)
-raise SystemExit(0 if registered else 1)
 PY
   } 2>&1 | tee "$out/gpu.txt"
 }
 
 tests() {
-  python -m pytest tests -q -rs 2>&1 | tee "$out/pytest.txt"
+  ensure_built
+  python -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
+  return "${PIPESTATUS[0]}"
 }
 
 sanitizer() {
+  ensure_built
   local tool
   tool="$(command -v compute-sanitizer || true)"
   if [[ -z "$tool" && -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/compute-sanitizer" ]]; then
@@ -72,40 +102,50 @@ sanitizer() {
   fi
   # Without the caching allocator every tensor is its own allocation, so memcheck sees reads
   # past the end of a tensor instead of into a neighbour in the same pool block.
-  # Small cases only (memcheck slows kernels 10-100x), bounded so the step cannot eat the
-  # rest of a device session: it runs last.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-300}" "$tool" --tool memcheck \
-    --error-exitcode 97 python -m pytest tests -q -k "cuda and not 4096 and not 4128" 2>&1 |
-    tee "$out/sanitizer.txt"
+  # Small cases only (memcheck slows kernels 10-100x), time-bounded.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-240}" "$tool" --tool memcheck \
+    --error-exitcode 97 python -m pytest tests -q -p no:cacheprovider \
+    -k "cuda and not 4096 and not 4128" 2>&1 | tee "$out/sanitizer.txt"
+  return "${PIPESTATUS[0]}"
 }
 
-benchmarks() {
-  python -m pytest bench -q --benchmark-json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+# bench NAME PYTEST-ARGS...: one benchmark stage, its JSON in OUTDIR/bench-NAME.json.
+bench() {
+  local name="$1"
+  shift
+  ensure_built
+  python -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$out/bench-$name.json" \
+    2>&1 | tee "$out/bench-$name.txt"
   local rc=${PIPESTATUS[0]}
   if (( rc == 5 )); then  # pytest: no tests collected, a failure here
-    echo "no benchmarks collected under bench/" | tee -a "$out/bench.txt"
+    echo "no benchmarks collected for $name" | tee -a "$out/bench-$name.txt"
   fi
   return "$rc"
 }
 
 report() {
-  if [[ ! -f bench/report.py ]]; then
-    echo "bench/report.py absent: no report"
-    return 0
-  fi
-  if [[ ! -f "$out/bench.json" ]]; then
-    echo "no bench.json: no report"
+  local files=("$out"/bench-*.json)
+  if [[ ! -e "${files[0]}" ]]; then
+    echo "no bench-*.json in $out: no report"
     return 1
   fi
-  python bench/report.py "$out/bench.json" > "$out/report.md"
+  python bench/report.py "${files[@]}" > "$out/report.md"
 }
 
-step build build
-step gpu gpu_facts
-step pytest tests
-step bench benchmarks
-step report report
-step sanitizer sanitizer
+for s in "${stages[@]}"; do
+  case "$s" in
+    build) step build build ;;
+    tests) step tests tests ;;
+    sanitizer) step sanitizer sanitizer ;;
+    bench-linear-7B) step "$s" bench linear-7B bench/test_linear.py -k "7B-" ;;
+    bench-linear-8B) step "$s" bench linear-8B bench/test_linear.py -k "8B-" ;;
+    bench-linear-70B) step "$s" bench linear-70B bench/test_linear.py -k "70B-" ;;
+    bench-ops) step "$s" bench ops bench/test_ops.py bench/test_tracking.py ;;
+    bench-model) step "$s" bench model bench/test_model.py ;;
+    report) step report report ;;
+    *) echo "unknown stage: $s" >&2; echo "$s 2" >> "$summary"; failed=1 ;;
+  esac
+done
 
 echo "=== summary ($summary)"
 cat "$summary"

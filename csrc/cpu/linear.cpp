@@ -437,15 +437,23 @@ at::Tensor gptq_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qzer
   const int32_t* gi = w.g_idx.data_ptr<int32_t>();
   const at::Half* sc = w.scales.data_ptr<at::Half>();
   const int64_t zcols = w.qzeros.size(1);
-  at::parallel_for(0, w.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
+  // Tiles of kCols output rows walked k-major: each qweight row segment is read contiguously
+  // (walking one n over all k would stride N words per load), and the tile's kCols output rows
+  // stay in cache while they fill.
+  constexpr int64_t kCols = 64;
+  at::parallel_for(0, (w.N + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * kCols, n1 = std::min(w.N, n0 + kCols);
       for (int64_t k = 0; k < w.K; ++k) {
         const int64_t g = gi[k];
-        const int32_t q = gptq_code(qw, w.N, k, n, w.bits);
-        const int32_t z = gptq_zero(qz, zcols, g, n, w.bits, w.zero_offset);
-        o[n * w.K + k] = static_cast<at::Half>(static_cast<float>(sc[g * w.N + n]) *
-                                               static_cast<float>(q - z));
+        for (int64_t n = n0; n < n1; ++n) {
+          const int32_t q = gptq_code(qw, w.N, k, n, w.bits);
+          const int32_t z = gptq_zero(qz, zcols, g, n, w.bits, w.zero_offset);
+          o[n * w.K + k] = static_cast<at::Half>(static_cast<float>(sc[g * w.N + n]) *
+                                                 static_cast<float>(q - z));
+        }
       }
+    }
   });
   return out;
 }

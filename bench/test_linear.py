@@ -1,0 +1,160 @@
+"""spike_linear against its baselines, one pytest-benchmark group per (shape, M, weight bits).
+
+Every group holds, on the same layer (random symmetric GPTQ, group size 128):
+
+- ``spikeops-{auto,spike}-{minmax4,absmax4,minmax8}``: ``spike_linear`` on a prepared
+  SpikeTensor, both backends, three encodings;
+- ``spikeops-SpikeLinear-minmax4``: the module, x -> encode -> spike_linear;
+- the reference, ``cublas-fp16`` (``F.linear`` fp16 on GPU) or ``torch-fp32-F.linear`` (CPU), on
+  the dequantized weights (not timed: ``gptq_dequantize``);
+- ``dequant+matmul``: ``gptq_dequantize`` then the dense matmul, per call;
+- ``torch-int4-tinygemm`` (4-bit groups): ``aten._weight_int4pack_mm`` (``_for_cpu`` on CPU) on
+  the same codes, scales and zeros, bf16 activations;
+- ``torch-int8-_int_mm``: ``torch._int_mm`` on the int8 problem of the same shape;
+- ``timestep-sim-T15``: the SpikeLLM / LAS way, rate-coded minmax-4 spikes over T = 15 steps,
+  one dense matmul per step plus one for the zero point.
+
+Matrix: on GPU every shape of harness.SHAPES at M in {1, 4, 16, 64, 256, 2048} with W4, plus W2,
+W3 and W8 at M = 1. On CPU (2 cores) the LLaMA-2-7B gate/up shape 4096 -> 11008 at M = 1 and 16
+with W4, and W2/W3/W8 at M = 1: the CPU core targets; the GPU shapes would take hours there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spikeops
+from spikeops import reference
+
+from harness import (DENSE_DTYPE, DEVICE, ENCODINGS, GROUP_SIZE, ON_GPU, SHAPES, TOKENS,
+                     activations, gptq_layer, measure)
+
+REFERENCE = "cublas-fp16" if ON_GPU else "torch-fp32-F.linear"
+T = 15  # rate-code steps of a 4-bit code: 2^4 - 1
+ENTRIES = ([REFERENCE] + [f"spikeops-{b}-{e}" for e in ENCODINGS for b in ("auto", "spike")] +
+           ["spikeops-SpikeLinear-minmax4", "dequant+matmul", "torch-int4-tinygemm",
+            "torch-int8-_int_mm", f"timestep-sim-T{T}"])
+
+
+def _problems():
+    shapes = list(SHAPES) if ON_GPU else ["7B-gate_up"]
+    tokens = TOKENS if ON_GPU else (1, 16)
+    out = [(s, M, 4) for s in shapes for M in tokens]
+    return out + [(s, 1, bits) for s in shapes for bits in (2, 3, 8)]
+
+
+CASES = [pytest.param(s, M, bits, e, id=f"{s}-M{M}-W{bits}-{e}")
+         for s, M, bits in _problems() for e in ENTRIES
+         if not (e == "torch-int4-tinygemm" and bits != 4)]
+_reference = {"__name__": REFERENCE}
+
+
+@functools.lru_cache(maxsize=1)
+def layer(shape: str, bits: int):
+    """The GPTQ layer of a group and its dense twin (kept while a shape's groups run)."""
+    K, N = SHAPES[shape]
+    w = gptq_layer(K, N, bits)
+    return w, w.dequantize().to(DENSE_DTYPE)
+
+
+@functools.lru_cache(maxsize=1)
+def int4_weights(shape: str):
+    """tinygemm's packing of the same 4-bit codes; its zero is additive: w = (q - 8) * s + zero,
+    so zero = (8 - z) * s reproduces GPTQ's (q - z) * s."""
+    w, _ = layer(shape, 4)
+    K, N = w.in_features, w.out_features
+    q = spikeops.unpack(w.qweight, 4, K, dim=0).t().contiguous()  # [N, K] codes
+    z = spikeops.unpack(w.qzeros, 4, N, dim=1) + w.zero_offset   # [G, N]
+    s = w.scales.float()
+    scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()
+    if ON_GPU:
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+    return packed, scale_zero
+
+
+def spikes_bytes(st) -> int:
+    return sum(t.numel() * t.element_size() for t in st[:5] if t is not None)
+
+
+def packed_bytes(w) -> int:
+    return sum(t.numel() * t.element_size() for t in (w.qweight, w.qzeros, w.scales))
+
+
+@pytest.mark.parametrize("shape, M, bits, entry", CASES)
+def test_linear(benchmark, shape, M, bits, entry):
+    K, N = SHAPES[shape]
+    w, W = layer(shape, bits)
+    x = activations(M, K)
+    group = f"spike_linear {shape} {K}x{N} M={M} W{bits}g{GROUP_SIZE}"
+    mac = 2.0 * M * K * N
+    dense_io = (M * K + M * N) * x.element_size()
+    info = dict(M=M, K=K, N=N, bits=bits, entry=entry)
+    run = functools.partial(measure, benchmark, group=group, name=entry, ops=mac,
+                            reference=_reference)
+
+    if entry == REFERENCE:
+        run(lambda: F.linear(x, W), bytes_moved=W.numel() * W.element_size() + dense_io,
+            extra=info)
+    elif entry.startswith("spikeops-SpikeLinear"):
+        lin = spikeops.SpikeLinear(w, ENCODINGS["minmax4"])
+        run(lambda: lin(x), bytes_moved=packed_bytes(w) + dense_io, extra=info)
+    elif entry.startswith("spikeops-"):
+        _, backend, enc = entry.split("-")
+        st = spikeops.encode(x, ENCODINGS[enc])
+        info.update(firing_rate=st.firing_rate(), planes=st.num_planes)
+        run(lambda: spikeops.spike_linear(st, w, out_dtype=torch.float16, backend=backend),
+            bytes_moved=packed_bytes(w) + spikes_bytes(st) + M * N * 2, extra=info)
+    elif entry == "dequant+matmul":
+        run(lambda: F.linear(x, w.dequantize().to(DENSE_DTYPE)),
+            bytes_moved=packed_bytes(w) + 2 * W.numel() * 2 + W.numel() * W.element_size()
+            + dense_io, extra=info)
+    elif entry == "torch-int4-tinygemm":
+        packed, scale_zero = int4_weights(shape)
+        xb = x.to(torch.bfloat16)
+        mm = (torch.ops.aten._weight_int4pack_mm if ON_GPU
+              else torch.ops.aten._weight_int4pack_mm_for_cpu)
+        y = mm(xb, packed, GROUP_SIZE, scale_zero)
+        # Same problem as the other entries: close to the dense layer (bf16 rounding).
+        torch.testing.assert_close(y.float(), F.linear(xb.float(), W.float()), rtol=0.05,
+                                   atol=0.05 * float(y.float().abs().max()))
+        run(lambda: mm(xb, packed, GROUP_SIZE, scale_zero),
+            bytes_moved=K * N // 2 + scale_zero.numel() * 2 + M * K * 2 + M * N * 2, extra=info)
+    elif entry == "torch-int8-_int_mm":
+        a8 = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=DEVICE)
+        b8 = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEVICE).t()
+        try:
+            torch._int_mm(a8, b8)
+        except RuntimeError as e:  # CUDA builds of torch may refuse small M: pad to 32 rows
+            info["int_mm_padded_rows"] = 32
+            info["int_mm_note"] = str(e).splitlines()[0][:200]
+            a8 = torch.cat([a8, a8.new_zeros(32 - M, K)])
+        run(lambda: torch._int_mm(a8, b8), bytes_moved=K * N + a8.numel() + a8.shape[0] * N * 4,
+            extra=info)
+    elif entry.startswith("timestep-sim"):
+        st = spikeops.encode(x, ENCODINGS["minmax4"])
+        codes = sum(reference.unpack_bits(st.planes[p], K).to(torch.int32) << p
+                    for p in range(st.num_planes))
+        trains = torch.stack([(codes > t).to(DENSE_DTYPE) for t in range(T)])  # [T, M, K]
+        scale, zero = st.scale[:, :1], st.zero[:, :1].to(DENSE_DTYPE)
+        ones = torch.ones(1, K, dtype=DENSE_DTYPE, device=DEVICE)
+
+        def simulate():
+            acc = torch.zeros(M, N, dtype=torch.float32, device=DEVICE)
+            for t in range(T):
+                acc += F.linear(trains[t], W)
+            return scale * (acc - zero * F.linear(ones, W))
+
+        y = simulate()
+        torch.testing.assert_close(y, F.linear(st.decode(torch.float32), W.float()),
+                                   rtol=2e-2, atol=2e-2 * float(y.abs().max()))
+        run(simulate, bytes_moved=T * (W.numel() * W.element_size() + dense_io), ops=T * mac,
+            extra=dict(info, T=T))
+    else:
+        raise AssertionError(entry)
