@@ -93,13 +93,22 @@ Linear check_spike_linear(const at::Tensor& planes, const at::Tensor& sign, cons
                           const at::Tensor& bias, int64_t bits, int64_t zero_offset,
                           at::ScalarType out_dtype, const std::string& backend);
 
-// Word views of int32 bit tensors; absent (undefined or empty) tensors give null.
+// Data of optional tensors: absent (undefined or empty) tensors give null.
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mutable_data_or_null(at::Tensor& t) {
+  return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+// Word views of int32 bit tensors (planes, sign, hi), null when absent.
 inline const uint32_t* words(const at::Tensor& t) {
-  return t.defined() && t.numel() ? reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>())
-                                  : nullptr;
+  return reinterpret_cast<const uint32_t*>(data_or_null<int32_t>(t));
 }
 inline uint32_t* mutable_words(at::Tensor& t) {
-  return t.numel() ? reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()) : nullptr;
+  return reinterpret_cast<uint32_t*>(mutable_data_or_null<int32_t>(t));
 }
 
 // The spike words must cover exactly K channels: W == ceil(K / 32).

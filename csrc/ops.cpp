@@ -55,7 +55,7 @@ TORCH_LIBRARY(spikeops, m) {
   m.impl("gif_encode", &spikeops::gif_encode_##dev);             \
   m.impl("spike_decode", &spikeops::spike_decode_##dev);         \
   m.impl("spike_counts", &spikeops::spike_counts_##dev);         \
-  m.impl("spike_stats", &spikeops::spike_stats_##dev);             \
+  m.impl("spike_stats", &spikeops::spike_stats_##dev);           \
   m.impl("spike_accumulate", &spikeops::spike_accumulate_##dev); \
   m.impl("spike_linear", &spikeops::spike_linear_##dev);         \
   m.impl("gptq_dequantize", &spikeops::gptq_dequantize_##dev);

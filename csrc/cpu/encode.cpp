@@ -110,8 +110,8 @@ EncodeResult gif_encode_cpu(const at::Tensor& x, const std::string& mode, int64_
   auto& [planes, sign, hi, scale_out, zero_out] = out;
   uint32_t *pp = mutable_words(planes), *sp = mutable_words(sign), *hp = mutable_words(hi);
   float* scp = scale_out.data_ptr<float>();
-  int32_t* zp = zero_out.numel() ? zero_out.data_ptr<int32_t>() : nullptr;
-  const bool* salient = e.salient_mask.defined() ? e.salient_mask.data_ptr<bool>() : nullptr;
+  int32_t* zp = mutable_data_or_null<int32_t>(zero_out);
+  const bool* salient = data_or_null<bool>(e.salient_mask);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.x.scalar_type(), "gif_encode", [&] {
     const scalar_t* xin = e.x.data_ptr<scalar_t>();
@@ -131,7 +131,7 @@ at::Tensor spike_decode_cpu(const at::Tensor& planes, const at::Tensor& sign, co
   at::Tensor out = at::empty({s.M, K}, planes.options().dtype(dtype));
   const uint32_t *pp = words(s.planes), *sp = words(s.sign), *hp = words(s.hi);
   const float* scp = s.scale.data_ptr<float>();
-  const int32_t* zp = s.zero.defined() ? s.zero.data_ptr<int32_t>() : nullptr;
+  const int32_t* zp = data_or_null<int32_t>(s.zero);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "spike_decode", [&] {
     scalar_t* op_out = out.data_ptr<scalar_t>();

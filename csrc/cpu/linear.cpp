@@ -318,7 +318,7 @@ Layer make_layer(const Spikes& s, const int32_t* g_idx, int64_t K, int64_t G) {
   L.planes = words(s.planes);
   L.sign = words(s.sign);
   L.hi = words(s.hi);
-  L.zero = s.zero.defined() ? s.zero.data_ptr<int32_t>() : nullptr;
+  L.zero = data_or_null<int32_t>(s.zero);
   L.g_idx = g_idx;
   L.P = s.P, L.M = s.M, L.W = s.W, L.R = s.R, L.K = K, L.G = G;
   L.last_mask = (K % 32) ? ((1u << (K % 32)) - 1u) : ~0u;
@@ -340,7 +340,7 @@ at::Tensor spike_linear_cpu(const at::Tensor& planes, const at::Tensor& sign, co
   // On CPU the int backend never does more work than the spike backend (each nonzero code is
   // one term, and it has at least one spike), so auto = int.
   const bool use_spike = l.backend == Backend::kSpike;
-  const double* bp = l.bias64.defined() ? l.bias64.data_ptr<double>() : nullptr;
+  const double* bp = data_or_null<double>(l.bias64);
 
   LinearArgs a;
   a.L = make_layer(s, w.g_idx.data_ptr<int32_t>(), w.K, w.G);

@@ -33,11 +33,6 @@ FloatType float_type(at::ScalarType t) {
   }
 }
 
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() ? t.data_ptr<T>() : nullptr;
-}
-
 }  // namespace
 
 EncodeResult gif_encode_cuda(const at::Tensor& x, const std::string& mode, int64_t bits,
@@ -63,7 +58,7 @@ EncodeResult gif_encode_cuda(const at::Tensor& x, const std::string& mode, int64
     a.sign = mutable_words(sign);
     a.hi = mutable_words(hi);
     a.scale = scale_out.data_ptr<float>();
-    a.zero = zero_out.numel() ? zero_out.data_ptr<int32_t>() : nullptr;
+    a.zero = mutable_data_or_null<int32_t>(zero_out);
     a.mode = e.mode;
     a.is_signed = e.is_signed;
     a.bits = e.bits;
