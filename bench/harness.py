@@ -69,11 +69,24 @@ def activations(M: int, K: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(M, K, device=DEVICE, generator=gen).to(DENSE_DTYPE)
 
 
-def _flush_buffer() -> Optional[torch.Tensor]:
-    return torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE) if ON_GPU else None
+def nbytes(*tensors) -> int:
+    """Bytes of the given tensors (None ignored): what an entry reads or writes."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-_FLUSH = _flush_buffer()
+def int_mm_rows(a8: torch.Tensor, b8: torch.Tensor, info: dict) -> torch.Tensor:
+    """``a8`` as ``torch._int_mm(a8, b8)`` accepts it: CUDA builds of torch may refuse M <= 16
+    rows, and then 32 zero-padded rows are timed (recorded in ``info``)."""
+    try:
+        torch._int_mm(a8, b8)
+        return a8
+    except RuntimeError as e:
+        info["int_mm_padded_rows"] = 32
+        info["int_mm_note"] = str(e).splitlines()[0][:200]
+        return torch.cat([a8, a8.new_zeros(32 - a8.shape[0], a8.shape[1])])
+
+
+_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE) if ON_GPU else None
 
 
 def _graph(fn: Callable[[], object]):

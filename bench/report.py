@@ -29,6 +29,11 @@ def _num(v: Optional[float], spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _times(v: Optional[float]) -> str:
+    """A speedup cell: ``1.23x``, or ``-`` when either side was not measured."""
+    return "-" if v is None else f"{v:.2f}x"
+
+
 class Run:
     """The benchmarks of one JSON, indexed by group and entry name."""
 
@@ -50,6 +55,13 @@ class Run:
         g = self.groups.get(group, {})
         a, b = self.median(g.get(baseline)), self.median(g.get(entry))
         return a / b if a and b else None
+
+    def copy_share(self, groups: List[str], entry: str) -> List[float]:
+        """GB/s of ``entry`` in each of ``groups`` over the copy bandwidth of this run."""
+        if not self.copy_gbps:
+            return []
+        return [self.groups[g][entry]["extra_info"]["gb_per_s"] / self.copy_gbps
+                for g in groups if self.median(self.groups[g].get(entry))]
 
     def linear_groups(self, M: int, bits: int = 4) -> List[str]:
         pattern = re.compile(rf"^spike_linear \S+ \d+x\d+ M={M} W{bits}g")
@@ -88,31 +100,23 @@ def targets(run: Run) -> List[str]:
         worst, med, n = w
         verdict = "met" if worst >= goal else f"missed by {100 * (1 - worst / goal):.0f}%"
         rows.append(f"| {name} | {goal}{unit} | {worst:.2f}{unit} (median {med:.2f}{unit}, "
-                    f"{n} shapes) | {verdict} |")
+                    f"{n} cases) | {verdict} |")
 
     def over(M, baseline, entry=auto, bits=4):
         return [run.ratio(g, baseline, entry) for g in run.linear_groups(M, bits)]
 
-    def copy_share(M):
-        if not run.copy_gbps:
-            return []
-        return [run.groups[g][auto]["extra_info"].get("gb_per_s") / run.copy_gbps
-                for g in run.linear_groups(M) if auto in run.groups[g]
-                and run.groups[g][auto].get("stats")]
-
     if on_gpu:
         add(f"M=1 auto vs {ref}", 3.0, over(1, ref))
-        add("M=1 auto, share of copy bandwidth", 0.8, copy_share(1), "")
+        add("M=1 auto, share of copy bandwidth", 0.8, run.copy_share(run.linear_groups(1), auto),
+            "")
         add("M=1 auto vs torch int4 tinygemm", 1.5, over(1, "torch-int4-tinygemm"))
         add(f"M=1 spike backend vs {ref}", 2.0, over(1, ref, "spikeops-spike-minmax4"))
         add(f"M=16 auto vs {ref}", 2.5, over(16, ref))
         add(f"M=2048 auto vs {ref}", 1.3, over(2048, ref))
         add("M=2048 auto vs torch._int_mm", 0.8, over(2048, "torch-int8-_int_mm"))
-        enc = [e["extra_info"].get("gb_per_s") / run.copy_gbps
-               for g, es in run.groups.items() if g.startswith("gif_encode") and run.copy_gbps
-               for n, e in es.items() if n == "spikeops-minmax4" and e.get("stats")
-               and " M=2048" in g]
-        add("encode (minmax4, M=2048), share of copy bandwidth", 0.7, enc, "")
+        encode = [g for g in run.groups if g.startswith("gif_encode") and g.endswith(" M=2048")]
+        add("encode (minmax4, M=2048), share of copy bandwidth", 0.7,
+            run.copy_share(encode, "spikeops-minmax4"), "")
         decode = [run.ratio(f"model decode-batch{b}", "hf-fp16", "spikeops-W4-minmax4")
                   for b in (1, 16)]
         add("whole-model decode vs fp16 HF", 2.0, decode)
@@ -125,7 +129,7 @@ def targets(run: Run) -> List[str]:
         add("CPU M=1 4096->11008 auto vs T-step simulation", 20.0,
             [run.ratio(g, "timestep-sim-T15", auto) for g in run.linear_groups(1)
              if "4096x11008" in g])
-    return ["| target | goal | measured (worst over shapes) | verdict |", "|---|---|---|---|",
+    return ["| target | goal | measured (worst case) | verdict |", "|---|---|---|---|",
             *rows]
 
 
@@ -142,7 +146,7 @@ def headline(run: Run) -> List[str]:
         if not m or auto not in es or not es[auto].get("stats"):
             continue
         e = es[auto]
-        cells = [_num(run.ratio(g, b, auto), ".2f") + "x" if run.ratio(g, b, auto) else "-"
+        cells = [_times(run.ratio(g, b, auto))
                  for b in (ref, "torch-int4-tinygemm", "torch-int8-_int_mm", "timestep-sim-T15")]
         lines.append(f"| {m.group(1)} | {m.group(2)} | {fmt_time(run.median(e))} | "
                      f"{' | '.join(cells)} | {_num(e['extra_info'].get('gb_per_s'), '.0f')} |")
@@ -162,9 +166,9 @@ def headline(run: Run) -> List[str]:
                 return _num(e["extra_info"].get("peak_gib") if e else None, ".1f")
 
             sp = "spikeops-W4-minmax4"
-            r_hf, r_sim = run.ratio(g, "hf-fp16", sp), run.ratio(g, "timestep-sim-T15", sp)
             lines.append(f"| {g[len('model '):]} | {_num(tps('hf-fp16'), '.1f')} | "
-                         f"{_num(tps(sp), '.1f')} | {_num(r_hf, '.2f')}x | {_num(r_sim, '.1f')}x | "
+                         f"{_num(tps(sp), '.1f')} | {_times(run.ratio(g, 'hf-fp16', sp))} | "
+                         f"{_times(run.ratio(g, 'timestep-sim-T15', sp))} | "
                          f"{peak('hf-fp16')} / {peak(sp)} |")
     return lines
 
@@ -182,7 +186,7 @@ def group_tables(run: Run) -> List[str]:
             x = e["extra_info"]
             gbps = x.get("gb_per_s")
             share = f"{100 * gbps / run.copy_gbps:.0f}%" if gbps and run.copy_gbps else "-"
-            ratios = " | ".join(f"{run.ratio(group, b, name):.2f}x" for b in baselines)
+            ratios = " | ".join(_times(run.ratio(group, b, name)) for b in baselines)
             note = " (int_mm padded to 32 rows)" if x.get("int_mm_padded_rows") else ""
             note += "" if x.get("cuda_graph", True) else " (eager: graph capture failed)"
             lines.append(f"| {name}{note} | {fmt_time(e['stats']['median'])} | "

@@ -31,7 +31,7 @@ import spikeops
 from spikeops import reference
 
 from harness import (DENSE_DTYPE, DEVICE, ENCODINGS, GROUP_SIZE, ON_GPU, SHAPES, TOKENS,
-                     activations, gptq_layer, measure)
+                     activations, gptq_layer, int_mm_rows, measure, nbytes)
 
 REFERENCE = "cublas-fp16" if ON_GPU else "torch-fp32-F.linear"
 T = 15  # rate-code steps of a 4-bit code: 2^4 - 1
@@ -79,14 +79,6 @@ def int4_weights(shape: str):
     return packed, scale_zero
 
 
-def spikes_bytes(st) -> int:
-    return sum(t.numel() * t.element_size() for t in st[:5] if t is not None)
-
-
-def packed_bytes(w) -> int:
-    return sum(t.numel() * t.element_size() for t in (w.qweight, w.qzeros, w.scales))
-
-
 @pytest.mark.parametrize("shape, M, bits, entry", CASES)
 def test_linear(benchmark, shape, M, bits, entry):
     K, N = SHAPES[shape]
@@ -104,16 +96,16 @@ def test_linear(benchmark, shape, M, bits, entry):
             extra=info)
     elif entry.startswith("spikeops-SpikeLinear"):
         lin = spikeops.SpikeLinear(w, ENCODINGS["minmax4"])
-        run(lambda: lin(x), bytes_moved=packed_bytes(w) + dense_io, extra=info)
+        run(lambda: lin(x), bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + dense_io, extra=info)
     elif entry.startswith("spikeops-"):
         _, backend, enc = entry.split("-")
         st = spikeops.encode(x, ENCODINGS[enc])
         info.update(firing_rate=st.firing_rate(), planes=st.num_planes)
         run(lambda: spikeops.spike_linear(st, w, out_dtype=torch.float16, backend=backend),
-            bytes_moved=packed_bytes(w) + spikes_bytes(st) + M * N * 2, extra=info)
+            bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + nbytes(*st[:5]) + M * N * 2, extra=info)
     elif entry == "dequant+matmul":
         run(lambda: F.linear(x, w.dequantize().to(DENSE_DTYPE)),
-            bytes_moved=packed_bytes(w) + 2 * W.numel() * 2 + W.numel() * W.element_size()
+            bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + 2 * W.numel() * 2 + W.numel() * W.element_size()
             + dense_io, extra=info)
     elif entry == "torch-int4-tinygemm":
         packed, scale_zero = int4_weights(shape)
@@ -129,12 +121,7 @@ def test_linear(benchmark, shape, M, bits, entry):
     elif entry == "torch-int8-_int_mm":
         a8 = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=DEVICE)
         b8 = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEVICE).t()
-        try:
-            torch._int_mm(a8, b8)
-        except RuntimeError as e:  # CUDA builds of torch may refuse small M: pad to 32 rows
-            info["int_mm_padded_rows"] = 32
-            info["int_mm_note"] = str(e).splitlines()[0][:200]
-            a8 = torch.cat([a8, a8.new_zeros(32 - M, K)])
+        a8 = int_mm_rows(a8, b8, info)
         run(lambda: torch._int_mm(a8, b8), bytes_moved=K * N + a8.numel() + a8.shape[0] * N * 4,
             extra=info)
     elif entry.startswith("timestep-sim"):

@@ -24,17 +24,13 @@ import spikeops
 from spikeops import ops, reference
 
 from harness import (DEVICE, ENCODINGS, ON_GPU, SHAPES, TOKENS, activations, gptq_layer,
-                     measure)
+                     int_mm_rows, measure, nbytes)
 
 WIDTHS = sorted({k for k, _ in SHAPES.values()}) if ON_GPU else [4096]
 SMALL_TOKENS = TOKENS if ON_GPU else (1, 16)
 ACC_SHAPES = ["7B-qkvo", "7B-gate_up"] if ON_GPU else ["7B-qkvo"]
 DEQ_SHAPES = list(SHAPES) if ON_GPU else ["7B-qkvo"]
 _reference = {"__name__": "copy"}  # encode groups: ratio to a plain copy of x
-
-
-def nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def test_copy_roofline(benchmark):
@@ -107,16 +103,11 @@ def test_spike_accumulate(benchmark, shape, M, entry):
         measure(benchmark, lambda: spikeops.spike_accumulate(st, w8), group, entry,
                 bytes_moved=nbytes(w8, *st[:3]) + M * N * 8, ops=2.0 * M * K * N, extra=info)
     else:
-        # The same integers: signed codes (|Q| <= 7 fit int8) times the int8 weights. torch's
-        # CUDA _int_mm may refuse M <= 16 rows: then 32 padded rows are timed (extra_info).
+        # The same integers: signed codes (|Q| <= 7 fit int8) times the int8 weights.
         codes = ops.spike_decode(st.planes, st.sign, None, torch.ones_like(st.scale), None, K,
                                  torch.float32).to(torch.int8)
         w8t = w8.t().contiguous().t()  # column-major [K, N], the layout cuBLASLt int8 wants
-        try:
-            torch._int_mm(codes, w8t)
-        except RuntimeError:
-            info["int_mm_padded_rows"] = 32
-            codes = torch.cat([codes, codes.new_zeros(32 - M, K)])
+        codes = int_mm_rows(codes, w8t, info)
         measure(benchmark, lambda: torch._int_mm(codes, w8t), group, entry,
                 bytes_moved=nbytes(w8t, codes) + codes.shape[0] * N * 4, ops=2.0 * M * K * N,
                 extra=info)

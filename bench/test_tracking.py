@@ -7,6 +7,8 @@ Run: ``pytest bench/test_tracking.py --benchmark-json out.json``; CI runs it onc
 ``--benchmark-disable``.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -44,11 +46,9 @@ def test_forward(benchmark, model, step, tracked):
     benchmark.name = "spikeops-tracked" if tracked else "untracked"
     with torch.no_grad():
         f = forward(model, ids, step)
-        if tracked:
-            with spikeops.track(model) as t:
-                benchmark.pedantic(f, rounds=100 if step == "decode" else 20,
-                                   warmup_rounds=3, iterations=1)
-            assert t.layers() and t.layers()[0].tokens > 0
-        else:
+        tracker = spikeops.track(model) if tracked else contextlib.nullcontext()
+        with tracker:
             benchmark.pedantic(f, rounds=100 if step == "decode" else 20, warmup_rounds=3,
                                iterations=1)
+    if tracked:
+        assert tracker.layers() and tracker.layers()[0].tokens > 0
