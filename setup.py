@@ -42,7 +42,7 @@ def extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: build for Ampere and Hopper, plus PTX for later chips.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    sources += sorted(glob.glob("cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    sources += sorted(glob.glob("cuda/*.cu"))
     # --fmad=false for the same reason as -ffp-contract=off on the host.
     nvcc = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
     return CUDAExtension("spikeops._C", sources, include_dirs=include_dirs,

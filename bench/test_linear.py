@@ -68,7 +68,7 @@ def int4_weights(shape: str):
     w, _ = layer(shape, 4)
     K, N = w.in_features, w.out_features
     q = spikeops.unpack(w.qweight, 4, K, dim=0).t().contiguous()  # [N, K] codes
-    z = spikeops.unpack(w.qzeros, 4, N, dim=1) + w.zero_offset   # [G, N]
+    z = w.kernel_zeros                                           # [G, N]
     s = w.scales.float()
     scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()
     if ON_GPU:

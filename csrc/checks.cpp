@@ -169,8 +169,8 @@ Encode check_encode(const at::Tensor& x, const std::string& mode_name, int64_t b
       if (host_readable(zero)) {
         const int32_t* z = e.zero.data_ptr<int32_t>();
         for (int64_t m = 0; m < e.M; ++m)
-          TORCH_CHECK_VALUE(z[m] >= -kZeroLimit && z[m] <= kZeroLimit, op,
-                            ": zero must be in [-1e4, 1e4], got zero[", m, "] = ", z[m]);
+          TORCH_CHECK_VALUE(zero_in_range(z[m]), op, ": zero must be in [-", kZeroLimit, ", ",
+                            kZeroLimit, "], got zero[", m, "] = ", z[m]);
       }
     }
   }
@@ -234,11 +234,11 @@ Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& 
     check_same_device(op, zero, "zero", planes, "planes");
     s.zero = zero.contiguous();
     if (host_readable(zero)) {
-      // Codes minus zeros stay far from int32 overflow (gif_encode gives |zero| <= 1e4).
+      // Codes minus zeros stay far from int32 overflow (see kZeroLimit).
       const int32_t* z = s.zero.data_ptr<int32_t>();
       for (int64_t i = 0; i < s.M * s.R; ++i)
-        TORCH_CHECK_VALUE(z[i] >= -kMaxZero && z[i] <= kMaxZero, op, ": zero must be in [-",
-                          kMaxZero, ", ", kMaxZero, "], got ", z[i], " at flat index ", i);
+        TORCH_CHECK_VALUE(zero_in_range(z[i]), op, ": zero must be in [-", kZeroLimit, ", ",
+                          kZeroLimit, "], got ", z[i], " at flat index ", i);
     }
   }
   return s;
@@ -250,20 +250,20 @@ void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k
                     "), got W = ", s.W);
 }
 
-Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
-                const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                int64_t zero_offset) {
-  Gptq w;
+Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& zeros,
+                      const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                      int64_t group_size) {
+  Weights w;
   TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op,
                     ": bits must be 2, 4 or 8 (3-bit weights are repacked to 4-bit codes by ",
                     "spikeops.GPTQWeight), got ", bits);
-  TORCH_CHECK_VALUE(zero_offset == 0 || zero_offset == 1, op,
-                    ": zero_offset must be 1 (v1 'gptq' zeros) or 0 (v2 zeros), got ", zero_offset);
+  TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be >= 0 (0: the groups are given ",
+                    "by g_idx), got ", group_size);
   w.bits = static_cast<int>(bits);
-  w.zero_offset = static_cast<int32_t>(zero_offset);
+  w.group_size = group_size;
   check_dtype(op, qweight, "qweight", at::kInt);
-  check_dtype(op, qzeros, "qzeros", at::kInt);
-  check_dtype(op, scales, "scales", at::kHalf);
+  check_dtype(op, zeros, "zeros", at::kInt);
+  check_dtype(op, scales, "scales", at::kFloat);
   check_dtype(op, g_idx, "g_idx", at::kInt);
   TORCH_CHECK_VALUE(g_idx.dim() == 1 && g_idx.size(0) >= 1 && g_idx.size(0) <= kMaxK, op,
                     ": g_idx must have shape [K] with 1 <= K <= ", kMaxK, ", got ",
@@ -275,15 +275,23 @@ Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qze
   w.N = scales.size(1);
   const int64_t per_word = 32 / bits;
   check_shape(op, qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
-  check_shape(op, qzeros, "qzeros", {w.G, (w.N + per_word - 1) / per_word});
-  check_same_device(op, qzeros, "qzeros", qweight, "qweight");
+  check_shape(op, zeros, "zeros", {w.G, w.N});
+  check_same_device(op, zeros, "zeros", qweight, "qweight");
   check_same_device(op, scales, "scales", qweight, "qweight");
   check_same_device(op, g_idx, "g_idx", qweight, "qweight");
+  if (group_size > 0) {
+    TORCH_CHECK_VALUE(w.G == (w.K + group_size - 1) / group_size, op, ": scales must hold ",
+                      "ceil(K / group_size) = ", (w.K + group_size - 1) / group_size,
+                      " groups for K = ", w.K, " and group_size = ", group_size, ", got G = ",
+                      w.G);
+  }
   w.qweight = qweight.contiguous();
-  w.qzeros = qzeros.contiguous();
+  w.zeros = zeros.contiguous();
   w.scales = scales.contiguous();
   w.g_idx = g_idx.contiguous();
-  if (host_readable(g_idx)) {
+  // Only an act-order layout (group_size 0) reads g_idx's values, and only then are they
+  // checked: once per call on the CPU; CUDA kernels guard them instead (cuda/kernels.h).
+  if (group_size == 0 && host_readable(g_idx)) {
     const int32_t* gi = w.g_idx.data_ptr<int32_t>();
     for (int64_t k = 0; k < w.K; ++k)
       TORCH_CHECK_VALUE(gi[k] >= 0 && gi[k] < w.G, op, ": g_idx values must be in [0, G) = [0, ",
@@ -292,76 +300,20 @@ Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qze
   return w;
 }
 
-Spikes check_spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                          const at::Tensor& scale, const at::Tensor& zero, int64_t K,
-                          at::ScalarType dtype) {
-  const char* op = "spike_decode";
-  Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
-  TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
-  check_spike_width(op, s, K, "K");
-  check_float_out_dtype(op, dtype, "dtype");
-  return s;
+Backend parse_backend(const char* op, const std::string& backend) {
+  if (backend == "spike") return Backend::kSpike;
+  if (backend == "int") return Backend::kInt;
+  TORCH_CHECK_VALUE(backend == "auto", op, ": backend must be 'auto', 'spike' or 'int', got '",
+                    backend, "'");
+  return Backend::kAuto;
 }
 
-Spikes check_spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative) {
-  const char* op = "spike_counts";
-  Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
-  TORCH_CHECK_VALUE(!negative || s.sign.defined(), op,
-                    ": negative=True needs sign (a signed encoding), got an empty sign tensor");
-  return s;
-}
-
-Spikes check_spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
-                              const at::Tensor& hi, const at::Tensor& w, at::Tensor* w_out) {
-  const char* op = "spike_accumulate";
-  Spikes s = check_spike_bits(op, planes, sign, hi);
-  check_dtype(op, w, "w", at::kChar);
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
-                    ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", shape_str(w));
-  check_same_device(op, w, "w", planes, "planes");
-  check_spike_width(op, s, w.size(0), "w.shape[0]");
-  *w_out = w.contiguous();
-  return s;
-}
-
-Linear check_spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                          const at::Tensor& scale, const at::Tensor& zero,
-                          const at::Tensor& qweight, const at::Tensor& qzeros,
-                          const at::Tensor& scales, const at::Tensor& g_idx,
-                          const at::Tensor& bias, int64_t bits, int64_t zero_offset,
-                          at::ScalarType out_dtype, const std::string& backend) {
-  const char* op = "spike_linear";
-  Linear l{check_spikes(op, planes, sign, hi, scale, zero),
-           check_gptq(op, qweight, qzeros, scales, g_idx, bits, zero_offset), at::Tensor(),
-           Backend::kAuto};
-  check_same_device(op, qweight, "qweight", planes, "planes");
-  check_spike_width(op, l.s, l.w.K, "g_idx");
-  check_float_out_dtype(op, out_dtype, "out_dtype");
-  if (backend == "spike") {
-    l.backend = Backend::kSpike;
-  } else if (backend == "int") {
-    l.backend = Backend::kInt;
-  } else {
-    TORCH_CHECK_VALUE(backend == "auto", op, ": backend must be 'auto', 'spike' or 'int', got '",
-                      backend, "'");
-  }
-  if (present(bias)) {
-    const auto bt = bias.scalar_type();
-    TORCH_CHECK_TYPE(bt == at::kHalf || bt == at::kBFloat16 || bt == at::kFloat, op,
-                     ": bias must be a float16, bfloat16 or float32 tensor, got ", dtype_name(bt));
-    check_shape(op, bias, "bias", {l.w.N});
-    check_same_device(op, bias, "bias", qweight, "qweight");
-    l.bias64 = bias.to(at::kDouble).contiguous();
-  }
-  return l;
-}
-
-EncodeResult encode_outputs(const Encode& e) {
-  const auto i32 = e.x.options().dtype(at::kInt);
-  return {at::empty({e.P, e.M, e.W}, i32), at::empty({e.is_signed ? e.M : 0, e.W}, i32),
-          at::empty({e.R == 2 ? e.M : 0, e.W}, i32),
-          at::empty({e.M, e.R}, e.x.options().dtype(at::kFloat)),
-          at::empty({e.is_signed ? 0 : e.M, e.R}, i32)};
+at::Tensor check_bias(const char* op, const at::Tensor& bias, const Weights& w) {
+  if (!present(bias)) return at::Tensor();
+  check_dtype(op, bias, "bias", at::kFloat);
+  check_shape(op, bias, "bias", {w.N});
+  check_same_device(op, bias, "bias", w.qweight, "qweight");
+  return bias.contiguous();
 }
 
 }  // namespace spikeops

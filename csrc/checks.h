@@ -8,7 +8,7 @@
 #include <string>
 #include <tuple>
 
-#include "spike_math.h"
+#include "kernel_args.h"
 
 namespace spikeops {
 
@@ -17,20 +17,20 @@ struct Spikes {
   at::Tensor planes;  // int32 [P, M, W]
   at::Tensor sign;    // int32 [M, W] or undefined
   at::Tensor hi;      // int32 [M, W] or undefined
-  at::Tensor scale;   // float32 [M, R]
+  at::Tensor scale;   // float32 [M, R], or undefined for the ops that take no scale
   at::Tensor zero;    // int32 [M, R] or undefined
   int64_t P, M, W, R;
 };
 
-// GPTQ tensors of one linear layer, contiguous; bits in {2, 4, 8} (3-bit is repacked in Python).
-struct Gptq {
+// The kernel form of a GPTQ layer (docs/ops.md, spike_linear), contiguous.
+struct Weights {
   at::Tensor qweight;  // int32 [ceil(K*bits/32), N]
-  at::Tensor qzeros;   // int32 [G, ceil(N*bits/32)]
-  at::Tensor scales;   // float16 [G, N]
+  at::Tensor zeros;    // int32 [G, N] true zero points
+  at::Tensor scales;   // float32 [G, N]
   at::Tensor g_idx;    // int32 [K], values in [0, G)
+  int64_t group_size;  // > 0: uniform groups (g_idx's values are not read); 0: g_idx
   int64_t K, N, G;
   int bits;
-  int32_t zero_offset;  // 1 for v1 ("gptq") zeros, 0 for v2: z = stored field + zero_offset
 };
 
 // gif_encode's arguments, checked, with the derived sizes of the SpikeTensor it produces.
@@ -53,45 +53,33 @@ Encode check_encode(const at::Tensor& x, const std::string& mode, int64_t bits, 
                     const at::Tensor& scale, const at::Tensor& zero, double theta_nor,
                     double theta_out);
 
-// planes, sign and hi only (spike_counts and spike_accumulate take no scale); R is 2 with hi.
+// planes, sign and hi only (spike_counts, spike_stats and spike_accumulate take no scale); R is
+// 2 with hi.
 Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tensor& sign,
                         const at::Tensor& hi);
 
 Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& sign,
                     const at::Tensor& hi, const at::Tensor& scale, const at::Tensor& zero);
 
-Gptq check_gptq(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
-                const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                int64_t zero_offset);
+Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& zeros,
+                      const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                      int64_t group_size);
 
-// gif_encode's outputs (planes, sign, hi, scale, zero), uninitialized, absent ones empty.
-using EncodeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-EncodeResult encode_outputs(const Encode& e);
+// The spike words must cover exactly K channels: W == ceil(K / 32).
+void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);
 
-// Whole-op checks shared by the CPU and CUDA host entries of the consumers.
-Spikes check_spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                          const at::Tensor& scale, const at::Tensor& zero, int64_t K,
-                          at::ScalarType dtype);
-Spikes check_spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative);
-// spike_stats' output length: spikes and negative spikes per plane, fired channels, zero words.
-inline int64_t stats_size(int64_t P) { return 2 * P + 2; }
-// w: int8 [K, N], returned contiguous in `w_out`.
-Spikes check_spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
-                              const at::Tensor& hi, const at::Tensor& w, at::Tensor* w_out);
+// `t` lies on the device of `ref` (argument names for the message).
+void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                       const at::Tensor& ref, const char* ref_name);
 
-struct Linear {
-  Spikes s;
-  Gptq w;
-  at::Tensor bias64;  // float64 [N] (exact for every accepted bias dtype) or undefined
-  Backend backend;
-};
+// Output dtypes of the float-producing ops: float16, bfloat16 or float32.
+void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* name);
 
-Linear check_spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                          const at::Tensor& scale, const at::Tensor& zero,
-                          const at::Tensor& qweight, const at::Tensor& qzeros,
-                          const at::Tensor& scales, const at::Tensor& g_idx,
-                          const at::Tensor& bias, int64_t bits, int64_t zero_offset,
-                          at::ScalarType out_dtype, const std::string& backend);
+// spike_linear's backend argument.
+Backend parse_backend(const char* op, const std::string& backend);
+
+// spike_linear's bias: float32 [N] on the device of the weights, or undefined when absent.
+at::Tensor check_bias(const char* op, const at::Tensor& bias, const Weights& w);
 
 // Data of optional tensors: absent (undefined or empty) tensors give null.
 template <typename T>
@@ -110,16 +98,6 @@ inline const uint32_t* words(const at::Tensor& t) {
 inline uint32_t* mutable_words(at::Tensor& t) {
   return reinterpret_cast<uint32_t*>(mutable_data_or_null<int32_t>(t));
 }
-
-// The spike words must cover exactly K channels: W == ceil(K / 32).
-void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);
-
-// `t` lies on the device of `ref` (argument names for the message).
-void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                       const at::Tensor& ref, const char* ref_name);
-
-// Output dtypes of the float-producing ops: float16, bfloat16 or float32.
-void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* name);
 
 Mode parse_mode(const std::string& mode);
 

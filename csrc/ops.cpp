@@ -1,10 +1,26 @@
-// The op catalogue: every schema of torch.ops.spikeops, and which host entry serves each device.
-// Optional tensors are passed as empty tensors (numel 0), as SPEC.md §1 describes. Importing the
-// Python module spikeops._C (this library) registers everything.
+// The op catalogue: every schema of torch.ops.spikeops and its one host entry. An entry checks
+// its inputs once (checks.h), allocates the outputs, fills the kernel's argument struct
+// (kernel_args.h) and runs the kernel of the device that dispatched it: cpu::* (cpu/kernels.h)
+// or the CUDA launcher (cuda/kernels.h). Optional tensors are passed as empty tensors (numel 0).
+// docs/ops.md is the contract of every op. Importing the Python module spikeops._C (this
+// library) registers everything.
 #include <Python.h>
 #include <torch/library.h>
 
-#include "spikeops.h"
+#include <cstddef>
+#include <string>
+#include <tuple>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+#ifdef SPIKEOPS_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels.h"  // cuda/kernels.h: the launchers
+#endif
 
 extern "C" {
 // An empty module: importing it loads this shared library, whose static initializers register
@@ -14,6 +30,255 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+namespace spikeops {
+namespace {
+
+// The device whose dispatch key reached an entry; each entry is registered once per device.
+enum class Dev { kCpu, kCuda };
+
+#ifdef SPIKEOPS_WITH_CUDA
+template <typename Args>
+using Launcher = void (*)(const Args&, cudaStream_t);
+#define SPIKEOPS_CUDA_LAUNCHER(name) &name
+#else
+template <typename Args>
+using Launcher = std::nullptr_t;  // a CPU-only build has no CUDA kernels
+#define SPIKEOPS_CUDA_LAUNCHER(name) nullptr
+#endif
+
+// Runs the kernel of device D on `a`. `t` is the input that decides the device (named `name`):
+// dispatch can also reach an entry through another argument, such as an empty optional tensor
+// on another device, so `t` must be on D.
+template <Dev D, typename Args>
+void run(const char* op, const at::Tensor& t, const char* name, const Args& a,
+         void (*cpu_kernel)(const Args&), Launcher<Args> cuda_launcher) {
+  if constexpr (D == Dev::kCpu) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor when the ",
+                      "other arguments are, got ", t.device());
+    cpu_kernel(a);
+  } else {
+#ifdef SPIKEOPS_WITH_CUDA
+    TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor when the other ",
+                      "arguments are, got ", t.device());
+    const c10::cuda::CUDAGuard guard(t.device());
+    cuda_launcher(a, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  }
+}
+
+FloatType float_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return FloatType::kHalf;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    case at::kFloat: return FloatType::kFloat;
+    case at::kDouble: return FloatType::kDouble;
+    default: TORCH_CHECK_TYPE(false, "spikeops: no kernel for ", dtype_name(t));
+  }
+}
+
+// The kernel view of checked spikes; `scale` and `zero` stay null for the ops without them.
+SpikeFields spike_fields(const Spikes& s) {
+  SpikeFields f;
+  f.planes = words(s.planes);
+  f.sign = words(s.sign);
+  f.hi = words(s.hi);
+  f.scale = data_or_null<float>(s.scale);
+  f.zero = data_or_null<int32_t>(s.zero);
+  f.P = s.P, f.M = s.M, f.W = s.W, f.R = s.R;
+  return f;
+}
+
+WeightFields weight_fields(const Weights& w) {
+  WeightFields f;
+  f.qweight = w.qweight.data_ptr<int32_t>();
+  f.zeros = w.zeros.data_ptr<int32_t>();
+  f.scales = w.scales.data_ptr<float>();
+  f.g_idx = w.g_idx.data_ptr<int32_t>();
+  f.group_size = w.group_size;
+  f.K = w.K, f.N = w.N, f.G = w.G;
+  f.bits = w.bits;
+  return f;
+}
+
+// ---- the host entries --------------------------------------------------------------------
+
+using EncodeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <Dev D>
+EncodeResult gif_encode(const at::Tensor& x, const std::string& mode, int64_t bits, double gamma,
+                        const at::Tensor& salient_mask, int64_t salient_bits,
+                        const at::Tensor& scale, const at::Tensor& zero, double theta_nor,
+                        double theta_out) {
+  const Encode e = check_encode(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
+                                theta_nor, theta_out);
+  const auto i32 = e.x.options().dtype(at::kInt);
+  at::Tensor planes = at::empty({e.P, e.M, e.W}, i32);
+  at::Tensor sign = at::empty({e.is_signed ? e.M : 0, e.W}, i32);
+  at::Tensor hi = at::empty({e.R == 2 ? e.M : 0, e.W}, i32);
+  at::Tensor scale_out = at::empty({e.M, e.R}, e.x.options().dtype(at::kFloat));
+  at::Tensor zero_out = at::empty({e.is_signed ? 0 : e.M, e.R}, i32);
+  if (e.M > 0) {
+    EncodeArgs a;
+    a.x = e.x.data_ptr();
+    a.x_type = float_type(e.x.scalar_type());
+    a.salient = e.salient_mask.defined()
+                    ? reinterpret_cast<const uint8_t*>(e.salient_mask.data_ptr<bool>())
+                    : nullptr;
+    a.static_scale = data_or_null<float>(e.scale);
+    a.static_zero = data_or_null<int32_t>(e.zero);
+    a.planes = mutable_words(planes);
+    a.sign = mutable_words(sign);
+    a.hi = mutable_words(hi);
+    a.scale = scale_out.data_ptr<float>();
+    a.zero = mutable_data_or_null<int32_t>(zero_out);
+    a.mode = e.mode;
+    a.is_signed = e.is_signed;
+    a.bits = e.bits;
+    a.salient_bits = e.salient_bits;
+    a.gamma = e.gamma;
+    a.theta_nor = e.theta_nor;
+    a.theta_out = e.theta_out;
+    a.M = e.M, a.K = e.K, a.W = e.W, a.P = e.P, a.R = e.R;
+    run<D>("gif_encode", x, "x", a, &cpu::gif_encode, SPIKEOPS_CUDA_LAUNCHER(launch_gif_encode));
+  }
+  return {planes, sign, hi, scale_out, zero_out};
+}
+
+template <Dev D>
+at::Tensor spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                        const at::Tensor& scale, const at::Tensor& zero, int64_t K,
+                        at::ScalarType dtype) {
+  const char* op = "spike_decode";
+  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
+  TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
+  check_spike_width(op, s, K, "K");
+  check_float_out_dtype(op, dtype, "dtype");
+  at::Tensor out = at::empty({s.M, K}, planes.options().dtype(dtype));
+  if (s.M > 0) {
+    DecodeArgs a;
+    static_cast<SpikeFields&>(a) = spike_fields(s);
+    a.out = out.data_ptr();
+    a.out_type = float_type(dtype);
+    a.K = K;
+    run<D>(op, planes, "planes", a, &cpu::spike_decode,
+           SPIKEOPS_CUDA_LAUNCHER(launch_spike_decode));
+  }
+  return out;
+}
+
+template <Dev D>
+at::Tensor spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative) {
+  const char* op = "spike_counts";
+  const Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
+  TORCH_CHECK_VALUE(!negative || s.sign.defined(), op,
+                    ": negative=True needs sign (a signed encoding), got an empty sign tensor");
+  at::Tensor out = at::empty({s.P, s.M}, planes.options().dtype(at::kLong));
+  if (s.M > 0) {
+    CountsArgs a;
+    static_cast<SpikeFields&>(a) = spike_fields(s);
+    a.negative = negative;
+    a.counts = out.data_ptr<int64_t>();
+    run<D>(op, planes, "planes", a, &cpu::spike_counts,
+           SPIKEOPS_CUDA_LAUNCHER(launch_spike_counts));
+  }
+  return out;
+}
+
+template <Dev D>
+at::Tensor spike_stats(const at::Tensor& planes, const at::Tensor& sign) {
+  const char* op = "spike_stats";
+  const Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
+  // Both kernels add into the output, so it starts from zeros.
+  at::Tensor out = at::zeros({2 * s.P + 2}, planes.options().dtype(at::kLong));
+  if (s.M > 0) {
+    StatsArgs a;
+    static_cast<SpikeFields&>(a) = spike_fields(s);
+    a.stats = out.data_ptr<int64_t>();
+    run<D>(op, planes, "planes", a, &cpu::spike_stats,
+           SPIKEOPS_CUDA_LAUNCHER(launch_spike_stats));
+  }
+  return out;
+}
+
+template <Dev D>
+at::Tensor spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
+                            const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
+  const char* op = "spike_accumulate";
+  const Spikes s = check_spike_bits(op, planes, sign, hi);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be a torch.int8 tensor, got ",
+                   dtype_name(w.scalar_type()));
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
+                    ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", w.sizes());
+  check_same_device(op, w, "w", planes, "planes");
+  check_spike_width(op, s, w.size(0), "w.shape[0]");
+  const at::Tensor wc = w.contiguous();
+  const int64_t N = wc.size(1);
+  // Both kernels add into the output, so it starts from zeros.
+  at::Tensor out = at::zeros(per_plane ? at::IntArrayRef{s.P, s.R, s.M, N}
+                                       : at::IntArrayRef{s.R, s.M, N},
+                             planes.options().dtype(at::kLong));
+  if (out.numel() > 0) {
+    AccumulateArgs a;
+    static_cast<SpikeFields&>(a) = spike_fields(s);
+    a.w = wc.data_ptr<int8_t>();
+    a.out = out.data_ptr<int64_t>();
+    a.per_plane = per_plane;
+    a.K = wc.size(0), a.N = N;
+    run<D>(op, planes, "planes", a, &cpu::spike_accumulate,
+           SPIKEOPS_CUDA_LAUNCHER(launch_spike_accumulate));
+  }
+  return out;
+}
+
+template <Dev D>
+at::Tensor spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
+                        const at::Tensor& scale, const at::Tensor& zero,
+                        const at::Tensor& qweight, const at::Tensor& zeros,
+                        const at::Tensor& scales, const at::Tensor& g_idx,
+                        const at::Tensor& bias, int64_t bits, int64_t group_size,
+                        at::ScalarType out_dtype, const std::string& backend) {
+  const char* op = "spike_linear";
+  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
+  const Weights w = check_weights(op, qweight, zeros, scales, g_idx, bits, group_size);
+  check_same_device(op, qweight, "qweight", planes, "planes");
+  check_spike_width(op, s, w.K, "g_idx");
+  check_float_out_dtype(op, out_dtype, "out_dtype");
+  const Backend b = parse_backend(op, backend);
+  const at::Tensor bias32 = check_bias(op, bias, w);
+  at::Tensor y = at::empty({s.M, w.N}, planes.options().dtype(out_dtype));
+  if (s.M > 0) {
+    LinearArgs a;
+    static_cast<SpikeFields&>(a) = spike_fields(s);
+    static_cast<WeightFields&>(a) = weight_fields(w);
+    a.bias = data_or_null<float>(bias32);
+    a.out = y.data_ptr();
+    a.out_type = float_type(out_dtype);
+    a.backend = b;
+    run<D>(op, planes, "planes", a, &cpu::spike_linear,
+           SPIKEOPS_CUDA_LAUNCHER(launch_spike_linear));
+  }
+  return y;
+}
+
+template <Dev D>
+at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& zeros,
+                           const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                           int64_t group_size) {
+  const char* op = "gptq_dequantize";
+  const Weights w = check_weights(op, qweight, zeros, scales, g_idx, bits, group_size);
+  at::Tensor out = at::empty({w.N, w.K}, qweight.options().dtype(at::kHalf));
+  DequantizeArgs a;
+  static_cast<WeightFields&>(a) = weight_fields(w);
+  a.out = out.data_ptr();
+  run<D>(op, qweight, "qweight", a, &cpu::gptq_dequantize,
+         SPIKEOPS_CUDA_LAUNCHER(launch_gptq_dequantize));
+  return out;
+}
+
+}  // namespace
+}  // namespace spikeops
 
 TORCH_LIBRARY(spikeops, m) {
   // Activations x [M, K] -> bit-plane spikes (planes [P, M, W], sign, hi, scale [M, R], zero).
@@ -38,30 +303,31 @@ TORCH_LIBRARY(spikeops, m) {
   m.def(
       "spike_accumulate(Tensor planes, Tensor sign, Tensor hi, Tensor w, bool per_plane) "
       "-> Tensor");
-  // y [M, N] = x_hat @ W_hat^T + bias from GPTQ tensors (bits 2/4/8; z = stored zero +
-  // zero_offset, 1 for v1 files); integer sums per group and range, float32 epilogue.
-  // backend: spike (event driven) | int (integer codes) | auto; both give identical bits.
+  // y [M, N] = x_hat @ W_hat^T + bias on the kernel form of a GPTQ layer: packed qweight
+  // (bits 2/4/8), true zero points zeros [G, N] int32, scales [G, N] float32, g_idx [K] int32
+  // (read only when group_size is 0), bias float32 [N]; integer sums per group and range, float
+  // epilogue. backend: spike (event driven) | int (integer codes) | auto; identical bits.
   m.def(
       "spike_linear(Tensor planes, Tensor sign, Tensor hi, Tensor scale, Tensor zero, "
-      "Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor bias, int bits, "
-      "int zero_offset, ScalarType out_dtype, str backend) -> Tensor");
-  // W_hat float16 [N, K] = fp16(float32(scales[g_idx[k], n]) * float32(q - z)), bit exact.
+      "Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, Tensor bias, int bits, "
+      "int group_size, ScalarType out_dtype, str backend) -> Tensor");
+  // W_hat float16 [N, K] = fp16(scales[g, n] * float32(q - z)), g the group of k, bit exact.
   m.def(
-      "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
-      "int zero_offset) -> Tensor");
+      "gptq_dequantize(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, "
+      "int group_size) -> Tensor");
 }
 
-#define SPIKEOPS_REGISTER(dev)                                 \
-  m.impl("gif_encode", &spikeops::gif_encode_##dev);             \
-  m.impl("spike_decode", &spikeops::spike_decode_##dev);         \
-  m.impl("spike_counts", &spikeops::spike_counts_##dev);         \
-  m.impl("spike_stats", &spikeops::spike_stats_##dev);           \
-  m.impl("spike_accumulate", &spikeops::spike_accumulate_##dev); \
-  m.impl("spike_linear", &spikeops::spike_linear_##dev);         \
-  m.impl("gptq_dequantize", &spikeops::gptq_dequantize_##dev);
+#define SPIKEOPS_REGISTER(D)                                                 \
+  m.impl("gif_encode", &spikeops::gif_encode<spikeops::Dev::D>);             \
+  m.impl("spike_decode", &spikeops::spike_decode<spikeops::Dev::D>);         \
+  m.impl("spike_counts", &spikeops::spike_counts<spikeops::Dev::D>);         \
+  m.impl("spike_stats", &spikeops::spike_stats<spikeops::Dev::D>);           \
+  m.impl("spike_accumulate", &spikeops::spike_accumulate<spikeops::Dev::D>); \
+  m.impl("spike_linear", &spikeops::spike_linear<spikeops::Dev::D>);         \
+  m.impl("gptq_dequantize", &spikeops::gptq_dequantize<spikeops::Dev::D>);
 
-TORCH_LIBRARY_IMPL(spikeops, CPU, m) { SPIKEOPS_REGISTER(cpu) }
+TORCH_LIBRARY_IMPL(spikeops, CPU, m) { SPIKEOPS_REGISTER(kCpu) }
 
 #ifdef SPIKEOPS_WITH_CUDA
-TORCH_LIBRARY_IMPL(spikeops, CUDA, m) { SPIKEOPS_REGISTER(cuda) }
+TORCH_LIBRARY_IMPL(spikeops, CUDA, m) { SPIKEOPS_REGISTER(kCuda) }
 #endif

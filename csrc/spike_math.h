@@ -1,4 +1,4 @@
-// Element-level arithmetic of SPEC.md, shared by the CPU kernels and the CUDA kernels so that both
+// Element-level arithmetic of docs/ops.md, shared by the CPU kernels and the CUDA kernels so that both
 // backends compute the same codes by construction. Plain C++ (no torch headers): it compiles with
 // nvcc and with the host compiler alike. All float arithmetic is IEEE float32 with round-half-even
 // (rintf); the build disables FMA contraction so that no product is fused into a sum.
@@ -23,10 +23,11 @@ enum class Mode : int32_t { kMinMax = 0, kAbsMax = 1, kAbsMean = 2, kStatic = 3,
 enum class Backend : int32_t { kAuto = 0, kSpike = 1, kInt = 2 };
 
 constexpr int kMaxPlanes = 16;          // Q < 2^16: codes, zeros and products stay small integers
-constexpr float kScaleMin = 1e-5f;      // SPEC §2 clamps of every dynamic scale
+constexpr float kScaleMin = 1e-5f;      // clamps of every dynamic scale (docs/ops.md, encodings)
 constexpr float kScaleMax = 1e4f;
-constexpr float kZeroLimit = 1e4f;      // |zero| of minmax encodings
-constexpr int32_t kMaxZero = 1 << 16;  // consumers' bound on |zero|: |s*Q - zero| < 2^17
+// |zero| of every unsigned encoding: minmax clamps to it, static zeros and the zero points that
+// consumers read must lie within it, so that codes s*Q - zero stay far from int32 overflow.
+constexpr int32_t kZeroLimit = 10000;
 constexpr int64_t kMaxK = int64_t(1) << 23;  // K * 255 fits int32 per-plane accumulators
 
 SPIKE_HD float clamp_f(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
@@ -72,7 +73,8 @@ SPIKE_HD int32_t oat_code(float a, const RangeQuant& q) {
 SPIKE_HD RangeQuant minmax_quant(float mn, float mx, int32_t qmax) {
   RangeQuant q;
   q.scale = clamp_f((mx - mn) / static_cast<float>(qmax), kScaleMin, kScaleMax);
-  q.zero = rintf(clamp_f(-mn / q.scale, -kZeroLimit, kZeroLimit));
+  const float limit = static_cast<float>(kZeroLimit);
+  q.zero = rintf(clamp_f(-mn / q.scale, -limit, limit));
   q.qmax = qmax;
   return q;
 }
@@ -121,6 +123,62 @@ SPIKE_HD void row_quantizers(const Config& c, float mn, float mx, float amax, fl
     }
   }
 }
+
+// The code of one finite element v of a row whose quantizers are `range` (gif_encode): returns
+// Q and sets the element's range r (in: the salient bit of its channel; oat picks the range from
+// |v|) and whether its sign bit is set (signed encodings, v < 0 and Q > 0).
+template <typename Config>
+SPIKE_HD int32_t element_code(const Config& c, float v, const RangeQuant range[2], int* r,
+                              bool* negative) {
+  int32_t q;
+  if (c.mode == Mode::kOat) {
+    const float a = fabsf(clamp_f(v, -c.theta_out, c.theta_out));
+    *r = a >= c.theta_nor;
+    q = oat_code(a, range[*r]);
+  } else if (c.is_signed) {
+    q = signed_code(v, range[*r]);
+  } else {
+    q = unsigned_code(v, range[*r]);
+  }
+  *negative = c.is_signed && v < 0.f && q > 0;
+  return q;
+}
+
+// The scale stored for a range: oat stores theta_r / 2^P, the value of one code step (exact:
+// a division by a power of two); the other modes store s itself.
+SPIKE_HD float stored_scale(Mode mode, const RangeQuant& q) {
+  return mode == Mode::kOat ? q.scale / static_cast<float>(q.qmax + 1) : q.scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading spikes back. A load of a spike word (read-only data cache on the GPU).
+SPIKE_HD uint32_t load_word(const uint32_t* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// Magnitude code Q of channel bit j from the P plane words of one token and word
+// (plane p at planes[p * plane_stride]).
+SPIKE_HD int32_t plane_code(const uint32_t* planes, int64_t plane_stride, int64_t P, int j) {
+  int32_t q = 0;
+  for (int64_t p = 0; p < P; ++p)
+    q |= static_cast<int32_t>((load_word(planes + p * plane_stride) >> j) & 1u) << p;
+  return q;
+}
+
+// The signed code s*Q of channel bit j: Q negated where the sign word has bit j set.
+SPIKE_HD int32_t signed_value(int32_t q, uint32_t sign_word, int j) {
+  return ((sign_word >> j) & 1u) ? -q : q;
+}
+
+// The range (0 or 1) of channel bit j.
+SPIKE_HD int range_of(uint32_t hi_word, int j) { return static_cast<int>((hi_word >> j) & 1u); }
+
+// A zero point that consumers accept (see kZeroLimit).
+SPIKE_HD bool zero_in_range(int32_t z) { return z >= -kZeroLimit && z <= kZeroLimit; }
 
 // ---------------------------------------------------------------------------------------------
 // Exact sum of |x| for absmean: mean|x| must not depend on the order of the additions, or CPU,
@@ -196,7 +254,7 @@ SPIKE_HD float exact_mean(const ExactSum& s, int64_t K) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GPTQ packing: field t of a word holds bits [b*t, b*t + b) (GPTQ.md), b in {2, 4, 8}.
+// GPTQ packing: field t of a word holds bits [b*t, b*t + b) (docs/checkpoints.md), b in {2, 4, 8}.
 SPIKE_HD int32_t gptq_field(int32_t word, int shift, uint32_t mask) {
   return static_cast<int32_t>((static_cast<uint32_t>(word) >> shift) & mask);
 }
@@ -211,17 +269,11 @@ SPIKE_HD int32_t gptq_unpack(const int32_t* words, int64_t i, int bits) {
                     (1u << bits) - 1u);
 }
 
-// Weight code q[k, n] of a [K*b/32, N] qweight (packed along K) and zero point z[g, n] of a
-// [G, N*b/32] qzeros (packed along N).
+// Weight code q[k, n] of a [K*b/32, N] qweight (packed along K).
 SPIKE_HD int32_t gptq_code(const int32_t* qweight, int64_t N, int64_t k, int64_t n, int bits) {
   const int lg = log2_codes_per_word(bits);
   return gptq_field(qweight[(k >> lg) * N + n], bits * static_cast<int>(k & ((1 << lg) - 1)),
                     (1u << bits) - 1u);
-}
-
-SPIKE_HD int32_t gptq_zero(const int32_t* qzeros, int64_t zeros_cols, int64_t g, int64_t n,
-                           int bits, int32_t zero_offset) {
-  return gptq_unpack(qzeros + g * zeros_cols, n, bits) + zero_offset;
 }
 
 SPIKE_HD int popcount32(uint32_t v) {

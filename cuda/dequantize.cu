@@ -1,6 +1,6 @@
-// CUDA kernel of gptq_dequantize: W_hat[n, k] = fp16(float32(scales[g, n]) * float32(q - z)),
-// g = g_idx[k], the one rounding of csrc/cpu/linear.cpp (gptq_dequantize_cpu). A g_idx entry
-// outside [0, G) gives NaN in column k instead of a read out of bounds.
+// CUDA kernel of gptq_dequantize: W_hat[n, k] = fp16(scales[g, n] * float32(q - z)), g the group
+// of channel k, the one rounding of csrc/cpu/linear.cpp (cpu::gptq_dequantize). A g_idx entry
+// outside [0, G) of an act-order layer gives NaN in column k instead of a read out of bounds.
 #include "device.cuh"
 
 namespace spikeops {
@@ -14,14 +14,13 @@ __global__ void __launch_bounds__(kThreads) gptq_dequantize_kernel(const Dequant
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < a.N * a.K;
        i += int64_t(gridDim.x) * kThreads) {
     const int64_t n = i / a.K, k = i % a.K;
-    const int32_t g = __ldg(a.g_idx + k);
+    const int64_t g = a.group_size > 0 ? k / a.group_size : __ldg(a.g_idx + k);
     float v = dev::quiet_nan();
     if (g >= 0 && g < a.G) {
       const int32_t q = gptq_code(a.qweight, a.N, k, n, a.bits);
-      const int32_t z = gptq_zero(a.qzeros, a.zero_cols, g, n, a.bits, a.zero_offset);
-      v = __half2float(a.scales[g * a.N + n]) * static_cast<float>(q - z);
+      v = __ldg(a.scales + g * a.N + n) * static_cast<float>(q - __ldg(a.zeros + g * a.N + n));
     }
-    a.out[i] = __float2half_rn(v);
+    static_cast<__half*>(a.out)[i] = __float2half_rn(v);
   }
 }
 

@@ -41,21 +41,27 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-template <>
-__device__ __forceinline__ double from_float<double>(float v) { return v; }
 
-// Calls f(Tag<T>{}) with the C++ element type T of t (host side, to pick a kernel template).
+// Calls f(Tag<T>{}) with the C++ element type T of t (host side, to pick a kernel template):
+// dispatch_float for inputs, dispatch_out_float for outputs, which are never float64.
 template <typename T>
 struct Tag {
   using type = T;
 };
 template <typename F>
-void dispatch_float(FloatType t, F&& f) {
+void dispatch_out_float(FloatType t, F&& f) {
   switch (t) {
     case FloatType::kHalf: f(Tag<__half>{}); break;
     case FloatType::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
-    case FloatType::kFloat: f(Tag<float>{}); break;
-    case FloatType::kDouble: f(Tag<double>{}); break;
+    default: f(Tag<float>{}); break;  // kFloat
+  }
+}
+template <typename F>
+void dispatch_float(FloatType t, F&& f) {
+  if (t == FloatType::kDouble) {
+    f(Tag<double>{});
+  } else {
+    dispatch_out_float(t, f);
   }
 }
 
@@ -73,18 +79,6 @@ __device__ __forceinline__ uint32_t range_bits(int64_t w, int64_t lo, int64_t hi
   const uint32_t upto_b = b == 32 ? kFullMask : (1u << b) - 1u;
   return upto_b & ~((1u << a) - 1u);
 }
-
-// Magnitude code Q of channel bit j from the P plane words of one token and word
-// (plane p at planes[p * plane_stride]).
-__device__ __forceinline__ int32_t plane_code(const uint32_t* planes, int64_t plane_stride,
-                                              int64_t P, int j) {
-  int32_t q = 0;
-  for (int64_t p = 0; p < P; ++p)
-    q |= static_cast<int32_t>((__ldg(planes + p * plane_stride) >> j) & 1u) << p;
-  return q;
-}
-
-__device__ __forceinline__ bool zero_in_range(int32_t z) { return z >= -kMaxZero && z <= kMaxZero; }
 
 }  // namespace dev
 }  // namespace spikeops

@@ -35,7 +35,7 @@ __device__ void row_ranges(const EncodeArgs& a, int64_t m, float mn, float mx, f
   const bool is_static = a.mode == Mode::kStatic;
   const float s = is_static ? a.static_scale[m] : 0.f;
   const int32_t z = is_static && !a.is_signed ? a.static_zero[m] : 0;
-  if (is_static && !(isfinite(s) && s > 0.f && z >= -kZeroLimit && z <= kZeroLimit)) {
+  if (is_static && !(isfinite(s) && s > 0.f && zero_in_range(z))) {
     sh.usable = 0;
     return;
   }
@@ -112,10 +112,8 @@ __device__ void row_statistics(const EncodeArgs& a, const T* x, int64_t m, Encod
       float step = dev::quiet_nan();
       int32_t zero = 0;
       if (sh.usable) {
-        // oat stores theta_r / 2^P, the value of one code step; the others store s itself.
-        const RangeQuant& q = sh.range[r];
-        step = a.mode == Mode::kOat ? q.scale / static_cast<float>(q.qmax + 1) : q.scale;
-        zero = static_cast<int32_t>(q.zero);
+        step = stored_scale(a.mode, sh.range[r]);
+        zero = static_cast<int32_t>(sh.range[r].zero);
       }
       a.scale[m * a.R + r] = step;
       if (a.zero) a.zero[m * a.R + r] = zero;
@@ -134,26 +132,14 @@ __device__ void encode_words(const EncodeArgs& a, const T* x, int64_t m, const E
     int r = (a.salient && in && a.salient[k]) ? 1 : 0;
     int32_t q = 0;
     bool negative = false;
-    if (sh.usable && in) {  // an unusable row keeps planes and sign 0 and hi = salient bits
-      const float v = dev::to_float(x[k]);
-      if (a.mode == Mode::kOat) {
-        const float mag = fabsf(clamp_f(v, -a.theta_out, a.theta_out));
-        r = mag >= a.theta_nor;
-        q = oat_code(mag, sh.range[r]);
-        negative = v < 0.f;
-      } else if (a.is_signed) {
-        q = signed_code(v, sh.range[r]);
-        negative = v < 0.f;
-      } else {
-        q = unsigned_code(v, sh.range[r]);
-      }
-    }
+    if (sh.usable && in)  // an unusable row keeps planes and sign 0 and hi = salient bits
+      q = element_code(a, dev::to_float(x[k]), sh.range, &r, &negative);
     uint32_t mine = 0;
     for (int64_t p = 0; p < a.P; ++p) {
       const uint32_t word = __ballot_sync(kFullMask, (q >> p) & 1);
       if (lane == p) mine = word;
     }
-    const uint32_t sign_word = __ballot_sync(kFullMask, negative && q > 0);
+    const uint32_t sign_word = __ballot_sync(kFullMask, negative);
     const uint32_t hi_word = __ballot_sync(kFullMask, r != 0);
     const int64_t at = m * a.W + w;
     if (lane < a.P) a.planes[lane * a.M * a.W + at] = mine;
@@ -186,11 +172,11 @@ __global__ void __launch_bounds__(kDecodeThreads) spike_decode_kernel(const Deco
     if (k >= a.K) continue;
     const int j = static_cast<int>(i % 32);
     const int64_t at = m * a.W + w;
-    int32_t q = dev::plane_code(a.planes + at, a.M * a.W, a.P, j);
-    if (a.sign && ((__ldg(a.sign + at) >> j) & 1u)) q = -q;
-    const int r = a.hi ? static_cast<int>((__ldg(a.hi + at) >> j) & 1u) : 0;
+    const int32_t q = signed_value(plane_code(a.planes + at, a.M * a.W, a.P, j),
+                                   a.sign ? __ldg(a.sign + at) : 0u, j);
+    const int r = a.hi ? range_of(__ldg(a.hi + at), j) : 0;
     const int32_t z = a.zero ? __ldg(a.zero + m * a.R + r) : 0;
-    const float v = dev::zero_in_range(z) ? __ldg(a.scale + m * a.R + r) * static_cast<float>(q - z)
+    const float v = zero_in_range(z) ? __ldg(a.scale + m * a.R + r) * static_cast<float>(q - z)
                                           : dev::quiet_nan();
     out[m * a.K + k] = dev::from_float<T>(v);
   }
@@ -265,7 +251,7 @@ void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream) {
 
 void launch_spike_decode(const DecodeArgs& a, cudaStream_t stream) {
   const unsigned grid = dev::grid_size((a.M * a.W * 32 + kDecodeThreads - 1) / kDecodeThreads);
-  dev::dispatch_float(a.out_type, [&](auto tag) {
+  dev::dispatch_out_float(a.out_type, [&](auto tag) {
     using T = typename decltype(tag)::type;
     spike_decode_kernel<T><<<grid, kDecodeThreads, 0, stream>>>(a);
   });

@@ -18,12 +18,13 @@
 // starts. Pieces are numbered group-major, so S sees the groups in ascending order. Silent
 // channels (no spike, no zero point, for any token of the tile) never have their weights read.
 //
-// Groups. Every block first reads g_idx once. If g_idx[k] == k / gs for one gs (the GPTQ layout
-// without act-order), group g is the channel range [g*gs, (g+1)*gs) and its pieces are its chunks.
-// Otherwise (act-order, or any other layout) each group scans all chunks and keeps, by ballot,
-// the channels whose g_idx names it: correct for any g_idx, but every group re-reads g_idx and
-// the weights of its members (about 10x slower; sort act-order weights at load for speed).
-// A g_idx entry outside [0, G) makes every output NaN: no index is derived from it.
+// Groups. With uniform groups (group_size gs > 0, the GPTQ layout without act-order; decided
+// once per layer by spikeops.GPTQWeight), group g is the channel range [g*gs, (g+1)*gs) and its
+// pieces are its chunks; g_idx is not read. Otherwise (group_size 0: act-order) every block
+// first checks g_idx once, then each group scans all chunks and keeps, by ballot, the channels
+// whose g_idx names it: correct for any g_idx, but every group re-reads g_idx and the weights
+// of its members (about 10x slower; sort act-order weights at load for speed). A g_idx entry
+// outside [0, G) makes every output NaN: no index is derived from it.
 //
 // Backends, same integers:
 //   int   : lane j turns channel j of a chunk into the codes c = s*Q - zero[m, r] of the tile's
@@ -66,15 +67,14 @@ struct Packing {
   static constexpr uint32_t kBytes = kField * 0x01010101u;     // one field in every byte
 };
 
-// How the channels fall into groups; computed by every block from g_idx.
+// How the channels fall into groups, set up by every block.
 struct GroupLayout {
-  int valid;          // every g_idx entry is in [0, G)
-  int uniform;        // g_idx[k] == k / gs
+  int valid;          // every g_idx entry read is in [0, G)
+  int uniform;        // group_size > 0
   int64_t gs;         // uniform: channels per group
   int64_t groups;     // groups walked, in ascending order
   int64_t per_group;  // pieces per group
   int64_t pieces;
-  long long step_min, step_max;  // scratch: smallest and largest k / g_idx[k] at group steps
 };
 
 // A piece: chunks [chunk0, chunk0 + chunks) of group g, channels restricted to [lo, hi) and,
@@ -105,53 +105,28 @@ __device__ __forceinline__ int32_t dp4a_u8s8(uint32_t a, uint32_t b, int32_t c) 
   return d;
 }
 
-// Analysis of g_idx into sh.layout (block-wide; ends with a barrier). Uniform groups start at
-// g_idx[0] == 0 and step by one exactly at the multiples k of gs, so every step has
-// k % g_idx[k] == 0 and k / g_idx[k] == gs; with no step, one group holds all K channels.
+// The group layout into sh.layout (block-wide; ends with a barrier). Act-order layers check
+// every g_idx entry once.
 template <int kThreads>
-__device__ void analyze_groups(const LinearArgs& a, GroupLayout& L) {
-  if (threadIdx.x == 0) {
-    L.valid = 1;
-    L.uniform = 1;
-    L.step_min = LLONG_MAX;
-    L.step_max = -1;
-  }
+__device__ void group_layout(const LinearArgs& a, GroupLayout& L) {
+  if (threadIdx.x == 0) L.valid = 1;
   __syncthreads();
-  bool valid = true, uniform = true;
-  long long step_min = LLONG_MAX, step_max = -1;
-  for (int64_t k = threadIdx.x; k < a.K; k += kThreads) {
-    const int64_t v = __ldg(a.g_idx + k);
-    valid = valid && v >= 0 && v < a.G;
-    if (k == 0) {
-      uniform = uniform && v == 0;
-      continue;
+  if (a.group_size == 0) {
+    bool valid = true;
+    for (int64_t k = threadIdx.x; k < a.K; k += kThreads) {
+      const int64_t v = __ldg(a.g_idx + k);
+      valid = valid && v >= 0 && v < a.G;
     }
-    const int64_t prev = __ldg(a.g_idx + k - 1);
-    if (v == prev) continue;
-    if (v != prev + 1 || v <= 0 || k % v != 0) {
-      uniform = false;
-      continue;
-    }
-    step_min = min(step_min, static_cast<long long>(k / v));
-    step_max = max(step_max, static_cast<long long>(k / v));
+    if (!valid) L.valid = 0;
   }
-  if (!valid) L.valid = 0;
-  if (!uniform) L.uniform = 0;
-  if (step_max >= 0) {
-    atomicMin(&L.step_min, step_min);
-    atomicMax(&L.step_max, step_max);
-  }
-  __syncthreads();
   if (threadIdx.x == 0) {
-    const int64_t gs = L.step_max < 0 ? a.K : L.step_min;
-    const int64_t groups = static_cast<int64_t>(__ldg(a.g_idx + a.K - 1)) + 1;
-    // The last group may be short, never long.
-    L.uniform = L.uniform && (L.step_max < 0 || L.step_min == L.step_max) && groups * gs >= a.K;
+    L.uniform = a.group_size > 0;
     if (L.uniform) {
+      const int64_t gs = a.group_size;
       // A group of gs channels spans gs / 32 chunks when aligned, else at most this many.
       const int64_t chunks = gs % 32 == 0 ? gs / 32 : (gs + 31) / 32 + 1;
       L.gs = gs;
-      L.groups = groups;
+      L.groups = a.G;
       L.per_group = (chunks + kPieceChunks - 1) / kPieceChunks;
     } else {
       L.gs = 0;
@@ -294,11 +269,10 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
     if (sh.ok[m]) {
       const int64_t at = (m0 + m) * a.W + w;
       hi_word[m] = a.hi ? __ldg(a.hi + at) : 0u;
-      r = (hi_word[m] >> lane) & 1u;
+      r = range_of(hi_word[m], lane);
       if ((member >> lane) & 1u) {
-        int32_t q = dev::plane_code(a.planes + at, a.M * a.W, a.P, lane);
-        if (a.sign && ((__ldg(a.sign + at) >> lane) & 1u)) q = -q;
-        c = q - sh.zero[m][r];
+        c = signed_value(plane_code(a.planes + at, a.M * a.W, a.P, lane),
+                         a.sign ? __ldg(a.sign + at) : 0u, lane) - sh.zero[m][r];
       }
     }
     const int32_t c0 = r ? 0 : c, c1 = r ? c : 0;
@@ -362,9 +336,8 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
                           float& scale) {
   using Pk = Packing<kBits>;
   const bool column = n < a.N;
-  const int32_t z =
-      column ? gptq_zero(a.qzeros, a.zero_cols, pc.g, n, kBits, a.zero_offset) : 0;
-  scale = column ? __half2float(a.scales[pc.g * a.N + n]) : 0.f;
+  const int32_t z = column ? __ldg(a.zeros + pc.g * a.N + n) : 0;
+  scale = column ? __ldg(a.scales + pc.g * a.N + n) : 0.f;
 
   uint32_t member[kPieceChunks], act[kPieceChunks];
 #pragma unroll
@@ -432,8 +405,7 @@ __device__ void store(const LinearArgs& a, int64_t i, float y) {
   switch (a.out_type) {
     case FloatType::kHalf: static_cast<__half*>(a.out)[i] = __float2half_rn(y); break;
     case FloatType::kBFloat16: static_cast<__nv_bfloat16*>(a.out)[i] = __float2bfloat16_rn(y); break;
-    case FloatType::kFloat: static_cast<float*>(a.out)[i] = y; break;
-    case FloatType::kDouble: static_cast<double*>(a.out)[i] = y; break;
+    default: static_cast<float*>(a.out)[i] = y; break;  // kFloat
   }
 }
 
@@ -442,7 +414,7 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
   constexpr int kWarps = kWarpsFor<kMT>;
   __shared__ LinearShared<kMT> sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  analyze_groups<32 * kWarps>(a, sh.layout);
+  group_layout<32 * kWarps>(a, sh.layout);
   const GroupLayout& L = sh.layout;
   const int64_t m_tiles = (a.M + kMT - 1) / kMT, n_tiles = (a.N + kCols - 1) / kCols;
   // Token tiles of the same columns are neighbours, so their weight reads meet in L2.
@@ -455,8 +427,8 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
         z0 = a.zero[tm * a.R];
         z1 = a.R == 2 ? a.zero[tm * a.R + 1] : 0;
       }
-      // A zero point past kMaxZero could overflow the int32 codes: the token becomes NaN.
-      const bool ok = tm < a.M && dev::zero_in_range(z0) && dev::zero_in_range(z1);
+      // A zero point past kZeroLimit could overflow the int32 codes: the token becomes NaN.
+      const bool ok = tm < a.M && zero_in_range(z0) && zero_in_range(z1);
       sh.ok[threadIdx.x] = ok;
       sh.zero[threadIdx.x][0] = ok ? z0 : 0;
       sh.zero[threadIdx.x][1] = ok ? z1 : 0;
@@ -498,7 +470,7 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
         if (L.valid && sh.ok[warp]) {
           double v = static_cast<double>(a.scale[tm * a.R]) * fold.S[0];
           if (a.R == 2) v += static_cast<double>(a.scale[tm * a.R + 1]) * fold.S[1];
-          if (a.bias) v += a.bias[n];
+          if (a.bias) v += static_cast<double>(a.bias[n]);
           y = static_cast<float>(v);
         }
         store(a, tm * a.N + n, y);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA sources, no GPU needed: every cuda/*.cu with nvcc for sm_80 and sm_90
-# (the flags setup.py uses), and csrc/cuda/*.cpp with g++ -fsyntax-only against the torch and
-# CUDA headers. Exits non-zero on any error. Without any nvcc it says so and exits 0.
+# (the flags setup.py uses), and the host entries (csrc/ops.cpp with SPIKEOPS_WITH_CUDA) with
+# g++ -fsyntax-only against the torch and CUDA headers. Exits non-zero on any error. Without any
+# nvcc it says so and exits 0.
 #
 # Usage: scripts/compile_cuda.sh        (from anywhere; CUDA_HOME picks the toolkit)
 set -uo pipefail
@@ -45,7 +46,8 @@ if ! torch_includes="$("$python" -c 'import torch.utils.cpp_extension as c; prin
   echo "compile_cuda: cannot import torch for its include paths"
   exit 1
 fi
-include_flags=()
+# ops.cpp is also the Python module's entry point: it needs Python.h.
+include_flags=(-isystem "$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')")
 # -isystem: warnings inside torch's headers are torch's, not ours.
 while IFS= read -r dir; do include_flags+=(-isystem "$dir"); done <<< "$torch_includes"
 # A CPU-only torch wheel ships the c10/cuda headers without the generated
@@ -53,7 +55,7 @@ while IFS= read -r dir; do include_flags+=(-isystem "$dir"); done <<< "$torch_in
 if [[ ! -f "$(head -n 1 <<< "$torch_includes")/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
   include_flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
 fi
-for src in csrc/cuda/*.cpp; do
+for src in csrc/ops.cpp; do
   echo "g++   $src"
   if ! g++ -fsyntax-only -std=c++17 -Wall -DSPIKEOPS_WITH_CUDA -I csrc -I cuda \
       "${include_flags[@]}" -isystem "$cuda_include" "$src"; then

@@ -36,6 +36,12 @@ def gptq_tensors(device, bits=4, k=K, n=N, group_size=GS):
                 g_idx=(torch.arange(k, device=device) // group_size).to(I32))
 
 
+def kernel_tensors(device, bits=4, k=K, n=N, group_size=GS):
+    """The kernel form of a valid GPTQ layer, as spike_linear and gptq_dequantize take it."""
+    w = weight(device, bits, k, n, group_size)
+    return dict(qweight=w.qweight, zeros=w.kernel_zeros, scales=w.kernel_scales, g_idx=w.g_idx)
+
+
 def weight(device, bits=4, k=K, n=N, group_size=GS):
     return GPTQWeight(**gptq_tensors(device, bits, k, n, group_size), bits=bits,
                       group_size=group_size, sym=False, checkpoint_format="gptq")
@@ -104,13 +110,13 @@ def accumulate_op(device, **over):
 
 
 def linear_op(device, enc=None, **over):
-    args = dict(op_fields(device, enc), **gptq_tensors(device), bias=absent(device, F32), bits=4,
-                zero_offset=1, out_dtype=torch.float16, backend="auto")
+    args = dict(op_fields(device, enc), **kernel_tensors(device), bias=absent(device, F32),
+                bits=4, group_size=GS, out_dtype=torch.float16, backend="auto")
     return OPS.spike_linear(**override(args, over))
 
 
 def dequantize_op(device, **over):
-    args = dict(gptq_tensors(device), bits=4, zero_offset=1)
+    args = dict(kernel_tensors(device), bits=4, group_size=GS)
     return OPS.gptq_dequantize(**override(args, over))
 
 
@@ -589,61 +595,63 @@ OP_CASES = [
     case(lambda d: linear_op(d, qweight=lambda a: a["qweight"][:-1]), ValueError, "qweight",
          "spike_linear-qweight-rows"),
     case(lambda d: linear_op(d, bits=8), ValueError, "qweight", "spike_linear-qweight-rows-bits"),
-    case(lambda d: linear_op(d, qzeros=lambda a: a["qzeros"].float()), TypeError, "qzeros",
-         "spike_linear-qzeros-float"),
-    case(lambda d: linear_op(d, qzeros=lambda a: a["qzeros"][:, :1]), ValueError, "qzeros",
-         "spike_linear-qzeros-shape"),
-    case(lambda d: linear_op(d, scales=lambda a: a["scales"].float()), TypeError, "scales",
-         "spike_linear-scales-float32"),
+    case(lambda d: linear_op(d, zeros=lambda a: a["zeros"].float()), TypeError, "zeros",
+         "spike_linear-zeros-float"),
+    case(lambda d: linear_op(d, zeros=lambda a: a["zeros"][:, :1]), ValueError, "zeros",
+         "spike_linear-zeros-shape"),
+    case(lambda d: linear_op(d, scales=lambda a: a["scales"].half()), TypeError, "scales",
+         "spike_linear-scales-float16"),
+    case(lambda d: linear_op(d, group_size=GS // 2), ValueError, "groups",
+         "spike_linear-group_size-G-mismatch"),
     case(lambda d: linear_op(d, scales=lambda a: a["scales"][0]), ValueError, "scales",
          "spike_linear-scales-1d"),
     case(lambda d: linear_op(d, g_idx=lambda a: a["g_idx"].long()), TypeError, "g_idx",
          "spike_linear-g_idx-int64"),
     case(lambda d: linear_op(d, g_idx=lambda a: a["g_idx"][None]), ValueError, "g_idx",
          "spike_linear-g_idx-2d"),
-    case(lambda d: linear_op(d, g_idx=lambda a: a["g_idx"] - 1), ValueError, "g_idx",
-         "spike_linear-g_idx-negative", cpu=True),
-    case(lambda d: linear_op(d, g_idx=lambda a: a["g_idx"] + 1), ValueError, "g_idx",
-         "spike_linear-g_idx-ge-G", cpu=True),
+    case(lambda d: linear_op(d, group_size=0, g_idx=lambda a: a["g_idx"] - 1), ValueError,
+         "g_idx", "spike_linear-g_idx-negative", cpu=True),
+    case(lambda d: linear_op(d, group_size=0, g_idx=lambda a: a["g_idx"] + 1), ValueError,
+         "g_idx", "spike_linear-g_idx-ge-G", cpu=True),
     case(lambda d: linear_op(d, bias=lambda a: torch.zeros(N, dtype=I32, device=d)), TypeError,
          "bias", "spike_linear-bias-int"),
+    case(lambda d: linear_op(d, bias=lambda a: torch.zeros(N, dtype=torch.float16, device=d)),
+         TypeError, "bias", "spike_linear-bias-float16"),
     case(lambda d: linear_op(d, bias=lambda a: torch.zeros(N + 1, device=d)), ValueError, "bias",
          "spike_linear-bias-length"),
     case(lambda d: linear_op(d, bits=3), ValueError, "bits", "spike_linear-bits-3"),
     case(lambda d: linear_op(d, bits=5), ValueError, "bits", "spike_linear-bits-5"),
     case(lambda d: linear_op(d, bits=0), ValueError, "bits", "spike_linear-bits-0"),
     case(lambda d: linear_op(d, bits=16), ValueError, "bits", "spike_linear-bits-16"),
-    case(lambda d: linear_op(d, zero_offset=2), ValueError, "zero_offset",
-         "spike_linear-zero_offset-2"),
-    case(lambda d: linear_op(d, zero_offset=-1), ValueError, "zero_offset",
-         "spike_linear-zero_offset-neg"),
+    case(lambda d: linear_op(d, group_size=-1), ValueError, "group_size",
+         "spike_linear-group_size-neg"),
     case(lambda d: linear_op(d, out_dtype=torch.int32), TypeError, "out_dtype",
          "spike_linear-out_dtype-int32"),
     case(lambda d: linear_op(d, out_dtype=torch.float64), TypeError, "out_dtype",
          "spike_linear-out_dtype-float64"),
     case(lambda d: linear_op(d, backend="cuda"), ValueError, "backend", "spike_linear-backend"),
-    case(lambda d: linear_op(d, **gptq_tensors(d, k=K + 32)), ValueError, "planes|K",
+    case(lambda d: linear_op(d, **kernel_tensors(d, k=K + 32)), ValueError, "planes|K",
          "spike_linear-W-mismatch"),
 
     # gptq_dequantize
     case(lambda d: dequantize_op(d, bits=3), ValueError, "bits", "gptq_dequantize-bits-3"),
     case(lambda d: dequantize_op(d, bits=5), ValueError, "bits", "gptq_dequantize-bits-5"),
-    case(lambda d: dequantize_op(d, zero_offset=2), ValueError, "zero_offset",
-         "gptq_dequantize-zero_offset-2"),
+    case(lambda d: dequantize_op(d, group_size=-1), ValueError, "group_size",
+         "gptq_dequantize-group_size-neg"),
     case(lambda d: dequantize_op(d, qweight=lambda a: a["qweight"].long()), TypeError, "qweight",
          "gptq_dequantize-qweight-int64"),
     case(lambda d: dequantize_op(d, qweight=lambda a: a["qweight"][:-1]), ValueError, "qweight",
          "gptq_dequantize-qweight-rows"),
-    case(lambda d: dequantize_op(d, scales=lambda a: a["scales"].float()), TypeError, "scales",
-         "gptq_dequantize-scales-float32"),
-    case(lambda d: dequantize_op(d, qzeros=lambda a: a["qzeros"][:1]), ValueError, "qzeros",
-         "gptq_dequantize-qzeros-shape"),
+    case(lambda d: dequantize_op(d, scales=lambda a: a["scales"].half()), TypeError, "scales",
+         "gptq_dequantize-scales-float16"),
+    case(lambda d: dequantize_op(d, zeros=lambda a: a["zeros"][:1]), ValueError, "zeros",
+         "gptq_dequantize-zeros-shape"),
     case(lambda d: dequantize_op(d, g_idx=lambda a: a["g_idx"][:0]), ValueError, "g_idx",
          "gptq_dequantize-g_idx-empty"),
-    case(lambda d: dequantize_op(d, g_idx=lambda a: torch.full_like(a["g_idx"], -1)), ValueError,
-         "g_idx", "gptq_dequantize-g_idx-negative", cpu=True),
-    case(lambda d: dequantize_op(d, g_idx=lambda a: torch.full_like(a["g_idx"], G)), ValueError,
-         "g_idx", "gptq_dequantize-g_idx-ge-G", cpu=True),
+    case(lambda d: dequantize_op(d, group_size=0, g_idx=lambda a: torch.full_like(a["g_idx"], -1)),
+         ValueError, "g_idx", "gptq_dequantize-g_idx-negative", cpu=True),
+    case(lambda d: dequantize_op(d, group_size=0, g_idx=lambda a: torch.full_like(a["g_idx"], G)),
+         ValueError, "g_idx", "gptq_dequantize-g_idx-ge-G", cpu=True),
 ]
 
 
@@ -738,9 +746,10 @@ def test_single_channel(device, enc, salient):
     assert y.shape == (M, N) and x_hat.shape == (M, 1) and torch.isfinite(y).all()
     f = dict(st._asdict())
     del f["shape"]
-    expect = reference.spike_linear(**f, qweight=w.qweight, qzeros=w.qzeros, scales=w.scales,
-                                    g_idx=w.g_idx, bias=torch.ones(N, device=device), bits=4,
-                                    zero_offset=w.zero_offset, out_dtype=F32)
+    expect = reference.spike_linear(**f, qweight=w.qweight, zeros=w.kernel_zeros,
+                                    scales=w.kernel_scales, g_idx=w.g_idx,
+                                    bias=torch.ones(N, device=device), bits=4,
+                                    group_size=w.kernel_group_size, out_dtype=F32)
     assert torch.equal(y, expect)
 
 

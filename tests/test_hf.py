@@ -56,8 +56,7 @@ def names():
 
 def dequantized(lin: spikeops.SpikeLinear) -> torch.Tensor:
     """fp16 [N, K] of a loaded SpikeLinear's buffers."""
-    return ops.gptq_dequantize(lin.qweight, lin.qzeros, lin.scales, lin.g_idx, lin.kernel_bits,
-                               lin.zero_offset)
+    return lin.dequantize()
 
 
 def exact(lin: spikeops.SpikeLinear) -> torch.Tensor:

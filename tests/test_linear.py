@@ -47,8 +47,9 @@ def spikes_for(x, name, device):
 
 
 def linear_args(st, w, bias, out_dtype, backend):
-    return (st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.qzeros, w.scales,
-            w.g_idx, bias, w.kernel_bits, w.zero_offset, out_dtype, backend)
+    return (st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
+            w.kernel_scales, w.g_idx, None if bias is None else bias.float(), w.kernel_bits,
+            w.kernel_group_size, out_dtype, backend)
 
 
 def check_linear(device, st, w, layer, bias=None, out_dtype=torch.float16):
@@ -150,7 +151,8 @@ def test_gptq_dequantize(device, bits, group_size, act, sym, fmt, K):
     expect = (scales.float()[g_idx] * (q - z[g_idx]).float()).half().t()  # one rounding
     assert W.dtype == torch.float16 and torch.equal(W.cpu(), expect)
     assert torch.equal(W.cpu(), reference.gptq_dequantize(
-        w.qweight, w.qzeros, w.scales, w.g_idx, w.kernel_bits, w.zero_offset).cpu())
+        w.qweight, w.kernel_zeros, w.kernel_scales, w.g_idx, w.kernel_bits,
+        w.kernel_group_size).cpu())
 
 
 @pytest.mark.parametrize("enc_name", ["minmax4", "absmax4-salient8", "oat8", "absmean3"])

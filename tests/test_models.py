@@ -70,8 +70,7 @@ def test_obs_saliency_is_the_first_order_term(model):
     name = "model.layers.1.mlp.down_proj"
     layer = spike_layers(model)[name]
     x = collect_inputs(model, batches())[name].double()
-    W = spikeops.ops.gptq_dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
-                                     layer.kernel_bits, layer.zero_offset).double()
+    W = layer.dequantize().double()
     saliency = ((x @ W.t() @ W) * x).mean(0)
     top = saliency.topk(math.ceil(0.1 * layer.in_features)).indices
     cal = calibrate(model, batches(), methods=["obs"])

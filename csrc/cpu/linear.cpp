@@ -12,14 +12,12 @@
 // identical bit for bit:
 //   y[m, n] = float32( sum_r double(scale[m, r]) * S_r[n] + bias[n] ),
 //   S_r[n]  = sum_g double( float32(scales[g, n]) * float32(D[g, r]) )     (g ascending).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
-#include "spikeops.h"
+#include "cpu/kernels.h"
 
 // Hot loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load time.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -30,6 +28,7 @@
 #endif
 
 namespace spikeops {
+namespace cpu {
 namespace {
 
 constexpr int64_t kBlock = 128;       // output columns per task
@@ -50,14 +49,20 @@ inline uint32_t word_at(const uint32_t* row, int64_t w, int64_t W, uint32_t last
   return w == W - 1 ? row[w] & last_mask : row[w];
 }
 
+// What the term builders read: the spikes and how their channels fall into groups.
 struct Layer {
   const uint32_t* planes;  // [P, M, W]
   const uint32_t* sign;    // [M, W] or null
   const uint32_t* hi;      // [M, W] or null
   const int32_t* zero;     // [M, R] or null
-  const int32_t* g_idx;    // [K]
+  const int32_t* g_idx;    // [K], read only when group_size == 0
+  int64_t group_size;      // > 0: group of k = k / group_size
   int64_t P, M, W, R, K, G;
   uint32_t last_mask;
+
+  int64_t group(int64_t k) const {
+    return group_size > 0 ? k / group_size : static_cast<int64_t>(g_idx[k]);
+  }
 };
 
 // Counting sort of (bucket, channel, code) triples into t; emit(f) calls f(bucket, k, c) for
@@ -102,12 +107,10 @@ void build_code_terms(const Layer& L, int64_t m, Terms& t) {
       if (!any && !L.zero) continue;  // a silent word adds nothing without a zero point
       for (int64_t k = 32 * w; k < k_end; ++k) {
         const int j = static_cast<int>(k - 32 * w);
-        int32_t q = 0;
-        for (int64_t p = 0; p < L.P; ++p) q |= static_cast<int32_t>((q_bits[p] >> j) & 1u) << p;
-        if ((sgn >> j) & 1u) q = -q;
-        const int r = (hib >> j) & 1u;
+        const int32_t q = signed_value(plane_code(q_bits, 1, L.P, j), sgn, j);
+        const int r = range_of(hib, j);
         const int32_t c = q - (L.zero ? L.zero[m * L.R + r] : 0);
-        if (c != 0) add(static_cast<int64_t>(L.g_idx[k]) * L.R + r, static_cast<int32_t>(k), c);
+        if (c != 0) add(L.group(k) * L.R + r, static_cast<int32_t>(k), c);
       }
     }
   });
@@ -132,9 +135,9 @@ void build_spike_terms(const Layer& L, int64_t m, Terms& t) {
           const int j = __builtin_ctz(bits);
           bits &= bits - 1;
           const int64_t k = 32 * w + j;
-          const int64_t r = (hib >> j) & 1u;
+          const int64_t r = range_of(hib, j);
           const int64_t neg = p < L.P ? (sgn >> j) & 1u : 0;
-          add(((L.g_idx[k] * planes + p) * L.R + r) * 2 + neg, static_cast<int32_t>(k), 0);
+          add(((L.group(k) * planes + p) * L.R + r) * 2 + neg, static_cast<int32_t>(k), 0);
         }
       }
     }
@@ -202,17 +205,18 @@ SPIKEOPS_INLINE void add_rows(int32_t* __restrict acc, const int32_t* __restrict
   }
 }
 
-struct LinearArgs {
+// One spike_linear call: its spikes as term sources, and its weights.
+struct Job {
   Layer L;
   const int32_t* qweight;  // [ceil(K*bits/32), N]
-  const int32_t* zeros;    // true weight zero points z, unpacked, [G, N]
-  const float* scales;     // float32 copy of the fp16 scales, [G, N]
+  const int32_t* zeros;    // true weight zero points z, [G, N]
+  const float* scales;     // [G, N]
   int64_t N;
   int bits;
 };
 
 // D[g, r] of one block into S_r (the epilogue's per-range sums).
-SPIKEOPS_INLINE void fold_group(const LinearArgs& a, BlockAcc& acc, int64_t g, int64_t r,
+SPIKEOPS_INLINE void fold_group(const Job& a, BlockAcc& acc, int64_t g, int64_t r,
                                 int64_t n0, int64_t cols) {
   const float* sc = a.scales + g * a.N + n0;
   for (int64_t n = 0; n < cols; ++n)
@@ -220,7 +224,7 @@ SPIKEOPS_INLINE void fold_group(const LinearArgs& a, BlockAcc& acc, int64_t g, i
 }
 
 template <int64_t kCols>
-SPIKEOPS_INLINE void int_block_cols(const LinearArgs& a, const Terms& t, int64_t n0,
+SPIKEOPS_INLINE void int_block_cols(const Job& a, const Terms& t, int64_t n0,
                                     int64_t cols_arg, BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
   const int32_t maxq = (1 << a.bits) - 1;
@@ -246,7 +250,7 @@ SPIKEOPS_INLINE void int_block_cols(const LinearArgs& a, const Terms& t, int64_t
 }
 
 template <int64_t kCols>
-SPIKEOPS_INLINE void spike_block_cols(const LinearArgs& a, const Terms& t, int64_t m, int64_t n0,
+SPIKEOPS_INLINE void spike_block_cols(const Job& a, const Terms& t, int64_t m, int64_t n0,
                                       int64_t cols_arg, BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
   const int64_t planes = spike_planes(a.L, m);
@@ -277,49 +281,37 @@ SPIKEOPS_INLINE void spike_block_cols(const LinearArgs& a, const Terms& t, int64
 }
 
 SPIKEOPS_MULTIVERSION
-void int_block(const LinearArgs& a, const Terms& t, int64_t n0, int64_t cols, BlockAcc& acc) {
+void int_block(const Job& a, const Terms& t, int64_t n0, int64_t cols, BlockAcc& acc) {
   cols == kBlock ? int_block_cols<kBlock>(a, t, n0, cols, acc) : int_block_cols<0>(a, t, n0, cols, acc);
 }
 
 SPIKEOPS_MULTIVERSION
-void spike_block(const LinearArgs& a, const Terms& t, int64_t m, int64_t n0, int64_t cols,
+void spike_block(const Job& a, const Terms& t, int64_t m, int64_t n0, int64_t cols,
                  BlockAcc& acc) {
   cols == kBlock ? spike_block_cols<kBlock>(a, t, m, n0, cols, acc)
                  : spike_block_cols<0>(a, t, m, n0, cols, acc);
 }
 
 template <typename out_t>
-void store_block(const LinearArgs& a, const float* scale, const double* bias, int64_t m,
+void store_block(const Job& a, const float* scale, const float* bias, int64_t m,
                  int64_t n0, int64_t cols, const BlockAcc& acc, out_t* y) {
   for (int64_t n = 0; n < cols; ++n) {
     double v = static_cast<double>(scale[m * a.L.R]) * acc.S[0][n];
     if (a.L.R == 2) v += static_cast<double>(scale[m * a.L.R + 1]) * acc.S[1][n];
-    if (bias) v += bias[n0 + n];
+    if (bias) v += static_cast<double>(bias[n0 + n]);
     y[m * a.N + n0 + n] = static_cast<out_t>(static_cast<float>(v));
   }
 }
 
-// True zero points z [G, N] of a layer: stored fields + zero_offset.
-at::Tensor unpack_zeros(const Gptq& w) {
-  at::Tensor z = at::empty({w.G, w.N}, w.qzeros.options());
-  const int32_t* qz = w.qzeros.data_ptr<int32_t>();
-  int32_t* zp = z.data_ptr<int32_t>();
-  const int64_t cols = w.qzeros.size(1);
-  at::parallel_for(0, w.G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t n = 0; n < w.N; ++n)
-        zp[g * w.N + n] = gptq_zero(qz, cols, g, n, w.bits, w.zero_offset);
-  });
-  return z;
-}
-
-Layer make_layer(const Spikes& s, const int32_t* g_idx, int64_t K, int64_t G) {
+Layer make_layer(const SpikeFields& s, const int32_t* g_idx, int64_t group_size, int64_t K,
+                 int64_t G) {
   Layer L;
-  L.planes = words(s.planes);
-  L.sign = words(s.sign);
-  L.hi = words(s.hi);
-  L.zero = data_or_null<int32_t>(s.zero);
+  L.planes = s.planes;
+  L.sign = s.sign;
+  L.hi = s.hi;
+  L.zero = s.zero;
   L.g_idx = g_idx;
+  L.group_size = group_size;
   L.P = s.P, L.M = s.M, L.W = s.W, L.R = s.R, L.K = K, L.G = G;
   L.last_mask = (K % 32) ? ((1u << (K % 32)) - 1u) : ~0u;
   return L;
@@ -327,135 +319,100 @@ Layer make_layer(const Spikes& s, const int32_t* g_idx, int64_t K, int64_t G) {
 
 }  // namespace
 
-at::Tensor spike_linear_cpu(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                            const at::Tensor& scale, const at::Tensor& zero,
-                            const at::Tensor& qweight, const at::Tensor& qzeros,
-                            const at::Tensor& scales, const at::Tensor& g_idx,
-                            const at::Tensor& bias, int64_t bits, int64_t zero_offset,
-                            at::ScalarType out_dtype, const std::string& backend) {
-  const Linear l = check_spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales,
-                                      g_idx, bias, bits, zero_offset, out_dtype, backend);
-  const Spikes& s = l.s;
-  const Gptq& w = l.w;
+void spike_linear(const LinearArgs& a) {
   // On CPU the int backend never does more work than the spike backend (each nonzero code is
   // one term, and it has at least one spike), so auto = int.
-  const bool use_spike = l.backend == Backend::kSpike;
-  const double* bp = data_or_null<double>(l.bias64);
+  const bool use_spike = a.backend == Backend::kSpike;
+  Job job;
+  job.L = make_layer(a, a.g_idx, a.group_size, a.K, a.G);
+  job.qweight = a.qweight;
+  job.zeros = a.zeros;
+  job.scales = a.scales;
+  job.N = a.N;
+  job.bits = a.bits;
 
-  LinearArgs a;
-  a.L = make_layer(s, w.g_idx.data_ptr<int32_t>(), w.K, w.G);
-  // The epilogue reads every scale and zero point once per token and block: unpack them once.
-  const at::Tensor zeros = unpack_zeros(w);
-  const at::Tensor scales_f = w.scales.to(at::kFloat);
-  a.qweight = w.qweight.data_ptr<int32_t>();
-  a.zeros = zeros.data_ptr<int32_t>();
-  a.scales = scales_f.data_ptr<float>();
-  a.N = w.N;
-  a.bits = w.bits;
-  const float* sc = s.scale.data_ptr<float>();
-
-  at::Tensor y = at::empty({s.M, w.N}, planes.options().dtype(out_dtype));
-  const int64_t blocks = (w.N + kBlock - 1) / kBlock;
-  std::vector<Terms> terms(std::min(s.M, kTokenChunk));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "spike_linear", [&] {
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    for (int64_t m0 = 0; m0 < s.M; m0 += kTokenChunk) {
-      const int64_t tokens = std::min(kTokenChunk, s.M - m0);
+  const int64_t blocks = (a.N + kBlock - 1) / kBlock;
+  std::vector<Terms> terms(std::min(a.M, kTokenChunk));
+  dispatch_out_float(a.out_type, [&](auto tag) {
+    using T = decltype(tag);
+    T* y = static_cast<T*>(a.out);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kTokenChunk) {
+      const int64_t tokens = std::min(kTokenChunk, a.M - m0);
       at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          use_spike ? build_spike_terms(a.L, m0 + i, terms[i]) : build_code_terms(a.L, m0 + i, terms[i]);
+          use_spike ? build_spike_terms(job.L, m0 + i, terms[i])
+                    : build_code_terms(job.L, m0 + i, terms[i]);
       });
       at::parallel_for(0, blocks * tokens, 1, [&](int64_t begin, int64_t end) {
         BlockAcc acc;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t i = task % tokens, n0 = (task / tokens) * kBlock;
-          const int64_t cols = std::min(kBlock, w.N - n0);
+          const int64_t cols = std::min(kBlock, a.N - n0);
           for (int r = 0; r < 2; ++r) std::fill(acc.S[r], acc.S[r] + cols, 0.0);
           if (use_spike) {
-            spike_block(a, terms[i], m0 + i, n0, cols, acc);
+            spike_block(job, terms[i], m0 + i, n0, cols, acc);
           } else {
-            int_block(a, terms[i], n0, cols, acc);
+            int_block(job, terms[i], n0, cols, acc);
           }
-          store_block(a, sc, bp, m0 + i, n0, cols, acc, yp);
+          store_block(job, a.scale, a.bias, m0 + i, n0, cols, acc, y);
         }
       });
     }
   });
-  return y;
 }
 
-at::Tensor spike_accumulate_cpu(const at::Tensor& planes, const at::Tensor& sign,
-                                const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
-  at::Tensor wc;
-  const Spikes s = check_spike_accumulate(planes, sign, hi, w, &wc);
-  const int64_t K = wc.size(0), N = wc.size(1);
-  const int8_t* wp = wc.data_ptr<int8_t>();
-
-  // One group holds every channel; no zero point: acc counts s * Q only (SPEC §3.1).
-  const std::vector<int32_t> one_group(K, 0);
-  Spikes bits_only = s;
-  bits_only.zero = at::Tensor();
-  const Layer L = make_layer(bits_only, one_group.data(), K, 1);
-  at::Tensor out = at::zeros(per_plane ? at::IntArrayRef{s.P, s.R, s.M, N}
-                                       : at::IntArrayRef{s.R, s.M, N},
-                             planes.options().dtype(at::kLong));
-  int64_t* op_out = out.data_ptr<int64_t>();
-  at::parallel_for(0, s.M, 1, [&](int64_t begin, int64_t end) {
+void spike_accumulate(const AccumulateArgs& a) {
+  // One group holds every channel; no zero point: acc counts s * Q only (docs/ops.md).
+  SpikeFields bits_only = a;
+  bits_only.zero = nullptr;
+  const Layer L = make_layer(bits_only, nullptr, a.K, a.K, 1);
+  const int64_t N = a.N;
+  at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
     Terms t;
     std::vector<int32_t> part(N);
     for (int64_t m = begin; m < end; ++m) {
       build_spike_terms(L, m, t);
-      for (int64_t p = 0; p < s.P; ++p) {
-        for (int64_t r = 0; r < s.R; ++r) {
-          const int32_t* st = t.start.data() + (p * s.R + r) * 2;
+      for (int64_t p = 0; p < a.P; ++p) {
+        for (int64_t r = 0; r < a.R; ++r) {
+          const int32_t* st = t.start.data() + (p * a.R + r) * 2;
           std::fill(part.begin(), part.end(), 0);
           for (int32_t i = st[0]; i < st[2]; ++i) {  // |sum| <= K * 128 < 2^31
-            const int8_t* row = wp + static_cast<int64_t>(t.k[i]) * N;
+            const int8_t* row = a.w + static_cast<int64_t>(t.k[i]) * N;
             if (i < st[1]) {
               for (int64_t n = 0; n < N; ++n) part[n] += row[n];
             } else {
               for (int64_t n = 0; n < N; ++n) part[n] -= row[n];
             }
           }
-          int64_t* dst = op_out + ((per_plane ? p * s.R + r : r) * s.M + m) * N;
-          const int shift = per_plane ? 0 : static_cast<int>(p);
+          int64_t* dst = a.out + ((a.per_plane ? p * a.R + r : r) * a.M + m) * N;
+          const int shift = a.per_plane ? 0 : static_cast<int>(p);
           for (int64_t n = 0; n < N; ++n) dst[n] += static_cast<int64_t>(part[n]) << shift;
         }
       }
     }
   });
-  return out;
 }
 
-at::Tensor gptq_dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qzeros,
-                               const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                               int64_t zero_offset) {
-  const Gptq w = check_gptq("gptq_dequantize", qweight, qzeros, scales, g_idx, bits, zero_offset);
-  at::Tensor out = at::empty({w.N, w.K}, qweight.options().dtype(at::kHalf));
-  at::Half* o = out.data_ptr<at::Half>();
-  const int32_t *qw = w.qweight.data_ptr<int32_t>(), *qz = w.qzeros.data_ptr<int32_t>();
-  const int32_t* gi = w.g_idx.data_ptr<int32_t>();
-  const at::Half* sc = w.scales.data_ptr<at::Half>();
-  const int64_t zcols = w.qzeros.size(1);
+void gptq_dequantize(const DequantizeArgs& a) {
+  c10::Half* o = static_cast<c10::Half*>(a.out);
   // Tiles of kCols output rows walked k-major: each qweight row segment is read contiguously
   // (walking one n over all k would stride N words per load), and the tile's kCols output rows
   // stay in cache while they fill.
   constexpr int64_t kCols = 64;
-  at::parallel_for(0, (w.N + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (a.N + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kCols, n1 = std::min(w.N, n0 + kCols);
-      for (int64_t k = 0; k < w.K; ++k) {
-        const int64_t g = gi[k];
+      const int64_t n0 = tile * kCols, n1 = std::min(a.N, n0 + kCols);
+      for (int64_t k = 0; k < a.K; ++k) {
+        const int64_t g = group_of(a, k);
         for (int64_t n = n0; n < n1; ++n) {
-          const int32_t q = gptq_code(qw, w.N, k, n, w.bits);
-          const int32_t z = gptq_zero(qz, zcols, g, n, w.bits, w.zero_offset);
-          o[n * w.K + k] = static_cast<at::Half>(static_cast<float>(sc[g * w.N + n]) *
-                                                 static_cast<float>(q - z));
+          const int32_t q = gptq_code(a.qweight, a.N, k, n, a.bits);
+          const int32_t z = a.zeros[g * a.N + n];
+          o[n * a.K + k] = static_cast<c10::Half>(a.scales[g * a.N + n] * static_cast<float>(q - z));
         }
       }
     }
   });
-  return out;
 }
 
+}  // namespace cpu
 }  // namespace spikeops

@@ -26,8 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from . import ops
-from .nn import SpikeLinear, _linear
+from .nn import SpikeLinear
 from .spikes import Encoding, encode
 
 JSON_FILE = "spikeops_calibration.json"
@@ -184,15 +183,13 @@ def collect_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor],
 
 def _dense_weight(layer: SpikeLinear) -> torch.Tensor:
     """W_hat float32 [N, K] on the CPU."""
-    return ops.gptq_dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
-                               layer.kernel_bits, layer.zero_offset).float().cpu()
+    return layer.dequantize().float().cpu()
 
 
 def _layer_error(layer: SpikeLinear, x: torch.Tensor, enc: Encoding, y_ref: torch.Tensor) -> float:
     """Squared error of the layer on spikes of x against the float result y_ref."""
     st = encode(x.to(layer.qweight.device), enc)
-    y = _linear(st, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, None,
-                layer.kernel_bits, layer.zero_offset, torch.float32, layer.backend)
+    y = layer.from_spikes(st, torch.float32, bias=False)
     return float((y.cpu() - y_ref).pow(2).sum())
 
 

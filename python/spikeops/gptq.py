@@ -1,4 +1,4 @@
-"""GPTQ weights (GPTQ.md): packing, v1/v2 zero points, 3-bit repacking, and ``GPTQWeight``."""
+"""GPTQ weights (docs/checkpoints.md): packing, v1/v2 zero points, 3-bit repacking, and ``GPTQWeight``."""
 
 from __future__ import annotations
 
@@ -118,11 +118,11 @@ class GPTQWeight:
                 bad = int(torch.nonzero((g_idx < 0) | (g_idx >= G))[0])
                 raise ValueError(f"{fn}: g_idx values must be in [0, G) = [0, {G}), got "
                                  f"g_idx[{bad}] = {int(g_idx[bad])}")
-        zeros = unpack(qzeros, bits, N, dim=1)
-        self.zero_offset = _zero_offset(zeros, bits, sym, checkpoint_format)
+        stored = unpack(qzeros, bits, N, dim=1)
+        self.zero_offset = _zero_offset(stored, bits, sym, checkpoint_format)
         if bits == 3:  # the kernels read 2/4/8-bit fields; 3-bit codes fit 4 bits exactly
             qweight = pack(unpack(qweight, 3, K, dim=0), 4, dim=0)
-            qzeros = pack(zeros, 4, dim=1)
+            qzeros = pack(stored, 4, dim=1)
         self.qweight = qweight.contiguous()
         self.qzeros = qzeros.contiguous()
         self.scales = scales.contiguous()
@@ -130,6 +130,9 @@ class GPTQWeight:
         self.bits = bits
         self.kernel_bits = 4 if bits == 3 else bits
         self.group_size = group_size
+        # The kernel form (docs/ops.md, spike_linear), built here once for every call.
+        self.kernel_zeros, self.kernel_scales, self.kernel_group_size = kernel_form(
+            self.qzeros, self.scales, self.g_idx, self.kernel_bits, self.zero_offset, group_size)
         self.sym = sym
         self.checkpoint_format = checkpoint_format
         self.in_features = K
@@ -141,14 +144,26 @@ class GPTQWeight:
 
     def dequantize(self) -> torch.Tensor:
         """``W_hat`` float16 ``[N, K]`` (the nn.Linear convention), bit exact."""
-        return ops.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
-                                   self.kernel_bits, self.zero_offset)
+        return ops.gptq_dequantize(self.qweight, self.kernel_zeros, self.kernel_scales,
+                                   self.g_idx, self.kernel_bits, self.kernel_group_size)
 
     def codes(self) -> tuple:
         """Unpacked ``(q int32 [K, N], z int32 [G, N])`` with true zero points."""
         q = unpack(self.qweight, self.kernel_bits, self.in_features, dim=0)
-        z = unpack(self.qzeros, self.kernel_bits, self.out_features, dim=1) + self.zero_offset
-        return q, z
+        return q, self.kernel_zeros
+
+
+def kernel_form(qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, kernel_bits: int,
+                zero_offset: int, group_size: int) -> tuple:
+    """What the kernels read besides the packed codes, from checked GPTQ tensors of a layer:
+    true zero points int32 ``[G, N]``, the float16 scales widened to float32 (exact), and the
+    kernels' ``group_size``: channels per group when ``g_idx[k] == k // group_size`` (the layout
+    without act-order; -1 counts as K), else 0 (``g_idx`` is read). docs/ops.md, spike_linear."""
+    K, N = g_idx.shape[0], scales.shape[1]
+    zeros = (unpack(qzeros, kernel_bits, N, dim=1) + zero_offset).contiguous()
+    gs = K if group_size == -1 else group_size
+    uniform = torch.equal(g_idx, torch.arange(K, dtype=torch.int32, device=g_idx.device) // gs)
+    return zeros, scales.float().contiguous(), gs if uniform else 0
 
 
 def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:

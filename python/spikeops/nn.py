@@ -1,4 +1,4 @@
-"""Consumers of spikes (SPEC.md section 3): ``spike_linear``, ``spike_accumulate`` and the
+"""Consumers of spikes (docs/ops.md): ``spike_linear``, ``spike_accumulate`` and the
 ``SpikeLinear`` module."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import _checks, ops
-from .gptq import GPTQWeight
+from .gptq import GPTQWeight, kernel_form
 from .spikes import Encoding, SpikeTensor, encode
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,7 +25,7 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
     """``y [..., N] = x_hat @ W_hat^T + bias`` from spikes of ``x [..., K]`` and GPTQ weights.
 
     Integer sums of spikes times weight codes per group and range, one float32 multiply per
-    group and range (SPEC.md 3.2). backend: ``"spike"`` (event driven), ``"int"`` (integer
+    group and range (docs/ops.md). backend: ``"spike"`` (event driven), ``"int"`` (integer
     codes) or ``"auto"``; all give identical bits.
     """
     fn = "spike_linear"
@@ -41,19 +41,14 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
         _checks.tensor(fn, "bias", bias, BIAS_DTYPES, dim=1)
         _checks.shape(fn, "bias", bias, (w.out_features,))
     _checks.same_device(fn, {"st.planes": st.planes, "w.qweight": w.qweight, "bias": bias})
-    return _linear(st, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.kernel_bits,
-                   w.zero_offset, out_dtype, backend)
-
-
-def _linear(st: SpikeTensor, qweight, qzeros, scales, g_idx, bias, bits: int, zero_offset: int,
-            out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, qweight, qzeros, scales,
-                         g_idx, bias, bits, zero_offset, out_dtype, backend)
-    return y.reshape(*st.shape[:-1], qweight.shape[1])
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
+                         w.kernel_scales, w.g_idx, None if bias is None else bias.float(),
+                         w.kernel_bits, w.kernel_group_size, out_dtype, backend)
+    return y.reshape(*st.shape[:-1], w.out_features)
 
 
 def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) -> torch.Tensor:
-    """Exact bidirectional accumulation with int8 weights ``w [K, N]`` (SPEC.md 3.1):
+    """Exact bidirectional accumulation with int8 weights ``w [K, N]`` (docs/ops.md):
     ``acc[r, m, n] = sum over k in range r of s * Q[m, k] * w[k, n]``, int64 ``[R, M, N]``
     (M = flattened tokens), or the per-plane currents ``[P, R, M, N]``."""
     fn = "spike_accumulate"
@@ -70,12 +65,14 @@ def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) 
 
 class SpikeLinear(torch.nn.Module):
     """A GPTQ linear layer that runs on spikes: ``x -> encode(x) -> spike_linear``, output in x's
-    dtype. Holds the GPTQ tensors as buffers (packed, never dequantized), the Encoding and an
-    optional salient-channel mask (bool ``[K]``).
+    dtype. Holds the GPTQ tensors as buffers (packed, never dequantized; they are its state
+    dict), their kernel form (``GPTQWeight``'s ``kernel_*``, built once and moved with the
+    module), the Encoding and an optional salient-channel mask (bool ``[K]``).
 
-    ``enc=None`` runs the layer on float activations instead (``x @ W_hat^T`` with the weights
-    dequantized for each call): the "GPTQ weights, float activations" baseline of evaluations
-    and the way calibration sees a layer's inputs. ``set_encoding`` changes both at once."""
+    ``enc=None`` runs the layer on float activations instead (``x @ W_hat^T``, the weights
+    dequantized once and kept in x's dtype until the layer goes back to spikes): the "GPTQ
+    weights, float activations" baseline of evaluations and the way calibration sees a layer's
+    inputs. ``set_encoding`` changes both at once."""
 
     def __init__(self, weight: GPTQWeight, enc: Optional[Encoding],
                  bias: Optional[torch.Tensor] = None,
@@ -94,17 +91,33 @@ class SpikeLinear(torch.nn.Module):
         self.out_features = weight.out_features
         self.bits = weight.bits
         self.kernel_bits = weight.kernel_bits
+        self.group_size = weight.group_size
         self.zero_offset = weight.zero_offset
+        self.kernel_group_size = weight.kernel_group_size
         self.backend = backend
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("qzeros", weight.qzeros)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("g_idx", weight.g_idx)
         self.register_buffer("bias", bias)
+        self.register_buffer("kernel_zeros", weight.kernel_zeros, persistent=False)
+        self.register_buffer("kernel_scales", weight.kernel_scales, persistent=False)
+        self.register_buffer("kernel_bias", None if bias is None else bias.float(),
+                             persistent=False)
+        self.register_buffer("dense_weight", None, persistent=False)  # float activations only
         self.register_buffer("salient_mask", None)
+        # A state dict brings new GPTQ tensors: their kernel form follows them.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._rebuild())
         # Called as observer(layer, spikes) on every spiking forward (statistics); None = off.
         self.observer = None
         self.set_encoding(enc, salient_mask)
+
+    def _rebuild(self) -> None:
+        self.kernel_zeros, self.kernel_scales, self.kernel_group_size = kernel_form(
+            self.qzeros, self.scales, self.g_idx, self.kernel_bits, self.zero_offset,
+            self.group_size)
+        self.kernel_bias = None if self.bias is None else self.bias.float()
+        self.dense_weight = None
 
     def set_encoding(self, enc: Optional[Encoding],
                      salient_mask: Optional[torch.Tensor] = None) -> None:
@@ -126,14 +139,23 @@ class SpikeLinear(torch.nn.Module):
             _checks.same_device(fn, {"qweight": self.qweight, "salient_mask": salient_mask})
         self.enc = enc
         self.salient_mask = salient_mask
+        if enc is not None:
+            self.dense_weight = None
+
+    def dequantize(self) -> torch.Tensor:
+        """``W_hat`` float16 ``[N, K]``, bit exact (``GPTQWeight.dequantize``)."""
+        return ops.gptq_dequantize(self.qweight, self.kernel_zeros, self.kernel_scales,
+                                   self.g_idx, self.kernel_bits, self.kernel_group_size)
 
     def _apply(self, fn, recurse=True):
-        """``module.to(dtype)`` / ``.half()`` / ``.float()`` would cast the fp16 group scales,
-        which the kernels read as fp16 (and bfloat16 would round them): they follow the module's
-        device moves only."""
-        scales = self.scales
+        """``module.to(dtype)`` / ``.half()`` / ``.float()`` would cast the fp16 group scales and
+        the float32 kernel scales and bias, which the kernels read in those dtypes (and bfloat16
+        would round them): they follow the module's device moves only."""
+        kept = {name: getattr(self, name) for name in ("scales", "kernel_scales", "kernel_bias")}
         super()._apply(fn, recurse)
-        self.scales = scales.to(self.scales.device)
+        for name, t in kept.items():
+            if t is not None:
+                setattr(self, name, t.to(self.qweight.device))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,17 +163,26 @@ class SpikeLinear(torch.nn.Module):
             raise ValueError(f"SpikeLinear: x must have shape [..., in_features] = "
                              f"[..., {self.in_features}], got {tuple(x.shape)}")
         if self.enc is None:
-            W = ops.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
-                                    self.kernel_bits, self.zero_offset)
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return torch.nn.functional.linear(x, W.to(x.dtype), bias)
+            if self.dense_weight is None or self.dense_weight.dtype != x.dtype:
+                self.dense_weight = self.dequantize().to(x.dtype)
+            bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None
+            return torch.nn.functional.linear(x, self.dense_weight, bias)
         st = encode(x, self.enc, self.salient_mask)
         if self.observer is not None:
             self.observer(self, st)
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
-        y = _linear(st, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias,
-                    self.kernel_bits, self.zero_offset, out_dtype, self.backend)
-        return y.to(x.dtype)
+        return self.from_spikes(st, out_dtype).to(x.dtype)
+
+    def from_spikes(self, st: SpikeTensor, out_dtype: torch.dtype = torch.float32,
+                    bias: bool = True) -> torch.Tensor:
+        """The layer on spikes already encoded, ``[..., N]`` in ``out_dtype``: what ``forward``
+        runs after ``encode``, for callers that encode once and reuse the spikes. ``bias=False``
+        leaves the bias out. The spikes' K and device are checked by the op."""
+        y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, self.qweight,
+                             self.kernel_zeros, self.kernel_scales, self.g_idx,
+                             self.kernel_bias if bias else None, self.kernel_bits,
+                             self.kernel_group_size, out_dtype, self.backend)
+        return y.reshape(*st.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         enc = self.enc if self.enc is not None else "float activations"

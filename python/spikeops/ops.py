@@ -2,7 +2,7 @@
 so that ``torch.compile`` can trace the ops without running them.
 
 The wrappers take and return tensors only; absent optional tensors are ``None`` here and empty
-tensors at the op level (SPEC.md section 1). Shapes: M tokens, K inputs, N outputs, P planes,
+tensors at the op level (docs/ops.md). Shapes: M tokens, K inputs, N outputs, P planes,
 W = ceil(K / 32) words, R ranges (2 when ``hi`` is present), G groups.
 """
 
@@ -41,7 +41,7 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
                scale: Optional[Tensor] = None, zero: Optional[Tensor] = None,
                theta_nor: float = 0.0, theta_out: float = 0.0):
     """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
-    zero [M, R])``; absent outputs are empty tensors. See SPEC.md section 2 for every mode."""
+    zero [M, R])``; absent outputs are empty tensors. See docs/ops.md for every mode."""
     return _ops.gif_encode(x, mode, bits, gamma,
                            _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
                            _empty_like_absent(scale, x, torch.float32),
@@ -117,32 +117,35 @@ def _(planes, sign, hi, w, per_plane):
 
 
 def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
-                 zero: Optional[Tensor], qweight: Tensor, qzeros: Tensor, scales: Tensor,
-                 g_idx: Tensor, bias: Optional[Tensor], bits: int, zero_offset: int,
+                 zero: Optional[Tensor], qweight: Tensor, zeros: Tensor, scales: Tensor,
+                 g_idx: Tensor, bias: Optional[Tensor], bits: int, group_size: int,
                  out_dtype: torch.dtype = torch.float16, backend: str = "auto") -> Tensor:
-    """``y [M, N] = x_hat @ W_hat^T + bias`` on GPTQ tensors (SPEC.md section 3.2); the weight zero
-    point is the stored field plus ``zero_offset`` (1 for v1 files, 0 for v2)."""
+    """``y [M, N] = x_hat @ W_hat^T + bias`` on the kernel form of a GPTQ layer
+    (``GPTQWeight.kernel_*``, docs/ops.md): packed ``qweight``, true zero points ``zeros`` int32
+    ``[G, N]``, float32 ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when
+    ``group_size`` is 0), float32 ``bias [N]``."""
     return _ops.spike_linear(planes, _empty_like_absent(sign, planes, _INT32),
                              _empty_like_absent(hi, planes, _INT32), scale,
-                             _empty_like_absent(zero, planes, _INT32), qweight, qzeros, scales,
+                             _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales,
                              g_idx, _empty_like_absent(bias, planes, torch.float32), bits,
-                             zero_offset, out_dtype, backend)
+                             group_size, out_dtype, backend)
 
 
 @torch.library.register_fake("spikeops::spike_linear")
-def _(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, bias, bits, zero_offset,
+def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, bias, bits, group_size,
       out_dtype, backend):
     torch._check(backend in BACKENDS,
                  lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
     return planes.new_empty((planes.shape[1], qweight.shape[1]), dtype=out_dtype)
 
 
-def gptq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
-                    zero_offset: int) -> Tensor:
-    """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(float32(scale) * float32(q - z))``."""
-    return _ops.gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset)
+def gptq_dequantize(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                    group_size: int) -> Tensor:
+    """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(scales[g, n] * float32(q - z))`` on the
+    kernel form of a GPTQ layer, as ``spike_linear`` takes it."""
+    return _ops.gptq_dequantize(qweight, zeros, scales, g_idx, bits, group_size)
 
 
 @torch.library.register_fake("spikeops::gptq_dequantize")
-def _(qweight, qzeros, scales, g_idx, bits, zero_offset):
+def _(qweight, zeros, scales, g_idx, bits, group_size):
     return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=torch.float16)

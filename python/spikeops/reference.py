@@ -194,25 +194,26 @@ def spike_accumulate(planes, sign, hi, w, per_plane=False):
     return per_range(_codes(planes, sign, K))
 
 
-def gptq_codes(qweight, qzeros, g_idx, bits, zero_offset):
-    """Weight codes q int64 ``[K, N]`` and true zeros z int64 ``[G, N]`` of GPTQ tensors."""
-    K, N = g_idx.shape[0], qweight.shape[1]
-    q = unpack(qweight, bits, K, dim=0).to(torch.int64)
-    z = unpack(qzeros, bits, N, dim=1).to(torch.int64) + zero_offset
-    return q, z
+def _groups(g_idx, group_size):
+    """Group of every channel, int64 ``[K]``: ``k // group_size``, or ``g_idx`` when it is 0."""
+    K = g_idx.shape[0]
+    if group_size > 0:
+        return torch.arange(K, device=g_idx.device) // group_size
+    return g_idx.to(torch.int64)
 
 
-def spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, bias, bits,
-                 zero_offset, out_dtype=torch.float16, backend="auto"):
-    """SPEC.md 3.2: D[g, r] = sum over k in group g and range r of (s*Q - zero[r]) * (q - z),
-    exact integers; S_r = sum over g ascending of float64(float32(scales[g]) * float32(D[g, r]));
-    y = float32(scale[m, 0] * S_0 + scale[m, 1] * S_1 + bias) (products and sums in float64),
-    then cast to out_dtype. ``backend`` does not change the result."""
+def spike_linear(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, bias, bits,
+                 group_size, out_dtype=torch.float16, backend="auto"):
+    """docs/ops.md, spike_linear: D[g, r] = sum over k in group g and range r of
+    (s*Q - zero[r]) * (q - z), exact integers; S_r = sum over g ascending of
+    float64(scales[g] * float32(D[g, r])); y = float32(scale[m, 0] * S_0 + scale[m, 1] * S_1 +
+    bias) (products and sums in float64), then cast to out_dtype. ``backend`` does not change
+    the result."""
     K, M = g_idx.shape[0], planes.shape[1]
     G = scales.shape[0]
-    q, z = gptq_codes(qweight, qzeros, g_idx, bits, zero_offset)
-    g_of_k = g_idx.to(torch.int64)
-    wd = q - z[g_of_k]  # q - z of every weight, [K, N]
+    q = unpack(qweight, bits, K, dim=0).to(torch.int64)
+    g_of_k = _groups(g_idx, group_size)
+    wd = q - zeros.to(torch.int64)[g_of_k]  # q - z of every weight, [K, N]
     r = _ranges(hi, M, K, planes.device)
     R = scale.shape[1]
     c = _codes(planes, sign, K) - (zero.gather(1, r).to(torch.int64) if zero is not None else 0)
@@ -222,7 +223,7 @@ def spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, 
         for g in range(G):
             mask = (r == ri) & (g_of_k == g)[None, :]
             D = (c * mask) @ wd
-            S = S + (scales[g].to(_F32)[None, :] * D.to(_F32)).double()
+            S = S + (scales[g][None, :] * D.to(_F32)).double()
         term = scale[:, ri].double()[:, None] * S
         y = term if y is None else y + term
     if bias is not None:
@@ -230,7 +231,8 @@ def spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, 
     return y.to(_F32).to(out_dtype)
 
 
-def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset):
-    q, z = gptq_codes(qweight, qzeros, g_idx, bits, zero_offset)
-    g = g_idx.to(torch.int64)
-    return (scales[g].to(_F32) * (q - z[g]).to(_F32)).to(torch.float16).t().contiguous()
+def gptq_dequantize(qweight, zeros, scales, g_idx, bits, group_size):
+    K = g_idx.shape[0]
+    q = unpack(qweight, bits, K, dim=0).to(torch.int64)
+    g = _groups(g_idx, group_size)
+    return (scales[g] * (q - zeros.to(torch.int64)[g]).to(_F32)).to(torch.float16).t().contiguous()

@@ -1,0 +1,41 @@
+// CPU kernels, one per op. Each takes the checked arguments of csrc/kernel_args.h, with outputs
+// already allocated, and fills the outputs; csrc/ops.cpp calls them. docs/ops.md is the contract.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "kernel_args.h"
+
+namespace spikeops {
+namespace cpu {
+
+void gif_encode(const EncodeArgs& a);
+void spike_decode(const DecodeArgs& a);
+void spike_counts(const CountsArgs& a);
+void spike_stats(const StatsArgs& a);
+void spike_accumulate(const AccumulateArgs& a);
+void spike_linear(const LinearArgs& a);
+void gptq_dequantize(const DequantizeArgs& a);
+
+// Calls f(T{}) with the C++ element type T of a float tensor, to pick a kernel template:
+// dispatch_float for inputs, dispatch_out_float for outputs, which are never float64.
+template <typename F>
+void dispatch_out_float(FloatType t, F&& f) {
+  switch (t) {
+    case FloatType::kHalf: f(c10::Half{}); break;
+    case FloatType::kBFloat16: f(c10::BFloat16{}); break;
+    default: f(float{}); break;  // kFloat
+  }
+}
+template <typename F>
+void dispatch_float(FloatType t, F&& f) {
+  if (t == FloatType::kDouble) {
+    f(double{});
+  } else {
+    dispatch_out_float(t, f);
+  }
+}
+
+}  // namespace cpu
+}  // namespace spikeops

@@ -1,0 +1,96 @@
+// The arguments of every kernel, CPU and CUDA alike: raw pointers and sizes, no torch or CUDA
+// types, so that this header compiles with the host compiler and with nvcc. The host entries in
+// csrc/ops.cpp check the op's inputs (checks.h), allocate the outputs, fill one of these structs
+// (args.h) and hand it to the CPU kernel (cpu/kernels.h) or the CUDA launcher (cuda/kernels.h).
+// Absent optional tensors are null pointers. docs/ops.md is the contract of each op.
+#pragma once
+
+#include <cstdint>
+
+#include "spike_math.h"
+
+namespace spikeops {
+
+// Element type of a float tensor crossing the kernel boundary. Inputs x of gif_encode may be
+// float64; every float output is float16, bfloat16 or float32.
+enum class FloatType : int32_t { kHalf, kBFloat16, kFloat, kDouble };
+
+// A checked SpikeTensor (docs/ops.md, "The spike format").
+struct SpikeFields {
+  const uint32_t* planes;  // [P, M, W]
+  const uint32_t* sign;    // [M, W] or null
+  const uint32_t* hi;      // [M, W] or null
+  const float* scale;      // [M, R], or null for the ops that take no scale
+  const int32_t* zero;     // [M, R] or null
+  int64_t P, M, W, R;
+};
+
+// The kernel form of one GPTQ linear layer, built once per layer from its checkpoint tensors
+// (spikeops.GPTQWeight; docs/checkpoints.md): codes still packed, everything else unpacked.
+struct WeightFields {
+  const int32_t* qweight;  // [ceil(K * bits / 32), N], the checkpoint's packing
+  const int32_t* zeros;    // [G, N] true zero points z
+  const float* scales;     // [G, N] the float16 group scales, widened exactly
+  const int32_t* g_idx;    // [K] group of each channel; read only when group_size == 0
+  int64_t group_size;      // > 0: channel k is in group k / group_size; 0: g_idx says
+  int64_t K, N, G;
+  int bits;                // 2, 4 or 8
+};
+
+// Group of channel k of a layer.
+SPIKE_HD int64_t group_of(const WeightFields& w, int64_t k) {
+  return w.group_size > 0 ? k / w.group_size : static_cast<int64_t>(w.g_idx[k]);
+}
+
+struct EncodeArgs {
+  const void* x;                // x_type [M, K]
+  FloatType x_type;
+  const uint8_t* salient;       // bool [K] read as bytes (nonzero = salient), or null
+  const float* static_scale;    // mode static: [M]; else null
+  const int32_t* static_zero;   // mode static, unsigned: [M]; else null
+  uint32_t* planes;             // [P, M, W]
+  uint32_t* sign;               // [M, W], or null for unsigned encodings
+  uint32_t* hi;                 // [M, W], or null when R = 1
+  float* scale;                 // [M, R]
+  int32_t* zero;                // [M, R], or null for signed encodings
+  Mode mode;
+  bool is_signed;
+  int bits, salient_bits;       // salient_bits = 0 without salient channels
+  float gamma, theta_nor, theta_out;
+  int64_t M, K, W, P, R;
+};
+
+struct DecodeArgs : SpikeFields {
+  void* out;                    // out_type [M, K]
+  FloatType out_type;
+  int64_t K;
+};
+
+struct CountsArgs : SpikeFields {
+  bool negative;                // count only spikes whose sign bit is set
+  int64_t* counts;              // [P, M]
+};
+
+struct StatsArgs : SpikeFields {
+  int64_t* stats;               // [2P + 2], zeroed: see spike_stats in csrc/ops.cpp
+};
+
+struct AccumulateArgs : SpikeFields {
+  const int8_t* w;              // [K, N]
+  int64_t* out;                 // per_plane ? [P, R, M, N] : [R, M, N], zeroed
+  bool per_plane;
+  int64_t K, N;
+};
+
+struct LinearArgs : SpikeFields, WeightFields {
+  const float* bias;            // [N] or null
+  void* out;                    // out_type [M, N]
+  FloatType out_type;
+  Backend backend;              // kAuto is resolved by each device (docs/ops.md)
+};
+
+struct DequantizeArgs : WeightFields {
+  void* out;                    // float16 [N, K]
+};
+
+}  // namespace spikeops
