@@ -20,12 +20,12 @@ tables.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict, Optional
 
 import torch
 
 import spikeops
+from spikeops.timing import seconds
 
 ON_GPU = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "spikeops::spike_linear", "CUDA")
@@ -159,9 +159,7 @@ def measure(benchmark, fn: Callable[[], object], group: str, name: str, *,
         benchmark._timer = clock
         benchmark.pedantic(timed, setup=flush, rounds=rounds, warmup_rounds=5, iterations=1)
     else:
-        t0 = time.perf_counter()
-        fn()
-        single = time.perf_counter() - t0
+        single = seconds(fn)
         rounds = max(5, min(30, int(2.0 / max(single, 1e-6))))
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=2, iterations=1)
     median = benchmark.stats.stats.median

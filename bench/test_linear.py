@@ -66,9 +66,8 @@ def int4_weights(shape: str):
     """tinygemm's packing of the same 4-bit codes; its zero is additive: w = (q - 8) * s + zero,
     so zero = (8 - z) * s reproduces GPTQ's (q - z) * s."""
     w, _ = layer(shape, 4)
-    K, N = w.in_features, w.out_features
-    q = spikeops.unpack(w.qweight, 4, K, dim=0).t().contiguous()  # [N, K] codes
-    z = w.kernel_zeros                                           # [G, N]
+    q = spikeops.unpack(w.qweight, 4, w.in_features, dim=0).t().contiguous()  # [N, K] codes
+    z = w.kernel_zeros                                                        # [G, N]
     s = w.scales.float()
     scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()
     if ON_GPU:

@@ -1,11 +1,13 @@
 """Test helpers: whether CUDA cases can run, builders of GPTQ layers written from GPTQ.md alone
-(a packer independent of ``spikeops.pack``), and the SPEC.md 3.2 tolerance."""
+(a packer independent of ``spikeops.pack``), the tolerance check of docs/ops.md and the text
+of the tiny model."""
 
 from __future__ import annotations
 
 import torch
 
 import spikeops
+from spikeops import reference
 
 CUDA_REASON = "no CUDA device (or spikeops built without CUDA): CUDA case not run"
 
@@ -64,14 +66,24 @@ def exact_weight(q, z, scales, g_idx) -> torch.Tensor:
 
 
 def assert_within_spec(y: torch.Tensor, x_hat: torch.Tensor, W: torch.Tensor, bias=None):
-    """SPEC.md 3.2: |y - y_ref| <= 1e-5 * (|x_hat| @ |W_hat|) + eps(out_dtype) * |y_ref|."""
+    """Within reference.tolerance (docs/ops.md) of the float64 result of x_hat and W [K, N]."""
     x64 = x_hat.double().reshape(-1, W.shape[0]).cpu()
     ref = x64 @ W
     if bias is not None:
         ref = ref + bias.double().cpu()
-    bound = 1e-5 * (x64.abs() @ W.abs()) + torch.finfo(y.dtype).eps * ref.abs()
+    bound = reference.tolerance(x64, W, ref, y.dtype)
     err = (y.double().reshape(ref.shape).cpu() - ref).abs()
     finite = torch.isfinite(ref)
     worst = (err - bound)[finite].max() if finite.any() else torch.tensor(0.0)
     assert bool((err[finite] <= bound[finite]).all()), (
         f"max error {err[finite].max():.3e}, worst excess over the bound {worst:.3e}")
+
+
+# Python source, the text of the tiny model of conftest.py.
+TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(120))
+
+
+def tiny_batches():
+    """Two one-sequence batches of 128 token ids of TEXT (byte-level)."""
+    from spikeops.evaluate import encode_text
+    return encode_text(TEXT)[:256].reshape(2, 128).split(1)

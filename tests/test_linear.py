@@ -1,7 +1,6 @@
 """spike_linear, gptq_dequantize and spike_accumulate against reference.py (bit for bit) and
 against independent float64 / int64 computations."""
 
-import itertools
 
 import pytest
 import torch

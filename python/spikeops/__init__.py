@@ -7,7 +7,9 @@ plain-PyTorch specification.
 """
 
 from .gptq import GPTQWeight, pack, unpack
-from .hf import load_gptq, patch, quantize, save_gptq
+from .checkpoint import save_gptq
+from .models import load_gptq, patch
+from .quantization import quantize
 from .nn import SpikeLinear, spike_accumulate, spike_linear
 from .spikes import Encoding, SpikeTensor, encode
 from .stats import EnergyModel, Tracker, track

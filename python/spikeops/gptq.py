@@ -13,12 +13,31 @@ log = logging.getLogger("spikeops")
 
 BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
+# v1 ("gptq") files store every zero point minus one (docs/checkpoints.md, "Zero points").
+V1_ZERO_OFFSET = 1
+
+
+def v1_stored_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    """The fields a v1 file stores for true zero points ``zeros``."""
+    return zeros - V1_ZERO_OFFSET
+
+
+def check_bits_group_size(fn: str, bits, group_size, where: str = "") -> None:
+    """GPTQ's bits (2, 3, 4, 8) and group size (-1 = one group, or positive); ``where`` prefixes
+    the argument names in messages (e.g. the config file they came from)."""
+    _checks.integer(fn, f"{where}bits", bits, 2, 8)
+    _checks.choice(fn, f"{where}bits", bits, BITS)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{fn}: {where}group_size must be an int, got "
+                        f"{type(group_size).__name__}")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"{fn}: {where}group_size must be -1 or positive, got {group_size}")
 
 
 def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2^bits)`` along ``dim`` (0: rows, as qweight; 1: columns, as
     qzeros) into int32 words: code i sits at bit ``bits * i`` of a little-endian bit stream, so a
-    3-bit code may straddle two words (GPTQ.md). A partial last word is padded with zero bits."""
+    3-bit code may straddle two words (docs/checkpoints.md). A partial last word is padded with zero bits."""
     _check_packing("pack", codes, "codes", bits, dim)
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise TypeError(f"pack: codes must be an integer tensor, got {codes.dtype}")
@@ -80,13 +99,8 @@ class GPTQWeight:
                  g_idx: Optional[torch.Tensor] = None, bits: int = 4, group_size: int = 128,
                  sym: bool = True, checkpoint_format: str = "gptq"):
         fn = "GPTQWeight"
-        _checks.integer(fn, "bits", bits, 2, 8)
-        _checks.choice(fn, "bits", bits, BITS)
+        check_bits_group_size(fn, bits, group_size)
         _checks.choice(fn, "checkpoint_format", checkpoint_format, FORMATS)
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"{fn}: group_size must be an int, got {type(group_size).__name__}")
-        if group_size != -1 and group_size < 1:
-            raise ValueError(f"{fn}: group_size must be -1 or positive, got {group_size}")
         _checks.tensor(fn, "qweight", qweight, (torch.int32,), dim=2)
         _checks.tensor(fn, "qzeros", qzeros, (torch.int32,), dim=2)
         _checks.tensor(fn, "scales", scales, (torch.float16,), dim=2)
@@ -167,14 +181,14 @@ def kernel_form(qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
 
 
 def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:
-    """1 if the stored zeros are v1 (true zero - 1), 0 for v2 (GPTQ.md, "Zero points").
+    """1 if the stored zeros are v1 (true zero - 1), 0 for v2 (docs/checkpoints.md, "Zero points").
 
     A v1 zero is read as ``(field & maxq) + 1``, as AutoGPTQ's dequantizing forward passes
     (qlinear_cuda_old, triton) read it. An asymmetric v1 file whose true zero was 0 stored -1,
     whose bits also spilled into the following fields: those read as ``2^bits`` here, as there.
     (AutoGPTQ's format converters compute ``(field + 1) & maxq`` instead, giving 0 for such a
     field; the two agree on every field that did not overflow.)"""
-    labelled = 1 if label == "gptq" else 0
+    labelled = V1_ZERO_OFFSET if label == "gptq" else 0
     if not sym:
         return labelled
     v1 = bool((zeros == 2 ** (bits - 1) - 1).all())
@@ -182,7 +196,7 @@ def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:
     if v1 == v2:  # neither pattern (or no zeros at all): trust the label
         log.info("GPTQWeight: sym zeros match neither v1 nor v2; using the label %r", label)
         return labelled
-    offset = 1 if v1 else 0
+    offset = V1_ZERO_OFFSET if v1 else 0
     if offset != labelled:
         log.warning("GPTQWeight: labelled %r but the sym zeros are %s; reading them as %s",
                     label, "v1" if v1 else "v2", "v1" if v1 else "v2")

@@ -9,7 +9,7 @@ import torch
 
 from . import _checks, ops
 from .gptq import GPTQWeight, kernel_form
-from .spikes import Encoding, SpikeTensor, encode
+from .spikes import Encoding, SpikeTensor, encode_rows
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BIAS_DTYPES = OUT_DTYPES
@@ -35,12 +35,10 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
     if st.shape[-1] != w.in_features:
         raise ValueError(f"{fn}: the spikes' K = {st.shape[-1]} must equal w.in_features = "
                          f"{w.in_features}")
-    _checks.dtype(fn, "out_dtype", out_dtype, OUT_DTYPES)
-    _checks.choice(fn, "backend", backend, ops.BACKENDS)
+    # The bias is widened to the float32 the kernels read: its dtype is checked before that;
+    # everything else (out_dtype, backend, shapes, devices) is checked by the op.
     if bias is not None:
-        _checks.tensor(fn, "bias", bias, BIAS_DTYPES, dim=1)
-        _checks.shape(fn, "bias", bias, (w.out_features,))
-    _checks.same_device(fn, {"st.planes": st.planes, "w.qweight": w.qweight, "bias": bias})
+        _checks.tensor(fn, "bias", bias, BIAS_DTYPES)
     y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
                          w.kernel_scales, w.g_idx, None if bias is None else bias.float(),
                          w.kernel_bits, w.kernel_group_size, out_dtype, backend)
@@ -167,22 +165,26 @@ class SpikeLinear(torch.nn.Module):
                 self.dense_weight = self.dequantize().to(x.dtype)
             bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None
             return torch.nn.functional.linear(x, self.dense_weight, bias)
-        st = encode(x, self.enc, self.salient_mask)
+        spikes = encode_rows(x.reshape(-1, self.in_features), self.enc, self.salient_mask)
         if self.observer is not None:
-            self.observer(self, st)
+            self.observer(self, SpikeTensor.wrap(spikes, tuple(x.shape)))
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
-        return self.from_spikes(st, out_dtype).to(x.dtype)
+        y = self._linear(spikes, self.kernel_bias, out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def from_spikes(self, st: SpikeTensor, out_dtype: torch.dtype = torch.float32,
                     bias: bool = True) -> torch.Tensor:
         """The layer on spikes already encoded, ``[..., N]`` in ``out_dtype``: what ``forward``
         runs after ``encode``, for callers that encode once and reuse the spikes. ``bias=False``
         leaves the bias out. The spikes' K and device are checked by the op."""
-        y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, self.qweight,
-                             self.kernel_zeros, self.kernel_scales, self.g_idx,
-                             self.kernel_bias if bias else None, self.kernel_bits,
-                             self.kernel_group_size, out_dtype, self.backend)
+        y = self._linear(st[:5], self.kernel_bias if bias else None, out_dtype)
         return y.reshape(*st.shape[:-1], self.out_features)
+
+    def _linear(self, spikes, bias, out_dtype: torch.dtype) -> torch.Tensor:
+        """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero)."""
+        return ops.spike_linear(*spikes, self.qweight, self.kernel_zeros, self.kernel_scales,
+                                self.g_idx, bias, self.kernel_bits, self.kernel_group_size,
+                                out_dtype, self.backend)
 
     def extra_repr(self) -> str:
         enc = self.enc if self.enc is not None else "float activations"

@@ -31,6 +31,16 @@ def _present(t: Tensor) -> bool:
     return t.numel() > 0
 
 
+def _same_device(op: str, ref_name: str, ref: Tensor, **tensors: Tensor) -> None:
+    """Fakes run whenever one argument is a meta tensor, also among real ones: they compare the
+    devices of present tensors as the C++ entries do, so no such call returns a tensor of
+    uninitialized memory."""
+    for name, t in tensors.items():
+        if _present(t) and t.device != ref.device:
+            raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), "
+                             f"got {t.device}")
+
+
 def _plane_count(mode: str, bits: int, salient_bits: int, salient: bool, signed: bool) -> int:
     top = salient_bits if salient else bits
     return top - 1 if signed and mode != "oat" else top
@@ -52,6 +62,7 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
 def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, theta_out):
     torch._check(x.dim() == 2, lambda: f"gif_encode: x must have shape [M, K], got {tuple(x.shape)}")
     torch._check(mode in MODES, lambda: f"gif_encode: mode must be one of {MODES}, got {mode!r}")
+    _same_device("gif_encode", "x", x, salient_mask=salient_mask, scale=scale, zero=zero)
     M, K = x.shape
     salient = _present(salient_mask)
     signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and not _present(zero))
@@ -75,6 +86,7 @@ def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
 
 @torch.library.register_fake("spikeops::spike_decode")
 def _(planes, sign, hi, scale, zero, K, dtype):
+    _same_device("spike_decode", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero)
     return planes.new_empty((planes.shape[1], K), dtype=dtype)
 
 
@@ -85,6 +97,7 @@ def spike_counts(planes: Tensor, sign: Optional[Tensor] = None, negative: bool =
 
 @torch.library.register_fake("spikeops::spike_counts")
 def _(planes, sign, negative):
+    _same_device("spike_counts", "planes", planes, sign=sign)
     return planes.new_empty((planes.shape[0], planes.shape[1]), dtype=torch.int64)
 
 
@@ -97,6 +110,7 @@ def spike_stats(planes: Tensor, sign: Optional[Tensor] = None) -> Tensor:
 
 @torch.library.register_fake("spikeops::spike_stats")
 def _(planes, sign):
+    _same_device("spike_stats", "planes", planes, sign=sign)
     return planes.new_empty((2 * planes.shape[0] + 2,), dtype=torch.int64)
 
 
@@ -110,6 +124,7 @@ def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor
 
 @torch.library.register_fake("spikeops::spike_accumulate")
 def _(planes, sign, hi, w, per_plane):
+    _same_device("spike_accumulate", "planes", planes, sign=sign, hi=hi, w=w)
     P, M = planes.shape[0], planes.shape[1]
     R = 2 if _present(hi) else 1
     shape = (P, R, M, w.shape[1]) if per_plane else (R, M, w.shape[1])
@@ -136,6 +151,8 @@ def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, bias, bits, 
       out_dtype, backend):
     torch._check(backend in BACKENDS,
                  lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,
+                 qweight=qweight, zeros=zeros, scales=scales, g_idx=g_idx, bias=bias)
     return planes.new_empty((planes.shape[1], qweight.shape[1]), dtype=out_dtype)
 
 
@@ -148,4 +165,5 @@ def gptq_dequantize(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tenso
 
 @torch.library.register_fake("spikeops::gptq_dequantize")
 def _(qweight, zeros, scales, g_idx, bits, group_size):
+    _same_device("gptq_dequantize", "qweight", qweight, zeros=zeros, scales=scales, g_idx=g_idx)
     return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=torch.float16)

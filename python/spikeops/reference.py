@@ -231,6 +231,13 @@ def spike_linear(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, b
     return y.to(_F32).to(out_dtype)
 
 
+def tolerance(x_hat: Tensor, W: Tensor, y_ref: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """docs/ops.md, spike_linear's float error: ``|y - y_ref| <= 1e-5 * (|x_hat| @ |W|) +
+    eps(out_dtype) * |y_ref|`` elementwise, where ``y_ref = x_hat @ W (+ bias)`` in float64 with
+    ``x_hat [M, K]`` the decoded spikes and ``W [K, N]`` the exact weights. Returns the bound."""
+    return 1e-5 * (x_hat.abs() @ W.abs()) + torch.finfo(out_dtype).eps * y_ref.abs()
+
+
 def gptq_dequantize(qweight, zeros, scales, g_idx, bits, group_size):
     K = g_idx.shape[0]
     q = unpack(qweight, bits, K, dim=0).to(torch.int64)

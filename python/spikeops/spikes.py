@@ -12,8 +12,7 @@ import torch
 from . import _checks, ops
 
 MAX_PLANES = 16
-ZERO_LIMIT = 10_000  # |zero| of static encodings, as for minmax (SPEC.md section 2)
-SIGNED_MODES = ("absmax", "absmean", "oat")
+ZERO_LIMIT = 10_000  # |zero| of unsigned encodings: kZeroLimit of csrc/spike_math.h
 SALIENT_MODES = ("minmax", "absmax", "absmean")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -84,6 +83,12 @@ class SpikeTensor(NamedTuple):
     zero: Optional[torch.Tensor]    # int32 [M, R] (unsigned encodings)
     shape: Tuple[int, ...]          # shape of the encoded activations
 
+    @classmethod
+    def wrap(cls, fields, shape: Tuple[int, ...]) -> "SpikeTensor":
+        """A SpikeTensor of the five tensors of ``ops.gif_encode`` (absent ones empty)."""
+        planes, sign, hi, scale, zero = fields
+        return cls(planes, _or_none(sign), _or_none(hi), scale, _or_none(zero), shape)
+
     @property
     def num_planes(self) -> int:
         return self.planes.shape[0]
@@ -125,7 +130,8 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
         for unsigned codes, a zero point (int or int tensor, likewise); no zero = signed codes.
     """
     fn = "encode"
-    _checks.tensor(fn, "x", x, _FLOATS)
+    # Python-level facts only; dtypes, shapes, devices and values are checked once, by the op.
+    _checks.tensor(fn, "x", x)
     if not isinstance(enc, Encoding):
         raise TypeError(f"{fn}: enc must be a spikeops.Encoding, got {type(enc).__name__}")
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -133,15 +139,11 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
     K = x.shape[-1]
     rows = x.reshape(-1, K)
     M = rows.shape[0]
-    salient_bits = 0
     if salient_mask is not None:
-        _checks.tensor(fn, "salient_mask", salient_mask, (torch.bool,), dim=1)
-        _checks.shape(fn, "salient_mask", salient_mask, (K,))
-        _checks.same_device(fn, {"x": x, "salient_mask": salient_mask})
+        _checks.tensor(fn, "salient_mask", salient_mask)
         if enc.salient_bits is None:
             raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits, got "
                              f"salient_bits=None (mode {enc.mode!r})")
-        salient_bits = enc.salient_bits
     if enc.mode == "static":
         if scale is None:
             raise ValueError(f"{fn}: mode 'static' needs scale (a float, or a tensor of shape "
@@ -152,12 +154,17 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
     elif scale is not None or zero is not None:
         raise ValueError(f"{fn}: scale and zero are only taken by mode 'static', got mode "
                          f"{enc.mode!r}")
+    return SpikeTensor.wrap(encode_rows(rows, enc, salient_mask, scale, zero), tuple(x.shape))
+
+
+def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None):
+    """``ops.gif_encode`` of ``rows [M, K]`` under ``enc``: the op's five tensors, absent ones
+    empty, unchecked beyond what the op checks. ``encode`` and ``SpikeLinear`` call it."""
     theta = enc.theta or (0.0, 0.0)
-    planes, sign, hi, scale_out, zero_out = ops.gif_encode(
-        rows, enc.mode, enc.op_bits, enc.gamma, salient_mask, salient_bits, scale, zero,
-        theta[0], theta[1])
-    return SpikeTensor(planes, _or_none(sign), _or_none(hi), scale_out, _or_none(zero_out),
-                       tuple(x.shape))
+    return ops.gif_encode(rows, enc.mode, enc.op_bits, enc.gamma, salient_mask,
+                          enc.salient_bits if salient_mask is not None else 0, scale, zero,
+                          theta[0], theta[1])
 
 
 def _or_none(t: torch.Tensor) -> Optional[torch.Tensor]:

@@ -1,7 +1,7 @@
-"""Whole GPTQ models (spikeops.hf): quantize -> save -> load_gptq round trips, checkpoints
-written by an independent AutoGPTQ-style packer, whole-model logits against a float64
-fake-quant reference, strict refusal of corrupt checkpoints, and patch on a fake QuantLinear.
-Every model is a tiny LLaMA built from a config in code; nothing is downloaded."""
+"""GPTQ checkpoints and whole models (spikeops.checkpoint, .quantization, .models): quantize ->
+save -> load_gptq round trips, checkpoints written by an independent AutoGPTQ-style packer,
+whole-model logits against a float64 fake-quant reference, strict refusal of corrupt
+checkpoints, patch on a fake QuantLinear and load_gptq's device_map. Every model is a tiny LLaMA built from a config in code; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import spikeops  # noqa: E402
-from helpers import assert_within_spec, exact_weight  # noqa: E402
-from spikeops import ops  # noqa: E402
-from spikeops.hf import PROJECTIONS  # noqa: E402
+from helpers import TEXT, assert_within_spec, exact_weight  # noqa: E402
+from spikeops.checkpoint import PROJECTIONS  # noqa: E402
+from spikeops.evaluate import encode_text, generate  # noqa: E402
 
 ENC = spikeops.Encoding("minmax", bits=8)
 LAYERS = 2
@@ -529,3 +529,40 @@ def test_quantize_and_load_refuse_bad_arguments(good_checkpoint):
         spikeops.load_gptq(good_checkpoint, ENC, device="gpu:7")
     with pytest.raises(ValueError, match="load_gptq: path"):
         spikeops.load_gptq(good_checkpoint / "nowhere", ENC)
+
+
+@torch.no_grad()
+def test_device_map(checkpoint):
+    """Placed modules keep the model's results; bad keys and devices are refused."""
+    enc = spikeops.Encoding("absmax", 4)
+    ids = encode_text(TEXT)[:64][None]
+    plain = spikeops.load_gptq(checkpoint / "q", enc)(input_ids=ids).logits
+    mapped = spikeops.load_gptq(checkpoint / "q", enc, device_map={
+        "model.layers.1": "cpu", "model.layers.1.mlp": "cpu", "lm_head": "cpu"})
+    assert torch.equal(mapped(input_ids=ids).logits, plain)
+    with pytest.raises(ValueError, match="device_map key 'model.layers.9'"):
+        spikeops.load_gptq(checkpoint / "q", enc, device_map={"model.layers.9": "cpu"})
+    with pytest.raises(ValueError, match="device"):
+        spikeops.load_gptq(checkpoint / "q", enc, device_map={"lm_head": "tpu:7"})
+    with pytest.raises(TypeError, match="device_map"):
+        spikeops.load_gptq(checkpoint / "q", enc, device_map=["lm_head"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_device_map_across_devices(checkpoint):
+    """Layer 0 on the CPU, layer 1 and the head on the GPU: the spiking model gives the logits of
+    the all-CPU model (up to float accumulation order in attention), and generates with its
+    key-value cache spread over both devices."""
+    from helpers import CUDA_REASON, cuda_ready
+    if not cuda_ready():
+        pytest.skip(CUDA_REASON)
+    enc = spikeops.Encoding("minmax", 4)
+    ids = encode_text(TEXT)[:64][None]
+    cpu = spikeops.load_gptq(checkpoint / "q", enc)
+    split = spikeops.load_gptq(checkpoint / "q", enc, device_map={
+        "model.layers.1": "cuda", "model.norm": "cuda", "lm_head": "cuda"})
+    assert split.model.layers[1].mlp.up_proj.qweight.is_cuda
+    torch.testing.assert_close(split(input_ids=ids).logits.cpu(), cpu(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-4)
+    assert generate(split, encode_text("def f1(x):\n"), 8).shape == (8,)

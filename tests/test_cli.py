@@ -1,0 +1,44 @@
+"""The command line (quantize, calibrate, eval, generate) on the tiny GPTQ LLaMA of
+conftest.py, and the README's main job (demo) on the embedded model."""
+
+import pytest
+
+from spikeops import __main__ as cli
+
+
+def test_cli(checkpoint, tmp_path, capsys):
+    text = str(checkpoint / "text.txt")
+    out = tmp_path / "q3"
+    assert cli.main(["quantize", str(checkpoint / "fp"), str(out), "--text", text, "--bits", "3",
+                     "--group-size", "32", "--samples", "4", "--seq-len", "128"]) == 0
+    assert cli.main(["calibrate", str(out), "--text", text, "--samples", "2",
+                     "--seq-len", "128"]) == 0
+    assert cli.main(["eval", str(out), "--text", text, "--max-tokens", "600",
+                     "--encodings", "minmax4,absmax4+s6,oat8", "--dense",
+                     str(checkpoint / "fp")]) == 0
+    table = capsys.readouterr().out
+    for label in ("dense float", "GPTQ, float activations", "minmax4", "absmax4+s6", "oat8"):
+        assert label in table
+    assert cli.main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert cli.main(["eval", str(checkpoint / "q"), "--text", text, "--encodings", "oat8"]) == 2
+    assert "calibration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(tmp_path / "missing")])
+
+
+def test_demo_on_the_embedded_model(capsys):
+    """The README's main command, smaller: the shipped checkpoint loads, with its calibration,
+    and every encoding stays close to the dense model's perplexity but absmean (docs)."""
+    assert cli.DEFAULT_MODEL.is_dir() and cli.DEFAULT_DENSE.is_dir() and cli.DEFAULT_TEXT.is_file()
+    assert cli.main(["demo", "--max-tokens", "512", "--in-features", "256",
+                     "--out-features", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:32].strip(): line[32:].split() for line in out.splitlines()
+            if line[:32].strip() in ("dense float", "GPTQ, float activations", "minmax4",
+                                     "minmax4+s6", "absmax4", "oat8")}
+    dense = float(rows["dense float"][0])
+    assert 1 < dense < 8  # a trained byte-level model, far below the unigram 23
+    for label in ("GPTQ, float activations", "minmax4", "minmax4+s6", "absmax4", "oat8"):
+        assert float(rows[label][0]) < 1.25 * dense, label
+    assert "spec ok" in out and " NO " not in out

@@ -1,0 +1,52 @@
+"""Evaluation of spiking models: sliding-window perplexity, cached generation, the comparison
+table and firing rates, on the tiny GPTQ LLaMA of conftest.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spikeops
+from helpers import TEXT
+from spikeops.calibrate import set_encoding, spike_layers
+from spikeops.evaluate import compare, decode_tokens, encode_text, generate, perplexity
+
+
+@torch.no_grad()
+def test_perplexity_windows(model):
+    tokens = encode_text(TEXT)[:300]
+    set_encoding(model, None)
+    logits = model(input_ids=tokens[None]).logits[0, :-1].float()
+    full = math.exp(float(F.cross_entropy(logits, tokens[1:])))
+    assert perplexity(model, tokens, window=512, progress=False) == pytest.approx(full, rel=1e-5)
+    slid = perplexity(model, tokens, window=64, stride=32, progress=False)
+    assert math.isfinite(slid) and slid == pytest.approx(full, rel=0.2)
+
+
+@torch.no_grad()
+def test_generate_greedy_matches_full_recompute(model):
+    prompt = encode_text("def f1(x):\n")
+    out = generate(model, prompt, 12)
+    ids = prompt.clone()
+    for _ in range(12):  # no cache: the whole sequence every step
+        ids = torch.cat([ids, model(input_ids=ids[None]).logits[0, -1].argmax().view(1)])
+    assert torch.equal(out, ids[prompt.shape[0]:])
+    assert isinstance(decode_tokens(out), str)
+    sampled = generate(model, prompt, 8, temperature=0.8, top_k=5, seed=1)
+    assert torch.equal(sampled, generate(model, prompt, 8, temperature=0.8, top_k=5, seed=1))
+
+
+def test_compare_and_firing_rates(model):
+    tokens = encode_text(TEXT)[:400]
+    encodings = {"float": None, "minmax4": spikeops.Encoding("minmax", 4),
+                 "absmax4": spikeops.Encoding("absmax", 4)}
+    rows = compare(model, tokens, encodings, window=128, progress=False)
+    assert [r[0] for r in rows] == list(encodings) and rows[0][2] is None
+    assert all(math.isfinite(r[1]) for r in rows) and 0 < rows[1][2] < 1
+    set_encoding(model, spikeops.Encoding("minmax", 4))
+    with spikeops.track(model) as tracker:
+        model(input_ids=tokens[None, :50])
+    up = next(r for r in tracker.layers() if r.name == "model.layers.0.mlp.up_proj")
+    assert up.tokens == 50 and up.P == 4 and 0 < up.firing_rate < 1
+    assert all(layer.observer is None for layer in spike_layers(model).values())
