@@ -31,7 +31,7 @@ def want_cuda() -> bool:
 def extension():
     # Relative paths: setuptools refuses absolute source paths in editable builds.
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # -ffp-contract=off: no fused multiply-adds, so float32 arithmetic is exactly SPEC.md's.
+    # -ffp-contract=off: no fused multiply-adds, so float32 arithmetic is exactly docs/ops.md's.
     # -fopenmp: at::parallel_for is a header template that runs serially without it.
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
     link = ["-fopenmp"]

@@ -1,7 +1,7 @@
 """The pieces every benchmark suite shares: the device, the LLaMA projection shapes, random GPTQ
 layers, and one timing rule (``measure``) that fills pytest-benchmark's record.
 
-Timing (PERFORMANCE.md, "How to measure"):
+Timing (docs/performance.md, "How to measure"):
 
 - GPU: the callable is captured once in a CUDA graph (eager if capture fails; ``extra_info``
   says which), every round first overwrites a 256 MiB buffer (flushing the 50 MB L2 of an
@@ -34,8 +34,8 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # fast fp16 GEMM; fp32 is what a CPU user runs).
 DENSE_DTYPE = torch.float16 if ON_GPU else torch.float32
 
-# (K, N) of the projections of LLaMA-2-7B, LLaMA-3-8B and LLaMA-2-70B (PERFORMANCE.md). LLaMA-3-8B
-# q/o equal LLaMA-2-7B's 4096 x 4096 and are measured once.
+# (K, N) of the projections of LLaMA-2-7B, LLaMA-3-8B and LLaMA-2-70B (docs/performance.md).
+# LLaMA-3-8B q/o equal LLaMA-2-7B's 4096 x 4096 and are measured once.
 SHAPES: Dict[str, tuple] = {
     "7B-qkvo": (4096, 4096), "7B-gate_up": (4096, 11008), "7B-down": (11008, 4096),
     "8B-kv": (4096, 1024), "8B-gate_up": (4096, 14336), "8B-down": (14336, 4096),

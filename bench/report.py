@@ -4,7 +4,7 @@ files (the stages of one GPU session, scripts/gpu_check.sh) are merged, machine 
 first.
 
 Sections: the machine (GPU, clocks, torch, CUDA, the measured copy bandwidth), the targets of
-PERFORMANCE.md with the measured ratio and met / missed (by how much), a headline table (the
+docs/performance.md with the measured ratio and met / missed (by how much), a headline table (the
 README shows it; ``--headline`` prints only that), and one table per group: every entry's
 median, GB/s, TOPS, share of the copy bandwidth and its speedup over each baseline of the group
 (entries not named ``spikeops-*``), all from the same run.
@@ -86,7 +86,7 @@ def _worst(values: List[Optional[float]]):
 
 
 def targets(run: Run) -> List[str]:
-    """PERFORMANCE.md targets, each with its measured ratio (worst and median over shapes)."""
+    """docs/performance.md targets, each with its measured ratio (worst and median over shapes)."""
     on_gpu = bool(run.info.get("gpu"))
     ref = "cublas-fp16" if on_gpu else "torch-fp32-F.linear"
     auto = "spikeops-auto-minmax4"
@@ -215,7 +215,7 @@ def report(data: dict, only_headline: bool = False) -> str:
     lines = ["# spikeops benchmark report", "", *_facts(run), "",
              "Ratios are speedups (baseline time / entry time) from the same run; GB/s and "
              "TOPS count what each entry must move and compute (bench/*.py docstrings).",
-             "", "## Targets (PERFORMANCE.md)", "", *targets(run),
+             "", "## Targets (docs/performance.md)", "", *targets(run),
              "", "## Headline", "", *headline(run), "", "## All groups", *group_tables(run)]
     return "\n".join(lines) + "\n"
 

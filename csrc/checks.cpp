@@ -42,7 +42,7 @@ void check_shape(const char* op, const at::Tensor& t, const char* name,
                     shape_str(t));
 }
 
-// An optional tensor is absent when it has no elements (SPEC §1).
+// An optional tensor is absent when it has no elements (docs/ops.md).
 bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
 // Values of CPU tensors are checked here. CUDA kernels never synchronize for such checks: they

@@ -1,7 +1,8 @@
-// Element-level arithmetic of docs/ops.md, shared by the CPU kernels and the CUDA kernels so that both
-// backends compute the same codes by construction. Plain C++ (no torch headers): it compiles with
-// nvcc and with the host compiler alike. All float arithmetic is IEEE float32 with round-half-even
-// (rintf); the build disables FMA contraction so that no product is fused into a sum.
+// Element-level arithmetic of docs/ops.md, shared by the CPU kernels and the CUDA kernels so that
+// both backends compute the same codes by construction. Plain C++ (no torch headers): it compiles
+// with nvcc and with the host compiler alike. All float arithmetic is IEEE float32 with
+// round-half-even (rintf); the build disables FMA contraction so that no product is fused into a
+// sum.
 #pragma once
 
 #include <cmath>
@@ -44,7 +45,7 @@ SPIKE_HD uint32_t float_bits(float v) {
 
 // Quantizer of one range of one token row: the stored code of an element and its sign bit.
 struct RangeQuant {
-  float scale;   // s of SPEC §2 (for oat: theta_r, the code is floor(|x| / theta_r * 2^P))
+  float scale;   // s of docs/ops.md (for oat: theta_r, the code is floor(|x| / theta_r * 2^P))
   float zero;    // z as a float (exact: |z| <= 1e4); 0 for signed encodings
   int32_t qmax;  // largest code
 };
@@ -89,7 +90,7 @@ SPIKE_HD RangeQuant symmetric_quant(float gamma, float stat, float qmax_div, int
   return q;
 }
 
-// The quantizers of both ranges of one finite token row from its statistics (SPEC §2). `c` is
+// The quantizers of both ranges of one finite token row from its statistics (docs/ops.md). `c` is
 // any struct with gif_encode's parameters (mode, is_signed, bits, salient_bits, gamma,
 // theta_nor, theta_out): checks.h's Encode on the CPU, kernels.h's EncodeArgs on CUDA. `mean` is
 // read by absmean only; static mode takes the row's given scale and zero.

@@ -1,6 +1,6 @@
-"""Test helpers: whether CUDA cases can run, builders of GPTQ layers written from GPTQ.md alone
-(a packer independent of ``spikeops.pack``), the tolerance check of docs/ops.md and the text
-of the tiny model."""
+"""Test helpers: whether CUDA cases can run, builders of GPTQ layers written from
+docs/checkpoints.md alone (a packer independent of ``spikeops.pack``), the tolerance check of
+docs/ops.md and the text of the tiny model."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def cuda_ready() -> bool:
 
 def pack_loops(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes [count, C]`` along dim 0 the slow way: code i occupies bits
-    ``[bits*i, bits*i + bits)`` of the word stream, lowest bits first (GPTQ.md)."""
+    ``[bits*i, bits*i + bits)`` of the word stream, lowest bits first (docs/checkpoints.md)."""
     count, C = codes.shape
     words = (count * bits + 31) // 32
     out = [[0] * C for _ in range(words)]

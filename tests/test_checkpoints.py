@@ -1,7 +1,8 @@
 """GPTQ checkpoints and whole models (spikeops.checkpoint, .quantization, .models): quantize ->
 save -> load_gptq round trips, checkpoints written by an independent AutoGPTQ-style packer,
 whole-model logits against a float64 fake-quant reference, strict refusal of corrupt
-checkpoints, patch on a fake QuantLinear and load_gptq's device_map. Every model is a tiny LLaMA built from a config in code; nothing is downloaded."""
+checkpoints, patch on a fake QuantLinear and load_gptq's device_map. Every model is a tiny
+LLaMA built from a config in code; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def dequantized(lin: spikeops.SpikeLinear) -> torch.Tensor:
 
 
 def exact(lin: spikeops.SpikeLinear) -> torch.Tensor:
-    """float64 [K, N] scale * (q - z) of a loaded SpikeLinear, unrounded (what SPEC.md 3.2's
+    """float64 [K, N] scale * (q - z) of a loaded SpikeLinear, unrounded (what docs/ops.md's
     kernels compute with)."""
     q = spikeops.unpack(lin.qweight, lin.kernel_bits, lin.in_features, dim=0)
     z = spikeops.unpack(lin.qzeros, lin.kernel_bits, lin.out_features, dim=1) + lin.zero_offset
@@ -132,7 +133,7 @@ def test_gptq_beats_round_to_nearest():
 
 def pack_autogptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes [count, C]`` along dim 0 word by word as AutoGPTQ's QuantLinear.pack does
-    (GPTQ.md: 3-bit values 10 and 21 straddle words 0/1 and 1/2 of every 3-word run)."""
+    (docs/checkpoints.md: 3-bit values 10 and 21 straddle words 0/1 and 1/2 of every 3-word run)."""
     c = codes.to(torch.int64) & 0xFFFFFFFF
     count = c.shape[0]
     rows = []
@@ -164,7 +165,7 @@ def pack_autogptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def write_by_hand(folder, model, bits, group_size, sym, fmt, act_order, shards,
                   zero_bias=False, config_in="quantize_config.json", seed=0):
-    """A GPTQ checkpoint of ``model``'s dense tensors and random codes written from GPTQ.md
+    """A GPTQ checkpoint of ``model``'s dense tensors and random codes written from docs/checkpoints.md
     alone. Returns ``{name: W_hat fp16 [N, K]}`` computed exactly from the codes."""
     gen = torch.Generator().manual_seed(seed)
     maxq = (1 << bits) - 1
@@ -275,7 +276,7 @@ def test_logits_match_float64_fake_quant(tmp_path):
         setattr(reference.get_submodule(parent), leaf,
                 FakeQuant(model.get_submodule(name).weight.detach(), ENC))
 
-    # Every spiking layer is exact up to SPEC.md 3.2 on the inputs it actually saw.
+    # Every spiking layer is exact up to docs/ops.md on the inputs it actually saw.
     seen = []
     hooks = [spiking.get_submodule(n).register_forward_hook(
         lambda mod, args, out: seen.append((mod, args[0], out))) for n in names()]

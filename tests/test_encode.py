@@ -1,5 +1,5 @@
 """gif_encode, spike_decode and spike_counts against reference.py (bit for bit) and against
-independent float64 bounds and structural invariants of SPEC.md sections 1-2."""
+independent float64 bounds and structural invariants of docs/ops.md."""
 
 import math
 
@@ -271,3 +271,10 @@ def test_random_stress_against_reference(device):
         for mode, bits in [("minmax", 3), ("absmax", 6), ("absmean", 4)]:
             op_and_reference(x, mode, bits, gamma=0.6)
         op_and_reference(x, "oat", 5, theta_nor=math.pi / 3, theta_out=math.e)
+
+
+def test_decode_float64_widens_the_float32_decode(device):
+    """float64 is the float32 decode widened exactly (docs/ops.md, spike_decode)."""
+    st = spikeops.encode(torch.randn(3, 70, device=device), spikeops.Encoding("absmax", 4))
+    x64 = st.decode(torch.float64)
+    assert x64.dtype == torch.float64 and torch.equal(x64, st.decode(torch.float32).double())

@@ -1,4 +1,5 @@
-"""GPTQ packing, 3-bit straddling, v1/v2 zero points and GPTQWeight validation (GPTQ.md)."""
+"""GPTQ packing, 3-bit straddling, v1/v2 zero points and GPTQWeight validation
+(docs/checkpoints.md)."""
 
 import logging
 
@@ -22,8 +23,8 @@ def test_pack_matches_independent_packer(bits, count):
 
 
 def test_three_bit_straddles_words():
-    """GPTQ.md: value 10 spans words 0/1 (bits 30-31 of word 0, bit 0 of word 1); value 21
-    spans words 1/2 (bit 31 of word 1, bits 0-1 of word 2)."""
+    """docs/checkpoints.md: value 10 spans words 0/1 (bits 30-31 of word 0, bit 0 of word 1);
+    value 21 spans words 1/2 (bit 31 of word 1, bits 0-1 of word 2)."""
     codes = torch.zeros(32, 1, dtype=torch.int64)
     codes[10] = 0b101
     codes[21] = 0b011

@@ -52,7 +52,8 @@ def linear_args(st, w, bias, out_dtype, backend):
 
 
 def check_linear(device, st, w, layer, bias=None, out_dtype=torch.float16):
-    """Both backends identical; identical to reference.py; within SPEC tolerance of float64."""
+    """Both backends identical; identical to reference.py; within the tolerance of docs/ops.md
+    of the float64 result."""
     y_int = spikeops.spike_linear(st, w, bias, out_dtype, backend="int")
     y_spike = spikeops.spike_linear(st, w, bias, out_dtype, backend="spike")
     y_auto = spikeops.spike_linear(st, w, bias, out_dtype)

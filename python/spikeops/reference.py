@@ -1,5 +1,5 @@
 """Plain-PyTorch specification of every op of ``torch.ops.spikeops``: slow, readable, and written
-from SPEC.md, not from the kernels. Each function takes the arguments of the wrapper of the same
+from docs/ops.md, not from the kernels. Each function takes the arguments of the wrapper of the same
 name in ``spikeops.ops`` (absent tensors as None) and returns what the op returns, bit for bit.
 
 Shapes: M tokens, K inputs, N outputs, P planes, W = ceil(K / 32) words, R ranges, G groups.
@@ -68,7 +68,7 @@ def _exact_mean_abs(x: Tensor) -> Tensor:
 
 
 def _quantizer(mode, bits, x, mn, mx, amax, gamma, scale, zero):
-    """(s [M], z [M] as float32, qmax) of one range (SPEC.md section 2)."""
+    """(s [M], z [M] as float32, qmax) of one range (docs/ops.md)."""
     signed = mode in ("absmax", "absmean") or (mode == "static" and zero is None)
     qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
     q = _f32(float(qmax), x)

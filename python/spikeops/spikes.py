@@ -1,4 +1,4 @@
-"""Bit-plane GIF spike encoding (SPEC.md sections 1-2): ``Encoding``, ``encode`` and
+"""Bit-plane GIF spike encoding (docs/ops.md): ``Encoding``, ``encode`` and
 ``SpikeTensor``."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Encoding:
 
 class SpikeTensor(NamedTuple):
     """Packed bit-plane spikes of an activation tensor of ``shape`` ``[..., K]``, flattened to M
-    token rows (SPEC.md section 1). ``sign``, ``hi`` and ``zero`` are None when absent."""
+    token rows (docs/ops.md). ``sign``, ``hi`` and ``zero`` are None when absent."""
 
     planes: torch.Tensor            # int32 [P, M, W]
     sign: Optional[torch.Tensor]    # int32 [M, W]: bit set = negative element (signed encodings)
@@ -94,11 +94,14 @@ class SpikeTensor(NamedTuple):
         return self.planes.shape[0]
 
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``x_hat = scale[m, r] * (s * Q - zero[m, r])`` with the shape of the encoded tensor."""
-        _checks.dtype("SpikeTensor.decode", "dtype", dtype, _FLOATS[:3])
+        """``x_hat = scale[m, r] * (s * Q - zero[m, r])`` with the shape of the encoded tensor.
+        float64 is the float32 result widened, exactly (docs/ops.md, spike_decode)."""
+        _checks.dtype("SpikeTensor.decode", "dtype", dtype, _FLOATS)
+        op_dtype = torch.float32 if dtype == torch.float64 else dtype
         K = self.shape[-1]
-        x_hat = ops.spike_decode(self.planes, self.sign, self.hi, self.scale, self.zero, K, dtype)
-        return x_hat.reshape(self.shape)
+        x_hat = ops.spike_decode(self.planes, self.sign, self.hi, self.scale, self.zero, K,
+                                 op_dtype)
+        return x_hat.reshape(self.shape).to(dtype)
 
     def counts(self, negative: bool = False) -> torch.Tensor:
         """Spikes per plane and token, int64 ``[P, M]``; only negative ones with ``negative``."""
@@ -114,7 +117,7 @@ class SpikeTensor(NamedTuple):
         return ops.spike_stats(self.planes, self.sign)
 
     def firing_rate(self) -> float:
-        """Spikes / (M * K * P), the fraction of possible events that fired (SPEC.md 3.3)."""
+        """Spikes / (M * K * P), the fraction of possible events that fired (docs/ops.md)."""
         M, K, P = self.planes.shape[1], self.shape[-1], self.planes.shape[0]
         total = M * K * P
         return float(self.counts().sum()) / total if total else 0.0

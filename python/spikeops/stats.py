@@ -1,4 +1,4 @@
-"""Spike statistics and energy accounting (SPEC.md 3.3).
+"""Spike statistics and energy accounting (docs/ops.md).
 
 ``spikeops.track(model)`` is a context manager that, through the ``observer`` hook of every
 ``SpikeLinear``, accumulates per layer (as device tensors; nothing syncs until the results are
@@ -23,10 +23,10 @@ Energy model (``EnergyModel``, per-operation energies in pJ). Per layer:
     E_spike = SOPs * ac + M * N * G * P * shift + M * N * G * R * mult
     E_dense = MACs * mac
 
-- SOPs * ac: every spike adds (or subtracts) one weight per output (SPEC.md 3.2, "spike" backend).
+- SOPs * ac: every spike adds (or subtracts) one weight per output (docs/ops.md, "spike" backend).
 - shifts: the per-plane partial sums are combined by shifting; we charge P shifts per output,
   per token and per weight group (the integer sums are kept per group), each costing ``shift``.
-- epilogue: one float32 multiply per group and range per output and token (SPEC.md 3.2), ``mult``.
+- epilogue: one float32 multiply per group and range per output and token (docs/ops.md), ``mult``.
   The zero-point correction (zero * B) and the per-token scale are folded into this count.
 - E_dense: the same layer run densely, one multiply-accumulate per (token, input, output).
 
