@@ -2,6 +2,8 @@
 against independent float64 / int64 computations."""
 
 
+import copy
+
 import pytest
 import torch
 
@@ -198,3 +200,48 @@ def test_module_dtype_casts_keep_fp16_scales(device):
         lin.to(dtype)
         assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
         assert lin.bias.dtype == dtype and lin(x.to(dtype)).dtype == dtype
+    assert lin.kernel_scales.dtype == torch.float32 and lin.kernel_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits, group_size, act, sym, fmt, K", WEIGHTS, ids=WEIGHT_IDS)
+def test_kernel_form(device, bits, group_size, act, sym, fmt, K):
+    """GPTQWeight's kernel form, from the independent builder's codes: true zero points, the
+    scales widened, and the group layout (uniform unless act-order)."""
+    w, q, z, scales, g_idx = make_layer(K, 40, bits, group_size, act, sym, fmt, device=device)
+    assert torch.equal(w.kernel_zeros.cpu(), z.to(torch.int32))
+    assert w.kernel_scales.dtype == torch.float32 and torch.equal(w.kernel_scales.cpu(),
+                                                                   scales.float())
+    gs = K if group_size == -1 else group_size
+    assert w.kernel_group_size == (0 if act else gs)
+
+
+def test_module_state_dict_and_moves_rebuild_the_kernel_form(device):
+    """The state dict holds the checkpoint tensors only; loading one rebuilds the kernel form,
+    so the module computes with the loaded weights."""
+    a = spikeops.SpikeLinear(make_layer(64, 24, 4, 32, seed=1, device=device)[0],
+                             spikeops.Encoding("minmax", 4), bias=torch.randn(24, device=device))
+    b = spikeops.SpikeLinear(make_layer(64, 24, 4, 32, sym=False, seed=2, device=device)[0],
+                             spikeops.Encoding("minmax", 4), bias=torch.randn(24, device=device))
+    assert set(a.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    x = torch.randn(3, 64, device=device)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(x), a(x)) and torch.equal(b.kernel_zeros, a.kernel_zeros)
+    moved = copy.deepcopy(a).to("meta")
+    assert all(t.is_meta for t in (moved.kernel_zeros, moved.kernel_scales, moved.kernel_bias))
+
+
+def test_float_activations_dequantize_once(device, monkeypatch):
+    """enc=None keeps W_hat in x's dtype between calls and drops it when spikes come back."""
+    lin = spikeops.SpikeLinear(make_layer(64, 24, 4, 32, device=device)[0], None)
+    W = lin.dequantize().float()
+    calls = []
+    real = spikeops.ops.gptq_dequantize
+    monkeypatch.setattr(spikeops.ops, "gptq_dequantize", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 64, device=device)
+    y = lin(x)
+    assert torch.equal(lin(x), y) and len(calls) == 1
+    torch.testing.assert_close(y, x @ W.t(), rtol=0, atol=0)
+    lin(x.double())
+    assert len(calls) == 2 and lin.dense_weight.dtype == torch.float64
+    lin.set_encoding(spikeops.Encoding("minmax", 4))
+    assert lin.dense_weight is None
