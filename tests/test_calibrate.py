@@ -45,16 +45,20 @@ def test_obs_saliency_is_the_first_order_term(model):
 
 
 def test_sdllm_gamma_minimises_the_layer_error(model):
-    from spikeops.calibrate import GAMMA_GRID, _dense_weight, _layer_error, collect_inputs
+    """The chosen gamma minimises the layer's output error on spikes, computed here with the
+    spiking layer itself (the search uses the decoded spikes; the two agree within the kernel's
+    tolerance, so only a near-tie could pick another gamma)."""
+    from spikeops.calibrate import GAMMA_GRID, collect_inputs
     cal = calibrate(model, tiny_batches(), methods=["sdllm"], bits=3)
+    assert cal.settings["gamma_grid"] == list(GAMMA_GRID) and cal.settings["tokens"] == 256
     name = "model.layers.0.self_attn.q_proj"
     layer = spike_layers(model)[name]
-    x = collect_inputs(model, tiny_batches(), 2048)[name]
-    y = x @ _dense_weight(layer).t()
+    x = collect_inputs(model, tiny_batches(), 512)[name]
+    y = x @ layer.dequantize().float().t()
     for mode in ("absmax", "absmean"):
-        errors = {g: _layer_error(layer, x, spikeops.Encoding(mode, 3, gamma=g), y)
-                  for g in GAMMA_GRID}
-        assert errors[cal.layers[name].gamma[mode]] == min(errors.values())
+        errors = {g: float((layer.from_spikes(spikeops.encode(x, spikeops.Encoding(
+            mode, 3, gamma=g)), bias=False) - y).pow(2).sum()) for g in GAMMA_GRID}
+        assert errors[cal.layers[name].gamma[mode]] <= min(errors.values()) * (1 + 1e-4)
 
 
 def test_malformed_calibration_is_refused(model, tmp_path):

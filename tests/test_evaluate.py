@@ -42,8 +42,16 @@ def test_compare_and_firing_rates(model):
     encodings = {"float": None, "minmax4": spikeops.Encoding("minmax", 4),
                  "absmax4": spikeops.Encoding("absmax", 4)}
     rows = compare(model, tokens, encodings, window=128, progress=False)
-    assert [r[0] for r in rows] == list(encodings) and rows[0][2] is None
-    assert all(math.isfinite(r[1]) for r in rows) and 0 < rows[1][2] < 1
+    assert [r.encoding for r in rows] == list(encodings) and all(r.tokens == 400 for r in rows)
+    assert rows[0].firing_rate is None and rows[0].sops_per_mac is None
+    assert all(math.isfinite(r.perplexity) for r in rows) and 0 < rows[1].firing_rate < 1
+    # SOPs per MAC = sum spikes * N / sum tokens * K * N, the firing rate times P weighted by N
+    # instead of 1 (P = 4 planes for minmax4, 3 magnitude planes for absmax4).
+    assert rows[1].sops_per_mac == pytest.approx(4 * rows[1].firing_rate, rel=0.05)
+    assert rows[2].sops_per_mac == pytest.approx(3 * rows[2].firing_rate, rel=0.05)
+    set_encoding(model, None)  # the model on float activations stands in for a dense model
+    dense = compare(model, tokens, {}, dense_model=model, window=128, progress=False)
+    assert [r.encoding for r in dense] == ["dense"] and dense[0].perplexity == rows[0].perplexity
     set_encoding(model, spikeops.Encoding("minmax", 4))
     with spikeops.track(model) as tracker:
         model(input_ids=tokens[None, :50])

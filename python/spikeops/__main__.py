@@ -14,19 +14,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
+from .calibrate import GAMMA_GRID
 from .reference import tolerance
 from .timing import median_ms
+from .transforms import TRANSFORMS
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_MODEL = DATA / "default_model"
 DEFAULT_DENSE = DATA / "default_model_dense"
 DEFAULT_TEXT = DATA / "heldout.txt"
+LICENSES = Path("/usr/share/common-licenses")  # English prose on Debian machines
 
 DEMO_ENCODINGS = [
     ("minmax 4-bit (SpikeLLM)", Encoding("minmax", 4), False),
@@ -67,11 +70,10 @@ def model_demo(max_tokens: int) -> None:
     print(f"spikeops demo: the embedded byte-level LLaMA ({DEFAULT_MODEL.name}, "
           f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M parameters, W4 GPTQ) on "
           f"{tokens.shape[0]} held-out bytes")
-    encodings = {"GPTQ, float activations": None}
+    encodings = {"float": None}
     encodings.update({spec: parse_encoding(spec, calibration)
                       for spec in MODEL_DEMO_ENCODINGS.split(",")})
-    print_table(compare(model, tokens, encodings, calibration, dense, progress=False),
-                tokens.shape[0])
+    print_table(compare(model, tokens, encodings, calibration, dense, progress=False))
     enc = parse_encoding("absmax4", calibration)
     set_encoding(model, enc, calibration)
     prompt = "def "
@@ -90,9 +92,98 @@ def model_demo(max_tokens: int) -> None:
           f"{tracker.summary()}")
 
 
+REAL_ENCODINGS = "minmax4,minmax4+s6,absmax4,absmean4,oat8,minmax8,absmax8"
+DEMO_TRANSFORM = "rotate"
+
+
+def _cached(folder: Path, make) -> Path:
+    """``folder``, made by ``make(tmp)`` into a temporary sibling first when absent, so that an
+    interrupted run never leaves a half-made folder in the cache."""
+    import shutil
+    if folder.is_dir():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def real_model_demo(args) -> None:
+    """A real LLaMA from a GGUF file: import, transform + GPTQ W4 g128, calibrate (each step
+    cached in --cache), the table of every encoding on held-out text, a chat answer with the
+    best 4-bit encoding and its energy summary."""
+    import dataclasses
+    import json
+    import time
+    from argparse import Namespace
+    from .calibrate import set_encoding
+    from .evaluate import Row, decode_tokens, encode_text, generate
+    from .floatmodel import chat_prompt
+    from .models import load_gptq
+    from .stats import track
+    cache = Path(args.cache) / Path(args.gguf).stem
+    float_dir = cache / "float"
+    q_dir = cache / f"w4g128-{args.transform}-seed{args.seed}"
+    start = time.perf_counter()
+
+    def step(name, fn):
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        fn()
+        print(f"   {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+    if not float_dir.is_dir():
+        step("import GGUF", lambda: _cached(float_dir, lambda tmp: cmd_import_gguf(
+            Namespace(file=args.gguf, out=tmp))))
+
+    def quantize_and_calibrate(tmp):
+        step(f"transform {args.transform} + GPTQ W4 g128", lambda: cmd_quantize(Namespace(
+            model=str(float_dir), out=str(tmp), text=args.calib_text, transform=args.transform,
+            bits=4, group_size=128, asym=False, act_order=False, samples=64, seq_len=256,
+            dtype="float16", seed=args.seed)))
+        step("calibrate", lambda: cmd_calibrate(Namespace(
+            model=str(tmp), text=args.calib_text, out=None, methods="obs,sdllm,las", bits=4,
+            salient_fraction=0.1, samples=8, seq_len=256, max_tokens=512,
+            gamma_grid=",".join(map(str, GAMMA_GRID)), seed=args.seed)))
+    if not q_dir.is_dir():
+        _cached(q_dir, quantize_and_calibrate)
+    results = q_dir / f"eval-{Path(args.eval_text).name}-{args.max_tokens}.json"
+    if results.is_file():
+        rows = [Row(**r) for r in json.loads(results.read_text())]
+        print(f"== evaluation (cached: {results})")
+    else:
+        holder = []
+        step("evaluate", lambda: holder.append(evaluate_rows(Namespace(
+            model=str(q_dir), text=args.eval_text, encodings=REAL_ENCODINGS, dense=str(float_dir),
+            window=256, max_tokens=args.max_tokens, dtype="float32"))))
+        rows = holder[0]
+        results.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    print(f"\n{Path(args.gguf).name}, transform {args.transform}, GPTQ W4 g128; calibrated on "
+          f"{Path(args.calib_text).name}, evaluated on {Path(args.eval_text).name}:")
+    print_table(rows)
+    four_bit = [r for r in rows if r.firing_rate is not None and "4" in r.encoding]
+    best = min(four_bit, key=lambda r: r.perplexity)
+    calibration = _calibration(q_dir)
+    model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
+    set_encoding(model, parse_encoding(best.encoding, calibration), calibration)
+    tokenizer = model_tokenizer(q_dir)
+    prompt, _ = chat_prompt(tokenizer, args.chat)
+    with track(model) as tracker:
+        answer = generate(model, encode_text(prompt, tokenizer), 80,
+                          stop=_stop_tokens(tokenizer))
+    print(f"\nchat on spikes ({best.encoding}, the best 4-bit encoding):\n  user: {args.chat}\n"
+          f"  assistant: {decode_tokens(answer, tokenizer).strip()}")
+    print(f"\nwhile answering: {tracker.summary()}")
+    print(f"\nreal model part: {time.perf_counter() - start:.0f} s")
+
+
 def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    if DEFAULT_MODEL.is_dir():
+    if args.gguf:
+        real_model_demo(args)
+        print()
+    elif DEFAULT_MODEL.is_dir():
         model_demo(args.max_tokens)
         print()
     K, N = args.in_features, args.out_features
@@ -142,9 +233,12 @@ ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits), oatP (P planes
                  "model's calibration (spikeops calibrate)")
 
 
-def parse_encoding(spec: str, calibration) -> Encoding:
-    """An Encoding from a CLI spec such as ``minmax4``, ``absmax4+s6`` or ``oat8``."""
+def parse_encoding(spec: str, calibration) -> Optional[Encoding]:
+    """An Encoding from a CLI spec such as ``minmax4``, ``absmax4+s6`` or ``oat8``; ``none``
+    gives None (float activations)."""
     import re
+    if spec == "none":
+        return None
     match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:\+s(\d+))?", spec)
     if match is None:
         raise ValueError(f"unknown encoding {spec!r}; {ENCODING_HELP}")
@@ -157,20 +251,21 @@ def parse_encoding(spec: str, calibration) -> Encoding:
     return Encoding(mode, n, salient_bits=int(salient) if salient else None)
 
 
-def _tokens(args, folder):
-    from .evaluate import encode_text
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else DEFAULT_TEXT.read_text(
-        encoding="utf-8")
-    return encode_text(text, _tokenizer(folder))
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _tokenizer(folder):
-    """The checkpoint's tokenizer if it ships one, else None (byte-level tokens)."""
-    folder = Path(folder)
-    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(folder))
-    return None
+def read_text(path) -> str:
+    path = Path(path) if path else DEFAULT_TEXT
+    return path.read_text(encoding="utf-8")
+
+
+def model_tokenizer(folder):
+    """The tokenizer a GPTQ or float folder's text is read with (docs/checkpoints.md,
+    "Tokenizers"): its own, or bytes for a byte-level model; refused otherwise."""
+    import json
+    from .floatmodel import load_tokenizer
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return load_tokenizer("spikeops", folder, config.get("vocab_size"))
 
 
 def _calibration(folder):
@@ -178,7 +273,9 @@ def _calibration(folder):
     return Calibration.load(folder) if (Path(folder) / JSON_FILE).exists() else None
 
 
-def _batches(tokens, samples: int, seq_len: int, seed: int):
+def text_batches(tokens, samples: int, seq_len: int, seed: int):
+    """``samples`` windows of ``seq_len`` tokens at random offsets of ``tokens``, int64
+    ``[samples, seq_len]``."""
     gen = torch.Generator().manual_seed(seed)
     if tokens.shape[0] <= seq_len:
         raise ValueError(f"the calibration text must be longer than --seq-len = {seq_len} "
@@ -187,80 +284,138 @@ def _batches(tokens, samples: int, seq_len: int, seed: int):
     return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
 
 
+def cmd_import_gguf(args) -> int:
+    from .floatmodel import import_gguf
+    out = import_gguf(args.file, args.out)
+    print(f"wrote the float model of {args.file} to {out}")
+    return 0
+
+
 def cmd_quantize(args) -> int:
-    from transformers import AutoModelForCausalLM
     from .checkpoint import save_gptq
+    from .evaluate import encode_text
+    from .floatmodel import copy_tokenizer, load_float_model
     from .quantization import quantize
-    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True,
-                                                 dtype=torch.float32)
-    ids = _batches(_tokens(args, args.model), args.samples, args.seq_len, args.seed)
+    from .transforms import transform
+    model, tokenizer = load_float_model(args.model)
+    ids = text_batches(encode_text(read_text(args.text), tokenizer), args.samples, args.seq_len,
+                       args.seed)
+    record = transform(model, args.transform, ids.split(8), seed=args.seed)
     weights = quantize(model, ids, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                        desc_act=args.act_order)
-    save_gptq(model, weights, args.out)
-    print(f"wrote a {args.bits}-bit GPTQ checkpoint of {len(weights)} layers to {args.out}")
+    # The dense tensors (embeddings, norms, lm_head) are stored in --dtype.
+    save_gptq(model.to(DTYPES[args.dtype]), weights, args.out)
+    copy_tokenizer(tokenizer, args.model if Path(args.model).is_dir() else None, args.out)
+    print(f"wrote a {args.bits}-bit GPTQ checkpoint of {len(weights)} layers (transform "
+          f"{record['kind']}, dense tensors {args.dtype}) to {args.out}")
     return 0
 
 
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
+    from .evaluate import encode_text
     from .models import load_gptq
-    model = load_gptq(args.model, Encoding("minmax", 4))
-    ids = _batches(_tokens(args, args.model), args.samples, args.seq_len, args.seed)
+    model = load_gptq(args.model, Encoding("minmax", 4), dtype=torch.float32)
+    ids = text_batches(encode_text(read_text(args.text), model_tokenizer(args.model)),
+                       args.samples, args.seq_len, args.seed)
+    grid = [float(g) for g in args.gamma_grid.split(",")]
     cal = calibrate(model, ids.split(4), methods=args.methods.split(","), bits=args.bits,
-                    salient_fraction=args.salient_fraction)
+                    salient_fraction=args.salient_fraction, max_tokens=args.max_tokens,
+                    gamma_grid=grid)
     cal.save(args.out or args.model)
-    print(f"calibrated {len(cal.layers)} layers ({args.methods}); saved to {args.out or args.model}")
+    print(f"calibrated {len(cal.layers)} layers ({args.methods}, {cal.settings['tokens']} tokens "
+          f"per layer); saved to {args.out or args.model}")
     return 0
+
+
+def evaluate_rows(args):
+    """The rows of ``spikeops eval``: dense (with --dense), float activations and every
+    encoding of --encodings."""
+    from .evaluate import compare, encode_text
+    from .floatmodel import load_float_model, same_tokenizer
+    from .models import load_gptq
+    calibration = _calibration(args.model)
+    encodings = {"float": None}
+    encodings.update({spec: parse_encoding(spec, calibration) for spec in args.encodings.split(",")
+                      if spec})
+    text = read_text(args.text)
+    tokenizer = model_tokenizer(args.model)
+    dense = None
+    if args.dense:
+        dense, dense_tok = load_float_model(args.dense, DTYPES[args.dtype])
+        if not same_tokenizer(tokenizer, dense_tok, text):
+            raise ValueError(f"--dense {args.dense}: its tokenizer reads the text differently "
+                             f"from {args.model}'s; compare models of one tokenizer")
+    model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype])
+    tokens = encode_text(text, tokenizer)[: args.max_tokens]
+    return compare(model, tokens, encodings, calibration, dense, window=args.window)
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import compare
-    from .models import load_gptq
-    calibration = _calibration(args.model)
-    encodings = {"GPTQ, float activations": None}
-    encodings.update({spec: parse_encoding(spec, calibration) for spec in args.encodings.split(",")})
-    model = load_gptq(args.model, Encoding("minmax", 4))
-    dense = None
-    if args.dense:
-        from transformers import AutoModelForCausalLM
-        dense = AutoModelForCausalLM.from_pretrained(args.dense, use_safetensors=True).eval()
-    tokens = _tokens(args, args.model)[: args.max_tokens]
-    rows = compare(model, tokens, encodings, calibration, dense, window=args.window)
-    print_table(rows, tokens.shape[0])
+    import dataclasses
+    import json
+    rows = evaluate_rows(args)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+        print(f"wrote {args.json}")
     return 0
 
 
-def print_table(rows, count) -> None:
-    print(f"\n{'model / encoding':32} {'perplexity':>10} {'firing rate':>11}   ({count} tokens)")
-    for label, ppl, rate in rows:
-        print(f"{label:32} {ppl:>10.3f} {('%.4f' % rate) if rate is not None else '-':>11}")
+ROW_LABELS = {"dense": "dense float", "float": "GPTQ, float activations"}
+
+
+def print_table(rows) -> None:
+    print(f"\n{'model / encoding':32} {'perplexity':>10} {'firing rate':>11} {'SOPs/MAC':>9}"
+          f"   ({rows[0].tokens if rows else 0} tokens)")
+    for r in rows:
+        rate = f"{r.firing_rate:.4f}" if r.firing_rate is not None else "-"
+        sops = f"{r.sops_per_mac:.3f}" if r.sops_per_mac is not None else "-"
+        print(f"{ROW_LABELS.get(r.encoding, r.encoding):32} {r.perplexity:>10.3f} {rate:>11} "
+              f"{sops:>9}")
 
 
 def cmd_generate(args) -> int:
     from .calibrate import set_encoding
     from .evaluate import decode_tokens, encode_text, generate
+    from .floatmodel import chat_prompt, load_float_model
     from .models import load_gptq
-    calibration = _calibration(args.model)
-    model = load_gptq(args.model, Encoding("minmax", 4))
-    set_encoding(model, parse_encoding(args.encoding, calibration), calibration)
-    tok = _tokenizer(args.model)
-    out = generate(model, encode_text(args.prompt, tok), args.max_new_tokens, args.temperature,
-                   args.top_k, args.seed)
-    print(args.prompt + decode_tokens(out, tok))
+    if args.dense:
+        model, tokenizer = load_float_model(args.dense, DTYPES[args.dtype])
+    else:
+        calibration = _calibration(args.model)
+        model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype])
+        set_encoding(model, parse_encoding(args.encoding, calibration), calibration)
+        tokenizer = model_tokenizer(args.model)
+    prompt, templated = chat_prompt(tokenizer, args.prompt) if args.chat else (args.prompt, False)
+    if args.chat and not templated:
+        raise ValueError("--chat needs a tokenizer with a chat template; this model has none")
+    out = generate(model, encode_text(prompt, tokenizer), args.max_new_tokens, args.temperature,
+                   args.top_k, args.seed, stop=_stop_tokens(tokenizer) if args.chat else ())
+    text = decode_tokens(out, tokenizer)
+    print(text if args.chat else args.prompt + text)
     return 0
+
+
+def _stop_tokens(tokenizer):
+    ids = {tokenizer.eos_token_id} if tokenizer is not None else set()
+    return tuple(i for i in ids if i is not None)
 
 
 def cmd_report(args) -> int:
     """Spike statistics and energy estimate of one encoding on a text: report.txt, report.json
     and the plots firing_rate.png, planes.png, energy.png in --out."""
     from .calibrate import set_encoding
+    from .evaluate import encode_text
     from .models import load_gptq
     from .stats import track
     calibration = _calibration(args.model)
     enc = parse_encoding(args.encoding, calibration)
-    model = load_gptq(args.model, Encoding("minmax", 4))
+    if enc is None:
+        raise ValueError("report needs a spiking encoding, got 'none'")
+    model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype])
     set_encoding(model, enc, calibration)
-    tokens = _tokens(args, args.model)[: args.max_tokens]
+    tokens = encode_text(read_text(args.text), model_tokenizer(args.model))[: args.max_tokens]
     if tokens.shape[0] < 1:
         raise ValueError("the text gives no tokens")
     out = Path(args.out)
@@ -278,102 +433,159 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every --help shows the defaults and keeps the description's line breaks."""
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="spikeops", description="Exact, fast spiking LLM kernels for PyTorch. Commands "
-        "take a GPTQ checkpoint folder (default: the embedded byte-level model) and a text file "
-        "(default: its held-out sample).", epilog=ENCODING_HELP)
+        prog="spikeops", formatter_class=_Formatter,
+        description="Exact, fast spiking LLM kernels for PyTorch. Commands take a GPTQ "
+        "checkpoint folder (default: the embedded byte-level model) and a text file (default: "
+        "its held-out sample).", epilog=ENCODING_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_and_text(p, model_help="GPTQ checkpoint folder"):
+    def command(name, help_text, run, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           formatter_class=_Formatter, epilog=ENCODING_HELP)
+        p.set_defaults(run=run)
+        return p
+
+    def model_and_text(p, text_help="UTF-8 text file"):
         p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
-                       help=f"{model_help} (default: the embedded model)")
-        p.add_argument("--text", help="UTF-8 text file (default: the embedded held-out sample)")
-        p.add_argument("--seed", type=int, default=0)
+                       help="GPTQ checkpoint folder (default: the embedded model)")
+        p.add_argument("--text", help=f"{text_help} (default: the embedded held-out sample)")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
 
-    p = sub.add_parser("demo", help="run a GPTQ layer on spikes under several encodings and "
-                                    "compare it with the dense layer",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-tokens", type=int, default=2048,
-                   help="held-out bytes the model part evaluates")
+    def dtype_arg(p, default="float32", what="activations and dense layers"):
+        p.add_argument("--dtype", default=default, choices=tuple(DTYPES), help=what)
+
+    p = command("demo", "the main job: a real or the embedded model on spikes, then one large "
+                "GPTQ layer on spikes against the dense layer", demo, description=__doc__)
+    p.add_argument("--gguf", help="a LLaMA-architecture GGUF file (scripts/demo.sh fetches "
+                   "SmolLM2-135M-Instruct); without it, the embedded byte-level model")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "spikeops"),
+                   help="folder for the imported, quantized and calibrated model and results")
+    p.add_argument("--calib-text", default=str(LICENSES / "GPL-3"),
+                   help="calibration text of the real model")
+    p.add_argument("--eval-text", default=str(LICENSES / "MPL-2.0"),
+                   help="held-out evaluation text of the real model (not the calibration text)")
+    p.add_argument("--transform", default=DEMO_TRANSFORM, choices=TRANSFORMS,
+                   help="outlier transform before GPTQ (docs/transforms.md)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens (bytes for the "
+                   "embedded model) the evaluation reads")
+    p.add_argument("--chat", default="What is a neuron? Answer in two sentences.",
+                   help="chat message the best 4-bit encoding answers")
     p.add_argument("--tokens", type=int, default=1, help="tokens M of the kernel part "
-                                                         "(default 1: decode)")
-    p.add_argument("--in-features", type=int, default=4096, help="K (multiple of 128)")
-    p.add_argument("--out-features", type=int, default=11008, help="N")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=demo)
+                   "(1: decode)")
+    p.add_argument("--in-features", type=int, default=4096, help="K of the kernel part "
+                   "(multiple of 128)")
+    p.add_argument("--out-features", type=int, default=11008, help="N of the kernel part")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
-    p = sub.add_parser("quantize", help="GPTQ-quantize a float LLaMA folder (safetensors) on a "
-                                        "calibration text and write a GPTQ checkpoint")
-    p.add_argument("model", help="float model folder (config.json + safetensors)")
+    p = command("import-gguf", "write the float Hugging Face folder (config, safetensors, "
+                "tokenizer, chat template) of a LLaMA-architecture GGUF file", cmd_import_gguf)
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out", help="output folder (new or empty)")
+
+    p = command("quantize", "GPTQ-quantize a float LLaMA (folder or .gguf) on a calibration "
+                "text, optionally after an outlier transform, and write a GPTQ checkpoint with "
+                "the tokenizer", cmd_quantize)
+    p.add_argument("model", help="float model folder (config.json + safetensors) or .gguf file")
     p.add_argument("out", help="output folder")
     p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
-    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--transform", default="none", choices=TRANSFORMS,
+                   help="equivalent outlier transform applied first (docs/transforms.md)")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits")
     p.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
     p.add_argument("--asym", action="store_true", help="asymmetric zero points")
     p.add_argument("--act-order", action="store_true", help="desc_act: quantize columns by "
-                                                            "decreasing Hessian diagonal")
+                   "decreasing Hessian diagonal")
     p.add_argument("--samples", type=int, default=64, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=cmd_quantize)
+    dtype_arg(p, "float16", "dtype of the stored dense tensors (embeddings, norms, lm_head)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (windows, rotation)")
 
-    p = sub.add_parser("calibrate", help="calibrate the seed methods per layer (OBS salient "
-                                         "channels, SDLLM gamma, LAS thresholds) and save them "
-                                         "beside the checkpoint")
-    model_and_text(p)
+    p = command("calibrate", "calibrate the seed methods per layer (OBS salient channels, SDLLM "
+                "gamma, LAS thresholds) and save them beside the checkpoint", cmd_calibrate)
+    model_and_text(p, "calibration text file")
     p.add_argument("--out", help="folder for the calibration files (default: the model's)")
     p.add_argument("--methods", default="obs,sdllm,las", help="comma list of obs, sdllm, las")
     p.add_argument("--bits", type=int, default=4, help="spike bits for the SDLLM gamma search")
-    p.add_argument("--salient-fraction", type=float, default=0.1)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.set_defaults(run=cmd_calibrate)
+    p.add_argument("--salient-fraction", type=float, default=0.1,
+                   help="share of channels OBS makes salient")
+    p.add_argument("--samples", type=int, default=8, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="input rows per layer the methods use")
+    p.add_argument("--gamma-grid", default=",".join(map(str, GAMMA_GRID)),
+                   help="SDLLM gamma candidates, comma list in (0, 1]")
 
-    p = sub.add_parser("eval", help="perplexity and firing rate of a GPTQ model on float "
-                                    "activations and under spiking encodings")
+    p = command("eval", "perplexity, firing rate and SOPs per MAC of a GPTQ model on float "
+                "activations and under spiking encodings", cmd_eval)
     model_and_text(p)
     p.add_argument("--encodings", default="minmax4,minmax4+s6,absmax4,absmean4,oat8",
                    help="comma list (see the encodings below)")
-    p.add_argument("--dense", help="float model folder for the dense baseline row")
+    p.add_argument("--dense", help="float model folder or .gguf for the dense baseline row")
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many")
-    p.set_defaults(run=cmd_eval)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    dtype_arg(p)
 
-    p = sub.add_parser("generate", help="generate text with a spiking GPTQ model")
+    p = command("generate", "generate text with a spiking GPTQ model, on float activations "
+                "(--encoding none) or with a dense model (--dense)", cmd_generate)
     model_and_text(p)
-    p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--encoding", default="minmax4", help="one encoding (see below)")
-    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--prompt", default="def ", help="text to continue, or with --chat the "
+                   "user's message")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's "
+                   "chat template and stop at its end-of-turn token")
+    p.add_argument("--encoding", default="minmax4", help="one encoding (see below) or none")
+    p.add_argument("--dense", help="generate with this float model folder or .gguf instead")
+    p.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.set_defaults(run=cmd_generate)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
+    dtype_arg(p)
 
-    p = sub.add_parser("report", help="per-layer spike statistics and an energy estimate "
-                                      "(text, JSON and PNG plots; see docs/energy.md)")
+    p = command("report", "per-layer spike statistics and an energy estimate (text, JSON and "
+                "PNG plots; see docs/energy.md)", cmd_report)
     model_and_text(p)
     p.add_argument("--encoding", default="minmax4", help="one encoding (see below)")
     p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many")
     p.add_argument("--window", type=int, default=256, help="tokens per forward")
     p.add_argument("--out", default="spikeops-report", help="output folder")
-    p.set_defaults(run=cmd_report)
+    dtype_arg(p)
+    return parser
 
-    args = parser.parse_args(argv)
-    if args.command == "report" and (args.max_tokens < 1 or args.window < 1):
-        parser.error("report needs --max-tokens >= 1 and --window >= 1")
-    if args.command == "demo":
-        if args.tokens < 1 or args.in_features < 128 or args.in_features % 128 or \
-                args.out_features < 1:
-            parser.error("demo needs --tokens >= 1, --in-features a positive multiple of 128, "
-                         "--out-features >= 1")
+
+def check_args(parser, args) -> None:
+    """What argparse's types cannot say, refused with a one-line usage error (exit 2)."""
+    for name in ("samples", "seq_len", "max_tokens", "window", "tokens", "max_new_tokens"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.command == "demo" and (args.in_features < 128 or args.in_features % 128 or
+                                   args.out_features < 1):
+        parser.error("demo needs --in-features a positive multiple of 128, --out-features >= 1")
     model = getattr(args, "model", None)
-    if model is not None and not Path(model).is_dir():
+    if args.command == "quantize":
+        from .floatmodel import is_gguf
+        if not (Path(model).is_dir() or (is_gguf(model) and Path(model).is_file())):
+            parser.error(f"{model!r} is neither a model folder nor a .gguf file")
+    elif model is not None and not Path(model).is_dir():
         parser.error(f"{model!r} is not a folder (a model checkpoint folder is expected)")
-    if getattr(args, "text", None) and not Path(args.text).is_file():
-        parser.error(f"--text {args.text!r} is not a file")
+    names = ("gguf", "calib_text", "eval_text") if getattr(args, "gguf", None) else ("text", "file")
+    for name in names:
+        value = getattr(args, name, None)
+        if value and not Path(value).is_file():
+            parser.error(f"--{name.replace('_', '-')} {value!r} is not a file")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
         return args.run(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"spikeops {args.command}: error: {e}", file=sys.stderr)
         return 2
 

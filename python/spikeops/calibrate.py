@@ -5,7 +5,8 @@
   ``[N, K]``); the top ``salient_fraction`` of channels get ``salient_bits``.
 - SDLLM (``"sdllm"``): the membrane clipping ratio gamma of absmax and of absmean spikes (one
   each: the two modes scale differently), chosen per layer from a grid to minimise the layer's
-  output error ``||spike_linear(x) - x W_hat^T||``.
+  output error ``||(x_hat - x) W_hat^T||`` (x_hat the decoded spikes; ``spike_linear`` computes
+  ``x_hat W_hat^T`` within the tolerance of docs/ops.md).
 - LAS (``"las"``): the OAT thresholds from the layer's activation statistics:
   ``theta_nor`` = the ``las_quantile`` quantile of ``|x|``, ``theta_out`` = ``max |x|``.
 
@@ -32,7 +33,7 @@ from .spikes import Encoding, encode
 JSON_FILE = "spikeops_calibration.json"
 MASK_FILE = "spikeops_calibration.safetensors"
 METHODS = ("obs", "sdllm", "las")
-GAMMA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+GAMMA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
 @dataclasses.dataclass
@@ -172,6 +173,8 @@ def collect_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             m.set_encoding(None)
         device = next(iter(layers.values())).qweight.device
         for ids in batches:
+            if min(counts.values()) >= max_tokens:
+                break  # every layer has its rows: the rest of the batches would be discarded
             model(input_ids=ids.to(device))
     finally:
         for h in handles:
@@ -186,23 +189,29 @@ def _dense_weight(layer: SpikeLinear) -> torch.Tensor:
     return layer.dequantize().float().cpu()
 
 
-def _layer_error(layer: SpikeLinear, x: torch.Tensor, enc: Encoding, y_ref: torch.Tensor) -> float:
-    """Squared error of the layer on spikes of x against the float result y_ref."""
-    st = encode(x.to(layer.qweight.device), enc)
-    y = layer.from_spikes(st, torch.float32, bias=False)
-    return float((y.cpu() - y_ref).pow(2).sum())
+def _best_gamma(x: torch.Tensor, W: torch.Tensor, gram: Optional[torch.Tensor], mode: str,
+                bits: int, grid) -> float:
+    """The gamma of ``grid`` whose spikes of x give the smallest ``||(x_hat - x) W^T||^2``,
+    computed as ``sum((D^T D) * (W^T W))`` with D = x_hat - x when that is cheaper (K < N)."""
+    def error(g):
+        d = encode(x, Encoding(mode, bits, gamma=g)).decode() - x
+        if gram is not None:
+            return float(((d.t() @ d) * gram).sum())
+        return float((d @ W.t()).pow(2).sum())
+    return min(grid, key=error)
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
               methods: Iterable[str] = METHODS, bits: int = 4, salient_fraction: float = 0.1,
-              las_quantile: float = 0.99,
-              max_tokens: int = 2048) -> Calibration:
+              las_quantile: float = 0.99, max_tokens: int = 512,
+              gamma_grid: Iterable[float] = GAMMA_GRID) -> Calibration:
     """Calibrate every SpikeLinear of ``model`` on ``batches`` of token ids (int64 ``[B, T]``).
 
     methods: any of ``"obs"``, ``"sdllm"``, ``"las"``. bits: the spike bits the SDLLM gamma is
     searched for. salient_fraction: share of channels OBS marks salient (SpikeLLM: 10%, with
     ``salient_bits = bits + 1``; 5% with ``bits + 2``). las_quantile: quantile of ``|x|`` that
-    becomes ``theta_nor``.
+    becomes ``theta_nor``. max_tokens: input rows per layer the methods use (the first ones of
+    the batches). gamma_grid: the SDLLM candidates, each in (0, 1].
     """
     fn = "calibrate"
     methods = tuple(methods)
@@ -214,6 +223,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
                          f"{salient_fraction!r}")
     if not (isinstance(las_quantile, float) and 0 < las_quantile < 1):
         raise ValueError(f"{fn}: las_quantile must be a float in (0, 1), got {las_quantile!r}")
+    _checks.integer(fn, "max_tokens", max_tokens, 1, 1 << 24)
+    gamma_grid = tuple(gamma_grid)
+    if not gamma_grid or not all(isinstance(g, (int, float)) and not isinstance(g, bool)
+                                 and 0 < g <= 1 for g in gamma_grid):
+        raise ValueError(f"{fn}: gamma_grid must hold numbers in (0, 1], got {gamma_grid!r}")
     inputs = collect_inputs(model, batches, max_tokens)
     if not inputs:
         raise ValueError(f"{fn}: batches must hold at least one batch of token ids, got none")
@@ -229,9 +243,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.salient = torch.zeros(layer.in_features, dtype=torch.bool)
             cal.salient[saliency.topk(top).indices] = True
         if "sdllm" in methods:
-            y_ref = x @ W.t()
-            cal.gamma = {mode: min((_layer_error(layer, x, Encoding(mode, bits, gamma=g), y_ref), g)
-                                   for g in GAMMA_GRID)[1]
+            gram = W.t() @ W if W.shape[1] < W.shape[0] else None
+            cal.gamma = {mode: _best_gamma(x, W, gram, mode, bits, gamma_grid)
                          for mode in ("absmax", "absmean")}
         if "las" in methods:
             a = x.abs().flatten()
@@ -242,6 +255,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
                 theta_nor = theta_out / 2
             cal.theta = (theta_nor, theta_out)
         result[name] = cal
+    # What was used, not what was asked for: fewer tokens than max_tokens may have run.
     settings = {"methods": list(methods), "bits": bits, "salient_fraction": salient_fraction,
-                "las_quantile": las_quantile, "max_tokens": max_tokens}
+                "las_quantile": las_quantile, "gamma_grid": list(gamma_grid),
+                "tokens": max(x.shape[0] for x in inputs.values())}
     return Calibration(result, settings)

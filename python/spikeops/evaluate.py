@@ -4,7 +4,9 @@ token per UTF-8 byte, vocabulary 256) when no tokenizer is given."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,11 +34,12 @@ def decode_tokens(tokens, tokenizer=None) -> str:
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[int] = None,
-               batch_size: int = 8, progress: bool = True) -> float:
+               batch_size: int = 8, progress=True) -> float:
     """Perplexity of ``tokens`` (int64 ``[T]``) under a causal LM, with sliding windows of
     ``window`` tokens moved by ``stride`` (default window / 2): every token after the first is
     predicted exactly once, with at least ``window - stride`` tokens of context except at the
-    start. Returns exp(mean negative log-likelihood)."""
+    start. Returns exp(mean negative log-likelihood). ``progress``: True for a bar of its own,
+    False for none, or a tqdm bar to advance by one per window."""
     fn = "perplexity"
     _checks.tensor(fn, "tokens", tokens, (torch.int64, torch.int32), dim=1)
     _checks.integer(fn, "window", window, 2, 1 << 20)
@@ -47,19 +50,12 @@ def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
     if T < 2:
         raise ValueError(f"{fn}: tokens must hold at least 2 tokens, got {T}")
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
-    # Window w covers [start, start + window) and scores positions [first, end) of it.
-    spans, scored_to = [], 1
-    for start in range(0, T - 1, stride):
-        end = min(start + window, T)
-        if end <= scored_to:
-            continue
-        spans.append((start, end, scored_to))
-        scored_to = end
-        if end == T:
-            break
+    spans = _windows(T, window, stride)
+    own_bar = isinstance(progress, bool)
+    bar = tqdm(total=len(spans), desc="perplexity", unit="window",
+               disable=not progress) if own_bar else progress
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(spans), batch_size), desc="perplexity", disable=not progress,
-                  unit="batch"):
+    for i in range(0, len(spans), batch_size):
         chunk = spans[i:i + batch_size]
         length = max(end - start for start, end, _ in chunk)
         ids = torch.zeros(len(chunk), length, dtype=torch.int64)
@@ -74,15 +70,47 @@ def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
         scored = mask[:, 1:].to(device)
         nll -= float(picked[scored].double().sum())
         count += int(scored.sum())
+        bar.update(len(chunk))
+    if own_bar:
+        bar.close()
     return math.exp(nll / count)
+
+
+def _windows(T: int, window: int, stride: int):
+    """Window w covers tokens [start, end) and scores positions [first, end) of it."""
+    spans, scored_to = [], 1
+    for start in range(0, T - 1, stride):
+        end = min(start + window, T)
+        if end <= scored_to:
+            continue
+        spans.append((start, end, scored_to))
+        scored_to = end
+        if end == T:
+            break
+    return spans
+
+
+def forward_step(model, ids: torch.Tensor, cache):
+    """One cached forward: ``(logits, cache)``. transformers renamed the cache argument
+    ``past_key_values`` to ``cache`` (5.2x); both are served."""
+    if _CACHE_ARG.get(type(model)) is None:
+        params = inspect.signature(type(model).forward).parameters
+        _CACHE_ARG[type(model)] = "cache" if "cache" in params else "past_key_values"
+    name = _CACHE_ARG[type(model)]
+    result = model(input_ids=ids, use_cache=True, **{name: cache})
+    return result.logits, getattr(result, name)
+
+
+_CACHE_ARG: dict = {}
 
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature: float = 0.0,
-             top_k: Optional[int] = None, seed: int = 0) -> torch.Tensor:
+             top_k: Optional[int] = None, seed: int = 0, stop=()) -> torch.Tensor:
     """Continue ``prompt`` (int64 ``[T]``) by ``max_new_tokens`` tokens: greedy when
     ``temperature`` is 0, else sampled from softmax(logits / temperature), optionally restricted
-    to the ``top_k`` most likely tokens. Uses the model's key-value cache. Returns the new tokens."""
+    to the ``top_k`` most likely tokens; a token of ``stop`` ends it (and is not returned). Uses
+    the model's key-value cache. Returns the new tokens."""
     fn = "generate"
     _checks.tensor(fn, "prompt", prompt, (torch.int64, torch.int32), dim=1)
     if prompt.shape[0] < 1:
@@ -96,11 +124,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
     gen = torch.Generator().manual_seed(seed)
     ids = prompt.to(torch.int64).unsqueeze(0).to(device)
-    past, out = None, []
+    cache, out = None, []
     for _ in range(max_new_tokens):
-        result = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = result.past_key_values
-        logits = result.logits[0, -1].float().cpu()
+        logits, cache = forward_step(model, ids, cache)
+        logits = logits[0, -1].float().cpu()
         if temperature == 0:
             token = int(logits.argmax())
         else:
@@ -108,32 +135,59 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
                 kth = logits.topk(min(top_k, logits.shape[0])).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
+        if token in stop:
+            break
         out.append(token)
         ids = torch.tensor([[token]], device=device)
     return torch.tensor(out, dtype=torch.int64)
 
 
+@dataclass
+class Row:
+    """One row of ``compare``: ``encoding`` is a spike encoding's label, ``"dense"`` (the float
+    model) or ``"float"`` (GPTQ weights on float activations). ``sops_per_mac``: synaptic
+    operations (spikes x outputs) per multiply-accumulate of the dense layers."""
+
+    encoding: str
+    perplexity: float
+    firing_rate: Optional[float]
+    sops_per_mac: Optional[float]
+    tokens: int
+
+
 def compare(model, tokens: torch.Tensor, encodings, calibration=None, dense_model=None,
-            window: int = 256, progress: bool = True):
-    """Perplexity and firing rate of ``model`` (with SpikeLinear layers) under each entry of
-    ``encodings`` (``{label: Encoding or None}``; None = GPTQ weights on float activations),
-    refined per layer by ``calibration``; plus ``dense_model`` (a float model) if given.
-    Returns rows ``(label, perplexity, firing rate or None)``; the model's encodings are
-    restored afterwards."""
+            window: int = 256, progress: bool = True, dense_tokens: Optional[torch.Tensor] = None):
+    """Perplexity, firing rate and SOPs per MAC of ``model`` (with SpikeLinear layers) under
+    each entry of ``encodings`` (``{label: Encoding or None}``; None = GPTQ weights on float
+    activations), refined per layer by ``calibration``; first ``dense_model`` (a float model,
+    on ``dense_tokens``, default ``tokens``) if given. One progress bar covers every row.
+    Returns ``Row``s; the model's encodings are restored afterwards."""
     from .calibrate import set_encoding, spike_layers
     from .stats import track
+    stride = window // 2
+    per_row = len(_windows(tokens.shape[0], window, stride))
+    bar = tqdm(total=per_row * (len(encodings) + (dense_model is not None)), desc="eval",
+               unit="window", disable=not progress)
     rows = []
     if dense_model is not None:
-        rows.append(("dense float", perplexity(dense_model, tokens, window, progress=progress),
-                     None))
+        dense_tokens = tokens if dense_tokens is None else dense_tokens
+        rows.append(Row("dense", perplexity(dense_model, dense_tokens, window, progress=bar),
+                        None, None, dense_tokens.shape[0]))
     saved = {name: (m.enc, m.salient_mask) for name, m in spike_layers(model).items()}
     try:
         for label, enc in encodings.items():
+            bar.set_postfix_str(label)
             set_encoding(model, enc, calibration)
             with track(model) as tracker:
-                ppl = perplexity(model, tokens, window, progress=progress)
-            rows.append((label, ppl, tracker.totals()["firing_rate"] if enc is not None else None))
+                ppl = perplexity(model, tokens, window, progress=bar)
+            t = tracker.totals()
+            spiking = enc is not None
+            rows.append(Row("float" if not spiking else label, ppl,
+                            t["firing_rate"] if spiking else None,
+                            t["sops"] / t["macs"] if spiking and t["macs"] else None,
+                            tokens.shape[0]))
     finally:
+        bar.close()
         for name, m in spike_layers(model).items():
             m.set_encoding(*saved[name])
     return rows

@@ -16,6 +16,7 @@ from .checkpoint import (PROJECTIONS, PathLike, QuantConfig, decoder_layers, fir
 from .gptq import FORMATS, GPTQWeight, log
 from .nn import BIAS_DTYPES, SpikeLinear
 from .spikes import Encoding
+from .transforms import CONFIG_KEY as TRANSFORM_KEY, restore_online
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -87,6 +88,7 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
     if tied:
         model.tie_weights()  # assign=True replaced the shared embedding Parameter
     _rebuild_rotary(model)
+    restore_online(model, getattr(config, TRANSFORM_KEY, None))
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if left:

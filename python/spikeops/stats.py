@@ -90,6 +90,14 @@ def energy_model(preset) -> EnergyModel:
     return PRESETS[preset]
 
 
+def _block(name: str) -> str:
+    """The decoder layer of a layer name ("model.layers.7.mlp.up_proj" -> "layer 7")."""
+    parts = name.split(".")
+    if "layers" in parts and parts.index("layers") + 1 < len(parts):
+        return f"layer {parts[parts.index('layers') + 1]}"
+    return name.rsplit(".", 1)[0] or name
+
+
 def layer_type(name: str) -> str:
     """``model.layers.0.self_attn.q_proj`` -> ``q``; other names keep their last part."""
     last = name.rsplit(".", 1)[-1]
@@ -336,8 +344,6 @@ class Tracker:
         import matplotlib.pyplot as plt
         os.makedirs(folder, exist_ok=True)
         rows = self.layers()
-        names = [r.name.replace("model.layers.", "L").replace("self_attn.", "")
-                 .replace("mlp.", "") for r in rows]
         paths = []
 
         def save(fig, ax, name, legend=True):
@@ -349,12 +355,26 @@ class Tracker:
             fig.savefig(paths[-1], dpi=110)
             plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(rows) + 2), 4.5))
-        ax.bar(range(len(rows)), [r.firing_rate for r in rows], color="tab:blue")
-        ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
-        ax.set_ylabel("firing rate = spikes / (tokens·K·P)")
-        ax.set_title("Firing rate per layer")
-        save(fig, ax, "firing_rate.png", legend=False)
+        # Decoder layer x projection type: one cell per layer, readable for hundreds of layers.
+        types = list(dict.fromkeys(r.type for r in rows))
+        blocks = list(dict.fromkeys(_block(r.name) for r in rows))
+        grid = [[float("nan")] * len(types) for _ in blocks]
+        for r in rows:
+            grid[blocks.index(_block(r.name))][types.index(r.type)] = r.firing_rate
+        fig, ax = plt.subplots(figsize=(1.1 * len(types) + 3, min(40, 0.22 * len(blocks) + 2)))
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(types)), types)
+        step = max(1, len(blocks) // 40)
+        ax.set_yticks(range(0, len(blocks), step), blocks[::step], fontsize=7)
+        ax.set_xlabel("projection")
+        ax.set_ylabel("decoder layer")
+        ax.set_title("Firing rate = spikes / (tokens·K·P)")
+        fig.colorbar(image, ax=ax)
+        ax.grid(False)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, "firing_rate.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
         by_type: Dict[str, List[int]] = {}

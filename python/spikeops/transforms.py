@@ -1,0 +1,340 @@
+"""Equivalent transforms of a float LLaMA-style model that take activation outliers out of the
+projections' inputs before GPTQ and spike encoding (docs/transforms.md). Both are exact in real
+arithmetic: the transformed float model computes the same function, up to float rounding.
+
+- ``smooth`` (SmoothQuant / OmniQuant-LET): per-channel scales s divide a projection's input and
+  multiply its weight columns, folded into the RMSNorm weights (inputs of q/k/v and gate/up), into
+  ``v_proj``'s rows (input of ``o_proj``) and ``up_proj``'s rows (input of ``down_proj``). The
+  migration strength alpha of ``s = max|x|^alpha / max|w|^(1 - alpha)`` is chosen per layer and
+  input on calibration data.
+- ``rotate`` (QuaRot): the RMSNorm weights are folded into the following linears; the residual
+  stream is rotated by an orthogonal matrix Q (a randomized Hadamard matrix) folded into the
+  embeddings, the q/k/v/gate/up inputs, the o/down outputs and ``lm_head``; the values of every
+  attention head are rotated by a Hadamard matrix folded into ``v_proj`` and ``o_proj``; and the
+  input of ``down_proj`` is rotated online, by a fast Walsh-Hadamard transform (blockwise over
+  the odd factor of the width, e.g. 1536 = 3 x 512, mixed by a 3 x 3 orthogonal matrix), whose
+  inverse is folded into ``down_proj``. The online step is recorded in ``config.json`` under
+  ``spikeops_transform``, and ``load_gptq`` / ``load_float_model`` put it back.
+
+The spike arithmetic is untouched: transforms change weights and add one documented float step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from . import _checks
+from .checkpoint import decoder_layers
+
+TRANSFORMS = ("none", "smooth", "rotate")
+CONFIG_KEY = "spikeops_transform"
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # smooth: migration strengths tried per input
+
+
+# ---------------------------------------------------------------------------- Hadamard pieces
+def hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of order n (a power of two)."""
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def split_width(width: int):
+    """``(odd, pow2)`` with ``width = odd * pow2``."""
+    pow2 = width & -width
+    return width // pow2, pow2
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal matrix, float64 ``[n, n]``."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).contiguous()
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal fast Walsh-Hadamard transform over the last dimension (a power of two):
+    ``x @ hadamard(n)`` in n log n additions."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n) * (1.0 / math.sqrt(n))
+
+
+class OnlineRotation:
+    """A forward pre-hook that rotates a module's input by ``T = kron(mix, H_n)`` (``mix`` an
+    orthogonal ``[b, b]``, H_n the orthonormal Hadamard matrix of order n, width b * n): a fast
+    Walsh-Hadamard transform of each block of n channels, then the b blocks mixed by ``mix``.
+    The module's weight holds ``W T`` so that its output is unchanged."""
+
+    def __init__(self, width: int, mix: Optional[List[List[float]]]):
+        self.blocks, self.n = split_width(width)
+        self.mix = torch.tensor(mix, dtype=torch.float64) if mix is not None else None
+        if self.mix is not None and tuple(self.mix.shape) != (self.blocks, self.blocks):
+            raise ValueError(f"OnlineRotation: mix must be [{self.blocks}, {self.blocks}] for "
+                             f"width {width}, got {list(self.mix.shape)}")
+
+    def matrix(self) -> torch.Tensor:
+        """T, float64 ``[width, width]``: ``x -> x @ T``."""
+        mix = self.mix if self.mix is not None else torch.eye(self.blocks, dtype=torch.float64)
+        return torch.kron(mix, hadamard(self.n))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        y = fwht(x.reshape(*x.shape[:-1], self.blocks, self.n))
+        if self.mix is not None:
+            # (x @ kron(A, H))[i*n + j] = sum_k A[k, i] (x_k @ H)[j]
+            y = torch.einsum("ki,...kj->...ij", self.mix.to(y.dtype).to(y.device), y)
+        return y.reshape(x.shape)
+
+    def __call__(self, module, args):
+        return (self.rotate(args[0]),) + tuple(args[1:])
+
+    def record(self) -> dict:
+        return {"width": self.blocks * self.n,
+                "mix": self.mix.tolist() if self.mix is not None else None}
+
+    def __repr__(self) -> str:
+        return f"OnlineRotation(width={self.blocks * self.n}, blocks={self.blocks}, n={self.n})"
+
+
+# ---------------------------------------------------------------------------- applying
+def transform(model: torch.nn.Module, kind: str, batches: Optional[Iterable[torch.Tensor]] = None,
+              seed: int = 0, alphas: Iterable[float] = ALPHAS) -> dict:
+    """Apply transform ``kind`` (``"none"``, ``"smooth"``, ``"rotate"``) to a float LLaMA-style
+    causal LM in place and return its record (also stored in ``model.config`` under
+    ``spikeops_transform``, so that ``save_pretrained`` / ``save_gptq`` keep it).
+
+    batches: calibration token ids (int64 ``[B, T]``), needed by ``smooth`` (activation ranges).
+    seed: the random rotation of ``rotate``. alphas: ``smooth``'s migration strengths to try.
+    """
+    fn = "transform"
+    _checks.choice(fn, "kind", kind, TRANSFORMS)
+    layers = decoder_layers(fn, model)
+    if getattr(model.config, CONFIG_KEY, None):
+        raise ValueError(f"{fn}: model is already transformed ({getattr(model.config, CONFIG_KEY)})")
+    _checks.integer(fn, "seed", seed, 0, 2**63 - 1)
+    if kind == "none":
+        return {"kind": "none"}
+    with torch.no_grad():
+        if kind == "smooth":
+            if batches is None:
+                raise ValueError(f"{fn}: 'smooth' needs calibration batches of token ids")
+            record = _smooth(model, layers, list(batches), tuple(alphas))
+        else:
+            record = _rotate(model, layers, seed)
+    setattr(model.config, CONFIG_KEY, record)
+    return record
+
+
+def restore_online(model: torch.nn.Module, record: Optional[dict]) -> None:
+    """Put back the online steps of a saved transform record (``config.json``'s
+    ``spikeops_transform``) on a freshly loaded model."""
+    fn = "restore_online"
+    if not record or record.get("kind") in (None, "none", "smooth"):
+        return
+    if not isinstance(record, dict) or record.get("kind") != "rotate":
+        raise ValueError(f"{fn}: {CONFIG_KEY} must be a transform record with kind 'none', "
+                         f"'smooth' or 'rotate', got {record!r}")
+    online = record.get("down_proj")
+    if not isinstance(online, dict) or not isinstance(online.get("width"), int):
+        raise ValueError(f"{fn}: {CONFIG_KEY}['down_proj'] must give the online rotation's "
+                         f"width, got {online!r}")
+    for layer in decoder_layers(fn, model):
+        down = layer.mlp.down_proj
+        if down.in_features != online["width"]:
+            raise ValueError(f"{fn}: down_proj has {down.in_features} inputs, the recorded "
+                             f"online rotation {online['width']}")
+        down.register_forward_pre_hook(OnlineRotation(online["width"], online.get("mix")))
+
+
+def _fold_norm(norm, linears) -> None:
+    """RMSNorm(x) = g * x / rms(x): g moves into the columns of the linears that read it."""
+    g = norm.weight.double()
+    for lin in linears:
+        lin.weight.copy_((lin.weight.double() * g[None, :]).to(lin.weight.dtype))
+    norm.weight.fill_(1.0)
+
+
+def _untie_head(model) -> None:
+    """lm_head gets its own weight: the transforms change it differently from the embedding."""
+    head, embed = model.lm_head, model.model.embed_tokens
+    if head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    # transformers 5 also records the tie per submodel config.
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
+def _rotate(model, layers, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    d = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    _untie_head(model)
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _fold_norm(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
+        _fold_norm(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+    _fold_norm(model.model.norm, (model.lm_head,))
+
+    # Residual rotation Q = diag(signs) kron(O_odd, H_pow2): orthogonal, spreads every channel
+    # over all d channels.
+    odd, pow2 = split_width(d)
+    signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.float64) * 2 - 1
+    Q = signs[:, None] * torch.kron(random_orthogonal(odd, gen), hadamard(pow2))
+
+    def right(lin, M):  # input side: y = x W^T with x -> x M  =>  W -> W M
+        lin.weight.copy_((lin.weight.double() @ M).to(lin.weight.dtype))
+
+    def left(lin, M):   # output side: y -> y M  =>  W -> M^T W
+        lin.weight.copy_((M.t() @ lin.weight.double()).to(lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.copy_((lin.bias.double() @ M).to(lin.bias.dtype))
+
+    emb = model.model.embed_tokens.weight
+    emb.copy_((emb.double() @ Q).to(emb.dtype))
+    right(model.lm_head, Q)
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"transform: rotate needs a power-of-two head_dim, got {head_dim}")
+    H_head = hadamard(head_dim)
+    kv_heads = cfg.num_key_value_heads
+    heads = cfg.num_attention_heads
+    inter = mlp_width = layers[0].mlp.down_proj.in_features
+    odd_i, _ = split_width(inter)
+    mix = random_orthogonal(odd_i, gen) if odd_i > 1 else None
+    online = OnlineRotation(mlp_width, mix.tolist() if mix is not None else None)
+    T = online.matrix()
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            right(lin, Q)
+        left(attn.o_proj, Q)
+        left(mlp.down_proj, Q)
+        # Values per head: v -> v H (v_proj's rows), o_proj's input columns -> W_o H.
+        left(attn.v_proj, torch.block_diag(*[H_head] * kv_heads))
+        right(attn.o_proj, torch.block_diag(*[H_head] * heads))
+        right(mlp.down_proj, T)
+        mlp.down_proj.register_forward_pre_hook(
+            OnlineRotation(mlp_width, mix.tolist() if mix is not None else None))
+    return {"kind": "rotate", "seed": seed, "down_proj": online.record()}
+
+
+# ---------------------------------------------------------------------------- smooth
+def _input_ranges(model, layers, batches) -> Dict[str, torch.Tensor]:
+    """max |x| per input channel of q_proj (= k, v), gate_proj (= up), o_proj and down_proj of
+    every layer over the calibration batches, float64."""
+    ranges: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).double().cpu()
+            ranges[name] = torch.maximum(ranges[name], x) if name in ranges else x
+        return hook
+
+    for i, layer in enumerate(layers):
+        for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            handles.append(layer.get_submodule(p).register_forward_pre_hook(hook_for(f"{i}.{p}")))
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def _fake_quant_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
+    """Output error of one input after smoothing by s, with 4-bit per-token activations and
+    4-bit per-row weights (round to nearest): the quantity alpha is chosen to minimise."""
+    xs, ws = x / s, w * s
+    qa = (xs.abs().amax(1, keepdim=True) / 7).clamp(min=1e-8)
+    xq = (xs / qa).round().clamp(-7, 7) * qa
+    qw = (ws.abs().amax(1, keepdim=True) / 7).clamp(min=1e-8)
+    wq = (ws / qw).round().clamp(-7, 7) * qw
+    return float(((xq @ wq.t()) - x @ w.t()).pow(2).sum())
+
+
+def _smooth(model, layers, batches, alphas) -> dict:
+    ranges = _input_ranges(model, layers, batches)
+    samples = _input_samples(model, layers, batches)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    chosen = {}
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for key, lins in (("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
+                          ("gate_up", (mlp.gate_proj, mlp.up_proj)),
+                          ("o", (attn.o_proj,)), ("down", (mlp.down_proj,))):
+            name = {"qkv": "self_attn.q_proj", "gate_up": "mlp.gate_proj", "o": "self_attn.o_proj",
+                    "down": "mlp.down_proj"}[key]
+            xmax = ranges[f"{i}.{name}"].clamp(min=1e-5)
+            w = torch.cat([lin.weight.double().cpu() for lin in lins])
+            wmax = w.abs().amax(0).clamp(min=1e-5)
+            if key == "o":
+                # One scale per value channel: the query heads sharing a key-value head share it.
+                xmax = xmax.view(-1, group, head_dim).amax(1).repeat_interleave(group, 0).flatten()
+                wmax = wmax.view(-1, group, head_dim).amax(1).repeat_interleave(group, 0).flatten()
+            x = samples[f"{i}.{name}"]
+            best = min(alphas, key=lambda a: _fake_quant_error(
+                x, w, xmax.pow(a) / wmax.pow(1 - a)))
+            s = xmax.pow(best) / wmax.pow(1 - best)
+            chosen[f"{i}.{key}"] = best
+            for lin in lins:
+                lin.weight.copy_((lin.weight.double() * s.to(lin.weight.device)[None, :])
+                                 .to(lin.weight.dtype))
+            if key == "qkv":
+                norm = layer.input_layernorm
+            elif key == "gate_up":
+                norm = layer.post_attention_layernorm
+            if key in ("qkv", "gate_up"):
+                norm.weight.copy_((norm.weight.double() / s.to(norm.weight.device))
+                                  .to(norm.weight.dtype))
+            elif key == "o":
+                sv = s.view(-1, group, head_dim)[:, 0].flatten().to(attn.v_proj.weight.device)
+                _scale_rows(attn.v_proj, 1 / sv)
+            else:
+                _scale_rows(mlp.up_proj, 1 / s.to(mlp.up_proj.weight.device))
+    return {"kind": "smooth", "alpha": chosen}
+
+
+def _scale_rows(lin, factor: torch.Tensor) -> None:
+    lin.weight.copy_((lin.weight.double() * factor[:, None]).to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_((lin.bias.double() * factor).to(lin.bias.dtype))
+
+
+def _input_samples(model, layers, batches, rows: int = 512) -> Dict[str, torch.Tensor]:
+    """Up to ``rows`` input rows (float64) of the four smoothed inputs of every layer."""
+    samples: Dict[str, List[torch.Tensor]] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(_module, args):
+            have = sum(t.shape[0] for t in samples.get(name, []))
+            if have < rows:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])[: rows - have]
+                samples.setdefault(name, []).append(x.double().cpu())
+        return hook
+
+    for i, layer in enumerate(layers):
+        for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            handles.append(layer.get_submodule(p).register_forward_pre_hook(hook_for(f"{i}.{p}")))
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in samples.items()}
