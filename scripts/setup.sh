@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q numpy safetensors "transformers>=5.17,<6" matplotlib ninja pytest pytest-benchmark \
-  "setuptools>=64" wheel
+"$PY" -m pip install -q numpy safetensors "transformers>=5.17,<6" gguf accelerate matplotlib ninja \
+  pytest pytest-benchmark "setuptools>=64" wheel
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .

@@ -56,7 +56,7 @@ def make_layer(K: int, N: int, bits: int, group_size: int, act_order: bool = Fal
     w = spikeops.GPTQWeight(pack_loops(q, bits).to(device), pack_loops(stored.t(), bits).t()
                             .contiguous().to(device), scales.to(device),
                             g_idx.to(torch.int32).to(device) if act_order else None, bits=bits,
-                            group_size=group_size, sym=sym, checkpoint_format=fmt)
+                            group_size=group_size, sym=sym, checkpoint_format=fmt, in_features=K)
     return w, q, z, scales, g_idx
 
 

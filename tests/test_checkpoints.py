@@ -382,11 +382,28 @@ def test_corrupt_tensors_refused(good_checkpoint, tmp_path, change, error, words
      ["model_type", "no-such-model"]),
 ], ids=["bits-8", "bits-5", "group-size", "quant-method", "format", "sym-type", "model-type"])
 def test_inconsistent_config_refused(good_checkpoint, tmp_path, file, change, error, words):
+    """A config that does not describe the tensors (both copies of the quantization config
+    changed alike) is refused with an error naming the tensor or field."""
     folder = corrupt_json(good_checkpoint, tmp_path / "bad", file, change)
+    if file == "quantize_config.json":
+        config = json.loads((folder / "config.json").read_text())
+        change(config["quantization_config"])
+        (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(error) as info:
         spikeops.load_gptq(folder, ENC)
     for w in words:
         assert w in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("sym", True), ("checkpoint_format", "gptq_v2"),
+                                          ("desc_act", False), ("bits", 8)])
+def test_disagreeing_configs_refused(good_checkpoint, tmp_path, field, value):
+    """quantize_config.json and config.json's quantization_config must agree: which one is
+    right cannot be told from the tensors (an asymmetric v1 file read as v2 is off by one)."""
+    folder = corrupt_json(good_checkpoint, tmp_path / "bad", "quantize_config.json",
+                          lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=f"disagree on {field}"):
+        spikeops.load_gptq(folder, ENC)
 
 
 def test_missing_files_refused(good_checkpoint, tmp_path):

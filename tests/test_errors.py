@@ -45,7 +45,7 @@ def kernel_tensors(device, bits=4, k=K, n=N, group_size=GS):
 
 def weight(device, bits=4, k=K, n=N, group_size=GS):
     return GPTQWeight(**gptq_tensors(device, bits, k, n, group_size), bits=bits,
-                      group_size=group_size, sym=False, checkpoint_format="gptq")
+                      group_size=group_size, sym=False, checkpoint_format="gptq", in_features=k)
 
 
 def spikes(device, enc=None, shape=(M, K), salient=None):

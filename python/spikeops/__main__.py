@@ -12,6 +12,7 @@ rate, synaptic operations and speed against float32 ``F.linear`` are printed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -96,6 +97,22 @@ REAL_ENCODINGS = "minmax4,minmax4+s6,absmax4,absmean4,oat8,minmax8,absmax8"
 DEMO_TRANSFORM = "rotate"
 
 
+def _write_whole(out: Path, write) -> None:
+    """Files made by ``write(tmp)`` in a temporary sibling folder, then moved into ``out``
+    (created): a failure (a full disk, say) leaves ``out`` as it was."""
+    import shutil
+    import tempfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        out.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _cached(folder: Path, make) -> Path:
     """``folder``, made by ``make(tmp)`` into a temporary sibling first when absent, so that an
     interrupted run never leaves a half-made folder in the cache."""
@@ -109,56 +126,72 @@ def _cached(folder: Path, make) -> Path:
     return folder
 
 
+def _step(name, fn):
+    import time
+    t = time.perf_counter()
+    print(f"== {name}", flush=True)
+    fn()
+    print(f"   {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def prepare_real_model(gguf, cache, transform: str, calib_text, seed: int = 0):
+    """``(float_dir, q_dir)`` of a GGUF model in ``cache``: the imported float folder, and the
+    transformed W4 g128 GPTQ checkpoint with its calibration, each made once (on
+    ``calib_text``) and then read from the cache."""
+    from argparse import Namespace
+    cache = Path(cache) / Path(gguf).stem
+    float_dir = cache / "float"
+    q_dir = cache / f"w4g128-{transform}-seed{seed}-{Path(calib_text).name}"
+    if not float_dir.is_dir():
+        _step("import GGUF", lambda: _cached(float_dir, lambda tmp: cmd_import_gguf(
+            Namespace(file=gguf, out=tmp))))
+
+    def quantize_and_calibrate(tmp):
+        _step(f"transform {transform} + GPTQ W4 g128", lambda: cmd_quantize(Namespace(
+            model=str(float_dir), out=str(tmp), text=calib_text, transform=transform, bits=4,
+            group_size=128, asym=False, act_order=False, samples=64, seq_len=256,
+            dtype="float16", seed=seed)))
+        _step("calibrate", lambda: cmd_calibrate(Namespace(
+            model=str(tmp), text=calib_text, out=None, methods="obs,sdllm,las", bits=4,
+            salient_fraction=0.1, samples=8, seq_len=256, max_tokens=512,
+            gamma_grid=",".join(map(str, GAMMA_GRID)), seed=seed)))
+    if not q_dir.is_dir():
+        _cached(q_dir, quantize_and_calibrate)
+    return float_dir, q_dir
+
+
+def real_model_rows(float_dir, q_dir, eval_text, max_tokens: int, encodings=REAL_ENCODINGS):
+    """The evaluation rows of a prepared model on ``eval_text`` (cached in ``q_dir``)."""
+    import dataclasses
+    import json
+    from argparse import Namespace
+    from .evaluate import Row
+    results = q_dir / f"eval-{Path(eval_text).name}-{max_tokens}-{encodings}.json"
+    if results.is_file():
+        print(f"== evaluation (cached: {results})")
+        return [Row(**r) for r in json.loads(results.read_text())]
+    holder = []
+    _step("evaluate", lambda: holder.append(evaluate_rows(Namespace(
+        model=str(q_dir), text=eval_text, encodings=encodings, dense=str(float_dir), window=256,
+        max_tokens=max_tokens, dtype="float32"))))
+    results.write_text(json.dumps([dataclasses.asdict(r) for r in holder[0]], indent=1))
+    return holder[0]
+
+
 def real_model_demo(args) -> None:
     """A real LLaMA from a GGUF file: import, transform + GPTQ W4 g128, calibrate (each step
     cached in --cache), the table of every encoding on held-out text, a chat answer with the
     best 4-bit encoding and its energy summary."""
-    import dataclasses
-    import json
     import time
-    from argparse import Namespace
     from .calibrate import set_encoding
-    from .evaluate import Row, decode_tokens, encode_text, generate
+    from .evaluate import decode_tokens, encode_text, generate
     from .floatmodel import chat_prompt
     from .models import load_gptq
     from .stats import track
-    cache = Path(args.cache) / Path(args.gguf).stem
-    float_dir = cache / "float"
-    q_dir = cache / f"w4g128-{args.transform}-seed{args.seed}"
     start = time.perf_counter()
-
-    def step(name, fn):
-        t = time.perf_counter()
-        print(f"== {name}", flush=True)
-        fn()
-        print(f"   {name}: {time.perf_counter() - t:.0f} s", flush=True)
-
-    if not float_dir.is_dir():
-        step("import GGUF", lambda: _cached(float_dir, lambda tmp: cmd_import_gguf(
-            Namespace(file=args.gguf, out=tmp))))
-
-    def quantize_and_calibrate(tmp):
-        step(f"transform {args.transform} + GPTQ W4 g128", lambda: cmd_quantize(Namespace(
-            model=str(float_dir), out=str(tmp), text=args.calib_text, transform=args.transform,
-            bits=4, group_size=128, asym=False, act_order=False, samples=64, seq_len=256,
-            dtype="float16", seed=args.seed)))
-        step("calibrate", lambda: cmd_calibrate(Namespace(
-            model=str(tmp), text=args.calib_text, out=None, methods="obs,sdllm,las", bits=4,
-            salient_fraction=0.1, samples=8, seq_len=256, max_tokens=512,
-            gamma_grid=",".join(map(str, GAMMA_GRID)), seed=args.seed)))
-    if not q_dir.is_dir():
-        _cached(q_dir, quantize_and_calibrate)
-    results = q_dir / f"eval-{Path(args.eval_text).name}-{args.max_tokens}.json"
-    if results.is_file():
-        rows = [Row(**r) for r in json.loads(results.read_text())]
-        print(f"== evaluation (cached: {results})")
-    else:
-        holder = []
-        step("evaluate", lambda: holder.append(evaluate_rows(Namespace(
-            model=str(q_dir), text=args.eval_text, encodings=REAL_ENCODINGS, dense=str(float_dir),
-            window=256, max_tokens=args.max_tokens, dtype="float32"))))
-        rows = holder[0]
-        results.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    float_dir, q_dir = prepare_real_model(args.gguf, args.cache, args.transform,
+                                          args.calib_text, args.seed)
+    rows = real_model_rows(float_dir, q_dir, args.eval_text, args.max_tokens)
     print(f"\n{Path(args.gguf).name}, transform {args.transform}, GPTQ W4 g128; calibrated on "
           f"{Path(args.calib_text).name}, evaluated on {Path(args.eval_text).name}:")
     print_table(rows)
@@ -419,15 +452,19 @@ def cmd_report(args) -> int:
     if tokens.shape[0] < 1:
         raise ValueError("the text gives no tokens")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
     with track(model) as tracker, torch.no_grad():
         for chunk in tokens.split(args.window):
             model(input_ids=chunk.unsqueeze(0))
     header = (f"spikeops report: {args.model}, encoding {args.encoding}, {tokens.shape[0]} tokens "
               f"in windows of {args.window}\n\n")
-    (out / "report.txt").write_text(header + tracker.table() + "\n", encoding="utf-8")
-    (out / "report.json").write_text(tracker.to_json(), encoding="utf-8")
-    tracker.plot(out)
+
+    def write(tmp: Path) -> None:
+        (tmp / "report.txt").write_text(header + tracker.table() + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(tracker.to_json(), encoding="utf-8")
+        tracker.plot(tmp)
+    _write_whole(out, write)
     print(header + tracker.table())
     print(f"\nwrote report.txt, report.json, firing_rate.png, planes.png, energy.png to {out}")
     return 0

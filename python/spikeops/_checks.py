@@ -54,3 +54,22 @@ def same_device(fn: str, tensors: dict) -> None:
         if t.device != first.device:
             raise ValueError(f"{fn}: {n} must be on the device of {first_name} ({first.device}), "
                              f"got {t.device}")
+
+
+def token_batches(fn: str, name: str, batches, vocab_size: int) -> list:
+    """Batches of token ids: one int64 ``[B, T]`` tensor or an iterable of them, every id in
+    ``[0, vocab_size)``. Returns the list of batches."""
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    elif isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"{fn}: {name} must be an int64 [B, T] tensor of token ids or an "
+                        f"iterable of them, got {type(batches).__name__}")
+    out = list(batches)
+    if not out:
+        raise ValueError(f"{fn}: {name} must hold at least one batch, got none")
+    for i, b in enumerate(out):
+        tensor(fn, f"{name}[{i}]", b, (torch.int64,), dim=2)
+        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= vocab_size):
+            raise ValueError(f"{fn}: {name}[{i}] must hold token ids in [0, {vocab_size}), got "
+                             f"values in [{int(b.min())}, {int(b.max())}]")
+    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -51,54 +52,92 @@ class Calibration:
     settings: dict
 
     def save(self, folder) -> None:
-        """Write the JSON and safetensors files into ``folder``."""
+        """Write the JSON and safetensors files into ``folder``. Each file is written under a
+        temporary name and renamed, masks first; the JSON names the hash of its masks, so a save
+        interrupted between the two renames loads as an error, never as a mixture."""
         from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        masks = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
+                 for name, c in self.layers.items() if c.salient is not None}
+        tmp = folder / f".{MASK_FILE}.partial"
+        save_file(masks, str(tmp))
+        digest = _sha256(tmp)
+        os.replace(tmp, folder / MASK_FILE)
         layers = {name: {"gamma": c.gamma, "theta": list(c.theta) if c.theta else None,
                          "salient": c.salient is not None}
                   for name, c in self.layers.items()}
-        (folder / JSON_FILE).write_text(json.dumps({"format": 1, "settings": self.settings,
-                                                    "layers": layers}, indent=1))
-        masks = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
-                 for name, c in self.layers.items() if c.salient is not None}
-        save_file(masks, str(folder / MASK_FILE))
+        tmp = folder / f".{JSON_FILE}.partial"
+        tmp.write_text(json.dumps({"format": 1, "settings": self.settings, "masks_sha256": digest,
+                                   "layers": layers}, indent=1))
+        os.replace(tmp, folder / JSON_FILE)
 
     @classmethod
     def load(cls, folder) -> "Calibration":
-        """Read a calibration written by ``save``; malformed files raise ValueError."""
+        """Read a calibration written by ``save``; anything malformed raises ValueError."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         fn = "Calibration.load"
         folder = Path(folder)
+        json_file, mask_file = folder / JSON_FILE, folder / MASK_FILE
+        for file in (json_file, mask_file):
+            if file.exists() and not file.is_file():  # a FIFO would block the read
+                raise ValueError(f"{fn}: {file} must be a regular file")
         try:
-            raw = json.loads((folder / JSON_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{fn}: cannot read {folder / JSON_FILE}: {e}") from e
+            raw = json.loads(json_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{fn}: cannot read {json_file}: {e}") from e
         if not isinstance(raw, dict) or raw.get("format") != 1 or \
                 not isinstance(raw.get("layers"), dict):
-            raise ValueError(f"{fn}: {folder / JSON_FILE} is not a spikeops calibration "
+            raise ValueError(f"{fn}: {json_file} is not a spikeops calibration "
                              f"(format 1 with a 'layers' object)")
-        masks = load_file(str(folder / MASK_FILE)) if (folder / MASK_FILE).exists() else {}
+        masks = {}
+        if mask_file.is_file():
+            if raw.get("masks_sha256") not in (None, _sha256(mask_file)):
+                raise ValueError(f"{fn}: {mask_file} is not the mask file {json_file.name} was "
+                                 f"saved with (an interrupted or mixed save); calibrate again")
+            try:
+                masks = load_file(str(mask_file))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{fn}: {mask_file} must be a valid safetensors file: {e}") \
+                    from e
         layers = {}
         for name, entry in raw["layers"].items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"{fn}: layer {name!r} must be an object with gamma, theta and "
+                                 f"salient, got {entry!r}")
             gamma, theta = entry.get("gamma"), entry.get("theta")
             salient = None
             if entry.get("salient"):
                 key = f"{name}.salient"
                 if key not in masks:
-                    raise ValueError(f"{fn}: {folder / MASK_FILE} lacks tensor {key!r}")
-                salient = masks[key].bool()
+                    raise ValueError(f"{fn}: {mask_file} lacks tensor {key!r}")
+                mask = masks[key]
+                if mask.dtype != torch.uint8 or mask.dim() != 1 or bool((mask > 1).any()):
+                    raise ValueError(f"{fn}: {key} must be a uint8 [K] tensor of 0 and 1, got "
+                                     f"{mask.dtype} {list(mask.shape)}")
+                salient = mask.bool()
             if gamma is not None and not (
                     isinstance(gamma, dict) and set(gamma) <= {"absmax", "absmean"}
-                    and all(isinstance(g, (int, float)) and 0 < g <= 1 for g in gamma.values())):
+                    and all(_number(g) and 0 < g <= 1 for g in gamma.values())):
                 raise ValueError(f"{fn}: layer {name!r}: gamma must map 'absmax'/'absmean' to "
                                  f"values in (0, 1], got {gamma!r}")
             if theta is not None and not (isinstance(theta, list) and len(theta) == 2
-                                          and 0 < theta[0] < theta[1]):
+                                          and all(_number(t) for t in theta)
+                                          and 0 < theta[0] < theta[1] < math.inf):
                 raise ValueError(f"{fn}: layer {name!r}: theta must be [theta_nor, theta_out] "
                                  f"with 0 < theta_nor < theta_out, got {theta!r}")
             layers[name] = LayerCalibration(salient, gamma, tuple(theta) if theta else None)
         return cls(layers, raw.get("settings", {}))
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _sha256(file: Path) -> str:
+    import hashlib
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def spike_layers(model: torch.nn.Module) -> Dict[str, SpikeLinear]:
@@ -228,6 +267,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     if not gamma_grid or not all(isinstance(g, (int, float)) and not isinstance(g, bool)
                                  and 0 < g <= 1 for g in gamma_grid):
         raise ValueError(f"{fn}: gamma_grid must hold numbers in (0, 1], got {gamma_grid!r}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    batches = _checks.token_batches(fn, "batches", batches, vocab if vocab else 1 << 62)
     inputs = collect_inputs(model, batches, max_tokens)
     if not inputs:
         raise ValueError(f"{fn}: batches must hold at least one batch of token ids, got none")

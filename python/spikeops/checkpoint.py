@@ -7,6 +7,7 @@ K = in_features, N = out_features, G groups, b bits.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -14,6 +15,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 
 from . import _checks
+from .calibrate import MASK_FILE
 from .gptq import BITS, FORMATS, GPTQWeight, check_bits_group_size, pack, v1_stored_zeros
 
 # Only the seven projections of every decoder layer are quantized (docs/checkpoints.md):
@@ -74,18 +76,18 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
     """
     fn = "save_gptq"
     from safetensors.torch import save_file
-    if not weights:
-        raise ValueError(f"{fn}: weights must name at least one quantized module, got none")
-    first = next(iter(weights.values()))
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f"{fn}: weights must map module names to GPTQWeights, got "
+                         f"{type(weights).__name__} of {len(weights) if weights else 0}")
+    ref = next(iter(weights.values()))
+    modules = dict(model.named_modules())
+    _check_weights_fit(fn, model, modules, weights)
     tensors = {}
     for name, w in weights.items():
-        if not isinstance(w, GPTQWeight):
-            raise TypeError(f"{fn}: weights[{name!r}] must be a GPTQWeight, got "
-                            f"{type(w).__name__}")
         for field in ("bits", "group_size", "sym"):
-            if getattr(w, field) != getattr(first, field):
+            if getattr(w, field) != getattr(ref, field):
                 raise ValueError(f"{fn}: weights[{name!r}].{field} = {getattr(w, field)} must "
-                                 f"equal that of the others ({getattr(first, field)})")
+                                 f"equal that of the others ({getattr(ref, field)})")
         q, z = w.codes()
         if bool((z < 1).any()):
             raise ValueError(f"{fn}: weights[{name!r}] has a true zero point 0, which v1 "
@@ -93,7 +95,6 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
         tensors.update({f"{name}.qweight": pack(q, w.bits, dim=0),
                         f"{name}.qzeros": pack(v1_stored_zeros(z), w.bits, dim=1),
                         f"{name}.scales": w.scales, f"{name}.g_idx": w.g_idx})
-    modules = dict(model.named_modules())
     seen = set()
     for key, t in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -106,17 +107,18 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
             continue
         seen.add(t.data_ptr())
         tensors[key] = t
-    missing = [n for n in weights if n not in modules]
-    if missing:
-        raise ValueError(f"{fn}: weights names modules absent from the model: {first(missing)}")
     desc_act = any(not torch.equal(w.g_idx.cpu(), trivial_g_idx(w)) for w in weights.values())
-    qc = {"bits": first.bits, "group_size": first.group_size, "sym": first.sym,
+    qc = {"bits": ref.bits, "group_size": ref.group_size, "sym": ref.sym,
           "desc_act": desc_act, "static_groups": False, "checkpoint_format": "gptq",
           "quant_method": "gptq", "pack_dtype": "int32"}
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # Written under a temporary name and renamed: a reader never sees half a file.
+    tmp = folder / ".model.safetensors.partial"
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp),
+              metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    _remove_stale_weights(folder)
     config = model.config.to_dict()
     # The tensors' dtype, which model.half() and friends do not write into the config; both
     # keys, for transformers 4 (torch_dtype) and 5 (dtype) readers.
@@ -124,6 +126,67 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
     config["quantization_config"] = qc
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (folder / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
+
+
+def _check_weights_fit(fn: str, model, modules: dict, weights: Mapping) -> None:
+    """Before anything is written: every entry is a GPTQWeight of the shape of the linear it
+    replaces, no GPTQWeight serves two names, and every projection of a LLaMA-style model is
+    quantized (load_gptq reads all seven per layer)."""
+    by_object: Dict[int, str] = {}
+    by_data: Dict[int, str] = {}
+    for name, w in weights.items():
+        if not isinstance(w, GPTQWeight):
+            raise TypeError(f"{fn}: weights[{name!r}] must be a GPTQWeight, got "
+                            f"{type(w).__name__}")
+        lin = modules.get(name)
+        if lin is None:
+            raise ValueError(f"{fn}: weights names module {name!r}, absent from the model")
+        shape = (getattr(lin, "out_features", None), getattr(lin, "in_features", None))
+        if shape != (w.out_features, w.in_features):
+            raise ValueError(f"{fn}: weights[{name!r}] is [N, K] = [{w.out_features}, "
+                             f"{w.in_features}], the layer {name} is {list(shape)}")
+        other = by_object.get(id(w), by_data.get(w.qweight.data_ptr()))
+        if other is not None:
+            raise ValueError(f"{fn}: weights[{name!r}] is the same GPTQWeight as "
+                             f"weights[{other!r}]; each layer needs its own")
+        by_object[id(w)], by_data[w.qweight.data_ptr()] = name, name
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(layers, torch.nn.ModuleList):
+        missing = [f"model.layers.{i}.{p}" for i in range(len(layers)) for p in PROJECTIONS
+                   if f"model.layers.{i}.{p}" not in weights]
+        if missing:
+            raise ValueError(f"{fn}: weights must quantize every projection of every decoder "
+                             f"layer (load_gptq reads all seven); missing {first(missing)}")
+
+
+def _remove_stale_weights(folder: Path) -> None:
+    """After a new model.safetensors: an older sharded checkpoint's index and shards would be
+    read instead of it, so they go."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        listed = json.loads(index.read_text()).get("weight_map", {}).values()
+    except (OSError, ValueError, AttributeError):
+        listed = ()
+    index.unlink()
+    for name in set(listed) if not isinstance(listed, str) else ():
+        shard = inside(folder, name)
+        if shard is not None and shard.is_file() and shard.name != "model.safetensors":
+            shard.unlink()
+
+
+def inside(folder: Path, name) -> Optional[Path]:
+    """``folder / name`` when ``name`` is a relative file name that stays inside ``folder``
+    (no '..', no absolute path, no link out of it); else None."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return None
+    path = folder / name
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
+    return path
 
 
 def read_json(fn: str, file: Path) -> dict:
@@ -142,16 +205,23 @@ def read_configs(fn: str, folder: Path):
     raw = read_json(fn, file)
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"{fn}: {file} must be a JSON object with 'model_type'")
-    for name in QUANT_CONFIG_FILES:
-        if (folder / name).is_file():
-            qc = QuantConfig.parse(fn, read_json(fn, folder / name), name)
-            break
-    else:
-        if "quantization_config" not in raw:
-            raise ValueError(f"{fn}: a GPTQ config must be given by "
-                             f"{' or '.join(QUANT_CONFIG_FILES)} or "
-                             f"config.json['quantization_config'] in {folder}, found none")
-        qc = QuantConfig.parse(fn, raw["quantization_config"], "config.json quantization_config")
+    _check_config_fields(fn, raw)
+    found = [(name, QuantConfig.parse(fn, read_json(fn, folder / name), name))
+             for name in QUANT_CONFIG_FILES if (folder / name).is_file()]
+    if "quantization_config" in raw:
+        source = "config.json quantization_config"
+        found.append((source, QuantConfig.parse(fn, raw["quantization_config"], source)))
+    if not found:
+        raise ValueError(f"{fn}: a GPTQ config must be given by "
+                         f"{' or '.join(QUANT_CONFIG_FILES)} or "
+                         f"config.json['quantization_config'] in {folder}, found none")
+    # Configs that disagree cannot both describe the tensors: refused rather than one trusted.
+    (source, qc), others = found[0], found[1:]
+    for other_source, other in others:
+        for field in ("bits", "group_size", "sym", "desc_act", "checkpoint_format"):
+            if getattr(qc, field) != getattr(other, field):
+                raise ValueError(f"{fn}: {source} and {other_source} disagree on {field}: "
+                                 f"{getattr(qc, field)!r} against {getattr(other, field)!r}")
     # transformers 5 refuses GPTQ configs without optimum; the spikeops modules replace it.
     raw.pop("quantization_config", None)
     model_type = raw.pop("model_type")
@@ -163,16 +233,59 @@ def read_configs(fn: str, folder: Path):
     return config, qc
 
 
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+CONFIG_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_config_fields(fn: str, raw: dict) -> None:
+    for field in SIZE_FIELDS:
+        value = raw.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{fn}: config.json {field} must be a positive integer, got "
+                             f"{value!r}")
+    for field in ("dtype", "torch_dtype"):
+        value = raw.get(field)
+        if value is not None and value not in CONFIG_DTYPES:
+            raise ValueError(f"{fn}: config.json {field} must be one of {CONFIG_DTYPES}, got "
+                             f"{value!r}")
+
+
+def check_config_tensors(fn: str, config, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The config must describe the tensors present, checked before any model is built (a
+    config claiming 40,000 layers would otherwise allocate them first)."""
+    import re
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    want = getattr(config, "num_hidden_layers", None)
+    if layers != set(range(want or 0)):
+        raise ValueError(f"{fn}: config.json num_hidden_layers = {want}, the tensors hold "
+                         f"decoder layers {sorted(layers)[:3]}{'...' if len(layers) > 3 else ''} "
+                         f"({len(layers)} layers)")
+    embed = tensors.get("model.embed_tokens.weight")
+    shape = [getattr(config, "vocab_size", None), getattr(config, "hidden_size", None)]
+    if embed is None or list(embed.shape) != shape:
+        raise ValueError(f"{fn}: config.json gives model.embed_tokens.weight the shape "
+                         f"[vocab_size, hidden_size] = {shape}, the tensor is "
+                         f"{list(embed.shape) if embed is not None else 'absent'}")
+
+
 def weight_files(fn: str, folder: Path) -> Dict[Path, Optional[set]]:
     """The safetensors files to read, each with the keys the index assigns it (None: no index)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(fn, index).get("weight_map")
+        raw = read_json(fn, index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{fn}: {index} must hold a non-empty 'weight_map' object")
+            raise ValueError(f"{fn}: {index} must be a JSON object with a non-empty "
+                             f"'weight_map' object")
         files: Dict[Path, Optional[set]] = {}
         for key, name in weight_map.items():
-            files.setdefault(folder / name, set()).add(key)
+            shard = inside(folder, name)
+            if shard is None:
+                raise ValueError(f"{fn}: {index.name} names shard {name!r} for {key}: shards "
+                                 f"must be file names inside {folder}")
+            files.setdefault(shard, set()).add(key)
         for file in files:
             if not file.is_file():
                 raise ValueError(f"{fn}: shard {file.name} listed in {index.name} (for "
@@ -180,7 +293,9 @@ def weight_files(fn: str, folder: Path) -> Dict[Path, Optional[set]]:
         return files
     if (folder / "model.safetensors").is_file():
         return {folder / "model.safetensors": None}
-    found = sorted(folder.glob("*.safetensors"))
+    # Only regular files (a FIFO would block the reader), and never spikeops' calibration.
+    found = sorted(f for f in folder.glob("*.safetensors") if f.is_file() and
+                   f.name != MASK_FILE)
     if len(found) == 1:  # old AutoGPTQ names, e.g. gptq_model-4bit-128g.safetensors
         return {found[0]: None}
     if found:

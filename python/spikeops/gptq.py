@@ -93,14 +93,21 @@ class GPTQWeight:
     For ``sym=True`` the stored zeros decide (all ``2^(bits-1) - 1`` means v1, all
     ``2^(bits-1)`` means v2) and the label only breaks ties; the decision is logged.
     3-bit weights are repacked to 4-bit codes, exactly. Every tensor is validated here, once.
+    in_features: K when it is not ``qweight.shape[0] * 32 / bits`` (a ragged K whose last packed
+    word is partly padding); real GPTQ files never need it.
     """
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: Optional[torch.Tensor] = None, bits: int = 4, group_size: int = 128,
-                 sym: bool = True, checkpoint_format: str = "gptq"):
+                 sym: bool = True, checkpoint_format: str = "gptq",
+                 in_features: Optional[int] = None):
         fn = "GPTQWeight"
         check_bits_group_size(fn, bits, group_size)
         _checks.choice(fn, "checkpoint_format", checkpoint_format, FORMATS)
+        if not isinstance(sym, bool):
+            raise TypeError(f"{fn}: sym must be a bool, got {sym!r}")
+        if in_features is not None:
+            _checks.integer(fn, "in_features", in_features, 1, 1 << 23)
         _checks.tensor(fn, "qweight", qweight, (torch.int32,), dim=2)
         _checks.tensor(fn, "qzeros", qzeros, (torch.int32,), dim=2)
         _checks.tensor(fn, "scales", scales, (torch.float16,), dim=2)
@@ -109,14 +116,20 @@ class GPTQWeight:
         _checks.same_device(fn, {"qweight": qweight, "qzeros": qzeros, "scales": scales,
                                  "g_idx": g_idx})
 
-        N = qweight.shape[1]
-        if g_idx is not None:
-            K = g_idx.shape[0]
-        elif (qweight.shape[0] * 32) % bits == 0:
-            K = qweight.shape[0] * 32 // bits
+        # K is what the packed rows hold (real GPTQ files always have K = rows * 32 / bits); a
+        # ragged K, whose last word is partly padding, must be asked for with in_features.
+        N, rows = qweight.shape[1], qweight.shape[0]
+        if in_features is not None:
+            K = in_features
+        elif (rows * 32) % bits == 0:
+            K = rows * 32 // bits
         else:
-            raise ValueError(f"{fn}: without g_idx, K = qweight.shape[0] * 32 / bits must be an "
-                             f"integer, got qweight.shape[0] = {qweight.shape[0]}, bits = {bits}")
+            raise ValueError(f"{fn}: qweight's {rows} rows of {bits}-bit codes do not hold a "
+                             f"whole number of channels; pass in_features for a ragged K")
+        if g_idx is not None and g_idx.shape[0] != K:
+            source = "in_features" if in_features is not None else "qweight rows * 32 / bits"
+            raise ValueError(f"{fn}: g_idx must have one entry per input channel, K = {K} "
+                             f"({source}), got {g_idx.shape[0]}; pass in_features for a ragged K")
         if K < 1 or N < 1:
             raise ValueError(f"{fn}: K and N must be >= 1, got K = {K}, N = {N}")
         G = 1 if group_size == -1 else -(-K // group_size)

@@ -11,8 +11,8 @@ import torch
 
 from . import _checks
 from .calibrate import JSON_FILE as CALIBRATION_FILE, Calibration, set_encoding
-from .checkpoint import (PROJECTIONS, PathLike, QuantConfig, decoder_layers, first, quant_keys,
-                         read_configs, read_tensors, tensor)
+from .checkpoint import (PROJECTIONS, PathLike, QuantConfig, check_config_tensors,
+                         decoder_layers, first, quant_keys, read_configs, read_tensors, tensor)
 from .gptq import FORMATS, GPTQWeight, log
 from .nn import BIAS_DTYPES, SpikeLinear
 from .spikes import Encoding
@@ -60,6 +60,7 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         raise ValueError(f"{fn}: path must be a checkpoint folder, got {str(path)!r}")
     config, qc = read_configs(fn, folder)
     tensors = read_tensors(fn, folder)
+    check_config_tensors(fn, config, tensors)
 
     from transformers import AutoModelForCausalLM
     if dtype is None:
@@ -103,7 +104,7 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         module = model if name == "" else model.get_submodule(name)
         module.to(dev)
         module.register_forward_pre_hook(_inputs_to(dev), with_kwargs=True)
-    if (folder / CALIBRATION_FILE).exists():  # the seed methods' per-layer settings
+    if (folder / CALIBRATION_FILE).is_file():  # the seed methods' per-layer settings
         set_encoding(model, enc, Calibration.load(folder))
         log.info("load_gptq: applied the calibration in %s", folder / CALIBRATION_FILE)
     return model
@@ -148,7 +149,8 @@ def patch(model: torch.nn.Module, enc: Encoding,
             w = GPTQWeight(m.qweight, m.qzeros, m.scales, getattr(m, "g_idx", None),
                            bits=getattr(m, "bits", None), group_size=getattr(m, "group_size", None),
                            sym=getattr(m, "sym", qc.get("sym", True)),
-                           checkpoint_format=checkpoint_format)
+                           checkpoint_format=checkpoint_format,
+                           in_features=getattr(m, "in_features", None))
             for attr, value in (("in_features", w.in_features), ("out_features", w.out_features)):
                 if getattr(m, attr, value) != value:
                     raise ValueError(f"{attr} = {getattr(m, attr)} disagrees with the tensors' "
@@ -243,7 +245,7 @@ def _spike_linear(fn: str, name: str, lin: torch.nn.Linear, tensors: Mapping,
                              f"has no bias there (only all-zero biases are accepted)")
     try:
         w = GPTQWeight(qweight, qzeros, scales, g_idx, bits=b, group_size=qc.group_size,
-                       sym=qc.sym, checkpoint_format=qc.checkpoint_format)
+                       sym=qc.sym, checkpoint_format=qc.checkpoint_format, in_features=K)
         return SpikeLinear(w, enc, bias=bias)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{fn}: tensors {name}.{{qweight,qzeros,scales,g_idx}}: {e}") from e

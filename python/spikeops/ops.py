@@ -20,6 +20,7 @@ Tensor = torch.Tensor
 _INT32 = torch.int32
 
 MODES = ("minmax", "absmax", "absmean", "static", "oat")
+MAX_PLANES = 16  # kMaxPlanes of csrc/spike_math.h
 BACKENDS = ("auto", "spike", "int")
 
 
@@ -41,6 +42,12 @@ def _same_device(op: str, ref_name: str, ref: Tensor, **tensors: Tensor) -> None
                              f"got {t.device}")
 
 
+def _check_weight_args(op: str, bits: int, group_size: int) -> None:
+    torch._check_value(bits in (2, 4, 8), lambda: f"{op}: bits must be 2, 4 or 8, got {bits}")
+    torch._check_value(group_size >= 0,
+                       lambda: f"{op}: group_size must be >= 0, got {group_size}")
+
+
 def _plane_count(mode: str, bits: int, salient_bits: int, salient: bool, signed: bool) -> int:
     top = salient_bits if salient else bits
     return top - 1 if signed and mode != "oat" else top
@@ -60,9 +67,16 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
 
 @torch.library.register_fake("spikeops::gif_encode")
 def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, theta_out):
-    torch._check(x.dim() == 2, lambda: f"gif_encode: x must have shape [M, K], got {tuple(x.shape)}")
-    torch._check(mode in MODES, lambda: f"gif_encode: mode must be one of {MODES}, got {mode!r}")
+    torch._check_value(x.dim() == 2,
+                       lambda: f"gif_encode: x must have shape [M, K], got {tuple(x.shape)}")
+    torch._check_value(mode in MODES,
+                       lambda: f"gif_encode: mode must be one of {MODES}, got {mode!r}")
     _same_device("gif_encode", "x", x, salient_mask=salient_mask, scale=scale, zero=zero)
+    torch._check_value(1 <= bits <= MAX_PLANES,
+                 lambda: f"gif_encode: bits must be in [1, {MAX_PLANES}], got {bits}")
+    torch._check_value(not _present(salient_mask) or bits < salient_bits <= MAX_PLANES,
+                 lambda: f"gif_encode: salient_bits must be in (bits, {MAX_PLANES}], got "
+                         f"{salient_bits}")
     M, K = x.shape
     salient = _present(salient_mask)
     signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and not _present(zero))
@@ -149,10 +163,11 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
 @torch.library.register_fake("spikeops::spike_linear")
 def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, bias, bits, group_size,
       out_dtype, backend):
-    torch._check(backend in BACKENDS,
+    torch._check_value(backend in BACKENDS,
                  lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
     _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,
                  qweight=qweight, zeros=zeros, scales=scales, g_idx=g_idx, bias=bias)
+    _check_weight_args("spike_linear", bits, group_size)
     return planes.new_empty((planes.shape[1], qweight.shape[1]), dtype=out_dtype)
 
 
@@ -166,4 +181,5 @@ def gptq_dequantize(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tenso
 @torch.library.register_fake("spikeops::gptq_dequantize")
 def _(qweight, zeros, scales, g_idx, bits, group_size):
     _same_device("gptq_dequantize", "qweight", qweight, zeros=zeros, scales=scales, g_idx=g_idx)
+    _check_weight_args("gptq_dequantize", bits, group_size)
     return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=torch.float16)

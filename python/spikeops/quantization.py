@@ -45,11 +45,11 @@ def quantize(model: torch.nn.Module, calib_inputs, bits: int = 4, group_size: in
     if isinstance(damp_percent, bool) or not isinstance(damp_percent, (int, float)) or \
             not 0 < damp_percent <= 1:
         raise ValueError(f"{fn}: damp_percent must be a float in (0, 1], got {damp_percent!r}")
-    batches = [calib_inputs] if isinstance(calib_inputs, torch.Tensor) else list(calib_inputs)
-    if not batches:
-        raise ValueError(f"{fn}: calib_inputs must hold at least one batch, got none")
-    for i, b in enumerate(batches):
-        _checks.tensor(fn, f"calib_inputs[{i}]", b, (torch.int64,), dim=2)
+    batches = _checks.token_batches(fn, "calib_inputs", calib_inputs, model.config.vocab_size)
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{fn}: model parameter {name} holds NaN or Inf; GPTQ needs finite "
+                             f"weights")
 
     weights = {}
     with torch.no_grad():
@@ -65,7 +65,8 @@ def quantize(model: torch.nn.Module, calib_inputs, bits: int = 4, group_size: in
                                            pack(v1_stored_zeros(zero), bits, dim=1),
                                            scale.half(), g_idx.to(torch.int32), bits=bits,
                                            group_size=group_size, sym=sym,
-                                           checkpoint_format="gptq")
+                                           checkpoint_format="gptq",
+                                           in_features=lin.in_features)
                 # scale * (q - z) is exact in float32 (an fp16 scale times a small integer):
                 # the weights the error feedback saw and the spiking kernels compute with.
                 lin.weight.copy_((scale[g_idx] * (q - zero[g_idx])).t())

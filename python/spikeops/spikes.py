@@ -11,10 +11,12 @@ import torch
 
 from . import _checks, ops
 
-MAX_PLANES = 16
+MAX_PLANES = ops.MAX_PLANES
 ZERO_LIMIT = 10_000  # |zero| of unsigned encodings: kZeroLimit of csrc/spike_math.h
 SALIENT_MODES = ("minmax", "absmax", "absmean")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Encoding:
                                 f"floats, got {theta!r}")
             if not (math.isfinite(theta[0]) and math.isfinite(theta[1]) and 0 < theta[0] < theta[1]):
                 raise ValueError(f"{fn}: theta must satisfy 0 < theta_nor < theta_out, got {tuple(theta)}")
+            # The stored scale theta_r / 2^planes must be a normal float32, or codes decode to 0.
+            if theta[0] / 2 ** self.planes < FLOAT32_TINY or theta[1] > FLOAT32_MAX:
+                raise ValueError(f"{fn}: theta / 2^planes must be a normal float32 (theta_nor >= "
+                                 f"{FLOAT32_TINY * 2 ** self.planes:.3g} for {self.planes} planes, "
+                                 f"theta_out <= {FLOAT32_MAX:.3g}), got {tuple(theta)}")
         elif self.theta is not None:
             raise ValueError(f"{fn}: theta is only used by mode 'oat', got theta={self.theta!r} "
                              f"with mode {self.mode!r}")
@@ -157,7 +164,16 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
     elif scale is not None or zero is not None:
         raise ValueError(f"{fn}: scale and zero are only taken by mode 'static', got mode "
                          f"{enc.mode!r}")
-    return SpikeTensor.wrap(encode_rows(rows, enc, salient_mask, scale, zero), tuple(x.shape))
+    if M == 0 and zero is not None:
+        # Without tokens an empty zero tensor reads as absent (signed codes) at the op level:
+        # one stand-in row gives the planes of the unsigned encoding, then no row is kept.
+        one = encode_rows(rows.new_zeros(1, K), enc, salient_mask,
+                          torch.ones(1, device=x.device), torch.zeros(1, dtype=torch.int32,
+                                                                      device=x.device))
+        fields = (one[0][:, :0],) + tuple(t[:0] for t in one[1:])
+    else:
+        fields = encode_rows(rows, enc, salient_mask, scale, zero)
+    return SpikeTensor.wrap(fields, tuple(x.shape))
 
 
 def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] = None,

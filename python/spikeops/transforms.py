@@ -227,6 +227,37 @@ def _rotate(model, layers, seed: int) -> dict:
     return {"kind": "rotate", "seed": seed, "down_proj": online.record()}
 
 
+@torch.no_grad()
+def input_outliers(model: torch.nn.Module, ids: torch.Tensor) -> Dict[str, dict]:
+    """How far the largest |x| of a projection input stands out, per input kind (the q/k/v,
+    o_proj, gate/up and down_proj inputs, as the projections see them, online rotation
+    included), over all layers of one forward of ``ids`` (int64 ``[1, T]``): the largest |x| of
+    the first token, the median over the other tokens of their largest |x|, and the median over
+    all tokens of (largest |x| / mean |x|), the outlier ratio that per-token 4-bit codes suffer
+    from."""
+    kinds = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
+             "mlp.down_proj": "down"}
+    seen: Dict[str, List[torch.Tensor]] = {k: [] for k in kinds.values()}
+    handles = []
+    for layer in decoder_layers("input_outliers", model):
+        for path, kind in kinds.items():
+            handles.append(layer.get_submodule(path).register_forward_pre_hook(
+                lambda _m, args, kind=kind: seen[kind].append(args[0][0].float().abs().cpu())))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for kind, xs in seen.items():
+        x = torch.stack(xs)                                  # [layers, T, K]
+        top = x.amax(-1)                                     # [layers, T]
+        out[kind] = {"first_token_max": float(top[:, 0].max()),
+                     "other_tokens_max_median": float(top[:, 1:].median()),
+                     "max_over_mean_median": float((top / x.mean(-1)).median())}
+    return out
+
+
 # ---------------------------------------------------------------------------- smooth
 def _input_ranges(model, layers, batches) -> Dict[str, torch.Tensor]:
     """max |x| per input channel of q_proj (= k, v), gate_proj (= up), o_proj and down_proj of

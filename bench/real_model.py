@@ -1,0 +1,117 @@
+"""The real-model table: a LLaMA-architecture GGUF model under every outlier transform and
+every spiking encoding, W4 g128 GPTQ, calibrated on one text and evaluated on another.
+
+    python bench/real_model.py MODEL.gguf CALIB.txt EVAL.txt --out bench/results/smollm2
+        [--transforms none,smooth,rotate] [--max-tokens 2048] [--cache DIR] [--seed 0]
+
+Every step (import, transform + GPTQ, calibration, evaluation) is cached in --cache, as for
+``spikeops demo``; the script writes OUT.json (the rows of every transform) and OUT.md (one
+table: perplexity, its ratio to the dense model, firing rate and SOPs per MAC) and prints the
+markdown. docs/transforms.md shows the committed result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from spikeops.__main__ import REAL_ENCODINGS, _Formatter, prepare_real_model, real_model_rows
+from spikeops.transforms import TRANSFORMS
+
+
+def outliers(q_dir: Path, eval_text: str) -> dict:
+    """input_outliers of the GPTQ model on float activations, first 256 evaluation tokens."""
+    import torch
+    from spikeops import Encoding, load_gptq
+    from spikeops.__main__ import model_tokenizer
+    from spikeops.calibrate import set_encoding
+    from spikeops.evaluate import encode_text
+    from spikeops.transforms import input_outliers
+    model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
+    set_encoding(model, None)
+    ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), model_tokenizer(q_dir))
+    return input_outliers(model, ids[None, :256])
+
+
+def markdown(table: dict, spread: dict, args) -> str:
+    dense = next(r for rows in table.values() for r in rows if r.encoding == "dense")
+    lines = [f"`{Path(args.gguf).name}`: GPTQ W4 g128 (64 x 256 tokens of "
+             f"`{Path(args.calib_text).name}`), seed-method calibration on the same text, "
+             f"perplexity on the first {dense.tokens} tokens of `{Path(args.eval_text).name}` "
+             f"(windows of 256, stride 128). x dense = perplexity / dense perplexity "
+             f"({dense.perplexity:.2f}).", "",
+             "| transform | encoding | perplexity | x dense | firing rate | SOPs/MAC |",
+             "|---|---|---|---|---|---|",
+             f"| - | dense float | {dense.perplexity:.2f} | 1.00 | - | - |"]
+    for kind, rows in table.items():
+        for r in rows:
+            if r.encoding == "dense":
+                continue
+            label = "GPTQ, float activations" if r.encoding == "float" else r.encoding
+            rate = f"{r.firing_rate:.3f}" if r.firing_rate is not None else "-"
+            sops = f"{r.sops_per_mac:.3f}" if r.sops_per_mac is not None else "-"
+            lines.append(f"| {kind} | {label} | {r.perplexity:.2f} | "
+                         f"{r.perplexity / dense.perplexity:.2f} | {rate} | {sops} |")
+    lines += ["", "Projection inputs on float activations (first 256 evaluation tokens, all layers): "
+              "largest |x| of the first token, median over the other tokens of their largest "
+              "|x|, and median of (largest |x| / mean |x|) per token.", "",
+              "| transform | input | first token max | other tokens' max (median) | "
+              "max / mean (median) |", "|---|---|---|---|---|"]
+    for kind, kinds in spread.items():
+        for name, v in kinds.items():
+            lines.append(f"| {kind} | {name} | {v['first_token_max']:.1f} | "
+                         f"{v['other_tokens_max_median']:.2f} | {v['max_over_mean_median']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    p.add_argument("gguf", help="LLaMA-architecture GGUF file")
+    p.add_argument("calib_text", help="calibration text (GPTQ and the seed methods)")
+    p.add_argument("eval_text", help="held-out evaluation text (not the calibration text)")
+    p.add_argument("--out", required=True, help="output path without suffix (.json, .md)")
+    p.add_argument("--transforms", default=",".join(TRANSFORMS), help="comma list")
+    p.add_argument("--encodings", default=REAL_ENCODINGS, help="comma list")
+    p.add_argument("--max-tokens", type=int, default=2048, help="evaluation tokens")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "spikeops"),
+                   help="folder for the cached steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (windows, rotation)")
+    args = p.parse_args(argv)
+    for name in ("gguf", "calib_text", "eval_text"):
+        if not Path(getattr(args, name)).is_file():
+            p.error(f"{name} {getattr(args, name)!r} is not a file")
+    if Path(args.calib_text).resolve() == Path(args.eval_text).resolve():
+        p.error("the evaluation text must differ from the calibration text")
+    kinds = args.transforms.split(",")
+    for kind in kinds:
+        if kind not in TRANSFORMS:
+            p.error(f"--transforms: {kind!r} is not one of {TRANSFORMS}")
+    table, spread, times = {}, {}, {}
+    for kind in kinds:
+        start = time.perf_counter()
+        float_dir, q_dir = prepare_real_model(args.gguf, args.cache, kind, args.calib_text,
+                                              args.seed)
+        table[kind] = real_model_rows(float_dir, q_dir, args.eval_text, args.max_tokens,
+                                      args.encodings)
+        spread[kind] = outliers(q_dir, args.eval_text)
+        times[kind] = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(
+        {"gguf": Path(args.gguf).name, "calib_text": Path(args.calib_text).name,
+         "eval_text": Path(args.eval_text).name, "seconds": times,
+         "rows": {k: [dataclasses.asdict(r) for r in rows] for k, rows in table.items()},
+         "input_outliers": spread},
+        indent=1))
+    text = markdown(table, spread, args)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
