@@ -104,7 +104,8 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         module = model if name == "" else model.get_submodule(name)
         module.to(dev)
         module.register_forward_pre_hook(_inputs_to(dev), with_kwargs=True)
-    if (folder / CALIBRATION_FILE).is_file():  # the seed methods' per-layer settings
+    # The seed methods' per-layer settings; Calibration.load refuses a non-regular file.
+    if (folder / CALIBRATION_FILE).exists():
         set_encoding(model, enc, Calibration.load(folder))
         log.info("load_gptq: applied the calibration in %s", folder / CALIBRATION_FILE)
     return model
