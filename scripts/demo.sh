@@ -18,6 +18,11 @@ if [[ "${1:-}" == "--model" ]]; then
   shift 2
 fi
 bash scripts/setup.sh
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    exec "$PY" -m spikeops demo --help
+  fi
+done
 case "$model" in
   embedded)
     exec "$PY" -m spikeops demo "$@" ;;
