@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import spikeops
+from spikeops.evaluate import cache_arg
 
 from harness import DENSE_DTYPE, DEVICE, ENCODINGS, ON_GPU, gptq_layer, measure
 
@@ -104,8 +105,8 @@ def decode_step(model, batch: int):
     prompt = torch.randint(0, vocab, (batch, CONTEXT), device=DEVICE, generator=gen)
     ids = torch.randint(0, vocab, (batch, 1), device=DEVICE, generator=gen)
     cache = transformers.StaticCache(config=model.config, max_cache_len=CONTEXT + 1)
-    model(input_ids=prompt, past_key_values=cache, use_cache=True,
-          cache_position=torch.arange(CONTEXT, device=DEVICE))
+    model(input_ids=prompt, use_cache=True, cache_position=torch.arange(CONTEXT, device=DEVICE),
+          **{cache_arg(model): cache})
     pos = torch.tensor([CONTEXT], device=DEVICE)
 
     def rewind():
@@ -121,7 +122,8 @@ def decode_step(model, batch: int):
 
     def step():
         rewind()
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos)
+        return model(input_ids=ids, use_cache=True, cache_position=pos,
+                     **{cache_arg(model): cache})
     return step
 
 

@@ -14,7 +14,7 @@ import torch
 
 import spikeops
 from spikeops.__main__ import DEFAULT_MODEL, DEFAULT_TEXT
-from spikeops.evaluate import encode_text
+from spikeops.evaluate import encode_text, forward_step
 
 ENCODINGS = {"minmax4": spikeops.Encoding("minmax", 4), "absmax4": spikeops.Encoding("absmax", 4)}
 
@@ -30,10 +30,10 @@ def forward(model, ids, step):
     """A prefill of all ``ids``, or (``decode``) one token after a cache of the others."""
     if step == "prefill":
         return lambda: model(input_ids=ids)
-    cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+    cache = forward_step(model, ids[:, :-1], None)[1]
 
     def decode():
-        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        forward_step(model, ids[:, -1:], cache)
         cache.crop(-1)  # back to the same cache length for the next round
     return decode
 

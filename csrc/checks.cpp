@@ -300,6 +300,24 @@ Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tenso
   return w;
 }
 
+void check_cpu_layout(const char* op, const at::Tensor& packed, const at::Tensor& code_sums,
+                      Weights& w) {
+  TORCH_CHECK_VALUE(present(packed) == present(code_sums), op, ": packed and code_sums come ",
+                    "together (both empty, or spikeops.GPTQWeight's CPU layout), got one");
+  if (!present(packed)) return;
+  TORCH_CHECK_VALUE(w.bits == 4 && w.group_size > 0 && (w.group_size % 8 == 0 || w.G == 1), op,
+                    ": packed is the layout of 4-bit codes in groups of a multiple of 8 ",
+                    "channels, got bits = ", w.bits, ", group_size = ", w.group_size);
+  check_dtype(op, packed, "packed", at::kByte);
+  check_shape(op, packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
+  check_dtype(op, code_sums, "code_sums", at::kInt);
+  check_shape(op, code_sums, "code_sums", {w.G, w.N});
+  check_same_device(op, packed, "packed", w.qweight, "qweight");
+  check_same_device(op, code_sums, "code_sums", w.qweight, "qweight");
+  w.packed = packed.contiguous();
+  w.code_sums = code_sums.contiguous();
+}
+
 Backend parse_backend(const char* op, const std::string& backend) {
   if (backend == "spike") return Backend::kSpike;
   if (backend == "int") return Backend::kInt;

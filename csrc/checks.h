@@ -28,6 +28,8 @@ struct Weights {
   at::Tensor zeros;    // int32 [G, N] true zero points
   at::Tensor scales;   // float32 [G, N]
   at::Tensor g_idx;    // int32 [K], values in [0, G)
+  at::Tensor packed;     // uint8 [ceil(N/16), ceil(K/8), 64] CPU layout, or undefined
+  at::Tensor code_sums;  // int32 [G, N], with packed, or undefined
   int64_t group_size;  // > 0: uniform groups (g_idx's values are not read); 0: g_idx
   int64_t K, N, G;
   int bits;
@@ -64,6 +66,10 @@ Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& 
 Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& zeros,
                       const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
                       int64_t group_size);
+
+// spike_linear's optional CPU layout of the weights (both present or both empty), into w.
+void check_cpu_layout(const char* op, const at::Tensor& packed, const at::Tensor& code_sums,
+                      Weights& w);
 
 // The spike words must cover exactly K channels: W == ceil(K / 32).
 void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);

@@ -32,6 +32,8 @@ struct WeightFields {
   const int32_t* zeros;    // [G, N] true zero points z
   const float* scales;     // [G, N] the float16 group scales, widened exactly
   const int32_t* g_idx;    // [K] group of each channel; read only when group_size == 0
+  const uint8_t* packed;   // CPU layout of 4-bit codes [ceil(N/16), ceil(K/8), 64], or null
+  const int32_t* code_sums;  // [G, N] sum of q per group and column, with packed; or null
   int64_t group_size;      // > 0: channel k is in group k / group_size; 0: g_idx says
   int64_t K, N, G;
   int bits;                // 2, 4 or 8

@@ -23,10 +23,19 @@
 #endif
 
 extern "C" {
-// An empty module: importing it loads this shared library, whose static initializers register
-// the ops (the pattern of pytorch/extension-cpp).
+// The CPU instruction set spike_linear's int backend uses now: "avx512vnni" or "generic"
+// (SPIKEOPS_CPU_ISA=generic forces the latter); for tests and benchmark records.
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(spikeops::cpu::vnni_available() ? "avx512vnni" : "generic");
+}
+
+// Importing this module loads the shared library, whose static initializers register the ops
+// (the pattern of pytorch/extension-cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"cpu_isa", cpu_isa, METH_NOARGS, "spike_linear's CPU instruction set"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -96,6 +105,8 @@ WeightFields weight_fields(const Weights& w) {
   f.zeros = w.zeros.data_ptr<int32_t>();
   f.scales = w.scales.data_ptr<float>();
   f.g_idx = w.g_idx.data_ptr<int32_t>();
+  f.packed = data_or_null<uint8_t>(w.packed);
+  f.code_sums = data_or_null<int32_t>(w.code_sums);
   f.group_size = w.group_size;
   f.K = w.K, f.N = w.N, f.G = w.G;
   f.bits = w.bits;
@@ -237,11 +248,13 @@ at::Tensor spike_linear(const at::Tensor& planes, const at::Tensor& sign, const 
                         const at::Tensor& scale, const at::Tensor& zero,
                         const at::Tensor& qweight, const at::Tensor& zeros,
                         const at::Tensor& scales, const at::Tensor& g_idx,
+                        const at::Tensor& packed, const at::Tensor& code_sums,
                         const at::Tensor& bias, int64_t bits, int64_t group_size,
                         at::ScalarType out_dtype, const std::string& backend) {
   const char* op = "spike_linear";
   const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
-  const Weights w = check_weights(op, qweight, zeros, scales, g_idx, bits, group_size);
+  Weights w = check_weights(op, qweight, zeros, scales, g_idx, bits, group_size);
+  check_cpu_layout(op, packed, code_sums, w);
   check_same_device(op, qweight, "qweight", planes, "planes");
   check_spike_width(op, s, w.K, "g_idx");
   check_float_out_dtype(op, out_dtype, "out_dtype");
@@ -305,12 +318,14 @@ TORCH_LIBRARY(spikeops, m) {
       "-> Tensor");
   // y [M, N] = x_hat @ W_hat^T + bias on the kernel form of a GPTQ layer: packed qweight
   // (bits 2/4/8), true zero points zeros [G, N] int32, scales [G, N] float32, g_idx [K] int32
-  // (read only when group_size is 0), bias float32 [N]; integer sums per group and range, float
-  // epilogue. backend: spike (event driven) | int (integer codes) | auto; identical bits.
+  // (read only when group_size is 0), the optional CPU layout (packed, code_sums) of 4-bit
+  // codes, bias float32 [N]; integer sums per group and range, float epilogue.
+  // backend: spike (event driven) | int (integer codes) | auto; identical bits.
   m.def(
       "spike_linear(Tensor planes, Tensor sign, Tensor hi, Tensor scale, Tensor zero, "
-      "Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, Tensor bias, int bits, "
-      "int group_size, ScalarType out_dtype, str backend) -> Tensor");
+      "Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, Tensor packed, "
+      "Tensor code_sums, Tensor bias, int bits, int group_size, ScalarType out_dtype, "
+      "str backend) -> Tensor");
   // W_hat float16 [N, K] = fp16(scales[g, n] * float32(q - z)), g the group of k, bit exact.
   m.def(
       "gptq_dequantize(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, "

@@ -40,7 +40,15 @@ def gptq_tensors(device, bits=4, k=K, n=N, group_size=GS):
 def kernel_tensors(device, bits=4, k=K, n=N, group_size=GS):
     """The kernel form of a valid GPTQ layer, as spike_linear and gptq_dequantize take it."""
     w = weight(device, bits, k, n, group_size)
-    return dict(qweight=w.qweight, zeros=w.kernel_zeros, scales=w.kernel_scales, g_idx=w.g_idx)
+    return dict(qweight=w.qweight, zeros=w.kernel_zeros, scales=w.kernel_scales, g_idx=w.g_idx,
+                packed=absent(device, torch.uint8), code_sums=absent(device))
+
+
+def cpu_layout(device):
+    """The CPU layout (packed, code_sums) of a valid 4-bit layer, on ``device``."""
+    q = torch.randint(0, 16, (K, N))
+    packed, sums = spikeops.gptq.cpu_layout(q, GS)
+    return packed.to(device), sums.to(device)
 
 
 def weight(device, bits=4, k=K, n=N, group_size=GS):
@@ -117,7 +125,8 @@ def linear_op(device, enc=None, **over):
 
 
 def dequantize_op(device, **over):
-    args = dict(kernel_tensors(device), bits=4, group_size=GS)
+    args = {k: v for k, v in kernel_tensors(device).items() if k not in ("packed", "code_sums")}
+    args.update(bits=4, group_size=GS)
     return OPS.gptq_dequantize(**override(args, over))
 
 
@@ -625,6 +634,20 @@ OP_CASES = [
     case(lambda d: linear_op(d, bits=16), ValueError, "bits", "spike_linear-bits-16"),
     case(lambda d: linear_op(d, group_size=-1), ValueError, "group_size",
          "spike_linear-group_size-neg"),
+    case(lambda d: linear_op(d, packed=lambda a: cpu_layout(d)[0]), ValueError, "code_sums",
+         "spike_linear-packed-alone"),
+    case(lambda d: linear_op(d, packed=lambda a: cpu_layout(d)[0].int(),
+                             code_sums=lambda a: cpu_layout(d)[1]), TypeError, "packed",
+         "spike_linear-packed-int32"),
+    case(lambda d: linear_op(d, packed=lambda a: cpu_layout(d)[0][:, :1],
+                             code_sums=lambda a: cpu_layout(d)[1]), ValueError, "packed",
+         "spike_linear-packed-shape"),
+    case(lambda d: linear_op(d, packed=lambda a: cpu_layout(d)[0],
+                             code_sums=lambda a: cpu_layout(d)[1][:1]), ValueError, "code_sums",
+         "spike_linear-code_sums-shape"),
+    case(lambda d: linear_op(d, group_size=0, packed=lambda a: cpu_layout(d)[0],
+                             code_sums=lambda a: cpu_layout(d)[1]), ValueError, "packed",
+         "spike_linear-packed-act-order"),
     case(lambda d: linear_op(d, out_dtype=torch.int32), TypeError, "out_dtype",
          "spike_linear-out_dtype-int32"),
     case(lambda d: linear_op(d, out_dtype=torch.float64), TypeError, "out_dtype",
@@ -758,7 +781,8 @@ def test_single_channel(device, enc, salient):
     f = dict(st._asdict())
     del f["shape"]
     expect = reference.spike_linear(**f, qweight=w.qweight, zeros=w.kernel_zeros,
-                                    scales=w.kernel_scales, g_idx=w.g_idx,
+                                    scales=w.kernel_scales, g_idx=w.g_idx, packed=None,
+                                    code_sums=None,
                                     bias=torch.ones(N, device=device), bits=4,
                                     group_size=w.kernel_group_size, out_dtype=F32)
     assert torch.equal(y, expect)

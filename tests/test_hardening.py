@@ -283,7 +283,8 @@ def test_random_configurations_against_the_reference_and_thread_counts():
             st = spikeops.encode(x, enc, salient_mask=mask)
             f = {k: v for k, v in st._asdict().items() if k != "shape"}
             ref = reference.spike_linear(**f, qweight=w.qweight, zeros=w.kernel_zeros,
-                                         scales=w.kernel_scales, g_idx=w.g_idx, bias=None,
+                                         scales=w.kernel_scales, g_idx=w.g_idx, packed=None,
+                                         code_sums=None, bias=None,
                                          bits=w.kernel_bits, group_size=w.kernel_group_size,
                                          out_dtype=torch.float32)
             for n in (1, 2):

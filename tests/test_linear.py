@@ -49,8 +49,8 @@ def spikes_for(x, name, device):
 
 def linear_args(st, w, bias, out_dtype, backend):
     return (st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
-            w.kernel_scales, w.g_idx, None if bias is None else bias.float(), w.kernel_bits,
-            w.kernel_group_size, out_dtype, backend)
+            w.kernel_scales, w.g_idx, None, None, None if bias is None else bias.float(),
+            w.kernel_bits, w.kernel_group_size, out_dtype, backend)
 
 
 def check_linear(device, st, w, layer, bias=None, out_dtype=torch.float16):
@@ -245,3 +245,30 @@ def test_float_activations_dequantize_once(device, monkeypatch):
     assert len(calls) == 2 and lin.dense_weight.dtype == torch.float64
     lin.set_encoding(spikeops.Encoding("minmax", 4))
     assert lin.dense_weight is None
+
+
+VNNI_CASES = [  # (K, N, group_size, act_order, encoding name, M): ragged K and N, every range
+    (256, 72, 128, False, "minmax4", 1), (264, 40, 8, False, "absmax4-g0.5", 3),
+    (200, 130, -1, False, "minmax4-salient6", 5), (136, 17, 8, False, "oat8", 2),
+    (96, 33, 32, False, "minmax8", 4), (128, 48, 32, False, "absmean3", 0),
+    (128, 48, 32, True, "minmax4", 2), (4096, 32, -1, False, "absmax4-salient8", 1),
+]
+
+
+@pytest.mark.parametrize("K, N, gs, act, enc_name, M", VNNI_CASES)
+def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
+    """The AVX-512 VNNI path on the CPU layout (where the CPU has it) and the generic kernel
+    give the same bits, both equal to the reference; SPIKEOPS_CPU_ISA=generic forces the
+    latter. Act-order layers and 8-bit signed codes have no CPU layout or do not fit it."""
+    from spikeops import _C
+    w = make_layer(K, N, 4, gs, act_order=act, sym=False, device="cpu")[0]
+    assert (w.kernel_packed is None) == act
+    st = spikes_for(torch.randn(M, K) * 2, enc_name, "cpu")
+    bias = torch.randn(N)
+    fast = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "generic")
+    assert _C.cpu_isa() == "generic"
+    generic = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
+    assert torch.equal(fast, generic)
+    ref = reference.spike_linear(*linear_args(st, w, bias, torch.float32, "int"))
+    assert torch.equal(fast.reshape(ref.shape), ref)

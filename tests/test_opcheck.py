@@ -148,8 +148,11 @@ def test_spike_linear(device, name, backend, bias):
     planes, sign, hi, scale, zero = fields(spikes(name, device))
     qweight, zeros, scales, g_idx = gptq(device)
     b = torch.randn(N, device=device) if bias else absent(planes, F32)
-    opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, b,
-                               4, GS, torch.float16, backend))
+    packed, sums = spikeops.gptq.cpu_layout(spikeops.unpack(qweight.cpu(), 4, K, dim=0), GS)
+    for layout in ((absent(planes, torch.uint8), absent(planes, I32)),
+                   (packed.to(device), sums.to(device))):
+        opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx,
+                                   *layout, b, 4, GS, torch.float16, backend))
 
 
 @pytest.mark.parametrize("out", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -158,6 +161,7 @@ def test_spike_linear_bits_and_out_dtypes(device, bits, layout, out):
     planes, sign, hi, scale, zero = fields(spikes("salient-absmean", device))
     qweight, zeros, scales, g_idx = gptq(device, bits)
     opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx,
+                               absent(planes, torch.uint8), absent(planes, I32),
                                absent(planes, F32), bits, layout, out, "auto"))
 
 

@@ -18,6 +18,13 @@ void spike_accumulate(const AccumulateArgs& a);
 void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 
+// The int backend with AVX-512 VNNI on the CPU layout (cpu/vnni.cpp): usable when the CPU has
+// the instructions (SPIKEOPS_CPU_ISA=generic turns them off), the layout is present and the
+// codes fit 8 bits; spike_linear calls it then, with identical results.
+bool vnni_available();
+bool vnni_usable(const LinearArgs& a);
+void spike_linear_vnni(const LinearArgs& a);
+
 // Calls f(T{}) with the C++ element type T of a float tensor, to pick a kernel template:
 // dispatch_float for inputs, dispatch_out_float for outputs, which are never float64.
 template <typename F>

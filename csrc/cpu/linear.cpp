@@ -323,6 +323,10 @@ void spike_linear(const LinearArgs& a) {
   // On CPU the int backend never does more work than the spike backend (each nonzero code is
   // one term, and it has at least one spike), so auto = int.
   const bool use_spike = a.backend == Backend::kSpike;
+  if (!use_spike && vnni_usable(a)) {
+    spike_linear_vnni(a);
+    return;
+  }
   Job job;
   job.L = make_layer(a, a.g_idx, a.group_size, a.K, a.G);
   job.qweight = a.qweight;

@@ -90,13 +90,18 @@ def _windows(T: int, window: int, stride: int):
     return spans
 
 
-def forward_step(model, ids: torch.Tensor, cache):
-    """One cached forward: ``(logits, cache)``. transformers renamed the cache argument
-    ``past_key_values`` to ``cache`` (5.2x); both are served."""
+def cache_arg(model) -> str:
+    """The name of a model's key-value cache argument and output: transformers renamed
+    ``past_key_values`` to ``cache`` (5.2x); spikeops serves both."""
     if _CACHE_ARG.get(type(model)) is None:
         params = inspect.signature(type(model).forward).parameters
         _CACHE_ARG[type(model)] = "cache" if "cache" in params else "past_key_values"
-    name = _CACHE_ARG[type(model)]
+    return _CACHE_ARG[type(model)]
+
+
+def forward_step(model, ids: torch.Tensor, cache):
+    """One cached forward: ``(logits, cache)``."""
+    name = cache_arg(model)
     result = model(input_ids=ids, use_cache=True, **{name: cache})
     return result.logits, getattr(result, name)
 

@@ -158,8 +158,10 @@ class GPTQWeight:
         self.kernel_bits = 4 if bits == 3 else bits
         self.group_size = group_size
         # The kernel form (docs/ops.md, spike_linear), built here once for every call.
-        self.kernel_zeros, self.kernel_scales, self.kernel_group_size = kernel_form(
-            self.qzeros, self.scales, self.g_idx, self.kernel_bits, self.zero_offset, group_size)
+        form = kernel_form(self.qweight, self.qzeros, self.scales, self.g_idx, self.kernel_bits,
+                           self.zero_offset, group_size)
+        self.kernel_zeros, self.kernel_scales, self.kernel_group_size = form[:3]
+        self.kernel_packed, self.kernel_code_sums = form[3:]
         self.sym = sym
         self.checkpoint_format = checkpoint_format
         self.in_features = K
@@ -180,17 +182,39 @@ class GPTQWeight:
         return q, self.kernel_zeros
 
 
-def kernel_form(qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, kernel_bits: int,
-                zero_offset: int, group_size: int) -> tuple:
-    """What the kernels read besides the packed codes, from checked GPTQ tensors of a layer:
-    true zero points int32 ``[G, N]``, the float16 scales widened to float32 (exact), and the
-    kernels' ``group_size``: channels per group when ``g_idx[k] == k // group_size`` (the layout
-    without act-order; -1 counts as K), else 0 (``g_idx`` is read). docs/ops.md, spike_linear."""
+def kernel_form(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, kernel_bits: int, zero_offset: int, group_size: int) -> tuple:
+    """What the kernels read besides the packed codes, from checked GPTQ tensors of a layer
+    (docs/ops.md, spike_linear): true zero points int32 ``[G, N]``, the float16 scales widened
+    to float32 (exact), the kernels' ``group_size`` (channels per group when ``g_idx[k] == k //
+    group_size``, -1 counting as K; else 0: ``g_idx`` is read), and on a CPU the layout of 4-bit
+    codes for integer dot products with its per-group code sums (None elsewhere)."""
     K, N = g_idx.shape[0], scales.shape[1]
     zeros = (unpack(qzeros, kernel_bits, N, dim=1) + zero_offset).contiguous()
     gs = K if group_size == -1 else group_size
     uniform = torch.equal(g_idx, torch.arange(K, dtype=torch.int32, device=g_idx.device) // gs)
-    return zeros, scales.float().contiguous(), gs if uniform else 0
+    packed = code_sums = None
+    G = scales.shape[0]
+    if qweight.device.type == "cpu" and kernel_bits == 4 and uniform and (gs % 8 == 0 or G == 1):
+        packed, code_sums = cpu_layout(unpack(qweight, 4, K, dim=0), gs)
+    return zeros, scales.float().contiguous(), gs if uniform else 0, packed, code_sums
+
+
+def cpu_layout(q: torch.Tensor, group_size: int) -> tuple:
+    """The CPU layout of 4-bit codes ``q [K, N]`` (docs/ops.md, spike_linear): ``packed`` uint8
+    ``[ceil(N/16), ceil(K/8), 64]`` whose byte ``4n + j`` of row ``[t, b]`` holds the code of
+    channel ``8b + j`` of column ``16t + n`` in its low nibble and that of channel ``8b + 4 + j``
+    in its high nibble (zero padding past K and N), and ``code_sums`` int32 ``[G, N]``."""
+    K, N = q.shape
+    KB, NT = -(-K // 8), -(-N // 16)
+    padded = torch.zeros(KB * 8, NT * 16, dtype=torch.uint8)
+    padded[:K, :N] = q.to(torch.uint8)
+    t = padded.view(KB, 2, 4, NT, 16)                     # k = 8b + 4h + j, n = 16t + c
+    packed = (t[:, 0] | (t[:, 1] << 4)).permute(2, 0, 3, 1).contiguous()  # [NT, KB, 16, 4]
+    groups = torch.arange(K) // group_size
+    sums = torch.zeros(int(groups[-1]) + 1, N, dtype=torch.int64)
+    sums.index_add_(0, groups, q.to(torch.int64))
+    return packed.view(NT, KB, 64), sums.to(torch.int32)
 
 
 def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:

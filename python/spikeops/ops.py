@@ -147,26 +147,31 @@ def _(planes, sign, hi, w, per_plane):
 
 def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
                  zero: Optional[Tensor], qweight: Tensor, zeros: Tensor, scales: Tensor,
-                 g_idx: Tensor, bias: Optional[Tensor], bits: int, group_size: int,
+                 g_idx: Tensor, packed: Optional[Tensor], code_sums: Optional[Tensor],
+                 bias: Optional[Tensor], bits: int, group_size: int,
                  out_dtype: torch.dtype = torch.float16, backend: str = "auto") -> Tensor:
     """``y [M, N] = x_hat @ W_hat^T + bias`` on the kernel form of a GPTQ layer
     (``GPTQWeight.kernel_*``, docs/ops.md): packed ``qweight``, true zero points ``zeros`` int32
     ``[G, N]``, float32 ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when
-    ``group_size`` is 0), float32 ``bias [N]``."""
+    ``group_size`` is 0), the CPU layout ``packed``/``code_sums`` of 4-bit codes or None,
+    float32 ``bias [N]``."""
     return _ops.spike_linear(planes, _empty_like_absent(sign, planes, _INT32),
                              _empty_like_absent(hi, planes, _INT32), scale,
                              _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales,
-                             g_idx, _empty_like_absent(bias, planes, torch.float32), bits,
+                             g_idx, _empty_like_absent(packed, planes, torch.uint8),
+                             _empty_like_absent(code_sums, planes, _INT32),
+                             _empty_like_absent(bias, planes, torch.float32), bits,
                              group_size, out_dtype, backend)
 
 
 @torch.library.register_fake("spikeops::spike_linear")
-def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, bias, bits, group_size,
-      out_dtype, backend):
+def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, packed, code_sums, bias,
+      bits, group_size, out_dtype, backend):
     torch._check_value(backend in BACKENDS,
                  lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
     _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,
-                 qweight=qweight, zeros=zeros, scales=scales, g_idx=g_idx, bias=bias)
+                 qweight=qweight, zeros=zeros, scales=scales, g_idx=g_idx, packed=packed,
+                 code_sums=code_sums, bias=bias)
     _check_weight_args("spike_linear", bits, group_size)
     return planes.new_empty((planes.shape[1], qweight.shape[1]), dtype=out_dtype)
 

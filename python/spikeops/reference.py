@@ -202,13 +202,13 @@ def _groups(g_idx, group_size):
     return g_idx.to(torch.int64)
 
 
-def spike_linear(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, bias, bits,
-                 group_size, out_dtype=torch.float16, backend="auto"):
+def spike_linear(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, packed,
+                 code_sums, bias, bits, group_size, out_dtype=torch.float16, backend="auto"):
     """docs/ops.md, spike_linear: D[g, r] = sum over k in group g and range r of
     (s*Q - zero[r]) * (q - z), exact integers; S_r = sum over g ascending of
     float64(scales[g] * float32(D[g, r])); y = float32(scale[m, 0] * S_0 + scale[m, 1] * S_1 +
-    bias) (products and sums in float64), then cast to out_dtype. ``backend`` does not change
-    the result."""
+    bias) (products and sums in float64), then cast to out_dtype. ``backend`` and the CPU
+    layout (``packed``, ``code_sums``: a copy of the codes for the CPU) do not change the result."""
     K, M = g_idx.shape[0], planes.shape[1]
     G = scales.shape[0]
     q = unpack(qweight, bits, K, dim=0).to(torch.int64)
