@@ -56,6 +56,12 @@ class Run:
         a, b = self.median(g.get(baseline)), self.median(g.get(entry))
         return a / b if a and b else None
 
+    def fastest(self, group: str, names) -> Optional[str]:
+        """The fastest of the entries ``names`` measured in ``group``."""
+        g = self.groups.get(group, {})
+        timed = [n for n in names if self.median(g.get(n))]
+        return min(timed, key=lambda n: self.median(g[n])) if timed else None
+
     def copy_share(self, groups: List[str], entry: str) -> List[float]:
         """GB/s of ``entry`` in each of ``groups`` over the copy bandwidth of this run."""
         if not self.copy_gbps:
@@ -124,13 +130,28 @@ def targets(run: Run) -> List[str]:
                for b in (1, 16)]
         add("whole-model decode vs T-step simulation", 100.0, sim)
     else:
-        add(f"CPU M=1 4096->11008 auto vs {ref}", 2.0,
-            [run.ratio(g, ref, auto) for g in run.linear_groups(1) if "4096x11008" in g])
-        add("CPU M=1 4096->11008 auto vs T-step simulation", 20.0,
-            [run.ratio(g, "timestep-sim-T15", auto) for g in run.linear_groups(1)
-             if "4096x11008" in g])
+        # SpikeLinear including the encode, against each baseline at M tokens (4096 -> 11008).
+        lin = "spikeops-SpikeLinear-minmax4"
+
+        def cpu(M, baseline):
+            groups = [g for g in run.linear_groups(M) if "4096x11008" in g]
+            return [run.ratio(g, baseline(g) if callable(baseline) else baseline, lin)
+                    for g in groups]
+
+        def dense(g):
+            return run.fastest(g, CPU_DENSE)
+        add("CPU M=1 SpikeLinear vs torch int4", 1.3, cpu(1, "torch-int4-tinygemm"))
+        add("CPU M=1 SpikeLinear vs fastest dense F.linear", 3.5, cpu(1, dense))
+        add("CPU M=16 SpikeLinear vs torch int4", 1.2, cpu(16, "torch-int4-tinygemm"))
+        add("CPU M=16 SpikeLinear vs torch._int_mm", 1.0, cpu(16, "torch-int8-_int_mm"))
+        add("CPU M=256 SpikeLinear vs torch._int_mm", 1.0, cpu(256, "torch-int8-_int_mm"))
+        add("CPU M=256 SpikeLinear vs fastest dense F.linear", 1.3, cpu(256, dense))
+        add("CPU M=1 SpikeLinear vs T-step simulation", 20.0, cpu(1, "timestep-sim-T15"))
     return ["| target | goal | measured (worst case) | verdict |", "|---|---|---|---|",
             *rows]
+
+
+CPU_DENSE = ("torch-fp32-F.linear", "torch-bf16-F.linear", "torch-fp16-F.linear")
 
 
 def headline(run: Run) -> List[str]:
@@ -139,15 +160,20 @@ def headline(run: Run) -> List[str]:
     on_gpu = bool(run.info.get("gpu"))
     ref = "cublas-fp16" if on_gpu else "torch-fp32-F.linear"
     auto = "spikeops-auto-minmax4"
-    lines = [f"| layer (W4 g128, minmax4 spikes) | M | auto | vs {ref} | vs int4 tinygemm | "
+    dense = "fastest dense" if not on_gpu else ref
+    lines = [f"| layer (W4 g128, minmax4 spikes) | M | auto | vs {dense} | vs int4 tinygemm | "
              f"vs _int_mm | vs T=15 simulation | GB/s |", "|---|---|---|---|---|---|---|---|"]
     for g, es in run.groups.items():
         m = re.match(r"^spike_linear (\S+ \d+x\d+) M=(\d+) W4g", g)
         if not m or auto not in es or not es[auto].get("stats"):
             continue
         e = es[auto]
+        fastest = ref if on_gpu else (run.fastest(g, CPU_DENSE) or ref)
         cells = [_times(run.ratio(g, b, auto))
-                 for b in (ref, "torch-int4-tinygemm", "torch-int8-_int_mm", "timestep-sim-T15")]
+                 for b in (fastest, "torch-int4-tinygemm", "torch-int8-_int_mm",
+                           "timestep-sim-T15")]
+        if not on_gpu:
+            cells[0] += f" ({fastest.split('-')[1]})"
         lines.append(f"| {m.group(1)} | {m.group(2)} | {fmt_time(run.median(e))} | "
                      f"{' | '.join(cells)} | {_num(e['extra_info'].get('gb_per_s'), '.0f')} |")
     model = [g for g in run.groups if g.startswith("model ")]

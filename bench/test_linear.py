@@ -15,8 +15,9 @@ Every group holds, on the same layer (random symmetric GPTQ, group size 128):
   one dense matmul per step plus one for the zero point.
 
 Matrix: on GPU every shape of harness.SHAPES at M in {1, 4, 16, 64, 256, 2048} with W4, plus W2,
-W3 and W8 at M = 1. On CPU (2 cores) the LLaMA-2-7B gate/up shape 4096 -> 11008 at M = 1 and 16
-with W4, and W2/W3/W8 at M = 1: the CPU core targets; the GPU shapes would take hours there.
+W3 and W8 at M = 1. On CPU (2 cores) the LLaMA-2-7B gate/up shape 4096 -> 11008 at M = 1, 16 and
+256 with W4, and W2/W3/W8 at M = 1: the CPU core targets, beside float32, bfloat16 and float16
+F.linear; the GPU shapes would take hours there.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ from harness import (DENSE_DTYPE, DEVICE, ENCODINGS, GROUP_SIZE, ON_GPU, SHAPES,
 
 REFERENCE = "cublas-fp16" if ON_GPU else "torch-fp32-F.linear"
 T = 15  # rate-code steps of a 4-bit code: 2^4 - 1
-ENTRIES = ([REFERENCE] + [f"spikeops-{b}-{e}" for e in ENCODINGS for b in ("auto", "spike")] +
+# On the CPU the fastest dense dtype depends on the machine (AMX runs bf16 far faster than
+# fp32): every dense dtype is an entry, and the report takes the fastest.
+DENSE = [REFERENCE] + ([] if ON_GPU else ["torch-bf16-F.linear", "torch-fp16-F.linear"])
+ENTRIES = (DENSE + [f"spikeops-{b}-{e}" for e in ENCODINGS for b in ("auto", "spike")] +
            ["spikeops-SpikeLinear-minmax4", "dequant+matmul", "torch-int4-tinygemm",
             "torch-int8-_int_mm", f"timestep-sim-T{T}"])
 
 
 def _problems():
     shapes = list(SHAPES) if ON_GPU else ["7B-gate_up"]
-    tokens = TOKENS if ON_GPU else (1, 16)
+    tokens = TOKENS if ON_GPU else (1, 16, 256)
     out = [(s, M, 4) for s in shapes for M in tokens]
     return out + [(s, 1, bits) for s in shapes for bits in (2, 3, 8)]
 
@@ -92,6 +96,11 @@ def test_linear(benchmark, shape, M, bits, entry):
 
     if entry == REFERENCE:
         run(lambda: F.linear(x, W), bytes_moved=W.numel() * W.element_size() + dense_io,
+            extra=info)
+    elif entry in DENSE:
+        dtype = torch.bfloat16 if "bf16" in entry else torch.float16
+        xd, Wd = x.to(dtype), W.to(dtype)
+        run(lambda: F.linear(xd, Wd), bytes_moved=Wd.numel() * 2 + (M * K + M * N) * 2,
             extra=info)
     elif entry.startswith("spikeops-SpikeLinear"):
         lin = spikeops.SpikeLinear(w, ENCODINGS["minmax4"])
