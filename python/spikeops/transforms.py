@@ -259,20 +259,29 @@ def input_outliers(model: torch.nn.Module, ids: torch.Tensor) -> Dict[str, dict]
 
 
 # ---------------------------------------------------------------------------- smooth
-def _input_ranges(model, layers, batches) -> Dict[str, torch.Tensor]:
-    """max |x| per input channel of q_proj (= k, v), gate_proj (= up), o_proj and down_proj of
-    every layer over the calibration batches, float64."""
+SMOOTHED = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+def _smoothed_inputs(model, layers, batches, rows: int = 512):
+    """One pass over the calibration batches: ``(ranges, samples)`` of the inputs of q_proj
+    (= k, v), o_proj, gate_proj (= up) and down_proj of every layer, keyed "i.path": max |x|
+    per input channel, and up to ``rows`` input rows, both float64 on the CPU."""
     ranges: Dict[str, torch.Tensor] = {}
+    samples: Dict[str, List[torch.Tensor]] = {}
     handles = []
 
     def hook_for(name):
         def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).double().cpu()
-            ranges[name] = torch.maximum(ranges[name], x) if name in ranges else x
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            top = x.abs().amax(0).double().cpu()
+            ranges[name] = torch.maximum(ranges[name], top) if name in ranges else top
+            have = sum(t.shape[0] for t in samples.get(name, []))
+            if have < rows:
+                samples.setdefault(name, []).append(x[: rows - have].double().cpu())
         return hook
 
     for i, layer in enumerate(layers):
-        for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        for p in SMOOTHED:
             handles.append(layer.get_submodule(p).register_forward_pre_hook(hook_for(f"{i}.{p}")))
     try:
         device = next(model.parameters()).device
@@ -281,7 +290,7 @@ def _input_ranges(model, layers, batches) -> Dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    return ranges
+    return ranges, {k: torch.cat(v) for k, v in samples.items()}
 
 
 def _fake_quant_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
@@ -296,8 +305,7 @@ def _fake_quant_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> floa
 
 
 def _smooth(model, layers, batches, alphas) -> dict:
-    ranges = _input_ranges(model, layers, batches)
-    samples = _input_samples(model, layers, batches)
+    ranges, samples = _smoothed_inputs(model, layers, batches)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -343,29 +351,3 @@ def _scale_rows(lin, factor: torch.Tensor) -> None:
     lin.weight.copy_((lin.weight.double() * factor[:, None]).to(lin.weight.dtype))
     if lin.bias is not None:
         lin.bias.copy_((lin.bias.double() * factor).to(lin.bias.dtype))
-
-
-def _input_samples(model, layers, batches, rows: int = 512) -> Dict[str, torch.Tensor]:
-    """Up to ``rows`` input rows (float64) of the four smoothed inputs of every layer."""
-    samples: Dict[str, List[torch.Tensor]] = {}
-    handles = []
-
-    def hook_for(name):
-        def hook(_module, args):
-            have = sum(t.shape[0] for t in samples.get(name, []))
-            if have < rows:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])[: rows - have]
-                samples.setdefault(name, []).append(x.double().cpu())
-        return hook
-
-    for i, layer in enumerate(layers):
-        for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
-            handles.append(layer.get_submodule(p).register_forward_pre_hook(hook_for(f"{i}.{p}")))
-    try:
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) for k, v in samples.items()}
