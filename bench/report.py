@@ -147,6 +147,11 @@ def targets(run: Run) -> List[str]:
         add("CPU M=256 SpikeLinear vs torch._int_mm", 1.0, cpu(256, "torch-int8-_int_mm"))
         add("CPU M=256 SpikeLinear vs fastest dense F.linear", 1.3, cpu(256, dense))
         add("CPU M=1 SpikeLinear vs T-step simulation", 20.0, cpu(1, "timestep-sim-T15"))
+        sparse = [g for g in run.linear_groups(1) if "4096x11008" in g]
+        add("CPU M=1 sparse input (rate <= 5%) vs minmax4, SpikeLinear", 2.0,
+            [run.ratio(g, lin, "spikeops-SpikeLinear-sparse") for g in sparse
+             if (run.groups[g].get("spikeops-SpikeLinear-sparse", {}).get("extra_info", {})
+                 .get("firing_rate", 1.0)) <= 0.05])
     return ["| target | goal | measured (worst case) | verdict |", "|---|---|---|---|",
             *rows]
 

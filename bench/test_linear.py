@@ -5,6 +5,8 @@ Every group holds, on the same layer (random symmetric GPTQ, group size 128):
 - ``spikeops-{auto,spike}-{minmax4,absmax4,minmax8}``: ``spike_linear`` on a prepared
   SpikeTensor, both backends, three encodings;
 - ``spikeops-SpikeLinear-minmax4``: the module, x -> encode -> spike_linear;
+- ``spikeops-SpikeLinear-sparse``: the module with absmax4 on activations with a few massive
+  channels per token, whose spikes are sparse (the firing rate is recorded);
 - the reference, ``cublas-fp16`` (``F.linear`` fp16 on GPU) or ``torch-fp32-F.linear`` (CPU), on
   the dequantized weights (not timed: ``gptq_dequantize``);
 - ``dequant+matmul``: ``gptq_dequantize`` then the dense matmul, per call;
@@ -40,8 +42,8 @@ T = 15  # rate-code steps of a 4-bit code: 2^4 - 1
 # fp32): every dense dtype is an entry, and the report takes the fastest.
 DENSE = [REFERENCE] + ([] if ON_GPU else ["torch-bf16-F.linear", "torch-fp16-F.linear"])
 ENTRIES = (DENSE + [f"spikeops-{b}-{e}" for e in ENCODINGS for b in ("auto", "spike")] +
-           ["spikeops-SpikeLinear-minmax4", "dequant+matmul", "torch-int4-tinygemm",
-            "torch-int8-_int_mm", f"timestep-sim-T{T}"])
+           ["spikeops-SpikeLinear-minmax4", "spikeops-SpikeLinear-sparse", "dequant+matmul",
+            "torch-int4-tinygemm", "torch-int8-_int_mm", f"timestep-sim-T{T}"])
 
 
 def _problems():
@@ -101,6 +103,15 @@ def test_linear(benchmark, shape, M, bits, entry):
         dtype = torch.bfloat16 if "bf16" in entry else torch.float16
         xd, Wd = x.to(dtype), W.to(dtype)
         run(lambda: F.linear(xd, Wd), bytes_moved=Wd.numel() * 2 + (M * K + M * N) * 2,
+            extra=info)
+    elif entry == "spikeops-SpikeLinear-sparse":
+        # LLM-like activations: a few massive channels per token; absmax4 spikes of them are
+        # sparse (firing rate well below 5%), so most weight rows need not be read.
+        xs = x.clone()
+        xs[:, : K // 256] *= 400
+        lin = spikeops.SpikeLinear(w, ENCODINGS["absmax4"])
+        info.update(firing_rate=spikeops.encode(xs, ENCODINGS["absmax4"]).firing_rate())
+        run(lambda: lin(xs), bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + dense_io,
             extra=info)
     elif entry.startswith("spikeops-SpikeLinear"):
         lin = spikeops.SpikeLinear(w, ENCODINGS["minmax4"])
