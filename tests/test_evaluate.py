@@ -58,3 +58,28 @@ def test_compare_and_firing_rates(model):
     up = next(r for r in tracker.layers() if r.name == "model.layers.0.mlp.up_proj")
     assert up.tokens == 50 and up.P == 4 and 0 < up.firing_rate < 1
     assert all(layer.observer is None for layer in spike_layers(model).values())
+
+
+@torch.no_grad()
+def test_projections_of_one_input_share_one_encoding(model, monkeypatch):
+    """load_gptq groups q/k/v and gate/up: one encoding per activation, identical logits,
+    statistics still per projection; layers whose encodings differ encode on their own."""
+    import spikeops.nn as nn_module
+    calls = []
+    real = nn_module.encode_rows
+    monkeypatch.setattr(nn_module, "encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = encode_text(TEXT)[:64][None]
+    layers = spike_layers(model)
+    with spikeops.track(model) as tracker:
+        shared = model(input_ids=ids).logits
+    assert len(calls) == 4 * 2  # per layer: q/k/v once, o, gate/up once, down
+    assert len(tracker.layers()) == 7 * 2 and all(r.tokens == 64 for r in tracker.layers())
+    for layer in layers.values():
+        layer.shared = None
+    calls.clear()
+    assert torch.equal(model(input_ids=ids).logits, shared) and len(calls) == 7 * 2
+    spikeops.nn.share_inputs(model)
+    layers["model.layers.0.self_attn.k_proj"].set_encoding(spikeops.Encoding("absmax", 4))
+    calls.clear()
+    model(input_ids=ids)
+    assert len(calls) == 4 * 2 + 1

@@ -14,7 +14,7 @@ from .calibrate import JSON_FILE as CALIBRATION_FILE, Calibration, set_encoding
 from .checkpoint import (PROJECTIONS, PathLike, QuantConfig, check_config_tensors,
                          decoder_layers, first, quant_keys, read_configs, read_tensors, tensor)
 from .gptq import FORMATS, GPTQWeight, log
-from .nn import BIAS_DTYPES, SpikeLinear
+from .nn import BIAS_DTYPES, SpikeLinear, share_inputs
 from .spikes import Encoding
 from .transforms import CONFIG_KEY as TRANSFORM_KEY, restore_online
 
@@ -90,6 +90,7 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         model.tie_weights()  # assign=True replaced the shared embedding Parameter
     _rebuild_rotary(model)
     restore_online(model, getattr(config, TRANSFORM_KEY, None))
+    share_inputs(model)
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if left:

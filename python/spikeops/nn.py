@@ -63,6 +63,57 @@ def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) 
     return ops.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane)
 
 
+class SharedInput:
+    """One encoding for the layers of a group that read the same activation (q/k/v, gate/up):
+    the first layer to run encodes it, the others of the group with the same Encoding and
+    salient mask reuse the spikes if they get the very same tensor, unchanged. The spikes are
+    dropped once every member has run, so no activation outlives its forward pass."""
+
+    def __init__(self, members: int):
+        self.members = members
+        self._clear()
+
+    def _clear(self) -> None:
+        self.x, self.version, self.key, self.spikes, self.served = None, None, None, None, 0
+
+    def get(self, layer, x: torch.Tensor):
+        """The spikes for ``layer`` if the group holds them for ``x``, else None (the layer
+        encodes, then calls ``put``)."""
+        if self.x is not x or self.version != x._version:
+            return None
+        spikes = self.spikes if self.key == (layer.enc, id(layer.salient_mask)) else None
+        self._served()
+        return spikes
+
+    def put(self, layer, x: torch.Tensor, spikes) -> None:
+        if self.x is x and self.version == x._version:
+            return  # a member with another encoding: the first member's spikes stay
+        self.x, self.version, self.key = x, x._version, (layer.enc, id(layer.salient_mask))
+        self.spikes, self.served = spikes, 0
+        self._served()
+
+    def _served(self) -> None:
+        self.served += 1
+        if self.served >= self.members:
+            self._clear()
+
+
+def share_inputs(model: torch.nn.Module) -> int:
+    """Let the SpikeLinear projections of every decoder layer that read one activation (q/k/v;
+    gate/up) encode it once (``SharedInput``); outputs are unchanged, statistics stay per
+    projection. Returns the number of groups; ``load_gptq`` calls it."""
+    groups = 0
+    for module in model.modules():
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            members = [getattr(module, n, None) for n in names]
+            if all(isinstance(m, SpikeLinear) for m in members):
+                shared = SharedInput(len(members))
+                for m in members:
+                    m.shared = shared
+                groups += 1
+    return groups
+
+
 class SpikeLinear(torch.nn.Module):
     """A GPTQ linear layer that runs on spikes: ``x -> encode(x) -> spike_linear``, output in x's
     dtype. Holds the GPTQ tensors as buffers (packed, never dequantized; they are its state
@@ -112,6 +163,8 @@ class SpikeLinear(torch.nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module._rebuild())
         # Called as observer(layer, spikes) on every spiking forward (statistics); None = off.
         self.observer = None
+        # The SharedInput of the layers that read the same activation (share_inputs), or None.
+        self.shared = None
         self.set_encoding(enc, salient_mask)
 
     def _rebuild(self) -> None:
@@ -170,7 +223,11 @@ class SpikeLinear(torch.nn.Module):
                 self.dense_weight = self.dequantize().to(x.dtype)
             bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None
             return torch.nn.functional.linear(x, self.dense_weight, bias)
-        spikes = encode_rows(x.reshape(-1, self.in_features), self.enc, self.salient_mask)
+        spikes = self.shared.get(self, x) if self.shared is not None else None
+        if spikes is None:
+            spikes = encode_rows(x.reshape(-1, self.in_features), self.enc, self.salient_mask)
+            if self.shared is not None:
+                self.shared.put(self, x, spikes)
         if self.observer is not None:
             self.observer(self, SpikeTensor.wrap(spikes, tuple(x.shape)))
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
