@@ -3,11 +3,14 @@ every spiking encoding, W4 g128 GPTQ, calibrated on one text and evaluated on an
 
     python bench/real_model.py MODEL.gguf CALIB.txt EVAL.txt --out bench/results/smollm2
         [--transforms none,smooth,rotate] [--max-tokens 2048] [--cache DIR] [--seed 0]
+        [--speed absmax4,minmax4,none]
 
 Every step (import, transform + GPTQ, calibration, evaluation) is cached in --cache, as for
 ``spikeops demo``; the script writes OUT.json (the rows of every transform) and OUT.md (one
 table: perplexity, its ratio to the dense model, firing rate and SOPs per MAC) and prints the
-markdown. docs/transforms.md shows the committed result.
+markdown. ``--speed`` adds tokens/s of a 256-token prefill and of one-token decode steps after
+it, for HF fp32 and bf16 and the last transform's model under the given encodings (``none``:
+float activations), measured in this process, one after the other. docs/transforms.md shows the committed result.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 from spikeops.__main__ import REAL_ENCODINGS, _Formatter, prepare_real_model, real_model_rows
@@ -35,6 +37,38 @@ def outliers(q_dir: Path, eval_text: str) -> dict:
     set_encoding(model, None)
     ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), model_tokenizer(q_dir))
     return input_outliers(model, ids[None, :256])
+
+
+def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
+    """``[(system, prefill tokens/s, decode tokens/s)]``: median of 3 prefills of 256 tokens,
+    then 32 decode steps after them."""
+    import torch
+    from spikeops import Encoding, load_gptq
+    from spikeops.__main__ import _calibration, parse_encoding
+    from spikeops.calibrate import set_encoding
+    from spikeops.evaluate import encode_text, forward_step
+    from spikeops.floatmodel import load_float_model
+    from spikeops.timing import median_ms, seconds
+    fp32, tok = load_float_model(float_dir)
+    ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), tok)[None, :257]
+    rows = []
+
+    def measure(name, model):
+        with torch.no_grad():
+            prefill = 256e3 / median_ms(lambda: model(input_ids=ids[:, :256]), 3)
+            cache = forward_step(model, ids[:, :256], None)[1]
+            steps = 32
+            t = seconds(lambda: [forward_step(model, ids[:, 256:], cache) for _ in range(steps)])
+        rows.append((name, prefill, steps / t))
+
+    measure("HF fp32", fp32)
+    measure("HF bf16", load_float_model(float_dir, torch.bfloat16)[0])
+    calibration = _calibration(q_dir)
+    model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
+    for spec in encodings.split(","):
+        set_encoding(model, parse_encoding(spec, calibration), calibration)
+        measure(f"spikeops W4 {spec if spec != 'none' else 'float activations'}", model)
+    return rows
 
 
 def markdown(table: dict, spread: dict, args) -> str:
@@ -80,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "spikeops"),
                    help="folder for the cached steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (windows, rotation)")
+    p.add_argument("--speed", default="", help="comma list of encodings (none: float "
+                   "activations) whose whole-model tokens/s to measure; empty: none")
     args = p.parse_args(argv)
     for name in ("gguf", "calib_text", "eval_text"):
         if not Path(getattr(args, name)).is_file():
@@ -90,24 +126,31 @@ def main(argv=None) -> int:
     for kind in kinds:
         if kind not in TRANSFORMS:
             p.error(f"--transforms: {kind!r} is not one of {TRANSFORMS}")
-    table, spread, times = {}, {}, {}
+    table, spread = {}, {}
     for kind in kinds:
-        start = time.perf_counter()
         float_dir, q_dir = prepare_real_model(args.gguf, args.cache, kind, args.calib_text,
                                               args.seed)
         table[kind] = real_model_rows(float_dir, q_dir, args.eval_text, args.max_tokens,
                                       args.encodings)
         spread[kind] = outliers(q_dir, args.eval_text)
-        times[kind] = time.perf_counter() - start
+    speeds = speed(float_dir, q_dir, args.eval_text, args.speed) if args.speed else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"gguf": Path(args.gguf).name, "calib_text": Path(args.calib_text).name,
-         "eval_text": Path(args.eval_text).name, "seconds": times,
+         "eval_text": Path(args.eval_text).name,
          "rows": {k: [dataclasses.asdict(r) for r in rows] for k, rows in table.items()},
-         "input_outliers": spread},
+         "input_outliers": spread, "speed": [
+             {"system": n, "prefill_tokens_per_s": a, "decode_tokens_per_s": b}
+             for n, a, b in speeds]},
         indent=1))
     text = markdown(table, spread, args)
+    if speeds:
+        import torch
+        text += (f"\nWhole model, {torch.get_num_threads()} CPU threads, transform {kinds[-1]}: "
+                 f"tokens/s of a 256-token prefill and of decode steps after it.\n\n"
+                 "| system | prefill | decode |\n|---|---|---|\n" +
+                 "".join(f"| {n} | {a:.0f} | {b:.1f} |\n" for n, a, b in speeds))
     out.with_suffix(".md").write_text(text)
     print(text)
     return 0
