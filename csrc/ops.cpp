@@ -23,10 +23,10 @@
 #endif
 
 extern "C" {
-// The CPU instruction set spike_linear's int backend uses now: "avx512vnni" or "generic"
-// (SPIKEOPS_CPU_ISA=generic forces the latter); for tests and benchmark records.
+// The CPU instruction set spike_linear's int backend uses now: "avx512vnni", "avx2" or
+// "generic" (SPIKEOPS_CPU_ISA caps it); for tests and benchmark records.
 static PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(spikeops::cpu::vnni_available() ? "avx512vnni" : "generic");
+  return PyUnicode_FromString(spikeops::cpu::int_isa_name(spikeops::cpu::int_isa()));
 }
 
 // Importing this module loads the shared library, whose static initializers register the ops

@@ -257,18 +257,19 @@ VNNI_CASES = [  # (K, N, group_size, act_order, encoding name, M): ragged K and 
 
 @pytest.mark.parametrize("K, N, gs, act, enc_name, M", VNNI_CASES)
 def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
-    """The AVX-512 VNNI path on the CPU layout (where the CPU has it) and the generic kernel
-    give the same bits, both equal to the reference; SPIKEOPS_CPU_ISA=generic forces the
-    latter. Act-order layers and 8-bit signed codes have no CPU layout or do not fit it."""
+    """The AVX-512 VNNI and AVX2 paths on the CPU layout (where the CPU has them) and the
+    generic kernel give the reference's bits; SPIKEOPS_CPU_ISA=avx2 or =generic caps the
+    choice. Act-order layers and 8-bit signed codes have no CPU layout or do not fit it."""
     from spikeops import _C
     w = make_layer(K, N, 4, gs, act_order=act, sym=False, device="cpu")[0]
     assert (w.kernel_packed is None) == act
     st = spikes_for(torch.randn(M, K) * 2, enc_name, "cpu")
     bias = torch.randn(N)
-    fast = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
-    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "generic")
-    assert _C.cpu_isa() == "generic"
-    generic = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
-    assert torch.equal(fast, generic)
     ref = reference.spike_linear(*linear_args(st, w, bias, torch.float32, "int"))
-    assert torch.equal(fast.reshape(ref.shape), ref)
+    seen = set()
+    for isa in ("", "avx2", "generic"):  # the best the CPU has, then capped
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
+        seen.add(_C.cpu_isa())
+        y = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
+        assert torch.equal(y.reshape(ref.shape), ref), isa
+    assert "generic" in seen

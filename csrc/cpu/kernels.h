@@ -18,12 +18,15 @@ void spike_accumulate(const AccumulateArgs& a);
 void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 
-// The int backend with AVX-512 VNNI on the CPU layout (cpu/vnni.cpp): usable when the CPU has
-// the instructions (SPIKEOPS_CPU_ISA=generic turns them off), the layout is present and the
-// codes fit 8 bits; spike_linear calls it then, with identical results.
-bool vnni_available();
-bool vnni_usable(const LinearArgs& a);
-void spike_linear_vnni(const LinearArgs& a);
+// The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AVX-512 VNNI or
+// AVX2 dot products: usable when the CPU has one of them (SPIKEOPS_CPU_ISA=avx2 or =generic
+// caps the choice), the layout is present and the codes fit 8 bits; spike_linear calls it
+// then, with identical results.
+enum class IntIsa { kGeneric, kAvx2, kAvx512Vnni };
+IntIsa int_isa();
+const char* int_isa_name(IntIsa isa);
+bool int_layout_usable(const LinearArgs& a);
+void spike_linear_int_layout(const LinearArgs& a);
 
 // Calls f(T{}) with the C++ element type T of a float tensor, to pick a kernel template:
 // dispatch_float for inputs, dispatch_out_float for outputs, which are never float64.

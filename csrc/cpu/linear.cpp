@@ -323,8 +323,8 @@ void spike_linear(const LinearArgs& a) {
   // On CPU the int backend never does more work than the spike backend (each nonzero code is
   // one term, and it has at least one spike), so auto = int.
   const bool use_spike = a.backend == Backend::kSpike;
-  if (!use_spike && vnni_usable(a)) {
-    spike_linear_vnni(a);
+  if (!use_spike && int_layout_usable(a)) {
+    spike_linear_int_layout(a);
     return;
   }
   Job job;
