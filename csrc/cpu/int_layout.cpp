@@ -124,6 +124,19 @@ constexpr int kCols = kTiles * kTileCols;
 // range for one token, S[c] += double(scales[g, n] * float(D)), with
 //   D = A - z * sum(s*Q) - zero * sum(q) + zero * z * count        (int32: see kMaxGroup),
 // the integers and roundings of the generic kernel.
+// The two code dwords of block b of every token (channels 8b..8b+3, 8b+4..8b+7); false when
+// all are zero, so the block's weights need not be read.
+template <int kMB>
+inline bool block_codes(const int32_t* const* act, int64_t b, int32_t* lo, int32_t* hi) {
+  int32_t any = 0;
+  for (int t = 0; t < kMB; ++t) {
+    lo[t] = act[t][2 * b];
+    hi[t] = act[t][2 * b + 1];
+    any |= lo[t] | hi[t];
+  }
+  return any != 0;
+}
+
 struct Avx512 {
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
@@ -135,13 +148,7 @@ struct Avx512 {
       for (int i = 0; i < tiles; ++i) acc[t][i] = _mm512_setzero_si512();
     for (int64_t b = b0; b < b1; ++b) {
       int32_t a_lo[kMB], a_hi[kMB];
-      int32_t any = 0;
-      for (int t = 0; t < kMB; ++t) {
-        a_lo[t] = act[t][2 * b];
-        a_hi[t] = act[t][2 * b + 1];
-        any |= a_lo[t] | a_hi[t];
-      }
-      if (any == 0) continue;
+      if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
       for (int i = 0; i < tiles; ++i) {
         const __m512i w = _mm512_loadu_si512(packed + ((t0 + i) * KB + b) * 64);
         const __m512i w_lo = _mm512_and_si512(w, low);
@@ -205,13 +212,7 @@ struct Avx2 {
       for (int i = 0; i < tiles; ++i) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_si256();
     for (int64_t b = b0; b < b1; ++b) {
       int32_t a_lo[kMB], a_hi[kMB];
-      int32_t any = 0;
-      for (int t = 0; t < kMB; ++t) {
-        a_lo[t] = act[t][2 * b];
-        a_hi[t] = act[t][2 * b + 1];
-        any |= a_lo[t] | a_hi[t];
-      }
-      if (any == 0) continue;
+      if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
       for (int i = 0; i < tiles; ++i) {
         for (int h = 0; h < 2; ++h) {
           const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
