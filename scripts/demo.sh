@@ -5,7 +5,7 @@
 # spiking encoding on held-out English text, a chat answer on 4-bit spikes, energy; then one
 # large GPTQ layer on spikes. Each step is cached (SPIKEOPS_CACHE, default ~/.cache/spikeops).
 #
-#   bash scripts/demo.sh                     # SmolLM2-135M-Instruct (first run ~10 min, then ~2)
+#   bash scripts/demo.sh                     # SmolLM2-135M-Instruct (first run ~6 min, then <1)
 #   bash scripts/demo.sh --model embedded    # the offline 3.5M byte-level model (~15 s)
 # Other arguments pass through to `python -m spikeops demo` (see its --help).
 set -euo pipefail
