@@ -1,12 +1,16 @@
 """The ``spikeops`` command line (also ``python -m spikeops``).
 
-``spikeops demo``: first the embedded byte-level LLaMA (a few million parameters, W4 GPTQ, with
-its seed-method calibration) is evaluated on its held-out text: perplexity of the dense model,
-of the GPTQ weights on float activations and of each spiking encoding, with firing rates; it
-generates a sample and prints per-layer firing rates. Then a GPTQ-shaped layer made in code
-(LLaMA-2-7B gate projection, 4096 -> 11008, W4 g128) runs on spikes of LLM-like activations
-under the same encodings: its output is compared with the dense float64 layer, and its firing
-rate, synaptic operations and speed against float32 ``F.linear`` are printed.
+``spikeops demo --gguf FILE`` (what scripts/demo.sh runs, with SmolLM2-135M-Instruct): the GGUF
+model is imported, transformed (--transform), GPTQ-quantized to W4 g128 and calibrated on
+--calib-text, each step cached in --cache; then the perplexity, firing rate and SOPs per MAC of
+the dense model, of the GPTQ weights on float activations and of every encoding at 4 and 8 bits
+on --eval-text, a chat answer (--chat) on spikes of the best 4-bit encoding and its energy
+estimate. Without --gguf the embedded byte-level LLaMA (a few million parameters, W4 GPTQ, with
+its seed-method calibration) is evaluated on its held-out text instead, and generates a sample.
+Then a GPTQ-shaped layer made in code (LLaMA-2-7B gate projection, 4096 -> 11008, W4 g128) runs
+on spikes of LLM-like activations under five encodings: its output is compared with the dense
+float64 layer, and its firing rate, synaptic operations and speed against float32
+``F.linear`` are printed.
 """
 
 from __future__ import annotations
