@@ -28,11 +28,6 @@ std::string shape_str(std::initializer_list<int64_t> dims) {
   return os.str();
 }
 
-void check_dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType want) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be a ", dtype_name(want),
-                   " tensor, got ", dtype_name(t.scalar_type()));
-}
-
 void check_shape(const char* op, const at::Tensor& t, const char* name,
                  std::initializer_list<int64_t> want) {
   bool ok = t.dim() == static_cast<int64_t>(want.size());
@@ -50,6 +45,11 @@ bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 bool host_readable(const at::Tensor& t) { return t.device().is_cpu(); }
 
 }  // namespace
+
+void check_dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType want) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be a ", dtype_name(want),
+                   " tensor, got ", dtype_name(t.scalar_type()));
+}
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {

@@ -74,6 +74,9 @@ void check_cpu_layout(const char* op, const at::Tensor& packed, const at::Tensor
 // The spike words must cover exactly K channels: W == ceil(K / 32).
 void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);
 
+// `t` has dtype `want` (TypeError otherwise).
+void check_dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType want);
+
 // `t` lies on the device of `ref` (argument names for the message).
 void check_same_device(const char* op, const at::Tensor& t, const char* name,
                        const at::Tensor& ref, const char* ref_name);

@@ -218,8 +218,7 @@ at::Tensor spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
                             const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
   const char* op = "spike_accumulate";
   const Spikes s = check_spike_bits(op, planes, sign, hi);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be a torch.int8 tensor, got ",
-                   dtype_name(w.scalar_type()));
+  check_dtype(op, w, "w", at::kChar);
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
                     ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", w.sizes());
   check_same_device(op, w, "w", planes, "planes");

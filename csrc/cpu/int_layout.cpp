@@ -41,6 +41,12 @@ namespace cpu {
 // 1e4 * 16) < 2^31 for gs <= 4096 (codes < 256, weight codes and zeros <= 16, |zero| <= 1e4).
 constexpr int64_t kMaxGroup = 4096;
 
+// Channels per group of the layout: group_size, or all of K (padded to whole blocks of 8) for
+// one group.
+int64_t layout_group(const LinearArgs& a) {
+  return a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
+}
+
 IntIsa int_isa() {
 #if SPIKEOPS_HAVE_VNNI_BUILD
   static const IntIsa supported = [] {
@@ -77,8 +83,9 @@ constexpr int kTileCols = 16;  // columns per zmm of int32 lanes
 constexpr int kTiles = 4;        // column tiles per task: independent accumulator chains
 constexpr int kBlockTokens = 4;  // tokens per task when M allows: one weight load serves them
 
-// One token's codes in the layout the kernel broadcasts: bytes of channels 8b..8b+3 and
-// 8b+4..8b+7 as two dwords per block b, per range (R = 2: range 1 codes and an indicator).
+// One token's codes as the kernel broadcasts them: byte k is channel k, so dwords 2b and 2b + 1
+// hold channels 8b..8b+3 and 8b+4..8b+7 of block b; per range (R = 2: range 1 codes and an
+// indicator of range-1 channels).
 struct TokenCodes {
   std::vector<int32_t> act[2];   // [2 * KB] dwords of s*Q (or Q) per range, zero elsewhere
   std::vector<int32_t> ind1;     // [2 * KB] dwords of 1 for range-1 channels (R = 2)
@@ -107,10 +114,8 @@ void token_codes(const LinearArgs& a, int64_t m, int64_t KB, int64_t gs, TokenCo
       t.sum_a[gr] += v;
       t.count[gr] += 1;
       if (v - (zero ? zero[r] : 0) != 0) t.nonzero[gr] = 1;
-      // channel k -> dword 2 * (k / 8) + (k % 8) / 4, byte k % 4
-      reinterpret_cast<uint8_t*>(t.act[r].data())[(2 * (k / 8) + (k % 8) / 4) * 4 + k % 4] =
-          static_cast<uint8_t>(v);
-      if (r == 1) reinterpret_cast<uint8_t*>(t.ind1.data())[(2 * (k / 8) + (k % 8) / 4) * 4 + k % 4] = 1;
+      reinterpret_cast<uint8_t*>(t.act[r].data())[k] = static_cast<uint8_t>(v);
+      if (r == 1) reinterpret_cast<uint8_t*>(t.ind1.data())[k] = 1;
     }
   }
 }
@@ -328,7 +333,7 @@ void run(const LinearArgs& a) {
   Plan p;
   p.KB = (a.K + 7) / 8;
   p.NT = (a.N + kTileCols - 1) / kTileCols;
-  p.gs = a.G == 1 ? p.KB * 8 : a.group_size;  // one group: all blocks
+  p.gs = layout_group(a);
   p.silent.assign(2 * p.KB, 0);
   std::vector<TokenCodes> codes(a.M);
   at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
@@ -357,23 +362,23 @@ void run_isa(const LinearArgs& a) {
 }  // namespace
 #endif
 
-bool int_layout_usable(const LinearArgs& a) {
-  if (int_isa() == IntIsa::kGeneric || a.packed == nullptr || a.bits != 4) return false;
-  const int64_t gs = a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
-  if (gs > kMaxGroup) return false;
+IntIsa int_layout_isa(const LinearArgs& a) {
+  const IntIsa isa = int_isa();
+  if (isa == IntIsa::kGeneric || a.packed == nullptr || a.bits != 4) return IntIsa::kGeneric;
+  if (layout_group(a) > kMaxGroup) return IntIsa::kGeneric;
   // Codes must fit the instructions' bytes: unsigned Q <= 255 (P <= 8), signed |s*Q| <= 127.
-  return a.sign ? a.P <= 7 : a.P <= 8;
+  return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : IntIsa::kGeneric;
 }
 
-void spike_linear_int_layout(const LinearArgs& a) {
+void spike_linear_int_layout(const LinearArgs& a, IntIsa isa) {
 #if SPIKEOPS_HAVE_VNNI_BUILD
-  if (int_isa() == IntIsa::kAvx512Vnni) {
+  if (isa == IntIsa::kAvx512Vnni) {
     run_isa<Avx512>(a);
   } else {
     run_isa<Avx2>(a);
   }
 #else
-  (void)a;
+  (void)a, (void)isa;
 #endif
 }
 

@@ -19,14 +19,15 @@ void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 
 // The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AVX-512 VNNI or
-// AVX2 dot products: usable when the CPU has one of them (SPIKEOPS_CPU_ISA=avx2 or =generic
-// caps the choice), the layout is present and the codes fit 8 bits; spike_linear calls it
-// then, with identical results.
+// AVX2 dot products. int_isa: the best the CPU has, capped by SPIKEOPS_CPU_ISA=avx2 or
+// =generic. int_layout_isa: the one a call can use (kGeneric when the layout is absent or the
+// codes do not fit 8 bits); spike_linear runs spike_linear_int_layout with it, with identical
+// results.
 enum class IntIsa { kGeneric, kAvx2, kAvx512Vnni };
 IntIsa int_isa();
 const char* int_isa_name(IntIsa isa);
-bool int_layout_usable(const LinearArgs& a);
-void spike_linear_int_layout(const LinearArgs& a);
+IntIsa int_layout_isa(const LinearArgs& a);
+void spike_linear_int_layout(const LinearArgs& a, IntIsa isa);
 
 // Calls f(T{}) with the C++ element type T of a float tensor, to pick a kernel template:
 // dispatch_float for inputs, dispatch_out_float for outputs, which are never float64.

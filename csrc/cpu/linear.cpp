@@ -323,9 +323,12 @@ void spike_linear(const LinearArgs& a) {
   // On CPU the int backend never does more work than the spike backend (each nonzero code is
   // one term, and it has at least one spike), so auto = int.
   const bool use_spike = a.backend == Backend::kSpike;
-  if (!use_spike && int_layout_usable(a)) {
-    spike_linear_int_layout(a);
-    return;
+  if (!use_spike) {
+    const IntIsa isa = int_layout_isa(a);
+    if (isa != IntIsa::kGeneric) {
+      spike_linear_int_layout(a, isa);
+      return;
+    }
   }
   Job job;
   job.L = make_layer(a, a.g_idx, a.group_size, a.K, a.G);
