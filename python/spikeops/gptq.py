@@ -157,11 +157,7 @@ class GPTQWeight:
         self.bits = bits
         self.kernel_bits = 4 if bits == 3 else bits
         self.group_size = group_size
-        # The kernel form (docs/ops.md, spike_linear), built here once for every call.
-        form = kernel_form(self.qweight, self.qzeros, self.scales, self.g_idx, self.kernel_bits,
-                           self.zero_offset, group_size)
-        self.kernel_zeros, self.kernel_scales, self.kernel_group_size = form[:3]
-        self.kernel_packed, self.kernel_code_sums = form[3:]
+        build_kernel_form(self)  # once, for every call
         self.sym = sym
         self.checkpoint_format = checkpoint_format
         self.in_features = K
@@ -182,22 +178,32 @@ class GPTQWeight:
         return q, self.kernel_zeros
 
 
-def kernel_form(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                g_idx: torch.Tensor, kernel_bits: int, zero_offset: int, group_size: int) -> tuple:
-    """What the kernels read besides the packed codes, from checked GPTQ tensors of a layer
-    (docs/ops.md, spike_linear): true zero points int32 ``[G, N]``, the float16 scales widened
-    to float32 (exact), the kernels' ``group_size`` (channels per group when ``g_idx[k] == k //
-    group_size``, -1 counting as K; else 0: ``g_idx`` is read), and on a CPU the layout of 4-bit
-    codes for integer dot products with its per-group code sums (None elsewhere)."""
-    K, N = g_idx.shape[0], scales.shape[1]
-    zeros = (unpack(qzeros, kernel_bits, N, dim=1) + zero_offset).contiguous()
-    gs = K if group_size == -1 else group_size
-    uniform = torch.equal(g_idx, torch.arange(K, dtype=torch.int32, device=g_idx.device) // gs)
-    packed = code_sums = None
-    G = scales.shape[0]
-    if qweight.device.type == "cpu" and kernel_bits == 4 and uniform and (gs % 8 == 0 or G == 1):
-        packed, code_sums = cpu_layout(unpack(qweight, 4, K, dim=0), gs)
-    return zeros, scales.float().contiguous(), gs if uniform else 0, packed, code_sums
+def build_kernel_form(w) -> None:
+    """Sets what the kernels read besides the packed codes on ``w`` (a GPTQWeight or a
+    SpikeLinear: both hold the checked GPTQ tensors and ``kernel_bits``, ``zero_offset``,
+    ``group_size``; docs/ops.md, spike_linear): ``kernel_zeros`` the true zero points int32
+    ``[G, N]``, ``kernel_scales`` the float16 scales widened to float32 (exact),
+    ``kernel_group_size`` (channels per group when ``g_idx[k] == k // group_size``, -1 counting
+    as K; else 0: ``g_idx`` is read), and on a CPU ``kernel_packed`` / ``kernel_code_sums``, the
+    layout of 4-bit codes for integer dot products (None elsewhere)."""
+    K, N, G = w.g_idx.shape[0], w.scales.shape[1], w.scales.shape[0]
+    w.kernel_zeros = (unpack(w.qzeros, w.kernel_bits, N, dim=1) + w.zero_offset).contiguous()
+    w.kernel_scales = w.scales.float().contiguous()
+    gs = K if w.group_size == -1 else w.group_size
+    uniform = torch.equal(w.g_idx, torch.arange(K, dtype=torch.int32, device=w.g_idx.device) // gs)
+    w.kernel_group_size = gs if uniform else 0
+    w.kernel_packed = w.kernel_code_sums = None
+    if w.qweight.device.type == "cpu" and w.kernel_bits == 4 and uniform and \
+            (gs % 8 == 0 or G == 1):
+        w.kernel_packed, w.kernel_code_sums = cpu_layout(unpack(w.qweight, 4, K, dim=0), gs)
+
+
+def cpu_layout_of(w) -> tuple:
+    """``(kernel_packed, kernel_code_sums)`` of ``w`` while its codes are on the CPU the layout
+    was built for, else ``(None, None)``: after a move to another device it stays unused."""
+    if w.kernel_packed is None or w.kernel_packed.device != w.qweight.device:
+        return None, None
+    return w.kernel_packed, w.kernel_code_sums
 
 
 def cpu_layout(q: torch.Tensor, group_size: int) -> tuple:

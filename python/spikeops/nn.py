@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from . import _checks, ops
-from .gptq import GPTQWeight, kernel_form
+from .gptq import GPTQWeight, build_kernel_form, cpu_layout_of
 from .spikes import Encoding, SpikeTensor, encode_rows
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,10 +39,9 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
     # everything else (out_dtype, backend, shapes, devices) is checked by the op.
     if bias is not None:
         _checks.tensor(fn, "bias", bias, BIAS_DTYPES)
-    layout = (w.kernel_packed, w.kernel_code_sums) if w.kernel_packed is not None and \
-        w.kernel_packed.device == w.qweight.device else (None, None)
     y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
-                         w.kernel_scales, w.g_idx, *layout, None if bias is None else bias.float(),
+                         w.kernel_scales, w.g_idx, *cpu_layout_of(w),
+                         None if bias is None else bias.float(),
                          w.kernel_bits, w.kernel_group_size, out_dtype, backend)
     return y.reshape(*st.shape[:-1], w.out_features)
 
@@ -168,10 +167,7 @@ class SpikeLinear(torch.nn.Module):
         self.set_encoding(enc, salient_mask)
 
     def _rebuild(self) -> None:
-        form = kernel_form(self.qweight, self.qzeros, self.scales, self.g_idx, self.kernel_bits,
-                           self.zero_offset, self.group_size)
-        self.kernel_zeros, self.kernel_scales, self.kernel_group_size = form[:3]
-        self.kernel_packed, self.kernel_code_sums = form[3:]
+        build_kernel_form(self)
         self.kernel_bias = None if self.bias is None else self.bias.float()
         self.dense_weight = None
 
@@ -245,15 +241,9 @@ class SpikeLinear(torch.nn.Module):
     def _linear(self, spikes, bias, out_dtype: torch.dtype) -> torch.Tensor:
         """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero)."""
         return ops.spike_linear(*spikes, self.qweight, self.kernel_zeros, self.kernel_scales,
-                                self.g_idx, *self._cpu_layout(), bias, self.kernel_bits,
+                                self.g_idx, *cpu_layout_of(self), bias, self.kernel_bits,
                                 self.kernel_group_size, out_dtype, self.backend)
 
-    def _cpu_layout(self):
-        """(packed, code_sums) while the layer is on the CPU they were built for, else
-        (None, None): after a move to another device the layout stays unused."""
-        if self.kernel_packed is None or self.kernel_packed.device != self.qweight.device:
-            return None, None
-        return self.kernel_packed, self.kernel_code_sums
 
     def extra_repr(self) -> str:
         enc = self.enc if self.enc is not None else "float activations"
