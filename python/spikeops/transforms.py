@@ -146,12 +146,13 @@ def restore_online(model: torch.nn.Module, record: Optional[dict]) -> None:
     if not isinstance(online, dict) or not isinstance(online.get("width"), int):
         raise ValueError(f"{fn}: {CONFIG_KEY}['down_proj'] must give the online rotation's "
                          f"width, got {online!r}")
+    rotation = OnlineRotation(online["width"], online.get("mix"))
     for layer in decoder_layers(fn, model):
         down = layer.mlp.down_proj
         if down.in_features != online["width"]:
             raise ValueError(f"{fn}: down_proj has {down.in_features} inputs, the recorded "
                              f"online rotation {online['width']}")
-        down.register_forward_pre_hook(OnlineRotation(online["width"], online.get("mix")))
+        down.register_forward_pre_hook(rotation)
 
 
 def _fold_norm(norm, linears) -> None:
@@ -207,10 +208,10 @@ def _rotate(model, layers, seed: int) -> dict:
     H_head = hadamard(head_dim)
     kv_heads = cfg.num_key_value_heads
     heads = cfg.num_attention_heads
-    inter = mlp_width = layers[0].mlp.down_proj.in_features
-    odd_i, _ = split_width(inter)
-    mix = random_orthogonal(odd_i, gen) if odd_i > 1 else None
-    online = OnlineRotation(mlp_width, mix.tolist() if mix is not None else None)
+    mlp_width = layers[0].mlp.down_proj.in_features
+    odd_mlp, _ = split_width(mlp_width)
+    online = OnlineRotation(mlp_width, random_orthogonal(odd_mlp, gen).tolist()
+                            if odd_mlp > 1 else None)
     T = online.matrix()
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -222,9 +223,32 @@ def _rotate(model, layers, seed: int) -> dict:
         left(attn.v_proj, torch.block_diag(*[H_head] * kv_heads))
         right(attn.o_proj, torch.block_diag(*[H_head] * heads))
         right(mlp.down_proj, T)
-        mlp.down_proj.register_forward_pre_hook(
-            OnlineRotation(mlp_width, mix.tolist() if mix is not None else None))
+        mlp.down_proj.register_forward_pre_hook(online)
     return {"kind": "rotate", "seed": seed, "down_proj": online.record()}
+
+
+# The four projection inputs of a decoder layer, by the projection that reads each first:
+# q_proj's (also k and v read it), o_proj's, gate_proj's (also up) and down_proj's.
+INPUTS = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
+          "mlp.down_proj": "down"}
+
+
+def _watch_inputs(model, layers, batches, see) -> None:
+    """Runs ``model`` on the token-id ``batches`` and calls ``see(layer index, kind, x)`` with
+    each of the four INPUTS of every layer, as the projection receives it (after any online
+    rotation, whose hook was registered first)."""
+    handles = []
+    for i, layer in enumerate(layers):
+        for path, kind in INPUTS.items():
+            handles.append(layer.get_submodule(path).register_forward_pre_hook(
+                lambda _m, args, i=i, kind=kind: see(i, kind, args[0])))
+    try:
+        device = next(model.parameters()).device
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -235,19 +259,9 @@ def input_outliers(model: torch.nn.Module, ids: torch.Tensor) -> Dict[str, dict]
     the first token, the median over the other tokens of their largest |x|, and the median over
     all tokens of (largest |x| / mean |x|), the outlier ratio that per-token 4-bit codes suffer
     from."""
-    kinds = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
-             "mlp.down_proj": "down"}
-    seen: Dict[str, List[torch.Tensor]] = {k: [] for k in kinds.values()}
-    handles = []
-    for layer in decoder_layers("input_outliers", model):
-        for path, kind in kinds.items():
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(
-                lambda _m, args, kind=kind: seen[kind].append(args[0][0].float().abs().cpu())))
-    try:
-        model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    seen: Dict[str, List[torch.Tensor]] = {kind: [] for kind in INPUTS.values()}
+    _watch_inputs(model, decoder_layers("input_outliers", model), [ids],
+                  lambda _i, kind, x: seen[kind].append(x[0].float().abs().cpu()))
     out = {}
     for kind, xs in seen.items():
         x = torch.stack(xs)                                  # [layers, T, K]
@@ -259,37 +273,23 @@ def input_outliers(model: torch.nn.Module, ids: torch.Tensor) -> Dict[str, dict]
 
 
 # ---------------------------------------------------------------------------- smooth
-SMOOTHED = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-
-
 def _smoothed_inputs(model, layers, batches, rows: int = 512):
-    """One pass over the calibration batches: ``(ranges, samples)`` of the inputs of q_proj
-    (= k, v), o_proj, gate_proj (= up) and down_proj of every layer, keyed "i.path": max |x|
-    per input channel, and up to ``rows`` input rows, both float64 on the CPU."""
-    ranges: Dict[str, torch.Tensor] = {}
-    samples: Dict[str, List[torch.Tensor]] = {}
-    handles = []
+    """One pass over the calibration batches: ``(ranges, samples)`` of the four inputs of every
+    layer, keyed (layer index, kind of INPUTS): max |x| per input channel, and up to ``rows``
+    input rows, both float64 on the CPU."""
+    ranges: Dict[tuple, torch.Tensor] = {}
+    samples: Dict[tuple, List[torch.Tensor]] = {}
 
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            top = x.abs().amax(0).double().cpu()
-            ranges[name] = torch.maximum(ranges[name], top) if name in ranges else top
-            have = sum(t.shape[0] for t in samples.get(name, []))
-            if have < rows:
-                samples.setdefault(name, []).append(x[: rows - have].double().cpu())
-        return hook
+    def see(i, kind, x):
+        key = (i, kind)
+        x = x.detach().reshape(-1, x.shape[-1])
+        top = x.abs().amax(0).double().cpu()
+        ranges[key] = torch.maximum(ranges[key], top) if key in ranges else top
+        have = sum(t.shape[0] for t in samples.get(key, []))
+        if have < rows:
+            samples.setdefault(key, []).append(x[: rows - have].double().cpu())
 
-    for i, layer in enumerate(layers):
-        for p in SMOOTHED:
-            handles.append(layer.get_submodule(p).register_forward_pre_hook(hook_for(f"{i}.{p}")))
-    try:
-        device = next(model.parameters()).device
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _watch_inputs(model, layers, batches, see)
     return ranges, {k: torch.cat(v) for k, v in samples.items()}
 
 
@@ -315,16 +315,14 @@ def _smooth(model, layers, batches, alphas) -> dict:
         for key, lins in (("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
                           ("gate_up", (mlp.gate_proj, mlp.up_proj)),
                           ("o", (attn.o_proj,)), ("down", (mlp.down_proj,))):
-            name = {"qkv": "self_attn.q_proj", "gate_up": "mlp.gate_proj", "o": "self_attn.o_proj",
-                    "down": "mlp.down_proj"}[key]
-            xmax = ranges[f"{i}.{name}"].clamp(min=1e-5)
+            xmax = ranges[(i, key)].clamp(min=1e-5)
             w = torch.cat([lin.weight.double().cpu() for lin in lins])
             wmax = w.abs().amax(0).clamp(min=1e-5)
             if key == "o":
                 # One scale per value channel: the query heads sharing a key-value head share it.
                 xmax = xmax.view(-1, group, head_dim).amax(1).repeat_interleave(group, 0).flatten()
                 wmax = wmax.view(-1, group, head_dim).amax(1).repeat_interleave(group, 0).flatten()
-            x = samples[f"{i}.{name}"]
+            x = samples[(i, key)]
             best = min(alphas, key=lambda a: _fake_quant_error(
                 x, w, xmax.pow(a) / wmax.pow(1 - a)))
             s = xmax.pow(best) / wmax.pow(1 - best)
@@ -332,11 +330,9 @@ def _smooth(model, layers, batches, alphas) -> dict:
             for lin in lins:
                 lin.weight.copy_((lin.weight.double() * s.to(lin.weight.device)[None, :])
                                  .to(lin.weight.dtype))
-            if key == "qkv":
-                norm = layer.input_layernorm
-            elif key == "gate_up":
-                norm = layer.post_attention_layernorm
-            if key in ("qkv", "gate_up"):
+            norm = {"qkv": layer.input_layernorm,
+                    "gate_up": layer.post_attention_layernorm}.get(key)
+            if norm is not None:
                 norm.weight.copy_((norm.weight.double() / s.to(norm.weight.device))
                                   .to(norm.weight.dtype))
             elif key == "o":
