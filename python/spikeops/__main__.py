@@ -118,16 +118,10 @@ def _write_whole(out: Path, write) -> None:
 
 
 def _cached(folder: Path, make) -> Path:
-    """``folder``, made by ``make(tmp)`` into a temporary sibling first when absent, so that an
-    interrupted run never leaves a half-made folder in the cache."""
-    import shutil
-    if folder.is_dir():
-        return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make(tmp)
-    tmp.rename(folder)
-    return folder
+    """``folder``, made by ``make(tmp)`` when absent (floatmodel.write_new_folder: an
+    interrupted run never leaves a half-made folder in the cache)."""
+    from .floatmodel import write_new_folder
+    return folder if folder.is_dir() else write_new_folder(folder, make)
 
 
 def _step(name, fn):

@@ -166,11 +166,11 @@ def _remove_stale_weights(folder: Path) -> None:
     if not index.is_file():
         return
     try:
-        listed = json.loads(index.read_text()).get("weight_map", {}).values()
-    except (OSError, ValueError, AttributeError):
-        listed = ()
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError):  # unreadable: only the index can go
+        weight_map = None
     index.unlink()
-    for name in set(listed) if not isinstance(listed, str) else ():
+    for name in set(weight_map.values()) if isinstance(weight_map, dict) else ():
         shard = inside(folder, name)
         if shard is not None and shard.is_file() and shard.name != "model.safetensors":
             shard.unlink()

@@ -78,11 +78,21 @@ def import_gguf(file: PathLike, out: PathLike) -> Path:
         raise ValueError(f"{fn}: out must be a new or empty folder, got {str(out)!r}")
     model, tokenizer = load_float_model(file)
     decoder_layers(fn, model)  # LLaMA-style: model.model.layers with the seven projections
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return write_new_folder(out, save)
+
+
+def write_new_folder(out: PathLike, make) -> Path:
+    """``out`` (absent or empty) filled by ``make(tmp)`` in a temporary sibling folder that is
+    then renamed into place: the folder appears whole or not at all."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        make(tmp)
         os.replace(tmp, out)  # rename(2) replaces an empty folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
