@@ -10,7 +10,8 @@ Every step (import, transform + GPTQ, calibration, evaluation) is cached in --ca
 table: perplexity, its ratio to the dense model, firing rate and SOPs per MAC) and prints the
 markdown. ``--speed`` adds tokens/s of a 256-token prefill and of one-token decode steps after
 it, for HF fp32 and bf16 and the last transform's model under the given encodings (``none``:
-float activations), measured in this process, one after the other. docs/transforms.md shows the committed result.
+float activations), measured in this process, one after the other. docs/transforms.md shows
+the committed result.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def markdown(table: dict, spread: dict, args) -> str:
             sops = f"{r.sops_per_mac:.3f}" if r.sops_per_mac is not None else "-"
             lines.append(f"| {kind} | {label} | {r.perplexity:.2f} | "
                          f"{r.perplexity / dense.perplexity:.2f} | {rate} | {sops} |")
-    lines += ["", "Projection inputs on float activations (first 256 evaluation tokens, all layers): "
-              "largest |x| of the first token, median over the other tokens of their largest "
+    lines += ["", "Projection inputs on float activations (first 256 evaluation tokens, all "
+              "layers): largest |x| of the first token, median over the other tokens of their largest "
               "|x|, and median of (largest |x| / mean |x|) per token.", "",
               "| transform | input | first token max | other tokens' max (median) | "
               "max / mean (median) |", "|---|---|---|---|---|"]

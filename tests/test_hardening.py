@@ -59,11 +59,12 @@ def test_save_over_an_older_sharded_checkpoint_loads_what_was_saved(checkpoint, 
     tensors = load_file(str(folder / "model.safetensors"))
     keys = sorted(tensors)
     half = len(keys) // 2
-    save_file({k: tensors[k] for k in keys[:half]}, str(folder / "model-00001-of-00002.safetensors"))
-    save_file({k: tensors[k] for k in keys[half:]}, str(folder / "model-00002-of-00002.safetensors"))
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    save_file({k: tensors[k] for k in keys[:half]}, str(folder / shards[0]))
+    save_file({k: tensors[k] for k in keys[half:]}, str(folder / shards[1]))
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+        k: shards[0 if i < half else 1] for i, k in enumerate(keys)}}))
     from transformers import AutoModelForCausalLM
     dense = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
     ids = tiny_batches()[0]

@@ -414,7 +414,8 @@ void gptq_dequantize(const DequantizeArgs& a) {
         for (int64_t n = n0; n < n1; ++n) {
           const int32_t q = gptq_code(a.qweight, a.N, k, n, a.bits);
           const int32_t z = a.zeros[g * a.N + n];
-          o[n * a.K + k] = static_cast<c10::Half>(a.scales[g * a.N + n] * static_cast<float>(q - z));
+          const float v = a.scales[g * a.N + n] * static_cast<float>(q - z);
+          o[n * a.K + k] = static_cast<c10::Half>(v);
         }
       }
     }

@@ -264,8 +264,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
         raise ValueError(f"{fn}: las_quantile must be a float in (0, 1), got {las_quantile!r}")
     _checks.integer(fn, "max_tokens", max_tokens, 1, 1 << 24)
     gamma_grid = tuple(gamma_grid)
-    if not gamma_grid or not all(isinstance(g, (int, float)) and not isinstance(g, bool)
-                                 and 0 < g <= 1 for g in gamma_grid):
+    if not gamma_grid or not all(_number(g) and 0 < g <= 1 for g in gamma_grid):
         raise ValueError(f"{fn}: gamma_grid must hold numbers in (0, 1], got {gamma_grid!r}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     batches = _checks.token_batches(fn, "batches", batches, vocab if vocab else 1 << 62)

@@ -1,4 +1,5 @@
-"""GPTQ weights (docs/checkpoints.md): packing, v1/v2 zero points, 3-bit repacking, and ``GPTQWeight``."""
+"""GPTQ weights (docs/checkpoints.md): packing, v1/v2 zero points, 3-bit repacking,
+``GPTQWeight`` and its kernel form."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def check_bits_group_size(fn: str, bits, group_size, where: str = "") -> None:
 def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2^bits)`` along ``dim`` (0: rows, as qweight; 1: columns, as
     qzeros) into int32 words: code i sits at bit ``bits * i`` of a little-endian bit stream, so a
-    3-bit code may straddle two words (docs/checkpoints.md). A partial last word is padded with zero bits."""
+    3-bit code may straddle two words (docs/checkpoints.md). A partial last word is padded with
+    zero bits."""
     _check_packing("pack", codes, "codes", bits, dim)
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise TypeError(f"pack: codes must be an integer tensor, got {codes.dtype}")

@@ -73,10 +73,10 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
                        lambda: f"gif_encode: mode must be one of {MODES}, got {mode!r}")
     _same_device("gif_encode", "x", x, salient_mask=salient_mask, scale=scale, zero=zero)
     torch._check_value(1 <= bits <= MAX_PLANES,
-                 lambda: f"gif_encode: bits must be in [1, {MAX_PLANES}], got {bits}")
+                       lambda: f"gif_encode: bits must be in [1, {MAX_PLANES}], got {bits}")
     torch._check_value(not _present(salient_mask) or bits < salient_bits <= MAX_PLANES,
-                 lambda: f"gif_encode: salient_bits must be in (bits, {MAX_PLANES}], got "
-                         f"{salient_bits}")
+                       lambda: f"gif_encode: salient_bits must be in (bits, {MAX_PLANES}], got "
+                               f"{salient_bits}")
     M, K = x.shape
     salient = _present(salient_mask)
     signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and not _present(zero))
@@ -168,7 +168,7 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
 def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, packed, code_sums, bias,
       bits, group_size, out_dtype, backend):
     torch._check_value(backend in BACKENDS,
-                 lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
+                       lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
     _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,
                  qweight=qweight, zeros=zeros, scales=scales, g_idx=g_idx, packed=packed,
                  code_sums=code_sums, bias=bias)

@@ -25,7 +25,8 @@ def quantize(model: torch.nn.Module, calib_inputs, bits: int = 4, group_size: in
         style). Calibration runs on the model's device.
     calib_inputs: token ids, int64 ``[B, T]`` or a list of such batches.
     bits, group_size (-1 = one group over K), sym, desc_act (act-order), damp_percent: as in
-        docs/checkpoints.md; groups are formed when their first column is reached (static_groups=False).
+        docs/checkpoints.md; groups are formed when their first column is reached
+        (static_groups=False).
 
     Layers are processed in order: the inputs of layer i are computed by the already quantized
     layers 0..i-1, one Hessian ``H = 2 X^T X / rows`` per projection is gathered by forward
@@ -84,8 +85,8 @@ def _find_params(w: torch.Tensor, bits: int, sym: bool) -> Tuple[torch.Tensor, t
     lo = w.min(1).values.clamp(max=0)
     hi = w.max(1).values.clamp(min=0)
     if sym:
-        # docs/checkpoints.md's scale 2 * max|w| / maxq for every row (the reference code's all-positive
-        # rows get max / maxq and clip their upper half).
+        # docs/checkpoints.md's scale 2 * max|w| / maxq for every row (the reference code's
+        # all-positive rows get max / maxq and clip their upper half).
         hi = torch.maximum(-lo, hi)
         lo = -hi
     empty = (lo == 0) & (hi == 0)

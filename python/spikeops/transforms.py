@@ -118,7 +118,8 @@ def transform(model: torch.nn.Module, kind: str, batches: Optional[Iterable[torc
     _checks.choice(fn, "kind", kind, TRANSFORMS)
     layers = decoder_layers(fn, model)
     if getattr(model.config, CONFIG_KEY, None):
-        raise ValueError(f"{fn}: model is already transformed ({getattr(model.config, CONFIG_KEY)})")
+        raise ValueError(f"{fn}: model is already transformed "
+                         f"({getattr(model.config, CONFIG_KEY)})")
     _checks.integer(fn, "seed", seed, 0, 2**63 - 1)
     if kind == "none":
         return {"kind": "none"}
