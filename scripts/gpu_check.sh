@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # The whole check on a GPU machine (torch with CUDA, nvcc, no network), in stages so that it fits
-# device calls of at most 10 minutes: clean CUDA build, GPU facts, the test suite, the
-# benchmarks (one JSON per stage) and their report, compute-sanitizer memcheck on the small CUDA
-# tests (time-bounded by SANITIZER_TIMEOUT seconds, default 240).
-# Every stage runs even after a failed one; each stage's exit code goes to OUTDIR/summary.txt and
-# the script exits non-zero if any failed. Stages other than `build` build only when the CUDA
-# kernels are not importable yet (a fresh machine).
+# device calls of at most 10 minutes: clean CUDA build for the GPU present, GPU facts, the test
+# suite, the benchmarks (one JSON per stage) and their report, compute-sanitizer memcheck on the
+# small CUDA tests.
+# Every stage runs even after a failed one, each under its own time limit (seconds; the
+# defaults below, or STAGE_TIMEOUT for all); its exit code goes to OUTDIR/summary.txt (124: time
+# limit) and the script exits non-zero if any failed. Stages other than `build` build only when
+# the CUDA kernels are not importable yet (a fresh machine). PYTHON picks the interpreter
+# (default python3, the one that holds torch on the GPU machines). NO_BUILD=1 never builds: the
+# dry run of the stages' shell logic on a machine without a GPU (CUDA cases then skip).
 #
 # Usage: scripts/gpu_check.sh OUTDIR [STAGE ...]
-# Stages, in the default order (all of them when none is named):
-#   build tests bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model report
-#   sanitizer
-# A 30-minute device budget fits, for example, three calls:
-#   1) build tests sanitizer   2) bench-linear-7B bench-linear-8B bench-ops
-#   3) bench-linear-70B bench-model report
+# Stages (all but the full bench-linear-* / bench-ops / bench-model when none is named):
+#   build tests bench-core bench-encode bench-decode report sanitizer    (15-minute budget)
+#   bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model (full matrix, hours)
+# bench-core: spike_linear at M = 1 and 2048 on the LLaMA-2-7B shapes (W4); bench-encode:
+# gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1.
 # OUTDIR receives summary.txt, build.txt, gpu.txt, pytest.txt, sanitizer.txt, bench-*.txt,
 # bench-*.json and report.md (from every bench-*.json present in OUTDIR).
 set -uo pipefail
@@ -27,9 +29,12 @@ out="$(cd "$1" && pwd)"
 shift
 stages=("$@")
 if (( ${#stages[@]} == 0 )); then
-  stages=(build tests bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model
-          report sanitizer)
+  stages=(build tests sanitizer bench-core bench-encode bench-decode report)
 fi
+PY=${PYTHON:-python3}
+# Each stage's time limit in seconds.
+declare -A LIMIT=([build]=200 [tests]=180 [sanitizer]=90 [bench-core]=150 [bench-encode]=45
+                  [bench-decode]=90 [report]=30)
 cd "$(dirname "$0")/.."
 summary="$out/summary.txt"
 touch "$summary"
@@ -40,6 +45,7 @@ step() {
   local name="$1"
   shift
   echo "=== [$(date +%H:%M:%S)] $name"
+  export STAGE_LIMIT="${STAGE_TIMEOUT:-${LIMIT[$name]:-600}}"
   "$@"
   local rc=$?
   echo "$name $rc" >> "$summary"
@@ -48,15 +54,22 @@ step() {
   return 0
 }
 
+# limited COMMAND...: COMMAND under the current stage's time limit (exit 124 when it runs out).
+limited() {
+  timeout --kill-after=10 "$STAGE_LIMIT" "$@"
+}
+
 cuda_ready() {
-  python -c 'import torch, spikeops; raise SystemExit(0 if torch.cuda.is_available() and
+  "$PY" -c 'import torch, spikeops; raise SystemExit(0 if torch.cuda.is_available() and
 torch._C._dispatch_has_kernel_for_dispatch_key("spikeops::spike_linear", "CUDA") else 1)' \
     2>/dev/null
 }
 
 build() {
   rm -rf build python/spikeops/_C*.so
-  SPIKEOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install --no-build-isolation --no-deps -e . \
+  # No TORCH_CUDA_ARCH_LIST: setup.py then builds for the GPU present only.
+  SPIKEOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" limited "$PY" -m pip install --no-build-isolation \
+    --no-deps -e . \
     2>&1 | tee "$out/build.txt"
   local rc=${PIPESTATUS[0]}
   gpu_facts
@@ -64,7 +77,7 @@ build() {
 }
 
 ensure_built() {
-  cuda_ready || build
+  [[ "${NO_BUILD:-0}" == 1 ]] || cuda_ready || build
 }
 
 gpu_facts() {
@@ -72,7 +85,7 @@ gpu_facts() {
     nvidia-smi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
       --format=csv
-    python - <<'PY'
+    "$PY" - <<'PY'
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
@@ -85,7 +98,10 @@ PY
 
 tests() {
   ensure_built
-  python -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.txt"
+  local parallel=()
+  if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+  limited "$PY" -m pytest tests -q -rs -p no:cacheprovider "${parallel[@]}" 2>&1 |
+    tee "$out/pytest.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -103,9 +119,9 @@ sanitizer() {
   # Without the caching allocator every tensor is its own allocation, so memcheck sees reads
   # past the end of a tensor instead of into a neighbour in the same pool block.
   # Small cases only (memcheck slows kernels 10-100x), time-bounded.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZER_TIMEOUT:-240}" "$tool" --tool memcheck \
-    --error-exitcode 97 python -m pytest tests -q -p no:cacheprovider \
-    -k "cuda and not 4096 and not 4128" 2>&1 | tee "$out/sanitizer.txt"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 limited "$tool" --tool memcheck --error-exitcode 97 \
+    "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "not 4096 and not 4128" 2>&1 |
+    tee "$out/sanitizer.txt"
   return "${PIPESTATUS[0]}"
 }
 
@@ -114,7 +130,7 @@ bench() {
   local name="$1"
   shift
   ensure_built
-  python -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$out/bench-$name.json" \
+  limited "$PY" -m pytest "$@" -q -p no:cacheprovider --benchmark-json "$out/bench-$name.json" \
     2>&1 | tee "$out/bench-$name.txt"
   local rc=${PIPESTATUS[0]}
   if (( rc == 5 )); then  # pytest: no tests collected, a failure here
@@ -129,7 +145,7 @@ report() {
     echo "no bench-*.json in $out: no report"
     return 1
   fi
-  python bench/report.py "${files[@]}" > "$out/report.md"
+  limited "$PY" bench/report.py "${files[@]}" > "$out/report.md"
 }
 
 for s in "${stages[@]}"; do
@@ -137,6 +153,10 @@ for s in "${stages[@]}"; do
     build) step build build ;;
     tests) step tests tests ;;
     sanitizer) step sanitizer sanitizer ;;
+    bench-core) step "$s" bench core bench/test_linear.py \
+      -k "7B-qkvo-M1-W4 or 7B-qkvo-M2048-W4 or 7B-gate_up-M1-W4 or 7B-gate_up-M2048-W4" ;;
+    bench-encode) step "$s" bench encode bench/test_ops.py -k "gif_encode and 4096" ;;
+    bench-decode) step "$s" bench decode bench/test_model.py -k "decode-batch1" ;;
     bench-linear-7B) step "$s" bench linear-7B bench/test_linear.py -k "7B-" ;;
     bench-linear-8B) step "$s" bench linear-8B bench/test_linear.py -k "8B-" ;;
     bench-linear-70B) step "$s" bench linear-70B bench/test_linear.py -k "70B-" ;;
