@@ -188,13 +188,14 @@ constexpr int kCountWarps = kCountThreads / 32;
 
 __global__ void __launch_bounds__(kCountThreads) spike_counts_kernel(const CountsArgs a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t* sign = a.negative ? a.sign : nullptr;  // sign masks only for negative=True
   for (int64_t pm = int64_t(blockIdx.x) * kCountWarps + warp; pm < a.P * a.M;
        pm += int64_t(gridDim.x) * kCountWarps) {
     const int64_t m = pm % a.M;
     int64_t c = 0;
     // Every bit of every word counts, as on the CPU (encode never sets bits at k >= K).
     for (int64_t w = lane; w < a.W; w += 32)
-      c += __popc(__ldg(a.planes + pm * a.W + w) & (a.sign ? __ldg(a.sign + m * a.W + w) : kFullMask));
+      c += __popc(__ldg(a.planes + pm * a.W + w) & (sign ? __ldg(sign + m * a.W + w) : kFullMask));
     for (int off = 16; off > 0; off /= 2) c += __shfl_down_sync(kFullMask, c, off);
     if (lane == 0) a.counts[pm] = c;
   }

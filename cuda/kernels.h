@@ -30,4 +30,10 @@ void launch_spike_accumulate(const AccumulateArgs& a, cudaStream_t stream);
 void launch_spike_linear(const LinearArgs& a, cudaStream_t stream);
 void launch_gptq_dequantize(const DequantizeArgs& a, cudaStream_t stream);
 
+// spike_linear's launcher per weight bit width (cuda/linear_w*.cu), called by
+// launch_spike_linear.
+void launch_spike_linear_w2(const LinearArgs& a, cudaStream_t stream);
+void launch_spike_linear_w4(const LinearArgs& a, cudaStream_t stream);
+void launch_spike_linear_w8(const LinearArgs& a, cudaStream_t stream);
+
 }  // namespace spikeops

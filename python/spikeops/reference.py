@@ -178,6 +178,12 @@ def spike_stats(planes, sign=None):
                       zero_words.reshape(1)]).to(torch.int64)
 
 
+def _exact_matmul(a, b):
+    """``a @ b`` of int64 matrices, exact; on the CPU, which has the int64 matmul that CUDA lacks
+    (the result returns to a's device)."""
+    return (a.cpu() @ b.cpu()).to(a.device)
+
+
 def spike_accumulate(planes, sign, hi, w, per_plane=False):
     K = w.shape[0]
     M = planes.shape[1]
@@ -186,7 +192,7 @@ def spike_accumulate(planes, sign, hi, w, per_plane=False):
     w64 = w.to(torch.int64)
 
     def per_range(c):
-        return torch.stack([(c * (r == i)) @ w64 for i in range(R)])
+        return torch.stack([_exact_matmul(c * (r == i), w64) for i in range(R)])
 
     if per_plane:
         return torch.stack([per_range(_codes(planes, sign, K, only_plane=p))
@@ -222,7 +228,7 @@ def spike_linear(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, p
         S = torch.zeros(M, qweight.shape[1], dtype=torch.float64, device=planes.device)
         for g in range(G):
             mask = (r == ri) & (g_of_k == g)[None, :]
-            D = (c * mask) @ wd
+            D = _exact_matmul(c * mask, wd)
             S = S + (scales[g][None, :] * D.to(_F32)).double()
         term = scale[:, ri].double()[:, None] * S
         y = term if y is None else y + term

@@ -1,0 +1,6 @@
+// spike_linear on 8-bit weights (cuda/linear_kernel.cuh).
+#include "linear_kernel.cuh"
+
+void spikeops::launch_spike_linear_w8(const LinearArgs& a, cudaStream_t stream) {
+  launch_bits<8>(a, stream);
+}
