@@ -97,6 +97,8 @@ PY
     # holding a number crashed inside the extension (std::ostream::_M_insert<long> resolved into
     # _C.so itself; docs/performance.md, "GPU status"), on both devices.
     "${CXX:-c++}" --version | head -n 1
+    env | grep -E "^(CC|CXX|CFLAGS|CXXFLAGS|LDFLAGS|LDSHARED)=" || echo "no compiler variables set"
+    "$PY" -c 'import sysconfig; print("LDSHARED:", sysconfig.get_config_var("LDSHARED"))'
     local so
     so="$(ls python/spikeops/_C*.so 2>/dev/null | head -n 1)"
     if [[ -n "$so" ]]; then
