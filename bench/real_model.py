@@ -41,34 +41,48 @@ def outliers(q_dir: Path, eval_text: str) -> dict:
 
 
 def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
-    """``[(system, prefill tokens/s, decode tokens/s)]``: median of 3 prefills of 256 tokens,
-    then 32 decode steps after them."""
+    """``[(system, prefill tokens/s, decode tokens/s)]``: median of 3 prefills of 256 tokens
+    (logits of the last token only, as generation needs), then 32 decode steps after them.
+    HF rows run transformers' forward; the spikeops rows, and the float model once more, run
+    ``spikeops.runner.Runner``, the lean forward ``generate`` uses."""
     import torch
     from spikeops import Encoding, load_gptq
     from spikeops.__main__ import _calibration, parse_encoding
     from spikeops.calibrate import set_encoding
     from spikeops.evaluate import encode_text, forward_step
     from spikeops.floatmodel import load_float_model
+    from spikeops.runner import Runner
     from spikeops.timing import median_ms, seconds
     fp32, tok = load_float_model(float_dir)
     ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), tok)[None, :257]
-    rows = []
+    steps, rows = 32, []
 
-    def measure(name, model):
+    def measure(name, model, lean):
         with torch.no_grad():
-            prefill = 256e3 / median_ms(lambda: model(input_ids=ids[:, :256]), 3)
-            cache = forward_step(model, ids[:, :256], None)[1]
-            steps = 32
-            t = seconds(lambda: [forward_step(model, ids[:, 256:], cache) for _ in range(steps)])
-        rows.append((name, prefill, steps / t))
+            if lean:
+                runner = Runner(model, 256 + steps)
 
-    measure("HF fp32", fp32)
-    measure("HF bf16", load_float_model(float_dir, torch.bfloat16)[0])
+                def prefill():
+                    runner.reset()
+                    return runner(ids[:, :256], last_only=True)
+                rate = 256e3 / median_ms(prefill, 3)
+                prefill()
+                t = seconds(lambda: [runner(ids[:, 256:]) for _ in range(steps)])
+            else:
+                rate = 256e3 / median_ms(lambda: model(input_ids=ids[:, :256], logits_to_keep=1), 3)
+                cache = forward_step(model, ids[:, :256], None)[1]
+                t = seconds(lambda: [forward_step(model, ids[:, 256:], cache) for _ in range(steps)])
+        rows.append((name, rate, steps / t))
+
+    measure("HF fp32", fp32, lean=False)
+    measure("HF bf16", load_float_model(float_dir, torch.bfloat16)[0], lean=False)
+    measure("fp32, spikeops Runner", fp32, lean=True)
     calibration = _calibration(q_dir)
     model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
     for spec in encodings.split(","):
         set_encoding(model, parse_encoding(spec, calibration), calibration)
-        measure(f"spikeops W4 {spec if spec != 'none' else 'float activations'}", model)
+        label = spec if spec != "none" else "float activations"
+        measure(f"spikeops W4 {label}, Runner", model, lean=True)
     return rows
 
 

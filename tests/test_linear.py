@@ -224,10 +224,13 @@ def test_module_state_dict_and_moves_rebuild_the_kernel_form(device):
                              spikeops.Encoding("minmax", 4), bias=torch.randn(24, device=device))
     assert set(a.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
     x = torch.randn(3, 64, device=device)
+    before = b(x)  # b has run (and kept its op arguments) before it gets new weights
     b.load_state_dict(a.state_dict())
-    assert torch.equal(b(x), a(x)) and torch.equal(b.kernel_zeros, a.kernel_zeros)
+    assert torch.equal(b(x), a(x)) and not torch.equal(b(x), before)
+    assert torch.equal(b.kernel_zeros, a.kernel_zeros)
     moved = copy.deepcopy(a).to("meta")
     assert all(t.is_meta for t in (moved.kernel_zeros, moved.kernel_scales, moved.kernel_bias))
+    assert moved(x.to("meta")).is_meta  # the op arguments followed the move
 
 
 def test_float_activations_dequantize_once(device, monkeypatch):
@@ -247,19 +250,25 @@ def test_float_activations_dequantize_once(device, monkeypatch):
     assert lin.dense_weight is None
 
 
-VNNI_CASES = [  # (K, N, group_size, act_order, encoding name, M): ragged K and N, every range
+ISA_CASES = [  # (K, N, group_size, act_order, encoding name, M): ragged K and N, every range;
+    # M >= 8 runs AMX tiles of 16 tokens where the CPU has them (the last block padded)
     (256, 72, 128, False, "minmax4", 1), (264, 40, 8, False, "absmax4-g0.5", 3),
     (200, 130, -1, False, "minmax4-salient6", 5), (136, 17, 8, False, "oat8", 2),
     (96, 33, 32, False, "minmax8", 4), (128, 48, 32, False, "absmean3", 0),
     (128, 48, 32, True, "minmax4", 2), (4096, 32, -1, False, "absmax4-salient8", 1),
+    (256, 72, 128, False, "minmax4", 16), (264, 40, 8, False, "absmax4-g0.5", 37),
+    (200, 130, -1, False, "minmax4-salient6", 19), (96, 33, 32, False, "minmax8", 64),
+    (128, 48, 32, False, "absmean3", 8), (4096, 32, -1, False, "absmax4-salient8", 20),
+    (520, 100, 40, False, "minmax4", 33),
 ]
 
 
-@pytest.mark.parametrize("K, N, gs, act, enc_name, M", VNNI_CASES)
+@pytest.mark.parametrize("K, N, gs, act, enc_name, M", ISA_CASES)
 def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
-    """The AVX-512 VNNI and AVX2 paths on the CPU layout (where the CPU has them) and the
-    generic kernel give the reference's bits; SPIKEOPS_CPU_ISA=avx2 or =generic caps the
-    choice. Act-order layers and 8-bit signed codes have no CPU layout or do not fit it."""
+    """The AMX, AVX-512 VNNI and AVX2 paths on the CPU layout (where the CPU has them) and the
+    generic kernel give the reference's bits; SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic
+    caps the choice. Act-order layers and 8-bit signed codes have no CPU layout or do not fit
+    it."""
     from spikeops import _C
     w = make_layer(K, N, 4, gs, act_order=act, sym=False, device="cpu")[0]
     assert (w.kernel_packed is None) == act
@@ -267,7 +276,7 @@ def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
     bias = torch.randn(N)
     ref = reference.spike_linear(*linear_args(st, w, bias, torch.float32, "int"))
     seen = set()
-    for isa in ("", "avx2", "generic"):  # the best the CPU has, then capped
+    for isa in ("", "avx512vnni", "avx2", "generic"):  # the best the CPU has, then capped
         monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
         seen.add(_C.cpu_isa())
         y = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")

@@ -1,5 +1,6 @@
-// The int backend of spike_linear on x86 CPUs with AVX-512 VNNI or AVX2: integer dot products of
-// 8-bit activation codes and 4-bit weight codes (vpdpbusd; vpmaddubsw + vpmaddwd on AVX2), on
+// The int backend of spike_linear on x86 CPUs with AMX, AVX-512 VNNI or AVX2: integer dot
+// products of 8-bit activation codes and 4-bit weight codes (AMX tdpbusd / tdpbsud on blocks of
+// 16 tokens; vpdpbusd; vpmaddubsw + vpmaddwd on AVX2), on
 // the CPU layout of the weights that spikeops.GPTQWeight builds once (docs/ops.md, spike_linear,
 // "CPU layout"):
 //   packed[t, b, 4 * n + j]: byte of columns 16t + n, channels 8b + j (low nibble) and
@@ -10,6 +11,9 @@
 // vpdpbusd adds four code products per lane at once. Each token's codes are broadcast as four
 // bytes; unsigned encodings (Q <= 255) are the instruction's unsigned operand and the weight
 // codes (<= 15) its signed one, signed encodings (|sQ| <= 127) the other way round.
+// AMX multiplies a tile of 16 tokens x 64 channels by a tile of 64 channels x 16 columns: the
+// low and high nibbles of a packed row are, as they stand, two rows of the AMX weight tile
+// (four consecutive channels of 16 columns), so a tile is 8 packed rows unpacked.
 //
 // The integers are those of csrc/cpu/linear.cpp, so the outputs are identical bit for bit:
 //   D[g, r] = sum over k in group g, range r of (s*Q - zero[r]) * (q - z)
@@ -26,9 +30,13 @@
 #include "cpu/kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define SPIKEOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define SPIKEOPS_AVX2 __attribute__((target("avx2")))
+#define SPIKEOPS_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
 #define SPIKEOPS_HAVE_VNNI_BUILD 1
 #else
 #define SPIKEOPS_HAVE_VNNI_BUILD 0
@@ -47,21 +55,35 @@ int64_t layout_group(const LinearArgs& a) {
   return a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
 }
 
+#if SPIKEOPS_HAVE_VNNI_BUILD
+namespace {
+// AMX: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25) and Linux lets this
+// process use the tile registers (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool amx_usable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+}  // namespace
+#endif
+
 IntIsa int_isa() {
 #if SPIKEOPS_HAVE_VNNI_BUILD
   static const IntIsa supported = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vnni"))
-      return IntIsa::kAvx512Vnni;
+      return amx_usable() ? IntIsa::kAmx : IntIsa::kAvx512Vnni;
     return __builtin_cpu_supports("avx2") ? IntIsa::kAvx2 : IntIsa::kGeneric;
   }();
-  // SPIKEOPS_CPU_ISA=avx2 or =generic caps the choice (read on every call, so that the tests
-  // run every path in one process); it never enables what the CPU lacks.
+  // SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic caps the choice (read on every call, so that
+  // the tests run every path in one process); it never enables what the CPU lacks.
   const char* forced = std::getenv("SPIKEOPS_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return IntIsa::kGeneric;
-  if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && supported == IntIsa::kAvx512Vnni)
-    return IntIsa::kAvx2;
+  if (forced == nullptr) return supported;
+  for (IntIsa cap : {IntIsa::kGeneric, IntIsa::kAvx2, IntIsa::kAvx512Vnni})
+    if (std::strcmp(forced, int_isa_name(cap)) == 0) return std::min(supported, cap);
   return supported;
 #else
   return IntIsa::kGeneric;
@@ -70,6 +92,7 @@ IntIsa int_isa() {
 
 const char* int_isa_name(IntIsa isa) {
   switch (isa) {
+    case IntIsa::kAmx: return "amx";
     case IntIsa::kAvx512Vnni: return "avx512vnni";
     case IntIsa::kAvx2: return "avx2";
     default: return "generic";
@@ -82,6 +105,9 @@ namespace {
 constexpr int kTileCols = 16;  // columns per zmm of int32 lanes
 constexpr int kTiles = 4;        // column tiles per task: independent accumulator chains
 constexpr int kBlockTokens = 4;  // tokens per task when M allows: one weight load serves them
+// Tokens from which AMX runs (blocks of 16, the last one padded with silent tokens); fewer
+// take AVX-512 VNNI. Measured on 4096 -> 11008: see docs/performance.md.
+constexpr int64_t kAmxTokens = 8;
 
 // One token's codes as the kernel broadcasts them: byte k is channel k, so dwords 2b and 2b + 1
 // hold channels 8b..8b+3 and 8b+4..8b+7 of block b; per range (R = 2: range 1 codes and an
@@ -143,6 +169,9 @@ inline bool block_codes(const int32_t* const* act, int64_t b, int32_t* lo, int32
 }
 
 struct Avx512 {
+  static constexpr int kBlock = kBlockTokens;
+  static void task_begin() {}
+
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
                                   int64_t b0, int64_t b1, const int32_t* const* act,
@@ -207,6 +236,9 @@ struct Avx512 {
 // product is vpmaddubsw (pairs of u8 x s8 into int16, at most 2 * 255 * 15 or 2 * 15 * 127: no
 // saturation) followed by vpmaddwd with ones (pairs of int16 into int32).
 struct Avx2 {
+  static constexpr int kBlock = kBlockTokens;
+  static void task_begin() {}
+
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX2 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
                                 int64_t b0, int64_t b1, const int32_t* const* act,
@@ -260,6 +292,100 @@ struct Avx2 {
   }
 };
 
+// AMX: tiles of 16 tokens x 64 channels (A, u8 or s8) times 64 channels x 16 columns (B, the
+// other signedness), accumulated over a group into one int32 16 x 16 tile per column tile
+// (tmm0..tmm3); tmm4 holds A, tmm5 B. The epilogue is AVX-512's.
+struct Amx {
+  static constexpr int kBlock = 16;  // tokens per tile
+  static constexpr int kChunk = 8;   // packed rows (blocks of 8 channels) per tile: 64 channels
+
+  struct alignas(64) Config {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  };
+
+  // The tile shapes live in a per-thread register that other code (oneDNN's AMX kernels in
+  // torch) may load with its own: every task loads this one.
+  SPIKEOPS_AMX static void task_begin() {
+    static const Config config = [] {
+      Config c;
+      for (int t = 0; t < 6; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+      return c;
+    }();
+    _tile_loadconfig(&config);
+  }
+
+  template <bool kUnsigned, int kMB>
+  SPIKEOPS_AMX static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
+                               int64_t b0, int64_t b1, const int32_t* const* act,
+                               int32_t (*A)[kCols]) {
+    static_assert(kMB == kBlock, "AMX tiles hold 16 tokens");
+    alignas(64) uint8_t a_tile[kBlock][64], b_tile[2 * kChunk][64];
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = b0; c < b1; c += kChunk) {
+      const int nb = static_cast<int>(std::min<int64_t>(kChunk, b1 - c));
+      const __mmask64 bytes = nb == kChunk ? ~__mmask64(0) : (__mmask64(1) << (8 * nb)) - 1;
+      __mmask64 any = 0;
+      for (int t = 0; t < kBlock; ++t) {
+        const __m512i v = _mm512_maskz_loadu_epi8(
+            bytes, reinterpret_cast<const uint8_t*>(act[t]) + 8 * c);
+        any |= _mm512_test_epi8_mask(v, v);
+        _mm512_store_si512(a_tile[t], v);
+      }
+      if (!any) continue;  // channels silent in every token: their weights are not read
+      compiler_barrier();
+      _tile_loadd(4, a_tile, 64);
+      for (int i = 0; i < tiles; ++i) {
+        const uint8_t* rows = packed + ((t0 + i) * KB + c) * 64;
+        for (int r = 0; r < kChunk; ++r) {
+          const __m512i w = r < nb ? _mm512_loadu_si512(rows + 64 * r) : _mm512_setzero_si512();
+          _mm512_store_si512(b_tile[2 * r], _mm512_and_si512(w, low));
+          _mm512_store_si512(b_tile[2 * r + 1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low));
+        }
+        compiler_barrier();
+        _tile_loadd(5, b_tile, 64);
+        // Tile registers are immediates. Unsigned encodings: activations u8, weight codes s8
+        // (<= 15); signed: activations s8, weight codes u8.
+#define SPIKEOPS_AMX_DP(tile)            \
+  if constexpr (kUnsigned) {             \
+    _tile_dpbusd(tile, 4, 5);            \
+  } else {                               \
+    _tile_dpbsud(tile, 4, 5);            \
+  }
+        switch (i) {
+          case 0: SPIKEOPS_AMX_DP(0) break;
+          case 1: SPIKEOPS_AMX_DP(1) break;
+          case 2: SPIKEOPS_AMX_DP(2) break;
+          default: SPIKEOPS_AMX_DP(3) break;
+        }
+#undef SPIKEOPS_AMX_DP
+      }
+    }
+    int32_t* out = A[0];
+    if (tiles > 0) _tile_stored(0, out, sizeof(A[0]));
+    if (tiles > 1) _tile_stored(1, out + kTileCols, sizeof(A[0]));
+    if (tiles > 2) _tile_stored(2, out + 2 * kTileCols, sizeof(A[0]));
+    if (tiles > 3) _tile_stored(3, out + 3 * kTileCols, sizeof(A[0]));
+    compiler_barrier();
+  }
+
+  // GCC's tile load and store intrinsics are asm statements that do not tell the compiler they
+  // touch memory: without a barrier it may drop the stores that fill a tile buffer, or read
+  // A before the tile store.
+  static void compiler_barrier() { asm volatile("" ::: "memory"); }
+
+  static void fold(const LinearArgs& a, int64_t g, int64_t n0, int cols, const int32_t* A,
+                   const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr, int32_t count,
+                   double* S) {
+    Avx512::fold(a, g, n0, cols, A, Q1, range1, sum_a, zr, count, S);
+  }
+};
+
 // Geometry of one call.
 struct Plan {
   int64_t KB, NT, gs;
@@ -278,6 +404,7 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   const int cols = static_cast<int>(std::min<int64_t>(tiles * kTileCols, a.N - n0));
   const int32_t* act[kMB];
   std::fill(&S[0][0][0], &S[0][0][0] + kMB * 2 * kCols, 0.0);
+  Isa::task_begin();
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * p.gs / 8, b1 = std::min<int64_t>(p.KB, (g + 1) * p.gs / 8);
     for (int64_t r = 0; r < R; ++r) {
@@ -339,8 +466,11 @@ void run(const LinearArgs& a) {
   at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) token_codes(a, m, p.KB, p.gs, codes[m]);
   });
-  // One token per task at decode (no padding work), four per task beyond.
-  if (a.M < kBlockTokens) {
+  // AMX: blocks of 16 tokens (it runs from kAmxTokens on). Else one token per task at decode
+  // (no padding work), four per task beyond.
+  if constexpr (Isa::kBlock > kBlockTokens) {
+    run<Isa, kUnsigned, Isa::kBlock, T>(a, p, codes);
+  } else if (a.M < kBlockTokens) {
     run<Isa, kUnsigned, 1, T>(a, p, codes);
   } else {
     run<Isa, kUnsigned, kBlockTokens, T>(a, p, codes);
@@ -372,7 +502,9 @@ IntIsa int_layout_isa(const LinearArgs& a) {
 
 void spike_linear_int_layout(const LinearArgs& a, IntIsa isa) {
 #if SPIKEOPS_HAVE_VNNI_BUILD
-  if (isa == IntIsa::kAvx512Vnni) {
+  if (isa == IntIsa::kAmx && a.M >= kAmxTokens) {
+    run_isa<Amx>(a);
+  } else if (isa == IntIsa::kAmx || isa == IntIsa::kAvx512Vnni) {
     run_isa<Avx512>(a);
   } else {
     run_isa<Avx2>(a);

@@ -18,12 +18,12 @@ void spike_accumulate(const AccumulateArgs& a);
 void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 
-// The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AVX-512 VNNI or
-// AVX2 dot products. int_isa: the best the CPU has, capped by SPIKEOPS_CPU_ISA=avx2 or
-// =generic. int_layout_isa: the one a call can use (kGeneric when the layout is absent or the
-// codes do not fit 8 bits); spike_linear runs spike_linear_int_layout with it, with identical
-// results.
-enum class IntIsa { kGeneric, kAvx2, kAvx512Vnni };
+// The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AMX tiles (blocks
+// of 16 tokens; fewer tokens take AVX-512 VNNI), AVX-512 VNNI or AVX2 dot products. int_isa:
+// the best the CPU has, capped by SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic.
+// int_layout_isa: the one a call can use (kGeneric when the layout is absent or the codes do
+// not fit 8 bits); spike_linear runs spike_linear_int_layout with it, with identical results.
+enum class IntIsa { kGeneric, kAvx2, kAvx512Vnni, kAmx };
 IntIsa int_isa();
 const char* int_isa_name(IntIsa isa);
 IntIsa int_layout_isa(const LinearArgs& a);

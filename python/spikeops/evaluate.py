@@ -115,7 +115,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
     """Continue ``prompt`` (int64 ``[T]``) by ``max_new_tokens`` tokens: greedy when
     ``temperature`` is 0, else sampled from softmax(logits / temperature), optionally restricted
     to the ``top_k`` most likely tokens; a token of ``stop`` ends it (and is not returned). Uses
-    the model's key-value cache. Returns the new tokens."""
+    a key-value cache (``spikeops.runner.Runner`` for LLaMA-architecture models). Returns the
+    new tokens."""
     fn = "generate"
     _checks.tensor(fn, "prompt", prompt, (torch.int64, torch.int32), dim=1)
     if prompt.shape[0] < 1:
@@ -129,10 +130,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
     gen = torch.Generator().manual_seed(seed)
     ids = prompt.to(torch.int64).unsqueeze(0).to(device)
-    cache, out = None, []
+    step = _stepper(model, prompt.shape[0] + max_new_tokens)
+    out = []
     for _ in range(max_new_tokens):
-        logits, cache = forward_step(model, ids, cache)
-        logits = logits[0, -1].float().cpu()
+        logits = step(ids)[0, -1].float().cpu()
         if temperature == 0:
             token = int(logits.argmax())
         else:
@@ -145,6 +146,26 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
         out.append(token)
         ids = torch.tensor([[token]], device=device)
     return torch.tensor(out, dtype=torch.int64)
+
+
+def _stepper(model, max_len: int):
+    """``step(ids) -> logits`` continuing one sequence: the lean ``Runner`` for
+    LLaMA-architecture models (the same logits, faster), else transformers' forward with its
+    cache."""
+    from .runner import Runner
+    try:
+        runner = Runner(model, max_len)
+    except ValueError:
+        runner = None
+    if runner is not None:
+        return lambda ids: runner(ids, last_only=True)
+    cache = None
+
+    def step(ids):
+        nonlocal cache
+        logits, cache = forward_step(model, ids, cache)
+        return logits
+    return step
 
 
 @dataclass

@@ -113,6 +113,11 @@ def share_inputs(model: torch.nn.Module) -> int:
     return groups
 
 
+# The buffers SpikeLinear._linear hands to spike_linear besides the spikes.
+_WEIGHT_ARGS = frozenset(("qweight", "kernel_zeros", "kernel_scales", "g_idx", "kernel_packed",
+                          "kernel_code_sums"))
+
+
 class SpikeLinear(torch.nn.Module):
     """A GPTQ linear layer that runs on spikes: ``x -> encode(x) -> spike_linear``, output in x's
     dtype. Holds the GPTQ tensors as buffers (packed, never dequantized; they are its state
@@ -204,7 +209,7 @@ class SpikeLinear(torch.nn.Module):
         the float32 kernel scales and bias, which the kernels read in those dtypes (and bfloat16
         would round them): they follow the module's device moves only."""
         kept = {name: getattr(self, name) for name in ("scales", "kernel_scales", "kernel_bias")}
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # setting kernel_scales below also drops _weight_args
         for name, t in kept.items():
             if t is not None:
                 setattr(self, name, t.to(self.qweight.device))
@@ -240,9 +245,20 @@ class SpikeLinear(torch.nn.Module):
 
     def _linear(self, spikes, bias, out_dtype: torch.dtype) -> torch.Tensor:
         """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero)."""
-        return ops.spike_linear(*spikes, self.qweight, self.kernel_zeros, self.kernel_scales,
-                                self.g_idx, *cpu_layout_of(self), bias, self.kernel_bits,
+        weights = self.__dict__.get("_weight_args")
+        if weights is None:
+            weights = (self.qweight, self.kernel_zeros, self.kernel_scales, self.g_idx,
+                       *cpu_layout_of(self))
+            self.__dict__["_weight_args"] = weights
+        return ops.spike_linear(*spikes, *weights, bias, self.kernel_bits,
                                 self.kernel_group_size, out_dtype, self.backend)
+
+    def __setattr__(self, name: str, value) -> None:
+        # _linear keeps the op's weight arguments (a decode step would otherwise spend more on
+        # looking up buffers than on some layers): any change to one of them drops that tuple.
+        if name in _WEIGHT_ARGS:
+            self.__dict__.pop("_weight_args", None)
+        super().__setattr__(name, value)
 
 
     def extra_repr(self) -> str:

@@ -14,6 +14,8 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
 
+# Ops are called through their one overload (.default): that skips the overload resolution of
+# torch.ops' packets, a few microseconds per call that decode steps feel.
 _ops = torch.ops.spikeops
 
 Tensor = torch.Tensor
@@ -25,7 +27,21 @@ BACKENDS = ("auto", "spike", "int")
 
 
 def _empty_like_absent(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t is not None else like.new_empty((0,), dtype=dtype)
+    """``t``, or for an absent (None) argument the empty tensor the op takes instead. Empty
+    tensors have nothing to change, so eager calls on plain tensors share one per device and
+    dtype; traced calls (torch.compile, fake or other tensor subclasses) make their own."""
+    if t is not None:
+        return t
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        return like.new_empty((0,), dtype=dtype)
+    key = (like.device, dtype)
+    empty = _ABSENT.get(key)
+    if empty is None:
+        empty = _ABSENT[key] = like.new_empty((0,), dtype=dtype)
+    return empty
+
+
+_ABSENT: dict = {}
 
 
 def _present(t: Tensor) -> bool:
@@ -59,7 +75,7 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
                theta_nor: float = 0.0, theta_out: float = 0.0):
     """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
     zero [M, R])``; absent outputs are empty tensors. See docs/ops.md for every mode."""
-    return _ops.gif_encode(x, mode, bits, gamma,
+    return _ops.gif_encode.default(x, mode, bits, gamma,
                            _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
                            _empty_like_absent(scale, x, torch.float32),
                            _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
@@ -93,7 +109,7 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
 def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
                  zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32, cast to ``dtype``."""
-    return _ops.spike_decode(planes, _empty_like_absent(sign, planes, _INT32),
+    return _ops.spike_decode.default(planes, _empty_like_absent(sign, planes, _INT32),
                              _empty_like_absent(hi, planes, _INT32), scale,
                              _empty_like_absent(zero, planes, _INT32), K, dtype)
 
@@ -106,7 +122,7 @@ def _(planes, sign, hi, scale, zero, K, dtype):
 
 def spike_counts(planes: Tensor, sign: Optional[Tensor] = None, negative: bool = False) -> Tensor:
     """Set bits per plane and token, int64 ``[P, M]``; ``negative`` counts only negative spikes."""
-    return _ops.spike_counts(planes, _empty_like_absent(sign, planes, _INT32), negative)
+    return _ops.spike_counts.default(planes, _empty_like_absent(sign, planes, _INT32), negative)
 
 
 @torch.library.register_fake("spikeops::spike_counts")
@@ -119,7 +135,7 @@ def spike_stats(planes: Tensor, sign: Optional[Tensor] = None) -> Tensor:
     """One-pass statistics summed over tokens, int64 ``[2P + 2]``: spikes per plane, negative
     spikes per plane (zeros without ``sign``), fired channels (set bits of the OR over planes)
     and all-zero words (OR over planes == 0). ``spikeops.track`` calls this once per layer."""
-    return _ops.spike_stats(planes, _empty_like_absent(sign, planes, _INT32))
+    return _ops.spike_stats.default(planes, _empty_like_absent(sign, planes, _INT32))
 
 
 @torch.library.register_fake("spikeops::spike_stats")
@@ -132,7 +148,7 @@ def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor
                      per_plane: bool = False) -> Tensor:
     """Exact ``sum_k s * Q * w[k, n]`` per range with int8 ``w [K, N]``: int64 ``[R, M, N]``,
     or ``[P, R, M, N]`` per plane."""
-    return _ops.spike_accumulate(planes, _empty_like_absent(sign, planes, _INT32),
+    return _ops.spike_accumulate.default(planes, _empty_like_absent(sign, planes, _INT32),
                                  _empty_like_absent(hi, planes, _INT32), w, per_plane)
 
 
@@ -155,7 +171,7 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
     ``[G, N]``, float32 ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when
     ``group_size`` is 0), the CPU layout ``packed``/``code_sums`` of 4-bit codes or None,
     float32 ``bias [N]``."""
-    return _ops.spike_linear(planes, _empty_like_absent(sign, planes, _INT32),
+    return _ops.spike_linear.default(planes, _empty_like_absent(sign, planes, _INT32),
                              _empty_like_absent(hi, planes, _INT32), scale,
                              _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales,
                              g_idx, _empty_like_absent(packed, planes, torch.uint8),
@@ -180,7 +196,7 @@ def gptq_dequantize(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tenso
                     group_size: int) -> Tensor:
     """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(scales[g, n] * float32(q - z))`` on the
     kernel form of a GPTQ layer, as ``spike_linear`` takes it."""
-    return _ops.gptq_dequantize(qweight, zeros, scales, g_idx, bits, group_size)
+    return _ops.gptq_dequantize.default(qweight, zeros, scales, g_idx, bits, group_size)
 
 
 @torch.library.register_fake("spikeops::gptq_dequantize")

@@ -1,0 +1,126 @@
+"""A lean forward pass for LLaMA-architecture causal LMs: prefill and decode without the
+per-call machinery of transformers' ``forward`` (argument handling, cache objects, mask
+builders, output records), which costs more than the spiking layers themselves at decode on a
+CPU (docs/performance.md, "Whole model on the CPU").
+
+``Runner`` calls the model's own modules (embedding, norms, projections, MLP, ``lm_head``) and
+its rotary embedding, so it runs whatever they are: SpikeLinear projections with their
+encodings, shared spikes and online rotations, or float ``nn.Linear``. Only the attention
+plumbing is its own: rotary position embedding, a preallocated key-value cache and
+``scaled_dot_product_attention``, the same arithmetic as transformers' SDPA attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+# The per-layer modules a Runner calls, as attribute paths of a decoder layer.
+_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj",
+                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def _part(fn: str, root, path: str):
+    obj = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            raise ValueError(f"{fn}: model must be a LLaMA-architecture causal LM with "
+                             f"'{path}', which {type(root).__name__} lacks")
+    return obj
+
+
+class Runner:
+    """Prefill and decode of ``model`` (a transformers LLaMA-architecture causal LM, float or
+    patched with SpikeLinear layers) for ``batch`` sequences of at most ``max_len`` tokens.
+
+    ``logits = runner(ids)`` runs int64 ``ids [batch, T]`` as the next T tokens of every
+    sequence (the first call is the prompt) and returns float logits ``[batch, T, vocab]``
+    (``last_only=True``: ``[batch, 1, vocab]``, skipping ``lm_head`` for the others).
+    ``reset()`` starts new sequences. The key-value cache is preallocated in the dtype and on
+    the device of the model's embedding.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1):
+        fn = "Runner"
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        _checks.integer(fn, "max_len", max_len, 1, 1 << 20)
+        _checks.integer(fn, "batch", batch, 1, 1 << 16)
+        self.model = model
+        self.embed = _part(fn, model, "model.embed_tokens")
+        self.norm = _part(fn, model, "model.norm")
+        self.rotary = _part(fn, model, "model.rotary_emb")
+        self.lm_head = _part(fn, model, "lm_head")
+        layers = _part(fn, model, "model.layers")
+        config = model.config
+        for name in ("num_attention_heads", "num_key_value_heads", "hidden_size"):
+            if not isinstance(getattr(config, name, None), int):
+                raise ValueError(f"{fn}: model.config.{name} must be an int, got "
+                                 f"{getattr(config, name, None)!r}")
+        layer_types = getattr(config, "layer_types", None) or ()
+        if getattr(config, "sliding_window", None) or \
+                any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"{fn}: only full attention is supported, got sliding_window = "
+                             f"{getattr(config, 'sliding_window', None)!r}, layer_types = "
+                             f"{list(layer_types)}")
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = [{p: _part(fn, layer, p) for p in _LAYER_PARTS} for layer in layers]
+        self.scaling = [_part(fn, layer, "self_attn").scaling for layer in layers]
+        w = self.embed.weight
+        shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.values = torch.zeros_like(self.keys)
+        self.batch, self.max_len, self.length = batch, max_len, 0
+
+    def reset(self) -> None:
+        """Forget the sequences: the next call is a prompt."""
+        self.length = 0
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        fn = "Runner"
+        _checks.tensor(fn, "ids", ids, (torch.int64, torch.int32), dim=2)
+        B, T = ids.shape
+        if B != self.batch or T < 1:
+            raise ValueError(f"{fn}: ids must have shape [batch, T] = [{self.batch}, T >= 1], "
+                             f"got {list(ids.shape)}")
+        start = self.length
+        if start + T > self.max_len:
+            raise ValueError(f"{fn}: {start} cached + {T} new tokens exceed max_len = "
+                             f"{self.max_len}")
+        x = self.embed(ids.to(self.keys.device))
+        positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # [B, 1, T, head_dim]
+        end = start + T
+        # Queries see every cached key and the new ones up to their own position.
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
+        for i, parts in enumerate(self.layers):
+            h = parts["input_layernorm"](x)
+            q = parts["self_attn.q_proj"](h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+            k = parts["self_attn.k_proj"](h).view(B, T, self.kv_heads, self.head_dim)
+            v = parts["self_attn.v_proj"](h).view(B, T, self.kv_heads, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k.transpose(1, 2)
+            self.keys[i, :, :, start:end] = k * cos + _rotate_half(k) * sin
+            self.values[i, :, :, start:end] = v.transpose(1, 2)
+            a = F.scaled_dot_product_attention(
+                q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
+                scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
+            x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B, T, -1))
+            x = x + parts["mlp"](parts["post_attention_layernorm"](x))
+        self.length = end
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

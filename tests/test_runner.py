@@ -1,0 +1,113 @@
+"""The lean LLaMA forward (spikeops.runner.Runner) against transformers' forward: the same
+logits for a prompt, decode steps and multi-token chunks after a cached prefix, on a float
+model and on a spiking one; a batch; its argument checks; generate() on top of it."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import spikeops
+from spikeops.evaluate import forward_step, generate
+from spikeops.runner import Runner
+
+
+def hf_logits(model, ids, cache):
+    return forward_step(model, ids, cache)
+
+
+def assert_same_logits(model, ids, chunks):
+    """Runner and HF on ``ids [B, T]`` cut into ``chunks`` (lengths)."""
+    runner = Runner(model, max_len=ids.shape[1] + 3, batch=ids.shape[0])
+    cache, start = None, 0
+    for n in chunks:
+        expect, cache = hf_logits(model, ids[:, start:start + n], cache)
+        got = runner(ids[:, start:start + n])
+        torch.testing.assert_close(got, expect.float(), rtol=1e-5, atol=1e-5)
+        start += n
+    # last_only: the logits of the last token, lm_head skipped for the others
+    runner.reset()
+    torch.testing.assert_close(runner(ids, last_only=True), runner_full(model, ids)[:, -1:])
+
+
+def runner_full(model, ids):
+    return Runner(model, max_len=ids.shape[1], batch=ids.shape[0])(ids)
+
+
+@pytest.fixture(scope="module")
+def gqa_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=500.0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_float_model_matches_transformers(gqa_model):
+    ids = torch.randint(0, 97, (1, 40))
+    assert_same_logits(gqa_model, ids, [20, 1, 1, 5, 13])
+
+
+def test_batch(gqa_model):
+    ids = torch.randint(0, 97, (3, 12))
+    assert_same_logits(gqa_model, ids, [8, 1, 3])
+
+
+def test_spiking_model_matches_transformers(model, checkpoint):
+    """A GPTQ checkpoint on spikes (q/k/v and gate/up sharing their encodings), whose
+    layer inputs are bit-identical along both paths, so the spikes are too."""
+    ids = torch.randint(0, 256, (1, 30))
+    assert_same_logits(model, ids, [16, 1, 1, 12])
+
+
+def test_rotated_model_with_online_rotation(gqa_model):
+    """A rotated model carries an online rotation (a pre-hook on down_proj): the Runner calls
+    the modules, so the hook runs."""
+    import copy
+    from spikeops.transforms import transform
+    rotated = copy.deepcopy(gqa_model)
+    transform(rotated, "rotate")
+    ids = torch.randint(0, 97, (1, 10))
+    assert_same_logits(rotated, ids, [9, 1])
+    torch.testing.assert_close(runner_full(rotated, ids), runner_full(gqa_model, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_generate_uses_the_runner_and_keeps_the_tokens(gqa_model, monkeypatch):
+    calls = []
+    run = Runner.__call__
+    monkeypatch.setattr(Runner, "__call__",
+                        lambda self, *a, **k: calls.append(1) or run(self, *a, **k))
+    prompt = torch.randint(0, 97, (7,))
+    ids, cache, expect = prompt[None], None, []
+    for _ in range(6):  # greedy decoding through transformers' own cache
+        logits, cache = forward_step(gqa_model, ids, cache)
+        expect.append(int(logits[0, -1].argmax()))
+        ids = torch.tensor([[expect[-1]]])
+    assert generate(gqa_model, prompt, max_new_tokens=6).tolist() == expect
+    assert len(calls) == 6
+
+
+def test_rejects(gqa_model):
+    with pytest.raises(TypeError, match="model"):
+        Runner("llama", 8)
+    with pytest.raises(ValueError, match="LLaMA-architecture"):
+        Runner(torch.nn.Linear(2, 2), 8)
+    with pytest.raises(ValueError, match="max_len"):
+        Runner(gqa_model, 0)
+    with pytest.raises(ValueError, match="batch"):
+        Runner(gqa_model, 8, batch=0)
+    runner = Runner(gqa_model, 8)
+    with pytest.raises(TypeError, match="ids"):
+        runner(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="ids"):
+        runner(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ids"):
+        runner(torch.zeros(1, 0, dtype=torch.int64))
+    runner(torch.zeros(1, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="max_len"):
+        runner(torch.zeros(1, 3, dtype=torch.int64))
+    sliding = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=16,
+                                           num_hidden_layers=1, num_attention_heads=2))
+    sliding.config.sliding_window = 4
+    with pytest.raises(ValueError, match="full attention"):
+        Runner(sliding, 8)
