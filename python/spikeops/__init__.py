@@ -11,10 +11,11 @@ from .checkpoint import save_gptq
 from .models import load_gptq, patch
 from .quantization import quantize
 from .nn import SpikeLinear, spike_accumulate, spike_linear
+from .runner import Runner
 from .spikes import Encoding, SpikeTensor, encode
 from .stats import EnergyModel, Tracker, track
 
 __all__ = ["Encoding", "SpikeTensor", "encode", "GPTQWeight", "pack", "unpack", "spike_linear",
            "spike_accumulate", "SpikeLinear", "load_gptq", "patch", "quantize", "save_gptq",
-           "track", "Tracker", "EnergyModel"]
+           "track", "Tracker", "EnergyModel", "Runner"]
 __version__ = "0.1.0"
