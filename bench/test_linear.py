@@ -16,6 +16,11 @@ Every group holds, on the same layer (random symmetric GPTQ, group size 128):
 - ``timestep-sim-T15``: the SpikeLLM / LAS way, rate-coded minmax-4 spikes over T = 15 steps,
   one dense matmul per step plus one for the zero point.
 
+``test_density`` (group ``spike_linear density``): the two backends and ``auto`` on absmax4 spikes
+of inputs whose channels are zero but for a share of them (scattered, so few blocks of eight
+channels are silent in every token), at M = 1 and 16: the crossover auto is set by (docs/
+performance.md, "The CPU engine").
+
 Matrix: on GPU every shape of harness.SHAPES at M in {1, 4, 16, 64, 256, 2048} with W4, plus W2,
 W3 and W8 at M = 1. On CPU (2 cores) the LLaMA-2-7B gate/up shape 4096 -> 11008 at M = 1, 16 and
 256 with W4, and W2/W3/W8 at M = 1: the CPU core targets, beside float32, bfloat16 and float16
@@ -164,3 +169,23 @@ def test_linear(benchmark, shape, M, bits, entry):
             extra=dict(info, T=T))
     else:
         raise AssertionError(entry)
+
+
+DENSITIES = (0.1, 0.03, 0.01, 0.003, 0.001)  # share of channels not zero
+
+
+@pytest.mark.parametrize("backend", ["int", "spike", "auto"])
+@pytest.mark.parametrize("share", DENSITIES)
+@pytest.mark.parametrize("M", [1, 16])
+def test_density(benchmark, M, share, backend):
+    K, N = SHAPES["7B-gate_up"]
+    w, _ = layer("7B-gate_up", 4)
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    x = activations(M, K) * (torch.rand(M, K, device=DEVICE, generator=gen) < share)
+    x[:, 0] = 3.0  # every token spikes
+    st = spikeops.encode(x, ENCODINGS["absmax4"])
+    measure(benchmark, lambda: spikeops.spike_linear(st, w, out_dtype=torch.float16,
+                                                     backend=backend),
+            f"spike_linear density 7B-gate_up M={M} channels={share}", backend,
+            extra=dict(M=M, K=K, N=N, share=share, firing_rate=st.firing_rate(),
+                       spikes=int(st.counts().sum())))

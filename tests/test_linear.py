@@ -263,6 +263,21 @@ ISA_CASES = [  # (K, N, group_size, act_order, encoding name, M): ragged K and N
 ]
 
 
+@pytest.mark.parametrize("M, share", [(1, 0.002), (1, 0.2), (16, 0.0), (16, 0.2), (40, 0.0)])
+def test_auto_on_sparse_spikes(M, share):
+    """On the CPU layout, auto runs the spike backend when the spikes are few (at most K / 64,
+    times M / 4 beyond four tokens) and the dot-product kernel otherwise: the same bits as both
+    backends and the reference on either side of that line."""
+    w = make_layer(1024, 48, 4, 64, sym=False, device="cpu")[0]
+    x = torch.randn(M, 1024) * (torch.rand(M, 1024) < share)
+    x[:, 0] = 2.0  # three spikes per token at least
+    st = spikeops.encode(x, spikeops.Encoding("absmax", 4))
+    ref = reference.spike_linear(*linear_args(st, w, None, torch.float32, "auto"))
+    for backend in ("auto", "int", "spike"):
+        y = spikeops.spike_linear(st, w, None, torch.float32, backend=backend)
+        assert torch.equal(y, ref), backend
+
+
 @pytest.mark.parametrize("K, N, gs, act, enc_name, M", ISA_CASES)
 def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
     """The AMX, AVX-512 VNNI and AVX2 paths on the CPU layout (where the CPU has them) and the
