@@ -212,14 +212,15 @@ struct Avx512 {
           valid == kTileCols ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
       const int64_t at = g * a.N + n0 + c0;
       const __m512i z = _mm512_maskz_loadu_epi32(mask, a.zeros + at);
+      // D = A - z * (sum(s*Q) - zero * count) - zero * sum(q): the same integers in two
+      // products (int32 arithmetic wraps, and D itself fits: see kMaxGroup).
       __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(A + c0),
-                                   _mm512_mullo_epi32(z, _mm512_set1_epi32(sum_a)));
+                                   _mm512_mullo_epi32(z, _mm512_set1_epi32(sum_a - zr * count)));
       if (zr != 0) {
         const __m512i q1 = Q1 ? _mm512_loadu_si512(Q1 + c0) : _mm512_setzero_si512();
         const __m512i qsum = range1 ? q1 : _mm512_sub_epi32(
             _mm512_maskz_loadu_epi32(mask, a.code_sums + at), q1);
         d = _mm512_sub_epi32(d, _mm512_mullo_epi32(_mm512_set1_epi32(zr), qsum));
-        d = _mm512_add_epi32(d, _mm512_mullo_epi32(_mm512_set1_epi32(zr * count), z));
       }
       const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a.scales + at),
                                         _mm512_cvtepi32_ps(d));
