@@ -280,3 +280,33 @@ def test_decode_float64_widens_the_float32_decode(device):
     st = spikeops.encode(torch.randn(3, 70, device=device), spikeops.Encoding("absmax", 4))
     x64 = st.decode(torch.float64)
     assert x64.dtype == torch.float64 and torch.equal(x64, st.decode(torch.float32).double())
+
+
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 31, 33, 100, 576, 1537])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vector_encoder_matches_scalar(K, dtype, monkeypatch):
+    """On CPUs with AVX-512 the one-range encodings run a vectorized encoder; with
+    SPIKEOPS_CPU_ISA=avx2 the scalar one runs. Same bits for every mode, ragged K, rows of
+    zeros (signed zeros too), NaN and Inf rows and static scales."""
+    x = (torch.randn(9, K) * 3).to(dtype)
+    x[1] = 0.0
+    x[2, ::2] = -0.0
+    x[3, K // 2] = float("nan")
+    x[4, 0] = float("inf")
+    x[5] *= 1e4
+    Encoding = spikeops.Encoding
+    cases = [(Encoding("minmax", 4), {}), (Encoding("minmax", 8), {}),
+             (Encoding("absmax", 4, gamma=0.7), {}), (Encoding("absmean", 3), {}),
+             (Encoding("static", 4), dict(scale=0.25, zero=7)),
+             (Encoding("static", 5), dict(scale=torch.rand(9) + 0.1))]
+    for enc, kw in cases:
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
+        fast = spikeops.encode(x, enc, **kw)
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
+        slow = spikeops.encode(x, enc, **kw)
+        for u, v in zip(fast[:5], slow[:5]):  # planes, sign, hi, scale, zero (absent: None)
+            assert (u is None) == (v is None)
+            if u is not None:
+                assert torch.equal(u.isnan() if u.is_floating_point() else u,
+                                   v.isnan() if v.is_floating_point() else v)
+                assert torch.equal(torch.nan_to_num(u.float()), torch.nan_to_num(v.float()))

@@ -8,6 +8,10 @@
 
 #include "cpu/kernels.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace spikeops {
 namespace cpu {
 namespace {
@@ -18,11 +22,44 @@ struct RowQuant {
   RangeQuant range[2];
 };
 
-RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m) {
+#if defined(__x86_64__) && defined(__GNUC__)
+// min, max and max |x| of a row, false if it holds NaN or Inf. Exact in any order, but for the
+// sign of a zero minimum or maximum, which no code, scale or zero point depends on.
+__attribute__((target("avx512f"))) bool row_stats_avx512(const float* x, int64_t K, float* mn,
+                                                          float* mx, float* amax) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 lo = inf, hi = _mm512_sub_ps(_mm512_setzero_ps(), inf), top = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t n = std::min<int64_t>(16, K - k0);
+    const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + k0);
+    // v - v is 0 for finite v and NaN for NaN or Inf
+    if (_mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ))
+      return false;
+    lo = _mm512_mask_min_ps(lo, valid, lo, v);
+    hi = _mm512_mask_max_ps(hi, valid, hi, v);
+    top = _mm512_max_ps(top, _mm512_abs_ps(v));
+  }
+  *mn = _mm512_reduce_min_ps(lo);
+  *mx = _mm512_reduce_max_ps(hi);
+  *amax = _mm512_reduce_max_ps(top);
+  return true;
+}
+#endif
+
+RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m, bool vector) {
   RowQuant rq{true, {}};
   float mn = std::numeric_limits<float>::infinity(), mx = -mn, amax = 0.f;
   ExactSum sum;
   const bool want_sum = a.mode == Mode::kAbsMean;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector && !want_sum) {
+    if (!row_stats_avx512(x, a.K, &mn, &mx, &amax)) return RowQuant{false, {}};
+    row_quantizers(a, mn, mx, amax, 0.f, a.static_scale ? a.static_scale[m] : 0.f,
+                   a.static_zero ? a.static_zero[m] : 0, rq.range);
+    return rq;
+  }
+#endif
   if (want_sum) sum.clear();
   for (int64_t k = 0; k < a.K; ++k) {
     const float v = x[k];
@@ -38,8 +75,62 @@ RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m) {
   return rq;
 }
 
-void encode_row(const EncodeArgs& a, const float* x, int64_t m) {
-  const RowQuant rq = row_quant(a, x, m);
+#if defined(__x86_64__) && defined(__GNUC__)
+// The planes and signs of a finite row with one range and no salient channels (minmax, absmax,
+// absmean, static), 16 channels at a time: the arithmetic of unsigned_code / signed_code in
+// AVX-512 (IEEE division, rounding to nearest even, min and max of values that are not NaN), so
+// the codes are element_code's, and plane p of 16 codes is one mask test.
+__attribute__((target("avx512f,avx512bw"))) void encode_words_avx512(const EncodeArgs& a,
+                                                                     const float* x, int64_t m,
+                                                                     const RangeQuant& q) {
+  const __m512 scale = _mm512_set1_ps(q.scale), zero = _mm512_set1_ps(q.zero);
+  const __m512 qmax = _mm512_set1_ps(static_cast<float>(q.qmax)), none = _mm512_setzero_ps();
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const int64_t plane_stride = a.M * a.W;
+  for (int64_t w = 0; w < a.W; ++w) {
+    uint32_t plane_word[kMaxPlanes] = {0};
+    uint32_t sign_word = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k0 = 32 * w + 16 * h;
+      if (k0 >= a.K) break;
+      const int64_t n = std::min<int64_t>(16, a.K - k0);
+      const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + k0);
+      __m512 c;
+      if (a.is_signed) {
+        c = _mm512_min_ps(_mm512_roundscale_ps(
+            _mm512_div_ps(_mm512_abs_ps(v), scale), kNearest), qmax);
+      } else {
+        c = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_roundscale_ps(
+            _mm512_div_ps(v, scale), kNearest), zero), none), qmax);
+      }
+      const __m512i code = _mm512_maskz_cvttps_epi32(valid, c);
+      for (int64_t p = 0; p < a.P; ++p)
+        plane_word[p] |= static_cast<uint32_t>(_mm512_test_epi32_mask(
+            code, _mm512_set1_epi32(1 << p))) << (16 * h);
+      if (a.is_signed)
+        sign_word |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(valid, v, none, _CMP_LT_OQ) &
+                                           _mm512_test_epi32_mask(code, code)) << (16 * h);
+    }
+    for (int64_t p = 0; p < a.P; ++p) a.planes[p * plane_stride + m * a.W + w] = plane_word[p];
+    if (a.sign) a.sign[m * a.W + w] = sign_word;
+  }
+}
+#endif
+
+// Whether encode_words_avx512 serves this call: the CPU has AVX-512 and SPIKEOPS_CPU_ISA leaves
+// it (the encoder follows spike_linear's instruction-set choice, so that the tests run both).
+bool vector_words(const EncodeArgs& a) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return a.R == 1 && !a.salient && a.mode != Mode::kOat && int_isa() >= IntIsa::kAvx512Vnni;
+#else
+  (void)a;
+  return false;
+#endif
+}
+
+void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector) {
+  const RowQuant rq = row_quant(a, x, m, vector);
   const int64_t plane_stride = a.M * a.W;
 
   for (int64_t r = 0; r < a.R; ++r) {
@@ -48,6 +139,14 @@ void encode_row(const EncodeArgs& a, const float* x, int64_t m) {
                                      : std::numeric_limits<float>::quiet_NaN();
     if (a.zero) a.zero[m * a.R + r] = rq.finite ? static_cast<int32_t>(rq.range[r].zero) : 0;
   }
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vector && rq.finite) {
+    encode_words_avx512(a, x, m, rq.range[0]);
+    return;
+  }
+#else
+  (void)vector;
+#endif
 
   for (int64_t w = 0; w < a.W; ++w) {
     uint32_t plane_word[kMaxPlanes] = {0};
@@ -77,11 +176,12 @@ void gif_encode(const EncodeArgs& a) {
   dispatch_float(a.x_type, [&](auto tag) {
     using T = decltype(tag);
     const T* xin = static_cast<const T*>(a.x);
+    const bool vector = vector_words(a);
     at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> row(a.K);
       for (int64_t m = begin; m < end; ++m) {
         for (int64_t k = 0; k < a.K; ++k) row[k] = static_cast<float>(xin[m * a.K + k]);
-        encode_row(a, row.data(), m);
+        encode_row(a, row.data(), m, vector);
       }
     });
   });
