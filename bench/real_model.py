@@ -42,7 +42,8 @@ def outliers(q_dir: Path, eval_text: str) -> dict:
 
 def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     """``[(system, prefill tokens/s, decode tokens/s)]``: median of 3 prefills of 256 tokens
-    (logits of the last token only, as generation needs), then 32 decode steps after them.
+    (logits of the last token only, as generation needs), then the median of 7 runs of 8 decode
+    steps after them.
     HF rows run transformers' forward; the spikeops rows, and the float model once more, run
     ``spikeops.runner.Runner``, the lean forward ``generate`` uses."""
     import torch
@@ -52,27 +53,28 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     from spikeops.evaluate import encode_text, forward_step
     from spikeops.floatmodel import load_float_model
     from spikeops.runner import Runner
-    from spikeops.timing import median_ms, seconds
+    from spikeops.timing import median_ms
     fp32, tok = load_float_model(float_dir)
     ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), tok)[None, :257]
-    steps, rows = 32, []
+    steps, runs, rows = 8, 7, []
 
     def measure(name, model, lean):
         with torch.no_grad():
             if lean:
-                runner = Runner(model, 256 + steps)
+                runner = Runner(model, 256 + steps * (runs + 1))
 
                 def prefill():
                     runner.reset()
                     return runner(ids[:, :256], last_only=True)
                 rate = 256e3 / median_ms(prefill, 3)
                 prefill()
-                t = seconds(lambda: [runner(ids[:, 256:]) for _ in range(steps)])
+                step_ms = median_ms(lambda: [runner(ids[:, 256:]) for _ in range(steps)], runs)
             else:
                 rate = 256e3 / median_ms(lambda: model(input_ids=ids[:, :256], logits_to_keep=1), 3)
                 cache = forward_step(model, ids[:, :256], None)[1]
-                t = seconds(lambda: [forward_step(model, ids[:, 256:], cache) for _ in range(steps)])
-        rows.append((name, rate, steps / t))
+                step_ms = median_ms(
+                    lambda: [forward_step(model, ids[:, 256:], cache) for _ in range(steps)], runs)
+        rows.append((name, rate, steps * 1e3 / step_ms))
 
     measure("HF fp32", fp32, lean=False)
     measure("HF bf16", load_float_model(float_dir, torch.bfloat16)[0], lean=False)
