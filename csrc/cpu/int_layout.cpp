@@ -170,7 +170,8 @@ inline bool block_codes(const int32_t* const* act, int64_t b, int32_t* lo, int32
 
 struct Avx512 {
   static constexpr int kBlock = kBlockTokens;
-  static void task_begin() {}
+  static void begin() {}
+  static void end() {}
 
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
@@ -238,7 +239,8 @@ struct Avx512 {
 // saturation) followed by vpmaddwd with ones (pairs of int16 into int32).
 struct Avx2 {
   static constexpr int kBlock = kBlockTokens;
-  static void task_begin() {}
+  static void begin() {}
+  static void end() {}
 
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX2 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
@@ -307,8 +309,9 @@ struct Amx {
   };
 
   // The tile shapes live in a per-thread register that other code (oneDNN's AMX kernels in
-  // torch) may load with its own: every task loads this one.
-  SPIKEOPS_AMX static void task_begin() {
+  // torch) may load with its own: each thread's run of tasks loads this one first, and
+  // releases the tiles after it (so that the thread's context switches stop saving them).
+  SPIKEOPS_AMX static void begin() {
     static const Config config = [] {
       Config c;
       for (int t = 0; t < 6; ++t) c.colsb[t] = 64, c.rows[t] = 16;
@@ -316,6 +319,8 @@ struct Amx {
     }();
     _tile_loadconfig(&config);
   }
+
+  SPIKEOPS_AMX static void end() { _tile_release(); }
 
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AMX static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
@@ -405,7 +410,6 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   const int cols = static_cast<int>(std::min<int64_t>(tiles * kTileCols, a.N - n0));
   const int32_t* act[kMB];
   std::fill(&S[0][0][0], &S[0][0][0] + kMB * 2 * kCols, 0.0);
-  Isa::task_begin();
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * p.gs / 8, b1 = std::min<int64_t>(p.KB, (g + 1) * p.gs / 8);
     for (int64_t r = 0; r < R; ++r) {
@@ -448,11 +452,13 @@ void run(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& code
   T* y = static_cast<T*>(a.out);
   // Token blocks of the same columns are neighbours, so their weight rows meet in cache.
   at::parallel_for(0, col_tasks * blocks, 1, [&](int64_t begin, int64_t end) {
+    Isa::begin();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task % blocks) * kMB;
       const int mb = static_cast<int>(std::min<int64_t>(kMB, a.M - m0));
       run_task<Isa, kUnsigned, kMB, T>(a, p, codes, m0, mb, (task / blocks) * kTiles, y);
     }
+    Isa::end();
   });
 }
 
