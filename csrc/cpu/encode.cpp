@@ -8,7 +8,7 @@
 
 #include "cpu/kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
 #include <immintrin.h>
 #endif
 
@@ -22,7 +22,7 @@ struct RowQuant {
   RangeQuant range[2];
 };
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
 // min, max and max |x| of a row, false if it holds NaN or Inf. Exact in any order, but for the
 // sign of a zero minimum or maximum, which no code, scale or zero point depends on.
 __attribute__((target("avx512f"))) bool row_stats_avx512(const float* x, int64_t K, float* mn,
@@ -52,7 +52,7 @@ RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m, bool vector) 
   float mn = std::numeric_limits<float>::infinity(), mx = -mn, amax = 0.f;
   ExactSum sum;
   const bool want_sum = a.mode == Mode::kAbsMean;
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
   if (vector && !want_sum) {
     if (!row_stats_avx512(x, a.K, &mn, &mx, &amax)) return RowQuant{false, {}};
     row_quantizers(a, mn, mx, amax, 0.f, a.static_scale ? a.static_scale[m] : 0.f,
@@ -75,7 +75,7 @@ RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m, bool vector) 
   return rq;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
 // The planes and signs of a finite row with one range and no salient channels (minmax, absmax,
 // absmean, static), 16 channels at a time: the arithmetic of unsigned_code / signed_code in
 // AVX-512 (IEEE division, rounding to nearest even, min and max of values that are not NaN), so
@@ -121,7 +121,7 @@ __attribute__((target("avx512f,avx512bw"))) void encode_words_avx512(const Encod
 // Whether encode_words_avx512 serves this call: the CPU has AVX-512 and SPIKEOPS_CPU_ISA leaves
 // it (the encoder follows spike_linear's instruction-set choice, so that the tests run both).
 bool vector_words(const EncodeArgs& a) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
   return a.R == 1 && !a.salient && a.mode != Mode::kOat && int_isa() >= IntIsa::kAvx512Vnni;
 #else
   (void)a;
@@ -139,7 +139,7 @@ void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector) {
                                      : std::numeric_limits<float>::quiet_NaN();
     if (a.zero) a.zero[m * a.R + r] = rq.finite ? static_cast<int32_t>(rq.range[r].zero) : 0;
   }
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
   if (vector && rq.finite) {
     encode_words_avx512(a, x, m, rq.range[0]);
     return;

@@ -29,7 +29,7 @@
 
 #include "cpu/kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if SPIKEOPS_X86_INTRINSICS
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -37,9 +37,6 @@
 #define SPIKEOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define SPIKEOPS_AVX2 __attribute__((target("avx2")))
 #define SPIKEOPS_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
-#define SPIKEOPS_HAVE_VNNI_BUILD 1
-#else
-#define SPIKEOPS_HAVE_VNNI_BUILD 0
 #endif
 
 namespace spikeops {
@@ -55,7 +52,7 @@ int64_t layout_group(const LinearArgs& a) {
   return a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
 }
 
-#if SPIKEOPS_HAVE_VNNI_BUILD
+#if SPIKEOPS_X86_INTRINSICS
 namespace {
 // AMX: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25) and Linux lets this
 // process use the tile registers (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
@@ -70,7 +67,7 @@ bool amx_usable() {
 #endif
 
 IntIsa int_isa() {
-#if SPIKEOPS_HAVE_VNNI_BUILD
+#if SPIKEOPS_X86_INTRINSICS
   static const IntIsa supported = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -99,7 +96,7 @@ const char* int_isa_name(IntIsa isa) {
   }
 }
 
-#if SPIKEOPS_HAVE_VNNI_BUILD
+#if SPIKEOPS_X86_INTRINSICS
 namespace {
 
 constexpr int kTileCols = 16;  // columns per zmm of int32 lanes
@@ -168,11 +165,15 @@ inline bool block_codes(const int32_t* const* act, int64_t b, int32_t* lo, int32
   return any != 0;
 }
 
-struct Avx512 {
+// What the vector-register kernels share: blocks of kBlockTokens tokens, no per-thread state
+// to set up or release (AMX has both).
+struct VectorRegisters {
   static constexpr int kBlock = kBlockTokens;
   static void begin() {}
   static void end() {}
+};
 
+struct Avx512 : VectorRegisters {
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
                                   int64_t b0, int64_t b1, const int32_t* const* act,
@@ -237,11 +238,7 @@ struct Avx512 {
 // The same with 256-bit AVX2: a 64-byte row is two halves of 8 columns, and the four-byte dot
 // product is vpmaddubsw (pairs of u8 x s8 into int16, at most 2 * 255 * 15 or 2 * 15 * 127: no
 // saturation) followed by vpmaddwd with ones (pairs of int16 into int32).
-struct Avx2 {
-  static constexpr int kBlock = kBlockTokens;
-  static void begin() {}
-  static void end() {}
-
+struct Avx2 : VectorRegisters {
   template <bool kUnsigned, int kMB>
   SPIKEOPS_AVX2 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
                                 int64_t b0, int64_t b1, const int32_t* const* act,
@@ -508,7 +505,7 @@ IntIsa int_layout_isa(const LinearArgs& a) {
 }
 
 void spike_linear_int_layout(const LinearArgs& a, IntIsa isa) {
-#if SPIKEOPS_HAVE_VNNI_BUILD
+#if SPIKEOPS_X86_INTRINSICS
   if (isa == IntIsa::kAmx && a.M >= kAmxTokens) {
     run_isa<Amx>(a);
   } else if (isa == IntIsa::kAmx || isa == IntIsa::kAvx512Vnni) {

@@ -7,6 +7,14 @@
 
 #include "kernel_args.h"
 
+// Whether the x86 kernels with intrinsics (GCC's target attributes) are compiled: the int
+// layout kernels of cpu/int_layout.cpp and the vectorized encoder of cpu/encode.cpp.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SPIKEOPS_X86_INTRINSICS 1
+#else
+#define SPIKEOPS_X86_INTRINSICS 0
+#endif
+
 namespace spikeops {
 namespace cpu {
 
