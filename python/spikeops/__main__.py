@@ -5,8 +5,9 @@ model is imported, transformed (--transform), GPTQ-quantized to W4 g128 and cali
 --calib-text, each step cached in --cache; then the perplexity, firing rate and SOPs per MAC of
 the dense model, of the GPTQ weights on float activations and of every encoding at 4 and 8 bits
 on --eval-text, chat answers (--chat) on spikes of the best 4-bit and the best 8-bit encoding
-with their energy estimates. Without --gguf the embedded byte-level LLaMA (a few million parameters, W4 GPTQ, with
-its seed-method calibration) is evaluated on its held-out text instead, and generates a sample.
+with their energy estimates. Without --gguf the embedded byte-level LLaMA (a few million
+parameters, W4 GPTQ, with its seed-method calibration) is evaluated on its held-out text
+instead, and generates a sample.
 Then a GPTQ-shaped layer made in code (LLaMA-2-7B gate projection, 4096 -> 11008, W4 g128) runs
 on spikes of LLM-like activations under five encodings: its output is compared with the dense
 float64 layer, and its firing rate, synaptic operations and speed against float32
@@ -207,7 +208,8 @@ def real_model_demo(args) -> None:
         with track(model) as tracker:
             answer = generate(model, encode_text(prompt, tokenizer), 80,
                               stop=_stop_tokens(tokenizer))
-        reply = decode_tokens(answer, tokenizer).strip() or "(none: its first token was end of text)"
+        reply = (decode_tokens(answer, tokenizer).strip()
+                 or "(none: its first token was end of text)")
         print(f"\n  assistant on {best.encoding} (the best {bits}-bit encoding): {reply}")
         print(f"  while answering: {tracker.summary()}")
     print(f"\nreal model part: {time.perf_counter() - start:.0f} s")

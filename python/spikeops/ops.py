@@ -76,9 +76,9 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
     """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
     zero [M, R])``; absent outputs are empty tensors. See docs/ops.md for every mode."""
     return _ops.gif_encode.default(x, mode, bits, gamma,
-                           _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
-                           _empty_like_absent(scale, x, torch.float32),
-                           _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
+                                   _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
+                                   _empty_like_absent(scale, x, torch.float32),
+                                   _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
 
 
 @torch.library.register_fake("spikeops::gif_encode")
@@ -110,8 +110,8 @@ def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
                  zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32, cast to ``dtype``."""
     return _ops.spike_decode.default(planes, _empty_like_absent(sign, planes, _INT32),
-                             _empty_like_absent(hi, planes, _INT32), scale,
-                             _empty_like_absent(zero, planes, _INT32), K, dtype)
+                                     _empty_like_absent(hi, planes, _INT32), scale,
+                                     _empty_like_absent(zero, planes, _INT32), K, dtype)
 
 
 @torch.library.register_fake("spikeops::spike_decode")
@@ -149,7 +149,7 @@ def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor
     """Exact ``sum_k s * Q * w[k, n]`` per range with int8 ``w [K, N]``: int64 ``[R, M, N]``,
     or ``[P, R, M, N]`` per plane."""
     return _ops.spike_accumulate.default(planes, _empty_like_absent(sign, planes, _INT32),
-                                 _empty_like_absent(hi, planes, _INT32), w, per_plane)
+                                         _empty_like_absent(hi, planes, _INT32), w, per_plane)
 
 
 @torch.library.register_fake("spikeops::spike_accumulate")
@@ -171,13 +171,12 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
     ``[G, N]``, float32 ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when
     ``group_size`` is 0), the CPU layout ``packed``/``code_sums`` of 4-bit codes or None,
     float32 ``bias [N]``."""
-    return _ops.spike_linear.default(planes, _empty_like_absent(sign, planes, _INT32),
-                             _empty_like_absent(hi, planes, _INT32), scale,
-                             _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales,
-                             g_idx, _empty_like_absent(packed, planes, torch.uint8),
-                             _empty_like_absent(code_sums, planes, _INT32),
-                             _empty_like_absent(bias, planes, torch.float32), bits,
-                             group_size, out_dtype, backend)
+    return _ops.spike_linear.default(
+        planes, _empty_like_absent(sign, planes, _INT32), _empty_like_absent(hi, planes, _INT32),
+        scale, _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales, g_idx,
+        _empty_like_absent(packed, planes, torch.uint8),
+        _empty_like_absent(code_sums, planes, _INT32),
+        _empty_like_absent(bias, planes, torch.float32), bits, group_size, out_dtype, backend)
 
 
 @torch.library.register_fake("spikeops::spike_linear")

@@ -49,7 +49,6 @@ class Runner:
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
         _checks.integer(fn, "max_len", max_len, 1, 1 << 20)
         _checks.integer(fn, "batch", batch, 1, 1 << 16)
-        self.model = model
         self.embed = _part(fn, model, "model.embed_tokens")
         self.norm = _part(fn, model, "model.norm")
         self.rotary = _part(fn, model, "model.rotary_emb")
@@ -69,7 +68,7 @@ class Runner:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.layers = [{p: _part(fn, layer, p) for p in _LAYER_PARTS} for layer in layers]
-        self.scaling = [_part(fn, layer, "self_attn").scaling for layer in layers]
+        self.scaling = [_part(fn, layer, "self_attn.scaling") for layer in layers]
         w = self.embed.weight
         shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
