@@ -7,12 +7,16 @@ found (torchao's rule; ``torch.cuda.is_available()`` would need a GPU at build t
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The runtime check lives in scripts/ so that scripts/gpu_check.sh runs the same one.
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from check_runtime import check as check_runtime  # noqa: E402
 
 
 def want_cuda() -> bool:
@@ -50,11 +54,47 @@ def extension():
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
+def static_runtime(flag: str) -> bool:
+    return flag in ("-static-libstdc++", "-static-libgcc") or flag.endswith("libstdc++.a")
+
+
+class BuildWithSharedRuntime(BuildExtension):
+    """Links the C++ runtime dynamically, as torch does, and fails when the built extension still
+    holds its own copy of it: two runtimes in one process crash every error message holding a
+    number (scripts/check_runtime.py; docs/performance.md, "GPU status")."""
+
+    def build_extensions(self):
+        # setuptools folds sysconfig's LDSHARED and the environment's LDSHARED, LDFLAGS, CFLAGS,
+        # CXXFLAGS and CPPFLAGS into these command lists. The C++ link runs compiler_cxx with
+        # linker_so_cxx's flags (older setuptools, e.g. 65: linker_so's); nvcc only compiles,
+        # the CUDA objects are linked by the same command.
+        for key in self.compiler.executables:
+            cmd = getattr(self.compiler, key, None) or []
+            removed = [f for f in cmd if static_runtime(f)]
+            if removed:
+                print(f"spikeops setup: removed {' '.join(removed)} from the {key} command: "
+                      "the C++ runtime must be the shared one torch uses", file=sys.stderr)
+                setattr(self.compiler, key, [f for f in cmd if not static_runtime(f)])
+        super().build_extensions()
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            path = self.get_ext_fullpath(ext.name)
+            # A failing library is kept: gpu_check.sh's build stage diagnoses it.
+            try:
+                if check_runtime(path):
+                    print(f"spikeops setup: {path} holds no C++ runtime of its own",
+                          file=sys.stderr)
+            except RuntimeError as e:
+                raise SystemExit(f"error: {e}") from None
+
+
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
     # The embedded default model, its calibration and held-out text (python/spikeops/data).
     package_data={"spikeops": ["data/*.txt", "data/*.md", "data/*/*"]},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildWithSharedRuntime},
 )

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole check on a GPU machine (torch with CUDA, nvcc, no network), in stages so that it fits
-# device calls of at most 10 minutes: clean CUDA build for the GPU present, GPU facts, the test
-# suite, the benchmarks (one JSON per stage) and their report, compute-sanitizer memcheck on the
-# small CUDA tests.
+# device calls of at most 10 minutes: clean CUDA build for the GPU present, GPU facts, how the
+# extension links the C++ runtime and its error path on both devices, the test suite, the
+# benchmarks (one JSON per stage) and their report, compute-sanitizer memcheck on the small CUDA
+# tests.
 # Every stage runs even after a failed one, each under its own time limit (seconds; the
 # defaults below, or STAGE_TIMEOUT for all); its exit code goes to OUTDIR/summary.txt (124: time
 # limit) and the script exits non-zero if any failed. Stages other than `build` build only when
@@ -16,8 +17,8 @@
 #   bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model (full matrix, hours)
 # bench-core: spike_linear at M = 1 and 2048 on the LLaMA-2-7B shapes (W4); bench-encode:
 # gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1.
-# OUTDIR receives summary.txt, build.txt, gpu.txt, pytest.txt, sanitizer.txt, bench-*.txt,
-# bench-*.json and report.md (from every bench-*.json present in OUTDIR).
+# OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, pytest.txt, sanitizer.txt,
+# bench-*.txt, bench-*.json and report.md (from every bench-*.json present in OUTDIR).
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -66,13 +67,22 @@ torch._C._dispatch_has_kernel_for_dispatch_key("spikeops::spike_linear", "CUDA")
 }
 
 build() {
-  rm -rf build python/spikeops/_C*.so
-  # No TORCH_CUDA_ARCH_LIST: setup.py then builds for the GPU present only.
-  SPIKEOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" limited "$PY" -m pip install --no-build-isolation \
-    --no-deps -e . \
-    2>&1 | tee "$out/build.txt"
-  local rc=${PIPESTATUS[0]}
+  local rc=0
+  if [[ "${NO_BUILD:-0}" == 1 ]]; then
+    echo "NO_BUILD=1: not built; the facts below are of the extension present" |
+      tee "$out/build.txt"
+  else
+    rm -rf build python/spikeops/_C*.so
+    # No TORCH_CUDA_ARCH_LIST: setup.py then builds for the GPU present only. setup.py also
+    # fails when the extension holds its own C++ runtime (scripts/check_runtime.py).
+    SPIKEOPS_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" limited "$PY" -m pip install \
+      --no-build-isolation --no-deps -v -e . 2>&1 | tee "$out/build.txt"
+    rc=${PIPESTATUS[0]}
+  fi
   gpu_facts
+  runtime_facts
+  local facts=$?
+  (( rc != 0 )) || rc=$facts  # the build's own failure first
   return "$rc"
 }
 
@@ -93,29 +103,46 @@ import spikeops  # noqa: F401  (registers the ops)
 registered = torch._C._dispatch_has_kernel_for_dispatch_key("spikeops::spike_linear", "CUDA")
 print("spikeops CUDA kernels registered:", registered)
 PY
-    # How the extension links the C++ runtime: on the GPU image of 2026-11-28 every error message
-    # holding a number crashed inside the extension (std::ostream::_M_insert<long> resolved into
-    # _C.so itself; docs/performance.md, "GPU status"), on both devices.
-    "${CXX:-c++}" --version | head -n 1
-    env | grep -E "^(CC|CXX|CFLAGS|CXXFLAGS|LDFLAGS|LDSHARED)=" || echo "no compiler variables set"
-    "$PY" -c 'import sysconfig; print("LDSHARED:", sysconfig.get_config_var("LDSHARED"))'
-    local so
-    so="$(ls python/spikeops/_C*.so 2>/dev/null | head -n 1)"
-    if [[ -n "$so" ]]; then
-      ldd "$so" | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
-      echo "std::ostream code defined in $so: $(nm -C --defined-only "$so" |
-        grep -c "std::basic_ostream")"
-    fi
-    for d in cpu cuda; do  # a raised ValueError, or the signal that killed the process
-      "$PY" -c "import torch, spikeops
-try:
-    spikeops.encode(torch.randn(2, 8, device='$d'), spikeops.Encoding('minmax', 4, salient_bits=8),
-                    salient_mask=torch.ones(9, dtype=torch.bool, device='$d'))
-except ValueError as e:
-    print('error path on $d: ValueError raised')"
-      echo "error path on $d: exit $?"
-    done
   } 2>&1 | tee "$out/gpu.txt"
+}
+
+# How the extension links the C++ runtime, and the error path on each device (OUTDIR/runtime.txt).
+# On the GPU image of 2026-11-28 every error message holding a number crashed inside the
+# extension (std::ostream::_M_insert<long> resolved into _C.so itself; docs/performance.md, "GPU
+# status"), on both devices. Fails when the extension defines C++ stream or locale code or a
+# probe fails.
+runtime_facts() {
+  {
+    local so bad=0
+    "${CXX:-c++}" --version | head -n 1
+    "$PY" -c 'import torch; print("torch:", torch.__config__.show().split("\n")[1].strip(" -"))'
+    env | grep -E "^(CC|CXX|CFLAGS|CXXFLAGS|CPPFLAGS|LDFLAGS|LDSHARED)=" ||
+      echo "no compiler variables set"
+    "$PY" -c 'import sysconfig; print("LDSHARED:", sysconfig.get_config_var("LDSHARED"))'
+    grep -E "spikeops setup:|-shared " "$out/build.txt"  # removed flags, the link command
+    so="$(ls python/spikeops/_C*.so 2>/dev/null | head -n 1)"
+    if [[ -z "$so" ]]; then
+      echo "no python/spikeops/_C*.so"
+      bad=1
+    else
+      ldd "$so" | grep -E "stdc|gcc_s|gomp|c10|torch_cpu"
+      readelf -p .comment "$so"  # the compilers that built its objects
+      "$PY" scripts/check_runtime.py "$so" || bad=1
+      echo "bindings of _M_insert<long> and std::locale::id from or to _C.so (libstdc++.so.6 is"
+      echo "right, _C.so itself is the fault):"
+      LD_DEBUG=bindings "$PY" scripts/err_probe.py 2>&1 |
+        grep -E '_ZNSo9_M_insertIlEERSoT_|_ZNSt6locale2id' | grep -F "/_C." | head
+    fi
+    # One process per device, so that a crash on one leaves the other's result (exit 139: SIGSEGV).
+    for d in cpu cuda; do
+      "$PY" scripts/err_probe.py "$d"
+      local probe=$?
+      echo "error path on $d: exit $probe"
+      (( probe == 0 )) || bad=1
+    done
+    (( bad == 0 ))
+  } 2>&1 | tee "$out/runtime.txt"
+  return "${PIPESTATUS[0]}"
 }
 
 tests() {
