@@ -23,10 +23,16 @@
 #endif
 
 extern "C" {
-// The CPU instruction set spike_linear's int backend uses now: "avx512vnni", "avx2" or
-// "generic" (SPIKEOPS_CPU_ISA caps it); for tests and benchmark records.
+// The CPU instruction set spike_linear's int backend uses now: "amx", "avx512vnni", "avx2" or
+// "generic" (SPIKEOPS_CPU_ISA caps it); for tests and benchmark records. A refused
+// SPIKEOPS_CPU_ISA becomes Python's ValueError (no C++ exception may cross into Python here).
 static PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(spikeops::cpu::int_isa_name(spikeops::cpu::int_isa()));
+  try {
+    return PyUnicode_FromString(spikeops::cpu::int_isa_name(spikeops::cpu::int_isa()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 // Importing this module loads the shared library, whose static initializers register the ops

@@ -90,3 +90,18 @@ def test_encode_linear_decode_function(device, name, backend):
     assert compiled[0].shape == (3, 5, N) and compiled[1].shape == (3, 5, K)
     for c, e in zip(compiled, eager):
         assert c.dtype == e.dtype and torch.equal(c, e)
+
+
+def test_loaded_model_runs_every_way_users_run_it(model):
+    """A loaded model (q/k/v and gate/up sharing their spikes) gives the same logits plainly,
+    under no_grad, under inference_mode (whose tensors have no version counter) and compiled."""
+    ids = torch.randint(0, 256, (2, 9))
+    plain = model(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+        assert torch.equal(model(input_ids=ids[:, :4]).logits, plain[:, :4])
+    with torch.no_grad():
+        compiled = torch.compile(model)(input_ids=ids).logits
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)

@@ -109,8 +109,13 @@ def test_import_gguf_round_trip(tiny_gguf, tmp_path):
     text, templated = spikeops.floatmodel.chat_prompt(tok, "hi")
     assert templated and text.endswith("<|im_start|>assistant\n")
     assert encode_text("hello there", tok).tolist() == tok("hello there")["input_ids"]
-    with pytest.raises(ValueError, match="new or empty"):
-        import_gguf(file, out)
+    (out / "stale.txt").write_text("from an earlier import")
+    import_gguf(file, out)  # a model folder is replaced whole
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="no config.json; refusing to replace"):
+        import_gguf(file, tmp_path / "notes")
     with pytest.raises(ValueError, match=".gguf"):
         import_gguf(out / "config.json", tmp_path / "x")
 

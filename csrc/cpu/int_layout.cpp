@@ -21,6 +21,7 @@
 // then the same epilogue (float32 product per group, float64 sums, groups in ascending order,
 // groups with no nonzero code skipped).
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -76,12 +77,14 @@ IntIsa int_isa() {
     return __builtin_cpu_supports("avx2") ? IntIsa::kAvx2 : IntIsa::kGeneric;
   }();
   // SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic caps the choice (read on every call, so that
-  // the tests run every path in one process); it never enables what the CPU lacks.
+  // the tests run every path in one process); it never enables what the CPU lacks. Any other
+  // value is refused: a misspelt cap would otherwise record the wrong path in silence.
   const char* forced = std::getenv("SPIKEOPS_CPU_ISA");
-  if (forced == nullptr) return supported;
+  if (forced == nullptr || *forced == '\0') return supported;
   for (IntIsa cap : {IntIsa::kGeneric, IntIsa::kAvx2, IntIsa::kAvx512Vnni})
     if (std::strcmp(forced, int_isa_name(cap)) == 0) return std::min(supported, cap);
-  return supported;
+  TORCH_CHECK_VALUE(false, "SPIKEOPS_CPU_ISA must be avx512vnni, avx2 or generic (or unset), "
+                    "got '", forced, "'");
 #else
   return IntIsa::kGeneric;
 #endif

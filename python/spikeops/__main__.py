@@ -17,7 +17,6 @@ float64 layer, and its firing rate, synaptic operations and speed against float3
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
 from .calibrate import GAMMA_GRID
+from .files import check_folder_target, check_output, has_file, write_file, write_folder
 from .reference import tolerance
 from .timing import median_ms
 from .transforms import TRANSFORMS
@@ -102,27 +102,10 @@ REAL_ENCODINGS = "minmax4,minmax4+s6,absmax4,absmean4,oat8,minmax8,absmax8"
 DEMO_TRANSFORM = "rotate"
 
 
-def _write_whole(out: Path, write) -> None:
-    """Files made by ``write(tmp)`` in a temporary sibling folder, then moved into ``out``
-    (created): a failure (a full disk, say) leaves ``out`` as it was."""
-    import shutil
-    import tempfile
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        write(tmp)
-        out.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _cached(folder: Path, make) -> Path:
-    """``folder``, made by ``make(tmp)`` when absent (floatmodel.write_new_folder: an
-    interrupted run never leaves a half-made folder in the cache)."""
-    from .floatmodel import write_new_folder
-    return folder if folder.is_dir() else write_new_folder(folder, make)
+    """``folder``, made by ``make(tmp)`` when absent (files.write_folder: an interrupted run
+    never leaves a half-made folder in the cache)."""
+    return folder if folder.is_dir() else write_folder("demo", folder, make)
 
 
 def _step(name, fn):
@@ -173,7 +156,8 @@ def real_model_rows(float_dir, q_dir, eval_text, max_tokens: int, encodings=REAL
     _step("evaluate", lambda: holder.append(evaluate_rows(Namespace(
         model=str(q_dir), text=eval_text, encodings=encodings, dense=str(float_dir), window=256,
         max_tokens=max_tokens, dtype="float32"))))
-    results.write_text(json.dumps([dataclasses.asdict(r) for r in holder[0]], indent=1))
+    text = json.dumps([dataclasses.asdict(r) for r in holder[0]], indent=1)
+    write_file("demo", results, lambda tmp: tmp.write_text(text))
     return holder[0]
 
 
@@ -299,15 +283,15 @@ def read_text(path) -> str:
 def model_tokenizer(folder):
     """The tokenizer a GPTQ or float folder's text is read with (docs/checkpoints.md,
     "Tokenizers"): its own, or bytes for a byte-level model; refused otherwise."""
-    import json
+    from .checkpoint import read_json
     from .floatmodel import load_tokenizer
-    config = json.loads((Path(folder) / "config.json").read_text())
+    config = read_json("spikeops", Path(folder) / "config.json")
     return load_tokenizer("spikeops", folder, config.get("vocab_size"))
 
 
 def _calibration(folder):
     from .calibrate import JSON_FILE, Calibration
-    return Calibration.load(folder) if (Path(folder) / JSON_FILE).exists() else None
+    return Calibration.load(folder) if has_file("spikeops", folder, JSON_FILE) else None
 
 
 def text_batches(tokens, samples: int, seq_len: int, seed: int):
@@ -334,15 +318,24 @@ def cmd_quantize(args) -> int:
     from .floatmodel import copy_tokenizer, load_float_model
     from .quantization import quantize
     from .transforms import transform
+    fn = "quantize"
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise ValueError(f"{fn}: the output folder must not be the float model's, got "
+                         f"{args.out!r} for both")
+    check_folder_target(fn, args.out)  # before minutes of work
     model, tokenizer = load_float_model(args.model)
     ids = text_batches(encode_text(read_text(args.text), tokenizer), args.samples, args.seq_len,
                        args.seed)
     record = transform(model, args.transform, ids.split(8), seed=args.seed)
     weights = quantize(model, ids, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                        desc_act=args.act_order)
-    # The dense tensors (embeddings, norms, lm_head) are stored in --dtype.
-    save_gptq(model.to(DTYPES[args.dtype]), weights, args.out)
-    copy_tokenizer(tokenizer, args.model if Path(args.model).is_dir() else None, args.out)
+
+    def write(tmp: Path) -> None:
+        # The dense tensors (embeddings, norms, lm_head) are stored in --dtype.
+        save_gptq(model.to(DTYPES[args.dtype]), weights, tmp)
+        copy_tokenizer(tokenizer, args.model if Path(args.model).is_dir() else None, tmp)
+    # One folder, one model: a previous model's calibration or tokenizer never stays in OUT.
+    write_folder(fn, args.out, write)
     print(f"wrote a {args.bits}-bit GPTQ checkpoint of {len(weights)} layers (transform "
           f"{record['kind']}, dense tensors {args.dtype}) to {args.out}")
     return 0
@@ -352,6 +345,9 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .evaluate import encode_text
     from .models import load_gptq
+    # Checked before the work: the embedded model lies inside the package, which is never
+    # written, so calibrating it needs --out.
+    check_output("calibrate", args.out or args.model)
     model = load_gptq(args.model, Encoding("minmax", 4), dtype=torch.float32)
     ids = text_batches(encode_text(read_text(args.text), model_tokenizer(args.model)),
                        args.samples, args.seq_len, args.seed)
@@ -394,7 +390,8 @@ def cmd_eval(args) -> int:
     rows = evaluate_rows(args)
     print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+        text = json.dumps([dataclasses.asdict(r) for r in rows], indent=1)
+        write_file("eval", args.json, lambda tmp: tmp.write_text(text))
         print(f"wrote {args.json}")
     return 0
 
@@ -439,6 +436,9 @@ def _stop_tokens(tokenizer):
     return tuple(i for i in ids if i is not None)
 
 
+REPORT_MARKER = "report.json"  # a folder holding it is a report that --out may replace
+
+
 def cmd_report(args) -> int:
     """Spike statistics and energy estimate of one encoding on a text: report.txt, report.json
     and the plots firing_rate.png, planes.png, energy.png in --out."""
@@ -455,9 +455,7 @@ def cmd_report(args) -> int:
     tokens = encode_text(read_text(args.text), model_tokenizer(args.model))[: args.max_tokens]
     if tokens.shape[0] < 1:
         raise ValueError("the text gives no tokens")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+    out = check_folder_target("report", args.out, REPORT_MARKER)
     with track(model) as tracker, torch.no_grad():
         for chunk in tokens.split(args.window):
             model(input_ids=chunk.unsqueeze(0))
@@ -466,9 +464,9 @@ def cmd_report(args) -> int:
 
     def write(tmp: Path) -> None:
         (tmp / "report.txt").write_text(header + tracker.table() + "\n", encoding="utf-8")
-        (tmp / "report.json").write_text(tracker.to_json(), encoding="utf-8")
+        (tmp / REPORT_MARKER).write_text(tracker.to_json(), encoding="utf-8")
         tracker.plot(tmp)
-    _write_whole(out, write)
+    write_folder("report", out, write, REPORT_MARKER)
     print(header + tracker.table())
     print(f"\nwrote report.txt, report.json, firing_rate.png, planes.png, energy.png to {out}")
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -28,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
+from .files import check_output, has_file, input_file, write_file
 from .nn import SpikeLinear
 from .spikes import Encoding, encode
 
@@ -52,25 +52,21 @@ class Calibration:
     settings: dict
 
     def save(self, folder) -> None:
-        """Write the JSON and safetensors files into ``folder``. Each file is written under a
-        temporary name and renamed, masks first; the JSON names the hash of its masks, so a save
-        interrupted between the two renames loads as an error, never as a mixture."""
+        """Write the JSON and safetensors files into ``folder``, each whole (files.write_file),
+        masks first; the JSON names the hash of its masks, so a save interrupted between the
+        two loads as an error, never as a mixture."""
         from safetensors.torch import save_file
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        fn = "Calibration.save"
+        folder = check_output(fn, folder)
         masks = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
                  for name, c in self.layers.items() if c.salient is not None}
-        tmp = folder / f".{MASK_FILE}.partial"
-        save_file(masks, str(tmp))
-        digest = _sha256(tmp)
-        os.replace(tmp, folder / MASK_FILE)
+        mask_file = write_file(fn, folder / MASK_FILE, lambda tmp: save_file(masks, str(tmp)))
         layers = {name: {"gamma": c.gamma, "theta": list(c.theta) if c.theta else None,
                          "salient": c.salient is not None}
                   for name, c in self.layers.items()}
-        tmp = folder / f".{JSON_FILE}.partial"
-        tmp.write_text(json.dumps({"format": 1, "settings": self.settings, "masks_sha256": digest,
-                                   "layers": layers}, indent=1))
-        os.replace(tmp, folder / JSON_FILE)
+        text = json.dumps({"format": 1, "settings": self.settings,
+                           "masks_sha256": _sha256(mask_file), "layers": layers}, indent=1)
+        write_file(fn, folder / JSON_FILE, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, folder) -> "Calibration":
@@ -79,10 +75,7 @@ class Calibration:
         from safetensors.torch import load_file
         fn = "Calibration.load"
         folder = Path(folder)
-        json_file, mask_file = folder / JSON_FILE, folder / MASK_FILE
-        for file in (json_file, mask_file):
-            if file.exists() and not file.is_file():  # a FIFO would block the read
-                raise ValueError(f"{fn}: {file} must be a regular file")
+        json_file, mask_file = input_file(fn, folder, JSON_FILE), folder / MASK_FILE
         try:
             raw = json.loads(json_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -92,7 +85,7 @@ class Calibration:
             raise ValueError(f"{fn}: {json_file} is not a spikeops calibration "
                              f"(format 1 with a 'layers' object)")
         masks = {}
-        if mask_file.is_file():
+        if has_file(fn, folder, MASK_FILE):
             if raw.get("masks_sha256") not in (None, _sha256(mask_file)):
                 raise ValueError(f"{fn}: {mask_file} is not the mask file {json_file.name} was "
                                  f"saved with (an interrupted or mixed save); calibrate again")

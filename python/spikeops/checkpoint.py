@@ -7,7 +7,6 @@ K = in_features, N = out_features, G groups, b bits.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -15,13 +14,11 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 
 from . import _checks
+from .architecture import PROJECTIONS, check_supported
 from .calibrate import MASK_FILE
+from .files import has_file, input_file, write_folder
 from .gptq import BITS, FORMATS, GPTQWeight, check_bits_group_size, pack, v1_stored_zeros
 
-# Only the seven projections of every decoder layer are quantized (docs/checkpoints.md):
-# model.layers.{i}.self_attn.{q,k,v,o}_proj and model.layers.{i}.mlp.{gate,up,down}_proj.
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PathLike = Union[str, Path]
@@ -69,16 +66,19 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
         norms, lm_head) are written as they are; the ``weight`` of every module named in
         ``weights`` is replaced by its GPTQ tensors.
     weights: ``{module name: GPTQWeight}`` sharing one bits/group_size/sym.
-    path: the folder (created); gets ``model.safetensors`` (qweight int32 ``[K*b/32, N]``,
-        qzeros int32 ``[G, N*b/32]`` with v1 zeros, scales float16 ``[G, N]``, g_idx int32
-        ``[K]``, bias float16 ``[N]`` when the module has one), ``config.json`` with
-        ``quantization_config`` and ``quantize_config.json``.
+    path: a new or empty folder, or a model folder (with ``config.json``) that is replaced
+        whole; it holds exactly ``model.safetensors`` (qweight int32 ``[K*b/32, N]``, qzeros
+        int32 ``[G, N*b/32]`` with v1 zeros, scales float16 ``[G, N]``, g_idx int32 ``[K]``,
+        bias float16 ``[N]`` when the module has one), ``config.json`` with
+        ``quantization_config`` and ``quantize_config.json`` afterwards, or is unchanged if
+        writing fails (docs/checkpoints.md, "Files and links").
     """
     fn = "save_gptq"
     from safetensors.torch import save_file
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError(f"{fn}: weights must map module names to GPTQWeights, got "
                          f"{type(weights).__name__} of {len(weights) if weights else 0}")
+    check_supported(fn, model)
     ref = next(iter(weights.values()))
     modules = dict(model.named_modules())
     _check_weights_fit(fn, model, modules, weights)
@@ -111,21 +111,21 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
     qc = {"bits": ref.bits, "group_size": ref.group_size, "sym": ref.sym,
           "desc_act": desc_act, "static_groups": False, "checkpoint_format": "gptq",
           "quant_method": "gptq", "pack_dtype": "int32"}
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed: a reader never sees half a file.
-    tmp = folder / ".model.safetensors.partial"
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp),
-              metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    _remove_stale_weights(folder)
     config = model.config.to_dict()
     # The tensors' dtype, which model.half() and friends do not write into the config; both
     # keys, for transformers 4 (torch_dtype) and 5 (dtype) readers.
     config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     config["quantization_config"] = qc
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    (folder / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
+
+    def write(folder: Path) -> None:
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
+    # The whole set is written beside the folder and swapped in: a failure leaves the folder
+    # as it was, and a replaced checkpoint's other files (an old calibration, tokenizer or
+    # shards) never end up beside the new weights.
+    write_folder(fn, path, write)
 
 
 def _check_weights_fit(fn: str, model, modules: dict, weights: Mapping) -> None:
@@ -159,37 +159,8 @@ def _check_weights_fit(fn: str, model, modules: dict, weights: Mapping) -> None:
                              f"layer (load_gptq reads all seven); missing {first(missing)}")
 
 
-def _remove_stale_weights(folder: Path) -> None:
-    """After a new model.safetensors: an older sharded checkpoint's index and shards would be
-    read instead of it, so they go."""
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (OSError, ValueError, AttributeError):  # unreadable: only the index can go
-        weight_map = None
-    index.unlink()
-    for name in set(weight_map.values()) if isinstance(weight_map, dict) else ():
-        shard = inside(folder, name)
-        if shard is not None and shard.is_file() and shard.name != "model.safetensors":
-            shard.unlink()
-
-
-def inside(folder: Path, name) -> Optional[Path]:
-    """``folder / name`` when ``name`` is a relative file name that stays inside ``folder``
-    (no '..', no absolute path, no link out of it); else None."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute():
-        return None
-    path = folder / name
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return None
-    return path
-
-
 def read_json(fn: str, file: Path) -> dict:
+    input_file(fn, file.parent, file.name)
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as e:
@@ -200,14 +171,14 @@ def read_configs(fn: str, folder: Path):
     """The model config (without ``quantization_config``) and the QuantConfig."""
     from transformers import AutoConfig
     file = folder / "config.json"
-    if not file.is_file():
+    if not has_file(fn, folder, "config.json"):
         raise ValueError(f"{fn}: {file} must exist (the model's config.json), not found")
     raw = read_json(fn, file)
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"{fn}: {file} must be a JSON object with 'model_type'")
     _check_config_fields(fn, raw)
     found = [(name, QuantConfig.parse(fn, read_json(fn, folder / name), name))
-             for name in QUANT_CONFIG_FILES if (folder / name).is_file()]
+             for name in QUANT_CONFIG_FILES if has_file(fn, folder, name)]
     if "quantization_config" in raw:
         source = "config.json quantization_config"
         found.append((source, QuantConfig.parse(fn, raw["quantization_config"], source)))
@@ -225,6 +196,7 @@ def read_configs(fn: str, folder: Path):
     # transformers 5 refuses GPTQ configs without optimum; the spikeops modules replace it.
     raw.pop("quantization_config", None)
     model_type = raw.pop("model_type")
+    check_supported(fn, model_type)
     try:
         config = AutoConfig.for_model(model_type, **raw)
     except (ValueError, KeyError) as e:
@@ -273,7 +245,7 @@ def check_config_tensors(fn: str, config, tensors: Mapping[str, torch.Tensor]) -
 def weight_files(fn: str, folder: Path) -> Dict[Path, Optional[set]]:
     """The safetensors files to read, each with the keys the index assigns it (None: no index)."""
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if has_file(fn, folder, index.name):
         raw = read_json(fn, index)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
@@ -281,21 +253,16 @@ def weight_files(fn: str, folder: Path) -> Dict[Path, Optional[set]]:
                              f"'weight_map' object")
         files: Dict[Path, Optional[set]] = {}
         for key, name in weight_map.items():
-            shard = inside(folder, name)
-            if shard is None:
-                raise ValueError(f"{fn}: {index.name} names shard {name!r} for {key}: shards "
-                                 f"must be file names inside {folder}")
-            files.setdefault(shard, set()).add(key)
-        for file in files:
-            if not file.is_file():
-                raise ValueError(f"{fn}: shard {file.name} listed in {index.name} (for "
-                                 f"{first(sorted(files[file]))}) does not exist")
+            if not isinstance(name, str) or not (folder / name).exists():
+                raise ValueError(f"{fn}: shard {name} listed in {index.name} (for {key}) does "
+                                 f"not exist in {folder}")
+            files.setdefault(input_file(fn, folder, name), set()).add(key)
         return files
-    if (folder / "model.safetensors").is_file():
+    if has_file(fn, folder, "model.safetensors"):
         return {folder / "model.safetensors": None}
     # Only regular files (a FIFO would block the reader), and never spikeops' calibration.
-    found = sorted(f for f in folder.glob("*.safetensors") if f.is_file() and
-                   f.name != MASK_FILE)
+    found = sorted(f for f in folder.glob("*.safetensors") if f.name != MASK_FILE
+                   and has_file(fn, folder, f.name))
     if len(found) == 1:  # old AutoGPTQ names, e.g. gptq_model-4bit-128g.safetensors
         return {found[0]: None}
     if found:
@@ -329,14 +296,6 @@ def read_tensors(fn: str, folder: Path) -> Dict[str, torch.Tensor]:
             raise ValueError(f"{fn}: tensor {dup[0]} appears in more than one file")
         tensors.update(part)
     return tensors
-
-
-def decoder_layers(fn: str, model) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise ValueError(f"{fn}: model must be a LLaMA-style causal LM with decoder layers at "
-                         f"model.model.layers, got {type(model).__name__}")
-    return layers
 
 
 def quant_keys(linears: Mapping[str, torch.nn.Linear], tensors: Mapping) -> set:

@@ -127,6 +127,13 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
         raise ValueError(f"{fn}: temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None:
         _checks.integer(fn, "top_k", top_k, 1, 1 << 24)
+    # The key-value cache is preallocated for the whole sequence: bounded by the context the
+    # model was trained for, not by the request.
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and prompt.shape[0] + max_new_tokens > context:
+        raise ValueError(f"{fn}: the prompt's {prompt.shape[0]} tokens plus max_new_tokens = "
+                         f"{max_new_tokens} must fit the model's context of {context} tokens "
+                         f"(max_position_embeddings)")
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
     gen = torch.Generator().manual_seed(seed)
     ids = prompt.to(torch.int64).unsqueeze(0).to(device)

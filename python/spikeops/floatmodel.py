@@ -5,14 +5,14 @@ shares (docs/checkpoints.md, "Tokenizers")."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
 
+from .architecture import check_supported
+from .files import check_folder_target, has_file, write_folder
 from .transforms import CONFIG_KEY as TRANSFORM_KEY, restore_online
 
 PathLike = Union[str, Path]
@@ -48,56 +48,62 @@ def load_float_model(path: PathLike, dtype: torch.dtype = torch.float32):
         except ImportError as e:
             raise ValueError(f"{fn}: reading {path.name} needs the 'gguf' package "
                              f"(pip install gguf)") from e
+        from .gguf_file import check_gguf
+        check_gguf(fn, path)  # what transformers would misread (random weights) or trip on
         kw = dict(gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+        except NotImplementedError as e:  # gguf's dequantize, for an integer tensor
+            raise ValueError(f"{fn}: {path}: every tensor must be stored as floats or in a "
+                             f"quantization transformers can dequantize, got: {e}") from e
         # The weights are dequantized floats now; the GGUF quantization config only stops
         # save_pretrained.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     elif path.is_dir():
+        _check_float_folder(fn, path)
         model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype)
         tokenizer = load_tokenizer(fn, path, model.config.vocab_size)
-        restore_online(model, getattr(model.config, TRANSFORM_KEY, None))
+        restore_online(model, getattr(model.config, TRANSFORM_KEY, None), fn)
     else:
         raise ValueError(f"{fn}: path must be a model folder or a .gguf file, got {str(path)!r}")
     return model.eval(), tokenizer
 
 
+def _check_float_folder(fn: str, folder: Path) -> None:
+    """What transformers would read of a float model folder, checked first: its config (a
+    supported architecture, no quantization) and its weight files (files.input_file's rules)."""
+    from .checkpoint import QUANT_CONFIG_FILES, read_json, weight_files
+    config = read_json(fn, folder / "config.json")
+    check_supported(fn, config.get("model_type") if isinstance(config, dict) else None)
+    quantized = [name for name in QUANT_CONFIG_FILES if has_file(fn, folder, name)]
+    if "quantization_config" in config or quantized:
+        raise ValueError(f"{fn}: {folder} is a quantized checkpoint "
+                         f"({', '.join(quantized) or 'config.json quantization_config'}); a float "
+                         f"model folder is expected (spikeops.load_gptq reads GPTQ folders)")
+    weight_files(fn, folder)
+
+
 def import_gguf(file: PathLike, out: PathLike) -> Path:
-    """Write the float Hugging Face folder of a LLaMA-architecture GGUF file to ``out`` (a new
-    or empty folder): ``config.json``, ``model.safetensors`` (float32: the dequantized GGUF
-    weights, the dense reference), the tokenizer with its chat template, and
-    ``generation_config.json``. The folder appears whole or not at all."""
-    from .checkpoint import decoder_layers
+    """Write the float Hugging Face folder of a LLaMA-architecture GGUF file to ``out``:
+    ``config.json``, ``model.safetensors`` (float32: the dequantized GGUF weights, the dense
+    reference), the tokenizer with its chat template, and ``generation_config.json``. ``out`` is
+    new, empty or a model folder that is replaced whole (files.write_folder); it appears whole
+    or not at all."""
+    from .architecture import decoder_layers
     fn = "import_gguf"
     file, out = Path(file), Path(out)
     if not is_gguf(file):
         raise ValueError(f"{fn}: file must be a .gguf file, got {str(file)!r}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{fn}: out must be a new or empty folder, got {str(out)!r}")
+    check_folder_target(fn, out)
     model, tokenizer = load_float_model(file)
     decoder_layers(fn, model)  # LLaMA-style: model.model.layers with the seven projections
 
     def save(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    return write_new_folder(out, save)
-
-
-def write_new_folder(out: PathLike, make) -> Path:
-    """``out`` (absent or empty) filled by ``make(tmp)`` in a temporary sibling folder that is
-    then renamed into place: the folder appears whole or not at all."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        make(tmp)
-        os.replace(tmp, out)  # rename(2) replaces an empty folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_folder(fn, out, save)
 
 
 def load_tokenizer(fn: str, folder: PathLike, vocab_size: int):
@@ -105,7 +111,8 @@ def load_tokenizer(fn: str, folder: PathLike, vocab_size: int):
     one. Any other model without a tokenizer is refused: reading its text as bytes would give
     meaningless ids (and perplexities) without a warning."""
     folder = Path(folder)
-    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+    present = [name for name in TOKENIZER_FILES if has_file(fn, folder, name)]
+    if "tokenizer.json" in present or "tokenizer_config.json" in present:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(folder))
     if vocab_size != BYTE_VOCAB:
@@ -122,7 +129,7 @@ def copy_tokenizer(tokenizer, src: Optional[PathLike], out: PathLike) -> None:
     copied = False
     if src is not None and Path(src).is_dir():
         for name in TOKENIZER_FILES:
-            if (Path(src) / name).is_file():
+            if has_file("copy_tokenizer", src, name):  # a link out of src is refused
                 shutil.copyfile(Path(src) / name, out / name)
                 copied = True
     if not copied and tokenizer is not None:
@@ -140,6 +147,13 @@ def chat_prompt(tokenizer, message: str) -> Tuple[str, bool]:
     the assistant's turn opened, or the message itself when there is no template."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return message, False
-    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                         add_generation_prompt=True)
+    import jinja2  # transformers renders chat templates with it
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                             tokenize=False, add_generation_prompt=True)
+    # A template comes with the model: jinja2's sandbox refuses unsafe attribute access
+    # (SecurityError, a TemplateError) and ranges over 100000 items (OverflowError).
+    except (jinja2.TemplateError, OverflowError) as e:
+        raise ValueError(f"chat_prompt: the model's chat template could not be applied: "
+                         f"{type(e).__name__}: {e}") from e
     return text, True

@@ -11,8 +11,10 @@ import torch
 
 from . import _checks
 from .calibrate import JSON_FILE as CALIBRATION_FILE, Calibration, set_encoding
-from .checkpoint import (PROJECTIONS, PathLike, QuantConfig, check_config_tensors,
-                         decoder_layers, first, quant_keys, read_configs, read_tensors, tensor)
+from .architecture import PROJECTIONS, check_supported, decoder_layers
+from .checkpoint import (PathLike, QuantConfig, check_config_tensors, first, quant_keys,
+                         read_configs, read_tensors, tensor)
+from .files import has_file
 from .gptq import FORMATS, GPTQWeight, log
 from .nn import BIAS_DTYPES, SpikeLinear, share_inputs
 from .spikes import Encoding
@@ -37,8 +39,9 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         device, the rest to ``device``; tensors entering a placed module are moved to its device,
         so activations follow the layers across devices (pipeline placement, one device busy
         at a time).
-    dtype: float16/bfloat16/float32 of the dense parts and activations; None = the
-        checkpoint's ``torch_dtype``/``dtype`` (float32 when absent).
+    dtype: float16/bfloat16/float32 of the dense parts and activations; None = the fast one
+        for ``device``: float32 on the CPU (whose float16 matrix products are about 10x
+        slower), the checkpoint's ``torch_dtype``/``dtype`` on a GPU (float32 when absent).
 
     Returns the ``transformers`` model (e.g. LlamaForCausalLM) in eval mode whose seven
     projections per decoder layer are ``SpikeLinear``. A calibration saved in the folder
@@ -64,8 +67,7 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
 
     from transformers import AutoModelForCausalLM
     if dtype is None:
-        dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-        _checks.dtype(fn, "config.json torch_dtype", dtype, MODEL_DTYPES)
+        dtype = _default_dtype(fn, device, config)
     # Meta tensors cost no memory: the model exists only as shapes until the checkpoint's
     # tensors are assigned into it.
     with torch.device("meta"):
@@ -89,7 +91,7 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
     if tied:
         model.tie_weights()  # assign=True replaced the shared embedding Parameter
     _rebuild_rotary(model)
-    restore_online(model, getattr(config, TRANSFORM_KEY, None))
+    restore_online(model, getattr(config, TRANSFORM_KEY, None), fn)
     share_inputs(model)
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
@@ -106,10 +108,20 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         module.to(dev)
         module.register_forward_pre_hook(_inputs_to(dev), with_kwargs=True)
     # The seed methods' per-layer settings; Calibration.load refuses a non-regular file.
-    if (folder / CALIBRATION_FILE).exists():
+    if has_file(fn, folder, CALIBRATION_FILE):
         set_encoding(model, enc, Calibration.load(folder))
         log.info("load_gptq: applied the calibration in %s", folder / CALIBRATION_FILE)
     return model
+
+
+def _default_dtype(fn: str, device: torch.device, config) -> torch.dtype:
+    """The dtype a model runs fastest in on ``device`` when none is asked for (docs/checkpoints.md,
+    "Loading"): float32 on the CPU, else the checkpoint's own."""
+    if device.type == "cpu":
+        return torch.float32
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    _checks.dtype(fn, "config.json torch_dtype", dtype, MODEL_DTYPES)
+    return dtype
 
 
 def patch(model: torch.nn.Module, enc: Encoding,
@@ -126,11 +138,15 @@ def patch(model: torch.nn.Module, enc: Encoding,
         memory: symmetric weights are detected from their zeros either way (GPTQWeight), for
         asymmetric ones pass ``checkpoint_format="gptq_v2"``.
 
-    Every module is converted before any is swapped, so on error the model is unchanged.
+    A transform record in ``model.config`` (``spikeops_transform``, written by ``spikeops
+    quantize --transform rotate``) has its online rotation put back on every ``down_proj``, as
+    ``load_gptq`` does. Every module is converted and the record checked before anything is
+    swapped, so on error the model is unchanged.
     """
     fn = "patch"
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_supported(fn, model)
     _check_encoding(fn, enc)
     qc = _config_dict(getattr(getattr(model, "config", None), "quantization_config", None))
     if checkpoint_format is None:
@@ -162,8 +178,15 @@ def patch(model: torch.nn.Module, enc: Encoding,
                                         else None)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{fn}: module {name!r} ({type(m).__name__}): {e}") from e
+    originals = {name: model.get_submodule(name) for name in spiking}
     for name, module in spiking.items():
         set_module(model, name, module)
+    try:
+        restore_online(model, getattr(model.config, TRANSFORM_KEY, None), fn)
+    except ValueError:  # the record does not fit: the model goes back to what it was
+        for name, module in originals.items():
+            set_module(model, name, module)
+        raise
     return model
 
 

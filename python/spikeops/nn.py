@@ -62,10 +62,18 @@ def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) 
     return ops.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane)
 
 
+def _version(x: torch.Tensor) -> Optional[int]:
+    """x's in-place modification counter; None for an inference tensor (made under
+    ``torch.inference_mode()``), which has none."""
+    return None if x.is_inference() else x._version
+
+
 class SharedInput:
     """One encoding for the layers of a group that read the same activation (q/k/v, gate/up):
     the first layer to run encodes it, the others of the group with the same Encoding and
-    salient mask reuse the spikes if they get the very same tensor, unchanged. The spikes are
+    salient mask reuse the spikes if they get the very same tensor, unchanged (its version
+    counter; an inference tensor has none, so there the tensor's identity decides: the decoder
+    layers spikeops supports never change the input between the projections). The spikes are
     dropped once every member has run, so no activation outlives its forward pass."""
 
     def __init__(self, members: int):
@@ -78,16 +86,16 @@ class SharedInput:
     def get(self, layer, x: torch.Tensor):
         """The spikes for ``layer`` if the group holds them for ``x``, else None (the layer
         encodes, then calls ``put``)."""
-        if self.x is not x or self.version != x._version:
+        if self.x is not x or self.version != _version(x):
             return None
         spikes = self.spikes if self.key == (layer.enc, id(layer.salient_mask)) else None
         self._served()
         return spikes
 
     def put(self, layer, x: torch.Tensor, spikes) -> None:
-        if self.x is x and self.version == x._version:
+        if self.x is x and self.version == _version(x):
             return  # a member with another encoding: the first member's spikes stay
-        self.x, self.version, self.key = x, x._version, (layer.enc, id(layer.salient_mask))
+        self.x, self.version, self.key = x, _version(x), (layer.enc, id(layer.salient_mask))
         self.spikes, self.served = spikes, 0
         self._served()
 
@@ -220,6 +228,11 @@ class SpikeLinear(torch.nn.Module):
             raise ValueError(f"SpikeLinear: x must have shape [..., in_features] = "
                              f"[..., {self.in_features}], got {tuple(x.shape)}")
         if self.enc is None:
+            # F.linear would run a meta or other-device weight against x without a word (the
+            # spiking path's op checks devices itself).
+            if x.device != self.qweight.device:
+                raise ValueError(f"SpikeLinear: x is on {x.device}, the layer on "
+                                 f"{self.qweight.device}; move one of them")
             if self.dense_weight is None or self.dense_weight.dtype != x.dtype:
                 self.dense_weight = self.dequantize().to(x.dtype)
             bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None

@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from .checkpoint import PROJECTIONS, PathLike, decoder_layers, save_gptq
+from .architecture import PROJECTIONS, decoder_layers
+from .checkpoint import PathLike, save_gptq
 from .gptq import GPTQWeight, check_bits_group_size, pack, v1_stored_zeros
 
 BLOCK = 128  # GPTQ's lazy-batch width: columns whose error feedback is applied together

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from .architecture import check_supported, head_dim_of
 
 # The per-layer modules a Runner calls, as attribute paths of a decoder layer.
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj",
@@ -49,6 +50,7 @@ class Runner:
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
         _checks.integer(fn, "max_len", max_len, 1, 1 << 20)
         _checks.integer(fn, "batch", batch, 1, 1 << 16)
+        check_supported(fn, model)
         self.embed = _part(fn, model, "model.embed_tokens")
         self.norm = _part(fn, model, "model.norm")
         self.rotary = _part(fn, model, "model.rotary_emb")
@@ -66,7 +68,7 @@ class Runner:
                              f"{getattr(config, 'sliding_window', None)!r}, layer_types = "
                              f"{list(layer_types)}")
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = head_dim_of(config)
         self.layers = [{p: _part(fn, layer, p) for p in _LAYER_PARTS} for layer in layers]
         self.scaling = [_part(fn, layer, "self_attn.scaling") for layer in layers]
         w = self.embed.weight

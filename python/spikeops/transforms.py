@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from . import _checks
-from .checkpoint import decoder_layers
+from .architecture import decoder_layers, head_dim_of
 
 TRANSFORMS = ("none", "smooth", "rotate")
 CONFIG_KEY = "spikeops_transform"
@@ -121,37 +121,81 @@ def transform(model: torch.nn.Module, kind: str, batches: Optional[Iterable[torc
     _checks.integer(fn, "seed", seed, 0, 2**63 - 1)
     if kind == "none":
         return {"kind": "none"}
+    # Everything that can refuse is checked here, before the first weight changes.
+    if kind == "smooth":
+        batches = list(batches) if batches is not None else []
+        if not batches or not all(isinstance(b, torch.Tensor) and b.dim() == 2 and b.numel()
+                                  and not b.is_floating_point() for b in batches):
+            raise ValueError(f"{fn}: 'smooth' needs a non-empty list of token-id batches "
+                             f"(integer [B, T] tensors), got {len(batches)} batch(es)")
+        alphas = tuple(alphas)
+        if not alphas or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alphas):
+            raise ValueError(f"{fn}: alphas must be migration strengths in [0, 1], got {alphas}")
+    else:
+        head_dim = head_dim_of(model.config)
+        if head_dim & (head_dim - 1):
+            raise ValueError(f"{fn}: rotate needs a power-of-two head_dim, got {head_dim}")
     with torch.no_grad():
         if kind == "smooth":
-            if batches is None:
-                raise ValueError(f"{fn}: 'smooth' needs calibration batches of token ids")
-            record = _smooth(model, layers, list(batches), tuple(alphas))
+            record = _smooth(model, layers, batches, alphas)
         else:
             record = _rotate(model, layers, seed)
     setattr(model.config, CONFIG_KEY, record)
     return record
 
 
-def restore_online(model: torch.nn.Module, record: Optional[dict]) -> None:
+def restore_online(model: torch.nn.Module, record: Optional[dict],
+                   fn: str = "restore_online") -> None:
     """Put back the online steps of a saved transform record (``config.json``'s
-    ``spikeops_transform``) on a freshly loaded model."""
-    fn = "restore_online"
-    if not record or record.get("kind") in (None, "none", "smooth"):
+    ``spikeops_transform``) on a loaded model: the record is checked whole, and against the
+    model, before anything changes; a down_proj that already rotates by it is left as it is."""
+    rotation = _online_rotation(fn, model, record)
+    if rotation is None:
         return
-    if not isinstance(record, dict) or record.get("kind") != "rotate":
-        raise ValueError(f"{fn}: {CONFIG_KEY} must be a transform record with kind 'none', "
-                         f"'smooth' or 'rotate', got {record!r}")
-    online = record.get("down_proj")
-    if not isinstance(online, dict) or not isinstance(online.get("width"), int):
-        raise ValueError(f"{fn}: {CONFIG_KEY}['down_proj'] must give the online rotation's "
-                         f"width, got {online!r}")
-    rotation = OnlineRotation(online["width"], online.get("mix"))
     for layer in decoder_layers(fn, model):
         down = layer.mlp.down_proj
-        if down.in_features != online["width"]:
-            raise ValueError(f"{fn}: down_proj has {down.in_features} inputs, the recorded "
-                             f"online rotation {online['width']}")
-        down.register_forward_pre_hook(rotation)
+        if not any(isinstance(h, OnlineRotation) for h in down._forward_pre_hooks.values()):
+            down.register_forward_pre_hook(rotation)
+
+
+def _online_rotation(fn: str, model: torch.nn.Module,
+                     record: Optional[dict]) -> Optional[OnlineRotation]:
+    """The online rotation a transform record asks for on ``model``'s down_proj inputs (None
+    for none), after checking the record and that it fits the model."""
+    if record is None or record == {}:
+        return None
+    if not isinstance(record, dict) or record.get("kind") not in TRANSFORMS:
+        raise ValueError(f"{fn}: {CONFIG_KEY} must be a transform record with kind 'none', "
+                         f"'smooth' or 'rotate', got {record!r}")
+    if record["kind"] != "rotate":
+        return None
+    online = record.get("down_proj")
+    width = online.get("width") if isinstance(online, dict) else None
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"{fn}: {CONFIG_KEY}['down_proj'] must give the online rotation's "
+                         f"width as a positive integer, got {online!r}")
+    mix = online.get("mix")
+    blocks = split_width(width)[0]
+    try:
+        rotation = OnlineRotation(width, mix)
+        ok = mix is None or bool(torch.allclose(rotation.mix @ rotation.mix.t(),
+                                                torch.eye(blocks, dtype=torch.float64),
+                                                atol=1e-9))
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: {CONFIG_KEY}['down_proj']['mix'] must be an orthogonal "
+                         f"[{blocks}, {blocks}] matrix of numbers for width {width}, got {mix!r}")
+    for i, layer in enumerate(decoder_layers(fn, model)):
+        down = layer.mlp.down_proj
+        if down.in_features != width:
+            raise ValueError(f"{fn}: layer {i}'s down_proj has {down.in_features} inputs, the "
+                             f"online rotation recorded in {CONFIG_KEY} {width}")
+        present = [h for h in down._forward_pre_hooks.values() if isinstance(h, OnlineRotation)]
+        if present and present[0].record() != rotation.record():
+            raise ValueError(f"{fn}: layer {i}'s down_proj already rotates its input by another "
+                             f"online rotation ({present[0]})")
+    return rotation
 
 
 def _fold_norm(norm, linears) -> None:
@@ -177,7 +221,7 @@ def _rotate(model, layers, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     cfg = model.config
     d = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     _untie_head(model)
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -202,8 +246,6 @@ def _rotate(model, layers, seed: int) -> dict:
     emb = model.model.embed_tokens.weight
     emb.copy_((emb.double() @ Q).to(emb.dtype))
     right(model.lm_head, Q)
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"transform: rotate needs a power-of-two head_dim, got {head_dim}")
     H_head = hadamard(head_dim)
     kv_heads = cfg.num_key_value_heads
     heads = cfg.num_attention_heads
@@ -306,7 +348,7 @@ def _fake_quant_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> floa
 def _smooth(model, layers, batches, alphas) -> dict:
     ranges, samples = _smoothed_inputs(model, layers, batches)
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     chosen = {}
     for i, layer in enumerate(layers):
