@@ -2,6 +2,7 @@
 // csrc/cpu/encode.cpp define the results bit for bit; every element operation below is the
 // spike_math.h function the CPU uses, on the same float32 values, in the same order.
 #include <cmath>
+#include <type_traits>
 
 #include "device.cuh"
 
@@ -10,152 +11,375 @@ namespace {
 
 using dev::kFullMask;
 
-// gif_encode: one block per token row, one warp per 32-channel word.
-constexpr int kEncodeThreads = 256;
-constexpr int kEncodeWarps = kEncodeThreads / 32;
-// Lanes that store the sign and hi words of a word; lanes 0 .. P - 1 store the planes.
-constexpr int kSignLane = kMaxPlanes, kHiLane = kMaxPlanes + 1;
-static_assert(kHiLane < 32, "one lane per stored word");
+// gif_encode: one warp per token row, kEncodeWarps rows per block; warps never wait for each
+// other. A step is 256 channels (8 words): lane j takes channels 8j .. 8j + 7 of it with 16-byte
+// loads, so lanes 4g .. 4g + 3 hold word g of the step. Each lane turns its 8 codes into one
+// byte per plane (an 8 x 8 bit transpose in registers); a 4 x 4 byte transpose across those four
+// lanes (two shuffles) then leaves lane 4g + t with word g of plane t (of 4k + t for the k-th
+// group of four planes), so one store instruction writes 32 consecutive bytes of four planes.
+// Row statistics are warp shuffles, and every lane derives the quantizers itself.
+//
+// The first steps of a row stay in registers between the statistics and the codes: rows of up
+// to kHeldBytes per lane (K <= 4096 in 2-byte types, 2048 in float32, 1024 in float64) are read
+// from global memory once; longer rows read the rest a second time (from L1 or L2 by then), and
+// so does absmean's exact sum. The loops over a row take kWindowBytes of x per pass, so that the
+// code of a step is not repeated for every held step (straight code that large would not stay
+// in the instruction cache); the held steps shift down through the window instead.
+constexpr int kEncodeWarps = 4;
+constexpr int kEncodeThreads = 32 * kEncodeWarps;
+constexpr int kUnit = 8;                   // channels per lane and step
+constexpr int kStep = 32 * kUnit;          // channels per warp and step
+constexpr int kHeldBytes = 256;            // x per lane kept in registers: 64 of them
+constexpr int kWindowBytes = 64;           // x per lane and pass of the loops over a row
+// Blocks per SM the kernels are compiled for: 4 gives each thread 128 registers, the held row
+// included; kernels with salient channels hold a second quantizer and mask bits and get 3.
+constexpr int kEncodeBlocks = 4, kSalientEncodeBlocks = 3;
 
-struct EncodeShared {
-  // absmean: each warp's ExactSum buckets. Per step a warp adds one pre-summed integer per
-  // distinct exponent (one writer per bucket), so the totals are exact and order independent.
-  int64_t bucket[kEncodeWarps][ExactSum::kBuckets];
-  ExactSum sum;
-  float mn[kEncodeWarps], mx[kEncodeWarps], amax[kEncodeWarps];
-  int finite[kEncodeWarps];
-  RangeQuant range[2];
-  int usable;  // the row is finite and, in static mode, its scale and zero are valid
+// An element's bits, as loaded: the scalar path for unaligned rows and the ragged end.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 2, unsigned short,
+                                std::conditional_t<sizeof(T) == 4, unsigned, unsigned long long>>;
+
+// The raw bits of one lane's 8 channels of a step.
+template <typename T>
+struct Unit {
+  static constexpr int kWords = kUnit * static_cast<int>(sizeof(T)) / 4;
+  static constexpr int kVectors = kWords / 4;  // 16-byte loads
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ unsigned short half_bits(int i) const {
+    return static_cast<unsigned short>(w[i / 2] >> 16 * (i % 2));
+  }
+
+  // Channel i as float32, converted as the CPU converts (dev::to_float); i is a constant.
+  __device__ __forceinline__ float value(int i) const {
+    if constexpr (std::is_same_v<T, __half>) {
+      return dev::to_float(__ushort_as_half(half_bits(i)));
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return dev::to_float(__ushort_as_bfloat16(half_bits(i)));
+    } else if constexpr (std::is_same_v<T, float>) {
+      return __uint_as_float(w[i]);
+    } else {
+      return dev::to_float(__hiloint2double(static_cast<int>(w[2 * i + 1]),
+                                            static_cast<int>(w[2 * i])));
+    }
+  }
 };
 
-// The quantizers of one row from its statistics (spike_math.h, as on the CPU). Static scales and
-// zeros are device data the host could not check: an invalid one makes the row unusable.
-__device__ void row_ranges(const EncodeArgs& a, int64_t m, float mn, float mx, float amax,
-                           const ExactSum& sum, EncodeShared& sh) {
-  const bool is_static = a.mode == Mode::kStatic;
-  const float s = is_static ? a.static_scale[m] : 0.f;
-  const int32_t z = is_static && !a.is_signed ? a.static_zero[m] : 0;
-  if (is_static && !(isfinite(s) && s > 0.f && zero_in_range(z))) {
-    sh.usable = 0;
-    return;
+// Channels c .. c + 7 of a row. Only a 16-byte aligned row whose unit lies inside [0, K) is
+// loaded in vectors: the host guarantees x contiguous, not aligned (a view may start anywhere).
+// Channels at k >= K take `pad`, the bits of the row's channel 0, which leaves min, max and
+// max|x| as they are; their codes are masked and the exact sum skips them.
+template <typename T>
+__device__ __forceinline__ Unit<T> load_unit(const T* row, int c, int K, bool aligned,
+                                             Bits<T> pad) {
+  Unit<T> u;
+  if (aligned && c + kUnit <= K) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + c);
+#pragma unroll
+    for (int v = 0; v < Unit<T>::kVectors; ++v) {
+      const uint4 q = __ldg(p + v);
+      u.w[4 * v] = q.x, u.w[4 * v + 1] = q.y, u.w[4 * v + 2] = q.z, u.w[4 * v + 3] = q.w;
+    }
+    return u;
   }
-  row_quantizers(a, mn, mx, amax, a.mode == Mode::kAbsMean ? exact_mean(sum, a.K) : 0.f, s, z,
-                 sh.range);
+  const Bits<T>* p = reinterpret_cast<const Bits<T>*>(row) + c;
+  const int left = K - c;
+  Bits<T> b[kUnit];
+#pragma unroll
+  for (int i = 0; i < kUnit; ++i) b[i] = i < left ? __ldg(p + i) : pad;
+#pragma unroll
+  for (int i = 0; i < kUnit; ++i) {
+    if constexpr (sizeof(T) == 2) {
+      if (i % 2) u.w[i / 2] = b[i - 1] | static_cast<uint32_t>(b[i]) << 16;
+    } else if constexpr (sizeof(T) == 4) {
+      u.w[i] = b[i];
+    } else {
+      u.w[2 * i] = static_cast<uint32_t>(b[i]);
+      u.w[2 * i + 1] = static_cast<uint32_t>(b[i] >> 32);
+    }
+  }
+  return u;
 }
 
-// Row statistics (min, max, max|x|, exact sum of |x|, finiteness) -> sh.range, sh.usable, and
-// the row's scale and zero outputs. Ends with a block barrier.
-template <typename T>
-__device__ void row_statistics(const EncodeArgs& a, const T* x, int64_t m, EncodeShared& sh) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const bool want_sum = a.mode == Mode::kAbsMean;
-  if (want_sum)
-    for (int e = lane; e < ExactSum::kBuckets; e += 32) sh.bucket[warp][e] = 0;
-  __syncwarp();
+// min, max and max|x| of a lane's channels and whether they are all finite. min and max of
+// finite floats are exact whatever the order; only the sign of a zero extreme can differ from
+// the CPU's, and minmax_quant gives the same scale and codes for it. A row with NaN or Inf
+// leaves these unused.
+struct RowStats {
   float mn = INFINITY, mx = -INFINITY, amax = 0.f;
   bool finite = true;
-  for (int64_t k0 = 32 * warp; k0 < a.K; k0 += kEncodeThreads) {  // warp-uniform trip count
-    const int64_t k = k0 + lane;
-    const bool in = k < a.K;
-    const float v = in ? dev::to_float(x[k]) : 0.f;  // 0 adds nothing to the sum
-    const bool ok = isfinite(v);
-    finite = finite && ok;
-    if (in && ok) {
+
+  template <typename T>
+  __device__ __forceinline__ void add(const Unit<T>& u) {
+#pragma unroll
+    for (int i = 0; i < kUnit; ++i) {
+      const float v = u.value(i);
+      finite = finite && isfinite(v);
       mn = fminf(mn, v);
       mx = fmaxf(mx, v);
       amax = fmaxf(amax, fabsf(v));
     }
-    if (want_sum) {
-      // Non-finite values go to bucket 0, which ExactSum never reads (and the row is NaN).
-      int e = 0;
-      int64_t mant = 0;
-      if (ok) ExactSum::split(v, &e, &mant);
-      const unsigned same = __match_any_sync(kFullMask, e);
-      const unsigned total = __reduce_add_sync(same, static_cast<unsigned>(mant));  // < 2^29
-      if (lane == __ffs(same) - 1) sh.bucket[warp][e] += total;
+  }
+
+  // The whole warp's statistics in every lane.
+  __device__ __forceinline__ void reduce() {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      mn = fminf(mn, __shfl_xor_sync(kFullMask, mn, off));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+      amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, off));
+    }
+    finite = __all_sync(kFullMask, finite);
+  }
+};
+
+// absmean: |x| of channels c .. c + 7 into the warp's ExactSum. Per channel index the lanes are
+// grouped by exponent and each group adds its pre-summed mantissas once (< 2^29), so the bucket
+// totals are exact integers whatever the order. Channels at k >= K go to bucket 0, which
+// ExactSum never reads (only finite rows are summed).
+template <typename T>
+__device__ __forceinline__ void add_sum(const Unit<T>& u, int c, int K, int lane,
+                                        ExactSum& sum) {
+#pragma unroll
+  for (int i = 0; i < kUnit; ++i) {
+    const float v = u.value(i);
+    int e = 0;
+    int64_t mant = 0;
+    if (i < K - c) ExactSum::split(v, &e, &mant);
+    const unsigned same = __match_any_sync(kFullMask, e);
+    const unsigned total = __reduce_add_sync(same, static_cast<unsigned>(mant));
+    if (lane == __ffs(same) - 1) sum.bucket[e] += total;
+    __syncwarp();  // the next channel's group leader may add to the same bucket
+  }
+}
+
+// element_code tells oat, signed and unsigned codes apart by `mode == kOat` and `is_signed`
+// only; a kernel serves one of these kinds, fixed at compile time, so that an element's code
+// takes no branch. Static codes are signed or unsigned, absmean's signed.
+template <Mode kMode, bool kSigned>
+struct CodeKind {
+  static constexpr Mode mode = kMode;
+  static constexpr bool is_signed = kSigned;
+  float theta_nor, theta_out;
+};
+using UnsignedCodes = CodeKind<Mode::kMinMax, false>;  // minmax, static with zero
+using SignedCodes = CodeKind<Mode::kAbsMax, true>;      // absmax, absmean, static without zero
+using OatCodes = CodeKind<Mode::kOat, true>;
+
+// Bit 8i + p of (lo, hi), lo holding bytes 0..3, moves to bit 8p + i: byte i = code of channel i
+// in, byte p = plane p of the 8 channels out (Hacker's Delight transpose8, in 32-bit halves).
+__device__ __forceinline__ void transpose_bits(uint32_t& lo, uint32_t& hi) {
+  uint32_t t = (lo ^ (lo >> 7)) & 0x00AA00AAu;
+  lo ^= t ^ (t << 7);
+  t = (hi ^ (hi >> 7)) & 0x00AA00AAu;
+  hi ^= t ^ (t << 7);
+  t = (lo ^ (lo >> 14)) & 0x0000CCCCu;
+  lo ^= t ^ (t << 14);
+  t = (hi ^ (hi >> 14)) & 0x0000CCCCu;
+  hi ^= t ^ (t << 14);
+  t = (lo ^ (hi << 4)) & 0xF0F0F0F0u;
+  lo ^= t;
+  hi ^= t >> 4;
+}
+
+// Byte b of each of the four codes q[0 .. 3], in bytes 0 .. 3.
+__device__ __forceinline__ uint32_t code_bytes(const int32_t* q, int b) {
+  const unsigned sel = 0x0040u + 0x11u * b;  // byte b of the first and second operand
+  return __byte_perm(__byte_perm(q[0], q[1], sel), __byte_perm(q[2], q[3], sel), 0x5410);
+}
+
+// Byte b of lane 4g + t becomes byte t of lane 4g + b: lane 4g + t then holds slot t's word g.
+__device__ __forceinline__ uint32_t transpose_lanes(uint32_t v, int lane) {
+  const int t = lane & 3;
+  uint32_t y = __shfl_xor_sync(kFullMask, v, 2);  // halves: (v0 v1 y0 y1) or (y2 y3 v2 v3)
+  v = __byte_perm(v, y, t < 2 ? 0x5410 : 0x3276);
+  y = __shfl_xor_sync(kFullMask, v, 1);           // bytes: (v0 y0 v2 y2) or (y1 v1 y3 v3)
+  return __byte_perm(v, y, t & 1 ? 0x3715 : 0x6240);
+}
+
+// Bit i set where byte i of x (i < 4) is nonzero: each byte ORed into its bit 0, then bit 0 of
+// byte i multiplied up to bit 28 + i (the four products land on distinct bits, no carries).
+__device__ __forceinline__ uint32_t nonzero_bytes(uint32_t x) {
+  x |= x >> 4;
+  x |= x >> 2;
+  x |= x >> 1;
+  return ((x & 0x01010101u) * 0x10204080u) >> 28;
+}
+
+// Bit i set where channel c + i is salient (bool bytes, nonzero = salient; none at k >= K): one
+// 8-byte load where the mask allows it.
+__device__ __forceinline__ uint32_t salient_bits(const uint8_t* salient, int c, int left) {
+  if (left >= kUnit && reinterpret_cast<uintptr_t>(salient) % 8 == 0) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(salient + c));
+    return nonzero_bytes(v.x) | nonzero_bytes(v.y) << 4;
+  }
+  uint32_t bits = 0;
+#pragma unroll
+  for (int i = 0; i < kUnit; ++i)
+    if (i < left && __ldg(salient + c + i)) bits |= 1u << i;
+  return bits;
+}
+
+// Planes, sign and hi of step s of row m from this lane's unit: 8 codes, transposed twice, and the
+// stores of the words lane 4g + t holds (above). Every lane of the warp calls it. kSalient: the
+// call has salient channels, whose codes use range 1.
+template <bool kSalient, typename T, typename Kind>
+__device__ __forceinline__ void encode_unit(const EncodeArgs& a, const Kind& kind,
+                                            const Unit<T>& u, int s, int lane, bool usable,
+                                            const RangeQuant* range, int64_t m) {
+  const int c = s * kStep + kUnit * lane, left = static_cast<int>(a.K) - c;
+  const uint32_t valid = left >= kUnit ? 0xffu : left <= 0 ? 0u : (1u << left) - 1u;
+  uint32_t salient = 0;
+  if constexpr (kSalient) salient = salient_bits(a.salient, c, left);
+  uint32_t plane[4] = {0u, 0u, 0u, 0u};  // byte b of plane[k]: plane 4k + b of the 8 channels
+  uint32_t sign = 0, hi = salient;       // an unusable row keeps planes and sign 0, hi = salient
+  if (usable) {
+    int32_t q[kUnit];
+    hi = 0;
+#pragma unroll
+    for (int i = 0; i < kUnit; ++i) {
+      bool negative;
+      int r = (salient >> i) & 1;
+      if constexpr (Kind::mode == Mode::kOat) {
+        q[i] = element_code(kind, u.value(i), range, &r, &negative);  // range in shared memory
+      } else {
+        // The quantizer of the channel's range, picked here: element_code then reads index 0,
+        // a constant, instead of a register array at a variable index.
+        const RangeQuant picked = r ? range[1] : range[0];
+        int first = 0;
+        q[i] = element_code(kind, u.value(i), &picked, &first, &negative);
+      }
+      sign |= static_cast<uint32_t>(negative) << i;
+      hi |= static_cast<uint32_t>(r) << i;
+    }
+    const uint32_t bytes = valid * 0x01010101u;
+    plane[0] = code_bytes(q, 0), plane[1] = code_bytes(q + 4, 0);
+    transpose_bits(plane[0], plane[1]);
+    plane[0] &= bytes, plane[1] &= bytes;
+    if (a.P > 8) {
+      plane[2] = code_bytes(q, 1), plane[3] = code_bytes(q + 4, 1);
+      transpose_bits(plane[2], plane[3]);
+      plane[2] &= bytes, plane[3] &= bytes;
     }
   }
-  for (int off = 16; off > 0; off /= 2) {
-    mn = fminf(mn, __shfl_xor_sync(kFullMask, mn, off));
-    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
-    amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, off));
-  }
-  finite = __all_sync(kFullMask, finite);
-  if (lane == 0) {
-    sh.mn[warp] = mn;
-    sh.mx[warp] = mx;
-    sh.amax[warp] = amax;
-    sh.finite[warp] = finite;
-  }
-  __syncthreads();
-  if (want_sum) {
-    for (int e = threadIdx.x; e < ExactSum::kBuckets; e += kEncodeThreads) {
-      int64_t s = 0;
-      for (int w = 0; w < kEncodeWarps; ++w) s += sh.bucket[w][e];
-      sh.sum.bucket[e] = s;
-    }
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    if (4 * k < a.P) plane[k] = transpose_lanes(plane[k], lane);
+  uint32_t flags = 0;  // sign word in slot 0, hi word in slot 1
+  if (a.sign || a.hi) flags = transpose_lanes((sign & valid) | (hi & valid) << 8, lane);
+
+  const int t = lane & 3, word = 8 * s + lane / 4;
+  if (word >= a.W) return;
+  const int64_t at = m * a.W + word, plane_stride = a.M * a.W;
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    if (4 * k + t < a.P) a.planes[(4 * k + t) * plane_stride + at] = plane[k];
+  if (t == 0 && a.sign) a.sign[at] = flags;
+  if (t == 1 && a.hi) a.hi[at] = flags;
+}
+
+// The quantizers of row m from its statistics (spike_math.h, as on the CPU), in every lane;
+// false when the row is not encoded. Static scales and zeros are device data the host could not
+// check: an invalid one makes the row unusable.
+__device__ __forceinline__ bool row_ranges(const EncodeArgs& a, int64_t m, const RowStats& st,
+                                           float mean, RangeQuant range[2]) {
+  const bool is_static = a.mode == Mode::kStatic;
+  const float s = is_static ? __ldg(a.static_scale + m) : 0.f;
+  const int32_t z = is_static && !a.is_signed ? __ldg(a.static_zero + m) : 0;
+  if (!st.finite || (is_static && !(isfinite(s) && s > 0.f && zero_in_range(z)))) return false;
+  row_quantizers(a, st.mn, st.mx, st.amax, mean, s, z, range);
+  return true;
+}
+
+template <typename T, typename Kind, bool kSalient>
+__global__ void __launch_bounds__(kEncodeThreads, kSalient ? kSalientEncodeBlocks : kEncodeBlocks)
+    gif_encode_kernel(const EncodeArgs a) {
+  constexpr int kHeld = kHeldBytes / (kUnit * static_cast<int>(sizeof(T)));
+  constexpr int kWindow = kWindowBytes / (kUnit * static_cast<int>(sizeof(T)));
+  static_assert(kHeld % kWindow == 0, "the held steps pass through the window");
+  constexpr bool kOat = Kind::mode == Mode::kOat;
+  __shared__ ExactSum sums[kEncodeWarps];  // absmean only
+  __shared__ RangeQuant oat_range[2];      // oat only: the same two quantizers for every row
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Kind kind{a.theta_nor, a.theta_out};
+  const bool want_sum = std::is_same_v<Kind, SignedCodes> && a.mode == Mode::kAbsMean;
+  const int K = static_cast<int>(a.K), steps = (K + kStep - 1) / kStep;
+  if constexpr (kOat) {
+    if (threadIdx.x == 0) row_quantizers(a, 0.f, 0.f, 0.f, 0.f, 0.f, 0, oat_range);
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    // min and max of finite floats are exact whatever the order; only the sign of a zero
-    // extreme can differ from the CPU's, and minmax_quant gives the same scale and codes for it.
-    bool all_finite = true;
-    for (int w = 0; w < kEncodeWarps; ++w) {
-      mn = fminf(mn, sh.mn[w]);
-      mx = fmaxf(mx, sh.mx[w]);
-      amax = fmaxf(amax, sh.amax[w]);
-      all_finite = all_finite && sh.finite[w];
+  ExactSum& sum = sums[warp];
+  for (int64_t m = int64_t(blockIdx.x) * kEncodeWarps + warp; m < a.M;
+       m += int64_t(gridDim.x) * kEncodeWarps) {
+    const T* row = static_cast<const T*>(a.x) + m * a.K;
+    const bool aligned = reinterpret_cast<uintptr_t>(row) % 16 == 0;
+    const Bits<T> pad = __ldg(reinterpret_cast<const Bits<T>*>(row));
+    const auto load = [&](int s) {
+      return load_unit(row, s * kStep + kUnit * lane, K, aligned, pad);
+    };
+
+    // Statistics. Every load of the held steps is issued before the first use; later steps
+    // pass through window[] kWindow at a time.
+    Unit<T> held[kHeld], window[kWindow];
+    RowStats st;
+#pragma unroll
+    for (int s = 0; s < kHeld; ++s)
+      if (s < steps) held[s] = load(s);
+#pragma unroll
+    for (int s = 0; s < kHeld; ++s)
+      if (s < steps) st.add(held[s]);
+#pragma unroll 1
+    for (int s0 = kHeld; s0 < steps; s0 += kWindow) {
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) window[b] = load(s0 + b);
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) st.add(window[b]);
     }
-    sh.usable = all_finite;
-    if (all_finite) row_ranges(a, m, mn, mx, amax, sh.sum, sh);
-    for (int64_t r = 0; r < a.R; ++r) {
-      float step = dev::quiet_nan();
-      int32_t zero = 0;
-      if (sh.usable) {
-        step = stored_scale(a.mode, sh.range[r]);
-        zero = static_cast<int32_t>(sh.range[r].zero);
+    st.reduce();
+
+    // Quantizers, redundantly in every lane; absmean's mean from lane 0. The exact sum takes
+    // its own pass over x, from L1 or L2 by now: one step at a time, it needs few registers
+    // beside the held steps.
+    float mean = 0.f;
+    if (want_sum && st.finite) {
+      __syncwarp();  // lane 0 has read the previous row's sum
+      for (int e = lane; e < ExactSum::kBuckets; e += 32) sum.bucket[e] = 0;
+      __syncwarp();
+#pragma unroll 1
+      for (int s = 0; s < steps; ++s) add_sum(load(s), s * kStep + kUnit * lane, K, lane, sum);
+      __syncwarp();
+      if (lane == 0) mean = exact_mean(sum, a.K);
+      mean = __shfl_sync(kFullMask, mean, 0);
+    }
+    RangeQuant range[2] = {};
+    const bool usable = row_ranges(a, m, st, mean, range);
+    if (lane < a.R) {
+      const RangeQuant& q = lane ? range[1] : range[0];
+      a.scale[m * a.R + lane] = usable ? stored_scale(a.mode, q) : dev::quiet_nan();
+      if (a.zero) a.zero[m * a.R + lane] = usable ? static_cast<int32_t>(q.zero) : 0;
+    }
+
+    // Codes, kWindow steps at a time: the held ones shift down through held[0 .. kWindow),
+    // the later ones are loaded again (from L1 or L2 by now).
+    const RangeQuant* quant = kOat ? oat_range : range;
+#pragma unroll 1
+    for (int s0 = 0; s0 < steps; s0 += kWindow) {
+      if (s0 >= kHeld) {
+#pragma unroll
+        for (int b = 0; b < kWindow; ++b)
+          if (s0 + b < steps) held[b] = load(s0 + b);
       }
-      a.scale[m * a.R + r] = step;
-      if (a.zero) a.zero[m * a.R + r] = zero;
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) encode_unit<kSalient>(a, kind, held[b], s0 + b, lane, usable, quant, m);
+      if (s0 + kWindow < kHeld) {
+#pragma unroll
+        for (int s = 0; s + kWindow < kHeld; ++s) held[s] = held[s + kWindow];
+      }
     }
-  }
-  __syncthreads();
-}
-
-// Codes of one row, one warp per word: lane j encodes channel 32w + j, ballots assemble words.
-template <typename T>
-__device__ void encode_words(const EncodeArgs& a, const T* x, int64_t m, const EncodeShared& sh) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t w = warp; w < a.W; w += kEncodeWarps) {
-    const int64_t k = 32 * w + lane;
-    const bool in = k < a.K;
-    int r = (a.salient && in && a.salient[k]) ? 1 : 0;
-    int32_t q = 0;
-    bool negative = false;
-    if (sh.usable && in)  // an unusable row keeps planes and sign 0 and hi = salient bits
-      q = element_code(a, dev::to_float(x[k]), sh.range, &r, &negative);
-    uint32_t mine = 0;
-    for (int64_t p = 0; p < a.P; ++p) {
-      const uint32_t word = __ballot_sync(kFullMask, (q >> p) & 1);
-      if (lane == p) mine = word;
-    }
-    const uint32_t sign_word = __ballot_sync(kFullMask, negative);
-    const uint32_t hi_word = __ballot_sync(kFullMask, r != 0);
-    const int64_t at = m * a.W + w;
-    if (lane < a.P) a.planes[lane * a.M * a.W + at] = mine;
-    if (lane == kSignLane && a.sign) a.sign[at] = sign_word;
-    if (lane == kHiLane && a.hi) a.hi[at] = hi_word;
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kEncodeThreads) gif_encode_kernel(const EncodeArgs a) {
-  __shared__ EncodeShared sh;
-  for (int64_t m = blockIdx.x; m < a.M; m += gridDim.x) {
-    const T* x = static_cast<const T*>(a.x) + m * a.K;
-    row_statistics<T>(a, x, m, sh);
-    encode_words<T>(a, x, m, sh);
-    __syncthreads();  // sh belongs to the next row
   }
 }
 
@@ -246,7 +470,18 @@ __global__ void __launch_bounds__(kStatsThreads) spike_stats_kernel(const StatsA
 void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream) {
   dev::dispatch_float(a.x_type, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gif_encode_kernel<T><<<dev::grid_size(a.M), kEncodeThreads, 0, stream>>>(a);
+    const unsigned grid = dev::grid_size((a.M + kEncodeWarps - 1) / kEncodeWarps);
+    if (a.mode == Mode::kOat) {
+      gif_encode_kernel<T, OatCodes, false><<<grid, kEncodeThreads, 0, stream>>>(a);
+    } else if (a.is_signed) {
+      auto kernel = a.salient ? gif_encode_kernel<T, SignedCodes, true>
+                              : gif_encode_kernel<T, SignedCodes, false>;
+      kernel<<<grid, kEncodeThreads, 0, stream>>>(a);
+    } else {
+      auto kernel = a.salient ? gif_encode_kernel<T, UnsignedCodes, true>
+                              : gif_encode_kernel<T, UnsignedCodes, false>;
+      kernel<<<grid, kEncodeThreads, 0, stream>>>(a);
+    }
   });
 }
 
