@@ -36,4 +36,9 @@ void launch_spike_linear_w2(const LinearArgs& a, cudaStream_t stream);
 void launch_spike_linear_w4(const LinearArgs& a, cudaStream_t stream);
 void launch_spike_linear_w8(const LinearArgs& a, cudaStream_t stream);
 
+// spike_linear's decode kernel (cuda/linear_decode.cu): whether it serves these arguments (few
+// tokens, 4-bit weights, uniform groups), and its launcher. launch_spike_linear routes.
+bool spike_linear_decode_applies(const LinearArgs& a);
+void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream);
+
 }  // namespace spikeops

@@ -38,11 +38,22 @@
 //           and dp4a does in one instruction what the spike loop does in about 20.
 //
 // The kernel is cuda/linear_kernel.cuh; cuda/linear_w{2,4,8}.cu instantiate it per bit width.
+//
+// Decode. Calls of at most 16 tokens on 4-bit layers with uniform groups (of a multiple of 32
+// channels, at most 8192) whose codes fit int8 after an offset (P <= 7, or unsigned P = 8) go to
+// the streaming kernel of cuda/linear_decode.cu instead, for backends int and auto: it computes
+// the same D with int32 dp4a sums per group and the same fold. It reads every weight row (this
+// kernel skips the rows of words silent in every token, which dense activations rarely have).
+// The spike backend keeps this kernel.
 #include "kernels.h"
 
 namespace spikeops {
 
 void launch_spike_linear(const LinearArgs& a, cudaStream_t stream) {
+  if (spike_linear_decode_applies(a)) {
+    launch_spike_linear_decode(a, stream);
+    return;
+  }
   switch (a.bits) {
     case 2: launch_spike_linear_w2(a, stream); break;
     case 4: launch_spike_linear_w4(a, stream); break;
