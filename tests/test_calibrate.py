@@ -57,7 +57,7 @@ def test_sdllm_gamma_minimises_the_layer_error(model):
     y = x @ layer.dequantize().float().t()
     for mode in ("absmax", "absmean"):
         errors = {g: float((layer.from_spikes(spikeops.encode(x, spikeops.Encoding(
-            mode, 3, gamma=g)), bias=False) - y).pow(2).sum()) for g in GAMMA_GRID}
+            mode, 3, gamma=g)), torch.float32, bias=False) - y).pow(2).sum()) for g in GAMMA_GRID}
         assert errors[cal.layers[name].gamma[mode]] <= min(errors.values()) * (1 + 1e-4)
 
 
@@ -88,6 +88,6 @@ def test_set_encoding_and_load_apply_the_calibration(checkpoint, model, calibrat
     folder = tmp_path / "q"
     shutil.copytree(checkpoint / "q", folder)
     cal.save(folder)
-    loaded = spikeops.load_gptq(folder, spikeops.Encoding("oat", theta=(1.0, 2.0), planes=8))
+    loaded = spikeops.load_gptq(folder, spikeops.Encoding("oat", 8))
     for name, layer in spike_layers(loaded).items():
         assert layer.enc.theta == cal.layers[name].theta

@@ -13,7 +13,7 @@ ENCODINGS = {
     "minmax4": (Encoding("minmax", 4), False),
     "absmax4-gamma": (Encoding("absmax", 4, gamma=0.6), False),
     "salient-minmax": (Encoding("minmax", 4, salient_bits=8), True),
-    "oat": (Encoding("oat", theta=(0.5, 2.5), planes=8), False),
+    "oat": (Encoding("oat", 8, theta=(0.5, 2.5)), False),
 }
 SHAPES = [(1, K), (3, 5, K)]
 DTYPES = [torch.float32, torch.float16]

@@ -63,10 +63,9 @@ def test_static_encode_cpu_equals_cuda():
 def test_decode_counts_accumulate_cpu_equals_cuda(mode, bits, kw):
     K, N = 200, 45
     x = torch.randn(2, 5, K)
-    enc = spikeops.Encoding(mode, bits, gamma=kw.get("gamma", 1.0),
+    enc = spikeops.Encoding(mode, bits, gamma=kw.get("gamma"),
                             salient_bits=kw.get("salient_bits"),
-                            theta=(kw["theta_nor"], kw["theta_out"]) if mode == "oat" else None,
-                            planes=bits if mode == "oat" else 16)
+                            theta=(kw["theta_nor"], kw["theta_out"]) if mode == "oat" else None)
     mask = torch.rand(K) < 0.2 if "salient_bits" in kw else None
     w = torch.randint(-128, 128, (K, N), dtype=torch.int8)
 
@@ -87,7 +86,7 @@ def test_decode_counts_accumulate_cpu_equals_cuda(mode, bits, kw):
 @pytest.mark.parametrize("M", [1, 3, 16, 70])
 @pytest.mark.parametrize("enc", [spikeops.Encoding("minmax", 4),
                                  spikeops.Encoding("absmax", 4, gamma=0.5),
-                                 spikeops.Encoding("oat", theta=(0.8, 2.5), planes=8),
+                                 spikeops.Encoding("oat", 8, theta=(0.8, 2.5)),
                                  spikeops.Encoding("minmax", 16)],
                          ids=["minmax4", "absmax4", "oat8", "minmax16"])
 def test_spike_linear_and_dequantize_cpu_equals_cuda(bits, group_size, act, sym, fmt, K, M, enc):

@@ -247,7 +247,7 @@ def test_stats_agree_with_counts(device, mode):
 
 
 @pytest.mark.parametrize("mode, kw", [("minmax", {}), ("absmean", {}),
-                                      ("oat", dict(theta=(0.3, 1.5), planes=6)),
+                                      ("oat", dict(theta=(0.3, 1.5))),
                                       ("absmax", dict(salient_bits=7))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_matches_reference(device, mode, kw, dtype):

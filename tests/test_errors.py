@@ -190,7 +190,7 @@ T = torch.randn  # shorthand for float tensors in the cases below
 
 # ----------------------------------------------------------------------------- Python API
 PY_CASES = [
-    # Encoding: modes, bits, gamma, salient_bits, theta, planes
+    # Encoding: modes, bits, gamma, salient_bits, theta
     case(lambda d: Encoding("spiky"), ValueError, "mode", "Encoding-mode-unknown"),
     case(lambda d: Encoding("minmax", 0), ValueError, "bits", "Encoding-bits-0"),
     case(lambda d: Encoding("absmax", 1), ValueError, "bits", "Encoding-bits-1-absmax"),
@@ -215,7 +215,6 @@ PY_CASES = [
          "salient_bits", "Encoding-salient_bits-oat"),
     case(lambda d: Encoding("static", 4, salient_bits=8), ValueError, "salient_bits",
          "Encoding-salient_bits-static"),
-    case(lambda d: Encoding("oat"), TypeError, "theta", "Encoding-theta-missing"),
     case(lambda d: Encoding("oat", theta=(1.0, 2.0, 3.0)), TypeError, "theta",
          "Encoding-theta-three"),
     case(lambda d: Encoding("oat", theta=(2.0, 1.0)), ValueError,
@@ -230,10 +229,15 @@ PY_CASES = [
          "theta", "Encoding-theta-inf"),
     case(lambda d: Encoding("minmax", theta=(1.0, 2.0)), ValueError, "theta",
          "Encoding-theta-non-oat"),
-    case(lambda d: Encoding("oat", theta=(1.0, 2.0), planes=0), ValueError, "planes",
-         "Encoding-planes-0"),
-    case(lambda d: Encoding("oat", theta=(1.0, 2.0), planes=17), ValueError, "planes",
-         "Encoding-planes-17"),
+    case(lambda d: Encoding("oat", 0, theta=(1.0, 2.0)), ValueError, "bits",
+         "Encoding-bits-0-oat"),
+    case(lambda d: Encoding("oat", 17, theta=(1.0, 2.0)), ValueError, "bits",
+         "Encoding-bits-17-oat"),
+    case(lambda d: Encoding("oat", 8, theta=(1.0, 2.0), planes=8), TypeError, "planes",
+         "Encoding-planes"),
+    case(lambda d: Encoding("minmax", 4, gamma=0.5), ValueError, "gamma",
+         "Encoding-gamma-minmax"),
+    case(lambda d: Encoding("oat", 4, gamma=0.5), ValueError, "gamma", "Encoding-gamma-oat"),
 
     # encode: x, enc, salient_mask
     case(lambda d: encode_py(d, torch.randint(0, 5, (M, K), device=d)), TypeError, "x",
@@ -256,6 +260,10 @@ PY_CASES = [
          ValueError, "salient_mask", "encode-salient_mask-2d"),
     case(lambda d: encode_py(d, salient_mask=salient_mask(d)), ValueError, "salient_mask",
          "encode-salient_mask-without-salient_bits"),
+    case(lambda d: encode_py(d, enc=Encoding("minmax", 4, salient_bits=8)), ValueError,
+         "salient_mask", "encode-salient_bits-without-salient_mask"),
+    case(lambda d: encode_py(d, enc=Encoding("oat", 4)), ValueError, "theta",
+         "encode-oat-without-theta"),
     case(lambda d: encode_py(d, enc=Encoding("absmax", 4, salient_bits=8),
                              salient_mask=salient_mask("meta")),
          ValueError, "salient_mask", "encode-salient_mask-device"),
@@ -426,6 +434,12 @@ PY_CASES = [
          ValueError, "salient_mask", "SpikeLinear-salient_mask-length"),
     case(lambda d: module(d, salient_mask=salient_mask(d)), ValueError, "salient_mask",
          "SpikeLinear-salient_mask-without-salient_bits"),
+    case(lambda d: module(d, enc=Encoding("absmax", 4, salient_bits=8)), ValueError,
+         "salient_mask", "SpikeLinear-salient_bits-without-salient_mask"),
+    case(lambda d: module(d, enc=Encoding("oat", 4)), ValueError, "theta",
+         "SpikeLinear-oat-without-theta"),
+    case(lambda d: module(d).from_spikes(spikes(d), torch.int32), TypeError, "out_dtype",
+         "SpikeLinear-from_spikes-out_dtype"),
     case(lambda d: module(d)(torch.randint(0, 3, (M, K), device=d)), TypeError, "x",
          "SpikeLinear-forward-x-int"),
     case(lambda d: module(d)(torch.randn(M, K + 32, device=d)), ValueError, "x|K|in_features",
@@ -737,7 +751,7 @@ EDGE_ENCODINGS = [
     pytest.param(Encoding("absmean", 4), False, id="absmean4"),
     pytest.param(Encoding("minmax", 2, salient_bits=8), True, id="minmax2-salient8"),
     pytest.param(Encoding("absmax", 4, salient_bits=6), True, id="absmax4-salient6"),
-    pytest.param(Encoding("oat", theta=(0.5, 2.0), planes=6), False, id="oat6"),
+    pytest.param(Encoding("oat", 6, theta=(0.5, 2.0)), False, id="oat6"),
 ]
 
 
@@ -804,7 +818,7 @@ GARBAGE_ENCODINGS = [
     pytest.param(Encoding("minmax", 4), False, id="minmax4-zero"),
     pytest.param(Encoding("absmax", 4), False, id="absmax4-sign"),
     pytest.param(Encoding("minmax", 4, salient_bits=8), True, id="minmax-salient-hi-zero"),
-    pytest.param(Encoding("oat", theta=(0.5, 2.0), planes=8), False, id="oat-hi-sign"),
+    pytest.param(Encoding("oat", 8, theta=(0.5, 2.0)), False, id="oat-hi-sign"),
 ]
 
 

@@ -239,7 +239,7 @@ def test_gptq_weight_arguments():
 
 def test_tiny_oat_thresholds_and_static_without_tokens():
     with pytest.raises(ValueError, match="normal float32"):
-        Encoding("oat", theta=(1e-44, 1e-43), planes=16)
+        Encoding("oat", 16, theta=(1e-44, 1e-43))
     for bits in (1, 4):
         st = spikeops.encode(torch.randn(0, 40), Encoding("static", bits), scale=0.1, zero=3)
         assert st.planes.shape == (bits, 0, 2) and st.sign is None
@@ -268,7 +268,7 @@ def test_random_configurations_against_the_reference_and_thread_counts():
     gen = torch.Generator().manual_seed(7)
     threads = torch.get_num_threads()
     modes = [Encoding("minmax", 4), Encoding("absmax", 3, gamma=0.7), Encoding("absmean", 5),
-             Encoding("minmax", 2, salient_bits=5), Encoding("oat", theta=(0.5, 3.0), planes=6)]
+             Encoding("minmax", 2, salient_bits=5), Encoding("oat", 6, theta=(0.5, 3.0))]
     try:
         for case in range(240):
             K = int(torch.randint(1, 150, (), generator=gen))

@@ -18,7 +18,7 @@ ENCODINGS = {
     "absmean3": (spikeops.Encoding("absmean", 3), False),
     "minmax4-salient6": (spikeops.Encoding("minmax", 4, salient_bits=6), True),
     "absmax4-salient8": (spikeops.Encoding("absmax", 4, salient_bits=8), True),
-    "oat8": (spikeops.Encoding("oat", theta=(0.8, 2.5), planes=8), False),
+    "oat8": (spikeops.Encoding("oat", 8, theta=(0.8, 2.5)), False),
     "minmax16": (spikeops.Encoding("minmax", 16), False),
 }
 

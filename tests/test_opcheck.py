@@ -21,7 +21,7 @@ ENCODINGS = {
     "absmean3": (Encoding("absmean", 3), False, None),
     "static-signed": (Encoding("static", 4), False, "signed"),
     "static-unsigned": (Encoding("static", 4), False, "unsigned"),
-    "oat8": (Encoding("oat", theta=(0.5, 2.0), planes=8), False, None),
+    "oat8": (Encoding("oat", 8, theta=(0.5, 2.0)), False, None),
     "salient-minmax": (Encoding("minmax", 4, salient_bits=8), True, None),
     "salient-absmax": (Encoding("absmax", 3, salient_bits=6), True, None),
     "salient-absmean": (Encoding("absmean", 4, salient_bits=5), True, None),
@@ -54,7 +54,7 @@ def encode_args(name, device, dtype=F32, m=M):
     zero = (torch.randint(0, 16, (m,), device=device, dtype=I32) if static == "unsigned"
             else absent(x))
     theta = enc.theta or (0.0, 0.0)
-    return (x, enc.mode, enc.op_bits, enc.gamma, mask, enc.salient_bits if salient else 0,
+    return (x, enc.mode, enc.bits, enc.gamma or 1.0, mask, enc.salient_bits if salient else 0,
             scale, zero, theta[0], theta[1])
 
 

@@ -104,7 +104,8 @@ def test_encoding_changed_while_tracking():
 def test_energy_arithmetic_by_hand():
     r = LayerStats("model.layers.0.mlp.up_proj", "up", calls=1, tokens=10, K=256, N=512, P=4,
                    groups=2, ranges=1, spikes_per_plane=[100, 200, 300, 400],
-                   negative_per_plane=None, silent_channels=0, zero_words=0, words=80)
+                   negative_per_plane=None, silent_channels=0, zero_words=0, words=80,
+                   slots=10 * 256 * 4, encodings=["minmax4"])
     sops, macs = 1000 * 512, 10 * 256 * 512
     shifts, mults = 10 * 512 * 2 * 4, 10 * 512 * 2 * 1
     assert r.sops == sops and r.macs == macs
@@ -144,7 +145,8 @@ def test_tracking_does_not_change_outputs(embedded):
     assert len(rows) == 28 and all(r.tokens == 64 for r in rows)
     assert all(m.observer is None for m in spikeops.stats.Tracker(model)._layers.values())
     data = json.loads(t.to_json())
-    assert set(data) == {"energy_models", "totals", "by_type", "layers"}
+    assert set(data) == {"energy_models", "encoding", "totals", "whole_model", "by_type",
+                         "layers"}
     assert set(data["by_type"]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert 0 < data["totals"]["firing_rate"] < 1
     assert "firing rate" in t.table()

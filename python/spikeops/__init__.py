@@ -3,7 +3,8 @@
 Activations become bit-plane spike trains (``encode``), and linear layers on GPTQ weights add up
 the weights of the inputs that fired (``spike_linear``, ``SpikeLinear``). The ops live in
 ``torch.ops.spikeops`` (CPU, and CUDA when built with it); ``spikeops.reference`` holds their
-plain-PyTorch specification.
+plain-PyTorch specification. ``fake_quantize`` and ``SpikeLinear`` are differentiable
+(straight-through estimator; ``spikeops.autograd`` trains clipping ratios).
 """
 
 from .gptq import GPTQWeight, pack, unpack
@@ -13,9 +14,10 @@ from .quantization import quantize
 from .nn import SpikeLinear, spike_accumulate, spike_linear
 from .runner import Runner
 from .spikes import Encoding, SpikeTensor, encode
+from .autograd import fake_quantize
 from .stats import EnergyModel, Tracker, track
 
 __all__ = ["Encoding", "SpikeTensor", "encode", "GPTQWeight", "pack", "unpack", "spike_linear",
            "spike_accumulate", "SpikeLinear", "load_gptq", "patch", "quantize", "save_gptq",
-           "track", "Tracker", "EnergyModel", "Runner"]
+           "track", "Tracker", "EnergyModel", "Runner", "fake_quantize"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
-from .calibrate import GAMMA_GRID
+from .calibrate import GAMMA_GRID, JSON_FILE as CALIBRATION_FILE
 from .files import check_folder_target, check_output, has_file, write_file, write_folder
 from .reference import tolerance
 from .timing import median_ms
@@ -42,7 +42,7 @@ DEMO_ENCODINGS = [
     ("minmax 4-bit + 10% salient at 6 bits (OBS)", Encoding("minmax", 4, salient_bits=6), True),
     ("absmax 4-bit, gamma 0.5 (SDLLM)", Encoding("absmax", 4, gamma=0.5), False),
     ("absmean 4-bit (adaptive threshold)", Encoding("absmean", 4), False),
-    ("oat 8 planes (LAS)", Encoding("oat", theta=(1.0, 8.0), planes=8), False),
+    ("oat 8 planes (LAS)", Encoding("oat", 8, theta=(1.0, 8.0)), False),
 ]
 
 
@@ -91,21 +91,15 @@ def model_demo(max_tokens: int) -> None:
         model(input_ids=tokens[:256].unsqueeze(0))
     print(f"\nabsmax4 (SDLLM, calibrated gamma) continues {prompt!r}:\n" + "-" * 60)
     print(prompt + decode_tokens(sample))
-    print("-" * 60 + "\nfiring rate per layer while generating (spikes / (tokens * K * planes)):")
+    print("-" * 60 + "\nfiring rate per layer while generating (spikes / spike slots):")
     for row in generating.layers():
         print(f"  {row.name:36} {row.firing_rate:.4f}")
-    print(f"\nminmax4 on {min(256, tokens.shape[0])} held-out bytes (spikeops report for more): "
+    print(f"\nminmax4 on {min(256, tokens.shape[0])} held-out bytes (spikeops report for more):\n"
           f"{tracker.summary()}")
 
 
 REAL_ENCODINGS = "minmax4,minmax4+s6,absmax4,absmean4,oat8,minmax8,absmax8"
 DEMO_TRANSFORM = "rotate"
-
-
-def _cached(folder: Path, make) -> Path:
-    """``folder``, made by ``make(tmp)`` when absent (files.write_folder: an interrupted run
-    never leaves a half-made folder in the cache)."""
-    return folder if folder.is_dir() else write_folder("demo", folder, make)
 
 
 def _step(name, fn):
@@ -124,21 +118,19 @@ def prepare_real_model(gguf, cache, transform: str, calib_text, seed: int = 0):
     cache = Path(cache) / Path(gguf).stem
     float_dir = cache / "float"
     q_dir = cache / f"w4g128-{transform}-seed{seed}-{Path(calib_text).name}"
+    # Each command writes its folder whole (files.write_folder), so what is in the cache is
+    # complete; the calibration, written last, marks a finished quantize + calibrate.
     if not float_dir.is_dir():
-        _step("import GGUF", lambda: _cached(float_dir, lambda tmp: cmd_import_gguf(
-            Namespace(file=gguf, out=tmp))))
-
-    def quantize_and_calibrate(tmp):
+        _step("import GGUF", lambda: cmd_import_gguf(Namespace(file=gguf, out=str(float_dir))))
+    if not has_file("demo", q_dir, CALIBRATION_FILE):
         _step(f"transform {transform} + GPTQ W4 g128", lambda: cmd_quantize(Namespace(
-            model=str(float_dir), out=str(tmp), text=calib_text, transform=transform, bits=4,
+            model=str(float_dir), out=str(q_dir), text=calib_text, transform=transform, bits=4,
             group_size=128, asym=False, act_order=False, samples=64, seq_len=256,
             dtype="float16", seed=seed)))
         _step("calibrate", lambda: cmd_calibrate(Namespace(
-            model=str(tmp), text=calib_text, out=None, methods="obs,sdllm,las", bits=4,
+            model=str(q_dir), text=calib_text, out=None, methods="obs,sdllm,las", bits=4,
             salient_fraction=0.1, samples=8, seq_len=256, max_tokens=512,
             gamma_grid=",".join(map(str, GAMMA_GRID)), seed=seed)))
-    if not q_dir.is_dir():
-        _cached(q_dir, quantize_and_calibrate)
     return float_dir, q_dir
 
 
@@ -195,7 +187,8 @@ def real_model_demo(args) -> None:
         reply = (decode_tokens(answer, tokenizer).strip()
                  or "(none: its first token was end of text)")
         print(f"\n  assistant on {best.encoding} (the best {bits}-bit encoding): {reply}")
-        print(f"  while answering: {tracker.summary()}")
+        summary = tracker.summary().replace("\n", "\n    ")
+        print(f"  while answering:\n    {summary}")
     print(f"\nreal model part: {time.perf_counter() - start:.0f} s")
 
 
@@ -235,40 +228,57 @@ def demo(args: argparse.Namespace) -> int:
         spikes = int(st.counts().sum())
         sops_per_mac = spikes * N / (args.tokens * K * N)
         ms = median_ms(lambda: spike_linear(st, w, out_dtype=torch.float32))
-        print(f"{name:46} {st.num_planes:>6} {st.firing_rate():>6.3f} {sops_per_mac:>9.3f} "
+        print(f"{name:46} {st.num_planes:>6} {st.firing_rate(enc):>6.3f} {sops_per_mac:>9.3f} "
               f"{rel_err:>12.4f} {'yes' if spec_ok else 'NO':>7} {ms:>6.2f} {dense_ms / ms:>5.2f}x")
         if not spec_ok:
             print("error: spike_linear left the documented tolerance of the float64 reference",
                   file=sys.stderr)
             return 1
-    print("\nrate = spikes / (tokens * K * planes); SOPs/MACs = synaptic additions per "
+    print("\nrate = spikes / spike slots (tokens * K * planes, salient channels with their own "
+          "planes); SOPs/MACs = synaptic additions per "
           "multiply-accumulate of the dense layer;\nrel.err = ||y - x @ W|| / ||x @ W|| "
           "(quantization of x); 'spec ok' = within the tolerance of docs/ops.md of x_hat @ W_hat "
           "in float64.")
     return 0
 
 
-ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits), oatP (P planes), and "
-                 "'+sS' for salient channels at S bits, e.g. minmax4+s6; absmax/absmean take "
+ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits, the sign included), oatB (B "
+                 "planes), '+sS' for salient channels at S bits, e.g. minmax4+s6, and none "
+                 "(float activations); per layer type, TYPE=ENC entries joined by ';' with '*' "
+                 "for every other type, e.g. 'down_proj=minmax8;*=absmax4' (TYPE: q_proj, "
+                 "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). absmax/absmean take "
                  "their gamma, oat its thresholds and salient channels their masks from the "
                  "model's calibration (spikeops calibrate)")
 
 
-def parse_encoding(spec: str, calibration) -> Optional[Encoding]:
-    """An Encoding from a CLI spec such as ``minmax4``, ``absmax4+s6`` or ``oat8``; ``none``
-    gives None (float activations)."""
+def parse_encoding(spec: str, calibration):
+    """What ``set_encoding`` takes, from a CLI spec: an Encoding (``minmax4``, ``absmax4+s6``,
+    ``oat8``), None (``none``: float activations), or a per-layer-type map
+    (``down_proj=minmax8;*=absmax4``). Specs that need a calibration are refused without one."""
+    from .calibrate import ANY_TYPE, LAYER_TYPES
+    if "=" not in spec:
+        return _parse_one(spec, spec, calibration)
+    by_type = {}
+    for entry in spec.split(";"):
+        kind, _, one = entry.partition("=")
+        if kind not in LAYER_TYPES + (ANY_TYPE,) or kind in by_type:
+            raise ValueError(f"encoding {spec!r}: each ';'-separated entry must be TYPE=ENC with "
+                             f"TYPE one of {', '.join(LAYER_TYPES)} or '*' (every other type), "
+                             f"each once, got {entry!r}")
+        by_type[kind] = _parse_one(one, spec, calibration)
+    return by_type
+
+
+def _parse_one(one: str, spec: str, calibration) -> Optional[Encoding]:
     import re
-    if spec == "none":
+    if one == "none":
         return None
-    match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:\+s(\d+))?", spec)
+    match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:\+s(\d+))?", one)
     if match is None:
-        raise ValueError(f"unknown encoding {spec!r}; {ENCODING_HELP}")
+        raise ValueError(f"unknown encoding {one!r} in {spec!r}; {ENCODING_HELP}")
     mode, n, salient = match.group(1), int(match.group(2)), match.group(3)
     if (mode == "oat" or salient) and calibration is None:
-        raise ValueError(f"encoding {spec!r} needs a calibration (run spikeops calibrate first)")
-    if mode == "oat":
-        # Every layer's thresholds come from the calibration; these only satisfy Encoding.
-        return Encoding("oat", planes=n, theta=(1.0, 2.0))
+        raise ValueError(f"encoding {one!r} needs a calibration (run spikeops calibrate first)")
     return Encoding(mode, n, salient_bits=int(salient) if salient else None)
 
 
@@ -290,8 +300,8 @@ def model_tokenizer(folder):
 
 
 def _calibration(folder):
-    from .calibrate import JSON_FILE, Calibration
-    return Calibration.load(folder) if has_file("spikeops", folder, JSON_FILE) else None
+    from .calibrate import Calibration
+    return Calibration.load(folder) if has_file("spikeops", folder, CALIBRATION_FILE) else None
 
 
 def text_batches(tokens, samples: int, seq_len: int, seed: int):
@@ -400,13 +410,20 @@ ROW_LABELS = {"dense": "dense float", "float": "GPTQ, float activations"}
 
 
 def print_table(rows) -> None:
-    print(f"\n{'model / encoding':32} {'perplexity':>10} {'firing rate':>11} {'SOPs/MAC':>9}"
-          f"   ({rows[0].tokens if rows else 0} tokens)")
+    print(f"\n{'model / encoding':32} {'perplexity':>10} {'95% interval':>19} {'firing rate':>11} "
+          f"{'SOPs/MAC':>9} {'E/E dense':>9}   ({rows[0].tokens if rows else 0} tokens)")
     for r in rows:
         rate = f"{r.firing_rate:.4f}" if r.firing_rate is not None else "-"
         sops = f"{r.sops_per_mac:.3f}" if r.sops_per_mac is not None else "-"
-        print(f"{ROW_LABELS.get(r.encoding, r.encoding):32} {r.perplexity:>10.3f} {rate:>11} "
-              f"{sops:>9}")
+        interval = "-" if r.perplexity_low is None else \
+            f"[{r.perplexity_low:.3f}, {r.perplexity_high:.3f}]"
+        whole = r.energy["model"] if r.energy is not None else None
+        energy = "-" if whole is None else f"{whole['spike_45nm'] / whole['dense_float_45nm']:.3f}"
+        print(f"{ROW_LABELS.get(r.encoding, r.encoding):32} {r.perplexity:>10.3f} {interval:>19} "
+              f"{rate:>11} {sops:>9} {energy:>9}")
+    print("95% interval: bootstrap over the perplexity windows; firing rate = spikes / spike "
+          "slots; E/E dense: arithmetic energy\nof the whole model (attention and lm_head "
+          "dense in both), spiking / dense float32, 45 nm (docs/research.md, docs/energy.md)")
 
 
 def cmd_generate(args) -> int:

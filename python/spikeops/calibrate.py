@@ -12,7 +12,14 @@
 
 A ``Calibration`` is saved beside a checkpoint as ``spikeops_calibration.json`` (gamma, theta,
 settings) and ``spikeops_calibration.safetensors`` (salient masks): never pickle.
-``load_gptq`` applies one found there.
+``load_gptq`` applies one found there unless told otherwise (its ``calibration`` argument).
+
+``set_encoding`` gives a model's SpikeLinear layers their encodings: one Encoding, or one per
+layer type (``{"down_proj": Encoding("minmax", 8), "*": Encoding("absmax", 4)}``), refined per
+layer by a calibration, which fills only what the Encoding leaves open (gamma, theta: None) and
+supplies the salient masks; a value the Encoding gives is never replaced. Each layer keeps the
+calibration it was set with, so later calls without ``calibration=`` use it too, until
+``calibration=None`` drops it. docs/research.md has the workflow.
 """
 
 from __future__ import annotations
@@ -20,21 +27,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import _checks
+from .architecture import PROJECTIONS
 from .files import check_output, has_file, input_file, write_file
 from .nn import SpikeLinear
-from .spikes import Encoding, encode
+from .spikes import DEFAULT_GAMMA, GAMMA_MODES, Encoding, check_usable, encode
 
 JSON_FILE = "spikeops_calibration.json"
 MASK_FILE = "spikeops_calibration.safetensors"
 METHODS = ("obs", "sdllm", "las")
 GAMMA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
+# The keys of a per-layer-type encoding map: the projections' names, and "*" for the others.
+LAYER_TYPES = tuple(p.rsplit(".", 1)[1] for p in PROJECTIONS)
+ANY_TYPE = "*"
+CURRENT = "current"  # set_encoding's default: each layer's calibration stays as it is
 
 
 @dataclasses.dataclass
@@ -134,6 +147,9 @@ def _sha256(file: Path) -> str:
 
 
 def spike_layers(model: torch.nn.Module) -> Dict[str, SpikeLinear]:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"spikeops: model must be a torch.nn.Module with SpikeLinear layers "
+                        f"(load_gptq / patch), got {type(model).__name__}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SpikeLinear)}
     if not layers:
         raise ValueError(f"spikeops: model must contain SpikeLinear modules (load_gptq / patch), "
@@ -141,43 +157,129 @@ def spike_layers(model: torch.nn.Module) -> Dict[str, SpikeLinear]:
     return layers
 
 
+def check_encoding(fn: str, enc) -> None:
+    """``enc`` is an Encoding (not mode ``"static"``, which needs per-call scales), None (float
+    activations) or a map ``{layer type or "*": Encoding or None}`` of such values, whose layer
+    types are LAYER_TYPES."""
+    if isinstance(enc, Mapping):
+        unknown = [k for k in enc if k not in LAYER_TYPES + (ANY_TYPE,)]
+        if unknown:
+            raise ValueError(f"{fn}: the keys of an encoding map must be layer types "
+                             f"{LAYER_TYPES} or {ANY_TYPE!r} (every other type), got "
+                             f"{unknown[0]!r}")
+        values = [(f"enc[{k!r}]", v) for k, v in enc.items()]
+    else:
+        values = [("enc", enc)]
+    for name, value in values:
+        if value is not None and not isinstance(value, Encoding):
+            raise TypeError(f"{fn}: {name} must be a spikeops.Encoding, None (float "
+                            f"activations) or, for enc, a map of layer types to them, got "
+                            f"{type(value).__name__}")
+        if value is not None and value.mode == "static":
+            raise ValueError(f"{fn}: {name}.mode must not be 'static' (it needs per-call "
+                             f"scales), got 'static'")
+
+
+def type_encoding(fn: str, enc, name: str) -> Optional[Encoding]:
+    """The entry of ``enc`` (checked by check_encoding) for the layer called ``name``."""
+    if not isinstance(enc, Mapping):
+        return enc
+    kind = name.rsplit(".", 1)[-1]
+    if kind in enc:
+        return enc[kind]
+    if ANY_TYPE in enc:
+        return enc[ANY_TYPE]
+    raise ValueError(f"{fn}: the encoding map has no entry for layer {name!r} (type {kind!r}) "
+                     f"and no {ANY_TYPE!r} entry for every other type, got keys {list(enc)}")
+
+
 def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
-    """The Encoding and salient mask of one layer: ``enc`` with the layer's calibrated gamma
-    (absmax/absmean), theta (oat) and salient mask (when ``enc.salient_bits`` is set)."""
-    if enc is None or cal is None:
-        return enc, None
-    if cal.gamma is not None and enc.mode in cal.gamma:
-        enc = dataclasses.replace(enc, gamma=cal.gamma[enc.mode])
-    if enc.mode == "oat" and cal.theta is not None:
+    """The Encoding and salient mask of one layer: ``enc`` with what it leaves open filled from
+    the layer's calibration: gamma (absmax/absmean; DEFAULT_GAMMA where the calibration has
+    none), theta (oat) and the salient mask (when ``enc.salient_bits`` is set). A value ``enc``
+    gives is kept."""
+    if enc is None:
+        return None, None
+    if enc.mode in GAMMA_MODES and enc.gamma is None:
+        gamma = cal.gamma.get(enc.mode) if cal is not None and cal.gamma else None
+        enc = dataclasses.replace(enc, gamma=DEFAULT_GAMMA if gamma is None else gamma)
+    if enc.mode == "oat" and enc.theta is None and cal is not None:
         enc = dataclasses.replace(enc, theta=cal.theta)
-    mask = cal.salient if enc.salient_bits is not None else None
+    mask = cal.salient if enc.salient_bits is not None and cal is not None else None
     return enc, mask
 
 
-def set_encoding(model: torch.nn.Module, enc: Optional[Encoding],
-                 calibration: Optional[Calibration] = None) -> torch.nn.Module:
-    """Give every SpikeLinear of ``model`` the Encoding ``enc`` (None: float activations),
-    refined per layer by ``calibration``. All layers are checked before any changes."""
+def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tuple[str, str]]:
+    """``(parameter, value enc gives)`` of each calibrated value of ``cal`` that ``enc``'s own
+    gamma or theta keeps from use."""
+    if enc is None or cal is None:
+        return []
+    unused = []
+    if enc.gamma is not None and cal.gamma and cal.gamma.get(enc.mode, enc.gamma) != enc.gamma:
+        unused.append(("gamma", str(enc.gamma)))
+    if enc.theta is not None and cal.theta is not None and tuple(enc.theta) != cal.theta:
+        unused.append(("theta", str(tuple(enc.theta))))
+    return unused
+
+
+def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.Module:
+    """Give every SpikeLinear of ``model`` its encoding; returns ``model``.
+
+    enc: an Encoding, None (float activations), or a map from layer type (``"q_proj"``, ...,
+        ``"down_proj"``) to an Encoding or None, with ``"*"`` for every type it does not name,
+        e.g. ``{"down_proj": Encoding("minmax", 8), "*": Encoding("absmax", 4)}``.
+    calibration: a Calibration, None (no calibration) or ``"current"`` (the default): the one
+        each layer was last set with (load_gptq's, unless changed since). It fills what the
+        Encoding leaves open (``layer_encoding``); calibrated values an Encoding's own gamma or
+        theta keeps from use are announced with a warning. An encoding that needs what the
+        calibration lacks (oat without theta, salient_bits without a mask) is refused.
+
+    All layers are checked before any changes. The effective per-layer encodings: ``encodings``.
+    """
     fn = "set_encoding"
-    if enc is not None and not isinstance(enc, Encoding):
-        raise TypeError(f"{fn}: enc must be a spikeops.Encoding or None, got {type(enc).__name__}")
-    if calibration is not None and not isinstance(calibration, Calibration):
-        raise TypeError(f"{fn}: calibration must be a spikeops Calibration or None, got "
-                        f"{type(calibration).__name__}")
+    check_encoding(fn, enc)
+    if isinstance(calibration, str):
+        if calibration != CURRENT:
+            raise ValueError(f"{fn}: calibration must be a Calibration, None or "
+                             f"{CURRENT!r}, got {calibration!r}")
+    elif calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"{fn}: calibration must be a spikeops Calibration, None or "
+                        f"{CURRENT!r}, got {type(calibration).__name__}")
     layers = spike_layers(model)
-    plan = {}
+    plan, unused = {}, {}
     for name, layer in layers.items():
-        cal = calibration.layers.get(name) if calibration is not None else None
-        layer_enc, mask = layer_encoding(enc, cal)
+        if isinstance(calibration, str):  # CURRENT
+            cal = layer.calibration
+        else:
+            cal = calibration.layers.get(name) if calibration is not None else None
+        given = type_encoding(fn, enc, name)
+        for what in _unused(given, cal):
+            unused.setdefault(what, []).append(name)
+        layer_enc, mask = layer_encoding(given, cal)
+        if layer_enc is not None:
+            check_usable(f"{fn}: layer {name!r}", layer_enc, mask)
         if mask is not None:
             mask = mask.to(layer.qweight.device)
             if mask.shape != (layer.in_features,):
                 raise ValueError(f"{fn}: calibration of {name!r} has a salient mask of shape "
                                  f"{list(mask.shape)}, the layer has K = {layer.in_features}")
-        plan[name] = (layer_enc, mask)
-    for name, (layer_enc, mask) in plan.items():
+        plan[name] = (layer_enc, mask, cal)
+    for (param, value), names in unused.items():
+        warnings.warn(f"{fn}: the Encoding gives {param}={value}, so the calibrated {param} of "
+                      f"{len(names)} layer(s) (e.g. {names[0]!r}) is not used: an Encoding's "
+                      f"own values are never replaced (leave {param} None to use the "
+                      f"calibration's)", stacklevel=2)
+    for name, (layer_enc, mask, cal) in plan.items():
         layers[name].set_encoding(layer_enc, mask)
+        layers[name].calibration = cal
     return model
+
+
+def encodings(model: torch.nn.Module) -> Dict[str, Optional[Encoding]]:
+    """The effective Encoding of every SpikeLinear of ``model`` (None: float activations), with
+    the calibrated gamma and theta filled in; each layer's ``salient_mask`` and ``calibration``
+    (its LayerCalibration) are attributes of the layer."""
+    return {name: layer.enc for name, layer in spike_layers(model).items()}
 
 
 @torch.no_grad()

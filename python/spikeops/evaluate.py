@@ -7,12 +7,13 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import _checks
+from .calibrate import CURRENT
 
 
 def encode_text(text: str, tokenizer=None) -> torch.Tensor:
@@ -39,8 +40,63 @@ def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
     ``window`` tokens moved by ``stride`` (default window / 2): every token after the first is
     predicted exactly once, with at least ``window - stride`` tokens of context except at the
     start. Returns exp(mean negative log-likelihood). ``progress``: True for a bar of its own,
-    False for none, or a tqdm bar to advance by one per window."""
+    False for none, or a tqdm bar to advance by one per window. ``perplexity_interval`` gives
+    the same value with a bootstrap interval."""
+    nll, count = window_nll(model, tokens, window, stride, batch_size, progress)
+    return math.exp(sum(nll) / sum(count))
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """A perplexity and its bootstrap interval (``perplexity_interval``)."""
+
+    value: float
+    low: float
+    high: float
+    windows: int
+
+
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
+
+
+def perplexity_interval(model, tokens: torch.Tensor, window: int = 256,
+                        stride: Optional[int] = None, batch_size: int = 8,
+                        progress=True) -> Perplexity:
+    """``perplexity`` with a 95% bootstrap interval over its windows (docs/research.md,
+    "Intervals"): the windows are resampled with replacement 1000 times (``torch.Generator``
+    seeded 0); each resample's perplexity is exp(sum of its NLLs / its scored tokens); low and
+    high are the 2.5% and 97.5% quantiles. Windows, not tokens, are the units, since the tokens
+    of one text are not independent; the interval shows how much the value depends on which
+    stretches of text were read. One window gives low = high = value."""
+    nll, count = window_nll(model, tokens, window, stride, batch_size, progress)
+    low, high = _bootstrap(nll, count)
+    return Perplexity(math.exp(sum(nll) / sum(count)), low, high, len(nll))
+
+
+def _bootstrap(nll: Sequence[float], count: Sequence[int]) -> Tuple[float, float]:
+    """The interval of ``perplexity_interval`` from per-window NLL sums and scored tokens."""
+    n = len(nll)
+    gen = torch.Generator().manual_seed(BOOTSTRAP_SEED)
+    idx = torch.randint(0, n, (BOOTSTRAP_SAMPLES, n), generator=gen)
+    nll_t = torch.tensor(nll, dtype=torch.float64)[idx].sum(1)
+    count_t = torch.tensor(count, dtype=torch.float64)[idx].sum(1)
+    tail = (1 - BOOTSTRAP_LEVEL) / 2
+    q = torch.tensor([tail, 1 - tail], dtype=torch.float64)
+    low, high = torch.quantile(torch.exp(nll_t / count_t), q).tolist()
+    return low, high
+
+
+@torch.no_grad()
+def window_nll(model, tokens: torch.Tensor, window: int = 256, stride: Optional[int] = None,
+               batch_size: int = 8, progress=True) -> Tuple[List[float], List[int]]:
+    """Per window of ``perplexity``: the sum of the negative log-likelihoods of its scored
+    tokens (float64) and their number."""
     fn = "perplexity"
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module (a causal LM), got "
+                        f"{type(model).__name__}")
     _checks.tensor(fn, "tokens", tokens, (torch.int64, torch.int32), dim=1)
     _checks.integer(fn, "window", window, 2, 1 << 20)
     stride = window // 2 if stride is None else stride
@@ -54,7 +110,7 @@ def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(spans), desc="perplexity", unit="window",
                disable=not progress) if own_bar else progress
-    nll, count = 0.0, 0
+    nll, count = [], []
     for i in range(0, len(spans), batch_size):
         chunk = spans[i:i + batch_size]
         length = max(end - start for start, end, _ in chunk)
@@ -68,12 +124,12 @@ def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
         target = ids[:, 1:].to(device)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         scored = mask[:, 1:].to(device)
-        nll -= float(picked[scored].double().sum())
-        count += int(scored.sum())
+        nll += (-torch.where(scored, picked, 0).double().sum(1)).tolist()
+        count += scored.sum(1).tolist()
         bar.update(len(chunk))
     if own_bar:
         bar.close()
-    return math.exp(nll / count)
+    return nll, count
 
 
 def _windows(T: int, window: int, stride: int):
@@ -110,17 +166,23 @@ _CACHE_ARG: dict = {}
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature: float = 0.0,
-             top_k: Optional[int] = None, seed: int = 0, stop=()) -> torch.Tensor:
-    """Continue ``prompt`` (int64 ``[T]``) by ``max_new_tokens`` tokens: greedy when
-    ``temperature`` is 0, else sampled from softmax(logits / temperature), optionally restricted
-    to the ``top_k`` most likely tokens; a token of ``stop`` ends it (and is not returned). Uses
-    a key-value cache (``spikeops.runner.Runner`` for LLaMA-architecture models). Returns the
-    new tokens."""
+def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
+             top_k: Optional[int] = None, seed: int = 0, stop=(), lengths=None):
+    """Continue prompts by ``max_new_tokens`` tokens: greedy when ``temperature`` is 0, else
+    sampled from softmax(logits / temperature), optionally restricted to the ``top_k`` most
+    likely tokens; a token of ``stop`` ends a prompt's continuation (and is not returned).
+
+    prompt: one prompt, int64 ``[T]`` (returns its new tokens, int64 ``[n]``); or a batch (returns
+        a list of such tensors, one per prompt): a list of 1-D prompts of any lengths, or a
+        ``[B, T]`` tensor whose row b holds its prompt in its last ``lengths[b]`` positions
+        (left padding; ``lengths`` None: every row is a prompt of T tokens).
+
+    Uses a key-value cache: ``spikeops.runner.Runner`` for LLaMA-architecture models, which
+    runs a batch as one, left-padded (a row's greedy continuation equals its single-prompt
+    one); other models run transformers' forward, one prompt at a time. Sampling draws the
+    rows' tokens from one generator in row order, so a sampled row depends on its batch."""
     fn = "generate"
-    _checks.tensor(fn, "prompt", prompt, (torch.int64, torch.int32), dim=1)
-    if prompt.shape[0] < 1:
-        raise ValueError(f"{fn}: prompt must hold at least one token, got none")
+    rows = _prompts(fn, prompt, lengths)
     _checks.integer(fn, "max_new_tokens", max_new_tokens, 0, 1 << 20)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
             not math.isfinite(temperature) or temperature < 0:
@@ -129,43 +191,101 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int = 100, temperature
         _checks.integer(fn, "top_k", top_k, 1, 1 << 24)
     # The key-value cache is preallocated for the whole sequence: bounded by the context the
     # model was trained for, not by the request.
+    longest = max(r.shape[0] for r in rows)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and prompt.shape[0] + max_new_tokens > context:
-        raise ValueError(f"{fn}: the prompt's {prompt.shape[0]} tokens plus max_new_tokens = "
+    if isinstance(context, int) and longest + max_new_tokens > context:
+        raise ValueError(f"{fn}: the prompt's {longest} tokens plus max_new_tokens = "
                          f"{max_new_tokens} must fit the model's context of {context} tokens "
                          f"(max_position_embeddings)")
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
+    pad = [longest - r.shape[0] for r in rows]
+    step = _stepper(model, longest + max_new_tokens, pad)
+    if step is None:  # a batch without the Runner: one prompt at a time
+        return [generate(model, r, max_new_tokens, temperature, top_k, seed, stop)
+                for r in rows]
     gen = torch.Generator().manual_seed(seed)
-    ids = prompt.to(torch.int64).unsqueeze(0).to(device)
-    step = _stepper(model, prompt.shape[0] + max_new_tokens)
-    out = []
+    ids = torch.zeros(len(rows), longest, dtype=torch.int64)
+    for row, r, p in zip(ids, rows, pad):
+        row[p:] = r
+    ids = ids.to(device)
+    out, done = [[] for _ in rows], [False] * len(rows)
     for _ in range(max_new_tokens):
-        logits = step(ids)[0, -1].float().cpu()
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[0])).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-        if token in stop:
+        logits = step(ids)[:, -1].float().cpu()
+        tokens = [_pick(row, temperature, top_k, gen) for row in logits]
+        for b, token in enumerate(tokens):
+            if done[b] or token in stop:
+                done[b] = True
+            else:
+                out[b].append(token)
+        if all(done):
             break
-        out.append(token)
-        ids = torch.tensor([[token]], device=device)
-    return torch.tensor(out, dtype=torch.int64)
+        ids = torch.tensor(tokens, device=device).unsqueeze(1)
+    out = [torch.tensor(o, dtype=torch.int64) for o in out]
+    return out[0] if isinstance(prompt, torch.Tensor) and prompt.dim() == 1 else out
 
 
-def _stepper(model, max_len: int):
-    """``step(ids) -> logits`` continuing one sequence: the lean ``Runner`` for
-    LLaMA-architecture models (the same logits, faster), else transformers' forward with its
-    cache."""
+def _prompts(fn: str, prompt, lengths) -> List[torch.Tensor]:
+    """The prompts of ``generate``'s ``prompt`` and ``lengths``, one 1-D tensor each."""
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError(f"{fn}: prompt must hold at least one prompt, got an empty list")
+        rows = [_checks.tensor(fn, f"prompt[{i}]", p, (torch.int64, torch.int32), dim=1)
+                for i, p in enumerate(prompt)]
+    elif isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+        _checks.tensor(fn, "prompt", prompt, (torch.int64, torch.int32))
+        B, T = prompt.shape
+        if B < 1 or T < 1:
+            raise ValueError(f"{fn}: a [B, T] prompt must hold at least one row and one token, "
+                             f"got shape {list(prompt.shape)}")
+        if lengths is None:
+            lengths = [T] * B
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.tolist()
+        if not isinstance(lengths, (list, tuple)) or len(lengths) != B or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= T for n in lengths):
+            raise ValueError(f"{fn}: lengths must give each of the B = {B} rows of prompt its "
+                             f"prompt length in [1, T = {T}], got {lengths!r}")
+        return [row[T - n:] for row, n in zip(prompt, lengths)]
+    else:
+        _checks.tensor(fn, "prompt", prompt, (torch.int64, torch.int32), dim=1)
+        rows = [prompt]
+    if lengths is not None:
+        raise ValueError(f"{fn}: lengths is only taken with a [B, T] prompt tensor, got lengths "
+                         f"{lengths!r} with {type(prompt).__name__} prompt")
+    for i, r in enumerate(rows):
+        if r.shape[0] < 1:
+            raise ValueError(f"{fn}: every prompt must hold at least one token, prompt "
+                             f"{i} has none")
+    return rows
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+          gen: torch.Generator) -> int:
+    """The next token from one row of logits (``generate``)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[0])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
+
+
+def _stepper(model, max_len: int, pad: List[int]):
+    """``step(ids) -> logits`` continuing ``len(pad)`` sequences whose prompts carry ``pad``
+    left-padding tokens: the lean ``Runner`` for LLaMA-architecture models (the same logits,
+    faster), else transformers' forward with its cache for one sequence, else None."""
     from .runner import Runner
     try:
-        runner = Runner(model, max_len)
+        runner = Runner(model, max_len, batch=len(pad))
     except ValueError:
         runner = None
     if runner is not None:
-        return lambda ids: runner(ids, last_only=True)
+        padding = torch.tensor(pad) if any(pad) else None
+        # The padding belongs to the prompt, the first call; the Runner keeps it.
+        return lambda ids: runner(ids, last_only=True,
+                                  pad=padding if runner.length == 0 else None)
+    if len(pad) > 1:
+        return None
     cache = None
 
     def step(ids):
@@ -178,49 +298,80 @@ def _stepper(model, max_len: int):
 @dataclass
 class Row:
     """One row of ``compare``: ``encoding`` is a spike encoding's label, ``"dense"`` (the float
-    model) or ``"float"`` (GPTQ weights on float activations). ``sops_per_mac``: synaptic
-    operations (spikes x outputs) per multiply-accumulate of the dense layers."""
+    model) or ``"float"`` (GPTQ weights on float activations). ``perplexity_low`` and
+    ``perplexity_high``: its 95% bootstrap interval (``perplexity_interval``). ``firing_rate``:
+    spikes / spike slots, each element counting its own planes; ``sops_per_mac``: synaptic
+    operations (spikes x outputs) per multiply-accumulate of the dense layers (both over the
+    spiking projections, docs/energy.md). ``energy``: of spiking rows, ``Tracker.energy()`` of
+    the evaluation (pJ: the projections, the whole model with attention and ``lm_head`` as
+    dense MACs, and those MACs). The last three are None in rows cached before they existed."""
 
     encoding: str
     perplexity: float
     firing_rate: Optional[float]
     sops_per_mac: Optional[float]
     tokens: int
+    perplexity_low: Optional[float] = None
+    perplexity_high: Optional[float] = None
+    energy: Optional[dict] = None
 
 
-def compare(model, tokens: torch.Tensor, encodings, calibration=None, dense_model=None,
+def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_model=None,
             window: int = 256, progress: bool = True, dense_tokens: Optional[torch.Tensor] = None):
-    """Perplexity, firing rate and SOPs per MAC of ``model`` (with SpikeLinear layers) under
-    each entry of ``encodings`` (``{label: Encoding or None}``; None = GPTQ weights on float
-    activations), refined per layer by ``calibration``; first ``dense_model`` (a float model,
-    on ``dense_tokens``, default ``tokens``) if given. One progress bar covers every row.
-    Returns ``Row``s; the model's encodings are restored afterwards."""
-    from .calibrate import set_encoding, spike_layers
+    """The comparison table (docs/research.md): ``Row``s of perplexity with its 95% interval,
+    firing rate, SOPs per MAC and energy of ``model`` (a model with SpikeLinear layers:
+    ``load_gptq``) under each entry of ``encodings``, a dict ``{label: enc}`` whose ``enc`` is
+    what ``set_encoding`` takes: an Encoding, None (GPTQ weights on float activations: the
+    ``"float"`` row) or a per-layer-type map. ``calibration`` is ``set_encoding``'s (default
+    ``"current"``: each layer's own). First, if given, ``dense_model``: a float causal LM
+    (``torch.nn.Module``; ``load_float_model`` returns ``(model, tokenizer)``: pass the model),
+    on ``dense_tokens`` (default ``tokens``). Perplexities use windows of ``window`` tokens,
+    stride window / 2. One progress bar covers every row; the model's encodings are restored
+    afterwards."""
+    from .calibrate import check_encoding, set_encoding, spike_layers
     from .stats import track
-    stride = window // 2
-    per_row = len(_windows(tokens.shape[0], window, stride))
+    fn = "compare"
+    layers = spike_layers(model)
+    _checks.tensor(fn, "tokens", tokens, (torch.int64, torch.int32), dim=1)
+    if not isinstance(encodings, Mapping):
+        raise TypeError(f"{fn}: encodings must be a dict {{label: Encoding, None or a "
+                        f"per-layer-type map}}, got {type(encodings).__name__}")
+    for label, enc in encodings.items():
+        if not isinstance(label, str):
+            raise TypeError(f"{fn}: the labels of encodings must be str, got {label!r}")
+        check_encoding(f"{fn}: encodings[{label!r}]", enc)
+    if dense_model is not None and not isinstance(dense_model, torch.nn.Module):
+        raise TypeError(f"{fn}: dense_model must be a float causal LM (torch.nn.Module), got "
+                        f"{type(dense_model).__name__}; load_float_model returns (model, "
+                        f"tokenizer): pass its model")
+    if dense_tokens is not None:
+        _checks.tensor(fn, "dense_tokens", dense_tokens, (torch.int64, torch.int32), dim=1)
+    _checks.integer(fn, "window", window, 2, 1 << 20)
+    per_row = len(_windows(tokens.shape[0], window, window // 2))
     bar = tqdm(total=per_row * (len(encodings) + (dense_model is not None)), desc="eval",
                unit="window", disable=not progress)
     rows = []
     if dense_model is not None:
         dense_tokens = tokens if dense_tokens is None else dense_tokens
-        rows.append(Row("dense", perplexity(dense_model, dense_tokens, window, progress=bar),
-                        None, None, dense_tokens.shape[0]))
-    saved = {name: (m.enc, m.salient_mask) for name, m in spike_layers(model).items()}
+        p = perplexity_interval(dense_model, dense_tokens, window, progress=bar)
+        rows.append(Row("dense", p.value, None, None, dense_tokens.shape[0], p.low, p.high))
+    saved = {name: (m.enc, m.salient_mask, m.calibration) for name, m in layers.items()}
     try:
         for label, enc in encodings.items():
             bar.set_postfix_str(label)
             set_encoding(model, enc, calibration)
             with track(model) as tracker:
-                ppl = perplexity(model, tokens, window, progress=bar)
+                p = perplexity_interval(model, tokens, window, progress=bar)
             t = tracker.totals()
             spiking = enc is not None
-            rows.append(Row("float" if not spiking else label, ppl,
+            rows.append(Row(label if spiking else "float", p.value,
                             t["firing_rate"] if spiking else None,
                             t["sops"] / t["macs"] if spiking and t["macs"] else None,
-                            tokens.shape[0]))
+                            tokens.shape[0], p.low, p.high,
+                            tracker.energy() if spiking else None))
     finally:
         bar.close()
-        for name, m in spike_layers(model).items():
-            m.set_encoding(*saved[name])
+        for name, m in layers.items():
+            m.set_encoding(*saved[name][:2])
+            m.calibration = saved[name][2]
     return rows

@@ -37,7 +37,8 @@ def _regular_file(fn: str, name: str, path: Path) -> Path:
 def load_float_model(path: PathLike, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` of a float causal LM: a Hugging Face folder (safetensors only,
     never pickle) or a GGUF file (dequantized by transformers, which needs the ``gguf``
-    package). The tokenizer is None for a folder without one (byte-level models)."""
+    package). The tokenizer is None for a folder without one (byte-level models). The model
+    (not the pair) is what ``spikeops.evaluate.compare(dense_model=...)`` takes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     fn = "load_float_model"
     path = Path(path)

@@ -10,7 +10,8 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from . import _checks
-from .calibrate import JSON_FILE as CALIBRATION_FILE, Calibration, set_encoding
+from .calibrate import (JSON_FILE as CALIBRATION_FILE, Calibration, check_encoding,
+                        set_encoding)
 from .architecture import PROJECTIONS, check_supported, decoder_layers
 from .checkpoint import (PathLike, QuantConfig, check_config_tensors, first, quant_keys,
                          read_configs, read_tensors, tensor)
@@ -21,18 +22,23 @@ from .spikes import Encoding
 from .transforms import CONFIG_KEY as TRANSFORM_KEY, restore_online
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SAVED = "saved"  # load_gptq's default calibration: the one saved in the checkpoint folder
 
 
-def load_gptq(path: PathLike, enc: Encoding, device="cpu",
+def load_gptq(path: PathLike, enc, device="cpu",
               dtype: Optional[torch.dtype] = None,
-              device_map: Optional[Mapping[str, object]] = None) -> torch.nn.Module:
+              device_map: Optional[Mapping[str, object]] = None,
+              calibration=SAVED) -> torch.nn.Module:
     """Load a GPTQ checkpoint folder as a spiking causal LM (docs/checkpoints.md, "Loading").
 
     path: folder with ``config.json``, the quantization config (``quantize_config.json``, then
         ``quant_config.json``, then ``config.json["quantization_config"]``) and the weights
         (``model.safetensors``; shards listed in ``model.safetensors.index.json``; or one
         old AutoGPTQ-named ``*.safetensors``). Pickle files are never read.
-    enc: the Encoding of every projection's input spikes (not mode ``"static"``).
+    enc: the Encoding of every projection's input spikes (not mode ``"static"``), None (float
+        activations), or a map from layer type to Encoding or None with ``"*"`` for the other
+        types, e.g. ``{"down_proj": Encoding("minmax", 8), "*": Encoding("absmax", 4)}``
+        (``spikeops.calibrate.set_encoding``).
     device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a torch.device).
     device_map: optional ``{module name: device}``, e.g. ``{"model.layers.16": "cuda:1",
         "lm_head": "cuda:1"}``: each named module (with everything inside it) goes to its
@@ -42,15 +48,27 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
     dtype: float16/bfloat16/float32 of the dense parts and activations; None = the fast one
         for ``device``: float32 on the CPU (whose float16 matrix products are about 10x
         slower), the checkpoint's ``torch_dtype``/``dtype`` on a GPU (float32 when absent).
+    calibration: ``"saved"`` (the default): the calibration saved in the folder by ``spikeops
+        calibrate`` (salient masks, gamma, theta per layer), none if there is none; a
+        ``Calibration``; or None: no calibration. It fills per layer what ``enc`` leaves open
+        (gamma, theta: None) and gives the salient masks; a value ``enc`` gives is never
+        replaced (a warning names the calibrated values it keeps from use). The layers keep it
+        for later ``set_encoding`` calls; ``spikeops.calibrate.encodings(model)`` lists the
+        effective per-layer encodings.
 
     Returns the ``transformers`` model (e.g. LlamaForCausalLM) in eval mode whose seven
-    projections per decoder layer are ``SpikeLinear``. A calibration saved in the folder
-    (``spikeops calibrate``: salient masks, gamma, theta per layer) refines ``enc`` per layer. Strict: a missing or unexpected tensor,
+    projections per decoder layer are ``SpikeLinear``. Strict: a missing or unexpected tensor,
     a wrong dtype or shape, or an inconsistent config raises ValueError/TypeError naming the
     tensor's key and the expectation, and no model is returned.
     """
     fn = "load_gptq"
-    _check_encoding(fn, enc)
+    check_encoding(fn, enc)
+    if isinstance(calibration, str) and calibration != SAVED:
+        raise ValueError(f"{fn}: calibration must be {SAVED!r}, a Calibration or None, got "
+                         f"{calibration!r}")
+    if not isinstance(calibration, (str, Calibration, type(None))):
+        raise TypeError(f"{fn}: calibration must be {SAVED!r}, a spikeops Calibration or None, "
+                        f"got {type(calibration).__name__}")
     device = _device(fn, device)
     if device_map is not None and not isinstance(device_map, Mapping):
         raise TypeError(f"{fn}: device_map must be a dict of module name -> device, got "
@@ -75,8 +93,8 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
     linears = {name: _projection(fn, model, name) for name in _projection_names(model)}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     dense = _dense_state(fn, model, linears, tensors, tied, dtype)
-    spiking = {name: _spike_linear(fn, name, lin, tensors, qc, enc)
-               for name, lin in linears.items()}
+    # Built on float activations: set_encoding gives every layer its encoding at the end.
+    spiking = {name: _spike_linear(fn, name, lin, tensors, qc) for name, lin in linears.items()}
     # Old LLaMA exports saved the rotary frequencies, which are recomputed from the config.
     known = set(dense) | quant_keys(linears, tensors) | ({"lm_head.weight"} if tied else set())
     leftover = sorted(k for k in set(tensors) - known if not k.endswith("rotary_emb.inv_freq"))
@@ -108,10 +126,12 @@ def load_gptq(path: PathLike, enc: Encoding, device="cpu",
         module.to(dev)
         module.register_forward_pre_hook(_inputs_to(dev), with_kwargs=True)
     # The seed methods' per-layer settings; Calibration.load refuses a non-regular file.
-    if has_file(fn, folder, CALIBRATION_FILE):
-        set_encoding(model, enc, Calibration.load(folder))
-        log.info("load_gptq: applied the calibration in %s", folder / CALIBRATION_FILE)
-    return model
+    if isinstance(calibration, str):  # SAVED
+        calibration = None
+        if has_file(fn, folder, CALIBRATION_FILE):
+            calibration = Calibration.load(folder)
+            log.info("load_gptq: applying the calibration in %s", folder / CALIBRATION_FILE)
+    return set_encoding(model, enc, calibration)
 
 
 def _default_dtype(fn: str, device: torch.device, config) -> torch.dtype:
@@ -251,7 +271,7 @@ def _projection(fn: str, model, name: str) -> torch.nn.Linear:
 
 
 def _spike_linear(fn: str, name: str, lin: torch.nn.Linear, tensors: Mapping,
-                  qc: QuantConfig, enc: Encoding) -> SpikeLinear:
+                  qc: QuantConfig) -> SpikeLinear:
     """The SpikeLinear replacing ``lin`` (meta ``[N, K]``), from the tensors under ``name``."""
     K, N, b = lin.in_features, lin.out_features, qc.bits
     G = 1 if qc.group_size == -1 else -(-K // qc.group_size)
@@ -271,7 +291,7 @@ def _spike_linear(fn: str, name: str, lin: torch.nn.Linear, tensors: Mapping,
     try:
         w = GPTQWeight(qweight, qzeros, scales, g_idx, bits=b, group_size=qc.group_size,
                        sym=qc.sym, checkpoint_format=qc.checkpoint_format, in_features=K)
-        return SpikeLinear(w, enc, bias=bias)
+        return SpikeLinear(w, None, bias=bias)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{fn}: tensors {name}.{{qweight,qzeros,scales,g_idx}}: {e}") from e
 

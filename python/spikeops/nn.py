@@ -9,7 +9,7 @@ import torch
 
 from . import _checks, ops
 from .gptq import GPTQWeight, build_kernel_form, cpu_layout_of
-from .spikes import Encoding, SpikeTensor, encode_rows
+from .spikes import Encoding, SpikeTensor, check_usable, encode_rows
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BIAS_DTYPES = OUT_DTYPES
@@ -177,6 +177,9 @@ class SpikeLinear(torch.nn.Module):
         self.observer = None
         # The SharedInput of the layers that read the same activation (share_inputs), or None.
         self.shared = None
+        # The calibration.LayerCalibration calibrate.set_encoding refined ``enc`` with, or None:
+        # kept so that later encodings of the model use it too until it is dropped.
+        self.calibration = None
         self.set_encoding(enc, salient_mask)
 
     def _rebuild(self) -> None:
@@ -202,6 +205,8 @@ class SpikeLinear(torch.nn.Module):
                 raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits, got "
                                  f"enc={enc}")
             _checks.same_device(fn, {"qweight": self.qweight, "salient_mask": salient_mask})
+        if enc is not None:
+            check_usable(fn, enc, salient_mask)
         self.enc = enc
         self.salient_mask = salient_mask
         if enc is not None:
@@ -227,6 +232,13 @@ class SpikeLinear(torch.nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"SpikeLinear: x must have shape [..., in_features] = "
                              f"[..., {self.in_features}], got {tuple(x.shape)}")
+        if self._parameters or (x.requires_grad and self.enc is not None
+                                and torch.is_grad_enabled()):
+            # A gradient may be wanted, or the layer holds trainable parameters
+            # (spikeops.autograd.make_trainable): the same exact forward, differentiable
+            # (straight-through estimator, docs/ops.md "Gradients"). Inference never gets here.
+            from .autograd import layer_forward
+            return layer_forward(self, x)
         if self.enc is None:
             # F.linear would run a meta or other-device weight against x without a word (the
             # spiking path's op checks devices itself).
@@ -248,13 +260,19 @@ class SpikeLinear(torch.nn.Module):
         y = self._linear(spikes, self.kernel_bias, out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def from_spikes(self, st: SpikeTensor, out_dtype: torch.dtype = torch.float32,
+    def from_spikes(self, st: SpikeTensor, out_dtype: torch.dtype,
                     bias: bool = True) -> torch.Tensor:
         """The layer on spikes already encoded, ``[..., N]`` in ``out_dtype``: what ``forward``
-        runs after ``encode``, for callers that encode once and reuse the spikes. ``bias=False``
-        leaves the bias out. The spikes' K and device are checked by the op."""
-        y = self._linear(st[:5], self.kernel_bias if bias else None, out_dtype)
-        return y.reshape(*st.shape[:-1], self.out_features)
+        runs after ``encode``, for callers that encode once and reuse the spikes. The dtype rule
+        is forward's: ``forward(x)`` returns x's dtype and equals ``from_spikes(encode(x, enc,
+        mask), x.dtype)`` bit for bit; spikes do not record the dtype they were encoded from,
+        so it is asked for. float64 is computed in float32 and widened, as forward does.
+        ``bias=False`` leaves the bias out. The spikes' K and device are checked by the op."""
+        _checks.dtype("SpikeLinear.from_spikes", "out_dtype", out_dtype,
+                      OUT_DTYPES + (torch.float64,))
+        op_dtype = out_dtype if out_dtype in OUT_DTYPES else torch.float32
+        y = self._linear(st[:5], self.kernel_bias if bias else None, op_dtype)
+        return y.reshape(*st.shape[:-1], self.out_features).to(out_dtype)
 
     def _linear(self, spikes, bias, out_dtype: torch.dtype) -> torch.Tensor:
         """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero)."""
@@ -275,6 +293,11 @@ class SpikeLinear(torch.nn.Module):
 
 
     def extra_repr(self) -> str:
+        from .transforms import online_rotation
         enc = self.enc if self.enc is not None else "float activations"
+        # A rotated model's down_proj rotates its input in a forward pre-hook: calling the
+        # module on inputs captured after it would rotate them twice (docs/transforms.md).
+        rotation = online_rotation(self)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, enc={enc}, backend={self.backend!r}")
+                f"bits={self.bits}, enc={enc}, backend={self.backend!r}"
+                + (f", online_rotation={rotation}" if rotation is not None else ""))

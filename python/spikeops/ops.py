@@ -44,6 +44,58 @@ def _empty_like_absent(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) ->
 _ABSENT: dict = {}
 
 
+# ----------------------------------------------------------------------------- no gradients
+# The ops have no autograd kernels (an autograd formula registered with
+# torch.library.register_autograd is a Python kernel that every call under torch.no_grad()
+# would enter: +15 us per layer at decode). Their outputs are made to refuse a backward
+# instead, here, only where grad mode is on and a float input requires grad (docs/ops.md,
+# Gradients): the differentiable paths are spikeops.fake_quantize and SpikeLinear's forward.
+_USE_INSTEAD = ("use spikeops.fake_quantize(x, enc) for a differentiable x_hat, or call the "
+                "SpikeLinear module on x (both: straight-through estimator; docs/ops.md, "
+                "Gradients)")
+NO_GRADIENT = {
+    "gif_encode": "spikeops.encode (op gif_encode) has no gradient: spikes are integer codes; "
+                  + _USE_INSTEAD,
+    "spike_decode": "SpikeTensor.decode (op spike_decode) has no gradient with respect to the "
+                    "spikes' scale; " + _USE_INSTEAD,
+    "spike_linear": "spikeops.spike_linear / SpikeLinear.from_spikes (op spike_linear) have no "
+                    "gradient with respect to the spikes' scale, the bias or the GPTQ scales; "
+                    + _USE_INSTEAD,
+    "gptq_dequantize": "op gptq_dequantize has no gradient with respect to the GPTQ group "
+                       "scales: spikeops does not train GPTQ weights (train float weights and "
+                       "quantize them again)",
+}
+
+
+class _NoGradient(torch.autograd.Function):
+    """Returns the op's outputs unchanged; their backward raises RuntimeError(message)."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        outs = tensors[:n]
+        ctx.mark_non_differentiable(*(t for t in outs if not t.is_floating_point()))
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _no_gradient(op: str, outputs, *inputs):
+    """``outputs`` (a tuple or one tensor) of ``op``, attached to ``inputs`` through a node whose
+    backward raises the op's NO_GRADIENT message."""
+    single = isinstance(outputs, Tensor)
+    outs = (outputs,) if single else tuple(outputs)
+    wrapped = _NoGradient.apply(NO_GRADIENT[op], len(outs), *(t.detach() for t in outs),
+                                *(t for t in inputs if t is not None and t.requires_grad))
+    return wrapped[0] if single else tuple(wrapped)
+
+
+def _requires_grad(t: Optional[Tensor]) -> bool:
+    return t is not None and t.requires_grad
+
+
 def _present(t: Tensor) -> bool:
     return t.numel() > 0
 
@@ -75,10 +127,13 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
                theta_nor: float = 0.0, theta_out: float = 0.0):
     """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
     zero [M, R])``; absent outputs are empty tensors. See docs/ops.md for every mode."""
-    return _ops.gif_encode.default(x, mode, bits, gamma,
-                                   _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
-                                   _empty_like_absent(scale, x, torch.float32),
-                                   _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
+    out = _ops.gif_encode.default(x, mode, bits, gamma,
+                                  _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
+                                  _empty_like_absent(scale, x, torch.float32),
+                                  _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
+    if torch.is_grad_enabled() and (x.requires_grad or _requires_grad(scale)):
+        return _no_gradient("gif_encode", out, x, scale)
+    return out
 
 
 @torch.library.register_fake("spikeops::gif_encode")
@@ -109,9 +164,12 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
 def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
                  zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32, cast to ``dtype``."""
-    return _ops.spike_decode.default(planes, _empty_like_absent(sign, planes, _INT32),
-                                     _empty_like_absent(hi, planes, _INT32), scale,
-                                     _empty_like_absent(zero, planes, _INT32), K, dtype)
+    out = _ops.spike_decode.default(planes, _empty_like_absent(sign, planes, _INT32),
+                                    _empty_like_absent(hi, planes, _INT32), scale,
+                                    _empty_like_absent(zero, planes, _INT32), K, dtype)
+    if torch.is_grad_enabled() and scale.requires_grad:
+        return _no_gradient("spike_decode", out, scale)
+    return out
 
 
 @torch.library.register_fake("spikeops::spike_decode")
@@ -171,12 +229,16 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
     ``[G, N]``, float32 ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when
     ``group_size`` is 0), the CPU layout ``packed``/``code_sums`` of 4-bit codes or None,
     float32 ``bias [N]``."""
-    return _ops.spike_linear.default(
+    out = _ops.spike_linear.default(
         planes, _empty_like_absent(sign, planes, _INT32), _empty_like_absent(hi, planes, _INT32),
         scale, _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales, g_idx,
         _empty_like_absent(packed, planes, torch.uint8),
         _empty_like_absent(code_sums, planes, _INT32),
         _empty_like_absent(bias, planes, torch.float32), bits, group_size, out_dtype, backend)
+    if torch.is_grad_enabled() and (scale.requires_grad or scales.requires_grad
+                                    or _requires_grad(bias)):
+        return _no_gradient("spike_linear", out, scale, bias, scales)
+    return out
 
 
 @torch.library.register_fake("spikeops::spike_linear")
@@ -195,7 +257,10 @@ def gptq_dequantize(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tenso
                     group_size: int) -> Tensor:
     """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(scales[g, n] * float32(q - z))`` on the
     kernel form of a GPTQ layer, as ``spike_linear`` takes it."""
-    return _ops.gptq_dequantize.default(qweight, zeros, scales, g_idx, bits, group_size)
+    out = _ops.gptq_dequantize.default(qweight, zeros, scales, g_idx, bits, group_size)
+    if torch.is_grad_enabled() and scales.requires_grad:
+        return _no_gradient("gptq_dequantize", out, scales)
+    return out
 
 
 @torch.library.register_fake("spikeops::gptq_dequantize")

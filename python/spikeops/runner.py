@@ -12,6 +12,8 @@ plumbing is its own: rotary position embedding, a preallocated key-value cache a
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,12 @@ class Runner:
     (``last_only=True``: ``[batch, 1, vocab]``, skipping ``lm_head`` for the others).
     ``reset()`` starts new sequences. The key-value cache is preallocated in the dtype and on
     the device of the model's embedding.
+
+    Prompts of different lengths are left-padded: ``runner(ids, pad=pad)`` on the prompt call,
+    ``pad`` int ``[batch]`` the number of padding tokens that start each row. Until ``reset()``
+    a row's positions count from its first real token and no query attends to a padding key,
+    so a row's logits are those of its prompt alone, up to float rounding (the attention
+    then sums over more masked keys).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1):
@@ -76,13 +84,16 @@ class Runner:
         self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.values = torch.zeros_like(self.keys)
         self.batch, self.max_len, self.length = batch, max_len, 0
+        self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
 
     def reset(self) -> None:
         """Forget the sequences: the next call is a prompt."""
         self.length = 0
+        self.pad = None
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, last_only: bool = False,
+                 pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         fn = "Runner"
         _checks.tensor(fn, "ids", ids, (torch.int64, torch.int32), dim=2)
         B, T = ids.shape
@@ -93,15 +104,30 @@ class Runner:
         if start + T > self.max_len:
             raise ValueError(f"{fn}: {start} cached + {T} new tokens exceed max_len = "
                              f"{self.max_len}")
+        if pad is not None:
+            _checks.tensor(fn, "pad", pad, (torch.int64, torch.int32), dim=1)
+            if start or pad.shape[0] != B or bool((pad < 0).any() | (pad >= T).any()):
+                raise ValueError(f"{fn}: pad is given with the prompt (the first call after "
+                                 f"reset), one count per row in [0, T = {T}), got "
+                                 f"{pad.tolist()} with {start} tokens cached")
+            self.pad = pad.to(device=self.keys.device, dtype=torch.int64)
         x = self.embed(ids.to(self.keys.device))
         positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # [B, 1, T, head_dim]
         end = start + T
         # Queries see every cached key and the new ones up to their own position.
         mask = None
-        if T > 1:
+        if self.pad is not None:
+            # A row's positions start at its first real token; its queries see no padding key,
+            # and a padding query sees itself only (a finite, unused result).
+            keys = torch.arange(end, device=x.device)
+            query = positions[0].unsqueeze(1)
+            mask = (keys <= query) & (keys >= self.pad.view(B, 1, 1)) | (keys == query)
+            mask = mask.unsqueeze(1)  # [B, 1, T, end]
+            positions = (positions - self.pad.unsqueeze(1)).clamp(min=0)
+        elif T > 1:
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # [B, 1, T, head_dim]
         for i, parts in enumerate(self.layers):
             h = parts["input_layernorm"](x)
             q = parts["self_attn.q_proj"](h).view(B, T, self.heads, self.head_dim).transpose(1, 2)

@@ -19,64 +19,98 @@ FLOAT32_TINY = torch.finfo(torch.float32).tiny
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+DEFAULT_GAMMA = 1.0  # absmax/absmean clipping ratio when neither Encoding nor calibration gives one
+GAMMA_MODES = ("absmax", "absmean")
+
+
 @dataclass(frozen=True)
 class Encoding:
-    """How activations become spikes.
+    """How activations become spikes (docs/ops.md, "The Python API").
 
     mode: ``"minmax"`` (unsigned, per-token min/max), ``"absmax"`` / ``"absmean"`` (signed,
         symmetric: bidirectional spikes), ``"static"`` (caller-given scale, and zero for unsigned
         codes), ``"oat"`` (LAS outlier-aware two-range neuron).
-    bits: code bits; for signed modes one of them is the sign, so P = bits - 1 planes.
-    gamma: membrane clipping ratio in (0, 1] of absmax/absmean.
-    salient_bits: bits of salient channels (Optimal Brain Spiking) when ``encode`` gets a
-        ``salient_mask``; must exceed ``bits``.
-    theta: ``(theta_nor, theta_out)`` thresholds of ``"oat"``.
-    planes: number of planes P of ``"oat"`` (LAS uses 16).
+    bits: code bits; for absmax/absmean one of them is the sign, so P = bits - 1 planes; for oat
+        bits is the plane count P (the sign is a field of its own there).
+    gamma: membrane clipping ratio in (0, 1] of absmax/absmean (refused for other modes). None:
+        the layer's calibrated gamma where a calibration gives one, else 1.0.
+    salient_bits: bits of salient channels (Optimal Brain Spiking); must exceed ``bits``, and
+        every use needs a ``salient_mask`` (from a calibration): without one it is refused.
+    theta: ``(theta_nor, theta_out)`` thresholds of ``"oat"``. None: the layer's calibrated
+        thresholds; encoding without them is refused.
     """
 
     mode: str = "minmax"
     bits: int = 4
-    gamma: float = 1.0
+    gamma: Optional[float] = None
     salient_bits: Optional[int] = None
     theta: Optional[Tuple[float, float]] = None
-    planes: int = 16
 
     def __post_init__(self):
         fn = "Encoding"
         _checks.choice(fn, "mode", self.mode, ops.MODES)
-        _checks.integer(fn, "bits", self.bits, 2 if self.mode in ("absmax", "absmean") else 1,
-                        MAX_PLANES)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
-            raise TypeError(f"{fn}: gamma must be a float, got {type(self.gamma).__name__}")
-        if not (math.isfinite(self.gamma) and 0.0 < self.gamma <= 1.0):
-            raise ValueError(f"{fn}: gamma must be in (0, 1], got {self.gamma}")
+        _checks.integer(fn, "bits", self.bits, 2 if self.mode in GAMMA_MODES else 1, MAX_PLANES)
+        if self.gamma is not None:
+            if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+                raise TypeError(f"{fn}: gamma must be a float or None, got "
+                                f"{type(self.gamma).__name__}")
+            if not (math.isfinite(self.gamma) and 0.0 < self.gamma <= 1.0):
+                raise ValueError(f"{fn}: gamma must be in (0, 1], got {self.gamma}")
+            if self.mode not in GAMMA_MODES:
+                raise ValueError(f"{fn}: gamma is only used by modes {GAMMA_MODES}, got "
+                                 f"gamma={self.gamma} with mode {self.mode!r}")
         if self.salient_bits is not None:
             if self.mode not in SALIENT_MODES:
                 raise ValueError(f"{fn}: salient_bits combines with modes {SALIENT_MODES}, "
                                  f"got mode {self.mode!r}")
             _checks.integer(fn, "salient_bits", self.salient_bits, self.bits + 1, MAX_PLANES)
-        if self.mode == "oat":
-            _checks.integer(fn, "planes", self.planes, 1, MAX_PLANES)
+        if self.mode == "oat" and self.theta is not None:
             theta = self.theta
             if (not isinstance(theta, (tuple, list)) or len(theta) != 2
-                    or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in theta)):
-                raise TypeError(f"{fn}: mode 'oat' needs theta = (theta_nor, theta_out), two "
+                    or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                               for t in theta)):
+                raise TypeError(f"{fn}: theta must be None or (theta_nor, theta_out), two "
                                 f"floats, got {theta!r}")
-            if not (math.isfinite(theta[0]) and math.isfinite(theta[1]) and 0 < theta[0] < theta[1]):
-                raise ValueError(f"{fn}: theta must satisfy 0 < theta_nor < theta_out, got {tuple(theta)}")
-            # The stored scale theta_r / 2^planes must be a normal float32, or codes decode to 0.
-            if theta[0] / 2 ** self.planes < FLOAT32_TINY or theta[1] > FLOAT32_MAX:
-                raise ValueError(f"{fn}: theta / 2^planes must be a normal float32 (theta_nor >= "
-                                 f"{FLOAT32_TINY * 2 ** self.planes:.3g} for {self.planes} planes, "
+            if not (math.isfinite(theta[0]) and math.isfinite(theta[1])
+                    and 0 < theta[0] < theta[1]):
+                raise ValueError(f"{fn}: theta must satisfy 0 < theta_nor < theta_out, got "
+                                 f"{tuple(theta)}")
+            # The stored scale theta_r / 2^P must be a normal float32, or codes decode to 0.
+            if theta[0] / 2 ** self.bits < FLOAT32_TINY or theta[1] > FLOAT32_MAX:
+                raise ValueError(f"{fn}: theta / 2^bits must be a normal float32 (theta_nor >= "
+                                 f"{FLOAT32_TINY * 2 ** self.bits:.3g} for {self.bits} planes, "
                                  f"theta_out <= {FLOAT32_MAX:.3g}), got {tuple(theta)}")
         elif self.theta is not None:
             raise ValueError(f"{fn}: theta is only used by mode 'oat', got theta={self.theta!r} "
                              f"with mode {self.mode!r}")
 
     @property
-    def op_bits(self) -> int:
-        """The ``bits`` argument of ``gif_encode``: the plane count for oat, else ``bits``."""
-        return self.planes if self.mode == "oat" else self.bits
+    def label(self) -> str:
+        """The command line's name of the encoding: ``minmax4``, ``absmax4+s6``, ``oat8``
+        (gamma and theta, often calibrated per layer, are not part of it)."""
+        return f"{self.mode}{self.bits}" + (f"+s{self.salient_bits}" if self.salient_bits else "")
+
+
+def check_usable(fn: str, enc: Encoding, salient_mask) -> None:
+    """What an Encoding needs to encode, beyond itself: oat's thresholds and, for salient_bits,
+    a mask (a calibration supplies both; without them the encoding is refused, not changed)."""
+    if enc.mode == "oat" and enc.theta is None:
+        raise ValueError(f"{fn}: mode 'oat' needs theta = (theta_nor, theta_out): give it, or "
+                         f"set the encoding with a calibration (spikeops calibrate), got "
+                         f"theta=None")
+    if enc.salient_bits is not None and salient_mask is None:
+        raise ValueError(f"{fn}: salient_bits={enc.salient_bits} needs a salient_mask (from a "
+                         f"calibration's OBS masks), got none; without one the salient "
+                         f"channels would silently use {enc.bits} bits")
+
+
+def spike_slots(enc: Optional[Encoding], planes: int, elements: int,
+                salient_elements: int) -> int:
+    """Spike slots of ``elements`` encoded elements: each contributes its own plane count.
+    ``planes`` is the largest (the SpikeTensor's P); salient encodings give the
+    ``elements - salient_elements`` ordinary ones ``salient_bits - bits`` planes fewer."""
+    fewer = enc.salient_bits - enc.bits if enc is not None and enc.salient_bits else 0
+    return elements * planes - (elements - salient_elements) * fewer
 
 
 class SpikeTensor(NamedTuple):
@@ -123,10 +157,23 @@ class SpikeTensor(NamedTuple):
         spike in any plane) and all-zero 32-channel words (``ops.spike_stats``)."""
         return ops.spike_stats(self.planes, self.sign)
 
-    def firing_rate(self) -> float:
-        """Spikes / (M * K * P), the fraction of possible events that fired (docs/ops.md)."""
-        M, K, P = self.planes.shape[1], self.shape[-1], self.planes.shape[0]
-        total = M * K * P
+    def firing_rate(self, enc: Optional[Encoding] = None) -> float:
+        """Spikes / spike slots, the fraction of possible events that fired (docs/energy.md):
+        each element counts its own planes, so salient channels count ``salient_bits``. Spikes
+        with a range bit (``hi``) need the ``enc`` they were encoded with to tell salient
+        channels (more planes) from the ranges of oat (the same planes)."""
+        fn = "SpikeTensor.firing_rate"
+        if enc is not None and not isinstance(enc, Encoding):
+            raise TypeError(f"{fn}: enc must be a spikeops.Encoding or None, got "
+                            f"{type(enc).__name__}")
+        if self.hi is not None and enc is None:
+            raise ValueError(f"{fn}: spikes with a range bit (hi) need enc, the Encoding they "
+                             f"were made with, got None")
+        M, K = self.planes.shape[1], self.shape[-1]
+        salient = 0
+        if enc is not None and enc.salient_bits and self.hi is not None:
+            salient = int(ops.spike_counts(self.hi.unsqueeze(0), None, False).sum())
+        total = spike_slots(enc, self.num_planes, M * K, salient)
         return float(self.counts().sum()) / total if total else 0.0
 
 
@@ -134,8 +181,8 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
            scale=None, zero=None) -> SpikeTensor:
     """Encode ``x [..., K]`` into a SpikeTensor.
 
-    salient_mask: bool ``[K]``, channels coded with ``enc.salient_bits`` in range 1 (needs
-        ``enc.salient_bits``; without a mask every channel uses ``enc.bits``).
+    salient_mask: bool ``[K]``, channels coded with ``enc.salient_bits`` in range 1; needed
+        exactly when ``enc.salient_bits`` is set.
     scale, zero: mode ``"static"`` only: a scale (float or tensor, one per token or a scalar) and,
         for unsigned codes, a zero point (int or int tensor, likewise); no zero = signed codes.
     """
@@ -154,6 +201,7 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
         if enc.salient_bits is None:
             raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits, got "
                              f"salient_bits=None (mode {enc.mode!r})")
+    check_usable(fn, enc, salient_mask)
     if enc.mode == "static":
         if scale is None:
             raise ValueError(f"{fn}: mode 'static' needs scale (a float, or a tensor of shape "
@@ -181,7 +229,8 @@ def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.
     """``ops.gif_encode`` of ``rows [M, K]`` under ``enc``: the op's five tensors, absent ones
     empty, unchecked beyond what the op checks. ``encode`` and ``SpikeLinear`` call it."""
     theta = enc.theta or (0.0, 0.0)
-    return ops.gif_encode(rows, enc.mode, enc.op_bits, enc.gamma, salient_mask,
+    gamma = DEFAULT_GAMMA if enc.gamma is None else enc.gamma
+    return ops.gif_encode(rows, enc.mode, enc.bits, gamma, salient_mask,
                           enc.salient_bits if salient_mask is not None else 0, scale, zero,
                           theta[0], theta[1])
 

@@ -15,8 +15,17 @@ All four come from one fused pass over the spike words per layer call (``SpikeTe
 op ``spike_stats``), added in place into the layer's accumulator: two small ops per call, which
 keeps tracking cheap at decode, where every call carries one token.
 
-Derived: firing rate = spikes / (M * K * P); SOPs (synaptic operations, one addition of an
-integer weight per spike and output) = spikes * N; dense-equivalent MACs = M * K * N.
+Derived: firing rate = spikes / spike slots, where each element counts its own plane count
+(M * K * P for one plane count; salient channels have ``salient_bits - bits`` planes more than
+the others); SOPs (synaptic operations, one addition of an integer weight per spike and output)
+= spikes * N; dense-equivalent MACs = M * K * N.
+
+Scope: all of this covers the SpikeLinear projections (seven per decoder layer). ``whole_model``
+adds what a LLaMA-architecture model computes densely in either case, counted through hooks on
+its rotary embedding and ``lm_head``: attention (2 * heads * head_dim MACs per causal
+query-key pair and layer: scores and weighted values) and ``lm_head`` (tokens * hidden *
+vocabulary). Norms, SiLU, rotary and the online rotation are elementwise or small and not
+counted.
 
 Energy model (``EnergyModel``, per-operation energies in pJ). Per layer:
 
@@ -60,6 +69,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .nn import SpikeLinear
+from .spikes import spike_slots
 
 __all__ = ["EnergyModel", "PRESETS", "LayerStats", "Tracker", "track"]
 
@@ -122,6 +132,8 @@ class LayerStats:
     silent_channels: int
     zero_words: int
     words: int
+    slots: int       # spike slots: over tokens and channels, each element's own plane count
+    encodings: List[str]  # labels of the encodings it ran (Encoding.label)
 
     @property
     def spikes(self) -> int:
@@ -133,8 +145,8 @@ class LayerStats:
 
     @property
     def firing_rate(self) -> float:
-        slots = self.tokens * self.K * self.P
-        return self.spikes / slots if slots else 0.0
+        """Spikes / spike slots (each element counting its own planes)."""
+        return self.spikes / self.slots if self.slots else 0.0
 
     @property
     def silent_fraction(self) -> float:
@@ -186,14 +198,19 @@ class _Acc:
     """Device-side accumulators of one layer: one ``spike_stats`` result per plane count P
     (P only changes if the encoding is changed while tracking), added in place."""
 
-    __slots__ = ("calls", "tokens", "words", "K", "N", "groups", "ranges", "signed", "stats")
+    __slots__ = ("calls", "tokens", "words", "K", "N", "groups", "ranges", "signed", "stats",
+                 "slots", "encodings", "_seen")
 
     def __init__(self, layer: SpikeLinear):
-        self.calls = self.tokens = self.words = self.ranges = 0
+        self.calls = self.tokens = self.words = self.ranges = self.slots = 0
         self.K, self.N = layer.in_features, layer.out_features
         self.groups = layer.scales.shape[0]
         self.signed = False
         self.stats: Dict[int, torch.Tensor] = {}
+        self.encodings: List[str] = []
+        # (encoding, salient mask, spike slots per token) of the last call: recomputed, with
+        # one sync for a mask's channel count, only when the layer's encoding changes.
+        self._seen = (None, None, 0)
 
     def observe(self, layer: SpikeLinear, st) -> None:
         # The per-call cost matters at decode (one token per call): one fused op and one add.
@@ -203,6 +220,13 @@ class _Acc:
         self.words += M * W
         self.ranges = max(self.ranges, st.scale.shape[1])
         self.signed |= st.sign is not None
+        enc, mask = layer.enc, layer.salient_mask
+        if self._seen[0] is not enc or self._seen[1] is not mask:
+            salient = int(mask.sum()) if mask is not None else 0
+            self._seen = (enc, mask, spike_slots(enc, P, self.K, salient))
+            if enc.label not in self.encodings:
+                self.encodings.append(enc.label)
+        self.slots += M * self._seen[2]
         value = st.stats()
         acc = self.stats.get(P)
         if acc is None:
@@ -223,7 +247,8 @@ class _Acc:
             zero_words += v[2 * p + 1]
         return LayerStats(name, layer_type(name), self.calls, self.tokens, self.K, self.N, P,
                           self.groups, self.ranges, spikes, negative if self.signed else None,
-                          self.tokens * self.K - fired, zero_words, self.words)
+                          self.tokens * self.K - fired, zero_words, self.words, self.slots,
+                          list(self.encodings))
 
 
 class Tracker:
@@ -237,6 +262,10 @@ class Tracker:
         self._layers = spike_layers(model)
         self._acc: Dict[str, _Acc] = {}
         self._active = False
+        self._dense = _dense_parts(model)
+        self._handles: list = []
+        self._pairs: Optional[torch.Tensor] = None  # causal query-key pairs, on the device
+        self._head_rows = 0                          # tokens through lm_head
 
     def __enter__(self) -> "Tracker":
         busy = [n for n, m in self._layers.items() if m.observer is not None]
@@ -247,14 +276,34 @@ class Tracker:
         self._acc = {name: _Acc(layer) for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.observer = self._acc[name].observe
+        self._pairs, self._head_rows = None, 0
+        if self._dense is not None:
+            rotary, lm_head, _ = self._dense
+            self._handles = [rotary.register_forward_pre_hook(self._count_pairs, with_kwargs=True),
+                             lm_head.register_forward_pre_hook(self._count_head)]
         self._active = True
         return self
 
     def __exit__(self, *exc) -> bool:
         for layer in self._layers.values():
             layer.observer = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._active = False
         return False
+
+    def _count_pairs(self, _module, args, kwargs) -> None:
+        # Called once per forward with the positions of its queries (transformers' forward and
+        # the Runner alike): a query at position p attends to p + 1 keys. transformers passes
+        # one row of positions for the whole batch.
+        x = args[0] if args else kwargs["x"]
+        positions = args[1] if len(args) > 1 else kwargs["position_ids"]
+        pairs = (positions + 1).sum() * (x.shape[0] // positions.shape[0])
+        self._pairs = pairs if self._pairs is None else self._pairs + pairs
+
+    def _count_head(self, _module, args) -> None:
+        self._head_rows += args[0].numel() // args[0].shape[-1]
 
     # ---- results (these synchronize with the device) ----
 
@@ -265,7 +314,7 @@ class Tracker:
     @staticmethod
     def _sum(rows: List[LayerStats], label: str) -> dict:
         spikes = sum(r.spikes for r in rows)
-        slots = sum(r.tokens * r.K * r.P for r in rows)
+        slots = sum(r.slots for r in rows)
         out = {"name": label, "layers": len(rows), "spikes": spikes,
                "firing_rate": spikes / slots if slots else 0.0,
                "silent_fraction": (sum(r.silent_channels for r in rows) /
@@ -279,7 +328,49 @@ class Tracker:
         return out
 
     def totals(self) -> dict:
+        """Sums over the SpikeLinear projections that ran on spikes (not the whole model:
+        ``whole_model``)."""
         return self._sum(self.layers(), "all")
+
+    def whole_model(self) -> Optional[dict]:
+        """The projections' energy plus what the model computes densely in either case
+        (module docstring): ``{"dense_macs": {"attention": ..., "lm_head": ...}, "energy_pj":
+        {...}}``, each energy the projections' one plus these MACs at the preset's MAC energy
+        (45nm keys: float32 MACs, int8 keys: int8 MACs). None for a model that is not a
+        LLaMA-architecture causal LM (no attention or lm_head to count)."""
+        if self._dense is None:
+            return None
+        _, lm_head, per_pair = self._dense
+        macs = {"attention": int(self._pairs if self._pairs is not None else 0) * per_pair,
+                "lm_head": self._head_rows * lm_head.in_features * lm_head.out_features}
+        dense = sum(macs.values())
+        projections = self.totals()["energy_pj"]
+        # Each key ends in its preset: spike_45nm, dense_float_45nm, spike_int8, dense_int8.
+        energy = {key: projections[key] + dense * PRESETS[key.rsplit("_", 1)[1]].mac_pj
+                  for key in projections}
+        return {"dense_macs": macs, "energy_pj": energy}
+
+    def energy(self) -> dict:
+        """Energy in pJ of what was tracked: ``projections`` (the SpikeLinear layers),
+        ``model`` (``whole_model``'s, None when not available) and its ``dense_macs``."""
+        whole = self.whole_model()
+        return {"projections": self.totals()["energy_pj"],
+                "model": whole["energy_pj"] if whole else None,
+                "dense_macs": whole["dense_macs"] if whole else None}
+
+    def encoding_label(self) -> str:
+        """The encodings the layers ran (``Encoding.label``): ``absmax4``, or per layer type,
+        e.g. ``down: minmax8; q, k, v, o, gate, up: absmax4``."""
+        labels: Dict[str, List[str]] = {}
+        for r in self.layers():
+            kept = labels.setdefault(r.type, [])
+            kept += [e for e in r.encodings if e not in kept]
+        names = {t: "/".join(v) for t, v in labels.items()}
+        distinct = list(dict.fromkeys(names.values()))
+        if len(distinct) == 1:
+            return distinct[0]
+        return "; ".join(", ".join(t for t in names if names[t] == d) + f": {d}"
+                         for d in distinct)
 
     def by_type(self) -> Dict[str, dict]:
         """Sums per layer type (q, k, v, o, gate, up, down, ...)."""
@@ -289,19 +380,26 @@ class Tracker:
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps({"energy_models": {k: asdict(v) for k, v in PRESETS.items()},
-                           "totals": self.totals(), "by_type": self.by_type(),
+                           "encoding": self.encoding_label(), "totals": self.totals(),
+                           "whole_model": self.whole_model(), "by_type": self.by_type(),
                            "layers": [r.as_dict() for r in self.layers()]}, indent=indent)
 
     def summary(self) -> str:
-        """One line: firing rate, SOPs/MACs and the energy ratios."""
+        """Firing rate, SOPs/MACs and the energies of the projections, then of the whole model
+        when it can be counted, each line saying what it covers."""
         t = self.totals()
-        e = t["energy_pj"]
         ratio = t["sops"] / t["macs"] if t["macs"] else 0.0
-        return (f"firing rate {t['firing_rate']:.4f}, SOPs/MACs {ratio:.3f}; energy (pJ-model, "
-                f"arithmetic only): spiking {e['spike_45nm'] / 1e6:.3f} uJ vs dense float "
-                f"{e['dense_float_45nm'] / 1e6:.3f} uJ (45nm, x{_ratio(e['dense_float_45nm'], e['spike_45nm'])}); "
-                f"spiking {e['spike_int8'] / 1e6:.3f} uJ vs dense int8 "
-                f"{e['dense_int8'] / 1e6:.3f} uJ (int8, x{_ratio(e['dense_int8'], e['spike_int8'])})")
+        whole = self.whole_model()
+        lines = [f"{t['layers']} projections (SpikeLinear) on {self.encoding_label()}: firing "
+                 f"rate {t['firing_rate']:.4f}, SOPs/MACs {ratio:.3f}; energy (arithmetic only, "
+                 f"docs/energy.md) {_energies(t['energy_pj'])}"]
+        if whole is None:
+            lines.append("(attention and lm_head not counted: not a LLaMA-architecture model)")
+        else:
+            lines.append(f"whole model (+ attention and lm_head as dense MACs, "
+                         f"{sum(whole['dense_macs'].values()) / 1e6:.1f}M): "
+                         f"{_energies(whole['energy_pj'])}")
+        return "\n".join(lines)
 
     def table(self) -> str:
         """Per-layer table, per-type summary and totals as text."""
@@ -328,12 +426,14 @@ class Tracker:
             lines.append(f"{d['name']:8} {d['layers']:>6} {d['firing_rate']:>7.4f} "
                          f"{d['silent_fraction']:>7.3f} {d['zero_word_fraction']:>7.3f} "
                          f"{d['sops'] / max(1, d['macs']):>8.3f} {energy(d)}")
-        lines += ["", "rate = spikes / (tokens*K*P); neg = negative share of spikes; silent = "
+        lines += ["", "rate = spikes / spike slots (tokens*K*P; salient channels count their own "
+                      "planes); neg = negative share of spikes; silent = "
                       "channels with no spike in any plane, per token; 0words = 32-channel spike "
                       "words with no spike (skipped);",
-                  "energies in uJ (arithmetic only, see docs/energy.md): E spk45 / E spk8 = "
-                  "spiking run with 45nm / int8 constants, E fp32 = dense float32 MACs, "
-                  "E int8 = dense int8 MACs.", "", self.summary()]
+                  "energies in uJ of the projections (arithmetic only, see docs/energy.md): "
+                  "E spk45 / E spk8 = spiking run with 45nm / int8 constants, E fp32 = dense "
+                  "float32 MACs, E int8 = dense int8 MACs; the whole model is below.", "",
+                  self.summary()]
         return "\n".join(lines)
 
     def plot(self, folder) -> List[str]:
@@ -344,6 +444,7 @@ class Tracker:
         import matplotlib.pyplot as plt
         os.makedirs(folder, exist_ok=True)
         rows = self.layers()
+        label = self.encoding_label()
         paths = []
 
         def save(fig, ax, name, legend=True):
@@ -368,7 +469,7 @@ class Tracker:
         ax.set_yticks(range(0, len(blocks), step), blocks[::step], fontsize=7)
         ax.set_xlabel("projection")
         ax.set_ylabel("decoder layer")
-        ax.set_title("Firing rate = spikes / (tokens·K·P)")
+        ax.set_title(f"{label}: firing rate = spikes / spike slots")
         fig.colorbar(image, ax=ax)
         ax.grid(False)
         fig.tight_layout()
@@ -390,7 +491,7 @@ class Tracker:
             ax.bar([p + i * width for p in range(P)], counts, width, label=t)
         ax.set_xticks([p + 0.4 - width / 2 for p in range(P)], [f"p={p} (2^{p})" for p in range(P)])
         ax.set_ylabel("spikes")
-        ax.set_title("Spikes per plane, by layer type")
+        ax.set_title(f"{label}: spikes per plane, by layer type")
         save(fig, ax, "planes.png")
 
         fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -398,19 +499,44 @@ class Tracker:
         keys = [("spike_45nm", "spiking (45nm: fp32 add)"), ("dense_float_45nm", "dense fp32 MAC"),
                 ("spike_int8", "spiking (int8 add)"), ("dense_int8", "dense int8 MAC")]
         width = 0.2
-        for i, (k, label) in enumerate(keys):
+        for i, (k, name) in enumerate(keys):
             ax.bar([g + i * width for g in range(len(groups))],
-                   [d["energy_pj"][k] / 1e6 for d in groups], width, label=label)
+                   [d["energy_pj"][k] / 1e6 for d in groups], width, label=name)
         ax.set_xticks([g + 1.5 * width for g in range(len(groups))], [d["name"] for d in groups])
         ax.set_yscale("log")
         ax.set_ylabel("energy (uJ, arithmetic only, log scale)")
-        ax.set_title("Energy: spiking vs dense float vs dense int8, per layer type")
+        ax.set_title(f"{label}: energy of the projections, spiking vs dense float vs int8")
         save(fig, ax, "energy.png")
         return paths
 
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "-"
+
+
+def _energies(e: dict) -> str:
+    fp32, int8 = _ratio(e["dense_float_45nm"], e["spike_45nm"]), _ratio(e["dense_int8"],
+                                                                        e["spike_int8"])
+    return (f"spiking {e['spike_45nm'] / 1e6:.3f} uJ vs dense float "
+            f"{e['dense_float_45nm'] / 1e6:.3f} uJ (45nm, x{fp32}); spiking "
+            f"{e['spike_int8'] / 1e6:.3f} uJ vs dense int8 {e['dense_int8'] / 1e6:.3f} uJ "
+            f"(int8, x{int8})")
+
+
+def _dense_parts(model: torch.nn.Module):
+    """``(rotary embedding, lm_head, attention MACs per causal query-key pair over all layers)``
+    of a LLaMA-architecture causal LM, whose forwards ``whole_model`` counts; else None."""
+    from .architecture import decoder_layers, head_dim_of
+    try:
+        layers = decoder_layers("track", model)
+    except ValueError:
+        return None
+    rotary = getattr(model.model, "rotary_emb", None)
+    lm_head = getattr(model, "lm_head", None)
+    if rotary is None or not isinstance(lm_head, torch.nn.Linear):
+        return None
+    config = model.config
+    return rotary, lm_head, len(layers) * 2 * config.num_attention_heads * head_dim_of(config)
 
 
 def track(model: torch.nn.Module) -> Tracker:

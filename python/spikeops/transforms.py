@@ -102,6 +102,17 @@ class OnlineRotation:
         return f"OnlineRotation(width={self.blocks * self.n}, blocks={self.blocks}, n={self.n})"
 
 
+def online_rotation(module: torch.nn.Module) -> Optional[OnlineRotation]:
+    """The OnlineRotation a module's forward pre-hook applies to its input (a rotated model's
+    ``down_proj``), or None. ``module(x)`` rotates x first; ``module.forward(x)`` runs the
+    projection alone, e.g. on inputs captured after the rotation (docs/transforms.md)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"online_rotation: module must be a torch.nn.Module, got "
+                        f"{type(module).__name__}")
+    return next((h for h in module._forward_pre_hooks.values()
+                 if isinstance(h, OnlineRotation)), None)
+
+
 # ---------------------------------------------------------------------------- applying
 def transform(model: torch.nn.Module, kind: str, batches: Optional[Iterable[torch.Tensor]] = None,
               seed: int = 0, alphas: Iterable[float] = ALPHAS) -> dict:
@@ -154,7 +165,7 @@ def restore_online(model: torch.nn.Module, record: Optional[dict],
         return
     for layer in decoder_layers(fn, model):
         down = layer.mlp.down_proj
-        if not any(isinstance(h, OnlineRotation) for h in down._forward_pre_hooks.values()):
+        if online_rotation(down) is None:
             down.register_forward_pre_hook(rotation)
 
 
