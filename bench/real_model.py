@@ -45,7 +45,8 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     (logits of the last token only, as generation needs), then the median of 7 runs of 8 decode
     steps after them.
     HF rows run transformers' forward; the spikeops rows, and the float model once more, run
-    ``spikeops.runner.Runner``, the lean forward ``generate`` uses."""
+    ``spikeops.runner.Runner``, the lean forward ``generate`` uses; each spiking encoding also
+    with the bfloat16 ``lm_head`` (``Runner(head_dtype=torch.bfloat16)``)."""
     import torch
     from spikeops import Encoding, load_gptq
     from spikeops.__main__ import _calibration, parse_encoding
@@ -58,10 +59,10 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), tok)[None, :257]
     steps, runs, rows = 8, 7, []
 
-    def measure(name, model, lean):
+    def measure(name, model, lean, head_dtype=None):
         with torch.no_grad():
             if lean:
-                runner = Runner(model, 256 + steps * (runs + 1))
+                runner = Runner(model, 256 + steps * (runs + 1), head_dtype=head_dtype)
 
                 def prefill():
                     runner.reset()
@@ -85,6 +86,9 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
         set_encoding(model, parse_encoding(spec, calibration), calibration)
         label = spec if spec != "none" else "float activations"
         measure(f"spikeops W4 {label}, Runner", model, lean=True)
+        if spec != "none":
+            measure(f"spikeops W4 {label}, Runner, bfloat16 lm_head", model, lean=True,
+                    head_dtype=torch.bfloat16)
     return rows
 
 

@@ -111,3 +111,24 @@ def test_rejects(gqa_model):
     sliding.config.sliding_window = 4
     with pytest.raises(ValueError, match="full attention"):
         Runner(sliding, 8)
+
+
+def test_head_dtype_runs_lm_head_in_that_dtype(gqa_model, model):
+    """head_dtype=bfloat16: the final hidden state (transformers' own, bit for bit) times the
+    bfloat16 copy of lm_head's weight, as F.linear computes it in bfloat16."""
+    import torch.nn.functional as F
+    ids = torch.randint(0, 97, (2, 7))
+    fast = Runner(gqa_model, 7, batch=2, head_dtype=torch.bfloat16)(ids)
+    with torch.no_grad():
+        hidden = gqa_model.model(input_ids=ids).last_hidden_state
+        expected = F.linear(hidden.bfloat16(), gqa_model.lm_head.weight.bfloat16()).float()
+    assert fast.dtype == torch.float32 and torch.equal(fast, expected)
+    torch.testing.assert_close(fast, runner_full(gqa_model, ids), rtol=0.05, atol=0.05)
+    prompt = torch.randint(0, 256, (6,))
+    assert generate(model, prompt, 3, head_dtype=torch.bfloat16).shape == (3,)
+    with pytest.raises(TypeError, match="head_dtype"):
+        Runner(gqa_model, 7, head_dtype=torch.int8)
+    qwen = LlamaForCausalLM(gqa_model.config)
+    qwen.config.model_type = "qwen3"
+    with pytest.raises(ValueError, match="generate: head_dtype needs a model the Runner runs"):
+        generate(qwen, prompt.remainder(97), 1, head_dtype=torch.bfloat16)

@@ -167,7 +167,8 @@ _CACHE_ARG: dict = {}
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
-             top_k: Optional[int] = None, seed: int = 0, stop=(), lengths=None):
+             top_k: Optional[int] = None, seed: int = 0, stop=(), lengths=None,
+             head_dtype: Optional[torch.dtype] = None):
     """Continue prompts by ``max_new_tokens`` tokens: greedy when ``temperature`` is 0, else
     sampled from softmax(logits / temperature), optionally restricted to the ``top_k`` most
     likely tokens; a token of ``stop`` ends a prompt's continuation (and is not returned).
@@ -180,7 +181,10 @@ def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
     Uses a key-value cache: ``spikeops.runner.Runner`` for LLaMA-architecture models, which
     runs a batch as one, left-padded (a row's greedy continuation equals its single-prompt
     one); other models run transformers' forward, one prompt at a time. Sampling draws the
-    rows' tokens from one generator in row order, so a sampled row depends on its batch."""
+    rows' tokens from one generator in row order, so a sampled row depends on its batch.
+    head_dtype: the Runner's ``lm_head`` dtype (None: the model's own; ``torch.bfloat16`` is
+    faster on the CPU, with other rounding: ``spikeops.runner.Runner``); refused for models the
+    Runner does not run."""
     fn = "generate"
     rows = _prompts(fn, prompt, lengths)
     _checks.integer(fn, "max_new_tokens", max_new_tokens, 0, 1 << 20)
@@ -199,7 +203,7 @@ def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
                          f"(max_position_embeddings)")
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
     pad = [longest - r.shape[0] for r in rows]
-    step = _stepper(model, longest + max_new_tokens, pad)
+    step = _stepper(fn, model, longest + max_new_tokens, pad, head_dtype)
     if step is None:  # a batch without the Runner: one prompt at a time
         return [generate(model, r, max_new_tokens, temperature, top_k, seed, stop)
                 for r in rows]
@@ -270,14 +274,18 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
 
 
-def _stepper(model, max_len: int, pad: List[int]):
+def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype=None):
     """``step(ids) -> logits`` continuing ``len(pad)`` sequences whose prompts carry ``pad``
     left-padding tokens: the lean ``Runner`` for LLaMA-architecture models (the same logits,
     faster), else transformers' forward with its cache for one sequence, else None."""
-    from .runner import Runner
+    from .runner import HEAD_DTYPES, Runner
+    if head_dtype is not None:
+        _checks.dtype(fn, "head_dtype", head_dtype, HEAD_DTYPES)
     try:
-        runner = Runner(model, max_len, batch=len(pad))
-    except ValueError:
+        runner = Runner(model, max_len, batch=len(pad), head_dtype=head_dtype)
+    except ValueError as e:
+        if head_dtype is not None:
+            raise ValueError(f"{fn}: head_dtype needs a model the Runner runs: {e}") from e
         runner = None
     if runner is not None:
         padding = torch.tensor(pad) if any(pad) else None

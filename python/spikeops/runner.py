@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import _checks
 from .architecture import check_supported, head_dim_of
 
+HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The per-layer modules a Runner calls, as attribute paths of a decoder layer.
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj",
                 "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -45,6 +46,14 @@ class Runner:
     ``reset()`` starts new sequences. The key-value cache is preallocated in the dtype and on
     the device of the model's embedding.
 
+    ``head_dtype``: None runs ``lm_head`` as the model's module (logits equal transformers'); a
+    dtype (``torch.bfloat16``) runs it on a copy of its weight in that dtype, with the hidden
+    state rounded to it, accumulated as the matrix product of that dtype does, the logits
+    returned as float32. On the CPU the float32 head of a small model is most of a decode step
+    (SmolLM2-135M: 49,152 x 576 floats, 113 MB read per token); bfloat16 reads half and runs
+    on the CPU's bfloat16 dot products (docs/performance.md, "Whole model on the CPU"). Its
+    logits differ from float32's by bfloat16 rounding; greedy tokens can differ.
+
     Prompts of different lengths are left-padded: ``runner(ids, pad=pad)`` on the prompt call,
     ``pad`` int ``[batch]`` the number of padding tokens that start each row. Until ``reset()``
     a row's positions count from its first real token and no query attends to a padding key,
@@ -52,7 +61,8 @@ class Runner:
     then sums over more masked keys).
     """
 
-    def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1):
+    def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1,
+                 head_dtype: Optional[torch.dtype] = None):
         fn = "Runner"
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -63,6 +73,15 @@ class Runner:
         self.norm = _part(fn, model, "model.norm")
         self.rotary = _part(fn, model, "model.rotary_emb")
         self.lm_head = _part(fn, model, "lm_head")
+        self.head_weight = self.head_bias = None
+        if head_dtype is not None:
+            _checks.dtype(fn, "head_dtype", head_dtype, HEAD_DTYPES)
+            if not isinstance(self.lm_head, torch.nn.Linear):
+                raise ValueError(f"{fn}: head_dtype needs lm_head to be a torch.nn.Linear, got "
+                                 f"{type(self.lm_head).__name__}")
+            self.head_weight = self.lm_head.weight.detach().to(head_dtype)
+            if self.lm_head.bias is not None:
+                self.head_bias = self.lm_head.bias.detach().to(head_dtype)
         layers = _part(fn, model, "model.layers")
         config = model.config
         for name in ("num_attention_heads", "num_key_value_heads", "hidden_size"):
@@ -145,7 +164,10 @@ class Runner:
         self.length = end
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        h = self.norm(x)
+        if self.head_weight is None:
+            return self.lm_head(h).float()
+        return F.linear(h.to(self.head_weight.dtype), self.head_weight, self.head_bias).float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
