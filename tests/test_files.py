@@ -188,10 +188,45 @@ def test_stale_temporary_folders_are_removed(tmp_path):
     dead = tmp_path / ".model.tmp-999999999-abc"      # its writer was killed
     mine = tmp_path / f".model.tmp-{os.getpid()}-xyz"  # a writer still running
     other = tmp_path / ".modelx.tmp-999999999-abc"    # another folder's
-    for d in (dead, mine, other):
+    young = tmp_path / ".model.tmp-999999998-new"    # a dead pid, but just made: may be a
+    for d in (dead, mine, other, young):               # live writer of another pid space
         d.mkdir()
+    for d in (dead, mine, other):
+        os.utime(d, (0, 0))
     checkpoint_of(0, out)
-    assert not dead.exists() and mine.is_dir() and other.is_dir()
+    assert not dead.exists() and mine.is_dir() and other.is_dir() and young.is_dir()
+    # A swap killed between its two renames: the old model goes back where it was.
+    old = tmp_path / ".model.old-999999999-abc"
+    os.replace(out, old)
+    os.utime(old, (0, 0))
+    files.remove_stale(out)
+    assert (out / "config.json").is_file() and not old.exists()
+
+
+def test_a_failed_swap_keeps_the_old_folder_and_modes_follow_the_umask(tmp_path, monkeypatch):
+    folder = checkpoint_of(0, tmp_path / "q")
+    mask = os.umask(0o022)
+    try:
+        checkpoint_of(1, tmp_path / "fresh")
+        (tmp_path / "out.json").write_text("")
+        files.write_file("t", tmp_path / "made.json", lambda tmp: tmp.write_text("{}"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "made.json").stat().st_mode & 0o777 == 0o644
+    before = logits(folder)
+    real, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpoint_of(1, folder)
+    monkeypatch.undo()
+    assert torch.equal(logits(folder), before) and siblings(folder) == []
 
 
 def test_messages_name_the_final_folder(tiny_gguf, tmp_path, monkeypatch):

@@ -125,7 +125,11 @@ def test_head_dtype_runs_lm_head_in_that_dtype(gqa_model, model):
     assert fast.dtype == torch.float32 and torch.equal(fast, expected)
     torch.testing.assert_close(fast, runner_full(gqa_model, ids), rtol=0.05, atol=0.05)
     prompt = torch.randint(0, 256, (6,))
-    assert generate(model, prompt, 3, head_dtype=torch.bfloat16).shape == (3,)
+    with spikeops.track(model) as tracker:  # lm_head's hooks still see the bfloat16 head
+        assert generate(model, prompt, 3, head_dtype=torch.bfloat16).shape == (3,)
+    head = model.lm_head
+    assert tracker.whole_model()["dense_macs"]["lm_head"] == \
+        3 * head.in_features * head.out_features
     with pytest.raises(TypeError, match="head_dtype"):
         Runner(gqa_model, 7, head_dtype=torch.int8)
     qwen = LlamaForCausalLM(gqa_model.config)

@@ -283,7 +283,7 @@ def _parse_one(one: str, spec: str, calibration) -> Optional[Encoding]:
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HEAD_DTYPES = {"model": None, "bfloat16": torch.bfloat16}
+HEAD_DTYPE_CHOICES = {"model": None, "bfloat16": torch.bfloat16}
 
 
 def read_text(path) -> str:
@@ -444,7 +444,7 @@ def cmd_generate(args) -> int:
         raise ValueError("--chat needs a tokenizer with a chat template; this model has none")
     out = generate(model, encode_text(prompt, tokenizer), args.max_new_tokens, args.temperature,
                    args.top_k, args.seed, stop=_stop_tokens(tokenizer) if args.chat else (),
-                   head_dtype=HEAD_DTYPES[args.head_dtype])
+                   head_dtype=HEAD_DTYPE_CHOICES[args.head_dtype])
     text = decode_tokens(out, tokenizer)
     print(text if args.chat else args.prompt + text)
     return 0
@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
-    p.add_argument("--head-dtype", default="model", choices=tuple(HEAD_DTYPES),
+    p.add_argument("--head-dtype", default="model", choices=tuple(HEAD_DTYPE_CHOICES),
                    help="dtype of lm_head: the model's own (transformers' logits), or bfloat16: "
                    "about 3x faster on the CPU, other rounding (spikeops.runner.Runner)")
     dtype_arg(p)

@@ -414,16 +414,20 @@ def freeze(module: torch.nn.Module) -> Dict[str, Union[float, Tuple[float, float
     from .nn import SpikeLinear
     result: Dict[str, Union[float, Tuple[float, float]]] = {}
     layers = _spike_layers(module)
+    # Every value is checked before any layer changes, so a refusal leaves all of them trainable.
+    encodings = {}
     for name, layer in layers.items():
-        clip = layer._parameters.pop("clip", None)
+        clip = layer._parameters.get("clip")
         if clip is not None:
             if layer.enc.mode == "oat":
-                enc = _with_theta("freeze", layer.enc, clip)
-                result[name] = enc.theta
+                encodings[name] = _with_theta("freeze", layer.enc, clip)
+                result[name] = encodings[name].theta
             else:
-                enc = _with_gamma("freeze", layer.enc, clip)
-                result[name] = enc.gamma
-            SpikeLinear.set_encoding(layer, enc, layer.salient_mask)
+                encodings[name] = _with_gamma("freeze", layer.enc, clip)
+                result[name] = encodings[name].gamma
+    for name, layer in layers.items():
+        if layer._parameters.pop("clip", None) is not None:
+            SpikeLinear.set_encoding(layer, encodings[name], layer.salient_mask)
         b = layer._parameters.pop("bias", None)
         if b is not None:
             layer.register_buffer("bias", b.detach().clone())
@@ -551,7 +555,9 @@ def _learn_layers(model, layers, batches, steps, lr, min_gamma, max_tokens, prog
         (p,) = make_trainable(layer)
         opt = torch.optim.Adam([p], lr=lr)
         for _ in range(steps):
-            y = layer(x)
+            # forward, not the module call: x was recorded after any online rotation of the
+            # layer's input (a rotated down_proj), which the call would apply again.
+            y = layer.forward(x)
             loss = (y - target).pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

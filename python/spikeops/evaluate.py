@@ -179,9 +179,10 @@ def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
         (left padding; ``lengths`` None: every row is a prompt of T tokens).
 
     Uses a key-value cache: ``spikeops.runner.Runner`` for LLaMA-architecture models, which
-    runs a batch as one, left-padded (a row's greedy continuation equals its single-prompt
-    one); other models run transformers' forward, one prompt at a time. Sampling draws the
-    rows' tokens from one generator in row order, so a sampled row depends on its batch.
+    runs a batch as one, left-padded (a row's logits are its single-prompt ones up to float
+    rounding); other models run transformers' forward, one prompt at a time. Sampling draws the
+    rows' tokens from one generator in row order, so a sampled row depends on its batch (one
+    prompt at a time: a generator of the same seed per row).
     head_dtype: the Runner's ``lm_head`` dtype (None: the model's own; ``torch.bfloat16`` is
     faster on the CPU, with other rounding: ``spikeops.runner.Runner``); refused for models the
     Runner does not run."""

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Union
 
@@ -24,7 +25,8 @@ PathLike = Union[str, Path]
 PACKAGE = Path(__file__).resolve().parent
 # Temporary siblings are named .<name>.tmp-<pid>-<random> or .<name>.old-<pid>-<random>, so that
 # those of a process that was killed can be recognised and removed by the next writer.
-_TEMP = re.compile(r"\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)-[^/]*")
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*")
+STALE_S = 600  # seconds after which a dead writer's temporary sibling is cleaned up
 
 
 def cache_root(folder: Path) -> Path:
@@ -86,6 +88,7 @@ def write_file(fn: str, path: PathLike, write: Callable[[Path], object]) -> Path
     os.close(fd)
     try:
         _written(fn, path, Path(tmp), write)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would be kept by the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -104,19 +107,24 @@ def write_folder(fn: str, out: PathLike, make: Callable[[Path], object],
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    old = None
     try:
         _written(fn, out, tmp, make)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would be kept by the rename
         if out.exists() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-",
                                         dir=out.parent))
             os.replace(out, old)     # rename(2): replaces the empty placeholder
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)     # rename(2) replaces an empty folder
+        os.replace(tmp, out)         # rename(2) replaces an absent or empty folder
     except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)     # the new folder did not arrive: the old one goes back
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -143,17 +151,25 @@ def _written(fn: str, final: Path, tmp: Path, write) -> None:
     except (ValueError, TypeError, OSError) as e:
         if str(tmp) not in str(e):
             raise
-        raise type(e)(str(e).replace(str(tmp), str(final))) from e
+        message = str(e).replace(str(tmp), str(final))
+        if isinstance(e, OSError) and e.errno is not None:
+            raise type(e)(e.errno, message) from e  # errno kept for callers that test it
+        raise type(e)(message) from e
 
 
 def remove_stale(out: Path) -> None:
-    """Remove the temporary siblings of ``out`` left by writers that were killed (their process
-    is gone); those of running processes stay."""
+    """Clean up after writers of ``out`` that were killed: their process is gone and their
+    sibling is older than STALE_S (a process of another machine or container writing to a
+    shared folder has another pid space; the age keeps its work in progress). A killed swap's
+    old folder goes back to ``out`` when ``out`` is missing; other temporaries are removed."""
     for path in out.parent.glob(f".{glob_escape(out.name)}.*-*-*"):
         match = _TEMP.fullmatch(path.name)
-        if match is None or match["name"] != out.name or _alive(int(match["pid"])):
+        if match is None or match["name"] != out.name or _alive(int(match["pid"])) or \
+                time.time() - path.lstat().st_mtime < STALE_S:
             continue
-        if path.is_dir() and not path.is_symlink():
+        if match["kind"] == "old" and not (out.exists() or out.is_symlink()):
+            os.replace(path, out)
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
@@ -161,6 +177,12 @@ def remove_stale(out: Path) -> None:
 
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _alive(pid: int) -> bool:

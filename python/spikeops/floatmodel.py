@@ -74,7 +74,8 @@ def load_float_model(path: PathLike, dtype: torch.dtype = torch.float32):
 
 def _check_float_folder(fn: str, folder: Path) -> None:
     """What transformers would read of a float model folder, checked first: its config (a
-    supported architecture, no quantization) and its weight files (files.input_file's rules)."""
+    supported architecture, no quantization), its weight files, and the tokenizer and
+    generation files it opens by itself (files.input_file's rules: no link out, no FIFO)."""
     from .checkpoint import QUANT_CONFIG_FILES, read_json, weight_files
     config = read_json(fn, folder / "config.json")
     check_supported(fn, config.get("model_type") if isinstance(config, dict) else None)
@@ -84,6 +85,8 @@ def _check_float_folder(fn: str, folder: Path) -> None:
                          f"({', '.join(quantized) or 'config.json quantization_config'}); a float "
                          f"model folder is expected (spikeops.load_gptq reads GPTQ folders)")
     weight_files(fn, folder)
+    for name in TOKENIZER_FILES:
+        has_file(fn, folder, name)
 
 
 def import_gguf(file: PathLike, out: PathLike) -> Path:

@@ -160,8 +160,9 @@ def patch(model: torch.nn.Module, enc: Encoding,
 
     A transform record in ``model.config`` (``spikeops_transform``, written by ``spikeops
     quantize --transform rotate``) has its online rotation put back on every ``down_proj``, as
-    ``load_gptq`` does. Every module is converted and the record checked before anything is
-    swapped, so on error the model is unchanged.
+    ``load_gptq`` does. Every module is converted before any is swapped; the record is then
+    checked against the swapped-in layers (a loader's own modules need not say their widths)
+    and, if it does not fit, the swap is undone: on error the model is unchanged.
     """
     fn = "patch"
     if not isinstance(model, torch.nn.Module):

@@ -73,15 +73,16 @@ class Runner:
         self.norm = _part(fn, model, "model.norm")
         self.rotary = _part(fn, model, "model.rotary_emb")
         self.lm_head = _part(fn, model, "lm_head")
-        self.head_weight = self.head_bias = None
+        self.head_params = None
         if head_dtype is not None:
             _checks.dtype(fn, "head_dtype", head_dtype, HEAD_DTYPES)
             if not isinstance(self.lm_head, torch.nn.Linear):
                 raise ValueError(f"{fn}: head_dtype needs lm_head to be a torch.nn.Linear, got "
                                  f"{type(self.lm_head).__name__}")
-            self.head_weight = self.lm_head.weight.detach().to(head_dtype)
-            if self.lm_head.bias is not None:
-                self.head_bias = self.lm_head.bias.detach().to(head_dtype)
+            # Run through the module (torch.func.functional_call), so that its hooks, such as
+            # the statistics' count of lm_head's MACs, see the call.
+            self.head_params = {name: t.detach().to(head_dtype)
+                                for name, t in self.lm_head.named_parameters()}
         layers = _part(fn, model, "model.layers")
         config = model.config
         for name in ("num_attention_heads", "num_key_value_heads", "hidden_size"):
@@ -129,7 +130,9 @@ class Runner:
                 raise ValueError(f"{fn}: pad is given with the prompt (the first call after "
                                  f"reset), one count per row in [0, T = {T}), got "
                                  f"{pad.tolist()} with {start} tokens cached")
-            self.pad = pad.to(device=self.keys.device, dtype=torch.int64)
+        if start == 0:  # a prompt sets the padding afresh, even after a failed one
+            self.pad = None if pad is None else pad.to(device=self.keys.device,
+                                                        dtype=torch.int64)
         x = self.embed(ids.to(self.keys.device))
         positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         end = start + T
@@ -165,9 +168,10 @@ class Runner:
         if last_only:
             x = x[:, -1:]
         h = self.norm(x)
-        if self.head_weight is None:
+        if self.head_params is None:
             return self.lm_head(h).float()
-        return F.linear(h.to(self.head_weight.dtype), self.head_weight, self.head_bias).float()
+        h = h.to(self.head_params["weight"].dtype)
+        return torch.func.functional_call(self.lm_head, self.head_params, (h,)).float()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
