@@ -32,22 +32,16 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from . import _checks, ops
-from .spikes import Encoding, SpikeTensor, encode, encode_rows
+from .nn import OUT_DTYPES
+from .reference import unpack_bits
+from .spikes import DEFAULT_GAMMA, Encoding, SpikeTensor, encode, encode_rows
 
 _F32 = torch.float32
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # the clamp of absmax / absmean / minmax scales (docs/ops.md)
 CLIP_MODES = ("absmax", "absmean", "oat")  # encodings with a trainable clipping parameter
-_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- the STE
-def _unpack(words: torch.Tensor, K: int) -> torch.Tensor:
-    """int32 ``[M, W]`` -> bool ``[M, K]`` (bit j of word w is element 32w + j)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    bits = (words.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(words.shape[0], -1)[:, :K].bool()
-
-
 def _signed(enc: Encoding, zero: Optional[torch.Tensor]) -> bool:
     return enc.mode in ("absmax", "absmean", "oat") or (enc.mode == "static" and zero is None)
 
@@ -77,7 +71,7 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
     two_p = float(1 << planes.shape[0])  # oat: 2^P
     R = scale.shape[1]
     xf = x.to(_F32)
-    r = _unpack(hi, K) if hi is not None else None
+    r = unpack_bits(hi, K) if hi is not None else None
     s = scale if R == 1 else torch.where(r, scale[:, 1:2], scale[:, 0:1])
     signed = _signed(enc, zero)
     # inside: the autograd of docs/ops.md's formula with round (floor for oat) passed straight
@@ -152,8 +146,8 @@ def _param(fn: str, name: str, value, numel: int) -> Optional[torch.Tensor]:
 
 
 def _gamma(enc: Encoding) -> float:
-    """The gamma an absmax / absmean Encoding encodes with (None: 1.0, as encode_rows)."""
-    return 1.0 if enc.gamma is None else float(enc.gamma)
+    """The gamma an absmax / absmean Encoding encodes with (None: the default, as encode_rows)."""
+    return DEFAULT_GAMMA if enc.gamma is None else float(enc.gamma)
 
 
 def _with_gamma(fn: str, enc: Encoding, gamma: torch.Tensor) -> Encoding:
@@ -322,7 +316,7 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
                                           None if b is None else b.to(x.dtype))
     if clip is not None:
         enc = _with_theta(fn, enc, clip) if enc.mode == "oat" else _with_gamma(fn, enc, clip)
-    out_dtype = x.dtype if x.dtype in _OUT_DTYPES else _F32
+    out_dtype = x.dtype if x.dtype in OUT_DTYPES else _F32
     rows = x.reshape(-1, layer.in_features)
     wants = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, clip, bias))
