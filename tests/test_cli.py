@@ -3,6 +3,7 @@ conftest.py, and the README's main job (demo) on the embedded model."""
 
 import pytest
 
+import spikeops
 from spikeops import __main__ as cli
 
 
@@ -42,3 +43,18 @@ def test_demo_on_the_embedded_model(capsys):
     for label in ("GPTQ, float activations", "minmax4", "minmax4+s6", "absmax4", "oat8"):
         assert float(rows[label][0]) < 1.25 * dense, label
     assert "spec ok" in out and " NO " not in out
+
+
+def test_no_command_lists_the_commands_in_order_and_version(capsys):
+    """A newcomer's first two calls: the commands in the order they are used, and --version."""
+    from spikeops.__main__ import main
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    order = ["demo", "import-gguf", "quantize", "calibrate", "eval", "generate", "report"]
+    listed = [line.split()[0] for line in out.split("commands:")[1].splitlines()
+              if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == order and "Start with 'spikeops demo'" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == (
+        f"spikeops {spikeops.__version__}")

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import Encoding, GPTQWeight, encode, pack, spike_linear
+from . import Encoding, GPTQWeight, __version__, encode, pack, spike_linear
 from .calibrate import GAMMA_GRID, JSON_FILE as CALIBRATION_FILE
 from .files import check_folder_target, check_output, has_file, write_file, write_folder
 from .reference import tolerance
@@ -500,8 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spikeops", formatter_class=_Formatter,
         description="Exact, fast spiking LLM kernels for PyTorch. Commands take a GPTQ "
         "checkpoint folder (default: the embedded byte-level model) and a text file (default: "
-        "its held-out sample).", epilog=ENCODING_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+        "its held-out sample).\n\nStart with 'spikeops demo'. With a model of your own, in "
+        "this order: import-gguf (a .gguf file), quantize, calibrate, eval, generate, report; "
+        "'spikeops COMMAND --help' for each.", epilog=ENCODING_HELP)
+    parser.add_argument("--version", action="version", version=f"spikeops {__version__}")
+    # Listed in the order a newcomer uses them; no command prints this help.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def command(name, help_text, run, description=None):
         p = sub.add_parser(name, help=help_text, description=description or help_text,
@@ -643,6 +647,9 @@ def check_args(parser, args) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     check_args(parser, args)
     try:
         return args.run(args)
