@@ -135,3 +135,40 @@ def test_runner_still_serves_llama():
     with torch.no_grad():
         torch.testing.assert_close(Runner(model, 6)(ids), model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def qwen2(sliding: bool = False):
+    """A tiny Qwen2: LLaMA's decoder layer with q/k/v biases (made non-zero here)."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**{**SIZES, "use_sliding_window": sliding,
+                                         "sliding_window": 4 if sliding else None})
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    return model
+
+
+def test_qwen2_runs_exactly(tmp_path):
+    """Qwen2 (SDLLM and SpikingBrain convert it): the Runner's logits are transformers', the
+    transforms keep the function, and a GPTQ checkpoint of it loads (biases included) and runs
+    on spikes through the Runner as through transformers."""
+    from test_runner import assert_same_logits
+    model = qwen2()
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9))
+    assert_same_logits(model, ids, [6, 1, 2])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        for kind in ("rotate", "smooth"):
+            transformed = copy.deepcopy(model)
+            transform(transformed, kind, batches=[ids])
+            torch.testing.assert_close(transformed(input_ids=ids).logits, reference,
+                                       rtol=1e-4, atol=1e-4)
+    transform(model, "rotate")
+    spikeops.quantize(model, ids, bits=4, group_size=16, path=tmp_path / "q")
+    loaded = spikeops.load_gptq(tmp_path / "q", spikeops.Encoding("absmax", 4))
+    assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    assert_same_logits(loaded, ids, [6, 3])
+    with pytest.raises(ValueError, match="only full attention"):
+        Runner(qwen2(sliding=True), 8)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
-# transformers model_type values.
-SUPPORTED = ("llama",)
+# transformers model_type values: LLaMA, and Qwen2, whose decoder layer is LLaMA's with biases on
+# the q/k/v projections (SpikeLinear and the transforms carry biases; a sliding window, when a
+# Qwen2 config turns it on, is refused by the Runner and left to transformers' forward).
+SUPPORTED = ("llama", "qwen2")
 
 # The quantized projections of every decoder layer (docs/checkpoints.md):
 # model.layers.{i}.self_attn.{q,k,v,o}_proj and model.layers.{i}.mlp.{gate,up,down}_proj.
@@ -29,7 +31,8 @@ def check_supported(fn: str, model) -> None:
     model_type = model if isinstance(model, str) else getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(f"{fn}: model must be a LLaMA-architecture causal LM (model_type one of "
-                         f"{SUPPORTED}), got model_type {model_type!r} ({type(model).__name__}): "
+                         f"{SUPPORTED}: LLaMA, Qwen2), got model_type {model_type!r} "
+                         f"({type(model).__name__}): "
                          f"other architectures are refused rather than run with other "
                          f"arithmetic (docs/checkpoints.md, 'Architectures')")
 
