@@ -41,9 +41,12 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
         .reshape(w.shape)
 
 
-def write_gguf(model: LlamaForCausalLM, path) -> None:
+def write_gguf(model, path) -> None:
+    """A LLaMA or Qwen2 model as llama.cpp's converter writes it: LLaMA's q/k rows permuted to
+    its rotary layout, Qwen2's not, and Qwen2's q/k/v biases."""
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    qwen2 = cfg.model_type == "qwen2"
+    w = gguf.GGUFWriter(str(path), cfg.model_type)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -71,10 +74,12 @@ def write_gguf(model: LlamaForCausalLM, path) -> None:
                  "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
         for g, h in names.items():
             w.add_tensor(f"blk.{i}.{g}.weight", sd[p + h + ".weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight",
-                     llama_cpp_permute(sd[p + "self_attn.q_proj.weight"], heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight",
-                     llama_cpp_permute(sd[p + "self_attn.k_proj.weight"], kv))
+        for g, h, n in (("attn_q", "q_proj", heads), ("attn_k", "k_proj", kv)):
+            weight = sd[f"{p}self_attn.{h}.weight"]
+            w.add_tensor(f"blk.{i}.{g}.weight", weight if qwen2 else llama_cpp_permute(weight, n))
+        for g, h in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
+            if qwen2:
+                w.add_tensor(f"blk.{i}.{g}.bias", sd[f"{p}self_attn.{h}.bias"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -193,3 +198,24 @@ def test_bad_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_import_qwen2_gguf(tmp_path):
+    """A Qwen2 GGUF (q/k/v biases, no rotary permutation) imports as the same model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=260, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    write_gguf(model, tmp_path / "qwen2.gguf")
+    loaded, _ = load_float_model(import_gguf(tmp_path / "qwen2.gguf", tmp_path / "float"))
+    assert loaded.config.model_type == "qwen2"
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -62,8 +62,8 @@ def test_a_valid_file_passes(write):
     ([], {"llama.feed_forward_length": 128},
      r"blk.0.ffn_gate.weight must have shape \[64, 128\].*got \[64, 96\]"),
     ([], {"general.architecture": "gpt2"},
-     "general.architecture must be 'llama' .only LLaMA-architecture GGUF files are supported., "
-     "got 'gpt2'"),
+     "general.architecture must be one of .'llama', 'qwen2'. .only LLaMA-architecture GGUF "
+     "files are supported., got 'gpt2'"),
     ([], {"tokenizer.ggml.tokens": ["a"] * 200},
      "tokenizer.ggml.tokens must list 260 tokens, one per row of token_embd.weight, got a list "
      "of 200"),
@@ -130,7 +130,7 @@ def test_cli_refuses_with_one_line(write, tmp_path, capsys, command):
     extra = ["--text", str(text)] if command == "quantize" else []
     assert cli.main([command, str(file), str(out)] + extra) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"spikeops {command}: error: load_float_model: {file}: a LLaMA file "
+    assert err.startswith(f"spikeops {command}: error: load_float_model: {file}: a llama file "
                           f"must hold tensor blk.1.ffn_down.weight") and err.count("\n") == 1
     assert not out.exists()
 

@@ -10,15 +10,18 @@ from pathlib import Path
 
 import gguf
 
-# general.architecture of the one GGUF architecture spikeops imports: "llama", llama.cpp's name
-# for the LLaMA architecture of architecture.SUPPORTED.
-ARCHITECTURE = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+# general.architecture values spikeops imports (llama.cpp's names for the families of
+# architecture.SUPPORTED), each with the per-block tensors beyond LLaMA's it must hold: Qwen2's
+# q/k/v biases.
+TENSOR = gguf.MODEL_TENSOR
+ARCHITECTURES = {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]: (),
+                 gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2]: (TENSOR.ATTN_Q, TENSOR.ATTN_K,
+                                                               TENSOR.ATTN_V)}
 # The sizes the tensor shapes follow from, each a positive int under "llama.". Without one,
 # transformers takes LlamaConfig's default (32 layers, width 4096), and without head_count_kv it
 # also leaves q and k in llama.cpp's row order.
 SIZE_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
              "attention.head_count_kv")
-TENSOR = gguf.MODEL_TENSOR
 OPTIONAL = {TENSOR.OUTPUT}  # absent: the output projection is the token embedding (tied)
 TOKENS, MODEL = gguf.Keys.Tokenizer.LIST, gguf.Keys.Tokenizer.MODEL
 MERGES, SCORES = gguf.Keys.Tokenizer.MERGES, gguf.Keys.Tokenizer.SCORES
@@ -34,35 +37,36 @@ def check_gguf(fn: str, path) -> None:
     where = f"{fn}: {path}:"
     meta, shapes = _read(where, path)
     arch = meta.get(gguf.Keys.General.ARCHITECTURE)
-    if arch != ARCHITECTURE:
-        raise ValueError(f"{where} general.architecture must be {ARCHITECTURE!r} (only "
-                         f"LLaMA-architecture GGUF files are supported), got {_found(arch)}")
-    size = {key: _positive_int(where, meta, f"{ARCHITECTURE}.{key}") for key in SIZE_KEYS}
-    rope_key = f"{ARCHITECTURE}.rope.dimension_count"  # transformers' head_dim
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{where} general.architecture must be one of {tuple(ARCHITECTURES)} "
+                         f"(only LLaMA-architecture GGUF files are supported), got "
+                         f"{_found(arch)}")
+    size = {key: _positive_int(where, meta, f"{arch}.{key}") for key in SIZE_KEYS}
+    rope_key = f"{arch}.rope.dimension_count"  # transformers' head_dim
     head_dim = (_positive_int(where, meta, rope_key) if rope_key in meta
                 else size["embedding_length"] // size["attention.head_count"])
     # The vocabulary is the embedding's row count (its last ggml dimension); the shape check
     # below refuses an embedding of another rank.
     n_vocab = (shapes.get(_name(TENSOR.TOKEN_EMBD)) or (0,))[-1]
     expected = set()
-    for kind, name, shape in _llama_tensors(size, head_dim, n_vocab):
+    for kind, name, shape in _tensors(size, head_dim, n_vocab, ARCHITECTURES[arch]):
         expected.add(name)
         if name not in shapes:
             if kind in OPTIONAL:
                 continue
-            raise ValueError(f"{where} a LLaMA file must hold tensor {name} ({ARCHITECTURE}"
+            raise ValueError(f"{where} a {arch} file must hold tensor {name} ({arch}"
                              f".block_count is {size['block_count']}), it is missing")
         if shapes[name] != shape:
             raise ValueError(f"{where} tensor {name} must have shape {list(shape)} (ggml order, "
-                             f"from the {ARCHITECTURE}.* sizes), got {list(shapes[name])}")
+                             f"from the {arch}.* sizes), got {list(shapes[name])}")
     # transformers ignores a tensor it has no place for (a layer beyond block_count, a bias,
     # rope_freqs): the model would silently differ from the file's.
     extra = sorted(set(shapes) - expected)
     if extra:
-        raise ValueError(f"{where} must hold only the tensors of a LLaMA model with "
-                         f"{ARCHITECTURE}.block_count {size['block_count']}, got {len(extra)} "
+        raise ValueError(f"{where} must hold only the tensors of a {arch} model with "
+                         f"{arch}.block_count {size['block_count']}, got {len(extra)} "
                          f"others such as {extra[0]} (transformers would ignore them)")
-    _check_tokenizer(where, meta, n_vocab)
+    _check_tokenizer(where, meta, n_vocab, arch)
 
 
 def _read(where: str, path: Path):
@@ -89,13 +93,14 @@ def _positive_int(where: str, meta: dict, key: str) -> int:
     return value
 
 
-def _name(kind, block=None) -> str:
-    return gguf.TENSOR_NAMES[kind].format(bid=block) + ".weight"
+def _name(kind, block=None, leaf: str = "weight") -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=block) + "." + leaf
 
 
-def _llama_tensors(size: dict, head_dim: int, n_vocab: int):
-    """``(kind, name, ggml shape)`` of every tensor a LLaMA GGUF may hold, lazily: a hostile
-    block_count fails on its first missing layer rather than building every name."""
+def _tensors(size: dict, head_dim: int, n_vocab: int, biased=()):
+    """``(kind, name, ggml shape)`` of every tensor a LLaMA-architecture GGUF may hold, with a
+    bias for the kinds in ``biased``, lazily: a hostile block_count fails on its first missing
+    layer rather than building every name."""
     e, ff = size["embedding_length"], size["feed_forward_length"]
     q, kv = size["attention.head_count"] * head_dim, size["attention.head_count_kv"] * head_dim
     for kind, shape in ((TENSOR.TOKEN_EMBD, (e, n_vocab)), (TENSOR.OUTPUT_NORM, (e,)),
@@ -107,9 +112,11 @@ def _llama_tensors(size: dict, head_dim: int, n_vocab: int):
     for block in range(size["block_count"]):
         for kind, shape in layer.items():
             yield kind, _name(kind, block), shape
+            if kind in biased:
+                yield kind, _name(kind, block, "bias"), shape[-1:]
 
 
-def _check_tokenizer(where: str, meta: dict, n_vocab: int) -> None:
+def _check_tokenizer(where: str, meta: dict, n_vocab: int, arch: str) -> None:
     """What transformers' GGUF tokenizer conversion reads, which indexes and zips it without a
     check: one token per embedding row, the merges (which tokenizer.ggml.model "llama" may
     replace by one score per token), and special token ids within the vocabulary."""
@@ -117,7 +124,7 @@ def _check_tokenizer(where: str, meta: dict, n_vocab: int) -> None:
     if not _strings(tokens) or len(tokens) != n_vocab:
         raise ValueError(f"{where} {TOKENS} must list {n_vocab} tokens, one per row of "
                          f"{_name(TENSOR.TOKEN_EMBD)}, got {_found(tokens)}")
-    vocab_key = f"{ARCHITECTURE}.vocab_size"  # transformers' vocab_size where present
+    vocab_key = f"{arch}.vocab_size"  # transformers' vocab_size where present
     if meta.get(vocab_key, n_vocab) != n_vocab:
         raise ValueError(f"{where} {vocab_key} must be {n_vocab} (the rows of "
                          f"{_name(TENSOR.TOKEN_EMBD)}), got {_found(meta[vocab_key])}")
