@@ -599,3 +599,19 @@ def test_device_map_across_devices(checkpoint):
     torch.testing.assert_close(split(input_ids=ids).logits.cpu(), cpu(input_ids=ids).logits,
                                rtol=1e-4, atol=1e-4)
     assert generate(split, encode_text("def f1(x):\n"), 8).shape == (8,)
+
+
+def test_patch_takes_what_load_gptq_takes(good_checkpoint):
+    """An encoding map (and None) patches as load_gptq loads, layer type by layer type."""
+    enc = {"down_proj": spikeops.Encoding("minmax", 8), "*": ENC}
+    model = fake_quantized_model(good_checkpoint)
+    spikeops.patch(model, enc)
+    loaded = spikeops.load_gptq(good_checkpoint, enc)
+    assert model.model.layers[0].mlp.down_proj.enc == spikeops.Encoding("minmax", 8)
+    assert model.model.layers[0].self_attn.q_proj.enc == ENC
+    with torch.no_grad():
+        assert torch.equal(model(calib()).logits, loaded(calib()).logits)
+    floats = spikeops.patch(fake_quantized_model(good_checkpoint), None)
+    assert floats.model.layers[1].mlp.up_proj.enc is None
+    with pytest.raises(ValueError, match="patch: .*no entry for layer"):
+        spikeops.patch(fake_quantized_model(good_checkpoint), {"down_proj": ENC})

@@ -10,15 +10,14 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from . import _checks
-from .calibrate import (JSON_FILE as CALIBRATION_FILE, Calibration, check_encoding,
-                        set_encoding)
 from .architecture import PROJECTIONS, check_supported, decoder_layers
+from .calibrate import (JSON_FILE as CALIBRATION_FILE, Calibration, check_encoding,
+                        set_encoding, type_encoding)
 from .checkpoint import (PathLike, QuantConfig, check_config_tensors, first, quant_keys,
                          read_configs, read_tensors, tensor)
 from .files import has_file
 from .gptq import FORMATS, GPTQWeight, log
 from .nn import BIAS_DTYPES, SpikeLinear, share_inputs
-from .spikes import Encoding
 from .transforms import CONFIG_KEY as TRANSFORM_KEY, restore_online
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -144,10 +143,14 @@ def _default_dtype(fn: str, device: torch.device, config) -> torch.dtype:
     return dtype
 
 
-def patch(model: torch.nn.Module, enc: Encoding,
+def patch(model: torch.nn.Module, enc,
           checkpoint_format: Optional[str] = None) -> torch.nn.Module:
     """Replace, in place, every submodule carrying GPTQ tensors ``qweight``, ``qzeros``,
     ``scales`` (and ``g_idx``, optional) by a ``SpikeLinear`` sharing them; returns ``model``.
+
+    enc: what ``load_gptq`` takes: an Encoding, None (float activations) or a map of layer
+        types to them (``{"down_proj": ..., "*": ...}``); no calibration is applied
+        (``calibrate.set_encoding`` with one afterwards).
 
     Such a submodule (an optimum/gptqmodel QuantLinear) must hold the checkpoint layout (not a
     kernel-specific repacking such as exllama's shuffled qweight) and int attributes ``bits``
@@ -168,7 +171,7 @@ def patch(model: torch.nn.Module, enc: Encoding,
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     check_supported(fn, model)
-    _check_encoding(fn, enc)
+    check_encoding(fn, enc)
     qc = _config_dict(getattr(getattr(model, "config", None), "quantization_config", None))
     if checkpoint_format is None:
         checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
@@ -195,7 +198,7 @@ def patch(model: torch.nn.Module, enc: Encoding,
                     raise ValueError(f"{attr} = {getattr(m, attr)} disagrees with the tensors' "
                                      f"{value}")
             bias = getattr(m, "bias", None)
-            spiking[name] = SpikeLinear(w, enc, bias=bias if isinstance(bias, torch.Tensor)
+            spiking[name] = SpikeLinear(w, type_encoding(fn, enc, name), bias=bias if isinstance(bias, torch.Tensor)
                                         else None)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{fn}: module {name!r} ({type(m).__name__}): {e}") from e
@@ -209,15 +212,6 @@ def patch(model: torch.nn.Module, enc: Encoding,
             set_module(model, name, module)
         raise
     return model
-
-
-def _check_encoding(fn: str, enc) -> None:
-    # Checked before any file is read, so a wrong argument fails fast.
-    if not isinstance(enc, Encoding):
-        raise TypeError(f"{fn}: enc must be a spikeops.Encoding, got {type(enc).__name__}")
-    if enc.mode == "static":
-        raise ValueError(f"{fn}: enc.mode must not be 'static' (it needs per-call scales), "
-                         f"got 'static'")
 
 
 def _device(fn: str, device) -> torch.device:
