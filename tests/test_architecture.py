@@ -137,10 +137,11 @@ def test_runner_still_serves_llama():
                                    rtol=1e-5, atol=1e-5)
 
 
-def qwen2(sliding: bool = False):
-    """A tiny Qwen2: LLaMA's decoder layer with q/k/v biases (made non-zero here)."""
+def qwen2(sliding: bool = False, **sizes):
+    """A tiny Qwen2 (SIZES, updated by ``sizes``): LLaMA's decoder layer with q/k/v biases
+    (made non-zero here)."""
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(**{**SIZES, "use_sliding_window": sliding,
+    config = transformers.Qwen2Config(**{**SIZES, **sizes, "use_sliding_window": sliding,
                                          "sliding_window": 4 if sliding else None})
     model = transformers.Qwen2ForCausalLM(config).eval()
     with torch.no_grad():

@@ -87,13 +87,16 @@ def write_gguf(model, path) -> None:
     w.close()
 
 
+# The tiny models written as GGUF files: a vocabulary of the tokens write_gguf lists.
+GGUF_SIZES = dict(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256, tie_word_embeddings=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(LlamaConfig(**GGUF_SIZES)).eval()
     root = tmp_path_factory.mktemp("gguf")
     write_gguf(model, root / "tiny.gguf")
     return model, root / "tiny.gguf"
@@ -202,16 +205,8 @@ def test_bad_options_are_usage_errors(argv, capsys):
 
 def test_import_qwen2_gguf(tmp_path):
     """A Qwen2 GGUF (q/k/v biases, no rotary permutation) imports as the same model."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=260, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                lin.bias.normal_(0, 0.5)
+    from test_architecture import qwen2
+    model = qwen2(**GGUF_SIZES, pad_token_id=None)
     write_gguf(model, tmp_path / "qwen2.gguf")
     loaded, _ = load_float_model(import_gguf(tmp_path / "qwen2.gguf", tmp_path / "float"))
     assert loaded.config.model_type == "qwen2"
