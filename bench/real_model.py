@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from spikeops.__main__ import REAL_ENCODINGS, _Formatter, prepare_real_model, real_model_rows
+from spikeops.cli import HelpFormatter
+from spikeops.demo import REAL_ENCODINGS, prepare_real_model, real_model_rows
 from spikeops.transforms import TRANSFORMS
 
 
@@ -30,7 +31,7 @@ def outliers(q_dir: Path, eval_text: str) -> dict:
     """input_outliers of the GPTQ model on float activations, first 256 evaluation tokens."""
     import torch
     from spikeops import Encoding, load_gptq
-    from spikeops.__main__ import model_tokenizer
+    from spikeops.commands import model_tokenizer
     from spikeops.calibrate import set_encoding
     from spikeops.evaluate import encode_text
     from spikeops.transforms import input_outliers
@@ -49,7 +50,7 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     with the bfloat16 ``lm_head`` (``Runner(head_dtype=torch.bfloat16)``)."""
     import torch
     from spikeops import Encoding, load_gptq
-    from spikeops.__main__ import _calibration, parse_encoding
+    from spikeops.commands import load_calibration, parse_encoding
     from spikeops.calibrate import set_encoding
     from spikeops.evaluate import encode_text, forward_step
     from spikeops.floatmodel import load_float_model
@@ -80,7 +81,7 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     measure("HF fp32", fp32, lean=False)
     measure("HF bf16", load_float_model(float_dir, torch.bfloat16)[0], lean=False)
     measure("fp32, spikeops Runner", fp32, lean=True)
-    calibration = _calibration(q_dir)
+    calibration = load_calibration(q_dir)
     model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
     for spec in encodings.split(","):
         set_encoding(model, parse_encoding(spec, calibration), calibration)
@@ -124,7 +125,7 @@ def markdown(table: dict, spread: dict, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("gguf", help="LLaMA-architecture GGUF file")
     p.add_argument("calib_text", help="calibration text (GPTQ and the seed methods)")
     p.add_argument("eval_text", help="held-out evaluation text (not the calibration text)")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import spikeops
-from spikeops.__main__ import DEFAULT_MODEL, DEFAULT_TEXT
+from spikeops.commands import DEFAULT_MODEL, DEFAULT_TEXT
 from spikeops.evaluate import encode_text, forward_step
 
 ENCODINGS = {"minmax4": spikeops.Encoding("minmax", 4), "absmax4": spikeops.Encoding("absmax", 4)}

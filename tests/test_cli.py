@@ -4,7 +4,7 @@ conftest.py, and the README's main job (demo) on the embedded model."""
 import pytest
 
 import spikeops
-from spikeops import __main__ as cli
+from spikeops import cli, commands
 
 
 def test_cli(checkpoint, tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_cli(checkpoint, tmp_path, capsys):
 def test_demo_on_the_embedded_model(capsys):
     """The README's main command, smaller: the shipped checkpoint loads, with its calibration,
     and every encoding stays close to the dense model's perplexity but absmean (docs)."""
-    assert cli.DEFAULT_MODEL.is_dir() and cli.DEFAULT_DENSE.is_dir() and cli.DEFAULT_TEXT.is_file()
+    assert commands.DEFAULT_MODEL.is_dir() and commands.DEFAULT_DENSE.is_dir() and commands.DEFAULT_TEXT.is_file()
     assert cli.main(["demo", "--max-tokens", "512", "--in-features", "256",
                      "--out-features", "64"]) == 0
     out = capsys.readouterr().out
@@ -47,7 +47,7 @@ def test_demo_on_the_embedded_model(capsys):
 
 def test_no_command_lists_the_commands_in_order_and_version(capsys):
     """A newcomer's first two calls: the commands in the order they are used, and --version."""
-    from spikeops.__main__ import main
+    from spikeops.cli import main
     assert main([]) == 0
     out = capsys.readouterr().out
     order = ["demo", "import-gguf", "quantize", "calibrate", "eval", "generate", "report"]

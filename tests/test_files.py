@@ -13,7 +13,7 @@ import torch
 
 import spikeops
 from spikeops import files
-from spikeops.__main__ import main
+from spikeops.cli import main
 from spikeops.calibrate import JSON_FILE, Calibration
 from test_checkpoints import ENC, calib, tiny_model
 from test_floatmodel import tiny_gguf  # noqa: F401  (a fixture)

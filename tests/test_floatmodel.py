@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spikeops
-from spikeops import __main__ as cli
+from spikeops import cli
 from spikeops.evaluate import encode_text
 from spikeops.floatmodel import import_gguf, load_float_model, load_tokenizer
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from spikeops import __main__ as cli
+from spikeops import cli
 from spikeops.floatmodel import chat_prompt, import_gguf, load_float_model
 
 gguf = pytest.importorskip("gguf")

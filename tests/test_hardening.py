@@ -246,7 +246,7 @@ def test_tiny_oat_thresholds_and_static_without_tokens():
 
 
 def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
-    from spikeops import __main__ as cli
+    from spikeops import cli
     existing = tmp_path / "file"
     existing.write_text("x")
     assert cli.main(["report", str(checkpoint / "q"), "--text", str(checkpoint / "text.txt"),

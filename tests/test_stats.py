@@ -124,7 +124,7 @@ def test_energy_arithmetic_by_hand():
 
 @pytest.fixture(scope="module")
 def embedded():
-    from spikeops.__main__ import DEFAULT_MODEL, DEFAULT_TEXT
+    from spikeops.commands import DEFAULT_MODEL, DEFAULT_TEXT
     from spikeops.evaluate import encode_text
     if not DEFAULT_MODEL.is_dir():
         pytest.skip("embedded model not present")
@@ -168,7 +168,8 @@ def test_nesting_refused_and_observer_removed_on_error(embedded):
 
 
 def test_report_cli_writes_files(tmp_path):
-    from spikeops.__main__ import DEFAULT_MODEL, main
+    from spikeops.cli import main
+    from spikeops.commands import DEFAULT_MODEL
     if not DEFAULT_MODEL.is_dir():
         pytest.skip("embedded model not present")
     out = tmp_path / "rep"

@@ -48,7 +48,7 @@ def test_transforms_keep_the_function(kind, tied):
 @pytest.mark.parametrize("kind", ["rotate", "smooth"])
 @torch.no_grad()
 def test_transforms_on_the_embedded_model(kind):
-    from spikeops.__main__ import DEFAULT_DENSE, DEFAULT_TEXT
+    from spikeops.commands import DEFAULT_DENSE, DEFAULT_TEXT
     from spikeops.evaluate import encode_text
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_DENSE, dtype=torch.float64).eval()
     ids = encode_text(DEFAULT_TEXT.read_text(encoding="utf-8"))[:256].reshape(2, 128)

@@ -1,0 +1,185 @@
+"""The ``spikeops`` command line (also ``python -m spikeops``): argument parsing only. What each
+command does is a ``cmd_*`` function of python/spikeops/commands.py; ``spikeops demo`` is
+python/spikeops/demo.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .calibrate import GAMMA_GRID
+from .commands import (DEFAULT_MODEL, DTYPES, ENCODING_HELP, HEAD_DTYPE_CHOICES, cmd_calibrate,
+                       cmd_eval, cmd_generate, cmd_import_gguf, cmd_quantize, cmd_report)
+from .demo import DEMO_TRANSFORM, LICENSES, demo
+from .demo import __doc__ as DEMO_DOC
+from .transforms import TRANSFORMS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every --help shows the defaults and keeps the description's line breaks."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spikeops", formatter_class=HelpFormatter,
+        description="Exact, fast spiking LLM kernels for PyTorch. Commands take a GPTQ "
+        "checkpoint folder (default: the embedded byte-level model) and a text file (default: "
+        "its held-out sample).\n\nStart with 'spikeops demo'. With a model of your own, in "
+        "this order: import-gguf (a .gguf file), quantize, calibrate, eval, generate, report; "
+        "'spikeops COMMAND --help' for each.", epilog=ENCODING_HELP)
+    parser.add_argument("--version", action="version", version=f"spikeops {__version__}")
+    # Listed in the order a newcomer uses them; no command prints this help.
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    def command(name, help_text, run, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           formatter_class=HelpFormatter, epilog=ENCODING_HELP)
+        p.set_defaults(run=run)
+        return p
+
+    def model_and_text(p, text_help="UTF-8 text file"):
+        p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
+                       help="GPTQ checkpoint folder (default: the embedded model)")
+        p.add_argument("--text", help=f"{text_help} (default: the embedded held-out sample)")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
+
+    def dtype_arg(p, default="float32", what="activations and dense layers"):
+        p.add_argument("--dtype", default=default, choices=tuple(DTYPES), help=what)
+
+    p = command("demo", "the main job: a real or the embedded model on spikes, then one large "
+                "GPTQ layer on spikes against the dense layer", demo, description=DEMO_DOC)
+    p.add_argument("--gguf", help="a LLaMA-architecture GGUF file (scripts/demo.sh fetches "
+                   "SmolLM2-135M-Instruct); without it, the embedded byte-level model")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "spikeops"),
+                   help="folder for the imported, quantized and calibrated model and results")
+    p.add_argument("--calib-text", default=str(LICENSES / "GPL-3"),
+                   help="calibration text of the real model")
+    p.add_argument("--eval-text", default=str(LICENSES / "MPL-2.0"),
+                   help="held-out evaluation text of the real model (not the calibration text)")
+    p.add_argument("--transform", default=DEMO_TRANSFORM, choices=TRANSFORMS,
+                   help="outlier transform before GPTQ (docs/transforms.md)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens (bytes for the "
+                   "embedded model) the evaluation reads")
+    p.add_argument("--chat", default="What is a neuron? Answer in two sentences.",
+                   help="chat message the best 4-bit encoding answers")
+    p.add_argument("--tokens", type=int, default=1, help="tokens M of the kernel part "
+                   "(1: decode)")
+    p.add_argument("--in-features", type=int, default=4096, help="K of the kernel part "
+                   "(multiple of 128)")
+    p.add_argument("--out-features", type=int, default=11008, help="N of the kernel part")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+    p = command("import-gguf", "write the float Hugging Face folder (config, safetensors, "
+                "tokenizer, chat template) of a LLaMA-architecture GGUF file", cmd_import_gguf)
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out", help="output folder (new or empty)")
+
+    p = command("quantize", "GPTQ-quantize a float LLaMA (folder or .gguf) on a calibration "
+                "text, optionally after an outlier transform, and write a GPTQ checkpoint with "
+                "the tokenizer", cmd_quantize)
+    p.add_argument("model", help="float model folder (config.json + safetensors) or .gguf file")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--transform", default="none", choices=TRANSFORMS,
+                   help="equivalent outlier transform applied first (docs/transforms.md)")
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="weight bits")
+    p.add_argument("--group-size", type=int, default=128, help="-1: one group per row")
+    p.add_argument("--asym", action="store_true", help="asymmetric zero points")
+    p.add_argument("--act-order", action="store_true", help="desc_act: quantize columns by "
+                   "decreasing Hessian diagonal")
+    p.add_argument("--samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    dtype_arg(p, "float16", "dtype of the stored dense tensors (embeddings, norms, lm_head)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (windows, rotation)")
+
+    p = command("calibrate", "calibrate the seed methods per layer (OBS salient channels, SDLLM "
+                "gamma, LAS thresholds) and save them beside the checkpoint", cmd_calibrate)
+    model_and_text(p, "calibration text file")
+    p.add_argument("--out", help="folder for the calibration files (default: the model's)")
+    p.add_argument("--methods", default="obs,sdllm,las", help="comma list of obs, sdllm, las")
+    p.add_argument("--bits", type=int, default=4, help="spike bits for the SDLLM gamma search")
+    p.add_argument("--salient-fraction", type=float, default=0.1,
+                   help="share of channels OBS makes salient")
+    p.add_argument("--samples", type=int, default=8, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="input rows per layer the methods use")
+    p.add_argument("--gamma-grid", default=",".join(map(str, GAMMA_GRID)),
+                   help="SDLLM gamma candidates, comma list in (0, 1]")
+
+    p = command("eval", "perplexity, firing rate and SOPs per MAC of a GPTQ model on float "
+                "activations and under spiking encodings", cmd_eval)
+    model_and_text(p)
+    p.add_argument("--encodings", default="minmax4,minmax4+s6,absmax4,absmean4,oat8",
+                   help="comma list (see the encodings below)")
+    p.add_argument("--dense", help="float model folder or .gguf for the dense baseline row")
+    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    dtype_arg(p)
+
+    p = command("generate", "generate text with a spiking GPTQ model, on float activations "
+                "(--encoding none) or with a dense model (--dense)", cmd_generate)
+    model_and_text(p)
+    p.add_argument("--prompt", default="def ", help="text to continue, or with --chat the "
+                   "user's message")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's "
+                   "chat template and stop at its end-of-turn token")
+    p.add_argument("--encoding", default="minmax4", help="one encoding (see below) or none")
+    p.add_argument("--dense", help="generate with this float model folder or .gguf instead")
+    p.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
+    p.add_argument("--head-dtype", default="model", choices=tuple(HEAD_DTYPE_CHOICES),
+                   help="dtype of lm_head: the model's own (transformers' logits), or bfloat16: "
+                   "about 3x faster on the CPU, other rounding (spikeops.runner.Runner)")
+    dtype_arg(p)
+
+    p = command("report", "per-layer spike statistics and an energy estimate (text, JSON and "
+                "PNG plots; see docs/energy.md)", cmd_report)
+    model_and_text(p)
+    p.add_argument("--encoding", default="minmax4", help="one encoding (see below)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many")
+    p.add_argument("--window", type=int, default=256, help="tokens per forward")
+    p.add_argument("--out", default="spikeops-report", help="output folder")
+    dtype_arg(p)
+    return parser
+
+
+def check_args(parser, args) -> None:
+    """What argparse's types cannot say, refused with a one-line usage error (exit 2)."""
+    for name in ("samples", "seq_len", "max_tokens", "window", "tokens", "max_new_tokens"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.command == "demo" and (args.in_features < 128 or args.in_features % 128 or
+                                   args.out_features < 1):
+        parser.error("demo needs --in-features a positive multiple of 128, --out-features >= 1")
+    model = getattr(args, "model", None)
+    if args.command == "quantize":
+        from .floatmodel import is_gguf
+        if not (Path(model).is_dir() or (is_gguf(model) and Path(model).is_file())):
+            parser.error(f"{model!r} is neither a model folder nor a .gguf file")
+    elif model is not None and not Path(model).is_dir():
+        parser.error(f"{model!r} is not a folder (a model checkpoint folder is expected)")
+    names = ("gguf", "calib_text", "eval_text") if getattr(args, "gguf", None) else ("text", "file")
+    for name in names:
+        value = getattr(args, name, None)
+        if value and not Path(value).is_file():
+            parser.error(f"--{name.replace('_', '-')} {value!r} is not a file")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    check_args(parser, args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"spikeops {args.command}: error: {e}", file=sys.stderr)
+        return 2
