@@ -74,12 +74,27 @@ def test_projections_of_one_input_share_one_encoding(model, monkeypatch):
         shared = model(input_ids=ids).logits
     assert len(calls) == 4 * 2  # per layer: q/k/v once, o, gate/up once, down
     assert len(tracker.layers()) == 7 * 2 and all(r.tokens == 64 for r in tracker.layers())
-    for layer in layers.values():
-        layer.shared = None
+    # Each projection alone (the group never starts): the same logits from 7 encodings a layer.
+    groups = [m for m in model.modules() if isinstance(m, spikeops.nn.ProjectionGroup)]
+    assert len(groups) == 2 * 2
+    start = spikeops.nn.ProjectionGroup.start
+    monkeypatch.setattr(spikeops.nn.ProjectionGroup, "start", lambda self, x: None)
     calls.clear()
     assert torch.equal(model(input_ids=ids).logits, shared) and len(calls) == 7 * 2
-    spikeops.nn.share_inputs(model)
+    monkeypatch.setattr(spikeops.nn.ProjectionGroup, "start", start)
+    assert all(g.spikes is None and g.input is None for g in groups)  # dropped after each call
     layers["model.layers.0.self_attn.k_proj"].set_encoding(spikeops.Encoding("absmax", 4))
     calls.clear()
     model(input_ids=ids)
-    assert len(calls) == 4 * 2 + 1
+    assert len(calls) == 4 * 2 + 2  # layer 0's q, k and v each encode
+    # Under inference_mode (inference tensors) and through the group's own call alike.
+    layers["model.layers.0.self_attn.k_proj"].set_encoding(spikeops.Encoding("minmax", 4))
+    calls.clear()
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, shared)
+    assert len(calls) == 4 * 2
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(3, attn.q_proj.in_features)
+    calls.clear()
+    assert all(torch.equal(y, m(h)) for y, m in zip(attn.input_group(h), groups[0].members))
+    assert len(calls) == 1 + 3

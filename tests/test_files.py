@@ -14,7 +14,8 @@ import torch
 import spikeops
 from spikeops import files
 from spikeops.cli import main
-from spikeops.calibrate import JSON_FILE, Calibration
+from spikeops.calibrate import Calibration
+from spikeops.checkpoint import CALIBRATION_FILE as JSON_FILE
 from test_checkpoints import ENC, calib, tiny_model
 from test_floatmodel import tiny_gguf  # noqa: F401  (a fixture)
 

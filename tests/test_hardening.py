@@ -16,7 +16,8 @@ import torch
 import spikeops
 from helpers import make_layer, tiny_batches
 from spikeops import Encoding, reference
-from spikeops.calibrate import JSON_FILE, MASK_FILE, Calibration, calibrate
+from spikeops.calibrate import Calibration, calibrate
+from spikeops.checkpoint import CALIBRATION_FILE as JSON_FILE, CALIBRATION_MASK_FILE as MASK_FILE
 
 ENC = Encoding("minmax", 4)
 

@@ -59,6 +59,18 @@ def test_spiking_model_matches_transformers(model, checkpoint):
     assert_same_logits(model, ids, [16, 1, 1, 12])
 
 
+def test_runner_encodes_each_input_once(model, monkeypatch):
+    """The Runner calls q/k/v through their ProjectionGroup: 4 encodings per decoder layer
+    (q/k/v, o, gate/up, down), as transformers' forward of the loaded model."""
+    import spikeops.nn as nn_module
+    calls = []
+    real = nn_module.encode_rows
+    monkeypatch.setattr(nn_module, "encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runner = Runner(model, max_len=8)
+    runner(torch.randint(0, 256, (1, 5)))
+    assert len(calls) == 4 * len(model.model.layers)
+
+
 def test_rotated_model_with_online_rotation(gqa_model):
     """A rotated model carries an online rotation (a pre-hook on down_proj): the Runner calls
     the modules, so the hook runs."""

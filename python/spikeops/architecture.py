@@ -12,6 +12,8 @@ norm, ...) are refused by name rather than run with other arithmetic.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 # transformers model_type values: LLaMA, and Qwen2, whose decoder layer is LLaMA's with biases on
@@ -19,10 +21,29 @@ import torch
 # Qwen2 config turns it on, is refused by the Runner and left to transformers' forward).
 SUPPORTED = ("llama", "qwen2")
 
-# The quantized projections of every decoder layer (docs/checkpoints.md):
+
+
+class Inputs(NamedTuple):
+    """One activation of a decoder layer and the projections that read it."""
+
+    parent: str                 # the module of the decoder layer whose forward calls them
+    projections: tuple          # their attribute names in ``parent``, in call order
+    norm: Optional[str]         # the RMSNorm of the decoder layer that makes the activation
+
+
+# The four projection inputs of a decoder layer, by name. The transforms fold each norm into its
+# projections and scale or rotate each input; calibration and statistics watch them; the
+# projections of one input encode it once (nn.ProjectionGroup).
+INPUTS = {
+    "qkv": Inputs("self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
+    "o": Inputs("self_attn", ("o_proj",), None),  # the attention's output
+    "gate_up": Inputs("mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"),
+    "down": Inputs("mlp", ("down_proj",), None),  # act(gate) * up
+}
+
+# The quantized projections of every decoder layer, as paths below it (docs/checkpoints.md):
 # model.layers.{i}.self_attn.{q,k,v,o}_proj and model.layers.{i}.mlp.{gate,up,down}_proj.
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = tuple(f"{i.parent}.{p}" for i in INPUTS.values() for p in i.projections)
 
 
 def check_supported(fn: str, model) -> None:

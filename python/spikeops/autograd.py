@@ -298,8 +298,8 @@ class _SpikeLinearFn(torch.autograd.Function):
 def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """``SpikeLinear.forward`` when a gradient may be wanted (grad mode on and x requiring
     grad) or when the layer holds trainable parameters (``make_trainable``): the exact spike
-    path with the parameters' current values, differentiable (``_SpikeLinearFn``). Shared
-    input encodings (``share_inputs``) are not used here."""
+    path with the parameters' current values, differentiable (``_SpikeLinearFn``). A
+    ProjectionGroup never shares its spikes with such a call (nn.ProjectionGroup)."""
     fn = "SpikeLinear"
     params = layer._parameters
     clip, bias = params.get("clip"), params.get("bias")
@@ -382,28 +382,16 @@ def make_trainable(module: torch.nn.Module, clip: bool = True,
             p = torch.nn.Parameter(b.detach().clone())
             layer.register_parameter("bias", p)
             made.append(p)
-        if layer._parameters and layer.shared is not None:
-            _unshare(module, layer)
     if not made and any(not layer._parameters for layer in layers.values()):
         raise ValueError(f"{fn}: nothing to train: no layer has an absmax, absmean or oat "
                          f"encoding (clip) or a bias (bias)")
     return made
 
 
-def _unshare(module: torch.nn.Module, layer) -> None:
-    shared = layer.shared
-    for m in _spike_layers(module).values():
-        if m.shared is shared:
-            m.__dict__["_shared_before"] = shared
-            m.shared = None
-    layer.__dict__["_shared_before"] = shared
-    layer.shared = None
-
-
 def freeze(module: torch.nn.Module) -> Dict[str, Union[float, Tuple[float, float]]]:
     """End ``make_trainable``: every ``clip`` parameter is written into the layer's Encoding
     (gamma, or theta for oat), a bias parameter becomes the bias buffer again (its float32
-    kernel copy rebuilt), input sharing is restored. Returns the written clipping values by
+    kernel copy rebuilt). Returns the written clipping values by
     layer name. Outputs are unchanged: the forward used these values already."""
     from .nn import SpikeLinear
     result: Dict[str, Union[float, Tuple[float, float]]] = {}
@@ -426,10 +414,6 @@ def freeze(module: torch.nn.Module) -> Dict[str, Union[float, Tuple[float, float
         if b is not None:
             layer.register_buffer("bias", b.detach().clone())
             layer.kernel_bias = layer.bias.float()
-    for layer in layers.values():
-        shared = layer.__dict__.pop("_shared_before", None)
-        if shared is not None and not layer._parameters:
-            layer.shared = shared
     return result
 
 
@@ -476,9 +460,6 @@ def learn_clipping(model: torch.nn.Module, batches: Iterable[torch.Tensor], step
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in flags:
         p.requires_grad_(False)
-    shared = {name: m.shared for name, m in every.items()}  # trained layers encode alone
-    for m in every.values():
-        m.shared = None
     try:
         if objective == "layer":
             _learn_layers(model, layers, batches, steps, lr, min_gamma, max_tokens, progress,
@@ -490,8 +471,6 @@ def learn_clipping(model: torch.nn.Module, batches: Iterable[torch.Tensor], step
         result = freeze(model)
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        for name, m in every.items():
-            m.shared = shared[name]
     return {n: result[n] for n in layers if n in result}
 
 

@@ -36,12 +36,11 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from .architecture import PROJECTIONS
+from .checkpoint import CALIBRATION_FILE, CALIBRATION_MASK_FILE
 from .files import check_output, has_file, input_file, write_file
 from .nn import SpikeLinear
 from .spikes import DEFAULT_GAMMA, GAMMA_MODES, Encoding, check_usable, encode
 
-JSON_FILE = "spikeops_calibration.json"
-MASK_FILE = "spikeops_calibration.safetensors"
 METHODS = ("obs", "sdllm", "las")
 GAMMA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 # The keys of a per-layer-type encoding map: the projections' names, and "*" for the others.
@@ -73,13 +72,13 @@ class Calibration:
         folder = check_output(fn, folder)
         masks = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
                  for name, c in self.layers.items() if c.salient is not None}
-        mask_file = write_file(fn, folder / MASK_FILE, lambda tmp: save_file(masks, str(tmp)))
+        mask_file = write_file(fn, folder / CALIBRATION_MASK_FILE, lambda tmp: save_file(masks, str(tmp)))
         layers = {name: {"gamma": c.gamma, "theta": list(c.theta) if c.theta else None,
                          "salient": c.salient is not None}
                   for name, c in self.layers.items()}
         text = json.dumps({"format": 1, "settings": self.settings,
                            "masks_sha256": _sha256(mask_file), "layers": layers}, indent=1)
-        write_file(fn, folder / JSON_FILE, lambda tmp: tmp.write_text(text))
+        write_file(fn, folder / CALIBRATION_FILE, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, folder) -> "Calibration":
@@ -88,7 +87,7 @@ class Calibration:
         from safetensors.torch import load_file
         fn = "Calibration.load"
         folder = Path(folder)
-        json_file, mask_file = input_file(fn, folder, JSON_FILE), folder / MASK_FILE
+        json_file, mask_file = input_file(fn, folder, CALIBRATION_FILE), folder / CALIBRATION_MASK_FILE
         try:
             raw = json.loads(json_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -98,7 +97,7 @@ class Calibration:
             raise ValueError(f"{fn}: {json_file} is not a spikeops calibration "
                              f"(format 1 with a 'layers' object)")
         masks = {}
-        if has_file(fn, folder, MASK_FILE):
+        if has_file(fn, folder, CALIBRATION_MASK_FILE):
             if raw.get("masks_sha256") not in (None, _sha256(mask_file)):
                 raise ValueError(f"{fn}: {mask_file} is not the mask file {json_file.name} was "
                                  f"saved with (an interrupted or mixed save); calibrate again")

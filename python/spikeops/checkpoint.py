@@ -15,9 +15,13 @@ import torch
 
 from . import _checks
 from .architecture import PROJECTIONS, check_supported
-from .calibrate import MASK_FILE
 from .files import has_file, input_file, write_folder
 from .gptq import BITS, FORMATS, GPTQWeight, check_bits_group_size, pack, v1_stored_zeros
+
+# The calibration spikeops saves beside a checkpoint (docs/checkpoints.md, "Calibration"): its
+# settings and per-layer values, and the salient-channel masks.
+CALIBRATION_FILE = "spikeops_calibration.json"
+CALIBRATION_MASK_FILE = "spikeops_calibration.safetensors"
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -261,7 +265,7 @@ def weight_files(fn: str, folder: Path) -> Dict[Path, Optional[set]]:
     if has_file(fn, folder, "model.safetensors"):
         return {folder / "model.safetensors": None}
     # Only regular files (a FIFO would block the reader), and never spikeops' calibration.
-    found = sorted(f for f in folder.glob("*.safetensors") if f.name != MASK_FILE
+    found = sorted(f for f in folder.glob("*.safetensors") if f.name != CALIBRATION_MASK_FILE
                    and has_file(fn, folder, f.name))
     if len(found) == 1:  # old AutoGPTQ names, e.g. gptq_model-4bit-128g.safetensors
         return {found[0]: None}

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import Encoding
-from .calibrate import JSON_FILE as CALIBRATION_FILE
+from .checkpoint import CALIBRATION_FILE
 from .files import check_folder_target, check_output, has_file, write_file, write_folder
 
 DATA = Path(__file__).parent / "data"

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
 from .calibrate import GAMMA_GRID
-from .commands import (CALIBRATION_FILE, DEFAULT_DENSE, DEFAULT_MODEL, DEFAULT_TEXT, cmd_calibrate,
+from .checkpoint import CALIBRATION_FILE
+from .commands import (DEFAULT_DENSE, DEFAULT_MODEL, DEFAULT_TEXT, cmd_calibrate,
                        cmd_import_gguf, cmd_quantize, evaluate_rows, load_calibration,
                        model_tokenizer, parse_encoding, print_table, stop_tokens)
 from .files import has_file, write_file

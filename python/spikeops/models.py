@@ -11,13 +11,12 @@ import torch
 
 from . import _checks
 from .architecture import PROJECTIONS, check_supported, decoder_layers
-from .calibrate import (JSON_FILE as CALIBRATION_FILE, Calibration, check_encoding,
-                        set_encoding, type_encoding)
-from .checkpoint import (PathLike, QuantConfig, check_config_tensors, first, quant_keys,
-                         read_configs, read_tensors, tensor)
+from .calibrate import Calibration, check_encoding, set_encoding, type_encoding
+from .checkpoint import (CALIBRATION_FILE, PathLike, QuantConfig, check_config_tensors, first,
+                         quant_keys, read_configs, read_tensors, tensor)
 from .files import has_file
 from .gptq import FORMATS, GPTQWeight, log
-from .nn import BIAS_DTYPES, SpikeLinear, share_inputs
+from .nn import BIAS_DTYPES, SpikeLinear, group_projections
 from .transforms import CONFIG_KEY as TRANSFORM_KEY, restore_online
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -109,7 +108,7 @@ def load_gptq(path: PathLike, enc, device="cpu",
         model.tie_weights()  # assign=True replaced the shared embedding Parameter
     _rebuild_rotary(model)
     restore_online(model, getattr(config, TRANSFORM_KEY, None), fn)
-    share_inputs(model)
+    group_projections(model)
     left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if left:

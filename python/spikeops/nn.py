@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import _checks, ops
+from .architecture import INPUTS, decoder_layers
 from .gptq import GPTQWeight, build_kernel_form, cpu_layout_of
 from .spikes import Encoding, SpikeTensor, check_usable, encode_rows
 
@@ -62,63 +63,90 @@ def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) 
     return ops.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane)
 
 
-def _version(x: torch.Tensor) -> Optional[int]:
-    """x's in-place modification counter; None for an inference tensor (made under
-    ``torch.inference_mode()``), which has none."""
-    return None if x.is_inference() else x._version
+class ProjectionGroup(torch.nn.Module):
+    """The SpikeLinear projections that read one activation of a decoder layer (q/k/v of
+    ``self_attn``, gate/up of ``mlp``: architecture.INPUTS), encoding it once.
+
+    ``group(x)`` encodes ``x`` once and returns each projection's output, in order (what the
+    Runner calls). Where the parent module's own forward calls the projections one by one
+    (transformers' attention and MLP), the group encodes the parent's input when its call
+    starts (a forward pre-hook) and drops the spikes when it ends: a projection that receives
+    that very input takes them, any other input is encoded by the projection itself. The spikes
+    are shared only when every member would encode alike (the same Encoding and salient mask,
+    on spikes, nothing to train or differentiate); otherwise each member encodes, as alone.
+    Outputs are those of each projection alone, bit for bit; statistics stay per projection.
+    The group holds no tensors between calls and no state dict entries."""
+
+    def __init__(self, members: Sequence["SpikeLinear"]):
+        super().__init__()
+        # Not submodules: the projections stay where the model has them (and its state dict).
+        self.__dict__["members"] = tuple(members)
+        self.__dict__["input"] = self.__dict__["spikes"] = None
+        for m in members:
+            m.__dict__["group"] = self
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        self.start(x)
+        try:
+            return tuple(m(x) for m in self.members)
+        finally:
+            self.end()
+
+    def start(self, x) -> None:
+        """Encode ``x`` for the members if they would all encode it alike."""
+        first = self.members[0]
+        enc, mask = first.enc, first.salient_mask
+        if not isinstance(x, torch.Tensor) or enc is None or x.dim() < 1 or \
+                x.shape[-1] != first.in_features or \
+                (x.requires_grad and torch.is_grad_enabled()) or \
+                any(m.enc != enc or m.salient_mask is not mask or m._parameters
+                    for m in self.members):
+            return
+        self.__dict__["spikes"] = encode_rows(x.reshape(-1, first.in_features), enc, mask)
+        self.__dict__["input"] = x
+
+    def end(self) -> None:
+        self.__dict__["input"] = self.__dict__["spikes"] = None
+
+    def spikes_for(self, x: torch.Tensor):
+        """The spikes of ``x`` if the group encoded that very tensor in this call, else None."""
+        return self.spikes if self.input is x else None
+
+    def extra_repr(self) -> str:
+        return f"members={len(self.members)}"
 
 
-class SharedInput:
-    """One encoding for the layers of a group that read the same activation (q/k/v, gate/up):
-    the first layer to run encodes it, the others of the group with the same Encoding and
-    salient mask reuse the spikes if they get the very same tensor, unchanged (its version
-    counter; an inference tensor has none, so there the tensor's identity decides: the decoder
-    layers spikeops supports never change the input between the projections). The spikes are
-    dropped once every member has run, so no activation outlives its forward pass."""
-
-    def __init__(self, members: int):
-        self.members = members
-        self._clear()
-
-    def _clear(self) -> None:
-        self.x, self.version, self.key, self.spikes, self.served = None, None, None, None, 0
-
-    def get(self, layer, x: torch.Tensor):
-        """The spikes for ``layer`` if the group holds them for ``x``, else None (the layer
-        encodes, then calls ``put``)."""
-        if self.x is not x or self.version != _version(x):
-            return None
-        spikes = self.spikes if self.key == (layer.enc, id(layer.salient_mask)) else None
-        self._served()
-        return spikes
-
-    def put(self, layer, x: torch.Tensor, spikes) -> None:
-        if self.x is x and self.version == _version(x):
-            return  # a member with another encoding: the first member's spikes stay
-        self.x, self.version, self.key = x, _version(x), (layer.enc, id(layer.salient_mask))
-        self.spikes, self.served = spikes, 0
-        self._served()
-
-    def _served(self) -> None:
-        self.served += 1
-        if self.served >= self.members:
-            self._clear()
+# The attribute of a decoder layer's module (self_attn, mlp) that holds its ProjectionGroup.
+GROUP_ATTR = "input_group"
 
 
-def share_inputs(model: torch.nn.Module) -> int:
-    """Let the SpikeLinear projections of every decoder layer that read one activation (q/k/v;
-    gate/up) encode it once (``SharedInput``); outputs are unchanged, statistics stay per
-    projection. Returns the number of groups; ``load_gptq`` calls it."""
-    groups = 0
-    for module in model.modules():
-        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            members = [getattr(module, n, None) for n in names]
-            if all(isinstance(m, SpikeLinear) for m in members):
-                shared = SharedInput(len(members))
-                for m in members:
-                    m.shared = shared
-                groups += 1
-    return groups
+def group_projections(model: torch.nn.Module) -> int:
+    """Give every input of every decoder layer that several SpikeLinear projections read (q/k/v;
+    gate/up) a ``ProjectionGroup`` at ``<parent>.input_group``; returns the number of groups
+    made. ``load_gptq`` calls it; a module that has a group keeps it."""
+    made = 0
+    for layer in decoder_layers("group_projections", model):
+        for inputs in INPUTS.values():
+            parent = layer.get_submodule(inputs.parent)
+            members = [getattr(parent, name) for name in inputs.projections]
+            if len(members) < 2 or hasattr(parent, GROUP_ATTR) or \
+                    not all(isinstance(m, SpikeLinear) for m in members):
+                continue
+            group = ProjectionGroup(members)
+            setattr(parent, GROUP_ATTR, group)
+            parent.register_forward_pre_hook(_start_group, with_kwargs=True)
+            parent.register_forward_hook(_end_group, always_call=True)
+            made += 1
+    return made
+
+
+def _start_group(parent, args, kwargs) -> None:
+    # transformers' decoder layers call self_attn(hidden_states=...) and mlp(x).
+    getattr(parent, GROUP_ATTR).start(args[0] if args else kwargs.get("hidden_states"))
+
+
+def _end_group(parent, _args, _output) -> None:
+    getattr(parent, GROUP_ATTR).end()
 
 
 # The buffers SpikeLinear._linear hands to spike_linear besides the spikes.
@@ -175,8 +203,8 @@ class SpikeLinear(torch.nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module._rebuild())
         # Called as observer(layer, spikes) on every spiking forward (statistics); None = off.
         self.observer = None
-        # The SharedInput of the layers that read the same activation (share_inputs), or None.
-        self.shared = None
+        # The ProjectionGroup of the layers that read the same activation, or None.
+        self.__dict__["group"] = None
         # The calibration.LayerCalibration calibrate.set_encoding refined ``enc`` with, or None:
         # kept so that later encodings of the model use it too until it is dropped.
         self.calibration = None
@@ -249,11 +277,9 @@ class SpikeLinear(torch.nn.Module):
                 self.dense_weight = self.dequantize().to(x.dtype)
             bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None
             return torch.nn.functional.linear(x, self.dense_weight, bias)
-        spikes = self.shared.get(self, x) if self.shared is not None else None
+        spikes = self.group.spikes_for(x) if self.group is not None else None
         if spikes is None:
             spikes = encode_rows(x.reshape(-1, self.in_features), self.enc, self.salient_mask)
-            if self.shared is not None:
-                self.shared.put(self, x, spikes)
         if self.observer is not None:
             self.observer(self, SpikeTensor.wrap(spikes, tuple(x.shape)))
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32

@@ -5,8 +5,8 @@ CPU (docs/performance.md, "Whole model on the CPU").
 
 ``Runner`` calls the model's own modules (embedding, norms, projections, MLP, ``lm_head``) and
 its rotary embedding, so it runs whatever they are: SpikeLinear projections with their
-encodings, shared spikes and online rotations, or float ``nn.Linear``. Only the attention
-plumbing is its own: rotary position embedding, a preallocated key-value cache and
+encodings, projection groups (one encoding of an input for q/k/v and for gate/up) and online
+rotations, or float ``nn.Linear``. Only the attention plumbing is its own: rotary position embedding, a preallocated key-value cache and
 ``scaled_dot_product_attention``, the same arithmetic as transformers' SDPA attention.
 """
 
@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from .architecture import check_supported, head_dim_of
+from .architecture import INPUTS, check_supported, head_dim_of
+from .nn import GROUP_ATTR
 
 HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The per-layer modules a Runner calls, as attribute paths of a decoder layer.
-_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj",
-                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+# The per-layer modules a Runner calls, as attribute paths of a decoder layer, besides the
+# query/key/value projections (_qkv).
+_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.o_proj")
 
 
 def _part(fn: str, root, path: str):
@@ -34,6 +35,16 @@ def _part(fn: str, root, path: str):
             raise ValueError(f"{fn}: model must be a LLaMA-architecture causal LM with "
                              f"'{path}', which {type(root).__name__} lacks")
     return obj
+
+
+def _qkv(fn: str, layer):
+    """x -> (q, k, v) of decoder ``layer``: its ProjectionGroup where it has one (one encoding
+    of x for the three), else each projection."""
+    group = getattr(layer.self_attn, GROUP_ATTR, None)
+    if group is not None:
+        return group
+    projections = [_part(fn, layer.self_attn, name) for name in INPUTS["qkv"].projections]
+    return lambda x: tuple(p(x) for p in projections)
 
 
 class Runner:
@@ -98,6 +109,8 @@ class Runner:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = head_dim_of(config)
         self.layers = [{p: _part(fn, layer, p) for p in _LAYER_PARTS} for layer in layers]
+        for parts, layer in zip(self.layers, layers):
+            parts["qkv"] = _qkv(fn, layer)
         self.scaling = [_part(fn, layer, "self_attn.scaling") for layer in layers]
         w = self.embed.weight
         shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
@@ -152,9 +165,10 @@ class Runner:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # [B, 1, T, head_dim]
         for i, parts in enumerate(self.layers):
             h = parts["input_layernorm"](x)
-            q = parts["self_attn.q_proj"](h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-            k = parts["self_attn.k_proj"](h).view(B, T, self.kv_heads, self.head_dim)
-            v = parts["self_attn.v_proj"](h).view(B, T, self.kv_heads, self.head_dim)
+            q, k, v = parts["qkv"](h)
+            q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.kv_heads, self.head_dim)
+            v = v.view(B, T, self.kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k.transpose(1, 2)
             self.keys[i, :, :, start:end] = k * cos + _rotate_half(k) * sin

@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 
 from . import _checks
-from .architecture import decoder_layers, head_dim_of
+from .architecture import INPUTS, decoder_layers, head_dim_of
 
 TRANSFORMS = ("none", "smooth", "rotate")
 CONFIG_KEY = "spikeops_transform"
@@ -209,6 +209,12 @@ def _online_rotation(fn: str, model: torch.nn.Module,
     return rotation
 
 
+def _projections(layer, inputs) -> tuple:
+    """The projection modules of decoder ``layer`` that read ``inputs`` (architecture.INPUTS)."""
+    parent = layer.get_submodule(inputs.parent)
+    return tuple(getattr(parent, name) for name in inputs.projections)
+
+
 def _fold_norm(norm, linears) -> None:
     """RMSNorm(x) = g * x / rms(x): g moves into the columns of the linears that read it."""
     g = norm.weight.double()
@@ -235,9 +241,9 @@ def _rotate(model, layers, seed: int) -> dict:
     head_dim = head_dim_of(cfg)
     _untie_head(model)
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        _fold_norm(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
-        _fold_norm(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+        for inputs in INPUTS.values():
+            if inputs.norm is not None:
+                _fold_norm(layer.get_submodule(inputs.norm), _projections(layer, inputs))
     _fold_norm(model.model.norm, (model.lm_head,))
 
     # Residual rotation Q = diag(signs) kron(O_odd, H_pow2): orthogonal, spreads every channel
@@ -267,8 +273,10 @@ def _rotate(model, layers, seed: int) -> dict:
     T = online.matrix()
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            right(lin, Q)
+        for inputs in INPUTS.values():
+            if inputs.norm is not None:  # a reader of the residual stream (through its norm)
+                for lin in _projections(layer, inputs):
+                    right(lin, Q)
         left(attn.o_proj, Q)
         left(mlp.down_proj, Q)
         # Values per head: v -> v H (v_proj's rows), o_proj's input columns -> W_o H.
@@ -279,20 +287,15 @@ def _rotate(model, layers, seed: int) -> dict:
     return {"kind": "rotate", "seed": seed, "down_proj": online.record()}
 
 
-# The four projection inputs of a decoder layer, by the projection that reads each first:
-# q_proj's (also k and v read it), o_proj's, gate_proj's (also up) and down_proj's.
-INPUTS = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
-          "mlp.down_proj": "down"}
-
-
 def _watch_inputs(model, layers, batches, see) -> None:
     """Runs ``model`` on the token-id ``batches`` and calls ``see(layer index, kind, x)`` with
-    each of the four INPUTS of every layer, as the projection receives it (after any online
+    each of the four INPUTS of every layer, as its first projection receives it (after any online
     rotation, whose hook was registered first)."""
     handles = []
     for i, layer in enumerate(layers):
-        for path, kind in INPUTS.items():
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(
+        for kind, inputs in INPUTS.items():
+            first = layer.get_submodule(f"{inputs.parent}.{inputs.projections[0]}")
+            handles.append(first.register_forward_pre_hook(
                 lambda _m, args, i=i, kind=kind: see(i, kind, args[0])))
     try:
         device = next(model.parameters()).device
@@ -311,7 +314,7 @@ def input_outliers(model: torch.nn.Module, ids: torch.Tensor) -> Dict[str, dict]
     the first token, the median over the other tokens of their largest |x|, and the median over
     all tokens of (largest |x| / mean |x|), the outlier ratio that per-token 4-bit codes suffer
     from."""
-    seen: Dict[str, List[torch.Tensor]] = {kind: [] for kind in INPUTS.values()}
+    seen: Dict[str, List[torch.Tensor]] = {kind: [] for kind in INPUTS}
     _watch_inputs(model, decoder_layers("input_outliers", model), [ids],
                   lambda _i, kind, x: seen[kind].append(x[0].float().abs().cpu()))
     out = {}
@@ -364,9 +367,8 @@ def _smooth(model, layers, batches, alphas) -> dict:
     chosen = {}
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for key, lins in (("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
-                          ("gate_up", (mlp.gate_proj, mlp.up_proj)),
-                          ("o", (attn.o_proj,)), ("down", (mlp.down_proj,))):
+        for key, inputs in INPUTS.items():
+            lins = _projections(layer, inputs)
             xmax = ranges[(i, key)].clamp(min=1e-5)
             w = torch.cat([lin.weight.double().cpu() for lin in lins])
             wmax = w.abs().amax(0).clamp(min=1e-5)
@@ -382,9 +384,8 @@ def _smooth(model, layers, batches, alphas) -> dict:
             for lin in lins:
                 lin.weight.copy_((lin.weight.double() * s.to(lin.weight.device)[None, :])
                                  .to(lin.weight.dtype))
-            norm = {"qkv": layer.input_layernorm,
-                    "gate_up": layer.post_attention_layernorm}.get(key)
-            if norm is not None:
+            if inputs.norm is not None:
+                norm = layer.get_submodule(inputs.norm)
                 norm.weight.copy_((norm.weight.double() / s.to(norm.weight.device))
                                   .to(norm.weight.dtype))
             elif key == "o":
