@@ -9,7 +9,8 @@ import torch
 
 import spikeops
 from helpers import tiny_batches
-from spikeops.calibrate import Calibration, calibrate, set_encoding, spike_layers
+from spikeops.calibrate import Calibration, calibrate, set_encoding
+from spikeops.nn import spike_layers
 
 
 def test_calibration_values_and_round_trip(model, calibration, tmp_path):

@@ -58,3 +58,6 @@ def test_no_command_lists_the_commands_in_order_and_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == (
         f"spikeops {spikeops.__version__}")
+    # The installed distribution takes its version from there (pyproject.toml: dynamic).
+    from importlib.metadata import version
+    assert version("spikeops") == spikeops.__version__

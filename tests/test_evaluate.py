@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import spikeops
 from helpers import TEXT
-from spikeops.calibrate import set_encoding, spike_layers
+from spikeops.calibrate import set_encoding
+from spikeops.nn import spike_layers
 from spikeops.evaluate import compare, decode_tokens, encode_text, generate, perplexity
 
 
@@ -98,3 +99,18 @@ def test_projections_of_one_input_share_one_encoding(model, monkeypatch):
     calls.clear()
     assert all(torch.equal(y, m(h)) for y, m in zip(attn.input_group(h), groups[0].members))
     assert len(calls) == 1 + 3
+
+
+def test_kept_encodings_restores_every_layer_after_an_error(model):
+    """compare, calibration and learn_clipping switch layers to float activations or other
+    encodings inside spikeops.nn.kept_encodings: each layer gets its Encoding, mask and
+    calibration back, also when the block fails."""
+    from spikeops.nn import kept_encodings
+    layers = spike_layers(model)
+    before = {n: (m.enc, m.salient_mask, m.calibration) for n, m in layers.items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with kept_encodings(layers, enc=None):
+            assert all(m.enc is None for m in layers.values())
+            set_encoding(model, spikeops.Encoding("absmax", 8))
+            raise RuntimeError("inside")
+    assert {n: (m.enc, m.salient_mask, m.calibration) for n, m in layers.items()} == before

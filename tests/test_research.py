@@ -13,7 +13,8 @@ import torch
 import spikeops
 from helpers import TEXT, make_layer
 from spikeops import Encoding
-from spikeops.calibrate import set_encoding, spike_layers
+from spikeops.calibrate import set_encoding
+from spikeops.nn import spike_layers
 from spikeops.evaluate import compare, encode_text, generate, perplexity
 
 

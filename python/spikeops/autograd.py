@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from . import _checks, ops
-from .nn import OUT_DTYPES
+from .nn import OUT_DTYPES, kept_encodings, spike_layers
 from .reference import unpack_bits
 from .spikes import DEFAULT_GAMMA, Encoding, SpikeTensor, encode, encode_rows
 
@@ -333,17 +333,6 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- training
-def _spike_layers(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    from .nn import SpikeLinear
-    if isinstance(module, SpikeLinear):
-        return {"": module}
-    layers = {n: m for n, m in module.named_modules() if isinstance(m, SpikeLinear)}
-    if not layers:
-        raise ValueError(f"spikeops.autograd: module must be a SpikeLinear or contain some, "
-                         f"found none in {type(module).__name__}")
-    return layers
-
-
 def make_trainable(module: torch.nn.Module, clip: bool = True,
                    bias: bool = False) -> List[torch.nn.Parameter]:
     """Give the SpikeLinear layers of ``module`` (or the layer itself) trainable float
@@ -361,7 +350,7 @@ def make_trainable(module: torch.nn.Module, clip: bool = True,
     its input's spikes with its q/k/v or gate/up siblings; ``freeze`` ends both. The
     parameters appear in ``state_dict`` as ``clip`` / ``bias``."""
     fn = "make_trainable"
-    layers = _spike_layers(module)
+    layers = spike_layers(module)
     made: List[torch.nn.Parameter] = []
     for name, layer in layers.items():
         if clip and "clip" not in layer._parameters:
@@ -395,7 +384,7 @@ def freeze(module: torch.nn.Module) -> Dict[str, Union[float, Tuple[float, float
     layer name. Outputs are unchanged: the forward used these values already."""
     from .nn import SpikeLinear
     result: Dict[str, Union[float, Tuple[float, float]]] = {}
-    layers = _spike_layers(module)
+    layers = spike_layers(module)
     # Every value is checked before any layer changes, so a refusal leaves all of them trainable.
     encodings = {}
     for name, layer in layers.items():
@@ -451,7 +440,7 @@ def learn_clipping(model: torch.nn.Module, batches: Iterable[torch.Tensor], step
     _checks.integer(fn, "max_tokens", max_tokens, 1, 1 << 24)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     batches = _checks.token_batches(fn, "batches", batches, vocab if vocab else 1 << 62)
-    every = _spike_layers(model)
+    every = spike_layers(model)
     layers = {n: m for n, m in every.items()
               if m.enc is not None and m.enc.mode in ("absmax", "absmean")}
     if not layers:
@@ -476,15 +465,8 @@ def learn_clipping(model: torch.nn.Module, batches: Iterable[torch.Tensor], step
 
 def _float_logprobs(model, every, ids) -> torch.Tensor:
     """log-softmax of the model's logits with every SpikeLinear on float activations."""
-    saved = {name: (m.enc, m.salient_mask) for name, m in every.items()}
-    try:
-        for m in every.values():
-            m.set_encoding(None)
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-    finally:
-        for name, m in every.items():
-            m.set_encoding(*saved[name])
+    with kept_encodings(every, enc=None), torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
     return torch.log_softmax(logits, -1)
 
 

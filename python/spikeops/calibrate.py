@@ -38,7 +38,7 @@ from . import _checks
 from .architecture import PROJECTIONS
 from .checkpoint import CALIBRATION_FILE, CALIBRATION_MASK_FILE
 from .files import check_output, has_file, input_file, write_file
-from .nn import SpikeLinear
+from .nn import SpikeLinear, kept_encodings, spike_layers
 from .spikes import DEFAULT_GAMMA, GAMMA_MODES, Encoding, check_usable, encode
 
 METHODS = ("obs", "sdllm", "las")
@@ -143,17 +143,6 @@ def _number(v) -> bool:
 def _sha256(file: Path) -> str:
     import hashlib
     return hashlib.sha256(file.read_bytes()).hexdigest()
-
-
-def spike_layers(model: torch.nn.Module) -> Dict[str, SpikeLinear]:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"spikeops: model must be a torch.nn.Module with SpikeLinear layers "
-                        f"(load_gptq / patch), got {type(model).__name__}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SpikeLinear)}
-    if not layers:
-        raise ValueError(f"spikeops: model must contain SpikeLinear modules (load_gptq / patch), "
-                         f"found none in {type(model).__name__}")
-    return layers
 
 
 def check_encoding(fn: str, enc) -> None:
@@ -287,7 +276,6 @@ def collect_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     """Inputs ``x`` (float32 ``[T, K]``, at most ``max_tokens`` rows) of every SpikeLinear when
     the model runs on float activations; the layers' encodings are restored afterwards."""
     layers = spike_layers(model)
-    saved = {name: (m.enc, m.salient_mask) for name, m in layers.items()}
     inputs: Dict[str, List[torch.Tensor]] = {name: [] for name in layers}
     counts = dict.fromkeys(layers, 0)
 
@@ -302,18 +290,15 @@ def collect_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor],
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers.items()]
     try:
-        for m in layers.values():
-            m.set_encoding(None)
-        device = next(iter(layers.values())).qweight.device
-        for ids in batches:
-            if min(counts.values()) >= max_tokens:
-                break  # every layer has its rows: the rest of the batches would be discarded
-            model(input_ids=ids.to(device))
+        with kept_encodings(layers, enc=None):
+            device = next(iter(layers.values())).qweight.device
+            for ids in batches:
+                if min(counts.values()) >= max_tokens:
+                    break  # every layer has its rows: the rest of the batches would be discarded
+                model(input_ids=ids.to(device))
     finally:
         for h in handles:
             h.remove()
-        for name, m in layers.items():
-            m.set_encoding(*saved[name])
     return {name: torch.cat(xs) for name, xs in inputs.items() if xs}
 
 

@@ -168,7 +168,8 @@ def evaluate_rows(args):
         if not same_tokenizer(tokenizer, dense_tok, text):
             raise ValueError(f"--dense {args.dense}: its tokenizer reads the text differently "
                              f"from {args.model}'s; compare models of one tokenizer")
-    model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype])
+    model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype],
+                      calibration=calibration)
     tokens = encode_text(text, tokenizer)[: args.max_tokens]
     return compare(model, tokens, encodings, calibration, dense, window=args.window)
 
@@ -214,8 +215,10 @@ def cmd_generate(args) -> int:
         model, tokenizer = load_float_model(args.dense, DTYPES[args.dtype])
     else:
         calibration = load_calibration(args.model)
-        model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype])
-        set_encoding(model, parse_encoding(args.encoding, calibration), calibration)
+        enc = parse_encoding(args.encoding, calibration)
+        model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype],
+                          calibration=calibration)
+        set_encoding(model, enc, calibration)
         tokenizer = model_tokenizer(args.model)
     prompt, templated = chat_prompt(tokenizer, args.prompt) if args.chat else (args.prompt, False)
     if args.chat and not templated:
@@ -248,7 +251,8 @@ def cmd_report(args) -> int:
     enc = parse_encoding(args.encoding, calibration)
     if enc is None:
         raise ValueError("report needs a spiking encoding, got 'none'")
-    model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype])
+    model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype],
+                      calibration=calibration)
     set_encoding(model, enc, calibration)
     tokens = encode_text(read_text(args.text), model_tokenizer(args.model))[: args.max_tokens]
     if tokens.shape[0] < 1:

@@ -68,7 +68,7 @@ def model_demo(max_tokens: int) -> None:
     from .evaluate import compare, decode_tokens, encode_text, generate
     from .models import load_gptq
     calibration = Calibration.load(DEFAULT_MODEL)
-    model = load_gptq(DEFAULT_MODEL, Encoding("minmax", 4))
+    model = load_gptq(DEFAULT_MODEL, Encoding("minmax", 4), calibration=calibration)
     dense = AutoModelForCausalLM.from_pretrained(DEFAULT_DENSE, use_safetensors=True,
                                                  dtype=torch.float32).eval()
     tokens = encode_text(DEFAULT_TEXT.read_text(encoding="utf-8"))[:max_tokens]
@@ -171,7 +171,8 @@ def real_model_demo(args) -> None:
     print_table(rows)
     spiking = [r for r in rows if r.firing_rate is not None]
     calibration = load_calibration(q_dir)
-    model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
+    model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32,
+                      calibration=calibration)
     tokenizer = model_tokenizer(q_dir)
     prompt, _ = chat_prompt(tokenizer, args.chat)
     print(f"\nchat on spikes, user: {args.chat}")

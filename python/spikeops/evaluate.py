@@ -337,7 +337,8 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_m
     on ``dense_tokens`` (default ``tokens``). Perplexities use windows of ``window`` tokens,
     stride window / 2. One progress bar covers every row; the model's encodings are restored
     afterwards."""
-    from .calibrate import check_encoding, set_encoding, spike_layers
+    from .calibrate import check_encoding, set_encoding
+    from .nn import kept_encodings, spike_layers
     from .stats import track
     fn = "compare"
     layers = spike_layers(model)
@@ -364,23 +365,20 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_m
         dense_tokens = tokens if dense_tokens is None else dense_tokens
         p = perplexity_interval(dense_model, dense_tokens, window, progress=bar)
         rows.append(Row("dense", p.value, None, None, dense_tokens.shape[0], p.low, p.high))
-    saved = {name: (m.enc, m.salient_mask, m.calibration) for name, m in layers.items()}
     try:
-        for label, enc in encodings.items():
-            bar.set_postfix_str(label)
-            set_encoding(model, enc, calibration)
-            with track(model) as tracker:
-                p = perplexity_interval(model, tokens, window, progress=bar)
-            t = tracker.totals()
-            spiking = enc is not None
-            rows.append(Row(label if spiking else "float", p.value,
-                            t["firing_rate"] if spiking else None,
-                            t["sops"] / t["macs"] if spiking and t["macs"] else None,
-                            tokens.shape[0], p.low, p.high,
-                            tracker.energy() if spiking else None))
+        with kept_encodings(layers):
+            for label, enc in encodings.items():
+                bar.set_postfix_str(label)
+                set_encoding(model, enc, calibration)
+                with track(model) as tracker:
+                    p = perplexity_interval(model, tokens, window, progress=bar)
+                t = tracker.totals()
+                spiking = enc is not None
+                rows.append(Row(label if spiking else "float", p.value,
+                                t["firing_rate"] if spiking else None,
+                                t["sops"] / t["macs"] if spiking and t["macs"] else None,
+                                tokens.shape[0], p.low, p.high,
+                                tracker.energy() if spiking else None))
     finally:
         bar.close()
-        for name, m in layers.items():
-            m.set_encoding(*saved[name][:2])
-            m.calibration = saved[name][2]
     return rows

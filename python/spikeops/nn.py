@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -327,3 +328,36 @@ class SpikeLinear(torch.nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, enc={enc}, backend={self.backend!r}"
                 + (f", online_rotation={rotation}" if rotation is not None else ""))
+
+
+def spike_layers(module: torch.nn.Module) -> Dict[str, SpikeLinear]:
+    """The SpikeLinear layers of ``module`` by name (``{"": module}`` for a SpikeLinear itself);
+    a module without any is refused."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"spikeops: model must be a torch.nn.Module with SpikeLinear layers "
+                        f"(load_gptq / patch), got {type(module).__name__}")
+    if isinstance(module, SpikeLinear):
+        return {"": module}
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, SpikeLinear)}
+    if not layers:
+        raise ValueError(f"spikeops: model must be a SpikeLinear or contain some (load_gptq / "
+                         f"patch), found none in {type(module).__name__}")
+    return layers
+
+
+@contextlib.contextmanager
+def kept_encodings(layers: Dict[str, SpikeLinear], enc=...) -> Iterator[None]:
+    """Within the block the ``layers`` may change encodings (``enc=None``: they start on float
+    activations); at its end, also on an exception, each has its Encoding, salient mask and
+    calibration back."""
+    saved = {name: (m.enc, m.salient_mask, m.calibration) for name, m in layers.items()}
+    try:
+        if enc is None:
+            for m in layers.values():
+                m.set_encoding(None)
+        yield
+    finally:
+        for name, m in layers.items():
+            enc_before, mask, calibration = saved[name]
+            m.set_encoding(enc_before, mask)
+            m.calibration = calibration

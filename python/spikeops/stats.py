@@ -257,7 +257,7 @@ class Tracker:
     ``table()``, ``to_json()``, ``plot(folder)``."""
 
     def __init__(self, model: torch.nn.Module):
-        from .calibrate import spike_layers
+        from .nn import spike_layers
         self.model = model
         self._layers = spike_layers(model)
         self._acc: Dict[str, _Acc] = {}
