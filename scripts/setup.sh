@@ -10,4 +10,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q numpy safetensors "transformers>=5.17,<6" gguf accelerate matplotlib ninja \
   pytest pytest-benchmark "setuptools>=64" wheel
+# The optional eval extra (spikeops lm-eval; tests/test_lm_eval.py runs with it, skips without).
+"$PY" -m pip install -q "lm_eval>=0.4.13"
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .

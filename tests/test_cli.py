@@ -50,7 +50,8 @@ def test_no_command_lists_the_commands_in_order_and_version(capsys):
     from spikeops.cli import main
     assert main([]) == 0
     out = capsys.readouterr().out
-    order = ["demo", "import-gguf", "quantize", "calibrate", "eval", "generate", "report"]
+    order = ["demo", "import-gguf", "quantize", "calibrate", "eval", "generate", "report",
+             "lm-eval"]
     listed = [line.split()[0] for line in out.split("commands:")[1].splitlines()
               if line.startswith("    ") and not line.startswith("     ")]
     assert listed == order and "Start with 'spikeops demo'" in out

@@ -25,6 +25,10 @@ CALIBRATION_MASK_FILE = "spikeops_calibration.safetensors"
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# config.json's quant_method of the checkpoints save_gptq writes (docs/integrations.md), and the
+# spike encoding recorded there (the command line's default; from_pretrained runs on it).
+SPIKEOPS_METHOD = "spikeops"
+DEFAULT_ENCODING = "minmax4"
 PathLike = Union[str, Path]
 
 
@@ -45,8 +49,9 @@ class QuantConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{fn}: {source} must be a JSON object, got {type(raw).__name__}")
         method = raw.get("quant_method", "gptq")
-        if method != "gptq":
-            raise ValueError(f"{fn}: {source}: quant_method must be 'gptq', got {method!r}")
+        if method not in ("gptq", SPIKEOPS_METHOD):
+            raise ValueError(f"{fn}: {source}: quant_method must be 'gptq' or "
+                             f"{SPIKEOPS_METHOD!r}, got {method!r}")
         if "bits" not in raw:
             raise ValueError(f"{fn}: {source}: 'bits' must be given (one of {BITS})")
         bits, group_size = raw["bits"], raw.get("group_size", 128)
@@ -119,7 +124,10 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
     # The tensors' dtype, which model.half() and friends do not write into the config; both
     # keys, for transformers 4 (torch_dtype) and 5 (dtype) readers.
     config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    config["quantization_config"] = qc
+    # config.json names spikeops' quant_method, so that transformers' from_pretrained loads the
+    # spiking model (docs/integrations.md); quantize_config.json stays GPTQ for GPTQ readers.
+    config["quantization_config"] = {**qc, "quant_method": SPIKEOPS_METHOD,
+                                     "encoding": DEFAULT_ENCODING}
 
     def write(folder: Path) -> None:
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},

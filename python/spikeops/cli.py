@@ -12,7 +12,8 @@ from typing import Sequence
 from . import __version__
 from .calibrate import GAMMA_GRID
 from .commands import (DEFAULT_MODEL, DTYPES, ENCODING_HELP, HEAD_DTYPE_CHOICES, cmd_calibrate,
-                       cmd_eval, cmd_generate, cmd_import_gguf, cmd_quantize, cmd_report)
+                       cmd_eval, cmd_generate, cmd_import_gguf, cmd_lm_eval, cmd_quantize,
+                       cmd_report)
 from .demo import DEMO_TRANSFORM, LICENSES, demo
 from .demo import __doc__ as DEMO_DOC
 from .transforms import TRANSFORMS
@@ -28,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact, fast spiking LLM kernels for PyTorch. Commands take a GPTQ "
         "checkpoint folder (default: the embedded byte-level model) and a text file (default: "
         "its held-out sample).\n\nStart with 'spikeops demo'. With a model of your own, in "
-        "this order: import-gguf (a .gguf file), quantize, calibrate, eval, generate, report; "
-        "'spikeops COMMAND --help' for each.", epilog=ENCODING_HELP)
+        "this order: import-gguf (a .gguf file), quantize, calibrate, eval, generate, report, "
+        "lm-eval; 'spikeops COMMAND --help' for each.", epilog=ENCODING_HELP)
     parser.add_argument("--version", action="version", version=f"spikeops {__version__}")
     # Listed in the order a newcomer uses them; no command prints this help.
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -146,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256, help="tokens per forward")
     p.add_argument("--out", default="spikeops-report", help="output folder")
     dtype_arg(p)
+
+    p = command("lm-eval", "lm-evaluation-harness tasks (loglikelihood, perplexity, generation) "
+                "on a spiking GPTQ model; needs the lm_eval package (pip install "
+                "'spikeops[eval]'; docs/integrations.md)", cmd_lm_eval)
+    p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
+                   help="GPTQ checkpoint folder (default: the embedded model)")
+    p.add_argument("--tasks", required=True,
+                   help="comma list of lm_eval task names (see --include-path)")
+    p.add_argument("--encoding", default=None,
+                   help="one encoding or a per-layer-type map (see below), or none; default: "
+                   "the one the checkpoint's config.json records")
+    p.add_argument("--calibration", default="saved", choices=("saved", "none"),
+                   help="the folder's saved calibration, or none")
+    p.add_argument("--include-path", help="folder of task YAML files (local tasks)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="documents per task (a number < 1: that fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples")
+    p.add_argument("--batch-size", default="1", help="requests per forward, or 'auto'")
+    p.add_argument("--prefix-token-id", type=int, default=None,
+                   help="token a text's first token is predicted from; default the "
+                   "tokenizer's BOS, else EOS (a byte-level model needs it, e.g. 10)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    dtype_arg(p)
+    p.add_argument("--output", help="also write lm_eval's results to this JSON file")
     return parser
 
 

@@ -1,0 +1,185 @@
+"""transformers' ``AutoModelForCausalLM.from_pretrained`` of spikeops checkpoints (the
+``"spikeops"`` quantization method, docs/integrations.md): the model is load_gptq's, bit for bit,
+and what from_pretrained's arguments cannot mean for it is refused by name."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import spikeops
+from spikeops.calibrate import encodings
+from spikeops.commands import DEFAULT_MODEL
+from test_architecture import SIZES, qwen2
+
+ABSMAX4 = spikeops.Encoding("absmax", 4)
+MINMAX4 = spikeops.Encoding("minmax", 4)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def edit_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded model with its config.json written as save_gptq now writes it (its
+    quantization_config names quant_method "spikeops" and an encoding, here absmax4)."""
+    folder = tmp_path_factory.mktemp("embedded") / "model"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    edit_config(folder, lambda c: c["quantization_config"].update(quant_method="spikeops",
+                                                                  encoding="absmax4"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    """A tiny Qwen2 (q/k/v biases) quantized and written by spikeops.quantize -> save_gptq."""
+    folder = tmp_path_factory.mktemp("qwen2") / "q"
+    ids = torch.randint(0, SIZES["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(3))
+    spikeops.quantize(qwen2(), ids, bits=4, group_size=16, path=folder)
+    return folder
+
+
+def test_embedded_model_is_load_gptqs(embedded):
+    """Same modules, same encodings (the saved calibration applied), same logits bit for bit,
+    as load_gptq of the folder and of the package's own embedded model."""
+    model = AutoModelForCausalLM.from_pretrained(embedded)
+    reference = spikeops.load_gptq(embedded, ABSMAX4)
+    ids = torch.randint(0, 256, (2, 48))
+    assert model.dtype == torch.float32 and not model.training
+    assert isinstance(model.model.layers[0].mlp.down_proj, spikeops.SpikeLinear)
+    assert encodings(model) == encodings(reference)
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+    assert torch.equal(logits(model, ids), logits(spikeops.load_gptq(DEFAULT_MODEL, ABSMAX4), ids))
+    assert model.config.quantization_config.encoding == "absmax4"
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_save_gptq_writes_the_method(tiny_qwen2):
+    config = json.loads((tiny_qwen2 / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "spikeops"
+    assert config["quantization_config"]["encoding"] == "minmax4"
+    # GPTQ readers (AutoGPTQ, GPTQModel) read quantize_config.json first: still GPTQ.
+    assert json.loads((tiny_qwen2 / "quantize_config.json").read_text())["quant_method"] == "gptq"
+
+
+def test_qwen2_is_load_gptqs(tiny_qwen2):
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 11))
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert torch.equal(logits(model, ids), logits(spikeops.load_gptq(tiny_qwen2, MINMAX4), ids))
+
+
+def test_override_encoding_calibration_and_dtype(embedded):
+    """quantization_config=SpikeopsConfig(...) overrides the encoding and the calibration,
+    dtype= the dtype; each gives load_gptq's model of the same arguments."""
+    ids = torch.randint(0, 256, (1, 33))
+    config = spikeops.SpikeopsConfig(encoding="down_proj=minmax8;*=absmean4", calibration="none")
+    model = AutoModelForCausalLM.from_pretrained(embedded, quantization_config=config,
+                                                 dtype=torch.bfloat16)
+    enc = {"down_proj": spikeops.Encoding("minmax", 8), "*": spikeops.Encoding("absmean", 4)}
+    reference = spikeops.load_gptq(embedded, enc, dtype=torch.bfloat16, calibration=None)
+    assert model.dtype == torch.bfloat16
+    assert encodings(model) == encodings(reference)
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+    float_acts = AutoModelForCausalLM.from_pretrained(
+        embedded, quantization_config=spikeops.SpikeopsConfig(encoding="none"))
+    assert torch.equal(logits(float_acts, ids), logits(spikeops.load_gptq(embedded, None), ids))
+
+
+def test_old_checkpoint_with_a_config_passed(tiny_qwen2, tmp_path):
+    """A checkpoint whose config.json has no quantization_config (its GPTQ config only in
+    quantize_config.json) loads when the user passes the spikeops config."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_qwen2, old)
+    edit_config(old, lambda c: c.pop("quantization_config"))
+    ids = torch.randint(0, SIZES["vocab_size"], (1, 7))
+    model = AutoModelForCausalLM.from_pretrained(
+        old, quantization_config=spikeops.SpikeopsConfig(encoding="absmax4"))
+    assert torch.equal(logits(model, ids), logits(spikeops.load_gptq(old, ABSMAX4), ids))
+
+
+def test_generate(embedded):
+    """transformers' generate runs the spiking model: greedy tokens are the argmax of
+    load_gptq's logits, step by step."""
+    model = AutoModelForCausalLM.from_pretrained(embedded)
+    reference = spikeops.load_gptq(embedded, ABSMAX4)
+    prompt = torch.tensor([[100, 101, 102, 32, 40]])
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ids = prompt
+    for _ in range(4):
+        ids = torch.cat([ids, logits(reference, ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"device_map": "auto"}, ValueError, ["device_map='auto'", "refused"]),
+    ({"device_map": {"model.layers.0": "cpu"}}, ValueError, ["device_map", "''"]),
+    ({"device_map": {"": "disk"}}, ValueError, ["disk", "offloading"]),
+    ({"dtype": torch.float64}, TypeError, ["dtype", "torch.float64"]),
+    ({"rms_norm_eps": 0.5}, ValueError, ["rms_norm_eps", "0.5", "config.json"]),
+    ({"quantization_config": {"bits": 8}}, ValueError, ["bits", "disagrees"]),
+    ({"quantization_config": {"encoding": "spiky4"}}, ValueError, ["encoding", "spiky4"]),
+    ({"quantization_config": {"encoding": "oat8", "calibration": "none"}}, ValueError,
+     ["oat8", "calibration"]),
+])
+def test_refused_arguments(embedded, kwargs, error, words):
+    if isinstance(kwargs.get("quantization_config"), dict):
+        config = kwargs["quantization_config"]
+        if "encoding" in config and config["encoding"] == "spiky4":
+            # A malformed encoding is refused when the config is made.
+            with pytest.raises(ValueError, match="spiky4"):
+                spikeops.SpikeopsConfig(**config)
+            return
+        kwargs = {"quantization_config": spikeops.SpikeopsConfig(**config)}
+    with pytest.raises(error) as e:
+        AutoModelForCausalLM.from_pretrained(embedded, **kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_cpu_half_precision_is_announced(embedded, caplog):
+    with caplog.at_level("WARNING", logger="spikeops"):
+        model = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.float16)
+    assert model.dtype == torch.float16
+    assert any("float16 on the CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_unsupported_architecture_refused(tiny_qwen2, tmp_path):
+    other = tmp_path / "qwen3"
+    shutil.copytree(tiny_qwen2, other)
+    edit_config(other, lambda c: c.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"]))
+    with pytest.raises(ValueError, match="model_type 'qwen3'"):
+        AutoModelForCausalLM.from_pretrained(other)
+
+
+def test_encoding_missing_and_save_pretrained_refused(embedded, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(embedded, bare)
+    edit_config(bare, lambda c: c["quantization_config"].pop("encoding"))
+    with pytest.raises(ValueError, match="must give 'encoding'"):
+        AutoModelForCausalLM.from_pretrained(bare)
+    model = AutoModelForCausalLM.from_pretrained(embedded)
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "saved")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="calibration"):
+        spikeops.SpikeopsConfig(encoding="absmax4", calibration="latest")
+    with pytest.raises(ValueError, match="bits"):
+        spikeops.SpikeopsConfig(bits=5)
+    with pytest.raises(TypeError, match="encoding must be a str"):
+        spikeops.SpikeopsConfig(encoding=4)
+    config = spikeops.SpikeopsConfig(encoding="absmax4")
+    assert config.get_loading_attributes() == {"encoding": "absmax4", "calibration": "saved"}
+    spikeops.register_with_transformers()  # again: nothing changes
