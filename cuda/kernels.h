@@ -41,4 +41,10 @@ void launch_spike_linear_w8(const LinearArgs& a, cudaStream_t stream);
 bool spike_linear_decode_applies(const LinearArgs& a);
 void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream);
 
+// spike_linear's prefill kernel on integer tensor cores (cuda/linear_mma.cu): whether it serves
+// these arguments (M >= 64, 2- or 4-bit weights, uniform groups, one range, codes that fit int8
+// after an offset), and its launcher. launch_spike_linear routes.
+bool spike_linear_mma_applies(const LinearArgs& a);
+void launch_spike_linear_mma(const LinearArgs& a, cudaStream_t stream);
+
 }  // namespace spikeops

@@ -45,6 +45,13 @@
 // the same D with int32 dp4a sums per group and the same fold. It reads every weight row (this
 // kernel skips the rows of words silent in every token, which dense activations rarely have).
 // The spike backend keeps this kernel.
+//
+// Prefill. Calls of at least 64 tokens on 2- and 4-bit layers with uniform groups (of a multiple
+// of 32 channels), one range (R = 1: no salient channels, not oat), codes that fit int8 after an
+// offset (signed P <= 7, unsigned P <= 8) and N % 4 == 0 go to the tensor-core kernel of
+// cuda/linear_mma.cu, for backends int and auto: mma.sync m16n8k32 on int8 codes c' and weights
+// q - z, int32 sums per group, the same D and the same fold (compiled, not yet run on a GPU).
+// Everything else, two ranges included, stays here.
 #include "kernels.h"
 
 namespace spikeops {
@@ -52,6 +59,10 @@ namespace spikeops {
 void launch_spike_linear(const LinearArgs& a, cudaStream_t stream) {
   if (spike_linear_decode_applies(a)) {
     launch_spike_linear_decode(a, stream);
+    return;
+  }
+  if (spike_linear_mma_applies(a)) {
+    launch_spike_linear_mma(a, stream);
     return;
   }
   switch (a.bits) {

@@ -13,12 +13,17 @@
 #
 # Usage: scripts/gpu_check.sh OUTDIR [STAGE ...]
 # Stages (all but the full bench-linear-* / bench-ops / bench-model when none is named):
-#   build tests bench-core bench-encode bench-decode report sanitizer    (15-minute budget)
-#   bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model (full matrix, hours)
+#   build prefill tests bench-core bench-encode bench-decode report sanitizer (15-minute budget)
+#   bench-prefill bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model
+# prefill: the exactness tests of the tensor-core prefill kernel (cuda/linear_mma.cu), first
+# after the build: its host emulation (tests/test_cuda_mma_layout.py) and its CUDA-against-CPU
+# cases (tests/test_cuda.py -k prefill); bench-core then times it at M = 2048 (auto entries).
+# bench-prefill: spike_linear at M = 64, 256 and 2048 on the 7B shapes, W4, auto and baselines.
 # bench-core: spike_linear at M = 1 and 2048 on the LLaMA-2-7B shapes (W4); bench-encode:
 # gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1.
-# OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, pytest.txt, sanitizer.txt,
-# bench-*.txt, bench-*.json and report.md (from every bench-*.json present in OUTDIR).
+# OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, prefill.txt, pytest.txt,
+# sanitizer.txt, bench-*.txt, bench-*.json and report.md (from every bench-*.json present in
+# OUTDIR).
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -30,12 +35,12 @@ out="$(cd "$1" && pwd)"
 shift
 stages=("$@")
 if (( ${#stages[@]} == 0 )); then
-  stages=(build tests sanitizer bench-core bench-encode bench-decode report)
+  stages=(build prefill tests sanitizer bench-core bench-encode bench-decode report)
 fi
 PY=${PYTHON:-python3}
 # Each stage's time limit in seconds.
-declare -A LIMIT=([build]=200 [tests]=180 [sanitizer]=90 [bench-core]=150 [bench-encode]=45
-                  [bench-decode]=90 [report]=30)
+declare -A LIMIT=([build]=200 [prefill]=90 [tests]=150 [sanitizer]=90 [bench-core]=150
+                  [bench-encode]=45 [bench-decode]=90 [report]=30 [bench-prefill]=150)
 cd "$(dirname "$0")/.."
 summary="$out/summary.txt"
 touch "$summary"
@@ -154,6 +159,13 @@ tests() {
   return "${PIPESTATUS[0]}"
 }
 
+prefill() {
+  ensure_built
+  limited "$PY" -m pytest tests/test_cuda_mma_layout.py tests/test_cuda.py -q -rs \
+    -p no:cacheprovider -k "mma or prefill" 2>&1 | tee "$out/prefill.txt"
+  return "${PIPESTATUS[0]}"
+}
+
 sanitizer() {
   ensure_built
   local tool
@@ -203,12 +215,15 @@ report() {
 for s in "${stages[@]}"; do
   case "$s" in
     build) step build build ;;
+    prefill) step prefill prefill ;;
     tests) step tests tests ;;
     sanitizer) step sanitizer sanitizer ;;
     bench-core) step "$s" bench core bench/test_linear.py \
       -k "7B-qkvo-M1-W4 or 7B-qkvo-M2048-W4 or 7B-gate_up-M1-W4 or 7B-gate_up-M2048-W4" ;;
     bench-encode) step "$s" bench encode bench/test_ops.py -k "gif_encode and 4096" ;;
     bench-decode) step "$s" bench decode bench/test_model.py -k "decode-batch1" ;;
+    bench-prefill) step "$s" bench prefill bench/test_linear.py \
+      -k "7B- and (M64- or M256- or M2048-) and W4- and not spike- and not timestep" ;;
     bench-linear-7B) step "$s" bench linear-7B bench/test_linear.py -k "7B-" ;;
     bench-linear-8B) step "$s" bench linear-8B bench/test_linear.py -k "8B-" ;;
     bench-linear-70B) step "$s" bench linear-70B bench/test_linear.py -k "70B-" ;;

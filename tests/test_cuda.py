@@ -107,6 +107,55 @@ def test_spike_linear_and_dequantize_cpu_equals_cuda(bits, group_size, act, sym,
             assert torch.equal(y.cpu(), y_cpu)
 
 
+@pytest.mark.parametrize("bits, group_size, K, N", [
+    (4, 128, 4096, 11008 // 8), (4, 64, 200, 196), (2, 32, 320, 100), (2, 128, 384 + 64, 260)])
+@pytest.mark.parametrize("M", [64, 130])
+@pytest.mark.parametrize("enc", [spikeops.Encoding("minmax", 4), spikeops.Encoding("minmax", 8),
+                                 spikeops.Encoding("absmax", 8, gamma=0.7),
+                                 spikeops.Encoding("absmean", 3),
+                                 spikeops.Encoding("minmax", 4, salient_bits=8),
+                                 spikeops.Encoding("oat", 4, theta=(0.8, 2.5)),
+                                 spikeops.Encoding("minmax", 12)],
+                         ids=["minmax4", "minmax8", "absmax8", "absmean3", "minmax4+s8", "oat4",
+                              "minmax12"])
+def test_spike_linear_prefill_cpu_equals_cuda(bits, group_size, K, N, M, enc):
+    """Prefill shapes (M >= 64, N % 4 == 0, several groups, ragged M, N and K): one range with
+    codes that fit int8 takes the tensor-core kernel (cuda/linear_mma.cu), two ranges
+    (salient, oat) and wide codes (minmax12) the CUDA-core kernel; every one equals the CPU."""
+    mask = torch.rand(K) < 0.1 if enc.salient_bits else None
+    w_cpu = make_layer(K, N, bits, group_size, sym=False, seed=K)[0]
+    w_gpu = make_layer(K, N, bits, group_size, sym=False, seed=K, device="cuda")[0]
+    x = torch.randn(M, K) * 2
+    bias = torch.randn(N)
+    st_cpu = spikeops.encode(x, enc, salient_mask=mask)
+    st = spikeops.encode(x.cuda(), enc, salient_mask=None if mask is None else mask.cuda())
+    for out_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        y_cpu = spikeops.spike_linear(st_cpu, w_cpu, bias.to(out_dtype), out_dtype)
+        for backend in ("int", "auto"):
+            y = spikeops.spike_linear(st, w_gpu, bias.to(out_dtype).cuda(), out_dtype,
+                                      backend=backend)
+            assert torch.equal(y.cpu(), y_cpu), (out_dtype, backend)
+
+
+def test_spike_linear_prefill_zero_point_guard():
+    """The tensor-core kernel turns a token whose zero point lies beyond 10^4 into NaN and
+    leaves the others equal to the CPU's (cuda/kernels.h)."""
+    w_cpu = make_layer(256, 128, 4, 64)[0]
+    w_gpu = make_layer(256, 128, 4, 64, device="cuda")[0]
+    st = spikeops.encode(torch.randn(70, 256), spikeops.Encoding("minmax", 4))
+    bad_zero = st.zero.clone()
+    bad_zero[1, 0] = 10001
+    args = [w_cpu.qweight, w_cpu.kernel_zeros, w_cpu.kernel_scales, w_cpu.g_idx, None, None,
+            None, 4, w_cpu.kernel_group_size, torch.float32, "int"]
+    y_cpu = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, *args)
+    args[:4] = [w_gpu.qweight, w_gpu.kernel_zeros, w_gpu.kernel_scales, w_gpu.g_idx]
+    y = ops.spike_linear(st.planes.cuda(), None, None, st.scale.cuda(), bad_zero.cuda(),
+                         *args).cpu()
+    assert y[1].isnan().all()
+    rows = [m for m in range(70) if m != 1]
+    assert torch.equal(y[rows], y_cpu[rows])
+
+
 def test_cuda_graph_capture_of_spike_linear():
     w = make_layer(512, 256, 4, 128, device="cuda")[0]
     lin = spikeops.SpikeLinear(w, spikeops.Encoding("absmax", 4, gamma=0.7)).cuda()
