@@ -114,3 +114,22 @@ def test_kept_encodings_restores_every_layer_after_an_error(model):
             set_encoding(model, spikeops.Encoding("absmax", 8))
             raise RuntimeError("inside")
     assert {n: (m.enc, m.salient_mask, m.calibration) for n, m in layers.items()} == before
+
+
+def test_rows_report_planes_per_element(model):
+    """``Row.planes``: bit planes per activation element, sign and range bits included,
+    averaged over the projection inputs by their sizes (docs/research.md, "Planes")."""
+    from spikeops.calibrate import Calibration
+    from spikeops.commands import DEFAULT_MODEL, parse_encoding
+    calibration = Calibration.load(DEFAULT_MODEL)
+    specs = ["minmax4", "absmax4", "oat8", "down_proj=minmax8;*=absmax4"]
+    rows = compare(model, encode_text(TEXT)[:130], {s: parse_encoding(s, calibration)
+                                                    for s in specs} | {"float": None},
+                   calibration, progress=False)
+    planes = {r.encoding: r.planes for r in rows}
+    layers = spike_layers(model).items()
+    down = sum(m.in_features for n, m in layers if n.endswith("down_proj"))
+    total = sum(m.in_features for _, m in layers)
+    assert planes == {"minmax4": 4.0, "absmax4": 4.0, "oat8": 8 + 1 + 1,
+                      "down_proj=minmax8;*=absmax4": pytest.approx(4 + 4 * down / total),
+                      "float": None}

@@ -75,6 +75,7 @@ def test_counts_silent_and_zero_words_match_reference(enc):
     assert r.words == 2 * 4 * 3
     assert r.firing_rate == pytest.approx(sum(spikes) / (4 * K * st.num_planes))
     assert r.sops == 2 * sum(spikes) * N and r.macs == 8 * K * N
+    assert r.planes == enc.bits  # bits counts a signed encoding's sign
     if enc.mode == "absmax" and enc.gamma == 1.0:
         assert zero_words >= 3 + 1  # token 1 (3 words) and token 0 word 1
         assert silent >= K + 32
@@ -99,13 +100,14 @@ def test_encoding_changed_while_tracking():
     assert r.spikes_per_plane == [a + b for a, b in zip(s4 + [0, 0], s6)]
     assert r.negative_per_plane == n6
     assert r.silent_channels == silent4 + silent6 and r.zero_words == zw4 + zw6
+    assert r.planes == (4 + 7) / 2  # minmax4 then absmax7, over as many tokens
 
 
 def test_energy_arithmetic_by_hand():
     r = LayerStats("model.layers.0.mlp.up_proj", "up", calls=1, tokens=10, K=256, N=512, P=4,
                    groups=2, ranges=1, spikes_per_plane=[100, 200, 300, 400],
                    negative_per_plane=None, silent_channels=0, zero_words=0, words=80,
-                   slots=10 * 256 * 4, encodings=["minmax4"])
+                   slots=10 * 256 * 4, encodings=["minmax4"], bits=10 * 256 * 4)
     sops, macs = 1000 * 512, 10 * 256 * 512
     shifts, mults = 10 * 512 * 2 * 4, 10 * 512 * 2 * 1
     assert r.sops == sops and r.macs == macs

@@ -193,19 +193,22 @@ ROW_LABELS = {"dense": "dense float", "float": "GPTQ, float activations"}
 
 def print_table(rows) -> None:
     print(f"\n{'model / encoding':32} {'perplexity':>10} {'95% interval':>19} {'firing rate':>11} "
-          f"{'SOPs/MAC':>9} {'E/E dense':>9}   ({rows[0].tokens if rows else 0} tokens)")
+          f"{'planes':>6} {'SOPs/MAC':>9} {'E/E dense':>9}   ({rows[0].tokens if rows else 0} "
+          f"tokens)")
     for r in rows:
         rate = f"{r.firing_rate:.4f}" if r.firing_rate is not None else "-"
         sops = f"{r.sops_per_mac:.3f}" if r.sops_per_mac is not None else "-"
+        planes = f"{r.planes:.2f}" if r.planes is not None else "-"
         interval = "-" if r.perplexity_low is None else \
             f"[{r.perplexity_low:.3f}, {r.perplexity_high:.3f}]"
         whole = r.energy["model"] if r.energy is not None else None
         energy = "-" if whole is None else f"{whole['spike_45nm'] / whole['dense_float_45nm']:.3f}"
         print(f"{ROW_LABELS.get(r.encoding, r.encoding):32} {r.perplexity:>10.3f} {interval:>19} "
-              f"{rate:>11} {sops:>9} {energy:>9}")
+              f"{rate:>11} {planes:>6} {sops:>9} {energy:>9}")
     print("95% interval: bootstrap over the perplexity windows; firing rate = spikes / spike "
-          "slots; E/E dense: arithmetic energy\nof the whole model (attention and lm_head "
-          "dense in both), spiking / dense float32, 45 nm (docs/research.md, docs/energy.md)")
+          "slots; planes = bit planes per activation\nelement, sign and range bits included; "
+          "E/E dense: arithmetic energy of the whole model (attention and lm_head dense in\n"
+          "both), spiking / dense float32, 45 nm (docs/research.md, docs/energy.md)")
 
 
 def cmd_generate(args) -> int:

@@ -313,7 +313,10 @@ class Row:
     operations (spikes x outputs) per multiply-accumulate of the dense layers (both over the
     spiking projections, docs/energy.md). ``energy``: of spiking rows, ``Tracker.energy()`` of
     the evaluation (pJ: the projections, the whole model with attention and ``lm_head`` as
-    dense MACs, and those MACs). The last three are None in rows cached before they existed."""
+    dense MACs, and those MACs). ``planes``: of spiking rows, the bit planes per activation
+    element of the spiking projections, sign and range bits included (``LayerStats.planes``),
+    averaged over every projection input of the evaluation. The last four are None in rows
+    cached before they existed."""
 
     encoding: str
     perplexity: float
@@ -323,6 +326,7 @@ class Row:
     perplexity_low: Optional[float] = None
     perplexity_high: Optional[float] = None
     energy: Optional[dict] = None
+    planes: Optional[float] = None
 
 
 def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_model=None,
@@ -378,7 +382,8 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_m
                                 t["firing_rate"] if spiking else None,
                                 t["sops"] / t["macs"] if spiking and t["macs"] else None,
                                 tokens.shape[0], p.low, p.high,
-                                tracker.energy() if spiking else None))
+                                tracker.energy() if spiking else None,
+                                t["planes"] if spiking else None))
     finally:
         bar.close()
     return rows

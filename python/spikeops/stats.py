@@ -134,6 +134,15 @@ class LayerStats:
     words: int
     slots: int       # spike slots: over tokens and channels, each element's own plane count
     encodings: List[str]  # labels of the encodings it ran (Encoding.label)
+    bits: int        # stored bits: the spike slots plus a sign and a range bit per element
+                     # where the encoding has them
+
+    @property
+    def planes(self) -> float:
+        """Bit planes per activation element, its sign and range bits included (docs/research.md,
+        "Planes"): what an encoding costs, so that a mixed policy is never read as 4-bit."""
+        elements = self.tokens * self.K
+        return self.bits / elements if elements else 0.0
 
     @property
     def spikes(self) -> int:
@@ -199,10 +208,10 @@ class _Acc:
     (P only changes if the encoding is changed while tracking), added in place."""
 
     __slots__ = ("calls", "tokens", "words", "K", "N", "groups", "ranges", "signed", "stats",
-                 "slots", "encodings", "_seen")
+                 "slots", "bits", "encodings", "_seen")
 
     def __init__(self, layer: SpikeLinear):
-        self.calls = self.tokens = self.words = self.ranges = self.slots = 0
+        self.calls = self.tokens = self.words = self.ranges = self.slots = self.bits = 0
         self.K, self.N = layer.in_features, layer.out_features
         self.groups = layer.scales.shape[0]
         self.signed = False
@@ -227,6 +236,7 @@ class _Acc:
             if enc.label not in self.encodings:
                 self.encodings.append(enc.label)
         self.slots += M * self._seen[2]
+        self.bits += M * (self._seen[2] + self.K * ((st.sign is not None) + (st.hi is not None)))
         value = st.stats()
         acc = self.stats.get(P)
         if acc is None:
@@ -248,7 +258,7 @@ class _Acc:
         return LayerStats(name, layer_type(name), self.calls, self.tokens, self.K, self.N, P,
                           self.groups, self.ranges, spikes, negative if self.signed else None,
                           self.tokens * self.K - fired, zero_words, self.words, self.slots,
-                          list(self.encodings))
+                          list(self.encodings), self.bits)
 
 
 class Tracker:
@@ -315,8 +325,10 @@ class Tracker:
     def _sum(rows: List[LayerStats], label: str) -> dict:
         spikes = sum(r.spikes for r in rows)
         slots = sum(r.slots for r in rows)
+        elements = sum(r.tokens * r.K for r in rows)
         out = {"name": label, "layers": len(rows), "spikes": spikes,
                "firing_rate": spikes / slots if slots else 0.0,
+               "planes": sum(r.bits for r in rows) / elements if elements else 0.0,
                "silent_fraction": (sum(r.silent_channels for r in rows) /
                                    max(1, sum(r.tokens * r.K for r in rows))),
                "zero_word_fraction": (sum(r.zero_words for r in rows) /
