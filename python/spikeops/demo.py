@@ -212,7 +212,7 @@ def demo(args: argparse.Namespace) -> int:
     W32 = W64.float().t().contiguous()
     dense_ms = median_ms(lambda: F.linear(x, W32))
     print(f"dense float32 F.linear: {dense_ms:.2f} ms\n")
-    header = (f"{'encoding':46} {'planes':>6} {'rate':>6} {'SOPs/MACs':>9} "
+    header = (f"{'encoding':46} {'P':>6} {'rate':>6} {'SOPs/MACs':>9} "
               f"{'rel.err vs x':>12} {'spec ok':>7} {'ms':>6} {'x fp32':>6}")
     print(header)
     print("-" * len(header))
@@ -234,7 +234,8 @@ def demo(args: argparse.Namespace) -> int:
             print("error: spike_linear left the documented tolerance of the float64 reference",
                   file=sys.stderr)
             return 1
-    print("\nrate = spikes / spike slots (tokens * K * planes, salient channels with their own "
+    print("\nP = magnitude planes of the spike tensor (the sign is a word of its own); "
+          "rate = spikes / spike slots (tokens * K * P,\nsalient channels with their own "
           "planes); SOPs/MACs = synaptic additions per "
           "multiply-accumulate of the dense layer;\nrel.err = ||y - x @ W|| / ||x @ W|| "
           "(quantization of x); 'spec ok' = within the tolerance of docs/ops.md of x_hat @ W_hat "
