@@ -97,18 +97,55 @@ def check_metrics(results, want):
         assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
 
-def test_command_runs_local_tasks(tasks, tmp_path, capsys):
-    """``spikeops lm-eval`` (run(args)): lm_eval's table, the firing rate, and results whose
-    metrics are those of the model's own forward."""
+def test_command_passes_lm_evals_arguments_through(tasks, tmp_path, capsys, monkeypatch):
+    """``spikeops lm-eval ARGS``: lm_eval's own options (model_args, tasks, include_path,
+    batch_size, output_path), ``--model spikeops`` and (no CUDA) ``--device cpu`` added;
+    lm_eval's table, and results whose metrics are those of the model's own forward and whose
+    config holds the run's spikes."""
     from spikeops.cli import main
-    out = tmp_path / "results.json"
-    assert main(["lm-eval", "--tasks", "spk_mc,spk_ppl", "--encoding", "absmax4",
-                 "--include-path", str(tasks), "--prefix-token-id", str(PREFIX),
-                 "--batch-size", "3", "--output", str(out)]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "results"
+    assert main(["lm-eval", "--model_args", f"pretrained={DEFAULT_MODEL},encoding=absmax4,"
+                 f"prefix_token_id={PREFIX}", "--tasks", "spk_mc,spk_ppl", "--include_path",
+                 str(tasks), "--batch_size", "3", "--output_path", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "spk_mc" in printed and "firing rate" in printed
+    assert "spikeops (" in printed and "spk_mc" in printed
+    written = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert (written["config"]["model"], written["config"]["device"]) == ("spikeops", "cpu")
     _, _, want = expected(own_model("absmax4"))
-    check_metrics(json.loads(out.read_text())["results"], want)
+    check_metrics(written["results"], want)
+    spikes = written["config"]["spikeops"]
+    assert spikes["encoding"] == "absmax4" and 0 < spikes["firing_rate"] < 1
+    assert spikes["sops_per_mac"] > 0
+
+
+def test_command_help_and_refusals(tasks, capsys, monkeypatch):
+    """Its --help explains the pass-through without importing lm_eval; after "--", --help is
+    lm_eval's; an argument lm_eval refuses gives lm_eval's usage error and exit status 2; the
+    model's refusal and a missing lm_eval are one line."""
+    from spikeops.cli import main
+    code = ("import sys; from spikeops.cli import main; main(['lm-eval', '--help']); "
+            "sys.exit('lm_eval' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    words = " ".join(run.stdout.split())
+    assert run.returncode == 0 and "adds '--model spikeops'" in words and \
+        "'spikeops lm-eval -- --help'" in words, run.stdout + run.stderr
+    assert main(["lm-eval", "--", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lm-eval run") and "--include_path" in out, out
+    assert main(["lm-eval", "--tasks", "spk_mc", "--limit", "many"]) == 2
+    err = capsys.readouterr().err
+    assert "--limit" in err and "many" in err, err
+    assert main(["lm-eval", "--model_args", "pretrained=/nonexistent,encoding=absmax4",
+                 "--tasks", "spk_mc", "--include_path", str(tasks), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("spikeops lm-eval: error: SpikeopsLM: pretrained must be a checkpoint "
+                          "folder"), err
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)  # import fails
+    assert main(["lm-eval", "--tasks", "spk_mc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spikeops lm-eval: error: needs the lm_eval package") and \
+        len(err.splitlines()) == 1, err
 
 
 def test_model_type_by_name_with_a_per_type_encoding(tasks):
@@ -163,15 +200,6 @@ def test_refusals():
         SpikeopsLM(encoding="spiky4")
     with pytest.raises(ValueError, match="checkpoint folder"):
         SpikeopsLM("/nonexistent/folder", encoding="absmax4")
-
-def test_command_refuses_bad_arguments_in_one_line(capsys):
-    from spikeops.cli import main
-    for argv, words in ((["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit"),
-                        (["--num-fewshot", "-1"], "--num-fewshot")):
-        assert main(["lm-eval", "--tasks", "spk_mc"] + argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("spikeops lm-eval: error:") and words in err and \
-            len(err.splitlines()) == 1, err
 
 
 def test_import_spikeops_does_not_import_lm_eval():

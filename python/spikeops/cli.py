@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -148,29 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="spikeops-report", help="output folder")
     dtype_arg(p)
 
-    p = command("lm-eval", "lm-evaluation-harness tasks (loglikelihood, perplexity, generation) "
-                "on a spiking GPTQ model; needs the lm_eval package (pip install "
-                "'spikeops[eval]'; docs/integrations.md)", cmd_lm_eval)
-    p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
-                   help="GPTQ checkpoint folder (default: the embedded model)")
-    p.add_argument("--tasks", required=True,
-                   help="comma list of lm_eval task names (see --include-path)")
-    p.add_argument("--encoding", default=None,
-                   help="one encoding or a per-layer-type map (see below), or none; default: "
-                   "the one the checkpoint's config.json records")
-    p.add_argument("--calibration", default="saved", choices=("saved", "none"),
-                   help="the folder's saved calibration, or none")
-    p.add_argument("--include-path", help="folder of task YAML files (local tasks)")
-    p.add_argument("--limit", type=float, default=None,
-                   help="documents per task (a number < 1: that fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples")
-    p.add_argument("--batch-size", default="1", help="requests per forward, or 'auto'")
-    p.add_argument("--prefix-token-id", type=int, default=None,
-                   help="token a text's first token is predicted from; default the "
-                   "tokenizer's BOS, else EOS (a byte-level model needs it, e.g. 10)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    dtype_arg(p)
-    p.add_argument("--output", help="also write lm_eval's results to this JSON file")
+    # Every argument after "lm-eval" is lm_eval's (docs/integrations.md, "lm-evaluation-harness"):
+    # a NUL byte, which no command-line argument can hold, as the only option prefix makes
+    # argparse take lm_eval's options as plain arguments instead of refusing them as unknown;
+    # cmd_lm_eval shows this help for -h/--help before any "--", without importing lm_eval.
+    p = sub.add_parser(
+        "lm-eval", prefix_chars="\0", add_help=False, formatter_class=HelpFormatter,
+        help="lm-evaluation-harness tasks (loglikelihood, perplexity, generation) on a spiking "
+        "GPTQ model: lm_eval's command line with the spikeops model type",
+        usage="spikeops lm-eval [-h] [--] LM_EVAL_ARGUMENT ...", epilog=ENCODING_HELP,
+        description="\n\n".join(textwrap.fill(text, 92) for text in (
+            "Run lm_eval's own command line (lm-evaluation-harness, the lm_eval package: pip "
+            "install 'spikeops[eval]') with the model type 'spikeops' registered. Every argument "
+            "passes through to lm_eval ('lm_eval run' unless the first is 'ls' or 'validate'). "
+            "spikeops adds '--model spikeops' when no --model/-M is given, and '--device cpu' "
+            "when no --device is given and CUDA is unavailable (lm_eval's default is cuda:0); "
+            "with --config FILE nothing is added. The run's firing rate and SOPs per MAC are in "
+            "lm_eval's results (--output_path) under config.spikeops.",
+            "model_args of the spikeops model: pretrained=FOLDER (default: the embedded model), "
+            "encoding=ENC (the encodings below, or none for float activations; default: the one "
+            "the checkpoint's config.json records), calibration=saved|none, dtype, tokenizer, "
+            "prefix_token_id (needed by a model without BOS/EOS, e.g. 10 for the byte-level "
+            "embedded model), and those of lm_eval's hf model (batch_size, max_length, ...).",
+            "-h/--help before any '--' shows this help; after '--' every argument is lm_eval's: "
+            "'spikeops lm-eval -- --help' shows lm_eval's options. docs/integrations.md has the "
+            "details.")) + "\n\nexamples:\n"
+        "  spikeops lm-eval --model_args pretrained=q4/,encoding=absmax4 --tasks arc_easy\n"
+        "  spikeops lm-eval --model_args pretrained=q4/ --tasks my_task --include_path tasks/ \\\n"
+        "      --limit 100 --output_path out/\n"
+        "  spikeops lm-eval --model hf --model_args pretrained=float/ --tasks arc_easy\n"
+        "  spikeops lm-eval ls tasks --include_path tasks/")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGUMENT",
+                   help="an argument of lm_eval's command line")
+    p.set_defaults(run=cmd_lm_eval, lm_eval_help=p.format_help)
     return parser
 
 

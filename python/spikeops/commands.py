@@ -5,8 +5,6 @@ tokenizer and calibration are read, and the evaluation table."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -280,47 +278,42 @@ def cmd_report(args) -> int:
 
 
 def cmd_lm_eval(args) -> int:
-    """Evaluate ``args.tasks`` with lm_eval's ``simple_evaluate`` on ``SpikeopsLM``; prints
-    lm_eval's table and, on spikes, the firing rate and synaptic operations per MAC of the
-    whole run (spikeops.track, docs/energy.md)."""
+    """lm_eval's own command line on ``args.lm_eval_args`` with the ``spikeops`` model type
+    registered (docs/integrations.md, "lm-evaluation-harness"); returns lm_eval's exit status."""
+    import sys
+    rest = list(args.lm_eval_args)
+    own = rest[:rest.index("--")] if "--" in rest else rest
+    if not rest or "-h" in own or "--help" in own:
+        print(args.lm_eval_help())
+        return 0
+    if "--" in rest:
+        rest.remove("--")  # lm_eval's parser would take what follows it as positionals
     try:
-        import lm_eval
+        from lm_eval.__main__ import cli_evaluate
     except ImportError as e:
-        raise ValueError("lm-eval needs the lm_eval package: pip install 'spikeops[eval]' "
-                         "(or lm_eval>=0.4.13)") from e
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table
-
-    from .lm_eval_model import RECORDED, SpikeopsLM
-    from .stats import track
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not tasks:
-        raise ValueError(f"--tasks must name at least one task, got {args.tasks!r}")
-    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size)):
-        raise ValueError(f"--batch-size must be a positive integer or 'auto', got "
-                         f"{args.batch_size!r}")
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    if args.limit is not None and not args.limit > 0:
-        raise ValueError(f"--limit must be > 0 (a count, or a fraction below 1), got {args.limit}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    lm = SpikeopsLM(args.model, RECORDED if args.encoding is None else args.encoding,
-                    args.calibration, args.dtype, args.device,
-                    prefix_token_id=args.prefix_token_id, batch_size=batch_size)
-    manager = TaskManager(include_path=args.include_path) if args.include_path else None
-    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    spiking = lm.encoding != "none"
-    with track(lm.model) if spiking else contextlib.nullcontext() as tracker:
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot,
-                                          limit=limit, task_manager=manager)
-    print(f"spikeops lm-eval: {args.model}, encoding {lm.encoding}, calibration "
-          f"{args.calibration}\n{make_table(results)}")
-    if spiking:
-        t = tracker.totals()
-        print(f"spikes over the whole run: firing rate {t['firing_rate']:.4f}, SOPs per MAC "
-              f"{t['sops'] / t['macs']:.3f} (the spiking projections; docs/energy.md)")
-    if args.output:
-        text = json.dumps(results, indent=1, default=str)
-        write_file("lm-eval", args.output, lambda tmp: tmp.write_text(text))
-        print(f"wrote {args.output}")
+        raise ValueError(f"needs the lm_eval package: pip install 'spikeops[eval]' (or "
+                         f"'lm_eval>=0.4.13'): {e}") from e
+    from . import lm_eval_model  # noqa: F401  (registers the model type "spikeops")
+    # lm_eval 0.4.13's subcommands; without one, lm_eval itself runs "run".
+    if rest[0] not in ("ls", "validate"):
+        rest = rest[1:] if rest[0] == "run" else rest
+        given = lambda *names: any(a == n or a.startswith(n + "=") or  # noqa: E731
+                                   (len(n) == 2 and a.startswith(n)) for a in rest for n in names)
+        # A --config file may name the model and device itself: nothing is added over it.
+        if not given("--config", "-C"):
+            rest += [] if given("--model", "-M") else ["--model", lm_eval_model.MODEL_TYPE]
+            if not given("--device") and not torch.cuda.is_available():
+                rest += ["--device", "cpu"]
+        rest = ["run"] + rest
+    # cli_evaluate reads sys.argv (it takes no arguments in lm_eval 0.4.13).
+    argv = sys.argv
+    sys.argv = ["lm-eval"] + rest
+    try:
+        cli_evaluate()
+    except SystemExit as e:  # lm_eval's argparse: --help (0), a refused argument (2)
+        if e.code is not None and not isinstance(e.code, int):
+            raise
+        return e.code or 0
+    finally:
+        sys.argv = argv
     return 0

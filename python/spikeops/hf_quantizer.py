@@ -10,13 +10,20 @@ quantizer around its weight loading; here the skeleton's loader reads nothing, a
 whose modules replace the skeleton's. What transformers' arguments cannot mean for such a
 model is refused with an error naming the argument (docs/integrations.md, "Refused").
 
+Such a model's ``save_pretrained(folder)`` is spikeops' ``save_pretrained``: it writes a spikeops
+checkpoint folder whole (the GPTQ tensors, the encoding, the calibration and the transform
+record), which ``from_pretrained`` and ``load_gptq`` load into the same model, bit for bit
+(docs/integrations.md, "save_pretrained").
+
 ``register_with_transformers()`` makes the method known to transformers; ``import spikeops``
 calls it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -25,14 +32,21 @@ from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import _checks
-from .architecture import check_supported
+from .architecture import check_supported, decoder_layers
 from .checkpoint import DEFAULT_ENCODING, SPIKEOPS_METHOD, QuantConfig, read_configs
+from .files import write_folder
 from .models import MODEL_DTYPES, load_gptq
+from .nn import spike_layers
+from .transforms import CONFIG_KEY, _online_rotation, online_rotation
 
 log = logging.getLogger("spikeops")
 FN = "from_pretrained"
 GPTQ_FIELDS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
 CALIBRATIONS = ("saved", "none")
+# The tensors of a SpikeLinear's state dict that a checkpoint holds (docs/checkpoints.md,
+# "Tensors of one quantized linear"); its salient_mask is the calibration's.
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+SALIENT_MASK = "salient_mask"
 # transformers' device_map strings that ask accelerate to split a model by memory.
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # Config keys that from_pretrained itself sets or that describe the file, not the model (and
@@ -123,6 +137,10 @@ class SpikeopsHfQuantizer(HfQuantizer):
         self.folder: Optional[Path] = None
         self.dtype: Optional[torch.dtype] = None
         self.hidden = None
+        # What save_pretrained writes besides the model's tensors: the GPTQ config of the
+        # folder's tensors and the calibration the model was loaded with.
+        self.checkpoint: Optional[QuantConfig] = None
+        self.calibration = None
 
     def update_device_map(self, device_map):
         """transformers' device_map (after its normalisation: None, a string or a
@@ -184,7 +202,7 @@ class SpikeopsHfQuantizer(HfQuantizer):
             raise ValueError(f"{FN}: {folder / 'config.json'} quantization_config must give "
                              f"'encoding' (e.g. {DEFAULT_ENCODING!r}), or pass "
                              f"quantization_config=SpikeopsConfig(encoding=...)")
-        self.folder = folder
+        self.folder, self.checkpoint = folder, qc
         handle = model.register_state_dict_post_hook(
             lambda module, state, prefix, meta: state.clear())
         self.hidden = (handle, model.__dict__.get("_keys_to_ignore_on_load_unexpected"))
@@ -221,15 +239,21 @@ class SpikeopsHfQuantizer(HfQuantizer):
         for module in model.modules():
             if getattr(module, "config", None) is built.config:
                 module.config = model.config
+        self.calibration = calibration
+        # transformers' save_pretrained writes the state dict and config.json file by file into
+        # the target and has no hook for the calibration: this model's save_pretrained is
+        # spikeops' writer, which makes the whole checkpoint folder and swaps it in.
+        model.save_pretrained = types.MethodType(save_pretrained, model)
         log.info("from_pretrained: %s on encoding %s, calibration %s", self.folder,
                  cfg.encoding, "saved" if calibration is not None else "none")
         return model
 
     def is_serializable(self, **kwargs) -> bool:
-        log.warning("save_pretrained: a spikeops model is not saved through transformers: its "
-                    "calibration and online rotation would be lost. The folder it was loaded "
-                    "from is its checkpoint; spikeops.save_gptq writes one from a float model "
-                    "(docs/integrations.md)")
+        """False: transformers' own writer (``PreTrainedModel.save_pretrained(model, ...)``)
+        would lose the calibration; the model's ``save_pretrained`` is spikeops'."""
+        log.warning("save_pretrained: transformers' writer does not save a spikeops model (its "
+                    "calibration would be lost); model.save_pretrained(folder) is spikeops' "
+                    "(docs/integrations.md, 'save_pretrained')")
         return False
 
     @property
@@ -239,6 +263,153 @@ class SpikeopsHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def save_pretrained(model, save_directory, is_main_process: bool = True,
+                    encoding: Optional[str] = None, **kwargs) -> Path:
+    """``model.save_pretrained`` of a model ``from_pretrained`` loaded as spikeops: a spikeops
+    checkpoint folder that ``from_pretrained`` and ``load_gptq`` load into the same model, bit
+    for bit (docs/integrations.md, "save_pretrained"); returns the folder.
+
+    save_directory: a new or empty folder, or a model folder (with config.json), replaced whole
+        (files.write_folder: a failure leaves it as it was); not the folder the model was
+        loaded from, not inside the spikeops package. It gets ``model.safetensors`` (the GPTQ
+        tensors of every SpikeLinear's state dict as they are, the other tensors in the
+        model's dtype), ``config.json`` (``quantization_config`` with quant_method
+        ``"spikeops"``, the checkpoint's GPTQ fields and the encoding; the transform record),
+        ``quantize_config.json`` (GPTQ), ``generation_config.json`` and the calibration the
+        layers hold (``spikeops_calibration.*``). The tokenizer is saved by its own
+        ``save_pretrained`` afterwards, as for any transformers model.
+    is_main_process: False writes nothing (transformers' meaning: one process of several
+        writes).
+    encoding: the encoding to record, in the command line's ``--encoding`` grammar; None:
+        the one the model was loaded with. It must give every layer the encoding it runs.
+
+    Refused, before anything is written: transformers' other arguments (push_to_hub,
+    state_dict, variant, max_shard_size, ...: the folder is written whole, locally, as one
+    file), a model whose layers run other encodings than ``encoding`` with the calibration
+    gives (``set_encoding`` since loading: pass the matching ``encoding``), or hold another
+    calibration than the loaded one, and online rotations that the transform record in the
+    config does not give.
+    """
+    fn = "save_pretrained"
+    from safetensors.torch import save_file
+    if kwargs:
+        raise TypeError(f"{fn}: {', '.join(sorted(kwargs))} not supported: spikeops writes the "
+                        f"checkpoint folder whole, locally, as one model.safetensors "
+                        f"(docs/integrations.md, 'save_pretrained')")
+    if not isinstance(is_main_process, bool):
+        raise TypeError(f"{fn}: is_main_process must be a bool, got {is_main_process!r}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not isinstance(quantizer, SpikeopsHfQuantizer):
+        raise ValueError(f"{fn}: the model must come from from_pretrained of a spikeops "
+                         f"checkpoint, got hf_quantizer {type(quantizer).__name__}")
+    if not isinstance(save_directory, (str, Path)):
+        raise TypeError(f"{fn}: save_directory must be a folder path, got "
+                        f"{type(save_directory).__name__}")
+    out = Path(save_directory)
+    if out.resolve() == quantizer.folder.resolve():
+        raise ValueError(f"{fn}: {out} is the folder the model was loaded from, which already "
+                         f"is its checkpoint (its tokenizer and other files would be replaced); "
+                         f"give another folder")
+    spec = quantizer.quantization_config.encoding if encoding is None else encoding
+    calibration = _held_calibration(fn, model, quantizer.calibration)
+    _check_encodings(fn, model, spec, calibration)
+    _check_rotations(fn, model)
+    tensors = _checkpoint_tensors(fn, model)
+    qc = quantizer.checkpoint
+    gptq = {"bits": qc.bits, "group_size": qc.group_size, "sym": qc.sym,
+            "desc_act": qc.desc_act, "checkpoint_format": qc.checkpoint_format,
+            "quant_method": "gptq", "pack_dtype": "int32"}
+    config = model.config.to_dict()
+    # The dense tensors' dtype, under both keys (docs/checkpoints.md, "Writing").
+    config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["quantization_config"] = {**gptq, "quant_method": SPIKEOPS_METHOD, "encoding": spec}
+    if not is_main_process:
+        return out
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (folder / "quantize_config.json").write_text(json.dumps(gptq, indent=2,
+                                                                sort_keys=True))
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+        if calibration is not None:
+            calibration.save(folder)
+    write_folder(fn, out, write)
+    log.info("save_pretrained: wrote %s (encoding %s, calibration %s)", out, spec,
+             "saved" if calibration is not None else "none")
+    return out
+
+
+def _held_calibration(fn: str, model, loaded):
+    """The calibration the model's layers hold: None, or the one from_pretrained loaded (whose
+    settings are known); another one (``set_encoding(..., calibration=...)``) is refused."""
+    layers = spike_layers(model)
+    held = {name: layer.calibration for name, layer in layers.items()}
+    if all(c is None for c in held.values()):
+        return None
+    if loaded is not None and all(c is loaded.layers.get(name) for name, c in held.items()):
+        return loaded
+    raise ValueError(f"{fn}: the model's layers hold another calibration than the one "
+                     f"from_pretrained loaded (set_encoding(..., calibration=...) since); write "
+                     f"that Calibration with Calibration.save, or set the loaded one back")
+
+
+def _check_encodings(fn: str, model, spec, calibration) -> None:
+    """Every layer runs what loading the folder with ``spec`` and ``calibration`` gives it."""
+    from .calibrate import layer_encoding, type_encoding
+    enc = encoding_of(fn, spec, calibration, "the recorded")
+    for name, layer in spike_layers(model).items():
+        cal = calibration.layers.get(name) if calibration is not None else None
+        want, mask = layer_encoding(type_encoding(fn, enc, name), cal)
+        same_mask = (mask is None) == (layer.salient_mask is None) and (
+            mask is None or torch.equal(mask.cpu(), layer.salient_mask.cpu()))
+        if want != layer.enc or not same_mask:
+            raise ValueError(f"{fn}: layer {name!r} runs {layer.enc} "
+                             f"(salient mask {'set' if layer.salient_mask is not None else 'none'})"
+                             f", encoding {spec!r} with {'the' if cal else 'no'} calibration "
+                             f"gives {want} (salient mask {'set' if mask is not None else 'none'}):"
+                             f" the folder would load with other arithmetic; pass "
+                             f"encoding='...' naming what the model runs")
+
+
+def _check_rotations(fn: str, model) -> None:
+    """Every down_proj rotates its input online exactly as the config's transform record says
+    (load_gptq puts back only that rotation)."""
+    record = getattr(model.config, CONFIG_KEY, None)
+    rotation = _online_rotation(fn, model, record)  # checks the record and present rotations
+    for i, layer in enumerate(decoder_layers(fn, model)):
+        if (online_rotation(layer.mlp.down_proj) is None) != (rotation is None):
+            raise ValueError(f"{fn}: layer {i}'s down_proj "
+                             f"{'has no' if rotation is not None else 'has an'} online rotation, "
+                             f"the config's {CONFIG_KEY} {record!r} "
+                             f"{'gives one' if rotation is not None else 'none'}")
+
+
+def _checkpoint_tensors(fn: str, model) -> dict:
+    """The checkpoint's tensors, on the CPU: every SpikeLinear's GPTQ tensors from its state
+    dict (exactly those; its salient mask is saved with the calibration), and the model's
+    other tensors, a tied one once (safetensors refuses shared tensors; load_gptq re-ties)."""
+    layers = spike_layers(model)
+    tensors, seen = {}, set()
+    for key, t in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers:
+            if leaf == SALIENT_MASK:
+                continue
+            if leaf not in GPTQ_TENSORS:
+                raise ValueError(f"{fn}: {key} is in the state dict of a SpikeLinear but is none "
+                                 f"of the GPTQ tensors {GPTQ_TENSORS} a checkpoint holds")
+        elif t.data_ptr() in seen:
+            continue
+        if t.is_meta:
+            raise ValueError(f"{fn}: {key} is on the meta device: the model holds no value to "
+                             f"save")
+        seen.add(t.data_ptr())
+        tensors[key] = t.detach().cpu().contiguous()
+    return tensors
 
 
 def _check_same_config(config, built, folder: Path) -> None:

@@ -6,10 +6,11 @@ folder on the given encoding (the command line's ``--encoding`` grammar) and the
 calibration, read with the folder's tokenizer; so loglikelihood, rolling loglikelihood
 (perplexity) and generation tasks all run as lm_eval runs any transformers model, batched.
 Importing this module imports lm_eval (slow) and registers the model type; ``import spikeops``
-does neither. ``python -m spikeops.lm_eval_model ARGS`` is lm_eval's own command line with the
-model type registered (every lm_eval option), e.g. ``--model spikeops --model_args
-pretrained=DIR,encoding=absmax4 --tasks ...``; lm_eval 0.4.13 has no plugin discovery, so the
-plain ``lm_eval`` command does not know it.
+does neither. ``spikeops lm-eval ARGS`` (commands.cmd_lm_eval) and ``python -m
+spikeops.lm_eval_model ARGS`` are lm_eval's own command line with the model type registered
+(every lm_eval option), e.g. ``--model spikeops --model_args pretrained=DIR,encoding=absmax4
+--tasks ...``; lm_eval 0.4.13 has no plugin discovery, so the plain ``lm_eval`` command does not
+know it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from .checkpoint import SPIKEOPS_METHOD, read_json
 from .commands import DEFAULT_MODEL, DTYPES, load_calibration, model_tokenizer
 from .hf_quantizer import CALIBRATIONS, encoding_of
 from .models import load_gptq
+from .stats import track
 
 FN = "SpikeopsLM"
+MODEL_TYPE = "spikeops"  # lm_eval's --model name of SpikeopsLM
 RECORDED = object()  # SpikeopsLM's default encoding: the one the checkpoint's config records
 
 
-@register_model("spikeops")
+@register_model(MODEL_TYPE)
 class SpikeopsLM(HFLM):
     """lm_eval's HFLM on ``load_gptq(pretrained, encoding)``.
 
@@ -76,6 +79,21 @@ class SpikeopsLM(HFLM):
                              f"text's first token from; give prefix_token_id (e.g. 10, a "
                              f"newline, for a byte-level model)")
         self.encoding = "none" if encoding is None else encoding
+        self.calibration = calibration
+        # The spike statistics of every forward this LM runs, for get_model_info: the model is
+        # this LM's own, so its observers stay for the LM's life (spikeops.track, docs/energy.md).
+        self.tracker = track(model).__enter__() if enc is not None else None
+
+    def get_model_info(self) -> dict:
+        """HFLM's, plus ``spikeops``: the encoding, the calibration and, on spikes, the firing
+        rate and synaptic operations per MAC of everything run so far (lm_eval puts this into
+        its results' ``config`` at the end of an evaluation)."""
+        info = {"encoding": self.encoding, "calibration": self.calibration}
+        if self.tracker is not None:
+            totals = self.tracker.totals()
+            info.update(firing_rate=totals["firing_rate"],
+                        sops_per_mac=totals["sops"] / totals["macs"] if totals["macs"] else 0.0)
+        return {**super().get_model_info(), "spikeops": info}
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True):
         """HFLM's, except for a model without an end-of-text token (``eot_token_id`` None, the
