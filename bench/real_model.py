@@ -50,7 +50,8 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     with the bfloat16 ``lm_head`` (``Runner(head_dtype=torch.bfloat16)``)."""
     import torch
     from spikeops import Encoding, load_gptq
-    from spikeops.commands import load_calibration, parse_encoding
+    from spikeops.calibrate import parse_encoding
+    from spikeops.commands import load_calibration
     from spikeops.calibrate import set_encoding
     from spikeops.evaluate import encode_text, forward_step
     from spikeops.floatmodel import load_float_model

@@ -120,7 +120,8 @@ def test_rows_report_planes_per_element(model):
     """``Row.planes``: bit planes per activation element, sign and range bits included,
     averaged over the projection inputs by their sizes (docs/research.md, "Planes")."""
     from spikeops.calibrate import Calibration
-    from spikeops.commands import DEFAULT_MODEL, parse_encoding
+    from spikeops.calibrate import parse_encoding
+    from spikeops.commands import DEFAULT_MODEL
     calibration = Calibration.load(DEFAULT_MODEL)
     specs = ["minmax4", "absmax4", "oat8", "down_proj=minmax8;*=absmax4"]
     rows = compare(model, encode_text(TEXT)[:130], {s: parse_encoding(s, calibration)

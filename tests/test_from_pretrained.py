@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 import spikeops
 from spikeops.calibrate import calibrate, encodings, set_encoding
 from spikeops.checkpoint import read_tensors
-from spikeops.commands import DEFAULT_MODEL, load_calibration, parse_encoding
+from spikeops.calibrate import parse_encoding
+from spikeops.commands import DEFAULT_MODEL, load_calibration
 from spikeops.evaluate import generate
 from spikeops.nn import spike_layers
 from spikeops.transforms import CONFIG_KEY, online_rotation, transform

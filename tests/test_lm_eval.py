@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import spikeops
-from spikeops.commands import DEFAULT_MODEL, load_calibration, parse_encoding
+from spikeops.calibrate import parse_encoding
+from spikeops.commands import DEFAULT_MODEL, load_calibration
 from spikeops.evaluate import decode_tokens, encode_text, generate
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,

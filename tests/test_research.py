@@ -92,7 +92,7 @@ def test_salient_bits_without_a_mask_are_refused():
 
 # ------------------------------------------------------------------ 2. oat: bits = planes
 def test_oat_bits_are_its_planes(calibrated, calibration):
-    from spikeops.commands import parse_encoding
+    from spikeops.calibrate import parse_encoding
     x = torch.randn(3, 64)
     assert spikeops.encode(x, Encoding("oat", 8, theta=(0.5, 2.0))).num_planes == 8
     assert spikeops.encode(x, Encoding("oat", theta=(0.5, 2.0))).num_planes == 4  # bits=4
@@ -241,7 +241,7 @@ def test_compare_takes_the_float_model_not_the_tuple(model, checkpoint):
 
 def test_per_layer_type_encodings(calibrated, calibration, capsys):
     from spikeops.cli import main
-    from spikeops.commands import parse_encoding
+    from spikeops.calibrate import parse_encoding
     from spikeops.calibrate import encodings
     by_type = {"down_proj": Encoding("minmax", 8), "*": Encoding("absmax", 4)}
     model = spikeops.load_gptq(calibrated, by_type)

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from . import __version__
 from .calibrate import GAMMA_GRID
-from .commands import (DEFAULT_MODEL, DTYPES, ENCODING_HELP, HEAD_DTYPE_CHOICES, cmd_calibrate,
+from .calibrate import ENCODING_HELP
+from .commands import (DEFAULT_MODEL, DTYPES, HEAD_DTYPE_CHOICES, cmd_calibrate,
                        cmd_eval, cmd_generate, cmd_import_gguf, cmd_lm_eval, cmd_quantize,
                        cmd_report)
 from .demo import DEMO_TRANSFORM, LICENSES, demo

@@ -6,11 +6,11 @@ tokenizer and calibration are read, and the evaluation table."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from . import Encoding
+from .calibrate import parse_encoding
 from .checkpoint import CALIBRATION_FILE
 from .files import check_folder_target, check_output, has_file, write_file, write_folder
 
@@ -18,46 +18,6 @@ DATA = Path(__file__).parent / "data"
 DEFAULT_MODEL = DATA / "default_model"
 DEFAULT_DENSE = DATA / "default_model_dense"
 DEFAULT_TEXT = DATA / "heldout.txt"
-
-ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits, the sign included), oatB (B "
-                 "planes), '+sS' for salient channels at S bits, e.g. minmax4+s6, and none "
-                 "(float activations); per layer type, TYPE=ENC entries joined by ';' with '*' "
-                 "for every other type, e.g. 'down_proj=minmax8;*=absmax4' (TYPE: q_proj, "
-                 "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). absmax/absmean take "
-                 "their gamma, oat its thresholds and salient channels their masks from the "
-                 "model's calibration (spikeops calibrate)")
-
-
-def parse_encoding(spec: str, calibration):
-    """What ``set_encoding`` takes, from a CLI spec: an Encoding (``minmax4``, ``absmax4+s6``,
-    ``oat8``), None (``none``: float activations), or a per-layer-type map
-    (``down_proj=minmax8;*=absmax4``). Specs that need a calibration are refused without one."""
-    from .calibrate import ANY_TYPE, LAYER_TYPES
-    if "=" not in spec:
-        return _parse_one(spec, spec, calibration)
-    by_type = {}
-    for entry in spec.split(";"):
-        kind, _, one = entry.partition("=")
-        if kind not in LAYER_TYPES + (ANY_TYPE,) or kind in by_type:
-            raise ValueError(f"encoding {spec!r}: each ';'-separated entry must be TYPE=ENC with "
-                             f"TYPE one of {', '.join(LAYER_TYPES)} or '*' (every other type), "
-                             f"each once, got {entry!r}")
-        by_type[kind] = _parse_one(one, spec, calibration)
-    return by_type
-
-
-def _parse_one(one: str, spec: str, calibration) -> Optional[Encoding]:
-    import re
-    if one == "none":
-        return None
-    match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:\+s(\d+))?", one)
-    if match is None:
-        raise ValueError(f"unknown encoding {one!r} in {spec!r}; {ENCODING_HELP}")
-    mode, n, salient = match.group(1), int(match.group(2)), match.group(3)
-    if (mode == "oat" or salient) and calibration is None:
-        raise ValueError(f"encoding {one!r} needs a calibration (run spikeops calibrate first)")
-    return Encoding(mode, n, salient_bits=int(salient) if salient else None)
-
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEAD_DTYPE_CHOICES = {"model": None, "bfloat16": torch.bfloat16}

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
-from .calibrate import GAMMA_GRID
+from .calibrate import GAMMA_GRID, parse_encoding
 from .checkpoint import CALIBRATION_FILE
 from .commands import (DEFAULT_DENSE, DEFAULT_MODEL, DEFAULT_TEXT, cmd_calibrate,
                        cmd_import_gguf, cmd_quantize, evaluate_rows, load_calibration,
-                       model_tokenizer, parse_encoding, print_table, stop_tokens)
+                       model_tokenizer, print_table, stop_tokens)
 from .files import has_file, write_file
 from .reference import tolerance
 from .timing import median_ms

@@ -33,6 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import _checks
 from .architecture import check_supported, decoder_layers
+from .calibrate import parse_encoding
 from .checkpoint import DEFAULT_ENCODING, SPIKEOPS_METHOD, QuantConfig, read_configs
 from .files import write_folder
 from .models import MODEL_DTYPES, load_gptq
@@ -63,7 +64,6 @@ class _AnyCalibration:
 def encoding_of(fn: str, spec, calibration, where: str):
     """``parse_encoding`` (the command line's ``--encoding`` grammar) of ``spec``, with the
     function and the place it came from in the error."""
-    from .commands import parse_encoding  # imported here: commands imports spikeops
     if not isinstance(spec, str):
         raise TypeError(f"{fn}: {where} encoding must be a str in the command line's --encoding "
                         f"grammar (e.g. 'absmax4', 'down_proj=minmax8;*=absmax4', 'none'), got "
