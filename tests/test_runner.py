@@ -204,6 +204,8 @@ def test_cache_bytes_per_token(gqa_model):
     (dict(kv="spike3"), ValueError, "kv"),
     (dict(kv="spike4", kv_rotate=1), TypeError, "kv_rotate"),
     (dict(kv_rotate=True), ValueError, "kv_rotate"),
+    (dict(kv_pv="spike"), ValueError, "kv_pv"),
+    (dict(kv="spike4", kv_pv="int"), ValueError, "kv_pv"),
 ])
 def test_spike_kv_rejects(gqa_model, kw, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -217,3 +219,31 @@ def test_spike_kv_rotation_needs_power_of_two_head_dim():
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         Runner(model, 8, kv="spike4")
     Runner(model, 8, kv="spike4", kv_rotate=False)(torch.randint(0, 17, (1, 3)))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("kv", ["spike4", "spike8"])
+def test_spike_attention_against_float64(kv, rotate):
+    """SpikeKV.attend: QK^T on spikes equals the float64 product of the decoded queries (8-bit,
+    per token and head) and keys to float32 rounding, so with a float64 softmax and PV on the
+    decoded values the outputs agree to 1e-5; PV on spikes (8-bit probabilities) to 1e-2 of
+    max |v|. Grouped-query heads, a causal mask over a partly filled cache."""
+    from spikeops.attention import QUERY_ENCODING, SpikeKV
+    from spikeops.transforms import hadamard
+    B, H, Hkv, D, L, T, end = 2, 4, 2, 32, 12, 3, 10
+    k, v = torch.randn(B, Hkv, end, D), torch.randn(B, Hkv, end, D)
+    q = torch.randn(B, H, T, D)
+    mask = torch.ones(T, end, dtype=torch.bool).tril(end - T)
+    R = hadamard(D).float() if rotate else torch.eye(D)
+    for pv, tol in (("float", 1e-5), ("spike", 1e-2)):
+        kvc = SpikeKV("test", kv, rotate, pv, B, Hkv, L, D, torch.float32, "cpu")
+        kvc.write(k[:, :, :7], v[:, :, :7], 0)
+        kvc.write(k[:, :, 7:], v[:, :, 7:], 7)
+        got = kvc.attend(q, end, mask, 0.125)
+        qd = spikeops.fake_quantize(q @ R, QUERY_ENCODING).double()
+        kd = kvc.keys.decode(end, torch.float32).double().repeat_interleave(H // Hkv, 1)
+        vd = kvc.values.decode(end, torch.float32).double().repeat_interleave(H // Hkv, 1)
+        scores = (qd @ kd.transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf"))
+        ref = scores.softmax(-1) @ vd @ R.double().T
+        err = (got.double() - ref).abs().max()
+        assert err <= tol * vd.abs().max(), (pv, err)

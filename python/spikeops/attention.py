@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _checks, ops
-from .spikes import SpikeTensor
+from .spikes import Encoding, SpikeTensor, encode
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,7 +69,6 @@ class SpikeCache:
 
     def write(self, x: torch.Tensor, start: int) -> None:
         """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``."""
-        from .spikes import encode
         B, H, L, D = self.shape
         T = x.shape[2]
         st = encode(x, self.enc)
@@ -82,16 +80,19 @@ class SpikeCache:
     def spikes(self) -> SpikeTensor:
         return SpikeTensor(self.planes, self.sign, None, self.scale, None, self.shape)
 
-    def decode(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """The first ``length`` tokens decoded, ``[batch, kv_heads, length, head_dim]``."""
-        B, H, L, D = self.shape
+    def fields(self, length: int):
+        """(planes, sign, hi, scale) of the first ``length`` tokens of every row, contiguous."""
+        B, H, L, _ = self.shape
         W = self.planes.shape[-1]
         rows = B * H * length
-        st = SpikeTensor(self.planes.view(-1, B, H, L, W)[:, :, :, :length].reshape(-1, rows, W),
-                         self.sign.view(B, H, L, W)[:, :, :length].reshape(rows, W), None,
-                         self.scale.view(B, H, L)[:, :, :length].reshape(rows, 1), None,
-                         (B, H, length, D))
-        return st.decode(dtype)
+        return (self.planes.view(-1, B, H, L, W)[:, :, :, :length].reshape(-1, rows, W),
+                self.sign.view(B, H, L, W)[:, :, :length].reshape(rows, W), None,
+                self.scale.view(B, H, L)[:, :, :length].reshape(rows, 1))
+
+    def decode(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``length`` tokens decoded, ``[batch, kv_heads, length, head_dim]``."""
+        B, H, _, D = self.shape
+        return SpikeTensor(*self.fields(length), None, (B, H, length, D)).decode(dtype)
 
     def bytes_per_token(self) -> int:
         """Bytes one token takes in this cache (all heads of all rows of the batch)."""
@@ -100,8 +101,14 @@ class SpikeCache:
         return B * H * ((self.planes.shape[0] + 1) * W * 4 + 4)
 
 
-# Runner's key-value caches: float, or absmax spikes of 4 or 8 bits (the sign included).
+# Runner's key-value caches: float, or absmax spikes of 4 or 8 bits (the sign included), and
+# the product of the attention probabilities with the spiking values (SpikeKV.attend).
 KV_MODES = ("float", "spike4", "spike8")
+PV_MODES = ("float", "spike")
+# Queries are encoded per token and head at 8 bits whatever the cache holds: they are not
+# stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
+# with 8-bit ones (README, "Attention on spikes").
+QUERY_ENCODING = Encoding("absmax", 8)
 
 
 class SpikeKV:
@@ -113,14 +120,14 @@ class SpikeKV:
     channels over all of them before the 4-bit code (README, "Attention on spikes", has the
     measurement)."""
 
-    def __init__(self, fn: str, kv: str, rotate: bool, batch: int, kv_heads: int, max_len: int,
-                 head_dim: int, dtype: torch.dtype, device):
-        from .spikes import Encoding
+    def __init__(self, fn: str, kv: str, rotate: bool, pv: str, batch: int, kv_heads: int,
+                 max_len: int, head_dim: int, dtype: torch.dtype, device):
         from .transforms import hadamard
         if rotate and head_dim & (head_dim - 1):
             raise ValueError(f"{fn}: kv_rotate needs a power-of-two head_dim (a Hadamard "
                              f"matrix), got head_dim = {head_dim}; pass kv_rotate=False")
         enc = Encoding("absmax", int(kv[len("spike"):]))
+        self.pv = pv
         self.rotation = hadamard(head_dim).to(device=device, dtype=dtype) if rotate else None
         self.keys, self.values = (SpikeCache(enc, batch, kv_heads, max_len, head_dim, device)
                                   for _ in range(2))
@@ -136,13 +143,44 @@ class SpikeKV:
     def attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
                scaling: float) -> torch.Tensor:
         """Attention of ``q [batch, heads, T, head_dim]`` over the first ``end`` cached tokens
-        (``mask``: Runner's boolean mask ``[batch or 1, 1, T, end]``, or None: every key)."""
-        heads, kv_heads = q.shape[1], self.keys.shape[1]
-        keys = self.keys.decode(end, q.dtype)
-        values = self.values.decode(end, q.dtype)
-        a = F.scaled_dot_product_attention(self._rotate(q), keys, values, attn_mask=mask,
-                                           scale=scaling, enable_gqa=heads != kv_heads)
+        (``mask``: Runner's boolean mask ``[batch or 1, 1, T, end]``, or None: every key).
+
+        QK^T is ``spike_matmul`` of the queries, encoded per token and head like the keys, and
+        the key cache: exact integer sums, one float32 rounding. The softmax is float32. PV
+        (``self.pv``): "float" multiplies the probabilities by the decoded value cache in q's
+        dtype; "spike" is spike x spike as well (``spike_pv``)."""
+        queries = encode(self._rotate(q), QUERY_ENCODING)
+        scores = spike_matmul(queries, self.keys.spikes(), keys=end) * scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        group = q.shape[1] // self.keys.shape[1]
+        if self.pv == "spike":
+            a = self.spike_pv(probs, end)
+        else:
+            values = self.values.decode(end, q.dtype).repeat_interleave(group, dim=1)
+            a = probs.to(q.dtype) @ values
         return a if self.rotation is None else a @ self.rotation.T
+
+    def spike_pv(self, probs: torch.Tensor, end: int) -> torch.Tensor:
+        """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``spike_matmul`` of A =
+        the probabilities times the values' per-token scales, as unsigned 8-bit spikes per
+        query row (static, scale = row max / 255, zero 0: no scale floor), and B = the value
+        codes ``c_v`` channel-major (rows d, channels j; a static signed encoding with scale 1,
+        exact for integer codes). The value codes are re-laid out at every call: this path
+        measures accuracy, not speed."""
+        B, Hkv, _, D = self.values.shape
+        planes, sign, _, scale_v = self.values.fields(end)
+        codes = SpikeTensor(planes, sign, None, torch.ones_like(scale_v), None,
+                            (B, Hkv, end, D)).decode()
+        vt = encode(codes.transpose(2, 3).contiguous(), Encoding("static", self.values.enc.bits),
+                    scale=1.0)
+        weights = probs * scale_v.view(B, Hkv, 1, end).repeat_interleave(
+            probs.shape[1] // Hkv, dim=1)
+        row_max = weights.amax(-1).reshape(-1)
+        step = torch.where(row_max > 0, row_max / 255, torch.ones_like(row_max))
+        pt = encode(weights, Encoding("static", 8), scale=step, zero=0)
+        return spike_matmul(pt, vt)
 
     def bytes_per_token(self) -> int:
         return self.keys.bytes_per_token() + self.values.bytes_per_token()

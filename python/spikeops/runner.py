@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .architecture import INPUTS, check_supported, head_dim_of
-from .attention import KV_MODES, SpikeKV
+from .attention import KV_MODES, PV_MODES, SpikeKV
 from .nn import GROUP_ATTR
 
 HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -75,15 +75,17 @@ class Runner:
 
     def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1,
                  head_dtype: Optional[torch.dtype] = None, kv: str = "float",
-                 kv_rotate: Optional[bool] = None):
+                 kv_rotate: Optional[bool] = None, kv_pv: str = "float"):
         fn = "Runner"
         _checks.choice(fn, "kv", kv, KV_MODES)
+        _checks.choice(fn, "kv_pv", kv_pv, PV_MODES)
         if kv_rotate is not None and not isinstance(kv_rotate, bool):
             raise TypeError(f"{fn}: kv_rotate must be a bool or None, got "
                             f"{type(kv_rotate).__name__}")
-        if kv == "float" and kv_rotate:
-            raise ValueError(f"{fn}: kv_rotate is a setting of the spiking caches (kv 'spike4', "
-                             f"'spike8'), got kv_rotate=True with kv='float'")
+        if kv == "float" and (kv_rotate or kv_pv != "float"):
+            raise ValueError(f"{fn}: kv_rotate and kv_pv are settings of the spiking caches (kv "
+                             f"'spike4', 'spike8'), got kv_rotate={kv_rotate}, kv_pv={kv_pv!r} "
+                             f"with kv='float'")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
         _checks.integer(fn, "max_len", max_len, 1, 1 << 20)
@@ -129,7 +131,7 @@ class Runner:
             self.values = torch.zeros_like(self.keys)
         else:
             rotate = kv_rotate is not False
-            self.spike_kv = [SpikeKV(fn, kv, rotate, batch, self.kv_heads, max_len,
+            self.spike_kv = [SpikeKV(fn, kv, rotate, kv_pv, batch, self.kv_heads, max_len,
                                      self.head_dim, w.dtype, w.device) for _ in self.layers]
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
