@@ -109,6 +109,9 @@ PV_MODES = ("float", "spike")
 # stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
 # with 8-bit ones (README, "Attention on spikes").
 QUERY_ENCODING = Encoding("absmax", 8)
+# Callbacks fn(sops, macs) of spikeops.track: every spiking QK^T reports its synaptic operations
+# and the dense multiply-accumulates it replaced (SpikeKV.attend; docs/energy.md).
+OBSERVERS: list = []
 
 
 class SpikeKV:
@@ -153,6 +156,10 @@ class SpikeKV:
         scores = spike_matmul(queries, self.keys.spikes(), keys=end) * scaling
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
+        if OBSERVERS:
+            sops, macs = self._qk_events(queries, end, mask)
+            for fn in OBSERVERS:
+                fn(sops, macs)
         probs = torch.softmax(scores, dim=-1)
         group = q.shape[1] // self.keys.shape[1]
         if self.pv == "spike":
@@ -161,6 +168,22 @@ class SpikeKV:
             values = self.values.decode(end, q.dtype).repeat_interleave(group, dim=1)
             a = probs.to(q.dtype) @ values
         return a if self.rotation is None else a @ self.rotation.T
+
+    def _qk_events(self, queries: SpikeTensor, end: int, mask: Optional[torch.Tensor]):
+        """(synaptic operations, dense MACs) of QK^T on spikes over the attended pairs: an
+        operation is one coincidence of a query spike and a key spike in one channel (one bit
+        of a popcount of an AND of plane words: one addition of +-2^(p+p')), so a pair (i, j)
+        costs sum_k spikes_q[i, k] * spikes_k[j, k]; the MACs are head_dim per pair."""
+        B, H, T, D = queries.shape
+        planes, _, _, scale = self.keys.fields(end)
+        fired_q = _spikes_per_element(queries.planes, queries.scale, queries.shape)
+        fired_k = _spikes_per_element(planes, scale, (B, self.keys.shape[1], end, D))
+        fired_k = fired_k.repeat_interleave(H // self.keys.shape[1], dim=1)
+        visible = torch.ones(B, H, T, end, dtype=torch.bool, device=queries.planes.device)
+        if mask is not None:
+            visible = visible & mask
+        pairs = (fired_q @ fired_k.transpose(-1, -2)) * visible
+        return int(pairs.sum()), int(visible.sum()) * D
 
     def spike_pv(self, probs: torch.Tensor, end: int) -> torch.Tensor:
         """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``spike_matmul`` of A =
@@ -184,3 +207,12 @@ class SpikeKV:
 
     def bytes_per_token(self) -> int:
         return self.keys.bytes_per_token() + self.values.bytes_per_token()
+
+
+def _spikes_per_element(planes: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    """Spikes (set plane bits) of every element, float64 ``shape``: each plane decoded with
+    scale 1 and no sign is 0 or 1 per element."""
+    ones = torch.ones_like(scale)
+    count = sum(ops.spike_decode(planes[p:p + 1], None, None, ones, None, shape[-1])
+                for p in range(planes.shape[0]))
+    return count.double().reshape(shape)
