@@ -7,6 +7,9 @@
 - ``spike_accumulate`` (int8 weights, absmax4 spikes) beside ``torch-int8-_int_mm`` on the int8
   codes of the same problem;
 - ``gptq_dequantize`` beside ``torch-reference`` (unpack with shifts, then scale);
+- ``spike_matmul`` (absmax4 queries x absmax4 keys, head_dim 64, 2,048 keys, SmolLM2's 9 query
+  and 3 kv heads, one query per head as in decode) beside ``torch-float-matmul``, float32
+  ``q @ k^T`` on the decoded tensors (the attention scores of a float cache);
 - ``copy-roofline``: a 1 GiB device-to-device copy (64 MiB on CPU), the memory roofline.
 
 On GPU: the input widths of the LLaMA shapes (harness.SHAPES) and M in {1, 4, 16, 64, 256,
@@ -124,3 +127,23 @@ def test_gptq_dequantize(benchmark, shape, entry):
     measure(benchmark, lambda: fn(*args), f"gptq_dequantize {shape} {K}x{N} W4g128", entry,
             bytes_moved=nbytes(w.qweight, w.qzeros, w.scales, w.g_idx) + K * N * 2,
             extra=dict(K=K, N=N))
+
+
+@pytest.mark.parametrize("entry", ["spikeops-matmul", "torch-float-matmul"])
+@pytest.mark.parametrize("Ma", [1, 16])
+def test_spike_matmul(benchmark, Ma, entry):
+    heads, kv_heads, keys, D = 9, 3, 2048, 64
+    q = spikeops.encode(torch.randn(1, heads, Ma, D, device=DEVICE), ENCODINGS["absmax4"])
+    k = spikeops.encode(torch.randn(1, kv_heads, keys, D, device=DEVICE), ENCODINGS["absmax4"])
+    group = f"spike_matmul heads={heads}/{kv_heads} D={D} keys={keys} Ma={Ma} absmax4"
+    info = dict(M=Ma, K=D, N=keys)
+    macs = heads * Ma * keys * D
+    if entry == "spikeops-matmul":
+        measure(benchmark, lambda: spikeops.spike_matmul(q, k), group, entry,
+                bytes_moved=nbytes(*q[:5], *k[:5]) + heads * Ma * keys * 4, ops=2.0 * macs,
+                extra=info)
+    else:
+        qf = q.decode().expand(1, heads, Ma, D)
+        kf = k.decode().repeat_interleave(heads // kv_heads, 1)
+        measure(benchmark, lambda: qf @ kf.transpose(-1, -2), group, entry,
+                bytes_moved=nbytes(qf, kf) + heads * Ma * keys * 4, ops=2.0 * macs, extra=info)

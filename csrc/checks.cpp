@@ -1,5 +1,7 @@
 #include "checks.h"
 
+#include "matmul_math.h"
+
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -332,6 +334,40 @@ at::Tensor check_bias(const char* op, const at::Tensor& bias, const Weights& w) 
   check_shape(op, bias, "bias", {w.N});
   check_same_device(op, bias, "bias", w.qweight, "qweight");
   return bias.contiguous();
+}
+
+Matmul check_matmul(const at::Tensor& a_planes, const at::Tensor& a_sign, const at::Tensor& a_hi,
+                    const at::Tensor& a_scale, const at::Tensor& a_zero,
+                    const at::Tensor& b_planes, const at::Tensor& b_sign, const at::Tensor& b_hi,
+                    const at::Tensor& b_scale, const at::Tensor& b_zero, int64_t K, int64_t batch,
+                    int64_t heads, int64_t kv_heads, int64_t keys, bool causal) {
+  const char* op = "spike_matmul";
+  Matmul g;
+  g.a = check_spikes("spike_matmul (a)", a_planes, a_sign, a_hi, a_scale, a_zero);
+  g.b = check_spikes("spike_matmul (b)", b_planes, b_sign, b_hi, b_scale, b_zero);
+  check_same_device(op, b_planes, "b_planes", a_planes, "a_planes");
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMatmulMaxK, op, ": K must be in [1, ", kMatmulMaxK,
+                    "] (exact float64 sums, docs/ops.md), got ", K);
+  check_spike_width("spike_matmul (a)", g.a, K, "K");
+  check_spike_width("spike_matmul (b)", g.b, K, "K");
+  TORCH_CHECK_VALUE(batch >= 1 && heads >= 1 && kv_heads >= 1 && heads % kv_heads == 0, op,
+                    ": batch, heads and kv_heads must be >= 1 with heads a multiple of ",
+                    "kv_heads, got batch = ", batch, ", heads = ", heads, ", kv_heads = ",
+                    kv_heads);
+  TORCH_CHECK_VALUE(g.a.M % (batch * heads) == 0, op, ": a_planes must hold batch * heads * Ma",
+                    " rows (batch = ", batch, ", heads = ", heads, "), got M = ", g.a.M);
+  TORCH_CHECK_VALUE(g.b.M % (batch * kv_heads) == 0, op, ": b_planes must hold batch * ",
+                    "kv_heads * Lb rows (batch = ", batch, ", kv_heads = ", kv_heads,
+                    "), got M = ", g.b.M);
+  g.K = K, g.batch = batch, g.heads = heads, g.kv_heads = kv_heads;
+  g.Ma = g.a.M / (batch * heads);
+  g.Lb = g.b.M / (batch * kv_heads);
+  TORCH_CHECK_VALUE(keys >= 0 && keys <= g.Lb, op, ": keys must be in [0, Lb] = [0, ", g.Lb,
+                    "] (rows of b per batch and kv head), got ", keys);
+  TORCH_CHECK_VALUE(!causal || keys >= g.Ma, op, ": causal needs keys >= Ma = ", g.Ma,
+                    " (query i is key N - Ma + i), got keys = ", keys);
+  g.N = keys;
+  return g;
 }
 
 }  // namespace spikeops

@@ -110,4 +110,17 @@ inline uint32_t* mutable_words(at::Tensor& t) {
 
 Mode parse_mode(const std::string& mode);
 
+// spike_matmul's arguments, checked: both operands (messages name them "spike_matmul (a)" and
+// "spike_matmul (b)"), with the head layout of docs/ops.md.
+struct Matmul {
+  Spikes a, b;
+  int64_t K, batch, heads, kv_heads, Ma, Lb, N;
+};
+
+Matmul check_matmul(const at::Tensor& a_planes, const at::Tensor& a_sign, const at::Tensor& a_hi,
+                    const at::Tensor& a_scale, const at::Tensor& a_zero,
+                    const at::Tensor& b_planes, const at::Tensor& b_sign, const at::Tensor& b_hi,
+                    const at::Tensor& b_scale, const at::Tensor& b_zero, int64_t K, int64_t batch,
+                    int64_t heads, int64_t kv_heads, int64_t keys, bool causal);
+
 }  // namespace spikeops

@@ -95,4 +95,15 @@ struct DequantizeArgs : WeightFields {
   void* out;                    // float16 [N, K]
 };
 
+// spike_matmul (docs/ops.md): A rows are (batch, head, i), B rows (batch, kv head, j); query
+// head h reads kv head h / (heads / kv_heads).
+struct MatmulArgs {
+  SpikeFields a;                // rows batch * heads * Ma
+  SpikeFields b;                // rows batch * kv_heads * Lb, of which the first N per head
+  void* out;                    // out_type [batch, heads, Ma, N]
+  FloatType out_type;
+  int64_t K, batch, heads, kv_heads, Ma, Lb, N;
+  bool causal;                  // key j of query i is masked (-inf) when j > N - Ma + i
+};
+
 }  // namespace spikeops

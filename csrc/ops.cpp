@@ -295,6 +295,34 @@ at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& zeros,
   return out;
 }
 
+template <Dev D>
+at::Tensor spike_matmul(const at::Tensor& a_planes, const at::Tensor& a_sign,
+                        const at::Tensor& a_hi, const at::Tensor& a_scale,
+                        const at::Tensor& a_zero, const at::Tensor& b_planes,
+                        const at::Tensor& b_sign, const at::Tensor& b_hi,
+                        const at::Tensor& b_scale, const at::Tensor& b_zero, int64_t K,
+                        int64_t batch, int64_t heads, int64_t kv_heads, int64_t keys,
+                        bool causal, at::ScalarType out_dtype) {
+  const char* op = "spike_matmul";
+  const Matmul g = check_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi,
+                                b_scale, b_zero, K, batch, heads, kv_heads, keys, causal);
+  check_float_out_dtype(op, out_dtype, "out_dtype");
+  at::Tensor out = at::empty({batch, heads, g.Ma, g.N}, a_planes.options().dtype(out_dtype));
+  if (out.numel() > 0) {
+    MatmulArgs a;
+    a.a = spike_fields(g.a);
+    a.b = spike_fields(g.b);
+    a.out = out.data_ptr();
+    a.out_type = float_type(out_dtype);
+    a.K = g.K, a.batch = batch, a.heads = heads, a.kv_heads = kv_heads;
+    a.Ma = g.Ma, a.Lb = g.Lb, a.N = g.N;
+    a.causal = causal;
+    run<D>(op, a_planes, "a_planes", a, &cpu::spike_matmul,
+           SPIKEOPS_CUDA_LAUNCHER(launch_spike_matmul));
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace spikeops
 
@@ -335,6 +363,15 @@ TORCH_LIBRARY(spikeops, m) {
   m.def(
       "gptq_dequantize(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, "
       "int group_size) -> Tensor");
+  // Exact spike x spike products per head: out [batch, heads, Ma, keys] = A_hat @ B_hat^T with
+  // A rows (batch, head, i), B rows (batch, kv head, j) of which the first `keys` per head are
+  // read, head h reading kv head h / (heads / kv_heads); integer plane-pair popcounts in int64,
+  // one float64 epilogue; causal: key j of query i is -inf when j > keys - Ma + i.
+  m.def(
+      "spike_matmul(Tensor a_planes, Tensor a_sign, Tensor a_hi, Tensor a_scale, Tensor a_zero, "
+      "Tensor b_planes, Tensor b_sign, Tensor b_hi, Tensor b_scale, Tensor b_zero, int K, "
+      "int batch, int heads, int kv_heads, int keys, bool causal, ScalarType out_dtype) "
+      "-> Tensor");
 }
 
 #define SPIKEOPS_REGISTER(D)                                                 \
@@ -346,8 +383,17 @@ TORCH_LIBRARY(spikeops, m) {
   m.impl("spike_linear", &spikeops::spike_linear<spikeops::Dev::D>);         \
   m.impl("gptq_dequantize", &spikeops::gptq_dequantize<spikeops::Dev::D>);
 
-TORCH_LIBRARY_IMPL(spikeops, CPU, m) { SPIKEOPS_REGISTER(kCpu) }
+#define SPIKEOPS_REGISTER_MATMUL(D) \
+  m.impl("spike_matmul", &spikeops::spike_matmul<spikeops::Dev::D>);
+
+TORCH_LIBRARY_IMPL(spikeops, CPU, m) {
+  SPIKEOPS_REGISTER(kCpu)
+  SPIKEOPS_REGISTER_MATMUL(kCpu)
+}
 
 #ifdef SPIKEOPS_WITH_CUDA
-TORCH_LIBRARY_IMPL(spikeops, CUDA, m) { SPIKEOPS_REGISTER(kCuda) }
+TORCH_LIBRARY_IMPL(spikeops, CUDA, m) {
+  SPIKEOPS_REGISTER(kCuda)
+  SPIKEOPS_REGISTER_MATMUL(kCuda)
+}
 #endif

@@ -29,6 +29,7 @@ void launch_spike_stats(const StatsArgs& a, cudaStream_t stream);
 void launch_spike_accumulate(const AccumulateArgs& a, cudaStream_t stream);
 void launch_spike_linear(const LinearArgs& a, cudaStream_t stream);
 void launch_gptq_dequantize(const DequantizeArgs& a, cudaStream_t stream);
+void launch_spike_matmul(const MatmulArgs& a, cudaStream_t stream);  // cuda/matmul.cu
 
 // spike_linear's launcher per weight bit width (cuda/linear_w*.cu), called by
 // launch_spike_linear.

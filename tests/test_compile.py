@@ -105,3 +105,19 @@ def test_loaded_model_runs_every_way_users_run_it(model):
     with torch.no_grad():
         compiled = torch.compile(model)(input_ids=ids).logits
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_spike_matmul(device, causal):
+    from spikeops.attention import spike_matmul
+
+    def attention_scores(q, k):
+        a = spikeops.encode(q, Encoding("absmax", 4))
+        b = spikeops.encode(k, Encoding("absmax", 8))
+        return spike_matmul(a, b, keys=k.shape[2] - 1, causal=causal)
+
+    q = torch.randn(1, 4, 3, 64, device=device)
+    k = torch.randn(1, 2, 8, 64, device=device)
+    eager = attention_scores(q, k)
+    compiled = torch.compile(attention_scores, fullgraph=True)(q, k)
+    assert torch.equal(compiled, eager)

@@ -849,3 +849,70 @@ def test_garbage_bits_beyond_K(device, k, enc, salient, backend):
     assert torch.equal(spikeops.spike_accumulate(noisy, acc), spikeops.spike_accumulate(st, acc))
     assert torch.equal(spikeops.spike_accumulate(noisy, acc, per_plane=True),
                        spikeops.spike_accumulate(st, acc, per_plane=True))
+
+
+# ----------------------------------------------------------------------------- spike_matmul
+def matmul_op(device, **over):
+    """spike_matmul on valid operands: A = 4 heads x 3 queries, B = 2 kv heads x 3 keys."""
+    def fields(prefix, enc, rows):
+        st = spikes(device, enc, shape=(rows, K))
+        return {f"{prefix}_{n}": t if t is not None else absent(device)
+                for n, t in zip(("planes", "sign", "hi", "scale", "zero"), st[:5])}
+
+    args = dict(fields("a", Encoding("absmax", 4), 4 * M), **fields("b", Encoding("minmax", 4),
+                                                                     2 * M),
+                K=K, batch=1, heads=4, kv_heads=2, keys=M, causal=False, out_dtype=F32)
+    return OPS.spike_matmul(**override(args, over))
+
+
+def heads(device, shape, enc=None):
+    return spikes(device, enc, shape=shape)
+
+
+MATMUL_CASES = [
+    case(lambda d: matmul_op(d, a_planes=lambda a: a["a_planes"].float()), TypeError,
+         r"\(a\): planes", "spike_matmul-a-planes-float"),
+    case(lambda d: matmul_op(d, b_scale=lambda a: a["b_scale"][:1]), ValueError,
+         r"\(b\): scale", "spike_matmul-b-scale-shape"),
+    case(lambda d: matmul_op(d, b_zero=lambda a: a["b_zero"] + 20000), ValueError,
+         r"\(b\): zero", "spike_matmul-b-zero-range", cpu=True),
+    case(lambda d: matmul_op(d, K=K + 32), ValueError, "K", "spike_matmul-K-words"),
+    case(lambda d: matmul_op(d, K=0), ValueError, "K", "spike_matmul-K-zero"),
+    case(lambda d: matmul_op(d, heads=3), ValueError, "kv_heads", "spike_matmul-heads-gqa"),
+    case(lambda d: matmul_op(d, heads=8, kv_heads=4), ValueError, "a_planes",
+         "spike_matmul-heads-rows"),
+    case(lambda d: matmul_op(d, kv_heads=4), ValueError, "b_planes|kv_heads",
+         "spike_matmul-kv_heads-rows"),
+    case(lambda d: matmul_op(d, keys=M + 1), ValueError, "keys", "spike_matmul-keys-beyond"),
+    case(lambda d: matmul_op(d, keys=-1), ValueError, "keys", "spike_matmul-keys-negative"),
+    case(lambda d: matmul_op(d, keys=M - 1, causal=True), ValueError, "causal",
+         "spike_matmul-causal-keys"),
+    case(lambda d: matmul_op(d, out_dtype=torch.float64), TypeError, "out_dtype",
+         "spike_matmul-out_dtype"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (1, 2, M, K)), torch.zeros(3)),
+         TypeError, "b must be a spikeops.SpikeTensor", "spike_matmul-py-b-type"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (2, M, K)), heads(d, (1, 2, M, K))),
+         ValueError, "a must be spikes of a", "spike_matmul-py-a-3d"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (1, 2, M, K)),
+                                                   heads(d, (1, 2, M, K + 1))),
+         ValueError, "b must have shape", "spike_matmul-py-K"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (1, 3, M, K)),
+                                                   heads(d, (1, 2, M, K))),
+         ValueError, "multiple", "spike_matmul-py-gqa"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (1, 2, M, K)),
+                                                   heads(d, (1, 2, M, K)), keys=M + 1),
+         ValueError, "keys", "spike_matmul-py-keys"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (1, 2, M, K)),
+                                                   heads(d, (1, 2, M, K)), causal=1),
+         TypeError, "causal", "spike_matmul-py-causal"),
+    case(lambda d: spikeops.spike_matmul(heads(d, (1, 2, M, K)),
+                                                   heads(d, (1, 2, M, K)),
+                                                   out_dtype=torch.float64),
+         TypeError, "out_dtype", "spike_matmul-py-out_dtype"),
+]
+
+
+@pytest.mark.parametrize("call, exc, pattern", MATMUL_CASES)
+def test_spike_matmul_rejects(device, call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(device)

@@ -134,3 +134,51 @@ def test_rows_report_planes_per_element(model):
     assert planes == {"minmax4": 4.0, "absmax4": 4.0, "oat8": 8 + 1 + 1,
                       "down_proj=minmax8;*=absmax4": pytest.approx(4 + 4 * down / total),
                       "float": None}
+
+
+# ----------------------------------------------------------------------------- kv caches
+@torch.no_grad()
+def test_perplexity_with_a_spiking_cache_runs_the_runner(model):
+    """kv="spike8": one window of 300 tokens is the Runner's logits with that cache; a batch of
+    windows of different lengths (the last one shorter, padded at its end) scores each as
+    alone; kv="float" stays transformers' forward."""
+    from spikeops.runner import Runner
+    tokens = encode_text(TEXT)[:300]
+    set_encoding(model, spikeops.Encoding("absmax", 4))
+    logits = Runner(model, 300, kv="spike8")(tokens[None])[0, :-1]
+    alone = math.exp(float(F.cross_entropy(logits, tokens[1:])))
+    assert perplexity(model, tokens, window=512, progress=False, kv="spike8") == \
+        pytest.approx(alone, rel=1e-6)
+    slid = perplexity(model, tokens, window=128, progress=False, kv="spike8")
+    windows = perplexity(model, tokens, window=128, batch_size=1, progress=False, kv="spike8")
+    assert slid == pytest.approx(windows, rel=1e-5)
+    assert slid == pytest.approx(perplexity(model, tokens, window=128, progress=False), rel=0.1)
+    with pytest.raises(ValueError, match="kv"):
+        perplexity(model, tokens, progress=False, kv="spike2")
+
+
+def test_rows_and_generate_name_the_cache(model):
+    tokens = encode_text(TEXT)[:200]
+    rows = compare(model, tokens, {"absmax4": spikeops.Encoding("absmax", 4)}, window=128,
+                   progress=False, kv="spike4")
+    assert [(r.encoding, r.kv) for r in rows] == [("absmax4", "spike4")]
+    with pytest.raises(ValueError, match="kv"):
+        compare(model, tokens, {}, progress=False, kv="int8")
+    out = generate(model, encode_text("def f1(x):\n"), 5, kv="spike4")
+    assert out.shape == (5,)
+    with pytest.raises(ValueError, match="kv"):
+        generate(model, encode_text("def "), 2, kv="spike")
+
+
+def test_eval_and_generate_take_kv(checkpoint, tmp_path, capsys):
+    import json
+
+    from spikeops.cli import main
+    out = tmp_path / "rows.json"
+    assert main(["eval", str(checkpoint / "q"), "--text", str(checkpoint / "text.txt"),
+                 "--encodings", "absmax4", "--max-tokens", "300", "--window", "128",
+                 "--kv", "spike8", "--json", str(out)]) == 0
+    assert [r["kv"] for r in json.loads(out.read_text())] == ["spike8", "spike8"]
+    assert main(["generate", str(checkpoint / "q"), "--prompt", "def f", "--encoding", "absmax4",
+                 "--max-new-tokens", "4", "--kv", "spike4"]) == 0
+    assert capsys.readouterr().out.count("def f") >= 1

@@ -148,7 +148,10 @@ def test_quantize_a_gguf_copies_the_tokenizer(tiny_gguf, tmp_path):
     rows = json.loads(report.read_text())
     assert [r["encoding"] for r in rows] == ["dense", "float", "minmax4", "absmax8"]
     assert all(set(r) == {"encoding", "perplexity", "firing_rate", "sops_per_mac", "tokens",
-                          "perplexity_low", "perplexity_high", "energy"} for r in rows)
+                          "perplexity_low", "perplexity_high", "energy", "planes", "kv"}
+               for r in rows)
+    assert all(r["kv"] == "float" for r in rows)
+    assert [r["planes"] for r in rows] == [None, None, 4.0, 8.0]
     assert rows[0]["firing_rate"] is None and rows[2]["sops_per_mac"] > 0
     assert all(r["tokens"] == rows[0]["tokens"] for r in rows)
 

@@ -171,3 +171,13 @@ def test_gptq_dequantize(device, bits, act_order, group_size):
     # group_size 0 makes the op read g_idx, as for act-order layers.
     opcheck(OPS.gptq_dequantize, (*gptq(device, bits, group_size), bits,
                                   0 if act_order else group_size))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("na, nb", [("absmax4-gamma", "minmax4"), ("salient-minmax", "oat8")])
+def test_spike_matmul(device, na, nb, causal):
+    # A's M = 5 rows as 5 heads of one query, or one head of 5 queries; B's 5 rows as one kv
+    # head of 5 keys, 4 or 5 of them read.
+    a, b = fields(spikes(na, device)), fields(spikes(nb, device))
+    opcheck(OPS.spike_matmul, (*a, *b, K, 1, 5, 1, 4, causal, torch.float32))
+    opcheck(OPS.spike_matmul, (*a, *b, K, 1, 1, 1, 5, causal, torch.float16))

@@ -2,6 +2,8 @@
 logits for a prompt, decode steps and multi-token chunks after a cached prefix, on a float
 model and on a spiking one; a batch; its argument checks; generate() on top of it."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -144,7 +146,104 @@ def test_head_dtype_runs_lm_head_in_that_dtype(gqa_model, model):
         3 * head.in_features * head.out_features
     with pytest.raises(TypeError, match="head_dtype"):
         Runner(gqa_model, 7, head_dtype=torch.int8)
-    qwen = LlamaForCausalLM(gqa_model.config)
+    qwen = LlamaForCausalLM(copy.deepcopy(gqa_model.config))  # the fixture's config stays llama
     qwen.config.model_type = "qwen3"
     with pytest.raises(ValueError, match="generate: head_dtype needs a model the Runner runs"):
         generate(qwen, prompt.remainder(97), 1, head_dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- spiking KV cache
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("kv", ["spike4", "spike8"])
+def test_spike_kv_cache_holds_encoded_keys_and_values(gqa_model, kv, rotate):
+    """Every cached token is its float key (after the rotary embedding) or value, rotated by the
+    Hadamard matrix when asked, encoded once per token and head: bit for bit the encoding of
+    what the float cache holds, whether written by a prompt or by decode steps (layer 0: the
+    later layers' inputs depend on the quantized attention before them)."""
+    from spikeops.transforms import hadamard
+    ids = torch.randint(0, 97, (2, 11))
+    ref = Runner(gqa_model, max_len=16, batch=2)
+    run = Runner(gqa_model, max_len=16, batch=2, kv=kv, kv_rotate=rotate)
+    for chunk in (ids[:, :8], ids[:, 8:9], ids[:, 9:]):
+        ref(chunk)
+        run(chunk)
+    enc = spikeops.Encoding("absmax", int(kv[5:]))
+    H = hadamard(ref.head_dim).float() if rotate else torch.eye(ref.head_dim)
+    layer = run.spike_kv[0]
+    for cache, floats in ((layer.keys, ref.keys[0]), (layer.values, ref.values[0])):
+        expect = spikeops.fake_quantize(floats[:, :, :11] @ H, enc)
+        assert torch.equal(cache.decode(11, torch.float32), expect)
+
+
+def test_spike_kv_logits(gqa_model):
+    """Attention on the decoded 8-bit cache stays close to the float cache, and a prompt cut
+    into decode steps gives the logits of the whole prompt (each token is encoded alone)."""
+    ids = torch.randint(0, 97, (1, 24))
+    full = Runner(gqa_model, max_len=24)(ids)
+    spike = Runner(gqa_model, max_len=24, kv="spike8")
+    whole = spike(ids)
+    torch.testing.assert_close(whole, full, rtol=0.05, atol=0.05)
+    spike.reset()
+    steps = torch.cat([spike(ids[:, :20])] + [spike(ids[:, t:t + 1]) for t in range(20, 24)], 1)
+    torch.testing.assert_close(steps, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_bytes_per_token(gqa_model):
+    # 3 layers, 2 kv heads, head_dim 8 (one word), float32 embedding
+    L, Hkv, D = 3, 2, 8
+    assert Runner(gqa_model, 8).cache_bytes_per_token() == 2 * L * Hkv * D * 4
+    for kv, P in (("spike4", 3), ("spike8", 7)):
+        # planes + sign words + one float32 scale per token and head, keys and values
+        assert Runner(gqa_model, 8, kv=kv).cache_bytes_per_token() == 2 * L * Hkv * (P * 4 + 4
+                                                                                      + 4)
+    assert Runner(gqa_model, 8, batch=3, kv="spike4").cache_bytes_per_token() == \
+        3 * Runner(gqa_model, 8, kv="spike4").cache_bytes_per_token()
+
+
+@pytest.mark.parametrize("kw, exc, pattern", [
+    (dict(kv="spike3"), ValueError, "kv"),
+    (dict(kv="spike4", kv_rotate=1), TypeError, "kv_rotate"),
+    (dict(kv_rotate=True), ValueError, "kv_rotate"),
+    (dict(kv_pv="spike"), ValueError, "kv_pv"),
+    (dict(kv="spike4", kv_pv="int"), ValueError, "kv_pv"),
+])
+def test_spike_kv_rejects(gqa_model, kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        Runner(gqa_model, 8, **kw)
+
+
+def test_spike_kv_rotation_needs_power_of_two_head_dim():
+    config = LlamaConfig(vocab_size=17, hidden_size=24, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        Runner(model, 8, kv="spike4")
+    Runner(model, 8, kv="spike4", kv_rotate=False)(torch.randint(0, 17, (1, 3)))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("kv", ["spike4", "spike8"])
+def test_spike_attention_against_float64(kv, rotate):
+    """SpikeKV.attend: QK^T on spikes equals the float64 product of the decoded queries (8-bit,
+    per token and head) and keys to float32 rounding, so with a float64 softmax and PV on the
+    decoded values the outputs agree to 1e-5; PV on spikes (8-bit probabilities) to 1e-2 of
+    max |v|. Grouped-query heads, a causal mask over a partly filled cache."""
+    from spikeops.attention import QUERY_ENCODING, SpikeKV
+    from spikeops.transforms import hadamard
+    B, H, Hkv, D, L, T, end = 2, 4, 2, 32, 12, 3, 10
+    k, v = torch.randn(B, Hkv, end, D), torch.randn(B, Hkv, end, D)
+    q = torch.randn(B, H, T, D)
+    mask = torch.ones(T, end, dtype=torch.bool).tril(end - T)
+    R = hadamard(D).float() if rotate else torch.eye(D)
+    for pv, tol in (("float", 1e-5), ("spike", 1e-2)):
+        kvc = SpikeKV("test", kv, rotate, pv, B, Hkv, L, D, torch.float32, "cpu")
+        kvc.write(k[:, :, :7], v[:, :, :7], 0)
+        kvc.write(k[:, :, 7:], v[:, :, 7:], 7)
+        got = kvc.attend(q, end, mask, 0.125)
+        qd = spikeops.fake_quantize(q @ R, QUERY_ENCODING).double()
+        kd = kvc.keys.decode(end, torch.float32).double().repeat_interleave(H // Hkv, 1)
+        vd = kvc.values.decode(end, torch.float32).double().repeat_interleave(H // Hkv, 1)
+        scores = (qd @ kd.transpose(-1, -2) * 0.125).masked_fill(~mask, float("-inf"))
+        ref = scores.softmax(-1) @ vd @ R.double().T
+        err = (got.double() - ref).abs().max()
+        assert err <= tol * vd.abs().max(), (pv, err)

@@ -181,3 +181,44 @@ def test_report_cli_writes_files(tmp_path):
     assert (out / "firing_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "report.json").read_text())
     assert len(data["layers"]) == 28 and data["layers"][0]["tokens"] == 48
+
+
+def test_spiking_attention_counts_its_sops(model):
+    """With kv="spike8" the Runner's QK^T reports its synaptic operations: per attended
+    query-key pair and channel, query spikes x key spikes (recounted here from the bits), and
+    the QK MACs leave dense_macs["attention"]."""
+    from spikeops import attention
+    from spikeops.runner import Runner
+    ids = torch.randint(0, 256, (1, 6))  # conftest's model: 2 layers, 4 heads of 16, 2 kv heads
+    seen = []
+    with spikeops.track(model) as dense_t:
+        Runner(model, 8)(ids)
+    with spikeops.track(model) as t:
+        attention.OBSERVERS.append(lambda sops, macs: seen.append((sops, macs)))
+        try:
+            Runner(model, 8, kv="spike8")(ids)
+        finally:
+            attention.OBSERVERS.pop()
+    whole, dense = t.whole_model(), dense_t.whole_model()
+    pairs = 6 * 7 // 2
+    head_dim = 16
+    assert [m for _, m in seen] == [4 * pairs * head_dim] * 2  # one per layer
+    assert whole["attention_sops"] == sum(s for s, _ in seen) > 0
+    assert dense["attention_sops"] == 0
+    assert whole["dense_macs"]["attention"] == \
+        dense["dense_macs"]["attention"] - 2 * 4 * pairs * head_dim
+
+
+def test_qk_sops_are_coincidences_of_spikes():
+    from spikeops.attention import QUERY_ENCODING, SpikeKV
+    from spikeops.reference import unpack_bits
+    kv = SpikeKV("test", "spike4", False, "float", 1, 1, 4, 40, torch.float32, "cpu")
+    kv.write(torch.randn(1, 1, 3, 40), torch.randn(1, 1, 3, 40), 0)
+    q = spikeops.encode(torch.randn(1, 2, 2, 40), QUERY_ENCODING)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    sops, macs = kv._qk_events(q, 3, mask)
+    fq = unpack_bits(q.planes, 40).sum(0).reshape(2, 2, 40)       # spikes per element
+    fk = unpack_bits(kv.keys.fields(3)[0], 40).sum(0)             # [3, 40]
+    expect = sum(int((fq[h, i] * fk[j]).sum()) for h in range(2) for i in range(2)
+                 for j in range(3) if mask[i, j])
+    assert (sops, macs) == (expect, 2 * 5 * 40)

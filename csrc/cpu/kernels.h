@@ -25,6 +25,7 @@ void spike_stats(const StatsArgs& a);
 void spike_accumulate(const AccumulateArgs& a);
 void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
+void spike_matmul(const MatmulArgs& a);  // cpu/matmul.cpp
 
 // The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AMX tiles (blocks
 // of 16 tokens; fewer tokens take AVX-512 VNNI), AVX-512 VNNI or AVX2 dot products. int_isa:

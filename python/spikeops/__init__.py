@@ -17,6 +17,7 @@ from .models import load_gptq, patch
 from .quantization import quantize
 from .nn import SpikeLinear, spike_accumulate, spike_linear
 from .runner import Runner
+from .attention import spike_matmul
 from .spikes import Encoding, SpikeTensor, encode
 from .autograd import fake_quantize
 from .stats import EnergyModel, Tracker, track
@@ -25,7 +26,7 @@ from .hf_quantizer import SpikeopsConfig, register_with_transformers
 __all__ = ["Encoding", "SpikeTensor", "encode", "GPTQWeight", "pack", "unpack", "spike_linear",
            "spike_accumulate", "SpikeLinear", "load_gptq", "patch", "quantize", "save_gptq",
            "track", "Tracker", "EnergyModel", "Runner", "fake_quantize", "SpikeopsConfig",
-           "register_with_transformers"]
+           "register_with_transformers", "spike_matmul"]
 __version__ = "0.1.0"
 
 register_with_transformers()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .attention import KV_MODES
 from .calibrate import GAMMA_GRID
 from .calibrate import ENCODING_HELP
 from .commands import (DEFAULT_MODEL, DTYPES, HEAD_DTYPE_CHOICES, cmd_calibrate,
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--kv", default="float", choices=KV_MODES,
+                   help="key-value cache: float, or bit-plane spikes of 4 or 8 bits with "
+                   "attention on spikes (spikeops.Runner; README, 'Attention on spikes')")
     dtype_arg(p)
 
     p = command("generate", "generate text with a spiking GPTQ model, on float activations "
@@ -139,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dtype", default="model", choices=tuple(HEAD_DTYPE_CHOICES),
                    help="dtype of lm_head: the model's own (transformers' logits), or bfloat16: "
                    "about 3x faster on the CPU, other rounding (spikeops.runner.Runner)")
+    p.add_argument("--kv", default="float", choices=KV_MODES,
+                   help="key-value cache: float, or bit-plane spikes of 4 or 8 bits with "
+                   "attention on spikes (spikeops.Runner; README, 'Attention on spikes')")
     dtype_arg(p)
 
     p = command("report", "per-layer spike statistics and an energy estimate (text, JSON and "

@@ -131,7 +131,7 @@ def evaluate_rows(args):
     model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype],
                       calibration=calibration)
     tokens = encode_text(text, tokenizer)[: args.max_tokens]
-    return compare(model, tokens, encodings, calibration, dense, window=args.window)
+    return compare(model, tokens, encodings, calibration, dense, window=args.window, kv=args.kv)
 
 
 def cmd_eval(args) -> int:
@@ -152,7 +152,7 @@ ROW_LABELS = {"dense": "dense float", "float": "GPTQ, float activations"}
 def print_table(rows) -> None:
     print(f"\n{'model / encoding':32} {'perplexity':>10} {'95% interval':>19} {'firing rate':>11} "
           f"{'planes':>6} {'SOPs/MAC':>9} {'E/E dense':>9}   ({rows[0].tokens if rows else 0} "
-          f"tokens)")
+          f"tokens, kv cache {rows[0].kv if rows else 'float'})")
     for r in rows:
         rate = f"{r.firing_rate:.4f}" if r.firing_rate is not None else "-"
         sops = f"{r.sops_per_mac:.3f}" if r.sops_per_mac is not None else "-"
@@ -188,7 +188,7 @@ def cmd_generate(args) -> int:
         raise ValueError("--chat needs a tokenizer with a chat template; this model has none")
     out = generate(model, encode_text(prompt, tokenizer), args.max_new_tokens, args.temperature,
                    args.top_k, args.seed, stop=stop_tokens(tokenizer) if args.chat else (),
-                   head_dtype=HEAD_DTYPE_CHOICES[args.head_dtype])
+                   head_dtype=HEAD_DTYPE_CHOICES[args.head_dtype], kv=args.kv)
     text = decode_tokens(out, tokenizer)
     print(text if args.chat else args.prompt + text)
     return 0

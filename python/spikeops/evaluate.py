@@ -35,14 +35,16 @@ def decode_tokens(tokens, tokenizer=None) -> str:
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, window: int = 256, stride: Optional[int] = None,
-               batch_size: int = 8, progress=True) -> float:
+               batch_size: int = 8, progress=True, kv: str = "float") -> float:
     """Perplexity of ``tokens`` (int64 ``[T]``) under a causal LM, with sliding windows of
     ``window`` tokens moved by ``stride`` (default window / 2): every token after the first is
     predicted exactly once, with at least ``window - stride`` tokens of context except at the
     start. Returns exp(mean negative log-likelihood). ``progress``: True for a bar of its own,
     False for none, or a tqdm bar to advance by one per window. ``perplexity_interval`` gives
-    the same value with a bootstrap interval."""
-    nll, count = window_nll(model, tokens, window, stride, batch_size, progress)
+    the same value with a bootstrap interval. ``kv``: ``"float"`` runs the model's own
+    forward; ``"spike4"`` / ``"spike8"`` run each batch of windows through a ``Runner`` with
+    that bit-plane key-value cache (attention on spikes; README, "Attention on spikes")."""
+    nll, count = window_nll(model, tokens, window, stride, batch_size, progress, kv)
     return math.exp(sum(nll) / sum(count))
 
 
@@ -63,14 +65,14 @@ BOOTSTRAP_LEVEL = 0.95
 
 def perplexity_interval(model, tokens: torch.Tensor, window: int = 256,
                         stride: Optional[int] = None, batch_size: int = 8,
-                        progress=True) -> Perplexity:
+                        progress=True, kv: str = "float") -> Perplexity:
     """``perplexity`` with a 95% bootstrap interval over its windows (docs/research.md,
     "Intervals"): the windows are resampled with replacement 1000 times (``torch.Generator``
     seeded 0); each resample's perplexity is exp(sum of its NLLs / its scored tokens); low and
     high are the 2.5% and 97.5% quantiles. Windows, not tokens, are the units, since the tokens
     of one text are not independent; the interval shows how much the value depends on which
     stretches of text were read. One window gives low = high = value."""
-    nll, count = window_nll(model, tokens, window, stride, batch_size, progress)
+    nll, count = window_nll(model, tokens, window, stride, batch_size, progress, kv)
     low, high = _bootstrap(nll, count)
     return Perplexity(math.exp(sum(nll) / sum(count)), low, high, len(nll))
 
@@ -90,10 +92,14 @@ def _bootstrap(nll: Sequence[float], count: Sequence[int]) -> Tuple[float, float
 
 @torch.no_grad()
 def window_nll(model, tokens: torch.Tensor, window: int = 256, stride: Optional[int] = None,
-               batch_size: int = 8, progress=True) -> Tuple[List[float], List[int]]:
+               batch_size: int = 8, progress=True,
+               kv: str = "float") -> Tuple[List[float], List[int]]:
     """Per window of ``perplexity``: the sum of the negative log-likelihoods of its scored
     tokens (float64) and their number."""
+    from .attention import KV_MODES
+    from .runner import Runner
     fn = "perplexity"
+    _checks.choice(fn, "kv", kv, KV_MODES)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module (a causal LM), got "
                         f"{type(model).__name__}")
@@ -119,7 +125,12 @@ def window_nll(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
         for j, (start, end, first) in enumerate(chunk):
             ids[j, : end - start] = tokens[start:end]
             mask[j, first - start: end - start] = True  # positions whose token is scored
-        logits = model(input_ids=ids.to(device)).logits.float()
+        if kv == "float":
+            logits = model(input_ids=ids.to(device)).logits.float()
+        else:
+            # Windows shorter than `length` are padded at their end: causal attention keeps
+            # the padding out of every scored position.
+            logits = Runner(model, length, batch=len(chunk), kv=kv)(ids)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = ids[:, 1:].to(device)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -168,7 +179,7 @@ _CACHE_ARG: dict = {}
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
              top_k: Optional[int] = None, seed: int = 0, stop=(), lengths=None,
-             head_dtype: Optional[torch.dtype] = None):
+             head_dtype: Optional[torch.dtype] = None, kv: str = "float"):
     """Continue prompts by ``max_new_tokens`` tokens: greedy when ``temperature`` is 0, else
     sampled from softmax(logits / temperature), optionally restricted to the ``top_k`` most
     likely tokens; a token of ``stop`` ends a prompt's continuation (and is not returned).
@@ -185,8 +196,12 @@ def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
     prompt at a time: a generator of the same seed per row).
     head_dtype: the Runner's ``lm_head`` dtype (None: the model's own; ``torch.bfloat16`` is
     faster on the CPU, with other rounding: ``spikeops.runner.Runner``); refused for models the
-    Runner does not run."""
+    Runner does not run. kv: the Runner's key-value cache (``"float"``, or ``"spike4"`` /
+    ``"spike8"``: bit-plane spikes, attention on spikes); other than float, refused for models
+    the Runner does not run."""
+    from .attention import KV_MODES
     fn = "generate"
+    _checks.choice(fn, "kv", kv, KV_MODES)
     rows = _prompts(fn, prompt, lengths)
     _checks.integer(fn, "max_new_tokens", max_new_tokens, 0, 1 << 20)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
@@ -204,7 +219,7 @@ def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
                          f"(max_position_embeddings)")
     device = next(model.parameters(), next(model.buffers(), torch.empty(0))).device
     pad = [longest - r.shape[0] for r in rows]
-    step = _stepper(fn, model, longest + max_new_tokens, pad, head_dtype)
+    step = _stepper(fn, model, longest + max_new_tokens, pad, head_dtype, kv)
     if step is None:  # a batch without the Runner: one prompt at a time
         return [generate(model, r, max_new_tokens, temperature, top_k, seed, stop)
                 for r in rows]
@@ -275,7 +290,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
 
 
-def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype=None):
+def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype=None, kv="float"):
     """``step(ids) -> logits`` continuing ``len(pad)`` sequences whose prompts carry ``pad``
     left-padding tokens: the lean ``Runner`` for LLaMA-architecture models (the same logits,
     faster), else transformers' forward with its cache for one sequence, else None."""
@@ -283,10 +298,12 @@ def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype=None):
     if head_dtype is not None:
         _checks.dtype(fn, "head_dtype", head_dtype, HEAD_DTYPES)
     try:
-        runner = Runner(model, max_len, batch=len(pad), head_dtype=head_dtype)
+        runner = Runner(model, max_len, batch=len(pad), head_dtype=head_dtype, kv=kv)
     except ValueError as e:
         if head_dtype is not None:
             raise ValueError(f"{fn}: head_dtype needs a model the Runner runs: {e}") from e
+        if kv != "float":
+            raise ValueError(f"{fn}: kv={kv!r} needs a model the Runner runs: {e}") from e
         runner = None
     if runner is not None:
         padding = torch.tensor(pad) if any(pad) else None
@@ -316,7 +333,9 @@ class Row:
     dense MACs, and those MACs). ``planes``: of spiking rows, the bit planes per activation
     element of the spiking projections, sign and range bits included (``LayerStats.planes``),
     averaged over every projection input of the evaluation. The last four are None in rows
-    cached before they existed."""
+    cached before they existed. ``kv``: the key-value cache of the evaluation (``"float"``:
+    the model's own forward; ``"spike4"`` / ``"spike8"``: a ``Runner`` with that bit-plane
+    cache)."""
 
     encoding: str
     perplexity: float
@@ -327,10 +346,12 @@ class Row:
     perplexity_high: Optional[float] = None
     energy: Optional[dict] = None
     planes: Optional[float] = None
+    kv: str = "float"
 
 
 def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_model=None,
-            window: int = 256, progress: bool = True, dense_tokens: Optional[torch.Tensor] = None):
+            window: int = 256, progress: bool = True, dense_tokens: Optional[torch.Tensor] = None,
+            kv: str = "float"):
     """The comparison table (docs/research.md): ``Row``s of perplexity with its 95% interval,
     firing rate, SOPs per MAC and energy of ``model`` (a model with SpikeLinear layers:
     ``load_gptq``) under each entry of ``encodings``, a dict ``{label: enc}`` whose ``enc`` is
@@ -339,12 +360,15 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_m
     ``"current"``: each layer's own). First, if given, ``dense_model``: a float causal LM
     (``torch.nn.Module``; ``load_float_model`` returns ``(model, tokenizer)``: pass the model),
     on ``dense_tokens`` (default ``tokens``). Perplexities use windows of ``window`` tokens,
-    stride window / 2. One progress bar covers every row; the model's encodings are restored
+    stride window / 2, with the key-value cache ``kv`` (``perplexity``'s; every row, the dense
+    one included). One progress bar covers every row; the model's encodings are restored
     afterwards."""
     from .calibrate import check_encoding, set_encoding
     from .nn import kept_encodings, spike_layers
     from .stats import track
+    from .attention import KV_MODES
     fn = "compare"
+    _checks.choice(fn, "kv", kv, KV_MODES)
     layers = spike_layers(model)
     _checks.tensor(fn, "tokens", tokens, (torch.int64, torch.int32), dim=1)
     if not isinstance(encodings, Mapping):
@@ -367,15 +391,16 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_m
     rows = []
     if dense_model is not None:
         dense_tokens = tokens if dense_tokens is None else dense_tokens
-        p = perplexity_interval(dense_model, dense_tokens, window, progress=bar)
-        rows.append(Row("dense", p.value, None, None, dense_tokens.shape[0], p.low, p.high))
+        p = perplexity_interval(dense_model, dense_tokens, window, progress=bar, kv=kv)
+        rows.append(Row("dense", p.value, None, None, dense_tokens.shape[0], p.low, p.high,
+                        kv=kv))
     try:
         with kept_encodings(layers):
             for label, enc in encodings.items():
                 bar.set_postfix_str(label)
                 set_encoding(model, enc, calibration)
                 with track(model) as tracker:
-                    p = perplexity_interval(model, tokens, window, progress=bar)
+                    p = perplexity_interval(model, tokens, window, progress=bar, kv=kv)
                 t = tracker.totals()
                 spiking = enc is not None
                 rows.append(Row(label if spiking else "float", p.value,
@@ -383,7 +408,7 @@ def compare(model, tokens: torch.Tensor, encodings, calibration=CURRENT, dense_m
                                 t["sops"] / t["macs"] if spiking and t["macs"] else None,
                                 tokens.shape[0], p.low, p.high,
                                 tracker.energy() if spiking else None,
-                                t["planes"] if spiking else None))
+                                t["planes"] if spiking else None, kv))
     finally:
         bar.close()
     return rows

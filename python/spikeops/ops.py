@@ -268,3 +268,36 @@ def _(qweight, zeros, scales, g_idx, bits, group_size):
     _same_device("gptq_dequantize", "qweight", qweight, zeros=zeros, scales=scales, g_idx=g_idx)
     _check_weight_args("gptq_dequantize", bits, group_size)
     return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=torch.float16)
+
+
+def spike_matmul(a_planes: Tensor, a_sign: Optional[Tensor], a_hi: Optional[Tensor],
+                 a_scale: Tensor, a_zero: Optional[Tensor], b_planes: Tensor,
+                 b_sign: Optional[Tensor], b_hi: Optional[Tensor], b_scale: Tensor,
+                 b_zero: Optional[Tensor], K: int, batch: int, heads: int, kv_heads: int,
+                 keys: int, causal: bool = False,
+                 out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``out [batch, heads, Ma, keys] = A_hat @ B_hat^T`` per head, exact integer plane-pair
+    sums and one float64 epilogue (docs/ops.md, spike_matmul): A rows ``(batch, head, i)``, B
+    rows ``(batch, kv head, j)`` of which the first ``keys`` of each head are read; query head
+    h reads kv head ``h // (heads // kv_heads)``; ``causal`` writes -inf where
+    ``j > keys - Ma + i``."""
+    return _ops.spike_matmul.default(
+        a_planes, _empty_like_absent(a_sign, a_planes, _INT32),
+        _empty_like_absent(a_hi, a_planes, _INT32), a_scale,
+        _empty_like_absent(a_zero, a_planes, _INT32), b_planes,
+        _empty_like_absent(b_sign, b_planes, _INT32), _empty_like_absent(b_hi, b_planes, _INT32),
+        b_scale, _empty_like_absent(b_zero, b_planes, _INT32), K, batch, heads, kv_heads, keys,
+        causal, out_dtype)
+
+
+@torch.library.register_fake("spikeops::spike_matmul")
+def _(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi, b_scale, b_zero, K, batch,
+      heads, kv_heads, keys, causal, out_dtype):
+    _same_device("spike_matmul", "a_planes", a_planes, a_sign=a_sign, a_hi=a_hi,
+                 a_scale=a_scale, a_zero=a_zero, b_planes=b_planes, b_sign=b_sign, b_hi=b_hi,
+                 b_scale=b_scale, b_zero=b_zero)
+    torch._check_value(batch >= 1 and heads >= 1 and kv_heads >= 1 and heads % kv_heads == 0,
+                       lambda: f"spike_matmul: batch, heads and kv_heads must be >= 1 with heads "
+                               f"a multiple of kv_heads, got {batch}, {heads}, {kv_heads}")
+    Ma = a_planes.shape[1] // (batch * heads)
+    return a_planes.new_empty((batch, heads, Ma, keys), dtype=out_dtype)

@@ -249,3 +249,43 @@ def gptq_dequantize(qweight, zeros, scales, g_idx, bits, group_size):
     q = unpack(qweight, bits, K, dim=0).to(torch.int64)
     g = _groups(g_idx, group_size)
     return (scales[g] * (q - zeros.to(torch.int64)[g]).to(_F32)).to(torch.float16).t().contiguous()
+
+
+def spike_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi, b_scale,
+                 b_zero, K, batch, heads, kv_heads, keys, causal=False, out_dtype=_F32):
+    """docs/ops.md, spike_matmul: codes c = s*Q - zero[r] of every element (int64), D[ra, rb] =
+    sum over channels in range ra of A and rb of B of c_a * c_b (exact integers); out =
+    float32(sum over (ra, rb) in order of float64(scale_a[ra]) * float64(scale_b[rb]) *
+    float64(D)), cast to out_dtype; causal: -inf where j > keys - Ma + i."""
+    Ma = a_planes.shape[1] // (batch * heads)
+    Lb = b_planes.shape[1] // (batch * kv_heads)
+
+    def codes(planes, sign, hi, zero):
+        M = planes.shape[1]
+        r = _ranges(hi, M, K, planes.device)
+        c = _codes(planes, sign, K) - (zero.gather(1, r).to(torch.int64) if zero is not None
+                                       else 0)
+        return c, r
+
+    ca, ra = codes(a_planes, a_sign, a_hi, a_zero)
+    cb, rb = codes(b_planes, b_sign, b_hi, b_zero)
+    ca, ra = ca.view(batch, heads, Ma, K), ra.view(batch, heads, Ma, K)
+    group = heads // kv_heads
+    cb = cb.view(batch, kv_heads, Lb, K)[:, :, :keys].repeat_interleave(group, dim=1)
+    rb = rb.view(batch, kv_heads, Lb, K)[:, :, :keys].repeat_interleave(group, dim=1)
+    sa = a_scale.double().view(batch, heads, Ma, -1)
+    sb = b_scale.double().view(batch, kv_heads, Lb, -1)[:, :, :keys]
+    sb = sb.repeat_interleave(group, dim=1)
+    out = torch.zeros(batch, heads, Ma, keys, dtype=torch.float64, device=a_planes.device)
+    for i in range(sa.shape[-1]):
+        for j in range(sb.shape[-1]):
+            D = _exact_matmul((ca * (ra == i)).reshape(-1, Ma, K),
+                              (cb * (rb == j)).reshape(-1, keys, K).transpose(1, 2))
+            s = sa[..., i, None] * sb[..., j].unsqueeze(2)
+            out = out + s * D.view(batch, heads, Ma, keys).double()
+    out = out.to(_F32)
+    if causal:
+        i = torch.arange(Ma, device=out.device)[:, None]
+        j = torch.arange(keys, device=out.device)[None, :]
+        out = out.masked_fill(j > keys - Ma + i, float("-inf"))
+    return out.to(out_dtype)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .architecture import INPUTS, check_supported, head_dim_of
+from .attention import KV_MODES, PV_MODES, SpikeKV
 from .nn import GROUP_ATTR
 
 HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -73,8 +74,18 @@ class Runner:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1,
-                 head_dtype: Optional[torch.dtype] = None):
+                 head_dtype: Optional[torch.dtype] = None, kv: str = "float",
+                 kv_rotate: Optional[bool] = None, kv_pv: str = "float"):
         fn = "Runner"
+        _checks.choice(fn, "kv", kv, KV_MODES)
+        _checks.choice(fn, "kv_pv", kv_pv, PV_MODES)
+        if kv_rotate is not None and not isinstance(kv_rotate, bool):
+            raise TypeError(f"{fn}: kv_rotate must be a bool or None, got "
+                            f"{type(kv_rotate).__name__}")
+        if kv == "float" and (kv_rotate or kv_pv != "float"):
+            raise ValueError(f"{fn}: kv_rotate and kv_pv are settings of the spiking caches (kv "
+                             f"'spike4', 'spike8'), got kv_rotate={kv_rotate}, kv_pv={kv_pv!r} "
+                             f"with kv='float'")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
         _checks.integer(fn, "max_len", max_len, 1, 1 << 20)
@@ -113,11 +124,24 @@ class Runner:
             parts["qkv"] = _qkv(fn, layer)
         self.scaling = [_part(fn, layer, "self_attn.scaling") for layer in layers]
         w = self.embed.weight
-        shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.values = torch.zeros_like(self.keys)
+        self.kv, self.device = kv, w.device
+        if kv == "float":
+            shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
+            self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            self.values = torch.zeros_like(self.keys)
+        else:
+            rotate = kv_rotate is not False
+            self.spike_kv = [SpikeKV(fn, kv, rotate, kv_pv, batch, self.kv_heads, max_len,
+                                     self.head_dim, w.dtype, w.device) for _ in self.layers]
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of key-value cache one token position takes, all layers and rows of the batch:
+        float: keys and values in the embedding's dtype; spike: planes, sign and scale."""
+        if self.kv == "float":
+            return 2 * self.keys[:, :, :, 0].numel() * self.keys.element_size()
+        return sum(layer.bytes_per_token() for layer in self.spike_kv)
 
     def reset(self) -> None:
         """Forget the sequences: the next call is a prompt."""
@@ -144,9 +168,8 @@ class Runner:
                                  f"reset), one count per row in [0, T = {T}), got "
                                  f"{pad.tolist()} with {start} tokens cached")
         if start == 0:  # a prompt sets the padding afresh, even after a failed one
-            self.pad = None if pad is None else pad.to(device=self.keys.device,
-                                                        dtype=torch.int64)
-        x = self.embed(ids.to(self.keys.device))
+            self.pad = None if pad is None else pad.to(device=self.device, dtype=torch.int64)
+        x = self.embed(ids.to(self.device))
         positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         end = start + T
         # Queries see every cached key and the new ones up to their own position.
@@ -171,11 +194,16 @@ class Runner:
             v = v.view(B, T, self.kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k.transpose(1, 2)
-            self.keys[i, :, :, start:end] = k * cos + _rotate_half(k) * sin
-            self.values[i, :, :, start:end] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(
-                q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
-                scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
+            k = k * cos + _rotate_half(k) * sin
+            if self.kv == "float":
+                self.keys[i, :, :, start:end] = k
+                self.values[i, :, :, start:end] = v.transpose(1, 2)
+                a = F.scaled_dot_product_attention(
+                    q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
+                    scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
+            else:
+                self.spike_kv[i].write(k, v.transpose(1, 2), start)
+                a = self.spike_kv[i].attend(q, end, mask, self.scaling[i])
             x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B, T, -1))
             x = x + parts["mlp"](parts["post_attention_layernorm"](x))
         self.length = end

@@ -25,7 +25,11 @@ adds what a LLaMA-architecture model computes densely in either case, counted th
 its rotary embedding and ``lm_head``: attention (2 * heads * head_dim MACs per causal
 query-key pair and layer: scores and weighted values) and ``lm_head`` (tokens * hidden *
 vocabulary). Norms, SiLU, rotary and the online rotation are elementwise or small and not
-counted.
+counted. With a spiking key-value cache (``Runner(kv="spike4" | "spike8")``) QK^T runs on
+spikes: ``whole_model`` counts its synaptic operations (``attention_sops``: per attended
+query-key pair and channel, query spikes x key spikes, each an addition) at the preset's
+accumulate energy instead of its heads * head_dim MACs per pair, which leave
+``dense_macs["attention"]`` (PV stays dense); the dense model's energy counts them all.
 
 Energy model (``EnergyModel``, per-operation energies in pJ). Per layer:
 
@@ -68,6 +72,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import attention
 from .nn import SpikeLinear
 from .spikes import spike_slots
 
@@ -276,6 +281,7 @@ class Tracker:
         self._handles: list = []
         self._pairs: Optional[torch.Tensor] = None  # causal query-key pairs, on the device
         self._head_rows = 0                          # tokens through lm_head
+        self._attention = [0, 0]  # spiking QK^T: synaptic operations, dense MACs replaced
 
     def __enter__(self) -> "Tracker":
         busy = [n for n, m in self._layers.items() if m.observer is not None]
@@ -286,7 +292,8 @@ class Tracker:
         self._acc = {name: _Acc(layer) for name, layer in self._layers.items()}
         for name, layer in self._layers.items():
             layer.observer = self._acc[name].observe
-        self._pairs, self._head_rows = None, 0
+        self._pairs, self._head_rows, self._attention = None, 0, [0, 0]
+        attention.OBSERVERS.append(self._count_attention)
         if self._dense is not None:
             rotary, lm_head, _ = self._dense
             self._handles = [rotary.register_forward_pre_hook(self._count_pairs, with_kwargs=True),
@@ -300,6 +307,7 @@ class Tracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        attention.OBSERVERS.remove(self._count_attention)
         self._active = False
         return False
 
@@ -311,6 +319,10 @@ class Tracker:
         positions = args[1] if len(args) > 1 else kwargs["position_ids"]
         pairs = (positions + 1).sum() * (x.shape[0] // positions.shape[0])
         self._pairs = pairs if self._pairs is None else self._pairs + pairs
+
+    def _count_attention(self, sops: int, macs: int) -> None:
+        self._attention[0] += sops
+        self._attention[1] += macs
 
     def _count_head(self, _module, args) -> None:
         self._head_rows += args[0].numel() // args[0].shape[-1]
@@ -353,14 +365,22 @@ class Tracker:
         if self._dense is None:
             return None
         _, lm_head, per_pair = self._dense
+        sops, replaced = self._attention
         macs = {"attention": int(self._pairs if self._pairs is not None else 0) * per_pair,
                 "lm_head": self._head_rows * lm_head.in_features * lm_head.out_features}
         dense = sum(macs.values())
         projections = self.totals()["energy_pj"]
+        energy = {}
         # Each key ends in its preset: spike_45nm, dense_float_45nm, spike_int8, dense_int8.
-        energy = {key: projections[key] + dense * PRESETS[key.rsplit("_", 1)[1]].mac_pj
-                  for key in projections}
-        return {"dense_macs": macs, "energy_pj": energy}
+        # The spiking model's QK^T on a spiking cache costs its synaptic operations instead of
+        # the MACs it replaced; the dense model computes them all.
+        for key in projections:
+            preset = PRESETS[key.rsplit("_", 1)[1]]
+            spiking = key.startswith("spike")
+            energy[key] = projections[key] + (dense - replaced * spiking) * preset.mac_pj + \
+                sops * spiking * preset.ac_pj
+        macs["attention"] -= replaced
+        return {"dense_macs": macs, "attention_sops": sops, "energy_pj": energy}
 
     def energy(self) -> dict:
         """Energy in pJ of what was tracked: ``projections`` (the SpikeLinear layers),

@@ -1,0 +1,218 @@
+"""Attention on spikes: ``spike_matmul``, the exact spike x spike product of two SpikeTensors
+per head (docs/ops.md, spike_matmul)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, ops
+from .spikes import Encoding, SpikeTensor, encode
+
+OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_heads(fn: str, name: str, st) -> None:
+    if not isinstance(st, SpikeTensor):
+        raise TypeError(f"{fn}: {name} must be a spikeops.SpikeTensor, got {type(st).__name__}")
+    if len(st.shape) != 4:
+        raise ValueError(f"{fn}: {name} must be spikes of a [batch, heads, tokens, K] tensor, "
+                         f"got shape {list(st.shape)}")
+
+
+def spike_matmul(a: SpikeTensor, b: SpikeTensor, keys: Optional[int] = None,
+                 causal: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``A_hat @ B_hat^T`` per head, float ``[batch, heads, Ma, keys]``.
+
+    a: spikes of ``[batch, heads, Ma, K]`` (queries); b: spikes of ``[batch, kv_heads, Lb, K]``
+    (keys), ``heads`` a multiple of ``kv_heads`` (grouped-query: head h reads kv head
+    ``h // (heads // kv_heads)``). Any encodings: signed or unsigned, one or two ranges.
+    keys: the first ``keys`` rows of every kv head are read (a preallocated cache); None: all.
+    causal: key j of query i is ``-inf`` where ``j > keys - Ma + i`` (the queries are the
+    last Ma positions), so that a softmax can follow.
+    The integer sums are exact; the one rounding is docs/ops.md's epilogue.
+    """
+    fn = "spike_matmul"
+    _check_heads(fn, "a", a)
+    _check_heads(fn, "b", b)
+    batch, heads, _, K = a.shape
+    if b.shape[0] != batch or b.shape[3] != K:
+        raise ValueError(f"{fn}: b must have shape [batch, kv_heads, Lb, K] = [{batch}, "
+                         f"kv_heads, Lb, {K}] (a's batch and K), got {list(b.shape)}")
+    kv_heads, Lb = b.shape[1], b.shape[2]
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{fn}: a's heads ({heads}) must be a multiple of b's kv_heads "
+                         f"({kv_heads})")
+    keys = Lb if keys is None else _checks.integer(fn, "keys", keys, 0, Lb)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
+    _checks.dtype(fn, "out_dtype", out_dtype, OUT_DTYPES)
+    return ops.spike_matmul(a.planes, a.sign, a.hi, a.scale, a.zero, b.planes, b.sign, b.hi,
+                            b.scale, b.zero, K, batch, heads, kv_heads, keys, causal, out_dtype)
+
+
+class SpikeCache:
+    """A preallocated bit-plane cache of one layer's keys or values: ``batch x kv_heads`` rows
+    of ``max_len`` tokens of ``head_dim`` channels, each token and head encoded once, when
+    written, under ``enc`` (a signed encoding: absmax). ``spikes()`` is the SpikeTensor of
+    ``[batch, kv_heads, max_len, head_dim]`` (rows past the written length hold silent
+    tokens), which ``spike_matmul(..., keys=length)`` reads in place."""
+
+    def __init__(self, enc, batch: int, kv_heads: int, max_len: int, head_dim: int, device):
+        self.enc, self.shape = enc, (batch, kv_heads, max_len, head_dim)
+        P, W, rows = enc.bits - 1, (head_dim + 31) // 32, batch * kv_heads * max_len
+        i32 = dict(dtype=torch.int32, device=device)
+        self.planes = torch.zeros(P, rows, W, **i32)
+        self.sign = torch.zeros(rows, W, **i32)
+        self.scale = torch.ones(rows, 1, dtype=torch.float32, device=device)
+
+    def write(self, x: torch.Tensor, start: int) -> None:
+        """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``."""
+        B, H, L, D = self.shape
+        T = x.shape[2]
+        st = encode(x, self.enc)
+        self.planes.view(-1, B, H, L, self.planes.shape[-1])[:, :, :, start:start + T] = \
+            st.planes.view(-1, B, H, T, self.planes.shape[-1])
+        self.sign.view(B, H, L, -1)[:, :, start:start + T] = st.sign.view(B, H, T, -1)
+        self.scale.view(B, H, L)[:, :, start:start + T] = st.scale.view(B, H, T)
+
+    def spikes(self) -> SpikeTensor:
+        return SpikeTensor(self.planes, self.sign, None, self.scale, None, self.shape)
+
+    def fields(self, length: int):
+        """(planes, sign, hi, scale) of the first ``length`` tokens of every row, contiguous."""
+        B, H, L, _ = self.shape
+        W = self.planes.shape[-1]
+        rows = B * H * length
+        return (self.planes.view(-1, B, H, L, W)[:, :, :, :length].reshape(-1, rows, W),
+                self.sign.view(B, H, L, W)[:, :, :length].reshape(rows, W), None,
+                self.scale.view(B, H, L)[:, :, :length].reshape(rows, 1))
+
+    def decode(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``length`` tokens decoded, ``[batch, kv_heads, length, head_dim]``."""
+        B, H, _, D = self.shape
+        return SpikeTensor(*self.fields(length), None, (B, H, length, D)).decode(dtype)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in this cache (all heads of all rows of the batch)."""
+        B, H, _, _ = self.shape
+        W = self.planes.shape[-1]
+        return B * H * ((self.planes.shape[0] + 1) * W * 4 + 4)
+
+
+# Runner's key-value caches: float, or absmax spikes of 4 or 8 bits (the sign included), and
+# the product of the attention probabilities with the spiking values (SpikeKV.attend).
+KV_MODES = ("float", "spike4", "spike8")
+PV_MODES = ("float", "spike")
+# Queries are encoded per token and head at 8 bits whatever the cache holds: they are not
+# stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
+# with 8-bit ones (README, "Attention on spikes").
+QUERY_ENCODING = Encoding("absmax", 8)
+# Callbacks fn(sops, macs) of spikeops.track: every spiking QK^T reports its synaptic operations
+# and the dense multiply-accumulates it replaced (SpikeKV.attend; docs/energy.md).
+OBSERVERS: list = []
+
+
+class SpikeKV:
+    """One decoder layer's bit-plane key-value cache (``Runner(kv="spike4" | "spike8")``):
+    keys after the rotary embedding and values, each token and kv head encoded once, when
+    written (absmax, one scale per token and head). ``rotate``: keys, values and queries are
+    multiplied by the orthonormal Hadamard matrix H of order head_dim first (``(qH)(kH)^T =
+    qk^T``, and the attention output is multiplied by ``H^T``), which spreads a head's outlier
+    channels over all of them before the 4-bit code (README, "Attention on spikes", has the
+    measurement)."""
+
+    def __init__(self, fn: str, kv: str, rotate: bool, pv: str, batch: int, kv_heads: int,
+                 max_len: int, head_dim: int, dtype: torch.dtype, device):
+        from .transforms import hadamard
+        if rotate and head_dim & (head_dim - 1):
+            raise ValueError(f"{fn}: kv_rotate needs a power-of-two head_dim (a Hadamard "
+                             f"matrix), got head_dim = {head_dim}; pass kv_rotate=False")
+        enc = Encoding("absmax", int(kv[len("spike"):]))
+        self.pv = pv
+        self.rotation = hadamard(head_dim).to(device=device, dtype=dtype) if rotate else None
+        self.keys, self.values = (SpikeCache(enc, batch, kv_heads, max_len, head_dim, device)
+                                  for _ in range(2))
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rotation is None else x @ self.rotation
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Encode keys and values ``[batch, kv_heads, T, head_dim]`` at ``start``."""
+        self.keys.write(self._rotate(k), start)
+        self.values.write(self._rotate(v), start)
+
+    def attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
+               scaling: float) -> torch.Tensor:
+        """Attention of ``q [batch, heads, T, head_dim]`` over the first ``end`` cached tokens
+        (``mask``: Runner's boolean mask ``[batch or 1, 1, T, end]``, or None: every key).
+
+        QK^T is ``spike_matmul`` of the queries, encoded per token and head like the keys, and
+        the key cache: exact integer sums, one float32 rounding. The softmax is float32. PV
+        (``self.pv``): "float" multiplies the probabilities by the decoded value cache in q's
+        dtype; "spike" is spike x spike as well (``spike_pv``)."""
+        queries = encode(self._rotate(q), QUERY_ENCODING)
+        scores = spike_matmul(queries, self.keys.spikes(), keys=end) * scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        if OBSERVERS:
+            sops, macs = self._qk_events(queries, end, mask)
+            for fn in OBSERVERS:
+                fn(sops, macs)
+        probs = torch.softmax(scores, dim=-1)
+        group = q.shape[1] // self.keys.shape[1]
+        if self.pv == "spike":
+            a = self.spike_pv(probs, end)
+        else:
+            values = self.values.decode(end, q.dtype).repeat_interleave(group, dim=1)
+            a = probs.to(q.dtype) @ values
+        return a if self.rotation is None else a @ self.rotation.T
+
+    def _qk_events(self, queries: SpikeTensor, end: int, mask: Optional[torch.Tensor]):
+        """(synaptic operations, dense MACs) of QK^T on spikes over the attended pairs: an
+        operation is one coincidence of a query spike and a key spike in one channel (one bit
+        of a popcount of an AND of plane words: one addition of +-2^(p+p')), so a pair (i, j)
+        costs sum_k spikes_q[i, k] * spikes_k[j, k]; the MACs are head_dim per pair."""
+        B, H, T, D = queries.shape
+        planes, _, _, scale = self.keys.fields(end)
+        fired_q = _spikes_per_element(queries.planes, queries.scale, queries.shape)
+        fired_k = _spikes_per_element(planes, scale, (B, self.keys.shape[1], end, D))
+        fired_k = fired_k.repeat_interleave(H // self.keys.shape[1], dim=1)
+        visible = torch.ones(B, H, T, end, dtype=torch.bool, device=queries.planes.device)
+        if mask is not None:
+            visible = visible & mask
+        pairs = (fired_q @ fired_k.transpose(-1, -2)) * visible
+        return int(pairs.sum()), int(visible.sum()) * D
+
+    def spike_pv(self, probs: torch.Tensor, end: int) -> torch.Tensor:
+        """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``spike_matmul`` of A =
+        the probabilities times the values' per-token scales, as unsigned 8-bit spikes per
+        query row (static, scale = row max / 255, zero 0: no scale floor), and B = the value
+        codes ``c_v`` channel-major (rows d, channels j; a static signed encoding with scale 1,
+        exact for integer codes). The value codes are re-laid out at every call: this path
+        measures accuracy, not speed."""
+        B, Hkv, _, D = self.values.shape
+        planes, sign, _, scale_v = self.values.fields(end)
+        codes = SpikeTensor(planes, sign, None, torch.ones_like(scale_v), None,
+                            (B, Hkv, end, D)).decode()
+        vt = encode(codes.transpose(2, 3).contiguous(), Encoding("static", self.values.enc.bits),
+                    scale=1.0)
+        weights = probs * scale_v.view(B, Hkv, 1, end).repeat_interleave(
+            probs.shape[1] // Hkv, dim=1)
+        row_max = weights.amax(-1).reshape(-1)
+        step = torch.where(row_max > 0, row_max / 255, torch.ones_like(row_max))
+        pt = encode(weights, Encoding("static", 8), scale=step, zero=0)
+        return spike_matmul(pt, vt)
+
+    def bytes_per_token(self) -> int:
+        return self.keys.bytes_per_token() + self.values.bytes_per_token()
+
+
+def _spikes_per_element(planes: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    """Spikes (set plane bits) of every element, float64 ``shape``: each plane decoded with
+    scale 1 and no sign is 0 or 1 per element."""
+    ones = torch.ones_like(scale)
+    count = sum(ops.spike_decode(planes[p:p + 1], None, None, ones, None, shape[-1])
+                for p in range(planes.shape[0]))
+    return count.double().reshape(shape)

@@ -1,0 +1,129 @@
+"""spike_matmul (docs/ops.md): bit for bit against spikeops.reference, and within the documented
+rounding of an independent float64 computation of decoded A x decoded B^T (codes read from the
+planes here, not through the op or the reference), for every combination of signed, unsigned
+and two-range operands, grouped-query heads, causal masks and a partly filled key cache."""
+
+import pytest
+import torch
+
+import spikeops
+from spikeops import Encoding, reference
+from spikeops.attention import spike_matmul
+
+OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ENCODINGS = {
+    "absmax4": Encoding("absmax", 4),
+    "absmax8": Encoding("absmax", 8),
+    "minmax4": Encoding("minmax", 4),
+    "minmax16": Encoding("minmax", 16),
+    "absmax16": Encoding("absmax", 16),
+    "salient-minmax": Encoding("minmax", 4, salient_bits=8),
+    "oat6": Encoding("oat", 6, theta=(0.5, 2.0)),
+}
+PAIRS = [("absmax4", "absmax4"), ("absmax8", "absmax8"), ("minmax4", "absmax8"),
+         ("absmax4", "minmax4"), ("minmax16", "minmax16"), ("absmax16", "absmax16"),
+         ("salient-minmax", "absmax4"), ("oat6", "salient-minmax")]
+
+
+def encode(device, name, shape, offset=0.0):
+    enc = ENCODINGS[name]
+    mask = torch.arange(shape[-1], device=device) % 5 == 1 if enc.salient_bits else None
+    return spikeops.encode(torch.randn(shape, device=device) * 2 + offset, enc,
+                           salient_mask=mask)
+
+
+def exact_decode(st) -> torch.Tensor:
+    """x_hat in float64 without rounding: scale * (s * Q - zero), bits read one by one."""
+    K = st.shape[-1]
+    M = st.planes.shape[1]
+    def bit(words):  # int32 [..., W] -> int64 [..., W, 32]
+        return (words.to(torch.int64).unsqueeze(-1) >> torch.arange(32)) & 1
+
+    planes = bit(st.planes.cpu()).flatten(-2)[..., :K]
+    q = sum(planes[p].double() * 2.0**p for p in range(planes.shape[0]))
+    if st.sign is not None:
+        q = torch.where(bit(st.sign.cpu()).flatten(-2)[..., :K].bool(), -q, q)
+    r = (bit(st.hi.cpu()).flatten(-2)[..., :K] if st.hi is not None
+         else torch.zeros(M, K, dtype=torch.int64))
+    z = st.zero.cpu().double().gather(1, r) if st.zero is not None else 0.0
+    return (st.scale.cpu().double().gather(1, r) * (q - z)).reshape(st.shape)
+
+
+def mask_causal(y: torch.Tensor, Ma: int, keys: int) -> torch.Tensor:
+    i = torch.arange(Ma)[:, None]
+    j = torch.arange(keys)[None, :]
+    return y.masked_fill(j > keys - Ma + i, float("-inf"))
+
+
+def check(device, a, b, keys, causal, out_dtype):
+    y = spike_matmul(a, b, keys=keys, causal=causal, out_dtype=out_dtype)
+    ref = reference.spike_matmul(a.planes, a.sign, a.hi, a.scale, a.zero, b.planes, b.sign,
+                                 b.hi, b.scale, b.zero, a.shape[-1], a.shape[0], a.shape[1],
+                                 b.shape[1], keys, causal, out_dtype)
+    assert y.dtype == out_dtype and y.shape == ref.shape
+    assert torch.equal(y, ref), f"max diff {(y.double() - ref.double()).abs().max()}"
+    # The one rounding of docs/ops.md: float32 (then out_dtype) of a float64 sum of at most 4
+    # products of exact integers and exact scale products.
+    group = a.shape[1] // b.shape[1]
+    xa = exact_decode(a)
+    xb = exact_decode(b)[:, :, :keys].repeat_interleave(group, 1).transpose(-1, -2)
+    exact = xa @ xb
+    # float64's own rounding of that matmul (K products summed), where the true sum cancels
+    slack = a.shape[-1] * 2.0**-52 * (xa.abs() @ xb.abs())
+    if causal:
+        exact = mask_causal(exact, a.shape[2], keys)
+    eps = max(torch.finfo(out_dtype).eps, torch.finfo(torch.float32).eps)
+    tiny = torch.finfo(out_dtype).tiny
+    finite = torch.isfinite(exact)
+    err = (y.double().cpu() - exact).abs()
+    bound = eps * exact.abs() + slack + tiny
+    assert bool((err[finite] <= bound[finite]).all()), (err - bound)[finite].max()
+    assert torch.equal(torch.isinf(y.cpu()), ~finite)
+    return y
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("na, nb", PAIRS)
+def test_exact_pairs(device, na, nb, causal):
+    # 70 channels: 3 words, the last partial; 6 query heads on 3 kv heads; 7 of 9 keys read.
+    a = encode(device, na, (2, 6, 5, 70))
+    b = encode(device, nb, (2, 3, 9, 70), offset=0.3)
+    check(device, a, b, 7, causal, torch.float32)
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+def test_out_dtypes_and_decode_shape(device, out_dtype):
+    # Decode: one query per head against 2,048 keys of head_dim 64 (SmolLM2's 9 / 3 heads).
+    a = encode(device, "absmax4", (1, 9, 1, 64))
+    b = encode(device, "absmax4", (1, 3, 2048, 64))
+    check(device, a, b, 2048, True, out_dtype)
+
+
+def test_head_dim_128_sixteen_planes_needs_int64(device):
+    # 15 magnitude planes x head_dim 128 at full scale: sums beyond int32 (docs/ops.md, bound).
+    x = torch.full((1, 1, 2, 128), 3.0, device=device)
+    a = spikeops.encode(x, Encoding("absmax", 16))
+    y = check(device, a, a, 2, False, torch.float32)
+    assert (2**15 - 1) ** 2 * 128 > 2**31
+    assert torch.allclose(y.double(), torch.full_like(y.double(), 9.0 * 128))
+
+
+def test_nonfinite_rows_and_no_keys(device):
+    x = torch.randn(1, 2, 3, 40, device=device)
+    x[0, 1, 2, 5] = float("nan")
+    a = spikeops.encode(x, Encoding("absmax", 4))
+    b = encode(device, "minmax4", (1, 1, 4, 40))
+    y = spike_matmul(a, b)
+    assert torch.isnan(y[0, 1, 2]).all() and torch.isfinite(y[0, :, :2]).all()
+    assert spike_matmul(a, b, keys=0).shape == (1, 2, 3, 0)
+
+
+def test_bits_beyond_K_ignored(device):
+    a = encode(device, "minmax4", (1, 1, 2, 40))
+    b = encode(device, "absmax4", (1, 1, 3, 40))
+    y = spike_matmul(a, b)
+    # Set every bit past channel 40 of every word of A's planes and of B's sign: no change.
+    junk = torch.tensor([0, -256], dtype=torch.int32, device=device)
+    a2 = a._replace(planes=a.planes | junk)
+    b2 = b._replace(planes=b.planes | junk, sign=b.sign | junk)
+    assert torch.equal(spike_matmul(a2, b2), y)
