@@ -1,5 +1,6 @@
 """Attention on spikes: ``spike_matmul``, the exact spike x spike product of two SpikeTensors
-per head (docs/ops.md, spike_matmul)."""
+per head (docs/ops.md, spike_matmul), and the bit-plane key-value cache of ``Runner(kv=...)``
+(``SpikeCache`` per tensor, ``SpikeKV`` per decoder layer; README, "Attention on spikes")."""
 
 from __future__ import annotations
 
