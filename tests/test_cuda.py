@@ -156,17 +156,16 @@ def test_guards_for_device_values():
     bad_g_idx = w.g_idx.clone()
     bad_g_idx[5] = 1000
     # group_size 0: an act-order layout, whose g_idx the kernels read.
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
-                         w.kernel_scales, bad_g_idx, None, None, None, 4, 0, torch.float32,
-                         "auto")
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.qzeros,
+                         w.scales, bad_g_idx, None, None, None, 4, 0, w.zero_offset,
+                         torch.float32, "auto")
     assert y.isnan().all()
-    W = ops.gptq_dequantize(w.qweight, w.kernel_zeros, w.kernel_scales, bad_g_idx, 4, 0)
+    W = ops.gptq_dequantize(w.qweight, w.qzeros, w.scales, bad_g_idx, None, 4, 0, w.zero_offset)
     assert W[:, 5].isnan().all() and not W[:, :5].isnan().any()
     bad_zero = st.zero.clone()
     bad_zero[1, 0] = 1 << 20
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad_zero, w.qweight,
-                         w.kernel_zeros, w.kernel_scales, w.g_idx, None, None, None, 4,
-                         w.kernel_group_size, torch.float32, "auto")
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad_zero, *w.kernel_args(), None,
+                         4, w.kernel_group_size, w.zero_offset, torch.float32, "auto")
     assert y[1].isnan().all() and not y[0].isnan().any()
     x = torch.randn(3, 40, device="cuda")
     planes, sign, *_ , scale, zero = ops.gif_encode(
