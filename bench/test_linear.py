@@ -77,8 +77,8 @@ def int4_weights(shape: str):
     """tinygemm's packing of the same 4-bit codes; its zero is additive: w = (q - 8) * s + zero,
     so zero = (8 - z) * s reproduces GPTQ's (q - z) * s."""
     w, _ = layer(shape, 4)
-    q = spikeops.unpack(w.qweight, 4, w.in_features, dim=0).t().contiguous()  # [N, K] codes
-    z = w.kernel_zeros                                                        # [G, N]
+    q, z = w.codes()                                                         # [K, N], [G, N]
+    q = q.t().contiguous()                                                   # [N, K] codes
     s = w.scales.float()
     scale_zero = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16).contiguous()
     if ON_GPU:
@@ -116,20 +116,20 @@ def test_linear(benchmark, shape, M, bits, entry):
         xs[:, : K // 256] *= 400
         lin = spikeops.SpikeLinear(w, ENCODINGS["absmax4"])
         info.update(firing_rate=spikeops.encode(xs, ENCODINGS["absmax4"]).firing_rate())
-        run(lambda: lin(xs), bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + dense_io,
+        run(lambda: lin(xs), bytes_moved=nbytes(*w.kernel_args()) + dense_io,
             extra=info)
     elif entry.startswith("spikeops-SpikeLinear"):
         lin = spikeops.SpikeLinear(w, ENCODINGS["minmax4"])
-        run(lambda: lin(x), bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + dense_io, extra=info)
+        run(lambda: lin(x), bytes_moved=nbytes(*w.kernel_args()) + dense_io, extra=info)
     elif entry.startswith("spikeops-"):
         _, backend, enc = entry.split("-")
         st = spikeops.encode(x, ENCODINGS[enc])
         info.update(firing_rate=st.firing_rate(), planes=st.num_planes)
         run(lambda: spikeops.spike_linear(st, w, out_dtype=torch.float16, backend=backend),
-            bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + nbytes(*st[:5]) + M * N * 2, extra=info)
+            bytes_moved=nbytes(*w.kernel_args()) + nbytes(*st[:5]) + M * N * 2, extra=info)
     elif entry == "dequant+matmul":
         run(lambda: F.linear(x, w.dequantize().to(DENSE_DTYPE)),
-            bytes_moved=nbytes(w.qweight, w.qzeros, w.scales) + 2 * W.numel() * 2 + W.numel() * W.element_size()
+            bytes_moved=nbytes(*w.kernel_args()) + 2 * W.numel() * 2 + W.numel() * W.element_size()
             + dense_io, extra=info)
     elif entry == "torch-int4-tinygemm":
         packed, scale_zero = int4_weights(shape)

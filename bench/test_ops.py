@@ -121,11 +121,11 @@ def test_spike_accumulate(benchmark, shape, M, entry):
 def test_gptq_dequantize(benchmark, shape, entry):
     K, N = SHAPES[shape]
     w = gptq_layer(K, N, 4)
-    args = (w.qweight, w.kernel_zeros, w.kernel_scales, w.g_idx, w.kernel_bits,
-            w.kernel_group_size)
+    args = (w.qweight, w.qzeros, w.scales, w.g_idx, w.packed, w.kernel_bits,
+            w.kernel_group_size, w.zero_offset)
     fn = ops.gptq_dequantize if entry == "spikeops-dequantize" else reference.gptq_dequantize
     measure(benchmark, lambda: fn(*args), f"gptq_dequantize {shape} {K}x{N} W4g128", entry,
-            bytes_moved=nbytes(w.qweight, w.qzeros, w.scales, w.g_idx) + K * N * 2,
+            bytes_moved=nbytes(*w.kernel_args()) + K * N * 2,
             extra=dict(K=K, N=N))
 
 

@@ -62,6 +62,7 @@ std::string dtype_name(at::ScalarType t) {
     case at::kInt: return "torch.int32";
     case at::kLong: return "torch.int64";
     case at::kShort: return "torch.int16";
+    case at::kUInt16: return "torch.uint16";
     case at::kChar: return "torch.int8";
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
@@ -252,20 +253,23 @@ void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k
                     "), got W = ", s.W);
 }
 
-Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& zeros,
-                      const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                      int64_t group_size) {
+Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
+                      const at::Tensor& scales, const at::Tensor& g_idx,
+                      const at::Tensor& packed, int64_t bits, int64_t group_size,
+                      int64_t zero_offset) {
   Weights w;
   TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op,
                     ": bits must be 2, 4 or 8 (3-bit weights are repacked to 4-bit codes by ",
                     "spikeops.GPTQWeight), got ", bits);
   TORCH_CHECK_VALUE(group_size >= 0, op, ": group_size must be >= 0 (0: the groups are given ",
                     "by g_idx), got ", group_size);
+  TORCH_CHECK_VALUE(zero_offset == 0 || zero_offset == 1, op, ": zero_offset must be 0 (v2 ",
+                    "zero points) or 1 (v1: stored zero = true zero - 1), got ", zero_offset);
   w.bits = static_cast<int>(bits);
   w.group_size = group_size;
-  check_dtype(op, qweight, "qweight", at::kInt);
-  check_dtype(op, zeros, "zeros", at::kInt);
-  check_dtype(op, scales, "scales", at::kFloat);
+  w.zero_offset = static_cast<int>(zero_offset);
+  check_dtype(op, qzeros, "qzeros", at::kInt);
+  check_dtype(op, scales, "scales", at::kHalf);
   check_dtype(op, g_idx, "g_idx", at::kInt);
   TORCH_CHECK_VALUE(g_idx.dim() == 1 && g_idx.size(0) >= 1 && g_idx.size(0) <= kMaxK, op,
                     ": g_idx must have shape [K] with 1 <= K <= ", kMaxK, ", got ",
@@ -275,20 +279,38 @@ Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tenso
   w.K = g_idx.size(0);
   w.G = scales.size(0);
   w.N = scales.size(1);
-  const int64_t per_word = 32 / bits;
-  check_shape(op, qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
-  check_shape(op, zeros, "zeros", {w.G, w.N});
-  check_same_device(op, zeros, "zeros", qweight, "qweight");
-  check_same_device(op, scales, "scales", qweight, "qweight");
-  check_same_device(op, g_idx, "g_idx", qweight, "qweight");
+  check_same_device(op, g_idx, "g_idx", scales, "scales");
   if (group_size > 0) {
     TORCH_CHECK_VALUE(w.G == (w.K + group_size - 1) / group_size, op, ": scales must hold ",
                       "ceil(K / group_size) = ", (w.K + group_size - 1) / group_size,
                       " groups for K = ", w.K, " and group_size = ", group_size, ", got G = ",
                       w.G);
   }
-  w.qweight = qweight.contiguous();
-  w.zeros = zeros.contiguous();
+  TORCH_CHECK_VALUE(present(qweight) || present(packed), op, ": the codes must be given, as ",
+                    "qweight or as the CPU layout packed; got neither");
+  if (present(qweight)) {
+    const int64_t per_word = 32 / bits;
+    check_dtype(op, qweight, "qweight", at::kInt);
+    check_shape(op, qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
+    check_same_device(op, qweight, "qweight", scales, "scales");
+    w.qweight = qweight.contiguous();
+  }
+  if (present(packed)) {
+    TORCH_CHECK_VALUE(w.bits == 4 && w.group_size > 0 && (w.group_size % 8 == 0 || w.G == 1) &&
+                          (w.G == 1 ? (w.K + 7) / 8 * 8 : w.group_size) <= kMaxLayoutGroup,
+                      op, ": packed is the layout of 4-bit codes in groups of a multiple of 8 ",
+                      "channels, at most ", kMaxLayoutGroup, ", got bits = ", w.bits,
+                      ", group_size = ", w.group_size, ", K = ", w.K);
+    check_dtype(op, packed, "packed", at::kByte);
+    check_shape(op, packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
+    check_same_device(op, packed, "packed", scales, "scales");
+    TORCH_CHECK_VALUE(packed.device().is_cpu(), op, ": packed is the CPU layout, for CPU ",
+                      "tensors only; got ", packed.device());
+    w.packed = packed.contiguous();
+  }
+  check_shape(op, qzeros, "qzeros", {w.G, (w.N * bits + 31) / 32});
+  check_same_device(op, qzeros, "qzeros", scales, "scales");
+  w.qzeros = qzeros.contiguous();
   w.scales = scales.contiguous();
   w.g_idx = g_idx.contiguous();
   // Only an act-order layout (group_size 0) reads g_idx's values, and only then are they
@@ -302,21 +324,13 @@ Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tenso
   return w;
 }
 
-void check_cpu_layout(const char* op, const at::Tensor& packed, const at::Tensor& code_sums,
-                      Weights& w) {
-  TORCH_CHECK_VALUE(present(packed) == present(code_sums), op, ": packed and code_sums come ",
+void check_code_sums(const char* op, const at::Tensor& code_sums, Weights& w) {
+  TORCH_CHECK_VALUE(present(code_sums) == w.packed.defined(), op, ": packed and code_sums come ",
                     "together (both empty, or spikeops.GPTQWeight's CPU layout), got one");
-  if (!present(packed)) return;
-  TORCH_CHECK_VALUE(w.bits == 4 && w.group_size > 0 && (w.group_size % 8 == 0 || w.G == 1), op,
-                    ": packed is the layout of 4-bit codes in groups of a multiple of 8 ",
-                    "channels, got bits = ", w.bits, ", group_size = ", w.group_size);
-  check_dtype(op, packed, "packed", at::kByte);
-  check_shape(op, packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
-  check_dtype(op, code_sums, "code_sums", at::kInt);
+  if (!present(code_sums)) return;
+  check_dtype(op, code_sums, "code_sums", at::kUInt16);
   check_shape(op, code_sums, "code_sums", {w.G, w.N});
-  check_same_device(op, packed, "packed", w.qweight, "qweight");
-  check_same_device(op, code_sums, "code_sums", w.qweight, "qweight");
-  w.packed = packed.contiguous();
+  check_same_device(op, code_sums, "code_sums", w.scales, "scales");
   w.code_sums = code_sums.contiguous();
 }
 
@@ -332,7 +346,7 @@ at::Tensor check_bias(const char* op, const at::Tensor& bias, const Weights& w) 
   if (!present(bias)) return at::Tensor();
   check_dtype(op, bias, "bias", at::kFloat);
   check_shape(op, bias, "bias", {w.N});
-  check_same_device(op, bias, "bias", w.qweight, "qweight");
+  check_same_device(op, bias, "bias", w.scales, "scales");
   return bias.contiguous();
 }
 

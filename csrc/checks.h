@@ -24,15 +24,16 @@ struct Spikes {
 
 // The kernel form of a GPTQ layer (docs/ops.md, spike_linear), contiguous.
 struct Weights {
-  at::Tensor qweight;  // int32 [ceil(K*bits/32), N]
-  at::Tensor zeros;    // int32 [G, N] true zero points
-  at::Tensor scales;   // float32 [G, N]
-  at::Tensor g_idx;    // int32 [K], values in [0, G)
+  at::Tensor qweight;    // int32 [ceil(K*bits/32), N], or undefined with packed
+  at::Tensor qzeros;     // int32 [G, ceil(N*bits/32)] stored zero points
+  at::Tensor scales;     // float16 [G, N]
+  at::Tensor g_idx;      // int32 [K], values in [0, G)
   at::Tensor packed;     // uint8 [ceil(N/16), ceil(K/8), 64] CPU layout, or undefined
-  at::Tensor code_sums;  // int32 [G, N], with packed, or undefined
-  int64_t group_size;  // > 0: uniform groups (g_idx's values are not read); 0: g_idx
+  at::Tensor code_sums;  // uint16 [G, N], with packed (spike_linear), or undefined
+  int64_t group_size;    // > 0: uniform groups (g_idx's values are not read); 0: g_idx
   int64_t K, N, G;
   int bits;
+  int zero_offset;
 };
 
 // gif_encode's arguments, checked, with the derived sizes of the SpikeTensor it produces.
@@ -63,13 +64,15 @@ Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tens
 Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& sign,
                     const at::Tensor& hi, const at::Tensor& scale, const at::Tensor& zero);
 
-Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& zeros,
-                      const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                      int64_t group_size);
+// The weights of spike_linear and gptq_dequantize: qweight or the CPU layout packed (CPU
+// tensors, 4-bit codes in uniform groups) holds the codes.
+Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
+                      const at::Tensor& scales, const at::Tensor& g_idx,
+                      const at::Tensor& packed, int64_t bits, int64_t group_size,
+                      int64_t zero_offset);
 
-// spike_linear's optional CPU layout of the weights (both present or both empty), into w.
-void check_cpu_layout(const char* op, const at::Tensor& packed, const at::Tensor& code_sums,
-                      Weights& w);
+// spike_linear's code_sums: present exactly with packed, into w.
+void check_code_sums(const char* op, const at::Tensor& code_sums, Weights& w);
 
 // The spike words must cover exactly K channels: W == ceil(K / 32).
 void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source);

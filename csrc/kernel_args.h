@@ -25,23 +25,46 @@ struct SpikeFields {
   int64_t P, M, W, R;
 };
 
-// The kernel form of one GPTQ linear layer, built once per layer from its checkpoint tensors
-// (spikeops.GPTQWeight; docs/checkpoints.md): codes still packed, everything else unpacked.
+// The kernel form of one GPTQ linear layer (spikeops.GPTQWeight; docs/checkpoints.md): the
+// checkpoint's tensors as they are, except that on the CPU the CPU layout may replace qweight
+// (docs/ops.md, spike_linear). Read its fields through the accessors below.
 struct WeightFields {
-  const int32_t* qweight;  // [ceil(K * bits / 32), N], the checkpoint's packing
-  const int32_t* zeros;    // [G, N] true zero points z
-  const float* scales;     // [G, N] the float16 group scales, widened exactly
-  const int32_t* g_idx;    // [K] group of each channel; read only when group_size == 0
-  const uint8_t* packed;   // CPU layout of 4-bit codes [ceil(N/16), ceil(K/8), 64], or null
-  const int32_t* code_sums;  // [G, N] sum of q per group and column, with packed; or null
-  int64_t group_size;      // > 0: channel k is in group k / group_size; 0: g_idx says
+  const int32_t* qweight;     // [ceil(K * bits / 32), N], GPTQ packing; null when packed holds
+                              // the codes
+  const int32_t* qzeros;      // [G, ceil(N * bits / 32)] stored zero points, GPTQ packing
+  const uint16_t* scales;     // [G, N] float16 group scales (their bits)
+  const int32_t* g_idx;       // [K] group of each channel; read only when group_size == 0
+  const uint8_t* packed;      // CPU layout of 4-bit codes [ceil(N/16), ceil(K/8), 64], or null
+  const uint16_t* code_sums;  // [G, N] sum of q per group and column, with packed; or null
+  int64_t group_size;         // > 0: channel k is in group k / group_size; 0: g_idx says
   int64_t K, N, G;
-  int bits;                // 2, 4 or 8
+  int bits;                   // 2, 4 or 8
+  int zero_offset;            // true zero point = stored field + zero_offset (0 or 1)
 };
+
+// Largest group of the CPU layout (G == 1: all of K, in whole blocks of 8): code_sums
+// (<= 4096 * 15) fits uint16, and the int32 epilogue of cpu/int_layout.cpp cannot overflow.
+constexpr int64_t kMaxLayoutGroup = 4096;
 
 // Group of channel k of a layer.
 SPIKE_HD int64_t group_of(const WeightFields& w, int64_t k) {
   return w.group_size > 0 ? k / w.group_size : static_cast<int64_t>(w.g_idx[k]);
+}
+
+// float32(scales[g, n]), exact.
+SPIKE_HD float scale_at(const WeightFields& w, int64_t g, int64_t n) {
+  return half_to_float(w.scales[g * w.N + n]);
+}
+
+// The true zero point z[g, n] (docs/checkpoints.md, "Zero points").
+SPIKE_HD int32_t zero_at(const WeightFields& w, int64_t g, int64_t n) {
+  return gptq_unpack(w.qzeros + g * ((w.N * w.bits + 31) / 32), n, w.bits) + w.zero_offset;
+}
+
+// The weight code q[k, n], from qweight or the CPU layout.
+SPIKE_HD int32_t code_at(const WeightFields& w, int64_t k, int64_t n) {
+  return w.qweight ? gptq_code(w.qweight, w.N, k, n, w.bits)
+                   : layout_code(w.packed, (w.K + 7) / 8, k, n);
 }
 
 struct EncodeArgs {

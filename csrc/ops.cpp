@@ -107,15 +107,16 @@ SpikeFields spike_fields(const Spikes& s) {
 
 WeightFields weight_fields(const Weights& w) {
   WeightFields f;
-  f.qweight = w.qweight.data_ptr<int32_t>();
-  f.zeros = w.zeros.data_ptr<int32_t>();
-  f.scales = w.scales.data_ptr<float>();
+  f.qweight = data_or_null<int32_t>(w.qweight);
+  f.qzeros = w.qzeros.data_ptr<int32_t>();
+  f.scales = reinterpret_cast<const uint16_t*>(w.scales.data_ptr<at::Half>());
   f.g_idx = w.g_idx.data_ptr<int32_t>();
   f.packed = data_or_null<uint8_t>(w.packed);
-  f.code_sums = data_or_null<int32_t>(w.code_sums);
+  f.code_sums = data_or_null<uint16_t>(w.code_sums);
   f.group_size = w.group_size;
   f.K = w.K, f.N = w.N, f.G = w.G;
   f.bits = w.bits;
+  f.zero_offset = w.zero_offset;
   return f;
 }
 
@@ -251,16 +252,18 @@ at::Tensor spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
 template <Dev D>
 at::Tensor spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
                         const at::Tensor& scale, const at::Tensor& zero,
-                        const at::Tensor& qweight, const at::Tensor& zeros,
+                        const at::Tensor& qweight, const at::Tensor& qzeros,
                         const at::Tensor& scales, const at::Tensor& g_idx,
                         const at::Tensor& packed, const at::Tensor& code_sums,
                         const at::Tensor& bias, int64_t bits, int64_t group_size,
-                        at::ScalarType out_dtype, const std::string& backend) {
+                        int64_t zero_offset, at::ScalarType out_dtype,
+                        const std::string& backend) {
   const char* op = "spike_linear";
   const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
-  Weights w = check_weights(op, qweight, zeros, scales, g_idx, bits, group_size);
-  check_cpu_layout(op, packed, code_sums, w);
-  check_same_device(op, qweight, "qweight", planes, "planes");
+  Weights w = check_weights(op, qweight, qzeros, scales, g_idx, packed, bits, group_size,
+                            zero_offset);
+  check_code_sums(op, code_sums, w);
+  check_same_device(op, scales, "scales", planes, "planes");
   check_spike_width(op, s, w.K, "g_idx");
   check_float_out_dtype(op, out_dtype, "out_dtype");
   const Backend b = parse_backend(op, backend);
@@ -281,16 +284,18 @@ at::Tensor spike_linear(const at::Tensor& planes, const at::Tensor& sign, const 
 }
 
 template <Dev D>
-at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& zeros,
-                           const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                           int64_t group_size) {
+at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& qzeros,
+                           const at::Tensor& scales, const at::Tensor& g_idx,
+                           const at::Tensor& packed, int64_t bits, int64_t group_size,
+                           int64_t zero_offset) {
   const char* op = "gptq_dequantize";
-  const Weights w = check_weights(op, qweight, zeros, scales, g_idx, bits, group_size);
-  at::Tensor out = at::empty({w.N, w.K}, qweight.options().dtype(at::kHalf));
+  const Weights w = check_weights(op, qweight, qzeros, scales, g_idx, packed, bits, group_size,
+                                  zero_offset);
+  at::Tensor out = at::empty({w.N, w.K}, scales.options());
   DequantizeArgs a;
   static_cast<WeightFields&>(a) = weight_fields(w);
   a.out = out.data_ptr();
-  run<D>(op, qweight, "qweight", a, &cpu::gptq_dequantize,
+  run<D>(op, scales, "scales", a, &cpu::gptq_dequantize,
          SPIKEOPS_CUDA_LAUNCHER(launch_gptq_dequantize));
   return out;
 }
@@ -349,20 +354,22 @@ TORCH_LIBRARY(spikeops, m) {
   m.def(
       "spike_accumulate(Tensor planes, Tensor sign, Tensor hi, Tensor w, bool per_plane) "
       "-> Tensor");
-  // y [M, N] = x_hat @ W_hat^T + bias on the kernel form of a GPTQ layer: packed qweight
-  // (bits 2/4/8), true zero points zeros [G, N] int32, scales [G, N] float32, g_idx [K] int32
-  // (read only when group_size is 0), the optional CPU layout (packed, code_sums) of 4-bit
-  // codes, bias float32 [N]; integer sums per group and range, float epilogue.
+  // y [M, N] = x_hat @ W_hat^T + bias on the kernel form of a GPTQ layer: the codes as packed
+  // qweight (bits 2/4/8) or, on the CPU, as the CPU layout `packed` of 4-bit codes with its
+  // code_sums [G, N] uint16; stored zero points qzeros [G, N*bits/32] (true zero = field +
+  // zero_offset), scales [G, N] float16, g_idx [K] int32 (read only when group_size is 0),
+  // bias float32 [N]; integer sums per group and range, float epilogue.
   // backend: spike (event driven) | int (integer codes) | auto; identical bits.
   m.def(
       "spike_linear(Tensor planes, Tensor sign, Tensor hi, Tensor scale, Tensor zero, "
-      "Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, Tensor packed, "
-      "Tensor code_sums, Tensor bias, int bits, int group_size, ScalarType out_dtype, "
-      "str backend) -> Tensor");
-  // W_hat float16 [N, K] = fp16(scales[g, n] * float32(q - z)), g the group of k, bit exact.
+      "Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor packed, "
+      "Tensor code_sums, Tensor bias, int bits, int group_size, int zero_offset, "
+      "ScalarType out_dtype, str backend) -> Tensor");
+  // W_hat float16 [N, K] = fp16(float32(scales[g, n]) * float32(q - z)), g the group of k, bit
+  // exact, on the weights spike_linear takes (code_sums aside).
   m.def(
-      "gptq_dequantize(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, "
-      "int group_size) -> Tensor");
+      "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, "
+      "Tensor packed, int bits, int group_size, int zero_offset) -> Tensor");
   // Exact spike x spike products per head: out [batch, heads, Ma, keys] = A_hat @ B_hat^T with
   // A rows (batch, head, i), B rows (batch, kv head, j) of which the first `keys` per head are
   // read, head h reading kv head h / (heads / kv_heads); integer plane-pair popcounts in int64,

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define SPIKE_HD __host__ __device__ __forceinline__
 #else
 #define SPIKE_HD inline
@@ -275,6 +276,49 @@ SPIKE_HD int32_t gptq_code(const int32_t* qweight, int64_t N, int64_t k, int64_t
   const int lg = log2_codes_per_word(bits);
   return gptq_field(qweight[(k >> lg) * N + n], bits * static_cast<int>(k & ((1 << lg) - 1)),
                     (1u << bits) - 1u);
+}
+
+// Code of channel k, column n in the CPU layout of 4-bit codes [ceil(N/16), KB, 64]
+// (docs/ops.md, spike_linear, "CPU layout"): byte 4 * (n % 16) + k % 4 of row [n / 16, k / 8],
+// low nibble for k % 8 < 4, high nibble otherwise.
+SPIKE_HD int32_t layout_code(const uint8_t* packed, int64_t KB, int64_t k, int64_t n) {
+  const uint8_t byte = packed[((n >> 4) * KB + (k >> 3)) * 64 + 4 * (n & 15) + (k & 3)];
+  return (byte >> (4 * ((k >> 2) & 1))) & 15;
+}
+
+// A float16 (its bits) widened to float32: exact, every float16 is a float32. GPTQ scales are
+// float16 and the kernels read them so, as the checkpoint holds them (docs/ops.md, spike_linear).
+// Host compilers with _Float16 convert with one instruction where the target has one (F16C),
+// which lets the CPU kernels widen whole rows of scales in vector registers.
+SPIKE_HD float half_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#elif defined(__FLT16_MAX__) && !defined(__CUDACC__)
+  _Float16 f;
+  std::memcpy(&f, &h, sizeof(f));
+  return static_cast<float>(f);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // Inf, NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal m * 2^-24: normalized, 2^(-14 - s) * 1.f after s shifts
+    uint32_t e = 113;
+    do {
+      man <<= 1;
+      --e;
+    } while (!(man & 0x400u));
+    bits = sign | (e << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
 }
 
 SPIKE_HD int popcount32(uint32_t v) {

@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(kThreads) gptq_dequantize_kernel(const Dequant
     float v = dev::quiet_nan();
     if (g >= 0 && g < a.G) {
       const int32_t q = gptq_code(a.qweight, a.N, k, n, a.bits);
-      v = __ldg(a.scales + g * a.N + n) * static_cast<float>(q - __ldg(a.zeros + g * a.N + n));
+      v = scale_at(a, g, n) * static_cast<float>(q - zero_at(a, g, n));
     }
     static_cast<__half*>(a.out)[i] = __float2half_rn(v);
   }

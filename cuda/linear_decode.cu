@@ -97,7 +97,7 @@ struct DecodePlan {
   int64_t chunks;  // chunks per group
   int32_t off;     // 128: unsigned 8-plane codes enter dp4a as Q - 128
   int32_t zero;    // some zero' may be nonzero: sum q is needed
-  int32_t vec;     // rows, zeros and scales are 16-byte aligned: one load per 4 columns
+  int32_t vec;     // qweight rows are 16-byte aligned: one load per 4 columns
 };
 
 // The channels [lo, hi) of one worker's chunk (empty when hi <= lo) and their group; its
@@ -264,8 +264,15 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
       wd[i] = cols > 0 && i < rows ? load4(a.qweight + (row0 + i) * a.N, n, cols, vec)
                                    : make_uint4(0u, 0u, 0u, 0u);
     if (step % plan.chunks == 0 && cols > 0 && ch.g < a.G) {
-      zq = load4(a.zeros + ch.g * a.N, n, cols, vec);
-      sc = load4(a.scales + ch.g * a.N, n, cols, vec);
+      uint32_t z[4] = {0u, 0u, 0u, 0u}, s[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (i < cols) {
+          z[i] = zero_at(a, ch.g, n + i);
+          s[i] = __float_as_uint(scale_at(a, ch.g, n + i));
+        }
+      zq = make_uint4(z[0], z[1], z[2], z[3]);
+      sc = make_uint4(s[0], s[1], s[2], s[3]);
     }
   };
   issue(0);
@@ -448,7 +455,7 @@ void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream) {
   DecodePlan plan;
   plan.off = !a.sign && a.P == 8 ? 128 : 0;
   plan.zero = a.zero != nullptr || plan.off != 0;
-  plan.vec = a.N % 4 == 0 && aligned16(a.qweight) && aligned16(a.zeros) && aligned16(a.scales);
+  plan.vec = a.N % 4 == 0 && aligned16(a.qweight);
   // Tokens per block: all of them (one read of the weights) up to 16 with one range; R = 2
   // doubles the accumulators, so it takes tiles of at most 4 tokens.
   if (a.R == 1) {

@@ -303,8 +303,8 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
                           float& scale) {
   using Pk = Packing<kBits>;
   const bool column = n < a.N;
-  const int32_t z = column ? __ldg(a.zeros + pc.g * a.N + n) : 0;
-  scale = column ? __ldg(a.scales + pc.g * a.N + n) : 0.f;
+  const int32_t z = column ? zero_at(a, pc.g, n) : 0;
+  scale = column ? scale_at(a, pc.g, n) : 0.f;
 
   uint32_t member[kPieceChunks], act[kPieceChunks];
 #pragma unroll

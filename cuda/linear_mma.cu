@@ -38,10 +38,11 @@
 // fastest, so the blocks that read the same weights run together (L2).
 //
 // Pipeline. A ring of kStages = 6 k-tiles, filled by cp.async: 16-byte copies of 4 columns of a
-// qweight row, of the group's zero points and of its scales (N % 4 == 0 and 16-byte aligned
-// bases, checked by spike_linear_mma_applies), 4-byte copies of the spike words (a token row of
-// W words is 16-byte aligned only when W % 4 == 0); padding tokens, columns and qweight rows are
-// zero-filled. Per k-tile: wait for the oldest stage, one barrier (which also frees the slot of
+// qweight row (N % 4 == 0 and a 16-byte aligned base, checked by spike_linear_mma_applies),
+// 4-byte copies of the spike words (a token row of W words is 16-byte aligned only when
+// W % 4 == 0); the group's zero points and scales are unpacked into the stage by plain loads
+// (the kernel form holds them packed and in float16); padding tokens, columns and qweight rows
+// are zero-filled. Per k-tile: wait for the oldest stage, one barrier (which also frees the slot of
 // the previous k-tile and the code buffer), issue the copy of the k-tile kStages - 1 ahead,
 // build the codes (thread i: 8 positions of token i / 4, per plane one mask and one multiply
 // that spreads 4 bits into 4 bytes; mma::code_bytes), a barrier, then per warp 2 ldmatrix.x4
@@ -68,8 +69,8 @@
 //
 // ptxas (nvcc 13.0, -O3 --fmad=false, -Xptxas -v; compiled, not yet run on a GPU), 256 threads,
 // 35,584 bytes of static shared memory, no spills and no stack frame in any instantiation:
-//   sm_80: 4-bit 200 (signed codes) / 202 (zero points) registers, 2-bit 192 / 186;
-//   sm_90: 4-bit 206 / 208, 2-bit 196 / 202 (the same for float16, bfloat16, float32 outputs).
+//   sm_80: 4-bit 191 (signed codes) / 198 (zero points) registers, 2-bit 186 / 182;
+//   sm_90: 4-bit 200 / 200, 2-bit 192 / 188 (the same for float16, bfloat16, float32 outputs).
 #include "device.cuh"
 #include "mma_layout.h"
 
@@ -133,21 +134,20 @@ __device__ void issue_tile(const LinearArgs& a, mma::Stage& s, const mma::BlockT
   for (int u = tid; u < mma::weight_units(kBits); u += mma::kThreads) {
     const mma::WeightCopy c = mma::weight_copy(u, kBits);
     const int64_t n = bt.n0 + c.col, r = t * kBits + c.row;
-    const void* src = a.qweight;
-    void* dst;
-    bool valid = n < a.N;
     if (c.kind == 0) {
-      valid = valid && r < q_rows;
-      if (valid) src = a.qweight + r * a.N + n;
-      dst = &s.weights[c.row][c.col];
-    } else if (c.kind == 1) {
-      if (valid) src = a.zeros + g * a.N + n;
-      dst = &s.zeros[c.col];
-    } else {
-      if (valid) src = a.scales + g * a.N + n;
-      dst = &s.scales[c.col];
+      const bool valid = n < a.N && r < q_rows;
+      copy_async<16>(&s.weights[c.row][c.col], valid ? a.qweight + r * a.N + n : a.qweight,
+                     valid);
+      continue;
     }
-    copy_async<16>(dst, src, valid);
+    // The group's zero points and scales of these 4 columns, unpacked from the kernel form
+    // (packed qzeros, float16 scales: csrc/kernel_args.h) by plain loads and stores, which the
+    // barrier before their use publishes like the copies.
+    for (int e = 0; e < 4; ++e) {
+      const bool valid = n + e < a.N;
+      if (c.kind == 1) s.zeros[c.col + e] = valid ? zero_at(a, g, n + e) : 0;
+      else s.scales[c.col + e] = valid ? scale_at(a, g, n + e) : 0.0f;
+    }
   }
 }
 
@@ -290,8 +290,8 @@ bool spike_linear_mma_applies(const LinearArgs& a) {
   const bool codes_fit = a.sign ? a.P <= 7 : a.P <= 8;
   return a.backend != Backend::kSpike && a.M >= mma::kBlockM && (a.bits == 2 || a.bits == 4) &&
          a.R == 1 && codes_fit && a.group_size > 0 && a.group_size % 32 == 0 &&
-         a.group_size <= mma::kMaxGroup && a.N % 4 == 0 && aligned16(a.qweight) &&
-         aligned16(a.zeros) && aligned16(a.scales);
+         a.group_size <= mma::kMaxGroup && a.N % 4 == 0 && a.qweight != nullptr &&
+         aligned16(a.qweight);
 }
 
 void launch_spike_linear_mma(const LinearArgs& a, cudaStream_t stream) {

@@ -60,6 +60,13 @@ def make_layer(K: int, N: int, bits: int, group_size: int, act_order: bool = Fal
     return w, q, z, scales, g_idx
 
 
+def kernel_args(w: spikeops.GPTQWeight) -> dict:
+    """The weight arguments of ops.spike_linear and reference.spike_linear for ``w``."""
+    names = ("qweight", "qzeros", "scales", "g_idx", "packed", "code_sums")
+    return dict(zip(names, w.kernel_args()), bits=w.kernel_bits,
+                group_size=w.kernel_group_size, zero_offset=w.zero_offset)
+
+
 def exact_weight(q, z, scales, g_idx) -> torch.Tensor:
     """W_hat [K, N] in float64 with no rounding: scale * (q - z)."""
     return scales.double()[g_idx] * (q - z[g_idx]).double()

@@ -291,7 +291,7 @@ def test_spike_linear_on_spikes_backward_raises():
 def test_weight_buffers_have_no_gradient():
     w, *_ = make_layer(K, N, 4, 24)
     lin = SpikeLinear(w, Encoding("absmax", 4))
-    lin.kernel_scales.requires_grad_(True)
+    lin.gptq.scales.requires_grad_(True)
     with pytest.raises(ValueError, match="GPTQ weights .* have no gradient"):
         lin(torch.randn(2, K, requires_grad=True))
     with pytest.raises(RuntimeError, match="gptq_dequantize has no gradient"):

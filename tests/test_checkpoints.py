@@ -63,9 +63,10 @@ def dequantized(lin: spikeops.SpikeLinear) -> torch.Tensor:
 def exact(lin: spikeops.SpikeLinear) -> torch.Tensor:
     """float64 [K, N] scale * (q - z) of a loaded SpikeLinear, unrounded (what docs/ops.md's
     kernels compute with)."""
-    q = spikeops.unpack(lin.qweight, lin.kernel_bits, lin.in_features, dim=0)
-    z = spikeops.unpack(lin.qzeros, lin.kernel_bits, lin.out_features, dim=1) + lin.zero_offset
-    return exact_weight(q, z, lin.scales, lin.g_idx.long())
+    w, state = lin.gptq, lin.state_dict()
+    q = spikeops.unpack(state["qweight"], w.kernel_bits, lin.in_features, dim=0)
+    z = spikeops.unpack(state["qzeros"], w.kernel_bits, lin.out_features, dim=1) + w.zero_offset
+    return exact_weight(q, z, state["scales"], state["g_idx"].long())
 
 
 # ---- (a) quantize -> save -> load_gptq ------------------------------------------------------
@@ -261,7 +262,7 @@ def test_hand_written_autogptq_file_tied_zero_bias(tmp_path):
     assert loaded.model.embed_tokens.weight.dtype == torch.float32
     for name, W in expected.items():
         lin = loaded.get_submodule(name)
-        assert torch.equal(dequantized(lin), W) and lin.zero_offset == 1
+        assert torch.equal(dequantized(lin), W) and lin.gptq.zero_offset == 1
         assert lin.bias is not None and not lin.bias.any()
     assert loaded(calib()).logits.isfinite().all()
 
@@ -494,11 +495,12 @@ def fake_quantized_model(folder, bits=4, group_size=32):
 
 def test_patch_matches_load_gptq(good_checkpoint):
     model = fake_quantized_model(good_checkpoint)
-    q0 = model.model.layers[0].self_attn.q_proj.qweight
+    s0 = model.model.layers[0].self_attn.q_proj.scales
     assert spikeops.patch(model, ENC) is model
     lin = model.model.layers[0].self_attn.q_proj
     assert isinstance(lin, spikeops.SpikeLinear)
-    assert lin.qweight.data_ptr() == q0.data_ptr()  # shares the tensors
+    assert lin.gptq.scales.data_ptr() == s0.data_ptr()  # shares the tensors (not the codes:
+    # on the CPU the CPU layout holds them)
     loaded = spikeops.load_gptq(good_checkpoint, ENC)
     with torch.no_grad():
         assert torch.equal(model(calib()).logits, loaded(calib()).logits)
@@ -595,7 +597,7 @@ def test_device_map_across_devices(checkpoint):
     cpu = spikeops.load_gptq(checkpoint / "q", enc)
     split = spikeops.load_gptq(checkpoint / "q", enc, device_map={
         "model.layers.1": "cuda", "model.norm": "cuda", "lm_head": "cuda"})
-    assert split.model.layers[1].mlp.up_proj.qweight.is_cuda
+    assert split.model.layers[1].mlp.up_proj.gptq.qweight.is_cuda
     torch.testing.assert_close(split(input_ids=ids).logits.cpu(), cpu(input_ids=ids).logits,
                                rtol=1e-4, atol=1e-4)
     assert generate(split, encode_text("def f1(x):\n"), 8).shape == (8,)

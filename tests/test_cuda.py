@@ -145,12 +145,11 @@ def test_spike_linear_prefill_zero_point_guard():
     st = spikeops.encode(torch.randn(70, 256), spikeops.Encoding("minmax", 4))
     bad_zero = st.zero.clone()
     bad_zero[1, 0] = 10001
-    args = [w_cpu.qweight, w_cpu.kernel_zeros, w_cpu.kernel_scales, w_cpu.g_idx, None, None,
-            None, 4, w_cpu.kernel_group_size, torch.float32, "int"]
-    y_cpu = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, *args)
-    args[:4] = [w_gpu.qweight, w_gpu.kernel_zeros, w_gpu.kernel_scales, w_gpu.g_idx]
+    tail = [None, 4, w_cpu.kernel_group_size, w_cpu.zero_offset, torch.float32, "int"]
+    y_cpu = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, *w_cpu.kernel_args(),
+                             *tail)
     y = ops.spike_linear(st.planes.cuda(), None, None, st.scale.cuda(), bad_zero.cuda(),
-                         *args).cpu()
+                         *w_gpu.kernel_args(), *tail).cpu()
     assert y[1].isnan().all()
     rows = [m for m in range(70) if m != 1]
     assert torch.equal(y[rows], y_cpu[rows])
@@ -205,17 +204,16 @@ def test_guards_for_device_values():
     bad_g_idx = w.g_idx.clone()
     bad_g_idx[5] = 1000
     # group_size 0: an act-order layout, whose g_idx the kernels read.
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
-                         w.kernel_scales, bad_g_idx, None, None, None, 4, 0, torch.float32,
-                         "auto")
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.qzeros,
+                         w.scales, bad_g_idx, None, None, None, 4, 0, w.zero_offset,
+                         torch.float32, "auto")
     assert y.isnan().all()
-    W = ops.gptq_dequantize(w.qweight, w.kernel_zeros, w.kernel_scales, bad_g_idx, 4, 0)
+    W = ops.gptq_dequantize(w.qweight, w.qzeros, w.scales, bad_g_idx, None, 4, 0, w.zero_offset)
     assert W[:, 5].isnan().all() and not W[:, :5].isnan().any()
     bad_zero = st.zero.clone()
     bad_zero[1, 0] = 1 << 20
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad_zero, w.qweight,
-                         w.kernel_zeros, w.kernel_scales, w.g_idx, None, None, None, 4,
-                         w.kernel_group_size, torch.float32, "auto")
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad_zero, *w.kernel_args(), None,
+                         4, w.kernel_group_size, w.zero_offset, torch.float32, "auto")
     assert y[1].isnan().all() and not y[0].isnan().any()
     x = torch.randn(3, 40, device="cuda")
     planes, sign, *_ , scale, zero = ops.gif_encode(

@@ -316,8 +316,8 @@ def as_numpy(st, qweight, zeros, scales, gs, K):
 
 def check(st, w, bias):
     """Emulation == CPU op, and the coverage and order checks, for one call."""
-    S, L = as_numpy(st, w.qweight, w.kernel_zeros, w.kernel_scales, w.kernel_group_size,
-                    w.in_features)
+    S, L = as_numpy(st, w.gptq_tensors()["qweight"], w.codes()[1], w.scales.float(),
+                    w.kernel_group_size, w.in_features)
     K, N, M, G = L["K"], L["N"], S["M"], L["G"]
     assert applies(M, S["P"], S["sign"] is not None, L["gs"])
     t = Tile(token_tile(M, S["R"]), S["R"])
@@ -378,28 +378,31 @@ def test_decode_emulation(K, N, gs, M, name):
 
 def test_decode_emulation_extremes():
     """The int32 bounds at their limit: one group of 8192 channels, zero points +-10^4, weight
-    zero points 0 and 16, codes at +-127 / 0..255: the emulation stays in int32 and exact."""
+    zero points 0 and 15 (v2) or 1 and 16 (v1), codes at +-127 / 0..255: the emulation stays in
+    int32 and exact."""
     K, N, gs = 8192, 4, 8192
     W = K // 32
     qweight = torch.full((K // 8, N), -1, dtype=torch.int32)     # q = 15 everywhere
     qweight[:, 1] = 0                                            # q = 0
-    zeros = torch.tensor([[0, 16, 16, 0]], dtype=torch.int32)
-    scales = torch.tensor([[0.5, 0.25, 1e-3, 3.0]])
+    fields = torch.tensor([[0, 15, 15, 0]], dtype=torch.int32)
+    qzeros = spikeops.pack(fields, 4, dim=1)
+    scales = torch.tensor([[0.5, 0.25, 1e-3, 3.0]]).half()
     for P, signed, zero in ((8, False, 10000), (8, False, -10000), (7, True, None)):
         planes = torch.full((P, 2, W), -1, dtype=torch.int32)   # Q = 2^P - 1
         planes[:, 1] = 0                                         # token 1: Q = 0
         sign = torch.full((2, W), -1, dtype=torch.int32) if signed else None
         zt = None if zero is None else torch.full((2, 1), zero, dtype=torch.int32)
         st = spikeops.SpikeTensor(planes, sign, None, torch.tensor([[1e-3], [2.0]]), zt, (2, K))
-        S, L = as_numpy(st, qweight, zeros, scales, gs, K)
-        trace = dict(weights=np.zeros((1, K // 8, N), dtype=int),
-                     groups=np.zeros((1, 1, N), dtype=int), spikes=np.zeros((4, W), dtype=int),
-                     fold={})
-        y = emulate(S, L, None, trace)
-        ref = ops.spike_linear(planes, sign, None, st.scale, zt, qweight, zeros, scales,
-                               torch.zeros(K, dtype=torch.int32), None, None, None, 4, gs,
-                               torch.float32, "int")
-        assert torch.equal(torch.from_numpy(y), ref)
+        for offset in (0, 1):
+            S, L = as_numpy(st, qweight, fields + offset, scales.float(), gs, K)
+            trace = dict(weights=np.zeros((1, K // 8, N), dtype=int),
+                         groups=np.zeros((1, 1, N), dtype=int),
+                         spikes=np.zeros((4, W), dtype=int), fold={})
+            y = emulate(S, L, None, trace)
+            ref = ops.spike_linear(planes, sign, None, st.scale, zt, qweight, qzeros, scales,
+                                   torch.zeros(K, dtype=torch.int32), None, None, None, 4, gs,
+                                   offset, torch.float32, "int")
+            assert torch.equal(torch.from_numpy(y), ref)
 
 
 def test_bit_slices():
@@ -467,7 +470,6 @@ def test_decode_kernel_zero_out_of_range():
     st = spikeops.encode(torch.randn(3, 256, device="cuda"), spikeops.Encoding("minmax", 4))
     bad = st.zero.clone()
     bad[1, 0] = 1 << 20
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad, w.qweight, w.kernel_zeros,
-                         w.kernel_scales, w.g_idx, None, None, None, 4, w.kernel_group_size,
-                         torch.float32, "auto")
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, bad, *w.kernel_args(), None, 4,
+                         w.kernel_group_size, w.zero_offset, torch.float32, "auto")
     assert y[1].isnan().all() and not y[[0, 2]].isnan().any()

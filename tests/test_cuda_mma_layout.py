@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import spikeops
-from spikeops import ops, reference
+from spikeops import ops, pack, reference
 from helpers import make_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,9 +106,12 @@ def pack_planes(Q, P):
 
 
 def emulate(exe, tmp_path, st, w, zeros, bits, bias):
+    """The emulated block on spikes ``st`` and weight ``w`` with true zero points ``zeros``
+    int32 ``[G, N]`` (what the kernel's stage holds after unpacking them)."""
     planes, sign, scale, zero = st
     P, M, W = planes.shape
-    K, N = w.g_idx.shape[0], w.qweight.shape[1]
+    qweight = w.gptq_tensors()["qweight"]
+    K, N = w.in_features, w.out_features
     gs, G = w.kernel_group_size, zeros.shape[0]
     head = np.array([M, N, K, W, P, bits, gs, G, sign is not None, zero is not None,
                      bias is not None], dtype=np.int64)
@@ -116,8 +119,8 @@ def emulate(exe, tmp_path, st, w, zeros, bits, bias):
     parts += [sign.numpy().astype(np.uint32)] if sign is not None else []
     parts += [scale.numpy().astype(np.float32)]
     parts += [zero.numpy().astype(np.int32)] if zero is not None else []
-    parts += [w.qweight.numpy().astype(np.int32), zeros.numpy().astype(np.int32),
-              w.kernel_scales.numpy().astype(np.float32)]
+    parts += [qweight.numpy().astype(np.int32), zeros.numpy().astype(np.int32),
+              w.scales.float().numpy()]
     parts += [bias.numpy().astype(np.float32)] if bias is not None else []
     src, dst = tmp_path / "case.bin", tmp_path / "out.bin"
     src.write_bytes(b"".join(p.tobytes() for p in parts))
@@ -176,9 +179,13 @@ def test_emulated_block_equals_integer_matmul_and_cpu(emulator, tmp_path, M, N, 
     gen = np.random.default_rng(M * 1000 + N + K)
     st = spikes(M, K, P, signed, zero_range, gen)
     w, q, *_ = make_layer(K, N, bits, gs, sym=False, seed=K)
-    G = w.kernel_zeros.shape[0]
-    # Zero points anywhere in the contract's [0, 2^bits], the ends included.
-    zeros = torch.from_numpy(gen.integers(0, (1 << bits) + 1, size=(G, N)).astype(np.int32))
+    G = w.scales.shape[0]
+    # Zero points anywhere in the contract's [0, 2^bits]: a stored field of bits bits plus the
+    # layer's offset, 0 or 1 (docs/checkpoints.md, "Zero points"), so both ends are reached.
+    offset = int(gen.integers(0, 2))
+    stored = torch.from_numpy(gen.integers(0, 1 << bits, size=(G, N)).astype(np.int32))
+    zeros = stored + offset
+    qzeros = pack(stored, bits, dim=1)
     bias = torch.randn(N) if with_bias else None
     y, D = emulate(emulator, tmp_path, st, w, zeros, bits, bias)
 
@@ -188,8 +195,8 @@ def test_emulated_block_equals_integer_matmul_and_cpu(emulator, tmp_path, M, N, 
         ks = slice(g * gs, min(K, (g + 1) * gs))
         assert np.array_equal(D[g], c[:, ks] @ wd[ks]), g
 
-    args = (st[0], st[1], None, st[2], st[3], w.qweight, zeros, w.kernel_scales, w.g_idx,
-            None, None, bias, bits, w.kernel_group_size, torch.float32)
+    args = (st[0], st[1], None, st[2], st[3], w.gptq_tensors()["qweight"], qzeros, w.scales,
+            w.g_idx, None, None, bias, bits, w.kernel_group_size, offset, torch.float32)
     assert torch.equal(y, ops.spike_linear(*args, "int"))
     assert torch.equal(y, reference.spike_linear(*args))
 
@@ -203,7 +210,7 @@ def test_emulated_block_on_encoded_activations(emulator, tmp_path, enc):
     w = make_layer(K, N, 4, 128, sym=False, seed=1)[0]
     bias = torch.randn(N)
     y, _ = emulate(emulator, tmp_path, (st.planes, st.sign, st.scale, st.zero), w,
-                   w.kernel_zeros, 4, bias)
+                   w.codes()[1], 4, bias)
     assert torch.equal(y, spikeops.spike_linear(st, w, bias, torch.float32, backend="int"))
 
 
@@ -214,10 +221,10 @@ def test_zero_point_out_of_range_gives_a_nan_row(emulator, tmp_path):
     w = make_layer(K, N, 4, 64, seed=3)[0]
     bad = zero.clone()
     bad[5, 0] = 10001
-    y, _ = emulate(emulator, tmp_path, (planes, sign, scale, bad), w, w.kernel_zeros, 4, None)
-    want = ops.spike_linear(planes, sign, None, scale, zero, w.qweight, w.kernel_zeros,
-                            w.kernel_scales, w.g_idx, None, None, None, 4, w.kernel_group_size,
-                            torch.float32, "int")
+    y, _ = emulate(emulator, tmp_path, (planes, sign, scale, bad), w, w.codes()[1], 4, None)
+    want = ops.spike_linear(planes, sign, None, scale, zero, w.gptq_tensors()["qweight"],
+                            w.qzeros, w.scales, w.g_idx, None, None, None, 4,
+                            w.kernel_group_size, w.zero_offset, torch.float32, "int")
     assert y[5].isnan().all()
     rows = [m for m in range(M) if m != 5]
     assert torch.equal(y[rows], want[rows])

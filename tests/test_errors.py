@@ -15,6 +15,7 @@ import torch
 
 import spikeops
 from spikeops import Encoding, GPTQWeight, SpikeLinear, reference
+from helpers import kernel_args
 
 OPS = torch.ops.spikeops
 I32, F32 = torch.int32, torch.float32
@@ -40,8 +41,9 @@ def gptq_tensors(device, bits=4, k=K, n=N, group_size=GS):
 def kernel_tensors(device, bits=4, k=K, n=N, group_size=GS):
     """The kernel form of a valid GPTQ layer, as spike_linear and gptq_dequantize take it."""
     w = weight(device, bits, k, n, group_size)
-    return dict(qweight=w.qweight, zeros=w.kernel_zeros, scales=w.kernel_scales, g_idx=w.g_idx,
-                packed=absent(device, torch.uint8), code_sums=absent(device))
+    return dict(qweight=w.gptq_tensors()["qweight"], qzeros=w.qzeros, scales=w.scales,
+                g_idx=w.g_idx, packed=absent(device, torch.uint8),
+                code_sums=absent(device, torch.uint16), zero_offset=w.zero_offset)
 
 
 def cpu_layout(device):
@@ -125,7 +127,7 @@ def linear_op(device, enc=None, **over):
 
 
 def dequantize_op(device, **over):
-    args = {k: v for k, v in kernel_tensors(device).items() if k not in ("packed", "code_sums")}
+    args = {k: v for k, v in kernel_tensors(device).items() if k != "code_sums"}
     args.update(bits=4, group_size=GS)
     return OPS.gptq_dequantize(**override(args, over))
 
@@ -618,12 +620,12 @@ OP_CASES = [
     case(lambda d: linear_op(d, qweight=lambda a: a["qweight"][:-1]), ValueError, "qweight",
          "spike_linear-qweight-rows"),
     case(lambda d: linear_op(d, bits=8), ValueError, "qweight", "spike_linear-qweight-rows-bits"),
-    case(lambda d: linear_op(d, zeros=lambda a: a["zeros"].float()), TypeError, "zeros",
-         "spike_linear-zeros-float"),
-    case(lambda d: linear_op(d, zeros=lambda a: a["zeros"][:, :1]), ValueError, "zeros",
-         "spike_linear-zeros-shape"),
-    case(lambda d: linear_op(d, scales=lambda a: a["scales"].half()), TypeError, "scales",
-         "spike_linear-scales-float16"),
+    case(lambda d: linear_op(d, qzeros=lambda a: a["qzeros"].float()), TypeError, "qzeros",
+         "spike_linear-qzeros-float"),
+    case(lambda d: linear_op(d, qzeros=lambda a: a["qzeros"][:, :1]), ValueError, "qzeros",
+         "spike_linear-qzeros-shape"),
+    case(lambda d: linear_op(d, scales=lambda a: a["scales"].float()), TypeError, "scales",
+         "spike_linear-scales-float32"),
     case(lambda d: linear_op(d, group_size=GS // 2), ValueError, "groups",
          "spike_linear-group_size-G-mismatch"),
     case(lambda d: linear_op(d, scales=lambda a: a["scales"][0]), ValueError, "scales",
@@ -662,6 +664,10 @@ OP_CASES = [
     case(lambda d: linear_op(d, group_size=0, packed=lambda a: cpu_layout(d)[0],
                              code_sums=lambda a: cpu_layout(d)[1]), ValueError, "packed",
          "spike_linear-packed-act-order"),
+    case(lambda d: linear_op(d, qweight=lambda a: absent(d)), ValueError, "qweight",
+         "spike_linear-no-codes"),
+    case(lambda d: linear_op(d, zero_offset=2), ValueError, "zero_offset",
+         "spike_linear-zero_offset"),
     case(lambda d: linear_op(d, out_dtype=torch.int32), TypeError, "out_dtype",
          "spike_linear-out_dtype-int32"),
     case(lambda d: linear_op(d, out_dtype=torch.float64), TypeError, "out_dtype",
@@ -679,10 +685,10 @@ OP_CASES = [
          "gptq_dequantize-qweight-int64"),
     case(lambda d: dequantize_op(d, qweight=lambda a: a["qweight"][:-1]), ValueError, "qweight",
          "gptq_dequantize-qweight-rows"),
-    case(lambda d: dequantize_op(d, scales=lambda a: a["scales"].half()), TypeError, "scales",
-         "gptq_dequantize-scales-float16"),
-    case(lambda d: dequantize_op(d, zeros=lambda a: a["zeros"][:1]), ValueError, "zeros",
-         "gptq_dequantize-zeros-shape"),
+    case(lambda d: dequantize_op(d, scales=lambda a: a["scales"].float()), TypeError, "scales",
+         "gptq_dequantize-scales-float32"),
+    case(lambda d: dequantize_op(d, qzeros=lambda a: a["qzeros"][:1]), ValueError, "qzeros",
+         "gptq_dequantize-qzeros-shape"),
     case(lambda d: dequantize_op(d, g_idx=lambda a: a["g_idx"][:0]), ValueError, "g_idx",
          "gptq_dequantize-g_idx-empty"),
     case(lambda d: dequantize_op(d, group_size=0, g_idx=lambda a: torch.full_like(a["g_idx"], -1)),
@@ -794,11 +800,8 @@ def test_single_channel(device, enc, salient):
     assert y.shape == (M, N) and x_hat.shape == (M, 1) and torch.isfinite(y).all()
     f = dict(st._asdict())
     del f["shape"]
-    expect = reference.spike_linear(**f, qweight=w.qweight, zeros=w.kernel_zeros,
-                                    scales=w.kernel_scales, g_idx=w.g_idx, packed=None,
-                                    code_sums=None,
-                                    bias=torch.ones(N, device=device), bits=4,
-                                    group_size=w.kernel_group_size, out_dtype=F32)
+    expect = reference.spike_linear(**f, **kernel_args(w), bias=torch.ones(N, device=device),
+                                    out_dtype=F32)
     assert torch.equal(y, expect)
 
 

@@ -52,13 +52,13 @@ def test_sym_zeros_decide_the_format(caplog):
     """Files labelled "gptq" may hold v2 zeros: for sym=True the data decides and is logged."""
     v2, q, z, scales, g_idx = make_layer(64, 32, 4, 32, sym=True, fmt="gptq_v2")
     with caplog.at_level(logging.WARNING, logger="spikeops"):
-        mislabelled = spikeops.GPTQWeight(v2.qweight, v2.qzeros, v2.scales, None, 4, 32,
+        mislabelled = spikeops.GPTQWeight(*list(v2.gptq_tensors().values())[:3], None, 4, 32,
                                           sym=True, checkpoint_format="gptq")
     assert mislabelled.zero_offset == 0 and "v2" in caplog.text
     assert torch.equal(mislabelled.dequantize(), v2.dequantize())
     v1, *_ = make_layer(64, 32, 4, 32, sym=True, fmt="gptq")
-    relabelled = spikeops.GPTQWeight(v1.qweight, v1.qzeros, v1.scales, None, 4, 32, sym=True,
-                                     checkpoint_format="gptq_v2")
+    relabelled = spikeops.GPTQWeight(*list(v1.gptq_tensors().values())[:3], None, 4, 32,
+                                     sym=True, checkpoint_format="gptq_v2")
     assert relabelled.zero_offset == 1
     assert torch.equal(relabelled.dequantize(), v1.dequantize())
 

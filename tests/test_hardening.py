@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spikeops
-from helpers import make_layer, tiny_batches
+from helpers import kernel_args, make_layer, tiny_batches
 from spikeops import Encoding, reference
 from spikeops.calibrate import Calibration, calibrate
 from spikeops.checkpoint import CALIBRATION_FILE as JSON_FILE, CALIBRATION_MASK_FILE as MASK_FILE
@@ -226,14 +226,15 @@ def test_calibrate_and_quantize_check_their_token_ids(checkpoint, folder):
 
 # ----------------------------------------------------------------------------- values
 def test_gptq_weight_arguments():
-    w = make_layer(128, 16, 4, 32)[0]
+    t = make_layer(128, 16, 4, 32)[0].gptq_tensors()
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
     for sym in ("no", None):
         with pytest.raises(TypeError, match="sym"):
-            spikeops.GPTQWeight(w.qweight, w.qzeros, w.scales, sym=sym, group_size=32)
+            spikeops.GPTQWeight(qweight, qzeros, scales, sym=sym, group_size=32)
     short = torch.arange(127, dtype=torch.int32) // 32
     with pytest.raises(ValueError, match="g_idx.*in_features"):
-        spikeops.GPTQWeight(w.qweight, w.qzeros, w.scales, short, group_size=32)
-    ragged = spikeops.GPTQWeight(w.qweight, w.qzeros, w.scales, short, group_size=32,
+        spikeops.GPTQWeight(qweight, qzeros, scales, short, group_size=32)
+    ragged = spikeops.GPTQWeight(qweight, qzeros, scales, short, group_size=32,
                                  in_features=127)
     assert ragged.in_features == 127
 
@@ -284,10 +285,7 @@ def test_random_configurations_against_the_reference_and_thread_counts():
             x = torch.randn(M, K, generator=gen) * 3
             st = spikeops.encode(x, enc, salient_mask=mask)
             f = {k: v for k, v in st._asdict().items() if k != "shape"}
-            ref = reference.spike_linear(**f, qweight=w.qweight, zeros=w.kernel_zeros,
-                                         scales=w.kernel_scales, g_idx=w.g_idx, packed=None,
-                                         code_sums=None, bias=None,
-                                         bits=w.kernel_bits, group_size=w.kernel_group_size,
+            ref = reference.spike_linear(**f, **kernel_args(w), bias=None,
                                          out_dtype=torch.float32)
             for n in (1, 2):
                 torch.set_num_threads(n)

@@ -48,9 +48,9 @@ def spikes_for(x, name, device):
 
 
 def linear_args(st, w, bias, out_dtype, backend):
-    return (st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
-            w.kernel_scales, w.g_idx, None, None, None if bias is None else bias.float(),
-            w.kernel_bits, w.kernel_group_size, out_dtype, backend)
+    return (st.planes, st.sign, st.hi, st.scale, st.zero, *w.kernel_args(),
+            None if bias is None else bias.float(), w.kernel_bits, w.kernel_group_size,
+            w.zero_offset, out_dtype, backend)
 
 
 def check_linear(device, st, w, layer, bias=None, out_dtype=torch.float16):
@@ -153,8 +153,8 @@ def test_gptq_dequantize(device, bits, group_size, act, sym, fmt, K):
     expect = (scales.float()[g_idx] * (q - z[g_idx]).float()).half().t()  # one rounding
     assert W.dtype == torch.float16 and torch.equal(W.cpu(), expect)
     assert torch.equal(W.cpu(), reference.gptq_dequantize(
-        w.qweight, w.kernel_zeros, w.kernel_scales, w.g_idx, w.kernel_bits,
-        w.kernel_group_size).cpu())
+        w.qweight, w.qzeros, w.scales, w.g_idx, w.packed, w.kernel_bits, w.kernel_group_size,
+        w.zero_offset).cpu())
 
 
 @pytest.mark.parametrize("enc_name", ["minmax4", "absmax4-salient8", "oat8", "absmean3"])
@@ -194,23 +194,26 @@ def test_module_dtype_casts_keep_fp16_scales(device):
     layer = make_layer(64, 24, 4, 32, device=device)
     lin = spikeops.SpikeLinear(layer[0], spikeops.Encoding("minmax", 4),
                                bias=torch.randn(24, device=device).half())
-    scales = lin.scales.clone()
+    scales = lin.gptq.scales.clone()
     x = torch.randn(2, 64, device=device)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         lin.to(dtype)
-        assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
+        assert lin.gptq.scales.dtype == torch.float16 and torch.equal(lin.gptq.scales, scales)
         assert lin.bias.dtype == dtype and lin(x.to(dtype)).dtype == dtype
-    assert lin.kernel_scales.dtype == torch.float32 and lin.kernel_bias.dtype == torch.float32
+    assert lin.kernel_bias.dtype == torch.float32
 
 
 @pytest.mark.parametrize("bits, group_size, act, sym, fmt, K", WEIGHTS, ids=WEIGHT_IDS)
 def test_kernel_form(device, bits, group_size, act, sym, fmt, K):
-    """GPTQWeight's kernel form, from the independent builder's codes: true zero points, the
-    scales widened, and the group layout (uniform unless act-order)."""
+    """GPTQWeight's kernel form, from the independent builder's codes: the true zero points
+    (stored fields + zero_offset), the float16 scales as given, the codes (in qweight or the CPU
+    layout, which packs back to the same qweight) and the group layout (uniform unless
+    act-order)."""
     w, q, z, scales, g_idx = make_layer(K, 40, bits, group_size, act, sym, fmt, device=device)
-    assert torch.equal(w.kernel_zeros.cpu(), z.to(torch.int32))
-    assert w.kernel_scales.dtype == torch.float32 and torch.equal(w.kernel_scales.cpu(),
-                                                                   scales.float())
+    held_q, held_z = w.codes()
+    assert torch.equal(held_z.cpu(), z.to(torch.int32)) and torch.equal(held_q.cpu(), q.int())
+    assert w.scales.dtype == torch.float16 and torch.equal(w.scales.cpu(), scales)
+    assert (w.qweight is None) == (w.packed is not None)
     gs = K if group_size == -1 else group_size
     assert w.kernel_group_size == (0 if act else gs)
 
@@ -222,15 +225,33 @@ def test_module_state_dict_and_moves_rebuild_the_kernel_form(device):
                              spikeops.Encoding("minmax", 4), bias=torch.randn(24, device=device))
     b = spikeops.SpikeLinear(make_layer(64, 24, 4, 32, sym=False, seed=2, device=device)[0],
                              spikeops.Encoding("minmax", 4), bias=torch.randn(24, device=device))
-    assert set(a.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    assert list(a.state_dict()) == ["qweight", "qzeros", "scales", "g_idx", "bias"]
     x = torch.randn(3, 64, device=device)
-    before = b(x)  # b has run (and kept its op arguments) before it gets new weights
+    before = b(x)
     b.load_state_dict(a.state_dict())
     assert torch.equal(b(x), a(x)) and not torch.equal(b(x), before)
-    assert torch.equal(b.kernel_zeros, a.kernel_zeros)
+    assert all(torch.equal(t, a.state_dict()[k]) for k, t in b.state_dict().items())
     moved = copy.deepcopy(a).to("meta")
-    assert all(t.is_meta for t in (moved.kernel_zeros, moved.kernel_scales, moved.kernel_bias))
+    assert all(t is None or t.is_meta for t in moved.gptq.kernel_args() + (moved.kernel_bias,))
+    assert moved.gptq.qweight is not None  # the CPU layout is for CPU tensors only
     assert moved(x.to("meta")).is_meta  # the op arguments followed the move
+    back = moved.to_empty(device=device)  # meta -> device: the kernel form for that device
+    back.load_state_dict(a.state_dict())
+    assert torch.equal(back(x), a(x))
+    assert (back.gptq.packed is not None) == (a.gptq.packed is not None)
+
+
+def test_module_load_state_dict_checks_the_tensors():
+    """load_state_dict refuses GPTQ tensors of another dtype or shape, or missing ones, naming
+    them."""
+    lin = spikeops.SpikeLinear(make_layer(64, 24, 4, 32)[0], None)
+    state = lin.state_dict()
+    with pytest.raises(RuntimeError, match="scales"):
+        lin.load_state_dict({**state, "scales": state["scales"].float()})
+    with pytest.raises(RuntimeError, match="qzeros"):
+        lin.load_state_dict({**state, "qzeros": state["qzeros"][:1]})
+    with pytest.raises(RuntimeError, match="Missing key.*g_idx"):
+        lin.load_state_dict({k: t for k, t in state.items() if k != "g_idx"})
 
 
 def test_float_activations_dequantize_once(device, monkeypatch):
@@ -286,7 +307,7 @@ def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
     it."""
     from spikeops import _C
     w = make_layer(K, N, 4, gs, act_order=act, sym=False, device="cpu")[0]
-    assert (w.kernel_packed is None) == act
+    assert (w.packed is None) == act
     st = spikes_for(torch.randn(M, K) * 2, enc_name, "cpu")
     bias = torch.randn(N)
     ref = reference.spike_linear(*linear_args(st, w, bias, torch.float32, "int"))

@@ -77,13 +77,14 @@ def fields(st):
 
 
 def gptq(device, bits=4, group_size=GS, k=K, n=N):
-    """The kernel form (qweight, zeros, scales, g_idx) of random codes and zero points."""
+    """The kernel form (qweight, qzeros, scales, g_idx) of random codes and stored zero points
+    (taken with zero_offset 1: true zero points 1 .. 2^bits)."""
     groups = -(-k // group_size)
     q = torch.randint(0, 2**bits, (k, n), device=device)
-    z = torch.randint(0, 2**bits + 1, (groups, n), device=device).to(I32)
-    scales = (torch.rand(groups, n, device=device) / 16 + 0.01).half().float()
+    stored = torch.randint(0, 2**bits, (groups, n), device=device)
+    scales = (torch.rand(groups, n, device=device) / 16 + 0.01).half()
     g_idx = (torch.arange(k, device=device) // group_size).to(I32)
-    return spikeops.pack(q, bits, 0), z, scales, g_idx
+    return spikeops.pack(q, bits, 0), spikeops.pack(stored, bits, 1), scales, g_idx
 
 
 # Every encoding on float32 input; the other input dtypes on a few of them.
@@ -146,31 +147,34 @@ LINEAR_CASES = ([(name, None) for name in LINEAR_ENCODINGS]
                          f"bias-{dtype_id(v)}" if isinstance(v, torch.dtype) else None)
 def test_spike_linear(device, name, backend, bias):
     planes, sign, hi, scale, zero = fields(spikes(name, device))
-    qweight, zeros, scales, g_idx = gptq(device)
+    qweight, qzeros, scales, g_idx = gptq(device)
     b = torch.randn(N, device=device) if bias else absent(planes, F32)
-    packed, sums = spikeops.gptq.cpu_layout(spikeops.unpack(qweight.cpu(), 4, K, dim=0), GS)
-    for layout in ((absent(planes, torch.uint8), absent(planes, I32)),
-                   (packed.to(device), sums.to(device))):
-        opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx,
-                                   *layout, b, 4, GS, torch.float16, backend))
+    codes = [(qweight, absent(planes, torch.uint8), absent(planes, torch.uint16))]
+    if device == "cpu":  # the CPU layout, in place of qweight
+        packed, sums = spikeops.gptq.cpu_layout(spikeops.unpack(qweight, 4, K, dim=0), GS)
+        codes.append((absent(planes, I32), packed, sums))
+    for q, packed, sums in codes:
+        opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, q, qzeros, scales, g_idx,
+                                   packed, sums, b, 4, GS, 1, torch.float16, backend))
 
 
 @pytest.mark.parametrize("out", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("bits, layout", [(2, GS), (8, 0)])
 def test_spike_linear_bits_and_out_dtypes(device, bits, layout, out):
     planes, sign, hi, scale, zero = fields(spikes("salient-absmean", device))
-    qweight, zeros, scales, g_idx = gptq(device, bits)
-    opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx,
-                               absent(planes, torch.uint8), absent(planes, I32),
-                               absent(planes, F32), bits, layout, out, "auto"))
+    qweight, qzeros, scales, g_idx = gptq(device, bits)
+    opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx,
+                               absent(planes, torch.uint8), absent(planes, torch.uint16),
+                               absent(planes, F32), bits, layout, 0, out, "auto"))
 
 
 @pytest.mark.parametrize("group_size", [GS, K])
 @pytest.mark.parametrize("bits, act_order", [(2, False), (4, False), (4, True), (8, True)])
 def test_gptq_dequantize(device, bits, act_order, group_size):
     # group_size 0 makes the op read g_idx, as for act-order layers.
-    opcheck(OPS.gptq_dequantize, (*gptq(device, bits, group_size), bits,
-                                  0 if act_order else group_size))
+    qweight, qzeros, scales, g_idx = gptq(device, bits, group_size)
+    opcheck(OPS.gptq_dequantize, (qweight, qzeros, scales, g_idx, absent(scales, torch.uint8),
+                                  bits, 0 if act_order else group_size, 1))
 
 
 @pytest.mark.parametrize("causal", [False, True])

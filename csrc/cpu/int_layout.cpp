@@ -5,7 +5,9 @@
 // "CPU layout"):
 //   packed[t, b, 4 * n + j]: byte of columns 16t + n, channels 8b + j (low nibble) and
 //                            8b + 4 + j (high nibble), j = 0..3;
-//   code_sums[g, n]        : sum of the weight codes q of group g, column n.
+//   code_sums[g, n]        : sum of the weight codes q of group g, column n (uint16).
+// The int32 epilogue cannot overflow: |D| <= gs * (255 * 15 + 15 * 255 + 1e4 * 15 + 1e4 * 16)
+// < 2^31 for gs <= kMaxLayoutGroup (codes < 256, weight codes and zeros <= 16, |zero| <= 1e4).
 // A 64-byte row of packed is one zmm: masking the low nibbles gives the codes of channels
 // 8b..8b+3 of 16 columns as u8x4 per lane, shifting the high nibbles those of 8b+4..8b+7, and
 // vpdpbusd adds four code products per lane at once. Each token's codes are broadcast as four
@@ -36,16 +38,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define SPIKEOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define SPIKEOPS_AVX2 __attribute__((target("avx2")))
+#define SPIKEOPS_AVX2 __attribute__((target("avx2,f16c")))
 #define SPIKEOPS_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
 #endif
 
 namespace spikeops {
 namespace cpu {
-
-// Largest group the int32 epilogue covers: |D| <= gs * (255 * 15 + 15 * 255 + 1e4 * 15 +
-// 1e4 * 16) < 2^31 for gs <= 4096 (codes < 256, weight codes and zeros <= 16, |zero| <= 1e4).
-constexpr int64_t kMaxGroup = 4096;
 
 // Channels per group of the layout: group_size, or all of K (padded to whole blocks of 8) for
 // one group.
@@ -74,7 +72,8 @@ IntIsa int_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vnni"))
       return amx_usable() ? IntIsa::kAmx : IntIsa::kAvx512Vnni;
-    return __builtin_cpu_supports("avx2") ? IntIsa::kAvx2 : IntIsa::kGeneric;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? IntIsa::kAvx2
+                                                                           : IntIsa::kGeneric;
   }();
   // SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic caps the choice (read on every call, so that
   // the tests run every path in one process); it never enables what the CPU lacks. Any other
@@ -148,12 +147,34 @@ void token_codes(const LinearArgs& a, int64_t m, int64_t KB, int64_t gs, TokenCo
 
 constexpr int kCols = kTiles * kTileCols;
 
+// What the epilogue of one group reads for the task's columns, widened once per group and shared
+// by its tokens and ranges: zero points, float32 scales and code sums.
+struct GroupCols {
+  alignas(64) int32_t zero[kCols];
+  alignas(64) float scale[kCols];
+  alignas(64) int32_t code_sum[kCols];
+
+  // Compiled for AVX2 with F16C, which every instruction set of this file implies (int_isa):
+  // the loops vectorize, the scales widened by vcvtph2ps. The zero points are 4-bit (the
+  // layout's), eight per qzeros word; n0 is a multiple of 16.
+  SPIKEOPS_AVX2 void load(const LinearArgs& a, int64_t g, int64_t n0, int cols) {
+    const uint16_t* s = a.scales + g * a.N + n0;
+    const uint16_t* sums = a.code_sums + g * a.N + n0;
+    const int32_t* words = a.qzeros + g * ((a.N + 7) / 8) + n0 / 8;
+    for (int c = 0; c < cols; ++c) {
+      scale[c] = half_to_float(s[c]);
+      code_sum[c] = sums[c];
+      zero[c] = gptq_field(words[c >> 3], 4 * (c & 7), 15u) + a.zero_offset;
+    }
+  }
+};
+
 // The instruction-set kernels. dot: A[t][c] = sum over the k-blocks [b0, b1) of the codes of
 // token t times the weight codes of column 16 * t0 + c, for kMB tokens and `tiles` tiles of 16
 // columns; every weight row is loaded once for all the tokens (prefill reuses each byte kMB
 // times), and blocks silent in every token are never read. fold: the epilogue of one group and
 // range for one token, S[c] += double(scales[g, n] * float(D)), with
-//   D = A - z * sum(s*Q) - zero * sum(q) + zero * z * count        (int32: see kMaxGroup),
+//   D = A - z * sum(s*Q) - zero * sum(q) + zero * z * count        (int32: see kMaxLayoutGroup),
 // the integers and roundings of the generic kernel.
 // The two code dwords of block b of every token (channels 8b..8b+3, 8b+4..8b+7); false when
 // all are zero, so the block's weights need not be read.
@@ -208,26 +229,25 @@ struct Avx512 : VectorRegisters {
       for (int i = 0; i < tiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
   }
 
-  SPIKEOPS_AVX512 static void fold(const LinearArgs& a, int64_t g, int64_t n0, int cols,
-                                   const int32_t* A, const int32_t* Q1, bool range1,
-                                   int32_t sum_a, int32_t zr, int32_t count, double* S) {
+  SPIKEOPS_AVX512 static void fold(const GroupCols& gc, int cols, const int32_t* A,
+                                   const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr,
+                                   int32_t count, double* S) {
     for (int c0 = 0; c0 < cols; c0 += kTileCols) {
       const int valid = cols - c0 < kTileCols ? cols - c0 : kTileCols;
       const __mmask16 mask =
           valid == kTileCols ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-      const int64_t at = g * a.N + n0 + c0;
-      const __m512i z = _mm512_maskz_loadu_epi32(mask, a.zeros + at);
+      const __m512i z = _mm512_maskz_loadu_epi32(mask, gc.zero + c0);
       // D = A - z * (sum(s*Q) - zero * count) - zero * sum(q): the same integers in two
-      // products (int32 arithmetic wraps, and D itself fits: see kMaxGroup).
+      // products (int32 arithmetic wraps, and D itself fits: see kMaxLayoutGroup).
       __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(A + c0),
                                    _mm512_mullo_epi32(z, _mm512_set1_epi32(sum_a - zr * count)));
       if (zr != 0) {
         const __m512i q1 = Q1 ? _mm512_loadu_si512(Q1 + c0) : _mm512_setzero_si512();
         const __m512i qsum = range1 ? q1 : _mm512_sub_epi32(
-            _mm512_maskz_loadu_epi32(mask, a.code_sums + at), q1);
+            _mm512_maskz_loadu_epi32(mask, gc.code_sum + c0), q1);
         d = _mm512_sub_epi32(d, _mm512_mullo_epi32(_mm512_set1_epi32(zr), qsum));
       }
-      const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a.scales + at),
+      const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, gc.scale + c0),
                                         _mm512_cvtepi32_ps(d));
       double* s = S + c0;
       _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s),
@@ -278,19 +298,18 @@ struct Avx2 : VectorRegisters {
                               acc[t][i][h]);
   }
 
-  SPIKEOPS_AVX2 static void fold(const LinearArgs& a, int64_t g, int64_t n0, int cols,
-                                 const int32_t* A, const int32_t* Q1, bool range1,
-                                 int32_t sum_a, int32_t zr, int32_t count, double* S) {
+  SPIKEOPS_AVX2 static void fold(const GroupCols& gc, int cols, const int32_t* A,
+                                 const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr,
+                                 int32_t count, double* S) {
     for (int c = 0; c < cols; ++c) {  // the compiler vectorizes this for AVX2
-      const int64_t at = g * a.N + n0 + c;
-      const int32_t z = a.zeros[at];
+      const int32_t z = gc.zero[c];
       int32_t d = A[c] - z * sum_a;
       if (zr != 0) {
         const int32_t q1 = Q1 ? Q1[c] : 0;
-        d -= zr * (range1 ? q1 : a.code_sums[at] - q1);
+        d -= zr * (range1 ? q1 : gc.code_sum[c] - q1);
         d += zr * count * z;
       }
-      S[c] += static_cast<double>(a.scales[at] * static_cast<float>(d));
+      S[c] += static_cast<double>(gc.scale[c] * static_cast<float>(d));
     }
   }
 };
@@ -385,10 +404,9 @@ struct Amx {
   // A before the tile store.
   static void compiler_barrier() { asm volatile("" ::: "memory"); }
 
-  static void fold(const LinearArgs& a, int64_t g, int64_t n0, int cols, const int32_t* A,
-                   const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr, int32_t count,
-                   double* S) {
-    Avx512::fold(a, g, n0, cols, A, Q1, range1, sum_a, zr, count, S);
+  static void fold(const GroupCols& gc, int cols, const int32_t* A, const int32_t* Q1,
+                   bool range1, int32_t sum_a, int32_t zr, int32_t count, double* S) {
+    Avx512::fold(gc, cols, A, Q1, range1, sum_a, zr, count, S);
   }
 };
 
@@ -404,6 +422,7 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
               int64_t m0, int mb, int64_t t0, T* y) {
   double S[kMB][2][kCols];
   alignas(64) int32_t A[kMB][kCols], Q1[kMB][kCols];
+  GroupCols gc;
   const int64_t R = a.R;
   const int tiles = static_cast<int>(std::min<int64_t>(kTiles, p.NT - t0));
   const int64_t n0 = t0 * kTileCols;
@@ -412,10 +431,12 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   std::fill(&S[0][0][0], &S[0][0][0] + kMB * 2 * kCols, 0.0);
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * p.gs / 8, b1 = std::min<int64_t>(p.KB, (g + 1) * p.gs / 8);
+    bool loaded = false;
     for (int64_t r = 0; r < R; ++r) {
       bool any = false;
       for (int t = 0; t < mb; ++t) any = any || codes[m0 + t].nonzero[g * R + r];
       if (!any) continue;  // as the generic kernel: empty groups are skipped
+      if (!loaded) gc.load(a, g, n0, cols), loaded = true;
       for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].act[r].data() : p.silent.data();
       Isa::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
       // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
@@ -428,7 +449,7 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
       for (int t = 0; t < mb; ++t) {
         const TokenCodes& tc = codes[m0 + t];
         if (!tc.nonzero[g * R + r]) continue;
-        Isa::fold(a, g, n0, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
+        Isa::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
                   static_cast<int32_t>(tc.sum_a[g * R + r]),
                   a.zero ? a.zero[(m0 + t) * R + r] : 0,
                   static_cast<int32_t>(tc.count[g * R + r]), S[t][r]);
@@ -501,8 +522,7 @@ void run_isa(const LinearArgs& a) {
 
 IntIsa int_layout_isa(const LinearArgs& a) {
   const IntIsa isa = int_isa();
-  if (isa == IntIsa::kGeneric || a.packed == nullptr || a.bits != 4) return IntIsa::kGeneric;
-  if (layout_group(a) > kMaxGroup) return IntIsa::kGeneric;
+  if (isa == IntIsa::kGeneric || a.packed == nullptr) return IntIsa::kGeneric;
   // Codes must fit the instructions' bytes: unsigned Q <= 255 (P <= 8), signed |s*Q| <= 127.
   return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : IntIsa::kGeneric;
 }

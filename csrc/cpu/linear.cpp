@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -144,13 +145,14 @@ void build_spike_terms(const Layer& L, int64_t m, Terms& t) {
   });
 }
 
+#define SPIKEOPS_ALWAYS_INLINE __attribute__((always_inline))
+#define SPIKEOPS_INLINE SPIKEOPS_ALWAYS_INLINE inline
+
 // Accumulators of one block of output columns for one token.
 struct BlockAcc {
   int64_t D[kBlock];
   double S[2][kBlock];
 };
-
-#define SPIKEOPS_INLINE __attribute__((always_inline)) inline
 
 // 16 int32 lanes as a GCC vector: each multiversioned clone lowers it to its own ISA (one zmm,
 // two ymm or four xmm registers); aligned(4) allows unaligned loads from the weight rows.
@@ -160,33 +162,56 @@ constexpr int kLanes = 16;
 constexpr int64_t kPrefetchTerms = 32;
 static_assert(kBlock % kLanes == 0, "a block is a whole number of vectors");
 
+// Where the codes of channel k lie for 16 columns c..c+15 (c a multiple of 16): 16 dwords, one
+// per column, the code at bit shift(k), mask bits wide. GPTQ's qweight holds them in row
+// k / (32 / bits); the CPU layout in its 64-byte row [c / 16, k / 8] (layout_code).
+struct QweightRows {
+  const int32_t* qweight;
+  int64_t N;
+  int bits;
+  SPIKEOPS_INLINE const uint32_t* lanes(int64_t k, int64_t c) const {
+    return reinterpret_cast<const uint32_t*>(qweight + (k >> log2_codes_per_word(bits)) * N + c);
+  }
+  SPIKEOPS_INLINE int shift(int64_t k) const {
+    return bits * static_cast<int>(k & ((1 << log2_codes_per_word(bits)) - 1));
+  }
+  SPIKEOPS_INLINE uint32_t mask() const { return (1u << bits) - 1u; }
+};
+
+struct LayoutRows {
+  const uint8_t* packed;
+  int64_t KB;
+  SPIKEOPS_INLINE const uint32_t* lanes(int64_t k, int64_t c) const {
+    return reinterpret_cast<const uint32_t*>(packed + ((c >> 4) * KB + (k >> 3)) * 64);
+  }
+  SPIKEOPS_INLINE int shift(int64_t k) const {
+    return 8 * static_cast<int>(k & 3) + 4 * static_cast<int>((k >> 2) & 1);
+  }
+  SPIKEOPS_INLINE uint32_t mask() const { return 15u; }
+};
+
 // acc[n] += c * q[k, n0 + n] for a run of terms (k, c); kSign = +1 / -1 adds / subtracts the
 // codes of spikes, with no multiply. kCols > 0 (a full block) keeps the accumulators in vector
 // registers; kCols = 0 is the scalar path of the last, partial block.
-template <int kSign, int64_t kCols>
-SPIKEOPS_INLINE void add_rows(int32_t* __restrict acc, const int32_t* __restrict qweight,
-                              int64_t N, int64_t n0, int64_t cols, int bits,
-                              const int32_t* ks, const int32_t* cs, int64_t count) {
-  const int log_per_word = log2_codes_per_word(bits);
-  const int per_word_mask = (1 << log_per_word) - 1;
-  const uint32_t mask = (1u << bits) - 1u;
+template <int kSign, int64_t kCols, typename Rows>
+SPIKEOPS_INLINE void add_rows(int32_t* __restrict acc, const Rows& rows, int64_t n0,
+                              int64_t cols, const int32_t* ks, const int32_t* cs, int64_t count) {
+  const uint32_t mask = rows.mask();
   if constexpr (kCols > 0) {
     constexpr int kVecs = kCols / kLanes;
     v16i sum[kVecs];
     for (int j = 0; j < kVecs; ++j) sum[j] = *reinterpret_cast<const v16i*>(acc + kLanes * j);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t k = ks[i];
-      const int32_t* row = qweight + (k >> log_per_word) * N + n0;
-      const int shift = bits * static_cast<int>(k & per_word_mask);
-      // The rows of one block lie N words apart, a stride the hardware prefetchers do not
-      // follow: fetch the row of a term a few packed rows ahead ourselves.
+      const int shift = rows.shift(k);
+      // The rows of one block lie far apart, a stride the hardware prefetchers do not follow:
+      // fetch the rows of a term a few terms ahead ourselves.
       if (i + kPrefetchTerms < count) {
-        const char* ahead = reinterpret_cast<const char*>(
-            qweight + (static_cast<int64_t>(ks[i + kPrefetchTerms]) >> log_per_word) * N + n0);
-        for (int64_t line = 0; line < kCols * 4; line += 64) __builtin_prefetch(ahead + line);
+        for (int j = 0; j < kVecs; ++j)
+          __builtin_prefetch(rows.lanes(ks[i + kPrefetchTerms], n0 + kLanes * j));
       }
       for (int j = 0; j < kVecs; ++j) {
-        const v16u w = *reinterpret_cast<const v16u*>(row + kLanes * j);
+        const v16u w = *reinterpret_cast<const v16u*>(rows.lanes(k, n0 + kLanes * j));
         const v16i q = reinterpret_cast<v16i>((w >> shift) & mask);
         if constexpr (kSign > 0) sum[j] += q;
         else if constexpr (kSign < 0) sum[j] -= q;
@@ -197,108 +222,181 @@ SPIKEOPS_INLINE void add_rows(int32_t* __restrict acc, const int32_t* __restrict
   } else {
     for (int64_t i = 0; i < count; ++i) {
       const int64_t k = ks[i];
-      const int32_t* row = qweight + (k >> log_per_word) * N + n0;
-      const int shift = bits * static_cast<int>(k & per_word_mask);
+      const int shift = rows.shift(k);
       const int32_t c = kSign ? kSign : cs[i];
-      for (int64_t n = 0; n < cols; ++n) acc[n] += c * gptq_field(row[n], shift, mask);
+      for (int64_t n = 0; n < cols; ++n) {
+        const int64_t col = n0 + n;
+        acc[n] += c * static_cast<int32_t>((rows.lanes(k, col & ~int64_t(15))[col & 15] >> shift)
+                                           & mask);
+      }
     }
   }
 }
 
-// One spike_linear call: its spikes as term sources, and its weights.
-struct Job {
-  Layer L;
-  const int32_t* qweight;  // [ceil(K*bits/32), N]
-  const int32_t* zeros;    // true weight zero points z, [G, N]
-  const float* scales;     // [G, N]
-  int64_t N;
-  int bits;
+// What the epilogue reads of group g for the block's columns, widened once per group and
+// block: zero points and float32 scales (the loops vectorize in the multiversioned clones).
+struct GroupRow {
+  int32_t z[kBlock];
+  float scale[kBlock];
+};
+
+// Zero points from their GPTQ fields, with the field width known to the compiler, so that the
+// loop vectorizes.
+template <int kBits>
+SPIKEOPS_INLINE void unpack_zeros(const int32_t* words, int64_t cols, int32_t offset,
+                                  int32_t* z) {
+  constexpr int kPerWord = 32 / kBits;
+  for (int64_t n = 0; n < cols; ++n)
+    z[n] = gptq_field(words[n / kPerWord], kBits * static_cast<int>(n % kPerWord),
+                      (1u << kBits) - 1u) + offset;
+}
+
+SPIKEOPS_INLINE void load_group(const WeightFields& w, int64_t g, int64_t n0, int64_t cols,
+                                GroupRow& row) {
+  const uint16_t* s = w.scales + g * w.N + n0;
+  for (int64_t n = 0; n < cols; ++n) row.scale[n] = half_to_float(s[n]);
+  // n0 is a multiple of kBlock: the block's zero fields start at a word boundary.
+  const int32_t* words = w.qzeros + g * ((w.N * w.bits + 31) / 32) + (n0 * w.bits) / 32;
+  switch (w.bits) {
+    case 2: unpack_zeros<2>(words, cols, w.zero_offset, row.z); break;
+    case 4: unpack_zeros<4>(words, cols, w.zero_offset, row.z); break;
+    default: unpack_zeros<8>(words, cols, w.zero_offset, row.z); break;
+  }
+}
+
+// The group rows of the block a thread works on, each loaded when a task first needs it: a
+// thread's tasks walk the tokens of one block before the next, which so share the conversions.
+// Direct-mapped on at most kSlots groups, which bounds the memory for any G. Inlined, as
+// load_group, into the multiversioned callers.
+class GroupRows {
+ public:
+  explicit GroupRows(int64_t G)
+      : slots_(std::min(G, kSlots)), row_(new GroupRow[slots_]), group_(slots_, -1) {}
+
+  SPIKEOPS_ALWAYS_INLINE const GroupRow& get(const WeightFields& w, int64_t g, int64_t n0,
+                                              int64_t cols) {
+    if (n0 != n0_) {
+      std::fill(group_.begin(), group_.end(), -1);
+      n0_ = n0;
+    }
+    const int64_t s = g % slots_;
+    if (group_[s] != g) {
+      load_group(w, g, n0, cols, row_[s]);
+      group_[s] = g;
+    }
+    return row_[s];
+  }
+
+ private:
+  static constexpr int64_t kSlots = 1024;
+  int64_t slots_;
+  std::unique_ptr<GroupRow[]> row_;
+  std::vector<int64_t> group_;
+  int64_t n0_ = -1;
 };
 
 // D[g, r] of one block into S_r (the epilogue's per-range sums).
-SPIKEOPS_INLINE void fold_group(const Job& a, BlockAcc& acc, int64_t g, int64_t r,
-                                int64_t n0, int64_t cols) {
-  const float* sc = a.scales + g * a.N + n0;
+SPIKEOPS_INLINE void fold_group(const GroupRow& row, BlockAcc& acc, int64_t r, int64_t cols) {
   for (int64_t n = 0; n < cols; ++n)
-    acc.S[r][n] += static_cast<double>(sc[n] * static_cast<float>(acc.D[n]));
+    acc.S[r][n] += static_cast<double>(row.scale[n] * static_cast<float>(acc.D[n]));
 }
 
-template <int64_t kCols>
-SPIKEOPS_INLINE void int_block_cols(const Job& a, const Terms& t, int64_t n0,
-                                    int64_t cols_arg, BlockAcc& acc) {
+template <int64_t kCols, typename Rows>
+SPIKEOPS_INLINE void int_block_cols(const Layer& L, const WeightFields& w, const Rows& rows,
+                                    const Terms& t, int64_t n0, int64_t cols_arg,
+                                    GroupRows& groups, BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
-  const int32_t maxq = (1 << a.bits) - 1;
+  const int32_t maxq = (1 << w.bits) - 1;
   // Terms per int32 partial sum: |c * q| summed that many times stays below 2^31.
   const int64_t run = std::max<int64_t>(1, INT32_MAX / (static_cast<int64_t>(t.cmax) * maxq + 1));
   int32_t part[kBlock];
-  for (int64_t g = 0; g < a.L.G; ++g) {
-    const int32_t* z = a.zeros + g * a.N + n0;
-    for (int64_t r = 0; r < a.L.R; ++r) {
-      const int64_t b = g * a.L.R + r, lo = t.start[b], hi = t.start[b + 1];
+  for (int64_t g = 0; g < L.G; ++g) {
+    for (int64_t r = 0; r < L.R; ++r) {
+      const int64_t b = g * L.R + r, lo = t.start[b], hi = t.start[b + 1];
       if (lo == hi) continue;
+      const GroupRow& row = groups.get(w, g, n0, cols);
       std::fill(acc.D, acc.D + cols, 0);
       for (int64_t i = lo; i < hi; i += run) {
         std::fill(part, part + cols, 0);
-        add_rows<0, kCols>(part, a.qweight, a.N, n0, cols, a.bits, &t.k[i], &t.c[i],
-                    std::min(run, hi - i));
+        add_rows<0, kCols>(part, rows, n0, cols, &t.k[i], &t.c[i], std::min(run, hi - i));
         for (int64_t n = 0; n < cols; ++n) acc.D[n] += part[n];
       }
-      for (int64_t n = 0; n < cols; ++n) acc.D[n] -= static_cast<int64_t>(z[n]) * t.csum[b];
-      fold_group(a, acc, g, r, n0, cols);
+      for (int64_t n = 0; n < cols; ++n) acc.D[n] -= static_cast<int64_t>(row.z[n]) * t.csum[b];
+      fold_group(row, acc, r, cols);
     }
   }
 }
 
-template <int64_t kCols>
-SPIKEOPS_INLINE void spike_block_cols(const Job& a, const Terms& t, int64_t m, int64_t n0,
-                                      int64_t cols_arg, BlockAcc& acc) {
+template <int64_t kCols, typename Rows>
+SPIKEOPS_INLINE void spike_block_cols(const Layer& L, const WeightFields& w, const Rows& rows,
+                                      const Terms& t, int64_t m, int64_t n0, int64_t cols_arg,
+                                      GroupRows& groups, BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
-  const int64_t planes = spike_planes(a.L, m);
+  const int64_t planes = spike_planes(L, m);
   int32_t part[kBlock];
-  for (int64_t g = 0; g < a.L.G; ++g) {
-    const int32_t* z = a.zeros + g * a.N + n0;
-    for (int64_t r = 0; r < a.L.R; ++r) {
-      bool any = false;
+  for (int64_t g = 0; g < L.G; ++g) {
+    const GroupRow* row = nullptr;
+    for (int64_t r = 0; r < L.R; ++r) {
+      bool started = false;
       for (int64_t p = 0; p < planes; ++p) {
-        const int64_t b = ((g * planes + p) * a.L.R + r) * 2;
+        const int64_t b = ((g * planes + p) * L.R + r) * 2;
         const int32_t* s = t.start.data() + b;
         const int64_t npos = s[1] - s[0], nneg = s[2] - s[1];
         if (npos + nneg == 0) continue;
-        if (!any) std::fill(acc.D, acc.D + cols, 0), any = true;
+        if (!row) row = &groups.get(w, g, n0, cols);
+        if (!started) std::fill(acc.D, acc.D + cols, 0), started = true;
         std::fill(part, part + cols, 0);
-        add_rows<1, kCols>(part, a.qweight, a.N, n0, cols, a.bits, &t.k[s[0]], nullptr, npos);
-        add_rows<-1, kCols>(part, a.qweight, a.N, n0, cols, a.bits, &t.k[s[1]], nullptr, nneg);
+        add_rows<1, kCols>(part, rows, n0, cols, &t.k[s[0]], nullptr, npos);
+        add_rows<-1, kCols>(part, rows, n0, cols, &t.k[s[1]], nullptr, nneg);
         // Plane p weighs 2^p; the zero-point plane weighs -zero[r]. Each spike also carried the
         // weight zero point z, removed here once per plane: sum s*(q - z) = part - z * count.
-        const int64_t weight = p < a.L.P ? (int64_t(1) << p) : -a.L.zero[m * a.L.R + r];
+        const int64_t weight = p < L.P ? (int64_t(1) << p) : -L.zero[m * L.R + r];
         const int64_t count = npos - nneg;
         for (int64_t n = 0; n < cols; ++n)
-          acc.D[n] += weight * (static_cast<int64_t>(part[n]) - z[n] * count);
+          acc.D[n] += weight * (static_cast<int64_t>(part[n]) - row->z[n] * count);
       }
-      if (any) fold_group(a, acc, g, r, n0, cols);
+      if (started) fold_group(*row, acc, r, cols);
     }
   }
 }
 
-SPIKEOPS_MULTIVERSION
-void int_block(const Job& a, const Terms& t, int64_t n0, int64_t cols, BlockAcc& acc) {
-  cols == kBlock ? int_block_cols<kBlock>(a, t, n0, cols, acc) : int_block_cols<0>(a, t, n0, cols, acc);
+// The block kernels on the codes where the call holds them: qweight, else the CPU layout. `f`
+// must be always_inline, as everything the multiversioned callers inline: a function left out
+// of line would be compiled for the baseline ISA only.
+template <typename F>
+SPIKEOPS_INLINE void with_rows(const WeightFields& w, F&& f) {
+  if (w.qweight) {
+    f(QweightRows{w.qweight, w.N, w.bits});
+  } else {
+    f(LayoutRows{w.packed, (w.K + 7) / 8});
+  }
 }
 
 SPIKEOPS_MULTIVERSION
-void spike_block(const Job& a, const Terms& t, int64_t m, int64_t n0, int64_t cols,
-                 BlockAcc& acc) {
-  cols == kBlock ? spike_block_cols<kBlock>(a, t, m, n0, cols, acc)
-                 : spike_block_cols<0>(a, t, m, n0, cols, acc);
+void int_block(const Layer& L, const WeightFields& w, const Terms& t, int64_t n0, int64_t cols,
+               GroupRows& groups, BlockAcc& acc) {
+  with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
+    cols == kBlock ? int_block_cols<kBlock>(L, w, rows, t, n0, cols, groups, acc)
+                   : int_block_cols<0>(L, w, rows, t, n0, cols, groups, acc);
+  });
+}
+
+SPIKEOPS_MULTIVERSION
+void spike_block(const Layer& L, const WeightFields& w, const Terms& t, int64_t m, int64_t n0,
+                 int64_t cols, GroupRows& groups, BlockAcc& acc) {
+  with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
+    cols == kBlock ? spike_block_cols<kBlock>(L, w, rows, t, m, n0, cols, groups, acc)
+                   : spike_block_cols<0>(L, w, rows, t, m, n0, cols, groups, acc);
+  });
 }
 
 template <typename out_t>
-void store_block(const Job& a, const float* scale, const float* bias, int64_t m,
-                 int64_t n0, int64_t cols, const BlockAcc& acc, out_t* y) {
+void store_block(const LinearArgs& a, int64_t m, int64_t n0, int64_t cols, const BlockAcc& acc,
+                 out_t* y) {
   for (int64_t n = 0; n < cols; ++n) {
-    double v = static_cast<double>(scale[m * a.L.R]) * acc.S[0][n];
-    if (a.L.R == 2) v += static_cast<double>(scale[m * a.L.R + 1]) * acc.S[1][n];
-    if (bias) v += static_cast<double>(bias[n0 + n]);
+    double v = static_cast<double>(a.scale[m * a.R]) * acc.S[0][n];
+    if (a.R == 2) v += static_cast<double>(a.scale[m * a.R + 1]) * acc.S[1][n];
+    if (a.bias) v += static_cast<double>(a.bias[n0 + n]);
     y[m * a.N + n0 + n] = static_cast<out_t>(static_cast<float>(v));
   }
 }
@@ -351,13 +449,7 @@ void spike_linear(const LinearArgs& a) {
       }
     }
   }
-  Job job;
-  job.L = make_layer(a, a.g_idx, a.group_size, a.K, a.G);
-  job.qweight = a.qweight;
-  job.zeros = a.zeros;
-  job.scales = a.scales;
-  job.N = a.N;
-  job.bits = a.bits;
+  const Layer L = make_layer(a, a.g_idx, a.group_size, a.K, a.G);
 
   const int64_t blocks = (a.N + kBlock - 1) / kBlock;
   std::vector<Terms> terms(std::min(a.M, kTokenChunk));
@@ -368,21 +460,22 @@ void spike_linear(const LinearArgs& a) {
       const int64_t tokens = std::min(kTokenChunk, a.M - m0);
       at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          use_spike ? build_spike_terms(job.L, m0 + i, terms[i])
-                    : build_code_terms(job.L, m0 + i, terms[i]);
+          use_spike ? build_spike_terms(L, m0 + i, terms[i])
+                    : build_code_terms(L, m0 + i, terms[i]);
       });
       at::parallel_for(0, blocks * tokens, 1, [&](int64_t begin, int64_t end) {
         BlockAcc acc;
+        GroupRows groups(a.G);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t i = task % tokens, n0 = (task / tokens) * kBlock;
           const int64_t cols = std::min(kBlock, a.N - n0);
           for (int r = 0; r < 2; ++r) std::fill(acc.S[r], acc.S[r] + cols, 0.0);
           if (use_spike) {
-            spike_block(job, terms[i], m0 + i, n0, cols, acc);
+            spike_block(L, a, terms[i], m0 + i, n0, cols, groups, acc);
           } else {
-            int_block(job, terms[i], n0, cols, acc);
+            int_block(L, a, terms[i], n0, cols, groups, acc);
           }
-          store_block(job, a.scale, a.bias, m0 + i, n0, cols, acc, y);
+          store_block(a, m0 + i, n0, cols, acc, y);
         }
       });
     }
@@ -423,7 +516,7 @@ void spike_accumulate(const AccumulateArgs& a) {
 
 void gptq_dequantize(const DequantizeArgs& a) {
   c10::Half* o = static_cast<c10::Half*>(a.out);
-  // Tiles of kCols output rows walked k-major: each qweight row segment is read contiguously
+  // Tiles of kCols output rows walked k-major: each row segment of codes is read contiguously
   // (walking one n over all k would stride N words per load), and the tile's kCols output rows
   // stay in cache while they fill.
   constexpr int64_t kCols = 64;
@@ -433,9 +526,7 @@ void gptq_dequantize(const DequantizeArgs& a) {
       for (int64_t k = 0; k < a.K; ++k) {
         const int64_t g = group_of(a, k);
         for (int64_t n = n0; n < n1; ++n) {
-          const int32_t q = gptq_code(a.qweight, a.N, k, n, a.bits);
-          const int32_t z = a.zeros[g * a.N + n];
-          const float v = a.scales[g * a.N + n] * static_cast<float>(q - z);
+          const float v = scale_at(a, g, n) * static_cast<float>(code_at(a, k, n) - zero_at(a, g, n));
           o[n * a.K + k] = static_cast<c10::Half>(v);
         }
       }

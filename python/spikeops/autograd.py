@@ -244,20 +244,18 @@ def fake_quantize(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.T
 
 
 # ----------------------------------------------------------------------------- SpikeLinear
-_WEIGHT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx", "kernel_zeros", "kernel_scales",
-                   "kernel_packed", "kernel_code_sums")
-
-
 def _refuse_weight_grads(layer) -> None:
-    for name in _WEIGHT_BUFFERS + ("bias", "kernel_bias"):
-        t = layer._buffers.get(name)
+    held = dict(zip(("qweight", "qzeros", "scales", "g_idx", "packed", "code_sums"),
+                    layer.gptq.kernel_args()))
+    held.update((name, layer._buffers.get(name)) for name in ("bias", "kernel_bias"))
+    for name, t in held.items():
         if t is not None and t.requires_grad:
             what = ("the bias is a buffer: make it trainable with "
                     "spikeops.autograd.make_trainable(layer, bias=True)"
                     if "bias" in name else
                     "the GPTQ weights (codes, zero points and group scales) have no gradient "
                     "in spikeops; train float weights and quantize them again")
-            raise ValueError(f"SpikeLinear: buffer {name!r} requires grad, but {what} "
+            raise ValueError(f"SpikeLinear: {name!r} requires grad, but {what} "
                              f"(docs/ops.md, Gradients)")
 
 
@@ -305,9 +303,9 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
     clip, bias = params.get("clip"), params.get("bias")
     enc = layer.enc
     if enc is None:  # float activations: x @ W_hat^T (+ the live bias), plain autograd
-        if x.device != layer.qweight.device:
+        if x.device != layer.device:
             raise ValueError(f"SpikeLinear: x is on {x.device}, the layer on "
-                             f"{layer.qweight.device}; move one of them")
+                             f"{layer.device}; move one of them")
         _refuse_weight_grads(layer)
         if layer.dense_weight is None or layer.dense_weight.dtype != x.dtype:
             layer.dense_weight = layer.dequantize().to(x.dtype)
@@ -360,7 +358,7 @@ def make_trainable(module: torch.nn.Module, clip: bool = True,
                                      f"(set a calibration first)")
                 value = layer.enc.theta if layer.enc.mode == "oat" else _gamma(layer.enc)
                 p = torch.nn.Parameter(torch.tensor(value, dtype=_F32,
-                                                    device=layer.qweight.device))
+                                                    device=layer.device))
                 layer.register_parameter("clip", p)
                 made.append(p)
             elif len(layers) == 1:
@@ -476,7 +474,7 @@ def _learn_model(model, every, layers, batches, steps, lr, min_gamma, objective,
     for layer in layers.values():
         params += make_trainable(layer)
     opt = torch.optim.Adam(params, lr=lr)
-    device = next(iter(layers.values())).qweight.device
+    device = next(iter(layers.values())).device
     bar = tqdm(range(steps), desc=f"learn_clipping ({objective})", unit="step",
                disable=not progress)
     for step in bar:
@@ -505,7 +503,7 @@ def _learn_layers(model, layers, batches, steps, lr, min_gamma, max_tokens, prog
     inputs = collect_inputs(model, batches, max_tokens)
     for name, layer in tqdm(layers.items(), desc="learn_clipping", unit="layer",
                             disable=not progress):
-        x = inputs[name].to(layer.qweight.device)
+        x = inputs[name].to(layer.device)
         target = torch.nn.functional.linear(x, layer.dequantize().to(x), layer.kernel_bias)
         (p,) = make_trainable(layer)
         opt = torch.optim.Adam([p], lr=lr)

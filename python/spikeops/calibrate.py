@@ -286,7 +286,7 @@ def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.M
         if layer_enc is not None:
             check_usable(f"{fn}: layer {name!r}", layer_enc, mask)
         if mask is not None:
-            mask = mask.to(layer.qweight.device)
+            mask = mask.to(layer.device)
             if mask.shape != (layer.in_features,):
                 raise ValueError(f"{fn}: calibration of {name!r} has a salient mask of shape "
                                  f"{list(mask.shape)}, the layer has K = {layer.in_features}")
@@ -330,7 +330,7 @@ def collect_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers.items()]
     try:
         with kept_encodings(layers, enc=None):
-            device = next(iter(layers.values())).qweight.device
+            device = next(iter(layers.values())).device
             for ids in batches:
                 if min(counts.values()) >= max_tokens:
                     break  # every layer has its rows: the rest of the batches would be discarded

@@ -157,11 +157,11 @@ def _check_weights_fit(fn: str, model, modules: dict, weights: Mapping) -> None:
         if shape != (w.out_features, w.in_features):
             raise ValueError(f"{fn}: weights[{name!r}] is [N, K] = [{w.out_features}, "
                              f"{w.in_features}], the layer {name} is {list(shape)}")
-        other = by_object.get(id(w), by_data.get(w.qweight.data_ptr()))
+        other = by_object.get(id(w), by_data.get(w.scales.data_ptr()))
         if other is not None:
             raise ValueError(f"{fn}: weights[{name!r}] is the same GPTQWeight as "
                              f"weights[{other!r}]; each layer needs its own")
-        by_object[id(w)], by_data[w.qweight.data_ptr()] = name, name
+        by_object[id(w)], by_data[w.scales.data_ptr()] = name, name
     layers = getattr(getattr(model, "model", None), "layers", None)
     if isinstance(layers, torch.nn.ModuleList):
         missing = [f"model.layers.{i}.{p}" for i in range(len(layers)) for p in PROJECTIONS

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Optional
 
@@ -86,8 +87,13 @@ def _check_packing(fn: str, t, name: str, bits: int, dim: int) -> None:
     _checks.choice(fn, "dim", dim, (0, 1))
 
 
+# The tensors of a GPTQ layer in a checkpoint and in a SpikeLinear's state dict.
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
 class GPTQWeight:
-    """The GPTQ tensors of one linear layer (K = in_features, N = out_features, G groups).
+    """The GPTQ tensors of one linear layer (K = in_features, N = out_features, G groups), held
+    once, in the form the kernels read (docs/ops.md, spike_linear, "Weights").
 
     qweight: int32 ``[K*bits/32, N]``; qzeros: int32 ``[G, N*bits/32]``; scales: float16
     ``[G, N]``; g_idx: int32/int64 ``[K]`` or None (= ``k // group_size``).
@@ -97,6 +103,12 @@ class GPTQWeight:
     3-bit weights are repacked to 4-bit codes, exactly. Every tensor is validated here, once.
     in_features: K when it is not ``qweight.shape[0] * 32 / bits`` (a ragged K whose last packed
     word is partly padding); real GPTQ files never need it.
+
+    Held: ``qzeros``, ``scales`` and ``g_idx`` as given (``g_idx`` as int32), ``zero_offset``
+    (true zero = stored field + zero_offset), and the codes either as ``qweight`` or, on a CPU,
+    for 4-bit codes in uniform groups of a multiple of 8 channels (at most 4096) and K a multiple
+    of 8, as the CPU layout ``packed`` with its ``code_sums`` instead (``qweight`` is then None;
+    ``gptq_tensors()`` packs it again, bit for bit).
     """
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -152,67 +164,115 @@ class GPTQWeight:
         if bits == 3:  # the kernels read 2/4/8-bit fields; 3-bit codes fit 4 bits exactly
             qweight = pack(unpack(qweight, 3, K, dim=0), 4, dim=0)
             qzeros = pack(stored, 4, dim=1)
-        self.qweight = qweight.contiguous()
-        self.qzeros = qzeros.contiguous()
-        self.scales = scales.contiguous()
-        self.g_idx = g_idx.to(torch.int32).contiguous()
         self.bits = bits
         self.kernel_bits = 4 if bits == 3 else bits
         self.group_size = group_size
-        build_kernel_form(self)  # once, for every call
         self.sym = sym
         self.checkpoint_format = checkpoint_format
         self.in_features = K
         self.out_features = N
+        self._hold(qweight, qzeros, scales, g_idx.to(torch.int32))
+
+    def _hold(self, qweight, qzeros, scales, g_idx) -> None:
+        """Takes the kernel form of these (checked) tensors: ``kernel_group_size`` (channels per
+        group when ``g_idx[k] == k // group_size``, -1 counting as K; else 0: ``g_idx`` is read)
+        and the codes as ``qweight`` or as the CPU layout (``packed``, ``code_sums``)."""
+        K = self.in_features
+        self.qzeros, self.scales, self.g_idx = (t.contiguous() for t in (qzeros, scales, g_idx))
+        gs = K if self.group_size == -1 else self.group_size
+        uniform = torch.equal(g_idx, torch.arange(K, dtype=torch.int32, device=g_idx.device) // gs)
+        self.kernel_group_size = gs if uniform else 0
+        self._hold_codes(qweight)
+
+    def _hold_codes(self, qweight: torch.Tensor) -> None:
+        # The layout where the dot-product kernels can read it (docs/ops.md, spike_linear); K a
+        # multiple of 8, so that qweight has no padding fields the layout would drop.
+        K, gs, G = self.in_features, self.kernel_group_size, self.scales.shape[0]
+        layout_group = -(-K // 8) * 8 if G == 1 else gs
+        if qweight.device.type == "cpu" and self.kernel_bits == 4 and gs > 0 and K % 8 == 0 \
+                and (gs % 8 == 0 or G == 1) and layout_group <= MAX_LAYOUT_GROUP:
+            self.qweight = None
+            self.packed, self.code_sums = cpu_layout(unpack(qweight, 4, K, dim=0), gs)
+        else:
+            self.qweight, self.packed, self.code_sums = qweight.contiguous(), None, None
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self.scales.device
+
+    def gptq_tensors(self) -> dict:
+        """The GPTQ form, ``GPTQ_TENSORS`` by name, as held (3-bit weights in their 4-bit
+        repacking), ``qweight`` packed again from the CPU layout where that holds the codes."""
+        qweight = self.qweight
+        if qweight is None:
+            q = layout_codes(self.packed, self.in_features, self.out_features)
+            qweight = pack(q, 4, dim=0)
+        return dict(zip(GPTQ_TENSORS, (qweight, self.qzeros, self.scales, self.g_idx)))
+
+    def with_tensors(self, fn: str, tensors: dict) -> "GPTQWeight":
+        """This weight with other GPTQ tensors (``GPTQ_TENSORS`` by name, of this weight's
+        dtypes and shapes: a state dict's), on this weight's device, its kernel form rebuilt."""
+        K, N = self.in_features, self.out_features
+        want = {"qweight": (torch.int32, ((K * self.kernel_bits + 31) // 32, N)),
+                "qzeros": (torch.int32, tuple(self.qzeros.shape)),
+                "scales": (torch.float16, tuple(self.scales.shape)),
+                "g_idx": (torch.int32, (K,))}
+        for name, (dtype, shape) in want.items():
+            _checks.tensor(fn, name, tensors[name], (dtype,), dim=len(shape))
+            _checks.shape(fn, name, tensors[name], shape)
+        new = copy.copy(self)
+        new._hold(*(tensors[name].to(self.device) for name in GPTQ_TENSORS))
+        return new
+
+    def moved(self, fn) -> "GPTQWeight":
+        """This weight after ``fn`` (what ``nn.Module._apply`` applies to every tensor), as a
+        device move only: the integer tensors go through ``fn``, the scales follow them to
+        their device and are never cast (bfloat16 would round them). Itself when ``fn`` leaves
+        the tensors where they are (a dtype cast)."""
+        g_idx = fn(self.g_idx)
+        if g_idx is self.g_idx:
+            return self
+        new = copy.copy(self)
+        new.qzeros, new.g_idx = fn(self.qzeros), g_idx
+        new.scales = uncast(self.scales, g_idx.device)
+        new._hold_codes(fn(self.gptq_tensors()["qweight"]))
+        return new
+
+    def kernel_args(self) -> tuple:
+        """The tensors ``ops.spike_linear`` takes of this weight, in its order: ``(qweight,
+        qzeros, scales, g_idx, packed, code_sums)``."""
+        return self.qweight, self.qzeros, self.scales, self.g_idx, self.packed, self.code_sums
 
     def dequantize(self) -> torch.Tensor:
         """``W_hat`` float16 ``[N, K]`` (the nn.Linear convention), bit exact."""
-        return ops.gptq_dequantize(self.qweight, self.kernel_zeros, self.kernel_scales,
-                                   self.g_idx, self.kernel_bits, self.kernel_group_size)
+        return ops.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                   self.packed, self.kernel_bits, self.kernel_group_size,
+                                   self.zero_offset)
 
     def codes(self) -> tuple:
         """Unpacked ``(q int32 [K, N], z int32 [G, N])`` with true zero points."""
-        q = unpack(self.qweight, self.kernel_bits, self.in_features, dim=0)
-        return q, self.kernel_zeros
+        q = unpack(self.gptq_tensors()["qweight"], self.kernel_bits, self.in_features, dim=0)
+        z = unpack(self.qzeros, self.kernel_bits, self.out_features, dim=1) + self.zero_offset
+        return q, z
 
 
-def build_kernel_form(w) -> None:
-    """Sets what the kernels read besides the packed codes on ``w`` (a GPTQWeight or a
-    SpikeLinear: both hold the checked GPTQ tensors and ``kernel_bits``, ``zero_offset``,
-    ``group_size``; docs/ops.md, spike_linear): ``kernel_zeros`` the true zero points int32
-    ``[G, N]``, ``kernel_scales`` the float16 scales widened to float32 (exact),
-    ``kernel_group_size`` (channels per group when ``g_idx[k] == k // group_size``, -1 counting
-    as K; else 0: ``g_idx`` is read), and on a CPU ``kernel_packed`` / ``kernel_code_sums``, the
-    layout of 4-bit codes for integer dot products (None elsewhere)."""
-    K, N, G = w.g_idx.shape[0], w.scales.shape[1], w.scales.shape[0]
-    w.kernel_zeros = (unpack(w.qzeros, w.kernel_bits, N, dim=1) + w.zero_offset).contiguous()
-    w.kernel_scales = w.scales.float().contiguous()
-    gs = K if w.group_size == -1 else w.group_size
-    uniform = torch.equal(w.g_idx, torch.arange(K, dtype=torch.int32, device=w.g_idx.device) // gs)
-    w.kernel_group_size = gs if uniform else 0
-    w.kernel_packed = w.kernel_code_sums = None
-    if w.qweight.device.type == "cpu" and w.kernel_bits == 4 and uniform and \
-            (gs % 8 == 0 or G == 1):
-        w.kernel_packed, w.kernel_code_sums = cpu_layout(unpack(w.qweight, 4, K, dim=0), gs)
+def uncast(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` in its dtype (a module's dtype cast must not round float16 scales or a
+    float32 kernel bias); from the meta device, which holds no values, uninitialized as
+    ``Module.to_empty`` makes every tensor."""
+    return torch.empty_like(t, device=device) if t.is_meta else t.to(device)
 
 
-def cpu_layout_of(w) -> tuple:
-    """``(kernel_packed, kernel_code_sums)`` of ``w`` while its codes are on the CPU the layout
-    was built for, else ``(None, None)``: after a move to another device it stays unused."""
-    if w.kernel_packed is None or w.kernel_packed.device != w.qweight.device:
-        return None, None
-    return w.kernel_packed, w.kernel_code_sums
+# Largest group of the CPU layout (kMaxLayoutGroup of csrc/kernel_args.h): its code sums fit
+# uint16.
+MAX_LAYOUT_GROUP = 4096
 
 
 def cpu_layout(q: torch.Tensor, group_size: int) -> tuple:
     """The CPU layout of 4-bit codes ``q [K, N]`` (docs/ops.md, spike_linear): ``packed`` uint8
     ``[ceil(N/16), ceil(K/8), 64]`` whose byte ``4n + j`` of row ``[t, b]`` holds the code of
     channel ``8b + j`` of column ``16t + n`` in its low nibble and that of channel ``8b + 4 + j``
-    in its high nibble (zero padding past K and N), and ``code_sums`` int32 ``[G, N]``."""
+    in its high nibble (zero padding past K and N), and ``code_sums`` uint16 ``[G, N]``."""
     K, N = q.shape
     KB, NT = -(-K // 8), -(-N // 16)
     padded = torch.zeros(KB * 8, NT * 16, dtype=torch.uint8)
@@ -222,7 +282,15 @@ def cpu_layout(q: torch.Tensor, group_size: int) -> tuple:
     groups = torch.arange(K) // group_size
     sums = torch.zeros(int(groups[-1]) + 1, N, dtype=torch.int64)
     sums.index_add_(0, groups, q.to(torch.int64))
-    return packed.view(NT, KB, 64), sums.to(torch.int32)
+    return packed.view(NT, KB, 64), sums.to(torch.int32).to(torch.uint16)
+
+
+def layout_codes(packed: torch.Tensor, K: int, N: int) -> torch.Tensor:
+    """The codes int32 ``[K, N]`` that ``cpu_layout`` laid out in ``packed``."""
+    NT, KB = packed.shape[0], packed.shape[1]
+    p = packed.view(NT, KB, 16, 4).permute(1, 3, 0, 2)  # [b, j, t, c]
+    q = torch.stack([p & 15, p >> 4], dim=1).reshape(KB * 8, NT * 16)[:K, :N]
+    return q.to(torch.int32)
 
 
 def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:

@@ -175,9 +175,10 @@ def patch(model: torch.nn.Module, enc,
     if checkpoint_format is None:
         checkpoint_format = qc.get("checkpoint_format", qc.get("format", "gptq"))
     _checks.choice(fn, "checkpoint_format", checkpoint_format, FORMATS)
+    # A SpikeLinear of an earlier patch is patched again with its weights as they are.
     targets = [(name, m) for name, m in model.named_modules()
-               if all(isinstance(getattr(m, a, None), torch.Tensor)
-                      for a in ("qweight", "qzeros", "scales"))]
+               if isinstance(m, SpikeLinear) or all(isinstance(getattr(m, a, None), torch.Tensor)
+                                                    for a in ("qweight", "qzeros", "scales"))]
     if not targets:
         raise ValueError(f"{fn}: model must contain modules with qweight, qzeros and scales "
                          f"tensors (GPTQ QuantLinear), found none in {type(model).__name__}")
@@ -187,11 +188,11 @@ def patch(model: torch.nn.Module, enc,
     spiking = {}
     for name, m in targets:
         try:
-            w = GPTQWeight(m.qweight, m.qzeros, m.scales, getattr(m, "g_idx", None),
-                           bits=getattr(m, "bits", None), group_size=getattr(m, "group_size", None),
-                           sym=getattr(m, "sym", qc.get("sym", True)),
-                           checkpoint_format=checkpoint_format,
-                           in_features=getattr(m, "in_features", None))
+            w = m.gptq if isinstance(m, SpikeLinear) else GPTQWeight(
+                m.qweight, m.qzeros, m.scales, getattr(m, "g_idx", None),
+                bits=getattr(m, "bits", None), group_size=getattr(m, "group_size", None),
+                sym=getattr(m, "sym", qc.get("sym", True)), checkpoint_format=checkpoint_format,
+                in_features=getattr(m, "in_features", None))
             for attr, value in (("in_features", w.in_features), ("out_features", w.out_features)):
                 if getattr(m, attr, value) != value:
                     raise ValueError(f"{attr} = {getattr(m, attr)} disagrees with the tensors' "

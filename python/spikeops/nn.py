@@ -10,7 +10,7 @@ import torch
 
 from . import _checks, ops
 from .architecture import INPUTS, decoder_layers
-from .gptq import GPTQWeight, build_kernel_form, cpu_layout_of
+from .gptq import GPTQ_TENSORS, GPTQWeight, uncast
 from .spikes import Encoding, SpikeTensor, check_usable, encode_rows
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,10 +41,9 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
     # everything else (out_dtype, backend, shapes, devices) is checked by the op.
     if bias is not None:
         _checks.tensor(fn, "bias", bias, BIAS_DTYPES)
-    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, w.qweight, w.kernel_zeros,
-                         w.kernel_scales, w.g_idx, *cpu_layout_of(w),
-                         None if bias is None else bias.float(),
-                         w.kernel_bits, w.kernel_group_size, out_dtype, backend)
+    y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, *w.kernel_args(),
+                         None if bias is None else bias.float(), w.kernel_bits,
+                         w.kernel_group_size, w.zero_offset, out_dtype, backend)
     return y.reshape(*st.shape[:-1], w.out_features)
 
 
@@ -150,16 +149,13 @@ def _end_group(parent, _args, _output) -> None:
     getattr(parent, GROUP_ATTR).end()
 
 
-# The buffers SpikeLinear._linear hands to spike_linear besides the spikes.
-_WEIGHT_ARGS = frozenset(("qweight", "kernel_zeros", "kernel_scales", "g_idx", "kernel_packed",
-                          "kernel_code_sums"))
-
-
 class SpikeLinear(torch.nn.Module):
     """A GPTQ linear layer that runs on spikes: ``x -> encode(x) -> spike_linear``, output in x's
-    dtype. Holds the GPTQ tensors as buffers (packed, never dequantized; they are its state
-    dict), their kernel form (``GPTQWeight``'s ``kernel_*``, built once and moved with the
-    module), the Encoding and an optional salient-channel mask (bool ``[K]``).
+    dtype. Holds its weights once, as the GPTQWeight ``gptq`` (the kernel form: packed codes,
+    never dequantized; docs/ops.md, spike_linear), whose GPTQ tensors are its state dict
+    (``qweight``, ``qzeros``, ``scales``, ``g_idx``), the bias, the Encoding and an optional
+    salient-channel mask (bool ``[K]``). Device moves move ``gptq`` (building the CPU layout on
+    a CPU); dtype casts never touch it.
 
     ``enc=None`` runs the layer on float activations instead (``x @ W_hat^T``, the weights
     dequantized once and kept in x's dtype until the layer goes back to spikes): the "GPTQ
@@ -178,30 +174,16 @@ class SpikeLinear(torch.nn.Module):
         if bias is not None:
             _checks.tensor(fn, "bias", bias, BIAS_DTYPES, dim=1)
             _checks.shape(fn, "bias", bias, (weight.out_features,))
-        _checks.same_device(fn, {"weight.qweight": weight.qweight, "bias": bias})
+        _checks.same_device(fn, {"weight.scales": weight.scales, "bias": bias})
         self.in_features = weight.in_features
         self.out_features = weight.out_features
-        self.bits = weight.bits
-        self.kernel_bits = weight.kernel_bits
-        self.group_size = weight.group_size
-        self.zero_offset = weight.zero_offset
-        self.kernel_group_size = weight.kernel_group_size
         self.backend = backend
-        self.register_buffer("qweight", weight.qweight)
-        self.register_buffer("qzeros", weight.qzeros)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("g_idx", weight.g_idx)
+        self.gptq = weight
         self.register_buffer("bias", bias)
-        self.register_buffer("kernel_zeros", weight.kernel_zeros, persistent=False)
-        self.register_buffer("kernel_scales", weight.kernel_scales, persistent=False)
         self.register_buffer("kernel_bias", None if bias is None else bias.float(),
                              persistent=False)
-        self.register_buffer("kernel_packed", weight.kernel_packed, persistent=False)
-        self.register_buffer("kernel_code_sums", weight.kernel_code_sums, persistent=False)
         self.register_buffer("dense_weight", None, persistent=False)  # float activations only
         self.register_buffer("salient_mask", None)
-        # A state dict brings new GPTQ tensors: their kernel form follows them.
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._rebuild())
         # Called as observer(layer, spikes) on every spiking forward (statistics); None = off.
         self.observer = None
         # The ProjectionGroup of the layers that read the same activation, or None.
@@ -211,8 +193,34 @@ class SpikeLinear(torch.nn.Module):
         self.calibration = None
         self.set_encoding(enc, salient_mask)
 
-    def _rebuild(self) -> None:
-        build_kernel_form(self)
+    @property
+    def device(self) -> torch.device:
+        return self.gptq.device
+
+    @property
+    def bits(self) -> int:
+        """The checkpoint's bits (3-bit layers are held as 4-bit codes)."""
+        return self.gptq.bits
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, t in self.gptq.gptq_tensors().items():
+            destination[prefix + name] = t
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict brings new GPTQ tensors: the kernel form is built from them.
+        names = tuple(prefix + name for name in GPTQ_TENSORS)
+        given = {key[len(prefix):]: state_dict[key] for key in names if key in state_dict}
+        missing_keys.extend(key for key in names if key not in state_dict)
+        rest = {key: t for key, t in state_dict.items() if key not in names}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(given) == len(names):
+            try:
+                self.gptq = self.gptq.with_tensors("SpikeLinear.load_state_dict", given)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(str(e))
         self.kernel_bias = None if self.bias is None else self.bias.float()
         self.dense_weight = None
 
@@ -233,7 +241,7 @@ class SpikeLinear(torch.nn.Module):
             if enc is None or enc.salient_bits is None:
                 raise ValueError(f"{fn}: salient_mask needs an Encoding with salient_bits, got "
                                  f"enc={enc}")
-            _checks.same_device(fn, {"qweight": self.qweight, "salient_mask": salient_mask})
+            _checks.same_device(fn, {"weights": self.gptq.scales, "salient_mask": salient_mask})
         if enc is not None:
             check_usable(fn, enc, salient_mask)
         self.enc = enc
@@ -243,18 +251,17 @@ class SpikeLinear(torch.nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """``W_hat`` float16 ``[N, K]``, bit exact (``GPTQWeight.dequantize``)."""
-        return ops.gptq_dequantize(self.qweight, self.kernel_zeros, self.kernel_scales,
-                                   self.g_idx, self.kernel_bits, self.kernel_group_size)
+        return self.gptq.dequantize()
 
     def _apply(self, fn, recurse=True):
-        """``module.to(dtype)`` / ``.half()`` / ``.float()`` would cast the fp16 group scales and
-        the float32 kernel scales and bias, which the kernels read in those dtypes (and bfloat16
-        would round them): they follow the module's device moves only."""
-        kept = {name: getattr(self, name) for name in ("scales", "kernel_scales", "kernel_bias")}
-        super()._apply(fn, recurse)  # setting kernel_scales below also drops _weight_args
-        for name, t in kept.items():
-            if t is not None:
-                setattr(self, name, t.to(self.qweight.device))
+        """``module.to(dtype)`` / ``.half()`` / ``.float()`` would cast the float32 kernel bias,
+        which the kernels read in that dtype: it follows the module's device moves only, as
+        ``gptq`` does (GPTQWeight.moved)."""
+        kernel_bias = self.kernel_bias
+        super()._apply(fn, recurse)
+        self.gptq = self.gptq.moved(fn)
+        if kernel_bias is not None:
+            self.kernel_bias = uncast(kernel_bias, self.gptq.device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,9 +278,9 @@ class SpikeLinear(torch.nn.Module):
         if self.enc is None:
             # F.linear would run a meta or other-device weight against x without a word (the
             # spiking path's op checks devices itself).
-            if x.device != self.qweight.device:
+            if x.device != self.device:
                 raise ValueError(f"SpikeLinear: x is on {x.device}, the layer on "
-                                 f"{self.qweight.device}; move one of them")
+                                 f"{self.device}; move one of them")
             if self.dense_weight is None or self.dense_weight.dtype != x.dtype:
                 self.dense_weight = self.dequantize().to(x.dtype)
             bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None
@@ -303,21 +310,9 @@ class SpikeLinear(torch.nn.Module):
 
     def _linear(self, spikes, bias, out_dtype: torch.dtype) -> torch.Tensor:
         """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero)."""
-        weights = self.__dict__.get("_weight_args")
-        if weights is None:
-            weights = (self.qweight, self.kernel_zeros, self.kernel_scales, self.g_idx,
-                       *cpu_layout_of(self))
-            self.__dict__["_weight_args"] = weights
-        return ops.spike_linear(*spikes, *weights, bias, self.kernel_bits,
-                                self.kernel_group_size, out_dtype, self.backend)
-
-    def __setattr__(self, name: str, value) -> None:
-        # _linear keeps the op's weight arguments (a decode step would otherwise spend more on
-        # looking up buffers than on some layers): any change to one of them drops that tuple.
-        if name in _WEIGHT_ARGS:
-            self.__dict__.pop("_weight_args", None)
-        super().__setattr__(name, value)
-
+        w = self.gptq
+        return ops.spike_linear(*spikes, *w.kernel_args(), bias, w.kernel_bits,
+                                w.kernel_group_size, w.zero_offset, out_dtype, self.backend)
 
     def extra_repr(self) -> str:
         from .transforms import online_rotation

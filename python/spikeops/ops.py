@@ -220,21 +220,25 @@ def _(planes, sign, hi, w, per_plane):
 
 
 def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
-                 zero: Optional[Tensor], qweight: Tensor, zeros: Tensor, scales: Tensor,
-                 g_idx: Tensor, packed: Optional[Tensor], code_sums: Optional[Tensor],
-                 bias: Optional[Tensor], bits: int, group_size: int,
-                 out_dtype: torch.dtype = torch.float16, backend: str = "auto") -> Tensor:
+                 zero: Optional[Tensor], qweight: Optional[Tensor], qzeros: Tensor,
+                 scales: Tensor, g_idx: Tensor, packed: Optional[Tensor],
+                 code_sums: Optional[Tensor], bias: Optional[Tensor], bits: int,
+                 group_size: int, zero_offset: int, out_dtype: torch.dtype = torch.float16,
+                 backend: str = "auto") -> Tensor:
     """``y [M, N] = x_hat @ W_hat^T + bias`` on the kernel form of a GPTQ layer
-    (``GPTQWeight.kernel_*``, docs/ops.md): packed ``qweight``, true zero points ``zeros`` int32
-    ``[G, N]``, float32 ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when
-    ``group_size`` is 0), the CPU layout ``packed``/``code_sums`` of 4-bit codes or None,
-    float32 ``bias [N]``."""
+    (``GPTQWeight``, docs/ops.md): the codes as packed ``qweight`` or, on the CPU, as the CPU
+    layout ``packed`` (uint8) with ``code_sums`` (uint16 ``[G, N]``); stored zero points
+    ``qzeros`` int32 ``[G, N*bits/32]`` (true zero = field + ``zero_offset``), float16
+    ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when ``group_size`` is 0), float32
+    ``bias [N]``."""
     out = _ops.spike_linear.default(
         planes, _empty_like_absent(sign, planes, _INT32), _empty_like_absent(hi, planes, _INT32),
-        scale, _empty_like_absent(zero, planes, _INT32), qweight, zeros, scales, g_idx,
+        scale, _empty_like_absent(zero, planes, _INT32),
+        _empty_like_absent(qweight, planes, _INT32), qzeros, scales, g_idx,
         _empty_like_absent(packed, planes, torch.uint8),
-        _empty_like_absent(code_sums, planes, _INT32),
-        _empty_like_absent(bias, planes, torch.float32), bits, group_size, out_dtype, backend)
+        _empty_like_absent(code_sums, planes, torch.uint16),
+        _empty_like_absent(bias, planes, torch.float32), bits, group_size, zero_offset,
+        out_dtype, backend)
     if torch.is_grad_enabled() and (scale.requires_grad or scales.requires_grad
                                     or _requires_grad(bias)):
         return _no_gradient("spike_linear", out, scale, bias, scales)
@@ -242,32 +246,37 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
 
 
 @torch.library.register_fake("spikeops::spike_linear")
-def _(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, packed, code_sums, bias,
-      bits, group_size, out_dtype, backend):
+def _(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, packed, code_sums, bias,
+      bits, group_size, zero_offset, out_dtype, backend):
     torch._check_value(backend in BACKENDS,
                        lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
     _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,
-                 qweight=qweight, zeros=zeros, scales=scales, g_idx=g_idx, packed=packed,
+                 qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, packed=packed,
                  code_sums=code_sums, bias=bias)
     _check_weight_args("spike_linear", bits, group_size)
-    return planes.new_empty((planes.shape[1], qweight.shape[1]), dtype=out_dtype)
+    return planes.new_empty((planes.shape[1], scales.shape[1]), dtype=out_dtype)
 
 
-def gptq_dequantize(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
-                    group_size: int) -> Tensor:
-    """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(scales[g, n] * float32(q - z))`` on the
-    kernel form of a GPTQ layer, as ``spike_linear`` takes it."""
-    out = _ops.gptq_dequantize.default(qweight, zeros, scales, g_idx, bits, group_size)
+def gptq_dequantize(qweight: Optional[Tensor], qzeros: Tensor, scales: Tensor, g_idx: Tensor,
+                    packed: Optional[Tensor], bits: int, group_size: int,
+                    zero_offset: int) -> Tensor:
+    """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(float32(scales[g, n]) * float32(q - z))``
+    on the kernel form of a GPTQ layer, as ``spike_linear`` takes it."""
+    out = _ops.gptq_dequantize.default(_empty_like_absent(qweight, scales, _INT32), qzeros,
+                                       scales, g_idx,
+                                       _empty_like_absent(packed, scales, torch.uint8), bits,
+                                       group_size, zero_offset)
     if torch.is_grad_enabled() and scales.requires_grad:
         return _no_gradient("gptq_dequantize", out, scales)
     return out
 
 
 @torch.library.register_fake("spikeops::gptq_dequantize")
-def _(qweight, zeros, scales, g_idx, bits, group_size):
-    _same_device("gptq_dequantize", "qweight", qweight, zeros=zeros, scales=scales, g_idx=g_idx)
+def _(qweight, qzeros, scales, g_idx, packed, bits, group_size, zero_offset):
+    _same_device("gptq_dequantize", "scales", scales, qweight=qweight, qzeros=qzeros,
+                 g_idx=g_idx, packed=packed)
     _check_weight_args("gptq_dequantize", bits, group_size)
-    return qweight.new_empty((qweight.shape[1], g_idx.shape[0]), dtype=torch.float16)
+    return scales.new_empty((scales.shape[1], g_idx.shape[0]), dtype=torch.float16)
 
 
 def spike_matmul(a_planes: Tensor, a_sign: Optional[Tensor], a_hi: Optional[Tensor],

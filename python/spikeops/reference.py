@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .gptq import unpack
+from .gptq import layout_codes, unpack
 
 Tensor = torch.Tensor
 _F32 = torch.float32
@@ -208,24 +208,35 @@ def _groups(g_idx, group_size):
     return g_idx.to(torch.int64)
 
 
-def spike_linear(planes, sign, hi, scale, zero, qweight, zeros, scales, g_idx, packed,
-                 code_sums, bias, bits, group_size, out_dtype=torch.float16, backend="auto"):
+def _weights(qweight, qzeros, scales, packed, bits, K, zero_offset):
+    """Codes q int64 ``[K, N]`` (from qweight, else from the CPU layout ``packed``), true zero
+    points z int64 ``[G, N]`` and float32 scales ``[G, N]`` of the kernel form (docs/ops.md,
+    spike_linear)."""
+    N = scales.shape[1]
+    q = unpack(qweight, bits, K, dim=0) if qweight is not None else layout_codes(packed, K, N)
+    z = unpack(qzeros, bits, N, dim=1).to(torch.int64) + zero_offset
+    return q.to(torch.int64), z, scales.to(_F32)
+
+
+def spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, packed,
+                 code_sums, bias, bits, group_size, zero_offset, out_dtype=torch.float16,
+                 backend="auto"):
     """docs/ops.md, spike_linear: D[g, r] = sum over k in group g and range r of
     (s*Q - zero[r]) * (q - z), exact integers; S_r = sum over g ascending of
     float64(scales[g] * float32(D[g, r])); y = float32(scale[m, 0] * S_0 + scale[m, 1] * S_1 +
-    bias) (products and sums in float64), then cast to out_dtype. ``backend`` and the CPU
-    layout (``packed``, ``code_sums``: a copy of the codes for the CPU) do not change the result."""
+    bias) (products and sums in float64), then cast to out_dtype. ``backend`` and where the codes
+    are held (``qweight`` or the CPU layout ``packed``) do not change the result."""
     K, M = g_idx.shape[0], planes.shape[1]
-    G = scales.shape[0]
-    q = unpack(qweight, bits, K, dim=0).to(torch.int64)
+    G, N = scales.shape
+    q, z, scales = _weights(qweight, qzeros, scales, packed, bits, K, zero_offset)
     g_of_k = _groups(g_idx, group_size)
-    wd = q - zeros.to(torch.int64)[g_of_k]  # q - z of every weight, [K, N]
+    wd = q - z[g_of_k]  # q - z of every weight, [K, N]
     r = _ranges(hi, M, K, planes.device)
     R = scale.shape[1]
     c = _codes(planes, sign, K) - (zero.gather(1, r).to(torch.int64) if zero is not None else 0)
     y = None
     for ri in range(R):
-        S = torch.zeros(M, qweight.shape[1], dtype=torch.float64, device=planes.device)
+        S = torch.zeros(M, N, dtype=torch.float64, device=planes.device)
         for g in range(G):
             mask = (r == ri) & (g_of_k == g)[None, :]
             D = _exact_matmul(c * mask, wd)
@@ -244,11 +255,11 @@ def tolerance(x_hat: Tensor, W: Tensor, y_ref: Tensor, out_dtype: torch.dtype) -
     return 1e-5 * (x_hat.abs() @ W.abs()) + torch.finfo(out_dtype).eps * y_ref.abs()
 
 
-def gptq_dequantize(qweight, zeros, scales, g_idx, bits, group_size):
+def gptq_dequantize(qweight, qzeros, scales, g_idx, packed, bits, group_size, zero_offset):
     K = g_idx.shape[0]
-    q = unpack(qweight, bits, K, dim=0).to(torch.int64)
+    q, z, scales = _weights(qweight, qzeros, scales, packed, bits, K, zero_offset)
     g = _groups(g_idx, group_size)
-    return (scales[g] * (q - zeros.to(torch.int64)[g]).to(_F32)).to(torch.float16).t().contiguous()
+    return (scales[g] * (q - z[g]).to(_F32)).to(torch.float16).t().contiguous()
 
 
 def spike_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi, b_scale,

@@ -218,7 +218,7 @@ class _Acc:
     def __init__(self, layer: SpikeLinear):
         self.calls = self.tokens = self.words = self.ranges = self.slots = self.bits = 0
         self.K, self.N = layer.in_features, layer.out_features
-        self.groups = layer.scales.shape[0]
+        self.groups = layer.gptq.scales.shape[0]
         self.signed = False
         self.stats: Dict[int, torch.Tensor] = {}
         self.encodings: List[str] = []
