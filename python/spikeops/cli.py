@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     def dtype_arg(p, default="float32", what="activations and dense layers"):
         p.add_argument("--dtype", default=default, choices=tuple(DTYPES), help=what)
 
+    def kv_and_dtype_args(p):
+        p.add_argument("--kv", default="float", choices=KV_MODES,
+                       help="key-value cache: float, or bit-plane spikes of 4 or 8 bits with "
+                       "attention on spikes (spikeops.Runner; README, 'Attention on spikes')")
+        dtype_arg(p)
+
     p = command("demo", "the main job: a real or the embedded model on spikes, then one large "
                 "GPTQ layer on spikes against the dense layer", demo, description=DEMO_DOC)
     p.add_argument("--gguf", help="a LLaMA-architecture GGUF file (scripts/demo.sh fetches "
@@ -123,10 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.add_argument("--kv", default="float", choices=KV_MODES,
-                   help="key-value cache: float, or bit-plane spikes of 4 or 8 bits with "
-                   "attention on spikes (spikeops.Runner; README, 'Attention on spikes')")
-    dtype_arg(p)
+    kv_and_dtype_args(p)
 
     p = command("generate", "generate text with a spiking GPTQ model, on float activations "
                 "(--encoding none) or with a dense model (--dense)", cmd_generate)
@@ -143,10 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dtype", default="model", choices=tuple(HEAD_DTYPE_CHOICES),
                    help="dtype of lm_head: the model's own (transformers' logits), or bfloat16: "
                    "about 3x faster on the CPU, other rounding (spikeops.runner.Runner)")
-    p.add_argument("--kv", default="float", choices=KV_MODES,
-                   help="key-value cache: float, or bit-plane spikes of 4 or 8 bits with "
-                   "attention on spikes (spikeops.Runner; README, 'Attention on spikes')")
-    dtype_arg(p)
+    kv_and_dtype_args(p)
 
     p = command("report", "per-layer spike statistics and an energy estimate (text, JSON and "
                 "PNG plots; see docs/energy.md)", cmd_report)
