@@ -1,6 +1,8 @@
 """Shared fixtures: seeded randomness, the device list (CUDA cases skip, with the reason,
 where no GPU is present) and a tiny GPTQ LLaMA written in a temporary folder."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -53,3 +55,11 @@ def calibration(checkpoint):
     from spikeops.calibrate import calibrate
     model = spikeops.load_gptq(checkpoint / "q", spikeops.Encoding("minmax", 4))
     return calibrate(model, tiny_batches(), salient_fraction=0.1)
+
+
+@pytest.fixture
+def folder(checkpoint, tmp_path):
+    """A copy of the session checkpoint's GPTQ folder that a test may damage."""
+    dst = tmp_path / "q"
+    shutil.copytree(checkpoint / "q", dst)
+    return dst

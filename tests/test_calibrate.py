@@ -10,7 +10,10 @@ import torch
 import spikeops
 from helpers import tiny_batches
 from spikeops.calibrate import Calibration, calibrate, set_encoding
+from spikeops.checkpoint import CALIBRATION_FILE, CALIBRATION_MASK_FILE
 from spikeops.nn import spike_layers
+
+MINMAX4 = spikeops.Encoding("minmax", 4)
 
 
 def test_calibration_values_and_round_trip(model, calibration, tmp_path):
@@ -92,3 +95,75 @@ def test_set_encoding_and_load_apply_the_calibration(checkpoint, model, calibrat
     loaded = spikeops.load_gptq(folder, spikeops.Encoding("oat", 8))
     for name, layer in spike_layers(loaded).items():
         assert layer.enc.theta == cal.layers[name].theta
+
+
+# ----------------------------------------------------------------------------- damaged calibrations
+def test_interrupted_calibration_save_never_mixes(folder):
+    model = spikeops.load_gptq(folder, MINMAX4)
+    old = calibrate(model, tiny_batches(), methods=["obs"], salient_fraction=0.1)
+    new = calibrate(model, tiny_batches(), methods=["obs"], salient_fraction=0.3)
+    old.save(folder)
+    json_before = (folder / CALIBRATION_FILE).read_text()
+    new.save(folder)
+    (folder / CALIBRATION_FILE).write_text(json_before)  # as if the new JSON had not landed
+    with pytest.raises(ValueError, match="interrupted or mixed"):
+        Calibration.load(folder)
+    new.save(folder)
+    loaded = Calibration.load(folder)
+    name = next(iter(new.layers))
+    assert torch.equal(loaded.layers[name].salient, new.layers[name].salient)
+
+
+def test_malformed_calibrations_raise_value_error(folder):
+    model = spikeops.load_gptq(folder, MINMAX4)
+    calibrate(model, tiny_batches(), methods=["obs", "las"]).save(folder)
+    good_json, good_masks = (folder / CALIBRATION_FILE).read_text(), (folder / CALIBRATION_MASK_FILE).read_bytes()
+    name = next(iter(json.loads(good_json)["layers"]))
+
+    def layers_with(entry):
+        raw = json.loads(good_json)
+        raw["layers"][name] = entry
+        raw.pop("masks_sha256")
+        return json.dumps(raw)
+
+    cases = [(CALIBRATION_FILE, layers_with(5)), (CALIBRATION_FILE, layers_with(None)),
+             (CALIBRATION_FILE, layers_with({"theta": ["a", "b"]})),
+             (CALIBRATION_FILE, b"\xff\xfe not utf-8"),
+             (CALIBRATION_MASK_FILE, good_masks[: len(good_masks) // 2])]
+    for file, content in cases:
+        (folder / CALIBRATION_FILE).write_text(good_json)
+        (folder / CALIBRATION_MASK_FILE).write_bytes(good_masks)
+        if file == CALIBRATION_MASK_FILE:  # a damaged mask file under a JSON without its hash
+            raw = json.loads(good_json)
+            raw.pop("masks_sha256")
+            (folder / CALIBRATION_FILE).write_text(json.dumps(raw))
+        target = folder / file
+        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+        with pytest.raises(ValueError):
+            Calibration.load(folder)
+    from safetensors.torch import load_file, save_file
+    (folder / CALIBRATION_FILE).write_text(json.dumps({**json.loads(good_json), "masks_sha256": None}))
+    (folder / CALIBRATION_MASK_FILE).write_bytes(good_masks)
+    masks = {k: v.float() * 0.5 for k, v in load_file(str(folder / CALIBRATION_MASK_FILE)).items()}
+    save_file(masks, str(folder / CALIBRATION_MASK_FILE))
+    with pytest.raises(ValueError, match="uint8"):
+        Calibration.load(folder)
+
+
+def test_calibrate_and_quantize_check_their_token_ids(checkpoint, folder):
+    model = spikeops.load_gptq(folder, MINMAX4)
+    for batches, error in [(torch.full((1, 8), 999), ValueError),
+                           (torch.rand(1, 8), TypeError), ([1, 2, 3], TypeError)]:
+        with pytest.raises(error, match="batches"):
+            calibrate(model, batches)
+    for max_tokens, error in [(0, ValueError), (2.5, TypeError)]:
+        with pytest.raises(error, match="max_tokens"):
+            calibrate(model, tiny_batches(), max_tokens=max_tokens)
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    with pytest.raises(ValueError, match="calib_inputs"):
+        spikeops.quantize(dense, torch.full((1, 8), 999))
+    with torch.no_grad():
+        dense.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        spikeops.quantize(dense, tiny_batches()[0])

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -18,9 +22,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import spikeops  # noqa: E402
-from helpers import TEXT, assert_within_spec, exact_weight  # noqa: E402
-from spikeops.checkpoint import PROJECTIONS  # noqa: E402
+from helpers import TEXT, assert_within_spec, exact_weight, tiny_batches  # noqa: E402
+from spikeops.calibrate import calibrate  # noqa: E402
+from spikeops.checkpoint import (CALIBRATION_FILE, CALIBRATION_MASK_FILE,  # noqa: E402
+                                 PROJECTIONS)
 from spikeops.evaluate import encode_text, generate  # noqa: E402
+
+MINMAX4 = spikeops.Encoding("minmax", 4)
 
 ENC = spikeops.Encoding("minmax", bits=8)
 LAYERS = 2
@@ -617,3 +625,107 @@ def test_patch_takes_what_load_gptq_takes(good_checkpoint):
     assert floats.model.layers[1].mlp.up_proj.enc is None
     with pytest.raises(ValueError, match="patch: .*no entry for layer"):
         spikeops.patch(fake_quantized_model(good_checkpoint), {"down_proj": ENC})
+
+
+# ----------------------------------------------------------------------------- damaged and hostile folders
+def _run_isolated(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A case that could hang runs in its own process with a timeout."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_save_over_an_older_sharded_checkpoint_loads_what_was_saved(checkpoint, folder):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(folder / "model.safetensors"))
+    keys = sorted(tensors)
+    half = len(keys) // 2
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    save_file({k: tensors[k] for k in keys[:half]}, str(folder / shards[0]))
+    save_file({k: tensors[k] for k in keys[half:]}, str(folder / shards[1]))
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: shards[0 if i < half else 1] for i, k in enumerate(keys)}}))
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    ids = tiny_batches()[0]
+    weights = spikeops.quantize(dense, ids, bits=8, group_size=32)  # other weights than before
+    spikeops.save_gptq(dense, weights, folder)
+    assert not (folder / "model.safetensors.index.json").exists()
+    assert not list(folder.glob("model-0000*"))
+    loaded = spikeops.load_gptq(folder, MINMAX4)
+    assert loaded.model.layers[0].mlp.up_proj.bits == 8
+
+
+def test_save_gptq_validates_before_writing(checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+    dense = AutoModelForCausalLM.from_pretrained(checkpoint / "fp").eval()
+    weights = spikeops.quantize(dense, tiny_batches()[0], bits=4, group_size=32)
+    name = "model.layers.0.mlp.up_proj"
+    cases = [
+        ({**weights, name: weights["model.layers.0.mlp.down_proj"]}, "same GPTQWeight|\\[N, K\\]"),
+        ({k: w for k, w in weights.items() if k != name}, "missing model.layers.0.mlp.up_proj"),
+        ({**weights, name: weights["model.layers.0.mlp.gate_proj"]}, "same GPTQWeight"),
+    ]
+    for bad, pattern in cases:
+        out = tmp_path / "out"
+        with pytest.raises(ValueError, match=pattern):
+            spikeops.save_gptq(dense, bad, out)
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_shard_paths_stay_inside_the_folder(folder, tmp_path):
+    outside = tmp_path / "other"
+    outside.mkdir()
+    shutil.copy(folder / "model.safetensors", outside / "x.safetensors")
+    keys = list(json.loads(json.dumps(
+        {k: 0 for k in spikeops.checkpoint.read_tensors("t", folder)})))
+    for name in ("../other/x.safetensors", str(outside / "x.safetensors")):
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {k: name for k in keys}}))
+        with pytest.raises(ValueError, match="inside"):
+            spikeops.load_gptq(folder, MINMAX4)
+    for bad in ([1, 2], {"weight_map": {keys[0]: 5}}):
+        (folder / "model.safetensors.index.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="weight_map|inside"):
+            spikeops.load_gptq(folder, MINMAX4)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", CALIBRATION_FILE])
+def test_fifos_are_refused_at_once(folder, name):
+    if name == "model.safetensors":
+        (folder / name).unlink()
+    os.mkfifo(folder / name)
+    result = _run_isolated(f"""
+        import spikeops
+        try:
+            spikeops.load_gptq({str(folder)!r}, spikeops.Encoding("minmax", 4))
+        except ValueError as e:
+            print("refused:", e)
+        """, timeout=120)
+    assert "refused" in result.stdout, result.stdout + result.stderr
+
+
+def test_config_checked_against_the_tensors(folder):
+    config = json.loads((folder / "config.json").read_text())
+    for field, value, pattern in [("num_hidden_layers", 40000, "num_hidden_layers"),
+                                  ("hidden_size", -256, "hidden_size"),
+                                  ("hidden_size", "64", "hidden_size"),
+                                  ("vocab_size", 2.5, "vocab_size"),
+                                  ("torch_dtype", "float99", "torch_dtype")]:
+        (folder / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=pattern):
+            spikeops.load_gptq(folder, MINMAX4)
+
+
+def test_calibration_files_are_never_weights(folder, tmp_path):
+    cal = calibrate(spikeops.load_gptq(folder, MINMAX4), tiny_batches(), methods=["obs"])
+    cal.save(folder)
+    (folder / "model.safetensors").rename(folder / "gptq_model-4bit-32g.safetensors")
+    assert spikeops.load_gptq(folder, spikeops.Encoding("minmax", 4, salient_bits=6)) is not None
+    only_bin = tmp_path / "bin"
+    only_bin.mkdir()
+    for f in ("config.json", "quantize_config.json", CALIBRATION_FILE, CALIBRATION_MASK_FILE):
+        shutil.copy(folder / f, only_bin / f)
+    (only_bin / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="pickle"):
+        spikeops.load_gptq(only_bin, MINMAX4)

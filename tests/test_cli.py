@@ -1,6 +1,8 @@
 """The command line (quantize, calibrate, eval, generate) on the tiny GPTQ LLaMA of
 conftest.py, and the README's main job (demo) on the embedded model."""
 
+import shutil
+
 import pytest
 
 import spikeops
@@ -62,3 +64,19 @@ def test_no_command_lists_the_commands_in_order_and_version(capsys):
     # The installed distribution takes its version from there (pyproject.toml: dynamic).
     from importlib.metadata import version
     assert version("spikeops") == spikeops.__version__
+
+
+def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
+    from spikeops import cli
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    assert cli.main(["report", str(checkpoint / "q"), "--text", str(checkpoint / "text.txt"),
+                     "--max-tokens", "16", "--out", str(existing)]) == 2
+    only_bin = tmp_path / "bin"
+    only_bin.mkdir()
+    shutil.copy(checkpoint / "fp" / "config.json", only_bin / "config.json")
+    (only_bin / "pytorch_model.bin").write_bytes(b"x")
+    assert cli.main(["quantize", str(only_bin), str(tmp_path / "o"), "--text",
+                     str(checkpoint / "text.txt")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("spikeops ") for line in err), err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spikeops
-from spikeops import ops, reference
+from spikeops import Encoding, ops, reference
 
 MODE_BITS = [("minmax", b) for b in (1, 2, 4, 8, 16)] + \
             [(m, b) for m in ("absmax", "absmean") for b in (2, 3, 5, 8, 16)]
@@ -310,3 +310,11 @@ def test_vector_encoder_matches_scalar(K, dtype, monkeypatch):
                 assert torch.equal(u.isnan() if u.is_floating_point() else u,
                                    v.isnan() if v.is_floating_point() else v)
                 assert torch.equal(torch.nan_to_num(u.float()), torch.nan_to_num(v.float()))
+
+
+def test_tiny_oat_thresholds_and_static_without_tokens():
+    with pytest.raises(ValueError, match="normal float32"):
+        Encoding("oat", 16, theta=(1e-44, 1e-43))
+    for bits in (1, 4):
+        st = spikeops.encode(torch.randn(0, 40), Encoding("static", bits), scale=0.1, zero=3)
+        assert st.planes.shape == (bits, 0, 2) and st.sign is None

@@ -15,7 +15,9 @@ import torch
 
 import spikeops
 from spikeops import Encoding, GPTQWeight, SpikeLinear, reference
-from helpers import kernel_args
+from helpers import kernel_args, make_layer
+
+MINMAX4 = spikeops.Encoding("minmax", 4)
 
 OPS = torch.ops.spikeops
 I32, F32 = torch.int32, torch.float32
@@ -919,3 +921,16 @@ MATMUL_CASES = [
 def test_spike_matmul_rejects(device, call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call(device)
+
+
+# ----------------------------------------------------------------------------- meta tensors
+def test_meta_tensors_raise_instead_of_returning_garbage():
+    lin = spikeops.SpikeLinear(make_layer(64, 16, 4, 32)[0], MINMAX4).to("meta")
+    with pytest.raises(ValueError, match="device"):
+        lin(torch.randn(2, 64))
+    st = spikeops.encode(torch.randn(2, 64), MINMAX4)
+    with pytest.raises(ValueError, match="scale"):
+        spikeops.ops.spike_decode(st.planes, None, None, st.scale.to("meta"), st.zero, 64,
+                                  torch.float32)
+    with pytest.raises(ValueError, match="bits"):  # fakes check what they can
+        spikeops.ops.gif_encode(torch.randn(2, 64, device="meta"), "minmax", 99)

@@ -120,3 +120,17 @@ def test_default_g_idx_and_group_all():
 def test_pack_rejects(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_gptq_weight_arguments():
+    t = make_layer(128, 16, 4, 32)[0].gptq_tensors()
+    qweight, qzeros, scales = t["qweight"], t["qzeros"], t["scales"]
+    for sym in ("no", None):
+        with pytest.raises(TypeError, match="sym"):
+            spikeops.GPTQWeight(qweight, qzeros, scales, sym=sym, group_size=32)
+    short = torch.arange(127, dtype=torch.int32) // 32
+    with pytest.raises(ValueError, match="g_idx.*in_features"):
+        spikeops.GPTQWeight(qweight, qzeros, scales, short, group_size=32)
+    ragged = spikeops.GPTQWeight(qweight, qzeros, scales, short, group_size=32,
+                                 in_features=127)
+    assert ragged.in_features == 127

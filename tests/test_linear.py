@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import spikeops
-from spikeops import reference
-from helpers import assert_within_spec, exact_weight, make_layer
+from spikeops import Encoding, reference
+from helpers import assert_within_spec, exact_weight, kernel_args, make_layer
+
+MINMAX4 = spikeops.Encoding("minmax", 4)
 
 ENCODINGS = {
     "minmax4": (spikeops.Encoding("minmax", 4), False),
@@ -318,3 +320,42 @@ def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
         y = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
         assert torch.equal(y.reshape(ref.shape), ref), isa
     assert "generic" in seen
+
+
+# ----------------------------------------------------------------------------- random configurations and dtypes
+def test_bias_survives_double():
+    lin = spikeops.SpikeLinear(make_layer(64, 16, 4, 32)[0], MINMAX4, bias=torch.randn(16))
+    lin.double()
+    assert lin(torch.randn(2, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_random_configurations_against_the_reference_and_thread_counts():
+    """A few hundred random small problems: both backends and both thread counts give the
+    reference's bits."""
+    gen = torch.Generator().manual_seed(7)
+    threads = torch.get_num_threads()
+    modes = [Encoding("minmax", 4), Encoding("absmax", 3, gamma=0.7), Encoding("absmean", 5),
+             Encoding("minmax", 2, salient_bits=5), Encoding("oat", 6, theta=(0.5, 3.0))]
+    try:
+        for case in range(240):
+            K = int(torch.randint(1, 150, (), generator=gen))
+            N = int(torch.randint(1, 40, (), generator=gen))
+            M = int(torch.randint(0, 6, (), generator=gen))
+            bits = (2, 3, 4, 8)[case % 4]
+            gs = (-1, 8, 32, 64)[(case // 4) % 4]
+            w = make_layer(K, N, bits, gs, act_order=case % 3 == 0, sym=case % 2 == 0,
+                           seed=case)[0]
+            enc = modes[case % len(modes)]
+            mask = torch.rand(K, generator=gen) < 0.2 if enc.salient_bits else None
+            x = torch.randn(M, K, generator=gen) * 3
+            st = spikeops.encode(x, enc, salient_mask=mask)
+            f = {k: v for k, v in st._asdict().items() if k != "shape"}
+            ref = reference.spike_linear(**f, **kernel_args(w), bias=None,
+                                         out_dtype=torch.float32)
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                for backend in ("int", "spike"):
+                    y = spikeops.spike_linear(st, w, out_dtype=torch.float32, backend=backend)
+                    assert torch.equal(y, ref), (case, n, backend)
+    finally:
+        torch.set_num_threads(threads)
