@@ -38,7 +38,7 @@ from .checkpoint import DEFAULT_ENCODING, SPIKEOPS_METHOD, QuantConfig, read_con
 from .files import write_folder
 from .models import MODEL_DTYPES, load_gptq
 from .nn import spike_layers
-from .transforms import CONFIG_KEY, _online_rotation, online_rotation
+from .transforms import CONFIG_KEY, online_rotation, recorded_rotation
 
 log = logging.getLogger("spikeops")
 FN = "from_pretrained"
@@ -379,7 +379,7 @@ def _check_rotations(fn: str, model) -> None:
     """Every down_proj rotates its input online exactly as the config's transform record says
     (load_gptq puts back only that rotation)."""
     record = getattr(model.config, CONFIG_KEY, None)
-    rotation = _online_rotation(fn, model, record)  # checks the record and present rotations
+    rotation = recorded_rotation(fn, model, record)  # checks the record and present rotations
     for i, layer in enumerate(decoder_layers(fn, model)):
         if (online_rotation(layer.mlp.down_proj) is None) != (rotation is None):
             raise ValueError(f"{fn}: layer {i}'s down_proj "

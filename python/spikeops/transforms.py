@@ -160,7 +160,7 @@ def restore_online(model: torch.nn.Module, record: Optional[dict],
     """Put back the online steps of a saved transform record (``config.json``'s
     ``spikeops_transform``) on a loaded model: the record is checked whole, and against the
     model, before anything changes; a down_proj that already rotates by it is left as it is."""
-    rotation = _online_rotation(fn, model, record)
+    rotation = recorded_rotation(fn, model, record)
     if rotation is None:
         return
     for layer in decoder_layers(fn, model):
@@ -169,7 +169,7 @@ def restore_online(model: torch.nn.Module, record: Optional[dict],
             down.register_forward_pre_hook(rotation)
 
 
-def _online_rotation(fn: str, model: torch.nn.Module,
+def recorded_rotation(fn: str, model: torch.nn.Module,
                      record: Optional[dict]) -> Optional[OnlineRotation]:
     """The online rotation a transform record asks for on ``model``'s down_proj inputs (None
     for none), after checking the record and that it fits the model."""
