@@ -170,7 +170,7 @@ def restore_online(model: torch.nn.Module, record: Optional[dict],
 
 
 def recorded_rotation(fn: str, model: torch.nn.Module,
-                     record: Optional[dict]) -> Optional[OnlineRotation]:
+                      record: Optional[dict]) -> Optional[OnlineRotation]:
     """The online rotation a transform record asks for on ``model``'s down_proj inputs (None
     for none), after checking the record and that it fits the model."""
     if record is None or record == {}:
