@@ -42,7 +42,17 @@ PyObject* PyInit__C(void) {
       {"cpu_isa", cpu_isa, METH_NOARGS, "spike_linear's CPU instruction set"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // The limits the Python layer checks before calling an op, from their one definition
+  // (spike_math.h, kernel_args.h).
+  if (module == nullptr ||
+      PyModule_AddIntConstant(module, "MAX_PLANES", spikeops::kMaxPlanes) < 0 ||
+      PyModule_AddIntConstant(module, "ZERO_LIMIT", spikeops::kZeroLimit) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_LAYOUT_GROUP", spikeops::kMaxLayoutGroup) < 0) {
+    Py_XDECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

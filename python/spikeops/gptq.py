@@ -265,7 +265,7 @@ def uncast(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # Largest group of the CPU layout (kMaxLayoutGroup of csrc/kernel_args.h): its code sums fit
 # uint16.
-MAX_LAYOUT_GROUP = 4096
+MAX_LAYOUT_GROUP = ops._C.MAX_LAYOUT_GROUP
 
 
 def cpu_layout(q: torch.Tensor, group_size: int) -> tuple:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library, which registers the ops)
+from . import _C  # loads the library, which registers the ops
 
 # Ops are called through their one overload (.default): that skips the overload resolution of
 # torch.ops' packets, a few microseconds per call that decode steps feel.
@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 _INT32 = torch.int32
 
 MODES = ("minmax", "absmax", "absmean", "static", "oat")
-MAX_PLANES = 16  # kMaxPlanes of csrc/spike_math.h
+MAX_PLANES = _C.MAX_PLANES  # kMaxPlanes of csrc/spike_math.h
 BACKENDS = ("auto", "spike", "int")
 
 

@@ -12,7 +12,7 @@ import torch
 from . import _checks, ops
 
 MAX_PLANES = ops.MAX_PLANES
-ZERO_LIMIT = 10_000  # |zero| of unsigned encodings: kZeroLimit of csrc/spike_math.h
+ZERO_LIMIT = ops._C.ZERO_LIMIT  # |zero| of unsigned encodings: kZeroLimit of csrc/spike_math.h
 SALIENT_MODES = ("minmax", "absmax", "absmean")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
