@@ -314,7 +314,7 @@ Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tenso
   w.scales = scales.contiguous();
   w.g_idx = g_idx.contiguous();
   // Only an act-order layout (group_size 0) reads g_idx's values, and only then are they
-  // checked: once per call on the CPU; CUDA kernels guard them instead (cuda/kernels.h).
+  // checked: once per call on the CPU; CUDA kernels guard them instead (cuda/launchers.h).
   if (group_size == 0 && host_readable(g_idx)) {
     const int32_t* gi = w.g_idx.data_ptr<int32_t>();
     for (int64_t k = 0; k < w.K; ++k)

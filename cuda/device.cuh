@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "kernels.h"
+#include "launchers.h"
 #include "spike_math.h"
 
 namespace spikeops {

@@ -52,7 +52,7 @@
 // cuda/linear_mma.cu, for backends int and auto: mma.sync m16n8k32 on int8 codes c' and weights
 // q - z, int32 sums per group, the same D and the same fold (compiled, not yet run on a GPU).
 // Everything else, two ranges included, stays here.
-#include "kernels.h"
+#include "launchers.h"
 
 namespace spikeops {
 

@@ -139,7 +139,7 @@ def test_spike_linear_prefill_cpu_equals_cuda(bits, group_size, K, N, M, enc):
 
 def test_spike_linear_prefill_zero_point_guard():
     """The tensor-core kernel turns a token whose zero point lies beyond 10^4 into NaN and
-    leaves the others equal to the CPU's (cuda/kernels.h)."""
+    leaves the others equal to the CPU's (cuda/launchers.h)."""
     w_cpu = make_layer(256, 128, 4, 64)[0]
     w_gpu = make_layer(256, 128, 4, 64, device="cuda")[0]
     st = spikeops.encode(torch.randn(70, 256), spikeops.Encoding("minmax", 4))
@@ -198,7 +198,7 @@ def test_second_device():
 
 def test_guards_for_device_values():
     """The CUDA host does not read tensor values; the kernels turn invalid ones into NaN
-    instead of reading out of bounds (cuda/kernels.h)."""
+    instead of reading out of bounds (cuda/launchers.h)."""
     w = make_layer(64, 32, 4, 32, device="cuda")[0]
     st = spikeops.encode(torch.randn(2, 64, device="cuda"), spikeops.Encoding("minmax", 4))
     bad_g_idx = w.g_idx.clone()
