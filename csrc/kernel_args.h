@@ -114,6 +114,17 @@ struct LinearArgs : SpikeFields, WeightFields {
   Backend backend;              // kAuto is resolved by each device (docs/ops.md)
 };
 
+// spike_linear's epilogue, the one float rounding after the exact sums (docs/ops.md): output
+// (m, n) from the folded sums S_r of its ranges (S1 read only when R == 2),
+//   float32(double(scale[m, 0]) * S0 [+ double(scale[m, 1]) * S1] [+ double(bias[n])]).
+// Every kernel, CPU and CUDA, ends with it, so their outputs agree bit for bit.
+SPIKE_HD float linear_epilogue(const LinearArgs& a, int64_t m, int64_t n, double S0, double S1) {
+  double v = static_cast<double>(a.scale[m * a.R]) * S0;
+  if (a.R == 2) v += static_cast<double>(a.scale[m * a.R + 1]) * S1;
+  if (a.bias) v += static_cast<double>(a.bias[n]);
+  return static_cast<float>(v);
+}
+
 struct DequantizeArgs : WeightFields {
   void* out;                    // float16 [N, K]
 };

@@ -416,12 +416,7 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
     const int64_t tm = m0 + o / kCols, col = n0 + o % kCols;
     if (o >= kMT * kCols || tm >= a.M || col >= a.N) continue;
     float y = dev::quiet_nan();
-    if (sh.ok[o / kCols]) {
-      double v = static_cast<double>(a.scale[tm * a.R]) * S[k][0];
-      if (kR == 2) v += static_cast<double>(a.scale[tm * a.R + 1]) * S[k][kR - 1];
-      if (a.bias) v += static_cast<double>(a.bias[col]);
-      y = static_cast<float>(v);
-    }
+    if (sh.ok[o / kCols]) y = linear_epilogue(a, tm, col, S[k][0], S[k][kR - 1]);
     store_out(a, tm * a.N + col, y);
   }
 }

@@ -434,12 +434,7 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
       const int64_t tm = m0 + warp;
       if (tm < a.M && n < a.N) {
         float y = dev::quiet_nan();
-        if (L.valid && sh.ok[warp]) {
-          double v = static_cast<double>(a.scale[tm * a.R]) * fold.S[0];
-          if (a.R == 2) v += static_cast<double>(a.scale[tm * a.R + 1]) * fold.S[1];
-          if (a.bias) v += static_cast<double>(a.bias[n]);
-          y = static_cast<float>(v);
-        }
+        if (L.valid && sh.ok[warp]) y = linear_epilogue(a, tm, n, fold.S[0], fold.S[1]);
         store(a, tm * a.N + n, y);
       }
     }

@@ -258,11 +258,7 @@ __global__ void __launch_bounds__(mma::kThreads, 1) spike_linear_mma_kernel(cons
           const int64_t m = bt.m0 + token, n = bt.n0 + c_col(warp_n, j, lane, e);
           if (m >= a.M || n >= a.N) continue;
           float y = dev::quiet_nan();
-          if (sh.ok[token]) {
-            double v = static_cast<double>(a.scale[m]) * S[i][j][e];
-            if (a.bias) v += static_cast<double>(a.bias[n]);
-            y = static_cast<float>(v);
-          }
+          if (sh.ok[token]) y = linear_epilogue(a, m, n, S[i][j][e], 0.0);  // R == 1
           static_cast<T*>(a.out)[m * a.N + n] = dev::from_float<T>(y);
         }
     __syncthreads();  // sh.ok, sh.zero and the ring belong to the next tile

@@ -459,10 +459,8 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   for (int t = 0; t < mb; ++t) {
     const int64_t m = m0 + t;
     for (int c = 0; c < cols; ++c) {
-      double v = static_cast<double>(a.scale[m * R]) * S[t][0][c];
-      if (R == 2) v += static_cast<double>(a.scale[m * R + 1]) * S[t][1][c];
-      if (a.bias) v += static_cast<double>(a.bias[n0 + c]);
-      y[m * a.N + n0 + c] = static_cast<T>(static_cast<float>(v));
+      const double S1 = R == 2 ? S[t][1][c] : 0.0;
+      y[m * a.N + n0 + c] = static_cast<T>(linear_epilogue(a, m, n0 + c, S[t][0][c], S1));
     }
   }
 }

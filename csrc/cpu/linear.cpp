@@ -394,10 +394,8 @@ template <typename out_t>
 void store_block(const LinearArgs& a, int64_t m, int64_t n0, int64_t cols, const BlockAcc& acc,
                  out_t* y) {
   for (int64_t n = 0; n < cols; ++n) {
-    double v = static_cast<double>(a.scale[m * a.R]) * acc.S[0][n];
-    if (a.R == 2) v += static_cast<double>(a.scale[m * a.R + 1]) * acc.S[1][n];
-    if (a.bias) v += static_cast<double>(a.bias[n0 + n]);
-    y[m * a.N + n0 + n] = static_cast<out_t>(static_cast<float>(v));
+    const double S1 = a.R == 2 ? acc.S[1][n] : 0.0;
+    y[m * a.N + n0 + n] = static_cast<out_t>(linear_epilogue(a, m, n0 + n, acc.S[0][n], S1));
   }
 }
 
