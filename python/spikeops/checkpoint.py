@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -83,7 +83,6 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
         writing fails (docs/checkpoints.md, "Files and links").
     """
     fn = "save_gptq"
-    from safetensors.torch import save_file
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError(f"{fn}: weights must map module names to GPTQWeights, got "
                          f"{type(weights).__name__} of {len(weights) if weights else 0}")
@@ -120,20 +119,33 @@ def save_gptq(model: torch.nn.Module, weights: Mapping[str, GPTQWeight], path: P
     qc = {"bits": ref.bits, "group_size": ref.group_size, "sym": ref.sym,
           "desc_act": desc_act, "static_groups": False, "checkpoint_format": "gptq",
           "quant_method": "gptq", "pack_dtype": "int32"}
+    write_checkpoint(fn, path, model, tensors, qc, DEFAULT_ENCODING)
+
+
+def write_checkpoint(fn: str, path: PathLike, model: torch.nn.Module, tensors: Mapping,
+                     qc: dict, encoding: str,
+                     more: Optional[Callable[[Path], None]] = None) -> None:
+    """The checkpoint folder of ``model`` at ``path`` (docs/checkpoints.md, "Writing"):
+    ``model.safetensors`` holding ``tensors``, ``config.json`` (the model's config with its
+    dtype and ``quantization_config``: the GPTQ fields ``qc`` under spikeops' quant_method,
+    with ``encoding``), ``quantize_config.json`` (``qc``, for GPTQ readers), then what
+    ``more(folder)`` writes. save_gptq and from_pretrained's save_pretrained write with it."""
+    from safetensors.torch import save_file
     config = model.config.to_dict()
     # The tensors' dtype, which model.half() and friends do not write into the config; both
     # keys, for transformers 4 (torch_dtype) and 5 (dtype) readers.
     config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     # config.json names spikeops' quant_method, so that transformers' from_pretrained loads the
     # spiking model (docs/integrations.md); quantize_config.json stays GPTQ for GPTQ readers.
-    config["quantization_config"] = {**qc, "quant_method": SPIKEOPS_METHOD,
-                                     "encoding": DEFAULT_ENCODING}
+    config["quantization_config"] = {**qc, "quant_method": SPIKEOPS_METHOD, "encoding": encoding}
 
     def write(folder: Path) -> None:
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()},
                   str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (folder / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True))
+        if more is not None:
+            more(folder)
     # The whole set is written beside the folder and swapped in: a failure leaves the folder
     # as it was, and a replaced checkpoint's other files (an old calibration, tokenizer or
     # shards) never end up beside the new weights.

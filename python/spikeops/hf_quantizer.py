@@ -21,7 +21,6 @@ calls it.
 
 from __future__ import annotations
 
-import json
 import logging
 import types
 from pathlib import Path
@@ -34,8 +33,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import _checks
 from .architecture import check_supported, decoder_layers
 from .calibrate import parse_encoding
-from .checkpoint import DEFAULT_ENCODING, SPIKEOPS_METHOD, QuantConfig, read_configs
-from .files import write_folder
+from .checkpoint import (DEFAULT_ENCODING, SPIKEOPS_METHOD, QuantConfig, read_configs,
+                         write_checkpoint)
 from .models import MODEL_DTYPES, load_gptq
 from .nn import spike_layers
 from .transforms import CONFIG_KEY, online_rotation, recorded_rotation
@@ -293,7 +292,6 @@ def save_pretrained(model, save_directory, is_main_process: bool = True,
     config does not give.
     """
     fn = "save_pretrained"
-    from safetensors.torch import save_file
     if kwargs:
         raise TypeError(f"{fn}: {', '.join(sorted(kwargs))} not supported: spikeops writes the "
                         f"checkpoint folder whole, locally, as one model.safetensors "
@@ -321,23 +319,15 @@ def save_pretrained(model, save_directory, is_main_process: bool = True,
     gptq = {"bits": qc.bits, "group_size": qc.group_size, "sym": qc.sym,
             "desc_act": qc.desc_act, "checkpoint_format": qc.checkpoint_format,
             "quant_method": "gptq", "pack_dtype": "int32"}
-    config = model.config.to_dict()
-    # The dense tensors' dtype, under both keys (docs/checkpoints.md, "Writing").
-    config["dtype"] = config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    config["quantization_config"] = {**gptq, "quant_method": SPIKEOPS_METHOD, "encoding": spec}
     if not is_main_process:
         return out
 
-    def write(folder: Path) -> None:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (folder / "quantize_config.json").write_text(json.dumps(gptq, indent=2,
-                                                                sort_keys=True))
+    def more(folder: Path) -> None:
         if model.can_generate():
             model.generation_config.save_pretrained(folder)
         if calibration is not None:
             calibration.save(folder)
-    write_folder(fn, out, write)
+    write_checkpoint(fn, out, model, tensors, gptq, spec, more)
     log.info("save_pretrained: wrote %s (encoding %s, calibration %s)", out, spec,
              "saved" if calibration is not None else "none")
     return out
