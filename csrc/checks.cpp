@@ -39,8 +39,6 @@ void check_shape(const char* op, const at::Tensor& t, const char* name,
                     shape_str(t));
 }
 
-// An optional tensor is absent when it has no elements (docs/ops.md).
-bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
 // Values of CPU tensors are checked here. CUDA kernels never synchronize for such checks: they
 // guard every index they read instead (see cuda/), and the Python layer validates values once.
@@ -70,6 +68,16 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
+FloatType float_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return FloatType::kHalf;
+    case at::kBFloat16: return FloatType::kBFloat16;
+    case at::kFloat: return FloatType::kFloat;
+    case at::kDouble: return FloatType::kDouble;
+    default: TORCH_CHECK_TYPE(false, "spikeops: no kernel for ", dtype_name(t));
+  }
+}
+
 Mode parse_mode(const std::string& mode) {
   if (mode == "minmax") return Mode::kMinMax;
   if (mode == "absmax") return Mode::kAbsMax;
@@ -92,13 +100,26 @@ void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* nam
                    dtype_name(dtype));
 }
 
-Encode check_encode(const at::Tensor& x, const std::string& mode_name, int64_t bits, double gamma,
-                    const at::Tensor& salient_mask, int64_t salient_bits,
-                    const at::Tensor& scale, const at::Tensor& zero, double theta_nor,
-                    double theta_out) {
+void check_bits(const char* op, const std::string& mode_name, bool is_signed, int64_t bits,
+                int64_t salient_bits) {
+  const Mode mode = parse_mode(mode_name);
+  // A signed code spends one bit on the sign, except oat whose `bits` counts magnitude planes.
+  const int64_t min_bits = (is_signed && mode != Mode::kOat) ? 2 : 1;
+  TORCH_CHECK_VALUE(bits >= min_bits && bits <= kMaxPlanes, op, ": bits must be in [", min_bits,
+                    ", ", kMaxPlanes, "] for mode '", mode_name, "'",
+                    (mode == Mode::kStatic && is_signed ? " (signed: no zero given)" : ""),
+                    ", got ", bits);
+  TORCH_CHECK_VALUE(salient_bits == 0 || (salient_bits > bits && salient_bits <= kMaxPlanes), op,
+                    ": salient_bits must be in (bits, ", kMaxPlanes, "] = (", bits, ", ",
+                    kMaxPlanes, "], got ", salient_bits);
+}
+
+EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode, int64_t bits, double gamma, const OptTensor& salient_mask,
+                        int64_t salient_bits, const OptTensor& scale, const OptTensor& zero,
+                        double theta_nor, double theta_out) {
   const char* op = "gif_encode";
-  Encode e;
-  e.mode = parse_mode(mode_name);
+  EncodeArgs e{};
+  e.mode = parse_mode(mode);
   const auto xt = x.scalar_type();
   TORCH_CHECK_TYPE(xt == at::kHalf || xt == at::kBFloat16 || xt == at::kFloat || xt == at::kDouble,
                    op, ": x must be a float16, bfloat16, float32 or float64 tensor, got ",
@@ -108,72 +129,65 @@ Encode check_encode(const at::Tensor& x, const std::string& mode_name, int64_t b
   e.K = x.size(1);
   TORCH_CHECK_VALUE(e.K >= 1 && e.K <= kMaxK, op, ": x must have 1 <= K <= ", kMaxK,
                     " channels, got K = ", e.K);
-  e.x = x.contiguous();
+  e.x = in.bytes(x);
+  e.x_type = float_type(xt);
   e.W = (e.K + 31) / 32;
 
   const bool is_static = e.mode == Mode::kStatic;
-  TORCH_CHECK_VALUE(is_static || !present(scale), op, ": scale is only taken by mode 'static', ",
-                    "got a tensor of shape ", shape_str(scale), " with mode '", mode_name, "'");
-  TORCH_CHECK_VALUE(is_static || !present(zero), op, ": zero is only taken by mode 'static', ",
-                    "got a tensor of shape ", shape_str(zero), " with mode '", mode_name, "'");
+  TORCH_CHECK_VALUE(is_static || !scale, op, ": scale is only taken by mode 'static', got a ",
+                    "tensor with mode '", mode, "'");
+  TORCH_CHECK_VALUE(is_static || !zero, op, ": zero is only taken by mode 'static', got a ",
+                    "tensor with mode '", mode, "'");
   e.is_signed = e.mode == Mode::kAbsMax || e.mode == Mode::kAbsMean || e.mode == Mode::kOat ||
-                (is_static && !present(zero));
-
-  // A signed code spends one bit on the sign, except oat whose `bits` counts magnitude planes.
-  const int64_t min_bits = (e.is_signed && e.mode != Mode::kOat) ? 2 : 1;
-  TORCH_CHECK_VALUE(bits >= min_bits && bits <= kMaxPlanes, op, ": bits must be in [", min_bits,
-                    ", ", kMaxPlanes, "] for mode '", mode_name, "'",
-                    (e.mode == Mode::kStatic && e.is_signed ? " (signed: no zero given)" : ""),
-                    ", got ", bits);
+                (is_static && !zero);
+  TORCH_CHECK_VALUE(!salient_mask || e.mode == Mode::kMinMax || e.mode == Mode::kAbsMax ||
+                        e.mode == Mode::kAbsMean,
+                    op, ": salient_mask combines with modes 'minmax', 'absmax', 'absmean', got ",
+                    "mode '", mode, "'");
+  TORCH_CHECK_VALUE(salient_mask || salient_bits == 0, op, ": salient_bits is only taken with ",
+                    "a salient_mask (pass 0), got ", salient_bits);
+  TORCH_CHECK_VALUE(!salient_mask || salient_bits != 0, op, ": a salient_mask needs ",
+                    "salient_bits in (bits, ", kMaxPlanes, "], got 0");
+  check_bits(op, mode, e.is_signed, bits, salient_bits);
   e.bits = static_cast<int>(bits);
+  e.salient_bits = static_cast<int>(salient_bits);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0.0 && gamma <= 1.0, op,
                     ": gamma must be in (0, 1], got ", gamma);
   e.gamma = static_cast<float>(gamma);
 
-  e.salient_bits = 0;
-  if (present(salient_mask)) {
-    TORCH_CHECK_VALUE(e.mode == Mode::kMinMax || e.mode == Mode::kAbsMax ||
-                          e.mode == Mode::kAbsMean,
-                      op, ": salient_mask combines with modes 'minmax', 'absmax', 'absmean', ",
-                      "got mode '", mode_name, "'");
-    check_dtype(op, salient_mask, "salient_mask", at::kBool);
-    check_shape(op, salient_mask, "salient_mask", {e.K});
-    check_same_device(op, salient_mask, "salient_mask", x, "x");
-    TORCH_CHECK_VALUE(salient_bits > bits && salient_bits <= kMaxPlanes, op,
-                      ": salient_bits must be in (bits, ", kMaxPlanes, "] = (", bits, ", ",
-                      kMaxPlanes, "], got ", salient_bits);
-    e.salient_mask = salient_mask.contiguous();
-    e.salient_bits = static_cast<int>(salient_bits);
+  if (salient_mask) {
+    check_dtype(op, *salient_mask, "salient_mask", at::kBool);
+    check_shape(op, *salient_mask, "salient_mask", {e.K});
+    check_same_device(op, *salient_mask, "salient_mask", x, "x");
+    e.salient = reinterpret_cast<const uint8_t*>(in.data<bool>(*salient_mask));
   }
   const int top_bits = e.salient_bits ? e.salient_bits : e.bits;
   e.P = (e.is_signed && e.mode != Mode::kOat) ? top_bits - 1 : top_bits;
   e.R = (e.salient_bits || e.mode == Mode::kOat) ? 2 : 1;
 
   if (is_static) {
-    TORCH_CHECK_VALUE(present(scale) || e.M == 0, op, ": mode 'static' needs scale, a float32 ",
-                      "tensor of shape [M] = [", e.M, "]");
-    if (present(scale)) {
-      check_dtype(op, scale, "scale", at::kFloat);
-      check_shape(op, scale, "scale", {e.M});
-      check_same_device(op, scale, "scale", x, "x");
-      e.scale = scale.contiguous();
-      if (host_readable(scale)) {
-        const float* s = e.scale.data_ptr<float>();
-        for (int64_t m = 0; m < e.M; ++m)
-          TORCH_CHECK_VALUE(std::isfinite(s[m]) && s[m] > 0.f, op,
-                            ": scale must be positive and finite, got scale[", m, "] = ", s[m]);
-      }
+    TORCH_CHECK_VALUE(scale.has_value(), op, ": mode 'static' needs scale, a float32 tensor of ",
+                      "shape [M] = [", e.M, "]");
+    check_dtype(op, *scale, "scale", at::kFloat);
+    check_shape(op, *scale, "scale", {e.M});
+    check_same_device(op, *scale, "scale", x, "x");
+    e.static_scale = in.data<float>(*scale);
+    if (host_readable(*scale)) {
+      for (int64_t m = 0; m < e.M; ++m)
+        TORCH_CHECK_VALUE(std::isfinite(e.static_scale[m]) && e.static_scale[m] > 0.f, op,
+                          ": scale must be positive and finite, got scale[", m, "] = ",
+                          e.static_scale[m]);
     }
-    if (present(zero)) {
-      check_dtype(op, zero, "zero", at::kInt);
-      check_shape(op, zero, "zero", {e.M});
-      check_same_device(op, zero, "zero", x, "x");
-      e.zero = zero.contiguous();
-      if (host_readable(zero)) {
-        const int32_t* z = e.zero.data_ptr<int32_t>();
+    if (zero) {
+      check_dtype(op, *zero, "zero", at::kInt);
+      check_shape(op, *zero, "zero", {e.M});
+      check_same_device(op, *zero, "zero", x, "x");
+      e.static_zero = in.data<int32_t>(*zero);
+      if (host_readable(*zero)) {
         for (int64_t m = 0; m < e.M; ++m)
-          TORCH_CHECK_VALUE(zero_in_range(z[m]), op, ": zero must be in [-", kZeroLimit, ", ",
-                            kZeroLimit, "], got zero[", m, "] = ", z[m]);
+          TORCH_CHECK_VALUE(zero_in_range(e.static_zero[m]), op, ": zero must be in [-",
+                            kZeroLimit, ", ", kZeroLimit, "], got zero[", m, "] = ",
+                            e.static_zero[m]);
       }
     }
   }
@@ -188,15 +202,14 @@ Encode check_encode(const at::Tensor& x, const std::string& mode_name, int64_t b
   } else {
     TORCH_CHECK_VALUE(theta_nor == 0.0 && theta_out == 0.0, op,
                       ": theta_nor and theta_out are only taken by mode 'oat' (pass 0), got ",
-                      theta_nor, ", ", theta_out, " with mode '", mode_name, "'");
-    e.theta_nor = e.theta_out = 0.f;
+                      theta_nor, ", ", theta_out, " with mode '", mode, "'");
   }
   return e;
 }
 
-Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tensor& sign,
-                        const at::Tensor& hi) {
-  Spikes s;
+SpikeFields check_spike_bits(const char* op, Inputs& in, const at::Tensor& planes,
+                             const OptTensor& sign, const OptTensor& hi) {
+  SpikeFields s{};
   check_dtype(op, planes, "planes", at::kInt);
   TORCH_CHECK_VALUE(planes.dim() == 3, op, ": planes must have shape [P, M, W], got ",
                     shape_str(planes));
@@ -206,58 +219,55 @@ Spikes check_spike_bits(const char* op, const at::Tensor& planes, const at::Tens
   TORCH_CHECK_VALUE(s.P >= 1 && s.P <= kMaxPlanes, op, ": planes must hold 1 to ", kMaxPlanes,
                     " planes, got P = ", s.P);
   TORCH_CHECK_VALUE(s.W >= 1, op, ": planes must hold at least one word per token, got W = 0");
-  s.planes = planes.contiguous();
+  s.planes = in.words(planes);
   // sign and hi: one int32 word per token and 32 channels, like a plane.
-  const auto word_mask = [&](const at::Tensor& t, const char* name) {
-    if (!present(t)) return at::Tensor();
-    check_dtype(op, t, name, at::kInt);
-    check_shape(op, t, name, {s.M, s.W});
-    check_same_device(op, t, name, planes, "planes");
-    return t.contiguous();
+  const auto word_mask = [&](const OptTensor& t, const char* name) -> const uint32_t* {
+    if (!t) return nullptr;
+    check_dtype(op, *t, name, at::kInt);
+    check_shape(op, *t, name, {s.M, s.W});
+    check_same_device(op, *t, name, planes, "planes");
+    return in.words(*t);
   };
   s.sign = word_mask(sign, "sign");
   s.hi = word_mask(hi, "hi");
-  s.R = s.hi.defined() ? 2 : 1;
+  s.R = hi ? 2 : 1;
   return s;
 }
 
-Spikes check_spikes(const char* op, const at::Tensor& planes, const at::Tensor& sign,
-                    const at::Tensor& hi, const at::Tensor& scale, const at::Tensor& zero) {
-  Spikes s = check_spike_bits(op, planes, sign, hi);
-  // With no tokens every optional tensor is empty, so scale alone tells whether there are
-  // two ranges.
-  if (s.M == 0 && scale.dim() == 2 && scale.size(1) == 2) s.R = 2;
+SpikeFields check_spikes(const char* op, Inputs& in, const at::Tensor& planes,
+                         const OptTensor& sign, const OptTensor& hi, const at::Tensor& scale,
+                         const OptTensor& zero) {
+  SpikeFields s = check_spike_bits(op, in, planes, sign, hi);
   check_dtype(op, scale, "scale", at::kFloat);
   check_shape(op, scale, "scale", {s.M, s.R});
   check_same_device(op, scale, "scale", planes, "planes");
-  s.scale = scale.contiguous();
-  if (present(zero)) {
-    check_dtype(op, zero, "zero", at::kInt);
-    check_shape(op, zero, "zero", {s.M, s.R});
-    check_same_device(op, zero, "zero", planes, "planes");
-    s.zero = zero.contiguous();
-    if (host_readable(zero)) {
+  s.scale = in.data<float>(scale);
+  if (zero) {
+    check_dtype(op, *zero, "zero", at::kInt);
+    check_shape(op, *zero, "zero", {s.M, s.R});
+    check_same_device(op, *zero, "zero", planes, "planes");
+    s.zero = in.data<int32_t>(*zero);
+    if (host_readable(*zero)) {
       // Codes minus zeros stay far from int32 overflow (see kZeroLimit).
-      const int32_t* z = s.zero.data_ptr<int32_t>();
       for (int64_t i = 0; i < s.M * s.R; ++i)
-        TORCH_CHECK_VALUE(zero_in_range(z[i]), op, ": zero must be in [-", kZeroLimit, ", ",
-                          kZeroLimit, "], got ", z[i], " at flat index ", i);
+        TORCH_CHECK_VALUE(zero_in_range(s.zero[i]), op, ": zero must be in [-", kZeroLimit, ", ",
+                          kZeroLimit, "], got ", s.zero[i], " at flat index ", i);
     }
   }
   return s;
 }
 
-void check_spike_width(const char* op, const Spikes& s, int64_t K, const char* k_source) {
+void check_spike_width(const char* op, const SpikeFields& s, int64_t K, const char* k_source) {
   TORCH_CHECK_VALUE(s.W == (K + 31) / 32, op, ": planes must hold ceil(K / 32) = ",
                     (K + 31) / 32, " words per token for K = ", K, " (from ", k_source,
                     "), got W = ", s.W);
 }
 
-Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& qzeros,
-                      const at::Tensor& scales, const at::Tensor& g_idx,
-                      const at::Tensor& packed, int64_t bits, int64_t group_size,
-                      int64_t zero_offset) {
-  Weights w;
+WeightFields check_weights(const char* op, Inputs& in, const OptTensor& qweight,
+                           const at::Tensor& qzeros, const at::Tensor& scales,
+                           const at::Tensor& g_idx, const OptTensor& packed, int64_t bits,
+                           int64_t group_size, int64_t zero_offset) {
+  WeightFields w{};
   TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, op,
                     ": bits must be 2, 4 or 8 (3-bit weights are repacked to 4-bit codes by ",
                     "spikeops.GPTQWeight), got ", bits);
@@ -286,52 +296,53 @@ Weights check_weights(const char* op, const at::Tensor& qweight, const at::Tenso
                       " groups for K = ", w.K, " and group_size = ", group_size, ", got G = ",
                       w.G);
   }
-  TORCH_CHECK_VALUE(present(qweight) || present(packed), op, ": the codes must be given, as ",
-                    "qweight or as the CPU layout packed; got neither");
-  if (present(qweight)) {
+  TORCH_CHECK_VALUE(qweight || packed, op, ": the codes must be given, as qweight or as the CPU ",
+                    "layout packed; got neither");
+  if (qweight) {
     const int64_t per_word = 32 / bits;
-    check_dtype(op, qweight, "qweight", at::kInt);
-    check_shape(op, qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
-    check_same_device(op, qweight, "qweight", scales, "scales");
-    w.qweight = qweight.contiguous();
+    check_dtype(op, *qweight, "qweight", at::kInt);
+    check_shape(op, *qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
+    check_same_device(op, *qweight, "qweight", scales, "scales");
+    w.qweight = in.data<int32_t>(*qweight);
   }
-  if (present(packed)) {
+  if (packed) {
     TORCH_CHECK_VALUE(w.bits == 4 && w.group_size > 0 && (w.group_size % 8 == 0 || w.G == 1) &&
                           (w.G == 1 ? (w.K + 7) / 8 * 8 : w.group_size) <= kMaxLayoutGroup,
                       op, ": packed is the layout of 4-bit codes in groups of a multiple of 8 ",
                       "channels, at most ", kMaxLayoutGroup, ", got bits = ", w.bits,
                       ", group_size = ", w.group_size, ", K = ", w.K);
-    check_dtype(op, packed, "packed", at::kByte);
-    check_shape(op, packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
-    check_same_device(op, packed, "packed", scales, "scales");
-    TORCH_CHECK_VALUE(packed.device().is_cpu(), op, ": packed is the CPU layout, for CPU ",
-                      "tensors only; got ", packed.device());
-    w.packed = packed.contiguous();
+    check_dtype(op, *packed, "packed", at::kByte);
+    check_shape(op, *packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
+    check_same_device(op, *packed, "packed", scales, "scales");
+    TORCH_CHECK_VALUE(packed->device().is_cpu(), op, ": packed is the CPU layout, for CPU ",
+                      "tensors only; got ", packed->device());
+    w.packed = in.data<uint8_t>(*packed);
   }
   check_shape(op, qzeros, "qzeros", {w.G, (w.N * bits + 31) / 32});
   check_same_device(op, qzeros, "qzeros", scales, "scales");
-  w.qzeros = qzeros.contiguous();
-  w.scales = scales.contiguous();
-  w.g_idx = g_idx.contiguous();
+  w.qzeros = in.data<int32_t>(qzeros);
+  w.scales = reinterpret_cast<const uint16_t*>(in.data<at::Half>(scales));
+  w.g_idx = in.data<int32_t>(g_idx);
   // Only an act-order layout (group_size 0) reads g_idx's values, and only then are they
   // checked: once per call on the CPU; CUDA kernels guard them instead (cuda/launchers.h).
   if (group_size == 0 && host_readable(g_idx)) {
-    const int32_t* gi = w.g_idx.data_ptr<int32_t>();
     for (int64_t k = 0; k < w.K; ++k)
-      TORCH_CHECK_VALUE(gi[k] >= 0 && gi[k] < w.G, op, ": g_idx values must be in [0, G) = [0, ",
-                        w.G, "), got g_idx[", k, "] = ", gi[k]);
+      TORCH_CHECK_VALUE(w.g_idx[k] >= 0 && w.g_idx[k] < w.G, op, ": g_idx values must be in ",
+                        "[0, G) = [0, ", w.G, "), got g_idx[", k, "] = ", w.g_idx[k]);
   }
   return w;
 }
 
-void check_code_sums(const char* op, const at::Tensor& code_sums, Weights& w) {
-  TORCH_CHECK_VALUE(present(code_sums) == w.packed.defined(), op, ": packed and code_sums come ",
-                    "together (both empty, or spikeops.GPTQWeight's CPU layout), got one");
-  if (!present(code_sums)) return;
-  check_dtype(op, code_sums, "code_sums", at::kUInt16);
-  check_shape(op, code_sums, "code_sums", {w.G, w.N});
-  check_same_device(op, code_sums, "code_sums", w.scales, "scales");
-  w.code_sums = code_sums.contiguous();
+void check_code_sums(const char* op, Inputs& in, const OptTensor& code_sums,
+                     const at::Tensor& scales, WeightFields& w) {
+  TORCH_CHECK_VALUE(code_sums.has_value() == (w.packed != nullptr), op, ": packed and ",
+                    "code_sums come together (both None, or spikeops.GPTQWeight's CPU layout), ",
+                    "got one");
+  if (!code_sums) return;
+  check_dtype(op, *code_sums, "code_sums", at::kUInt16);
+  check_shape(op, *code_sums, "code_sums", {w.G, w.N});
+  check_same_device(op, *code_sums, "code_sums", scales, "scales");
+  w.code_sums = in.data<uint16_t>(*code_sums);
 }
 
 Backend parse_backend(const char* op, const std::string& backend) {
@@ -342,23 +353,26 @@ Backend parse_backend(const char* op, const std::string& backend) {
   return Backend::kAuto;
 }
 
-at::Tensor check_bias(const char* op, const at::Tensor& bias, const Weights& w) {
-  if (!present(bias)) return at::Tensor();
-  check_dtype(op, bias, "bias", at::kFloat);
-  check_shape(op, bias, "bias", {w.N});
-  check_same_device(op, bias, "bias", w.scales, "scales");
-  return bias.contiguous();
+const float* check_bias(const char* op, Inputs& in, const OptTensor& bias,
+                        const at::Tensor& scales, int64_t N) {
+  if (!bias) return nullptr;
+  check_dtype(op, *bias, "bias", at::kFloat);
+  check_shape(op, *bias, "bias", {N});
+  check_same_device(op, *bias, "bias", scales, "scales");
+  return in.data<float>(*bias);
 }
 
-Matmul check_matmul(const at::Tensor& a_planes, const at::Tensor& a_sign, const at::Tensor& a_hi,
-                    const at::Tensor& a_scale, const at::Tensor& a_zero,
-                    const at::Tensor& b_planes, const at::Tensor& b_sign, const at::Tensor& b_hi,
-                    const at::Tensor& b_scale, const at::Tensor& b_zero, int64_t K, int64_t batch,
-                    int64_t heads, int64_t kv_heads, int64_t keys, bool causal) {
+MatmulArgs check_matmul(Inputs& in, const at::Tensor& a_planes, const OptTensor& a_sign,
+                        const OptTensor& a_hi, const at::Tensor& a_scale,
+                        const OptTensor& a_zero, const at::Tensor& b_planes,
+                        const OptTensor& b_sign, const OptTensor& b_hi,
+                        const at::Tensor& b_scale, const OptTensor& b_zero, int64_t K,
+                        int64_t batch, int64_t heads, int64_t kv_heads, int64_t keys,
+                        bool causal, at::ScalarType out_dtype) {
   const char* op = "spike_matmul";
-  Matmul g;
-  g.a = check_spikes("spike_matmul (a)", a_planes, a_sign, a_hi, a_scale, a_zero);
-  g.b = check_spikes("spike_matmul (b)", b_planes, b_sign, b_hi, b_scale, b_zero);
+  MatmulArgs g{};
+  g.a = check_spikes("spike_matmul (a)", in, a_planes, a_sign, a_hi, a_scale, a_zero);
+  g.b = check_spikes("spike_matmul (b)", in, b_planes, b_sign, b_hi, b_scale, b_zero);
   check_same_device(op, b_planes, "b_planes", a_planes, "a_planes");
   TORCH_CHECK_VALUE(K >= 1 && K <= kMatmulMaxK, op, ": K must be in [1, ", kMatmulMaxK,
                     "] (exact float64 sums, docs/ops.md), got ", K);
@@ -381,6 +395,9 @@ Matmul check_matmul(const at::Tensor& a_planes, const at::Tensor& a_sign, const 
   TORCH_CHECK_VALUE(!causal || keys >= g.Ma, op, ": causal needs keys >= Ma = ", g.Ma,
                     " (query i is key N - Ma + i), got keys = ", keys);
   g.N = keys;
+  g.causal = causal;
+  check_float_out_dtype(op, out_dtype, "out_dtype");
+  g.out_type = float_type(out_dtype);
   return g;
 }
 

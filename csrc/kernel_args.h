@@ -1,8 +1,8 @@
 // The arguments of every kernel, CPU and CUDA alike: raw pointers and sizes, no torch or CUDA
-// types, so that this header compiles with the host compiler and with nvcc. The host entries in
-// csrc/ops.cpp check the op's inputs (checks.h), allocate the outputs, fill one of these structs
-// (args.h) and hand it to the CPU kernel (cpu/kernels.h) or the CUDA launcher (cuda/kernels.h).
-// Absent optional tensors are null pointers. docs/ops.md is the contract of each op.
+// types, so that this header compiles with the host compiler and with nvcc. The checks of
+// csrc/checks.h fill one of these structs from the op's inputs, the host entries of csrc/ops.cpp
+// allocate the outputs into it and hand it to the CPU kernel (cpu/kernels.h) or the CUDA launcher
+// (cuda/launchers.h). Absent optional tensors are null pointers. docs/ops.md is the contract of each op.
 #pragma once
 
 #include <cstdint>

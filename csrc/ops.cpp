@@ -1,7 +1,8 @@
 // The op catalogue: every schema of torch.ops.spikeops and its one host entry. An entry checks
 // its inputs once (checks.h), allocates the outputs, fills the kernel's argument struct
 // (kernel_args.h) and runs the kernel of the device that dispatched it: cpu::* (cpu/kernels.h)
-// or the CUDA launcher (cuda/launchers.h). Optional tensors are passed as empty tensors (numel 0).
+// or the CUDA launcher (cuda/launchers.h). Optional inputs are `Tensor?` (None in Python, null
+// pointers in the argument structs); outputs an encoding does not produce have shape [0].
 // docs/ops.md is the contract of every op. Importing the Python module spikeops._C (this
 // library) registers everything.
 #include <Python.h>
@@ -35,11 +36,30 @@ static PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// spikeops.Encoding's check of its bit widths: the rule gif_encode applies (checks.h), raised
+// as ValueError. Arguments: (caller, mode, is_signed, bits, salient_bits).
+static PyObject* check_bits(PyObject*, PyObject* args) {
+  const char* caller;
+  const char* mode;
+  int is_signed;
+  long long bits, salient_bits;
+  if (!PyArg_ParseTuple(args, "sspLL", &caller, &mode, &is_signed, &bits, &salient_bits))
+    return nullptr;
+  try {
+    spikeops::check_bits(caller, mode, is_signed != 0, bits, salient_bits);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // Importing this module loads the shared library, whose static initializers register the ops
 // (the pattern of pytorch/extension-cpp).
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_isa", cpu_isa, METH_NOARGS, "spike_linear's CPU instruction set"},
+      {"check_bits", check_bits, METH_VARARGS, "gif_encode's rule for bits and salient_bits"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
@@ -93,41 +113,12 @@ void run(const char* op, const at::Tensor& t, const char* name, const Args& a,
   }
 }
 
-FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return FloatType::kHalf;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    case at::kFloat: return FloatType::kFloat;
-    case at::kDouble: return FloatType::kDouble;
-    default: TORCH_CHECK_TYPE(false, "spikeops: no kernel for ", dtype_name(t));
-  }
-}
+// An output the encoding does not produce (sign of unsigned codes, hi with one range, zero of
+// signed codes): shape [0], which the Python layer turns into None (docs/ops.md).
+at::Tensor absent_output(const at::TensorOptions& options) { return at::empty({0}, options); }
 
-// The kernel view of checked spikes; `scale` and `zero` stay null for the ops without them.
-SpikeFields spike_fields(const Spikes& s) {
-  SpikeFields f;
-  f.planes = words(s.planes);
-  f.sign = words(s.sign);
-  f.hi = words(s.hi);
-  f.scale = data_or_null<float>(s.scale);
-  f.zero = data_or_null<int32_t>(s.zero);
-  f.P = s.P, f.M = s.M, f.W = s.W, f.R = s.R;
-  return f;
-}
-
-WeightFields weight_fields(const Weights& w) {
-  WeightFields f;
-  f.qweight = data_or_null<int32_t>(w.qweight);
-  f.qzeros = w.qzeros.data_ptr<int32_t>();
-  f.scales = reinterpret_cast<const uint16_t*>(w.scales.data_ptr<at::Half>());
-  f.g_idx = w.g_idx.data_ptr<int32_t>();
-  f.packed = data_or_null<uint8_t>(w.packed);
-  f.code_sums = data_or_null<uint16_t>(w.code_sums);
-  f.group_size = w.group_size;
-  f.K = w.K, f.N = w.N, f.G = w.G;
-  f.bits = w.bits;
-  f.zero_offset = w.zero_offset;
-  return f;
+uint32_t* mutable_words(at::Tensor& t) {
+  return reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>());
 }
 
 // ---- the host entries --------------------------------------------------------------------
@@ -136,58 +127,43 @@ using EncodeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 
 template <Dev D>
 EncodeResult gif_encode(const at::Tensor& x, const std::string& mode, int64_t bits, double gamma,
-                        const at::Tensor& salient_mask, int64_t salient_bits,
-                        const at::Tensor& scale, const at::Tensor& zero, double theta_nor,
+                        const OptTensor& salient_mask, int64_t salient_bits,
+                        const OptTensor& scale, const OptTensor& zero, double theta_nor,
                         double theta_out) {
-  const Encode e = check_encode(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
-                                theta_nor, theta_out);
-  const auto i32 = e.x.options().dtype(at::kInt);
-  at::Tensor planes = at::empty({e.P, e.M, e.W}, i32);
-  at::Tensor sign = at::empty({e.is_signed ? e.M : 0, e.W}, i32);
-  at::Tensor hi = at::empty({e.R == 2 ? e.M : 0, e.W}, i32);
-  at::Tensor scale_out = at::empty({e.M, e.R}, e.x.options().dtype(at::kFloat));
-  at::Tensor zero_out = at::empty({e.is_signed ? 0 : e.M, e.R}, i32);
-  if (e.M > 0) {
-    EncodeArgs a;
-    a.x = e.x.data_ptr();
-    a.x_type = float_type(e.x.scalar_type());
-    a.salient = e.salient_mask.defined()
-                    ? reinterpret_cast<const uint8_t*>(e.salient_mask.data_ptr<bool>())
-                    : nullptr;
-    a.static_scale = data_or_null<float>(e.scale);
-    a.static_zero = data_or_null<int32_t>(e.zero);
+  Inputs in;
+  EncodeArgs a = check_encode(in, x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
+                              theta_nor, theta_out);
+  const auto i32 = x.options().dtype(at::kInt);
+  at::Tensor planes = at::empty({a.P, a.M, a.W}, i32);
+  at::Tensor sign = a.is_signed ? at::empty({a.M, a.W}, i32) : absent_output(i32);
+  at::Tensor hi = a.R == 2 ? at::empty({a.M, a.W}, i32) : absent_output(i32);
+  at::Tensor scale_out = at::empty({a.M, a.R}, x.options().dtype(at::kFloat));
+  at::Tensor zero_out = a.is_signed ? absent_output(i32) : at::empty({a.M, a.R}, i32);
+  if (a.M > 0) {
     a.planes = mutable_words(planes);
-    a.sign = mutable_words(sign);
-    a.hi = mutable_words(hi);
-    a.scale = scale_out.data_ptr<float>();
-    a.zero = mutable_data_or_null<int32_t>(zero_out);
-    a.mode = e.mode;
-    a.is_signed = e.is_signed;
-    a.bits = e.bits;
-    a.salient_bits = e.salient_bits;
-    a.gamma = e.gamma;
-    a.theta_nor = e.theta_nor;
-    a.theta_out = e.theta_out;
-    a.M = e.M, a.K = e.K, a.W = e.W, a.P = e.P, a.R = e.R;
+    a.sign = a.is_signed ? mutable_words(sign) : nullptr;
+    a.hi = a.R == 2 ? mutable_words(hi) : nullptr;
+    a.scale = scale_out.mutable_data_ptr<float>();
+    a.zero = a.is_signed ? nullptr : zero_out.mutable_data_ptr<int32_t>();
     run<D>("gif_encode", x, "x", a, &cpu::gif_encode, SPIKEOPS_CUDA_LAUNCHER(launch_gif_encode));
   }
   return {planes, sign, hi, scale_out, zero_out};
 }
 
 template <Dev D>
-at::Tensor spike_decode(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                        const at::Tensor& scale, const at::Tensor& zero, int64_t K,
+at::Tensor spike_decode(const at::Tensor& planes, const OptTensor& sign, const OptTensor& hi,
+                        const at::Tensor& scale, const OptTensor& zero, int64_t K,
                         at::ScalarType dtype) {
   const char* op = "spike_decode";
-  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
+  Inputs in;
+  DecodeArgs a;
+  static_cast<SpikeFields&>(a) = check_spikes(op, in, planes, sign, hi, scale, zero);
   TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
-  check_spike_width(op, s, K, "K");
+  check_spike_width(op, a, K, "K");
   check_float_out_dtype(op, dtype, "dtype");
-  at::Tensor out = at::empty({s.M, K}, planes.options().dtype(dtype));
-  if (s.M > 0) {
-    DecodeArgs a;
-    static_cast<SpikeFields&>(a) = spike_fields(s);
-    a.out = out.data_ptr();
+  at::Tensor out = at::empty({a.M, K}, planes.options().dtype(dtype));
+  if (a.M > 0) {
+    a.out = out.mutable_data_ptr();
     a.out_type = float_type(dtype);
     a.K = K;
     run<D>(op, planes, "planes", a, &cpu::spike_decode,
@@ -197,17 +173,17 @@ at::Tensor spike_decode(const at::Tensor& planes, const at::Tensor& sign, const 
 }
 
 template <Dev D>
-at::Tensor spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool negative) {
+at::Tensor spike_counts(const at::Tensor& planes, const OptTensor& sign, bool negative) {
   const char* op = "spike_counts";
-  const Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
-  TORCH_CHECK_VALUE(!negative || s.sign.defined(), op,
-                    ": negative=True needs sign (a signed encoding), got an empty sign tensor");
-  at::Tensor out = at::empty({s.P, s.M}, planes.options().dtype(at::kLong));
-  if (s.M > 0) {
-    CountsArgs a;
-    static_cast<SpikeFields&>(a) = spike_fields(s);
+  Inputs in;
+  CountsArgs a;
+  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, std::nullopt);
+  TORCH_CHECK_VALUE(!negative || a.sign, op,
+                    ": negative=True needs sign (a signed encoding), got None");
+  at::Tensor out = at::empty({a.P, a.M}, planes.options().dtype(at::kLong));
+  if (a.M > 0) {
     a.negative = negative;
-    a.counts = out.data_ptr<int64_t>();
+    a.counts = out.mutable_data_ptr<int64_t>();
     run<D>(op, planes, "planes", a, &cpu::spike_counts,
            SPIKEOPS_CUDA_LAUNCHER(launch_spike_counts));
   }
@@ -215,15 +191,15 @@ at::Tensor spike_counts(const at::Tensor& planes, const at::Tensor& sign, bool n
 }
 
 template <Dev D>
-at::Tensor spike_stats(const at::Tensor& planes, const at::Tensor& sign) {
+at::Tensor spike_stats(const at::Tensor& planes, const OptTensor& sign) {
   const char* op = "spike_stats";
-  const Spikes s = check_spike_bits(op, planes, sign, at::Tensor());
+  Inputs in;
+  StatsArgs a;
+  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, std::nullopt);
   // Both kernels add into the output, so it starts from zeros.
-  at::Tensor out = at::zeros({2 * s.P + 2}, planes.options().dtype(at::kLong));
-  if (s.M > 0) {
-    StatsArgs a;
-    static_cast<SpikeFields&>(a) = spike_fields(s);
-    a.stats = out.data_ptr<int64_t>();
+  at::Tensor out = at::zeros({2 * a.P + 2}, planes.options().dtype(at::kLong));
+  if (a.M > 0) {
+    a.stats = out.mutable_data_ptr<int64_t>();
     run<D>(op, planes, "planes", a, &cpu::spike_stats,
            SPIKEOPS_CUDA_LAUNCHER(launch_spike_stats));
   }
@@ -231,28 +207,26 @@ at::Tensor spike_stats(const at::Tensor& planes, const at::Tensor& sign) {
 }
 
 template <Dev D>
-at::Tensor spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
-                            const at::Tensor& hi, const at::Tensor& w, bool per_plane) {
+at::Tensor spike_accumulate(const at::Tensor& planes, const OptTensor& sign, const OptTensor& hi,
+                            const at::Tensor& w, bool per_plane) {
   const char* op = "spike_accumulate";
-  const Spikes s = check_spike_bits(op, planes, sign, hi);
+  Inputs in;
+  AccumulateArgs a;
+  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, hi);
   check_dtype(op, w, "w", at::kChar);
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
                     ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", w.sizes());
   check_same_device(op, w, "w", planes, "planes");
-  check_spike_width(op, s, w.size(0), "w.shape[0]");
-  const at::Tensor wc = w.contiguous();
-  const int64_t N = wc.size(1);
+  check_spike_width(op, a, w.size(0), "w.shape[0]");
+  a.K = w.size(0), a.N = w.size(1);
   // Both kernels add into the output, so it starts from zeros.
-  at::Tensor out = at::zeros(per_plane ? at::IntArrayRef{s.P, s.R, s.M, N}
-                                       : at::IntArrayRef{s.R, s.M, N},
+  at::Tensor out = at::zeros(per_plane ? at::IntArrayRef{a.P, a.R, a.M, a.N}
+                                       : at::IntArrayRef{a.R, a.M, a.N},
                              planes.options().dtype(at::kLong));
   if (out.numel() > 0) {
-    AccumulateArgs a;
-    static_cast<SpikeFields&>(a) = spike_fields(s);
-    a.w = wc.data_ptr<int8_t>();
-    a.out = out.data_ptr<int64_t>();
+    a.w = in.data<int8_t>(w);
+    a.out = out.mutable_data_ptr<int64_t>();
     a.per_plane = per_plane;
-    a.K = wc.size(0), a.N = N;
     run<D>(op, planes, "planes", a, &cpu::spike_accumulate,
            SPIKEOPS_CUDA_LAUNCHER(launch_spike_accumulate));
   }
@@ -260,33 +234,30 @@ at::Tensor spike_accumulate(const at::Tensor& planes, const at::Tensor& sign,
 }
 
 template <Dev D>
-at::Tensor spike_linear(const at::Tensor& planes, const at::Tensor& sign, const at::Tensor& hi,
-                        const at::Tensor& scale, const at::Tensor& zero,
-                        const at::Tensor& qweight, const at::Tensor& qzeros,
+at::Tensor spike_linear(const at::Tensor& planes, const OptTensor& sign, const OptTensor& hi,
+                        const at::Tensor& scale, const OptTensor& zero,
+                        const OptTensor& qweight, const at::Tensor& qzeros,
                         const at::Tensor& scales, const at::Tensor& g_idx,
-                        const at::Tensor& packed, const at::Tensor& code_sums,
-                        const at::Tensor& bias, int64_t bits, int64_t group_size,
+                        const OptTensor& packed, const OptTensor& code_sums,
+                        const OptTensor& bias, int64_t bits, int64_t group_size,
                         int64_t zero_offset, at::ScalarType out_dtype,
                         const std::string& backend) {
   const char* op = "spike_linear";
-  const Spikes s = check_spikes(op, planes, sign, hi, scale, zero);
-  Weights w = check_weights(op, qweight, qzeros, scales, g_idx, packed, bits, group_size,
-                            zero_offset);
-  check_code_sums(op, code_sums, w);
+  Inputs in;
+  LinearArgs a;
+  static_cast<SpikeFields&>(a) = check_spikes(op, in, planes, sign, hi, scale, zero);
+  static_cast<WeightFields&>(a) = check_weights(op, in, qweight, qzeros, scales, g_idx, packed,
+                                                bits, group_size, zero_offset);
+  check_code_sums(op, in, code_sums, scales, a);
   check_same_device(op, scales, "scales", planes, "planes");
-  check_spike_width(op, s, w.K, "g_idx");
+  check_spike_width(op, a, a.K, "g_idx");
   check_float_out_dtype(op, out_dtype, "out_dtype");
-  const Backend b = parse_backend(op, backend);
-  const at::Tensor bias32 = check_bias(op, bias, w);
-  at::Tensor y = at::empty({s.M, w.N}, planes.options().dtype(out_dtype));
-  if (s.M > 0) {
-    LinearArgs a;
-    static_cast<SpikeFields&>(a) = spike_fields(s);
-    static_cast<WeightFields&>(a) = weight_fields(w);
-    a.bias = data_or_null<float>(bias32);
-    a.out = y.data_ptr();
+  a.backend = parse_backend(op, backend);
+  a.bias = check_bias(op, in, bias, scales, a.N);
+  at::Tensor y = at::empty({a.M, a.N}, planes.options().dtype(out_dtype));
+  if (a.M > 0) {
+    a.out = y.mutable_data_ptr();
     a.out_type = float_type(out_dtype);
-    a.backend = b;
     run<D>(op, planes, "planes", a, &cpu::spike_linear,
            SPIKEOPS_CUDA_LAUNCHER(launch_spike_linear));
   }
@@ -294,45 +265,38 @@ at::Tensor spike_linear(const at::Tensor& planes, const at::Tensor& sign, const 
 }
 
 template <Dev D>
-at::Tensor gptq_dequantize(const at::Tensor& qweight, const at::Tensor& qzeros,
+at::Tensor gptq_dequantize(const OptTensor& qweight, const at::Tensor& qzeros,
                            const at::Tensor& scales, const at::Tensor& g_idx,
-                           const at::Tensor& packed, int64_t bits, int64_t group_size,
+                           const OptTensor& packed, int64_t bits, int64_t group_size,
                            int64_t zero_offset) {
   const char* op = "gptq_dequantize";
-  const Weights w = check_weights(op, qweight, qzeros, scales, g_idx, packed, bits, group_size,
-                                  zero_offset);
-  at::Tensor out = at::empty({w.N, w.K}, scales.options());
+  Inputs in;
   DequantizeArgs a;
-  static_cast<WeightFields&>(a) = weight_fields(w);
-  a.out = out.data_ptr();
+  static_cast<WeightFields&>(a) = check_weights(op, in, qweight, qzeros, scales, g_idx, packed,
+                                                bits, group_size, zero_offset);
+  at::Tensor out = at::empty({a.N, a.K}, scales.options());
+  a.out = out.mutable_data_ptr();
   run<D>(op, scales, "scales", a, &cpu::gptq_dequantize,
          SPIKEOPS_CUDA_LAUNCHER(launch_gptq_dequantize));
   return out;
 }
 
 template <Dev D>
-at::Tensor spike_matmul(const at::Tensor& a_planes, const at::Tensor& a_sign,
-                        const at::Tensor& a_hi, const at::Tensor& a_scale,
-                        const at::Tensor& a_zero, const at::Tensor& b_planes,
-                        const at::Tensor& b_sign, const at::Tensor& b_hi,
-                        const at::Tensor& b_scale, const at::Tensor& b_zero, int64_t K,
+at::Tensor spike_matmul(const at::Tensor& a_planes, const OptTensor& a_sign,
+                        const OptTensor& a_hi, const at::Tensor& a_scale,
+                        const OptTensor& a_zero, const at::Tensor& b_planes,
+                        const OptTensor& b_sign, const OptTensor& b_hi,
+                        const at::Tensor& b_scale, const OptTensor& b_zero, int64_t K,
                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t keys,
                         bool causal, at::ScalarType out_dtype) {
-  const char* op = "spike_matmul";
-  const Matmul g = check_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi,
-                                b_scale, b_zero, K, batch, heads, kv_heads, keys, causal);
-  check_float_out_dtype(op, out_dtype, "out_dtype");
-  at::Tensor out = at::empty({batch, heads, g.Ma, g.N}, a_planes.options().dtype(out_dtype));
+  Inputs in;
+  MatmulArgs a = check_matmul(in, a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign,
+                              b_hi, b_scale, b_zero, K, batch, heads, kv_heads, keys, causal,
+                              out_dtype);
+  at::Tensor out = at::empty({batch, heads, a.Ma, a.N}, a_planes.options().dtype(out_dtype));
   if (out.numel() > 0) {
-    MatmulArgs a;
-    a.a = spike_fields(g.a);
-    a.b = spike_fields(g.b);
-    a.out = out.data_ptr();
-    a.out_type = float_type(out_dtype);
-    a.K = g.K, a.batch = batch, a.heads = heads, a.kv_heads = kv_heads;
-    a.Ma = g.Ma, a.Lb = g.Lb, a.N = g.N;
-    a.causal = causal;
-    run<D>(op, a_planes, "a_planes", a, &cpu::spike_matmul,
+    a.out = out.mutable_data_ptr();
+    run<D>("spike_matmul", a_planes, "a_planes", a, &cpu::spike_matmul,
            SPIKEOPS_CUDA_LAUNCHER(launch_spike_matmul));
   }
   return out;
@@ -346,23 +310,23 @@ TORCH_LIBRARY(spikeops, m) {
   // mode: minmax | absmax | absmean | static | oat; bits counts the sign for signed modes and is
   // the plane count P for oat; scale/zero only for static (zero given = unsigned); theta_* only oat.
   m.def(
-      "gif_encode(Tensor x, str mode, int bits, float gamma, Tensor salient_mask, "
-      "int salient_bits, Tensor scale, Tensor zero, float theta_nor, float theta_out) "
+      "gif_encode(Tensor x, str mode, int bits, float gamma, Tensor? salient_mask, "
+      "int salient_bits, Tensor? scale, Tensor? zero, float theta_nor, float theta_out) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Spikes -> x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r]) in float32, cast to dtype.
   m.def(
-      "spike_decode(Tensor planes, Tensor sign, Tensor hi, Tensor scale, Tensor zero, int K, "
+      "spike_decode(Tensor planes, Tensor? sign, Tensor? hi, Tensor scale, Tensor? zero, int K, "
       "ScalarType dtype) -> Tensor");
   // Set bits per plane and token, int64 [P, M]; negative=True counts only spikes with sign set.
-  m.def("spike_counts(Tensor planes, Tensor sign, bool negative) -> Tensor");
+  m.def("spike_counts(Tensor planes, Tensor? sign, bool negative) -> Tensor");
   // One pass of layer statistics, int64 [2P + 2], summed over tokens: spikes per plane [0, P),
   // negative spikes per plane [P, 2P) (zeros without sign), fired channels (set bits of the OR
   // over planes) at 2P, and all-zero words (OR over planes == 0) at 2P + 1.
-  m.def("spike_stats(Tensor planes, Tensor sign) -> Tensor");
+  m.def("spike_stats(Tensor planes, Tensor? sign) -> Tensor");
   // Exact signed accumulation with int8 weights w [K, N]: int64 [R, M, N], or per plane
   // [P, R, M, N] whose 2^p-weighted sum is the total.
   m.def(
-      "spike_accumulate(Tensor planes, Tensor sign, Tensor hi, Tensor w, bool per_plane) "
+      "spike_accumulate(Tensor planes, Tensor? sign, Tensor? hi, Tensor w, bool per_plane) "
       "-> Tensor");
   // y [M, N] = x_hat @ W_hat^T + bias on the kernel form of a GPTQ layer: the codes as packed
   // qweight (bits 2/4/8) or, on the CPU, as the CPU layout `packed` of 4-bit codes with its
@@ -371,22 +335,23 @@ TORCH_LIBRARY(spikeops, m) {
   // bias float32 [N]; integer sums per group and range, float epilogue.
   // backend: spike (event driven) | int (integer codes) | auto; identical bits.
   m.def(
-      "spike_linear(Tensor planes, Tensor sign, Tensor hi, Tensor scale, Tensor zero, "
-      "Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor packed, "
-      "Tensor code_sums, Tensor bias, int bits, int group_size, int zero_offset, "
+      "spike_linear(Tensor planes, Tensor? sign, Tensor? hi, Tensor scale, Tensor? zero, "
+      "Tensor? qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? packed, "
+      "Tensor? code_sums, Tensor? bias, int bits, int group_size, int zero_offset, "
       "ScalarType out_dtype, str backend) -> Tensor");
   // W_hat float16 [N, K] = fp16(float32(scales[g, n]) * float32(q - z)), g the group of k, bit
   // exact, on the weights spike_linear takes (code_sums aside).
   m.def(
-      "gptq_dequantize(Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, "
-      "Tensor packed, int bits, int group_size, int zero_offset) -> Tensor");
+      "gptq_dequantize(Tensor? qweight, Tensor qzeros, Tensor scales, Tensor g_idx, "
+      "Tensor? packed, int bits, int group_size, int zero_offset) -> Tensor");
   // Exact spike x spike products per head: out [batch, heads, Ma, keys] = A_hat @ B_hat^T with
   // A rows (batch, head, i), B rows (batch, kv head, j) of which the first `keys` per head are
   // read, head h reading kv head h / (heads / kv_heads); integer plane-pair popcounts in int64,
   // one float64 epilogue; causal: key j of query i is -inf when j > keys - Ma + i.
   m.def(
-      "spike_matmul(Tensor a_planes, Tensor a_sign, Tensor a_hi, Tensor a_scale, Tensor a_zero, "
-      "Tensor b_planes, Tensor b_sign, Tensor b_hi, Tensor b_scale, Tensor b_zero, int K, "
+      "spike_matmul(Tensor a_planes, Tensor? a_sign, Tensor? a_hi, Tensor a_scale, "
+      "Tensor? a_zero, Tensor b_planes, Tensor? b_sign, Tensor? b_hi, Tensor b_scale, "
+      "Tensor? b_zero, int K, "
       "int batch, int heads, int kv_heads, int keys, bool causal, ScalarType out_dtype) "
       "-> Tensor");
 }

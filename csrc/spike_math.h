@@ -92,9 +92,9 @@ SPIKE_HD RangeQuant symmetric_quant(float gamma, float stat, float qmax_div, int
 }
 
 // The quantizers of both ranges of one finite token row from its statistics (docs/ops.md). `c` is
-// any struct with gif_encode's parameters (mode, is_signed, bits, salient_bits, gamma,
-// theta_nor, theta_out): checks.h's Encode on the CPU, kernel_args.h's EncodeArgs on CUDA. `mean` is
-// read by absmean only; static mode takes the row's given scale and zero.
+// gif_encode's parameters (mode, is_signed, bits, salient_bits, gamma, theta_nor, theta_out):
+// kernel_args.h's EncodeArgs, a template parameter here because kernel_args.h includes this
+// header. `mean` is read by absmean only; static mode takes the row's given scale and zero.
 template <typename Config>
 SPIKE_HD void row_quantizers(const Config& c, float mn, float mx, float amax, float mean,
                              float static_scale, int32_t static_zero, RangeQuant range[2]) {

@@ -26,10 +26,6 @@ G, W = -(-K // GS), (K + 31) // 32   # groups, words per token
 
 
 # ----------------------------------------------------------------------------- builders
-def absent(device, dtype=I32):
-    return torch.empty(0, dtype=dtype, device=device)
-
-
 def gptq_tensors(device, bits=4, k=K, n=N, group_size=GS):
     """Valid v1 GPTQ tensors (stored zero = true zero - 1) of random codes."""
     groups = -(-k // group_size)
@@ -44,8 +40,8 @@ def kernel_tensors(device, bits=4, k=K, n=N, group_size=GS):
     """The kernel form of a valid GPTQ layer, as spike_linear and gptq_dequantize take it."""
     w = weight(device, bits, k, n, group_size)
     return dict(qweight=w.gptq_tensors()["qweight"], qzeros=w.qzeros, scales=w.scales,
-                g_idx=w.g_idx, packed=absent(device, torch.uint8),
-                code_sums=absent(device, torch.uint16), zero_offset=w.zero_offset)
+                g_idx=w.g_idx, packed=None,
+                code_sums=None, zero_offset=w.zero_offset)
 
 
 def cpu_layout(device):
@@ -76,17 +72,17 @@ def override(defaults: dict, over: dict) -> dict:
 
 
 def op_fields(device, enc=None, salient=False):
-    """The spike fields of a SpikeTensor as op arguments (absent ones as empty tensors)."""
+    """The spike fields of a SpikeTensor as op arguments (absent ones None)."""
     st = spikes(device, enc, salient=salient_mask(device) if salient else None)
-    return dict(planes=st.planes, sign=st.sign if st.sign is not None else absent(device),
-                hi=st.hi if st.hi is not None else absent(device), scale=st.scale,
-                zero=st.zero if st.zero is not None else absent(device))
+    return dict(planes=st.planes, sign=st.sign,
+                hi=st.hi, scale=st.scale,
+                zero=st.zero)
 
 
 def encode_op(device, **over):
     args = dict(x=torch.randn(M, K, device=device), mode="minmax", bits=4, gamma=1.0,
-                salient_mask=absent(device, torch.bool), salient_bits=0,
-                scale=absent(device, F32), zero=absent(device), theta_nor=0.0, theta_out=0.0)
+                salient_mask=None, salient_bits=0,
+                scale=None, zero=None, theta_nor=0.0, theta_out=0.0)
     return OPS.gif_encode(**override(args, over))
 
 
@@ -123,7 +119,7 @@ def accumulate_op(device, **over):
 
 
 def linear_op(device, enc=None, **over):
-    args = dict(op_fields(device, enc), **kernel_tensors(device), bias=absent(device, F32),
+    args = dict(op_fields(device, enc), **kernel_tensors(device), bias=None,
                 bits=4, group_size=GS, out_dtype=torch.float16, backend="auto")
     return OPS.spike_linear(**override(args, over))
 
@@ -508,7 +504,7 @@ OP_CASES = [
          ValueError, "salient_mask", "gif_encode-salient_mask-oat"),
     case(lambda d: static_op(d, salient_mask=lambda a: salient_mask(d), salient_bits=8),
          ValueError, "salient_mask", "gif_encode-salient_mask-static"),
-    case(lambda d: static_op(d, scale=absent(d, F32)), ValueError, "scale",
+    case(lambda d: static_op(d, scale=None), ValueError, "scale",
          "gif_encode-static-no-scale"),
     case(lambda d: static_op(d, scale=lambda a: torch.ones(M, dtype=torch.float64, device=d)),
          TypeError, "scale", "gif_encode-static-scale-float64"),
@@ -666,7 +662,7 @@ OP_CASES = [
     case(lambda d: linear_op(d, group_size=0, packed=lambda a: cpu_layout(d)[0],
                              code_sums=lambda a: cpu_layout(d)[1]), ValueError, "packed",
          "spike_linear-packed-act-order"),
-    case(lambda d: linear_op(d, qweight=lambda a: absent(d)), ValueError, "qweight",
+    case(lambda d: linear_op(d, qweight=lambda a: None), ValueError, "qweight",
          "spike_linear-no-codes"),
     case(lambda d: linear_op(d, zero_offset=2), ValueError, "zero_offset",
          "spike_linear-zero_offset"),
@@ -861,7 +857,7 @@ def matmul_op(device, **over):
     """spike_matmul on valid operands: A = 4 heads x 3 queries, B = 2 kv heads x 3 keys."""
     def fields(prefix, enc, rows):
         st = spikes(device, enc, shape=(rows, K))
-        return {f"{prefix}_{n}": t if t is not None else absent(device)
+        return {f"{prefix}_{n}": t
                 for n, t in zip(("planes", "sign", "hi", "scale", "zero"), st[:5])}
 
     args = dict(fields("a", Encoding("absmax", 4), 4 * M), **fields("b", Encoding("minmax", 4),

@@ -33,14 +33,6 @@ def dtype_id(v):
     return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None
 
 
-def absent(like, dtype=I32):
-    return like.new_empty((0,), dtype=dtype)
-
-
-def or_absent(t, like):
-    return t if t is not None else absent(like)
-
-
 def activations(device, dtype=F32, m=M):
     return (torch.randn(m, K, device=device) * 2).to(dtype)
 
@@ -49,10 +41,10 @@ def encode_args(name, device, dtype=F32, m=M):
     """Arguments of gif_encode for one entry of ENCODINGS."""
     enc, salient, static = ENCODINGS[name]
     x = activations(device, dtype, m)
-    mask = (torch.arange(K, device=device) % 7 == 3) if salient else absent(x, torch.bool)
-    scale = torch.rand(m, device=device) / 4 + 0.05 if static else absent(x, F32)
+    mask = (torch.arange(K, device=device) % 7 == 3) if salient else None
+    scale = torch.rand(m, device=device) / 4 + 0.05 if static else None
     zero = (torch.randint(0, 16, (m,), device=device, dtype=I32) if static == "unsigned"
-            else absent(x))
+            else None)
     theta = enc.theta or (0.0, 0.0)
     return (x, enc.mode, enc.bits, enc.gamma or 1.0, mask, enc.salient_bits if salient else 0,
             scale, zero, theta[0], theta[1])
@@ -71,9 +63,8 @@ def spikes(name, device):
 
 
 def fields(st):
-    """(planes, sign, hi, scale, zero) with absent tensors empty, as the ops take them."""
-    p = st.planes
-    return p, or_absent(st.sign, p), or_absent(st.hi, p), st.scale, or_absent(st.zero, p)
+    """(planes, sign, hi, scale, zero), absent ones None, as the ops take them."""
+    return st.planes, st.sign, st.hi, st.scale, st.zero
 
 
 def gptq(device, bits=4, group_size=GS, k=K, n=N):
@@ -114,13 +105,13 @@ def test_spike_decode(device, name, out):
                                             ("absmax4-gamma", True), ("oat8", True)])
 def test_spike_counts(device, name, negative):
     st = spikes(name, device)
-    opcheck(OPS.spike_counts, (st.planes, or_absent(st.sign, st.planes), negative))
+    opcheck(OPS.spike_counts, (st.planes, st.sign, negative))
 
 
 @pytest.mark.parametrize("name", ["minmax4", "absmax4-gamma", "oat8"])
 def test_spike_stats(device, name):
     st = spikes(name, device)
-    opcheck(OPS.spike_stats, (st.planes, or_absent(st.sign, st.planes)))
+    opcheck(OPS.spike_stats, (st.planes, st.sign))
 
 
 @pytest.mark.parametrize("per_plane", [False, True])
@@ -148,11 +139,11 @@ LINEAR_CASES = ([(name, None) for name in LINEAR_ENCODINGS]
 def test_spike_linear(device, name, backend, bias):
     planes, sign, hi, scale, zero = fields(spikes(name, device))
     qweight, qzeros, scales, g_idx = gptq(device)
-    b = torch.randn(N, device=device) if bias else absent(planes, F32)
-    codes = [(qweight, absent(planes, torch.uint8), absent(planes, torch.uint16))]
+    b = torch.randn(N, device=device) if bias else None
+    codes = [(qweight, None, None)]
     if device == "cpu":  # the CPU layout, in place of qweight
         packed, sums = spikeops.gptq.cpu_layout(spikeops.unpack(qweight, 4, K, dim=0), GS)
-        codes.append((absent(planes, I32), packed, sums))
+        codes.append((None, packed, sums))
     for q, packed, sums in codes:
         opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, q, qzeros, scales, g_idx,
                                    packed, sums, b, 4, GS, 1, torch.float16, backend))
@@ -164,8 +155,8 @@ def test_spike_linear_bits_and_out_dtypes(device, bits, layout, out):
     planes, sign, hi, scale, zero = fields(spikes("salient-absmean", device))
     qweight, qzeros, scales, g_idx = gptq(device, bits)
     opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx,
-                               absent(planes, torch.uint8), absent(planes, torch.uint16),
-                               absent(planes, F32), bits, layout, 0, out, "auto"))
+                               None, None,
+                               None, bits, layout, 0, out, "auto"))
 
 
 @pytest.mark.parametrize("group_size", [GS, K])
@@ -173,7 +164,7 @@ def test_spike_linear_bits_and_out_dtypes(device, bits, layout, out):
 def test_gptq_dequantize(device, bits, act_order, group_size):
     # group_size 0 makes the op read g_idx, as for act-order layers.
     qweight, qzeros, scales, g_idx = gptq(device, bits, group_size)
-    opcheck(OPS.gptq_dequantize, (qweight, qzeros, scales, g_idx, absent(scales, torch.uint8),
+    opcheck(OPS.gptq_dequantize, (qweight, qzeros, scales, g_idx, None,
                                   bits, 0 if act_order else group_size, 1))
 
 

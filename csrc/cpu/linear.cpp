@@ -50,21 +50,8 @@ inline uint32_t word_at(const uint32_t* row, int64_t w, int64_t W, uint32_t last
   return w == W - 1 ? row[w] & last_mask : row[w];
 }
 
-// What the term builders read: the spikes and how their channels fall into groups.
-struct Layer {
-  const uint32_t* planes;  // [P, M, W]
-  const uint32_t* sign;    // [M, W] or null
-  const uint32_t* hi;      // [M, W] or null
-  const int32_t* zero;     // [M, R] or null
-  const int32_t* g_idx;    // [K], read only when group_size == 0
-  int64_t group_size;      // > 0: group of k = k / group_size
-  int64_t P, M, W, R, K, G;
-  uint32_t last_mask;
-
-  int64_t group(int64_t k) const {
-    return group_size > 0 ? k / group_size : static_cast<int64_t>(g_idx[k]);
-  }
-};
+// The bits of the last spike word that name channels < K.
+inline uint32_t last_word_mask(int64_t K) { return (K % 32) ? ((1u << (K % 32)) - 1u) : ~0u; }
 
 // Counting sort of (bucket, channel, code) triples into t; emit(f) calls f(bucket, k, c) for
 // every term, twice (count pass, fill pass), so it must be deterministic.
@@ -93,25 +80,26 @@ void bucket_terms(Terms& t, int64_t buckets, bool with_codes, const Emit& emit) 
 }
 
 // int backend: bucket (g, r) holds the nonzero codes of the channels of group g in range r.
-void build_code_terms(const Layer& L, int64_t m, Terms& t) {
-  bucket_terms(t, L.G * L.R, true, [&](auto&& add) {
-    for (int64_t w = 0; w < L.W; ++w) {
+void build_code_terms(const SpikeFields& sp, const WeightFields& weights, int64_t m, Terms& t) {
+  const uint32_t last_mask = last_word_mask(weights.K);
+  bucket_terms(t, weights.G * sp.R, true, [&](auto&& add) {
+    for (int64_t w = 0; w < sp.W; ++w) {
       uint32_t q_bits[kMaxPlanes];
       uint32_t any = 0;
-      for (int64_t p = 0; p < L.P; ++p) {
-        q_bits[p] = word_at(L.planes + (p * L.M + m) * L.W, w, L.W, L.last_mask);
+      for (int64_t p = 0; p < sp.P; ++p) {
+        q_bits[p] = word_at(sp.planes + (p * sp.M + m) * sp.W, w, sp.W, last_mask);
         any |= q_bits[p];
       }
-      const uint32_t sgn = L.sign ? L.sign[m * L.W + w] : 0u;
-      const uint32_t hib = L.hi ? L.hi[m * L.W + w] : 0u;
-      const int64_t k_end = std::min<int64_t>(32 * w + 32, L.K);
-      if (!any && !L.zero) continue;  // a silent word adds nothing without a zero point
+      const uint32_t sgn = sp.sign ? sp.sign[m * sp.W + w] : 0u;
+      const uint32_t hib = sp.hi ? sp.hi[m * sp.W + w] : 0u;
+      const int64_t k_end = std::min<int64_t>(32 * w + 32, weights.K);
+      if (!any && !sp.zero) continue;  // a silent word adds nothing without a zero point
       for (int64_t k = 32 * w; k < k_end; ++k) {
         const int j = static_cast<int>(k - 32 * w);
-        const int32_t q = signed_value(plane_code(q_bits, 1, L.P, j), sgn, j);
+        const int32_t q = signed_value(plane_code(q_bits, 1, sp.P, j), sgn, j);
         const int r = range_of(hib, j);
-        const int32_t c = q - (L.zero ? L.zero[m * L.R + r] : 0);
-        if (c != 0) add(L.group(k) * L.R + r, static_cast<int32_t>(k), c);
+        const int32_t c = q - (sp.zero ? sp.zero[m * sp.R + r] : 0);
+        if (c != 0) add(group_of(weights, k) * sp.R + r, static_cast<int32_t>(k), c);
       }
     }
   });
@@ -119,26 +107,27 @@ void build_code_terms(const Layer& L, int64_t m, Terms& t) {
 
 // spike backend: bucket ((g * planes + p) * R + r) * 2 + negative, where plane P is the zero point
 // plane (every channel fires once) present only for unsigned encodings.
-int64_t spike_planes(const Layer& L, int64_t m) {
-  return L.P + ((L.zero && (L.zero[m * L.R] || (L.R == 2 && L.zero[m * L.R + 1]))) ? 1 : 0);
+int64_t spike_planes(const SpikeFields& sp, int64_t m) {
+  return sp.P + ((sp.zero && (sp.zero[m * sp.R] || (sp.R == 2 && sp.zero[m * sp.R + 1]))) ? 1 : 0);
 }
 
-void build_spike_terms(const Layer& L, int64_t m, Terms& t) {
-  const int64_t planes = spike_planes(L, m);
-  bucket_terms(t, L.G * planes * L.R * 2, false, [&](auto&& add) {
-    for (int64_t w = 0; w < L.W; ++w) {
-      const uint32_t sgn = L.sign ? L.sign[m * L.W + w] : 0u;
-      const uint32_t hib = L.hi ? L.hi[m * L.W + w] : 0u;
+void build_spike_terms(const SpikeFields& sp, const WeightFields& weights, int64_t m, Terms& t) {
+  const uint32_t last_mask = last_word_mask(weights.K);
+  const int64_t planes = spike_planes(sp, m);
+  bucket_terms(t, weights.G * planes * sp.R * 2, false, [&](auto&& add) {
+    for (int64_t w = 0; w < sp.W; ++w) {
+      const uint32_t sgn = sp.sign ? sp.sign[m * sp.W + w] : 0u;
+      const uint32_t hib = sp.hi ? sp.hi[m * sp.W + w] : 0u;
       for (int64_t p = 0; p < planes; ++p) {
-        uint32_t bits = p < L.P ? word_at(L.planes + (p * L.M + m) * L.W, w, L.W, L.last_mask)
-                                : L.last_mask | (w == L.W - 1 ? 0u : ~0u);
+        uint32_t bits = p < sp.P ? word_at(sp.planes + (p * sp.M + m) * sp.W, w, sp.W, last_mask)
+                                : last_mask | (w == sp.W - 1 ? 0u : ~0u);
         while (bits) {  // only the channels that spiked
           const int j = __builtin_ctz(bits);
           bits &= bits - 1;
           const int64_t k = 32 * w + j;
           const int64_t r = range_of(hib, j);
-          const int64_t neg = p < L.P ? (sgn >> j) & 1u : 0;
-          add(((L.group(k) * planes + p) * L.R + r) * 2 + neg, static_cast<int32_t>(k), 0);
+          const int64_t neg = p < sp.P ? (sgn >> j) & 1u : 0;
+          add(((group_of(weights, k) * planes + p) * sp.R + r) * 2 + neg, static_cast<int32_t>(k), 0);
         }
       }
     }
@@ -302,7 +291,7 @@ SPIKEOPS_INLINE void fold_group(const GroupRow& row, BlockAcc& acc, int64_t r, i
 }
 
 template <int64_t kCols, typename Rows>
-SPIKEOPS_INLINE void int_block_cols(const Layer& L, const WeightFields& w, const Rows& rows,
+SPIKEOPS_INLINE void int_block_cols(const SpikeFields& sp, const WeightFields& w, const Rows& rows,
                                     const Terms& t, int64_t n0, int64_t cols_arg,
                                     GroupRows& groups, BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
@@ -310,9 +299,9 @@ SPIKEOPS_INLINE void int_block_cols(const Layer& L, const WeightFields& w, const
   // Terms per int32 partial sum: |c * q| summed that many times stays below 2^31.
   const int64_t run = std::max<int64_t>(1, INT32_MAX / (static_cast<int64_t>(t.cmax) * maxq + 1));
   int32_t part[kBlock];
-  for (int64_t g = 0; g < L.G; ++g) {
-    for (int64_t r = 0; r < L.R; ++r) {
-      const int64_t b = g * L.R + r, lo = t.start[b], hi = t.start[b + 1];
+  for (int64_t g = 0; g < w.G; ++g) {
+    for (int64_t r = 0; r < sp.R; ++r) {
+      const int64_t b = g * sp.R + r, lo = t.start[b], hi = t.start[b + 1];
       if (lo == hi) continue;
       const GroupRow& row = groups.get(w, g, n0, cols);
       std::fill(acc.D, acc.D + cols, 0);
@@ -328,18 +317,18 @@ SPIKEOPS_INLINE void int_block_cols(const Layer& L, const WeightFields& w, const
 }
 
 template <int64_t kCols, typename Rows>
-SPIKEOPS_INLINE void spike_block_cols(const Layer& L, const WeightFields& w, const Rows& rows,
+SPIKEOPS_INLINE void spike_block_cols(const SpikeFields& sp, const WeightFields& w, const Rows& rows,
                                       const Terms& t, int64_t m, int64_t n0, int64_t cols_arg,
                                       GroupRows& groups, BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
-  const int64_t planes = spike_planes(L, m);
+  const int64_t planes = spike_planes(sp, m);
   int32_t part[kBlock];
-  for (int64_t g = 0; g < L.G; ++g) {
+  for (int64_t g = 0; g < w.G; ++g) {
     const GroupRow* row = nullptr;
-    for (int64_t r = 0; r < L.R; ++r) {
+    for (int64_t r = 0; r < sp.R; ++r) {
       bool started = false;
       for (int64_t p = 0; p < planes; ++p) {
-        const int64_t b = ((g * planes + p) * L.R + r) * 2;
+        const int64_t b = ((g * planes + p) * sp.R + r) * 2;
         const int32_t* s = t.start.data() + b;
         const int64_t npos = s[1] - s[0], nneg = s[2] - s[1];
         if (npos + nneg == 0) continue;
@@ -350,7 +339,7 @@ SPIKEOPS_INLINE void spike_block_cols(const Layer& L, const WeightFields& w, con
         add_rows<-1, kCols>(part, rows, n0, cols, &t.k[s[1]], nullptr, nneg);
         // Plane p weighs 2^p; the zero-point plane weighs -zero[r]. Each spike also carried the
         // weight zero point z, removed here once per plane: sum s*(q - z) = part - z * count.
-        const int64_t weight = p < L.P ? (int64_t(1) << p) : -L.zero[m * L.R + r];
+        const int64_t weight = p < sp.P ? (int64_t(1) << p) : -sp.zero[m * sp.R + r];
         const int64_t count = npos - nneg;
         for (int64_t n = 0; n < cols; ++n)
           acc.D[n] += weight * (static_cast<int64_t>(part[n]) - row->z[n] * count);
@@ -373,20 +362,20 @@ SPIKEOPS_INLINE void with_rows(const WeightFields& w, F&& f) {
 }
 
 SPIKEOPS_MULTIVERSION
-void int_block(const Layer& L, const WeightFields& w, const Terms& t, int64_t n0, int64_t cols,
+void int_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int64_t n0, int64_t cols,
                GroupRows& groups, BlockAcc& acc) {
   with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
-    cols == kBlock ? int_block_cols<kBlock>(L, w, rows, t, n0, cols, groups, acc)
-                   : int_block_cols<0>(L, w, rows, t, n0, cols, groups, acc);
+    cols == kBlock ? int_block_cols<kBlock>(sp, w, rows, t, n0, cols, groups, acc)
+                   : int_block_cols<0>(sp, w, rows, t, n0, cols, groups, acc);
   });
 }
 
 SPIKEOPS_MULTIVERSION
-void spike_block(const Layer& L, const WeightFields& w, const Terms& t, int64_t m, int64_t n0,
+void spike_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int64_t m, int64_t n0,
                  int64_t cols, GroupRows& groups, BlockAcc& acc) {
   with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
-    cols == kBlock ? spike_block_cols<kBlock>(L, w, rows, t, m, n0, cols, groups, acc)
-                   : spike_block_cols<0>(L, w, rows, t, m, n0, cols, groups, acc);
+    cols == kBlock ? spike_block_cols<kBlock>(sp, w, rows, t, m, n0, cols, groups, acc)
+                   : spike_block_cols<0>(sp, w, rows, t, m, n0, cols, groups, acc);
   });
 }
 
@@ -397,20 +386,6 @@ void store_block(const LinearArgs& a, int64_t m, int64_t n0, int64_t cols, const
     const double S1 = a.R == 2 ? acc.S[1][n] : 0.0;
     y[m * a.N + n0 + n] = static_cast<out_t>(linear_epilogue(a, m, n0 + n, acc.S[0][n], S1));
   }
-}
-
-Layer make_layer(const SpikeFields& s, const int32_t* g_idx, int64_t group_size, int64_t K,
-                 int64_t G) {
-  Layer L;
-  L.planes = s.planes;
-  L.sign = s.sign;
-  L.hi = s.hi;
-  L.zero = s.zero;
-  L.g_idx = g_idx;
-  L.group_size = group_size;
-  L.P = s.P, L.M = s.M, L.W = s.W, L.R = s.R, L.K = K, L.G = G;
-  L.last_mask = (K % 32) ? ((1u << (K % 32)) - 1u) : ~0u;
-  return L;
 }
 
 }  // namespace
@@ -447,7 +422,6 @@ void spike_linear(const LinearArgs& a) {
       }
     }
   }
-  const Layer L = make_layer(a, a.g_idx, a.group_size, a.K, a.G);
 
   const int64_t blocks = (a.N + kBlock - 1) / kBlock;
   std::vector<Terms> terms(std::min(a.M, kTokenChunk));
@@ -458,8 +432,8 @@ void spike_linear(const LinearArgs& a) {
       const int64_t tokens = std::min(kTokenChunk, a.M - m0);
       at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
-          use_spike ? build_spike_terms(L, m0 + i, terms[i])
-                    : build_code_terms(L, m0 + i, terms[i]);
+          use_spike ? build_spike_terms(a, a, m0 + i, terms[i])
+                    : build_code_terms(a, a, m0 + i, terms[i]);
       });
       at::parallel_for(0, blocks * tokens, 1, [&](int64_t begin, int64_t end) {
         BlockAcc acc;
@@ -469,9 +443,9 @@ void spike_linear(const LinearArgs& a) {
           const int64_t cols = std::min(kBlock, a.N - n0);
           for (int r = 0; r < 2; ++r) std::fill(acc.S[r], acc.S[r] + cols, 0.0);
           if (use_spike) {
-            spike_block(L, a, terms[i], m0 + i, n0, cols, groups, acc);
+            spike_block(a, a, terms[i], m0 + i, n0, cols, groups, acc);
           } else {
-            int_block(L, a, terms[i], n0, cols, groups, acc);
+            int_block(a, a, terms[i], n0, cols, groups, acc);
           }
           store_block(a, m0 + i, n0, cols, acc, y);
         }
@@ -481,16 +455,16 @@ void spike_linear(const LinearArgs& a) {
 }
 
 void spike_accumulate(const AccumulateArgs& a) {
-  // One group holds every channel; no zero point: acc counts s * Q only (docs/ops.md).
-  SpikeFields bits_only = a;
-  bits_only.zero = nullptr;
-  const Layer L = make_layer(bits_only, nullptr, a.K, a.K, 1);
+  // spike_linear's spike terms with one group holding every channel and no weights; the spikes
+  // carry no zero point (the op takes none), so the terms count s * Q only (docs/ops.md).
+  WeightFields one_group{};
+  one_group.K = a.K, one_group.G = 1, one_group.group_size = a.K;
   const int64_t N = a.N;
   at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
     Terms t;
     std::vector<int32_t> part(N);
     for (int64_t m = begin; m < end; ++m) {
-      build_spike_terms(L, m, t);
+      build_spike_terms(a, one_group, m, t);
       for (int64_t p = 0; p < a.P; ++p) {
         for (int64_t r = 0; r < a.R; ++r) {
           const int32_t* st = t.start.data() + (p * a.R + r) * 2;

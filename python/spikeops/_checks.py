@@ -27,10 +27,12 @@ def shape(fn: str, name: str, value: torch.Tensor, want: Sequence[int]) -> None:
         raise ValueError(f"{fn}: {name} must have shape {list(want)}, got {list(value.shape)}")
 
 
-def integer(fn: str, name: str, value, lo: int, hi: int) -> int:
+def integer(fn: str, name: str, value, lo: Optional[int] = None,
+            hi: Optional[int] = None) -> int:
+    """``value``, an int (not a bool) in ``[lo, hi]`` where those are given."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
+    if lo is not None and not lo <= value <= hi:
         raise ValueError(f"{fn}: {name} must be in [{lo}, {hi}], got {value}")
     return value
 

@@ -58,7 +58,7 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
 
     g: float32 ``[M, K]``, the gradient with respect to ``x_hat``; x: the encoded rows
     ``[M, K]``; fields: the exact spikes ``(planes, sign, hi, scale, zero)`` of x (absent ones
-    None or empty). Returns ``(grad_x float32 [M, K] or None, grad_s float32 [M, R] or None)``:
+    None). Returns ``(grad_x float32 [M, K] or None, grad_s float32 [M, R] or None)``:
     ``grad_x = g * inside``, ``grad_s[m, r] = sum over k in range r of
     g * (x_hat - x * inside) / s``, where inside = the element's rounded code before the clamp
     lies in its code range. Rows that were not finite (scale NaN) pass no gradient.
@@ -67,7 +67,7 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
     if M == 0:
         return (g.new_zeros(M, K) if need_x else None,
                 g.new_zeros(M, fields[3].shape[1]) if need_scale else None)
-    planes, sign, hi, scale, zero = (f if f is None or f.numel() else None for f in fields)
+    planes, sign, hi, scale, zero = fields
     two_p = float(1 << planes.shape[0])  # oat: 2^P
     R = scale.shape[1]
     xf = x.to(_F32)
@@ -180,7 +180,7 @@ class _FakeQuantize(torch.autograd.Function):
         ctx.enc = enc
         ctx.like = {name: (t.shape, t.dtype) for name, t in
                     (("gamma", gamma), ("theta", theta), ("scale", scale)) if t is not None}
-        ctx.save_for_backward(x, *(t if t is not None else x.new_empty(0) for t in st[:5]))
+        ctx.save_for_backward(x, *st[:5])
         return st.decode(x.dtype)
 
     @staticmethod

@@ -1,8 +1,9 @@
 """One typed wrapper per op of ``torch.ops.spikeops`` and, right below it, its fake (meta) kernel
 so that ``torch.compile`` can trace the ops without running them.
 
-The wrappers take and return tensors only; absent optional tensors are ``None`` here and empty
-tensors at the op level (docs/ops.md). Shapes: M tokens, K inputs, N outputs, P planes,
+The wrappers take and return tensors, an absent optional tensor being ``None`` (``Tensor?`` in the
+op schemas); gif_encode's outputs that an encoding does not produce come back from the op with
+shape ``[0]`` and from its wrapper as ``None`` (docs/ops.md). Shapes: M tokens, K inputs, N outputs, P planes,
 W = ceil(K / 32) words, R ranges (2 when ``hi`` is present), G groups.
 """
 
@@ -24,24 +25,6 @@ _INT32 = torch.int32
 MODES = ("minmax", "absmax", "absmean", "static", "oat")
 MAX_PLANES = _C.MAX_PLANES  # kMaxPlanes of csrc/spike_math.h
 BACKENDS = ("auto", "spike", "int")
-
-
-def _empty_like_absent(t: Optional[Tensor], like: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t``, or for an absent (None) argument the empty tensor the op takes instead. Empty
-    tensors have nothing to change, so eager calls on plain tensors share one per device and
-    dtype; traced calls (torch.compile, fake or other tensor subclasses) make their own."""
-    if t is not None:
-        return t
-    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
-        return like.new_empty((0,), dtype=dtype)
-    key = (like.device, dtype)
-    empty = _ABSENT.get(key)
-    if empty is None:
-        empty = _ABSENT[key] = like.new_empty((0,), dtype=dtype)
-    return empty
-
-
-_ABSENT: dict = {}
 
 
 # ----------------------------------------------------------------------------- no gradients
@@ -96,29 +79,14 @@ def _requires_grad(t: Optional[Tensor]) -> bool:
     return t is not None and t.requires_grad
 
 
-def _present(t: Tensor) -> bool:
-    return t.numel() > 0
-
-
 def _same_device(op: str, ref_name: str, ref: Tensor, **tensors: Tensor) -> None:
     """Fakes run whenever one argument is a meta tensor, also among real ones: they compare the
     devices of present tensors as the C++ entries do, so no such call returns a tensor of
     uninitialized memory."""
     for name, t in tensors.items():
-        if _present(t) and t.device != ref.device:
+        if t is not None and t.device != ref.device:
             raise ValueError(f"{op}: {name} must be on the device of {ref_name} ({ref.device}), "
                              f"got {t.device}")
-
-
-def _check_weight_args(op: str, bits: int, group_size: int) -> None:
-    torch._check_value(bits in (2, 4, 8), lambda: f"{op}: bits must be 2, 4 or 8, got {bits}")
-    torch._check_value(group_size >= 0,
-                       lambda: f"{op}: group_size must be >= 0, got {group_size}")
-
-
-def _plane_count(mode: str, bits: int, salient_bits: int, salient: bool, signed: bool) -> int:
-    top = salient_bits if salient else bits
-    return top - 1 if signed and mode != "oat" else top
 
 
 def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
@@ -126,47 +94,41 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
                scale: Optional[Tensor] = None, zero: Optional[Tensor] = None,
                theta_nor: float = 0.0, theta_out: float = 0.0):
     """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
-    zero [M, R])``; absent outputs are empty tensors. See docs/ops.md for every mode."""
-    out = _ops.gif_encode.default(x, mode, bits, gamma,
-                                  _empty_like_absent(salient_mask, x, torch.bool), salient_bits,
-                                  _empty_like_absent(scale, x, torch.float32),
-                                  _empty_like_absent(zero, x, _INT32), theta_nor, theta_out)
+    zero [M, R])``; outputs the encoding does not produce are None. See docs/ops.md for every
+    mode."""
+    out = _ops.gif_encode.default(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
+                                  theta_nor, theta_out)
     if torch.is_grad_enabled() and (x.requires_grad or _requires_grad(scale)):
-        return _no_gradient("gif_encode", out, x, scale)
-    return out
+        out = _no_gradient("gif_encode", out, x, scale)
+    return tuple(None if t.dim() == 1 else t for t in out)
 
 
 @torch.library.register_fake("spikeops::gif_encode")
 def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, theta_out):
     torch._check_value(x.dim() == 2,
                        lambda: f"gif_encode: x must have shape [M, K], got {tuple(x.shape)}")
-    torch._check_value(mode in MODES,
-                       lambda: f"gif_encode: mode must be one of {MODES}, got {mode!r}")
     _same_device("gif_encode", "x", x, salient_mask=salient_mask, scale=scale, zero=zero)
-    torch._check_value(1 <= bits <= MAX_PLANES,
-                       lambda: f"gif_encode: bits must be in [1, {MAX_PLANES}], got {bits}")
-    torch._check_value(not _present(salient_mask) or bits < salient_bits <= MAX_PLANES,
-                       lambda: f"gif_encode: salient_bits must be in (bits, {MAX_PLANES}], got "
-                               f"{salient_bits}")
     M, K = x.shape
-    salient = _present(salient_mask)
-    signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and not _present(zero))
-    P = _plane_count(mode, bits, salient_bits, salient, signed)
+    salient = salient_mask is not None
+    signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and zero is None)
+    _C.check_bits("gif_encode", mode, signed, bits, salient_bits)
+    top = salient_bits if salient else bits
+    P = top - 1 if signed and mode != "oat" else top
     R = 2 if salient or mode == "oat" else 1
     W = (K + 31) // 32
-    return (x.new_empty((P, M, W), dtype=_INT32),
-            x.new_empty((M if signed else 0, W), dtype=_INT32),
-            x.new_empty((M if R == 2 else 0, W), dtype=_INT32),
-            x.new_empty((M, R), dtype=torch.float32),
-            x.new_empty((0 if signed else M, R), dtype=_INT32))
+
+    def absent_unless(present: bool, shape):
+        return x.new_empty(shape if present else (0,), dtype=_INT32)
+
+    return (x.new_empty((P, M, W), dtype=_INT32), absent_unless(signed, (M, W)),
+            absent_unless(R == 2, (M, W)), x.new_empty((M, R), dtype=torch.float32),
+            absent_unless(not signed, (M, R)))
 
 
 def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
                  zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32, cast to ``dtype``."""
-    out = _ops.spike_decode.default(planes, _empty_like_absent(sign, planes, _INT32),
-                                    _empty_like_absent(hi, planes, _INT32), scale,
-                                    _empty_like_absent(zero, planes, _INT32), K, dtype)
+    out = _ops.spike_decode.default(planes, sign, hi, scale, zero, K, dtype)
     if torch.is_grad_enabled() and scale.requires_grad:
         return _no_gradient("spike_decode", out, scale)
     return out
@@ -180,7 +142,7 @@ def _(planes, sign, hi, scale, zero, K, dtype):
 
 def spike_counts(planes: Tensor, sign: Optional[Tensor] = None, negative: bool = False) -> Tensor:
     """Set bits per plane and token, int64 ``[P, M]``; ``negative`` counts only negative spikes."""
-    return _ops.spike_counts.default(planes, _empty_like_absent(sign, planes, _INT32), negative)
+    return _ops.spike_counts.default(planes, sign, negative)
 
 
 @torch.library.register_fake("spikeops::spike_counts")
@@ -193,7 +155,7 @@ def spike_stats(planes: Tensor, sign: Optional[Tensor] = None) -> Tensor:
     """One-pass statistics summed over tokens, int64 ``[2P + 2]``: spikes per plane, negative
     spikes per plane (zeros without ``sign``), fired channels (set bits of the OR over planes)
     and all-zero words (OR over planes == 0). ``spikeops.track`` calls this once per layer."""
-    return _ops.spike_stats.default(planes, _empty_like_absent(sign, planes, _INT32))
+    return _ops.spike_stats.default(planes, sign)
 
 
 @torch.library.register_fake("spikeops::spike_stats")
@@ -206,15 +168,14 @@ def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor
                      per_plane: bool = False) -> Tensor:
     """Exact ``sum_k s * Q * w[k, n]`` per range with int8 ``w [K, N]``: int64 ``[R, M, N]``,
     or ``[P, R, M, N]`` per plane."""
-    return _ops.spike_accumulate.default(planes, _empty_like_absent(sign, planes, _INT32),
-                                         _empty_like_absent(hi, planes, _INT32), w, per_plane)
+    return _ops.spike_accumulate.default(planes, sign, hi, w, per_plane)
 
 
 @torch.library.register_fake("spikeops::spike_accumulate")
 def _(planes, sign, hi, w, per_plane):
     _same_device("spike_accumulate", "planes", planes, sign=sign, hi=hi, w=w)
     P, M = planes.shape[0], planes.shape[1]
-    R = 2 if _present(hi) else 1
+    R = 2 if hi is not None else 1
     shape = (P, R, M, w.shape[1]) if per_plane else (R, M, w.shape[1])
     return planes.new_empty(shape, dtype=torch.int64)
 
@@ -231,14 +192,9 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
     ``qzeros`` int32 ``[G, N*bits/32]`` (true zero = field + ``zero_offset``), float16
     ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when ``group_size`` is 0), float32
     ``bias [N]``."""
-    out = _ops.spike_linear.default(
-        planes, _empty_like_absent(sign, planes, _INT32), _empty_like_absent(hi, planes, _INT32),
-        scale, _empty_like_absent(zero, planes, _INT32),
-        _empty_like_absent(qweight, planes, _INT32), qzeros, scales, g_idx,
-        _empty_like_absent(packed, planes, torch.uint8),
-        _empty_like_absent(code_sums, planes, torch.uint16),
-        _empty_like_absent(bias, planes, torch.float32), bits, group_size, zero_offset,
-        out_dtype, backend)
+    out = _ops.spike_linear.default(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx,
+                                    packed, code_sums, bias, bits, group_size, zero_offset,
+                                    out_dtype, backend)
     if torch.is_grad_enabled() and (scale.requires_grad or scales.requires_grad
                                     or _requires_grad(bias)):
         return _no_gradient("spike_linear", out, scale, bias, scales)
@@ -253,7 +209,6 @@ def _(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, packed, cod
     _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,
                  qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx, packed=packed,
                  code_sums=code_sums, bias=bias)
-    _check_weight_args("spike_linear", bits, group_size)
     return planes.new_empty((planes.shape[1], scales.shape[1]), dtype=out_dtype)
 
 
@@ -262,10 +217,8 @@ def gptq_dequantize(qweight: Optional[Tensor], qzeros: Tensor, scales: Tensor, g
                     zero_offset: int) -> Tensor:
     """``W_hat`` float16 ``[N, K]``, bit exact: ``fp16(float32(scales[g, n]) * float32(q - z))``
     on the kernel form of a GPTQ layer, as ``spike_linear`` takes it."""
-    out = _ops.gptq_dequantize.default(_empty_like_absent(qweight, scales, _INT32), qzeros,
-                                       scales, g_idx,
-                                       _empty_like_absent(packed, scales, torch.uint8), bits,
-                                       group_size, zero_offset)
+    out = _ops.gptq_dequantize.default(qweight, qzeros, scales, g_idx, packed, bits, group_size,
+                                       zero_offset)
     if torch.is_grad_enabled() and scales.requires_grad:
         return _no_gradient("gptq_dequantize", out, scales)
     return out
@@ -275,7 +228,6 @@ def gptq_dequantize(qweight: Optional[Tensor], qzeros: Tensor, scales: Tensor, g
 def _(qweight, qzeros, scales, g_idx, packed, bits, group_size, zero_offset):
     _same_device("gptq_dequantize", "scales", scales, qweight=qweight, qzeros=qzeros,
                  g_idx=g_idx, packed=packed)
-    _check_weight_args("gptq_dequantize", bits, group_size)
     return scales.new_empty((scales.shape[1], g_idx.shape[0]), dtype=torch.float16)
 
 
@@ -290,13 +242,9 @@ def spike_matmul(a_planes: Tensor, a_sign: Optional[Tensor], a_hi: Optional[Tens
     rows ``(batch, kv head, j)`` of which the first ``keys`` of each head are read; query head
     h reads kv head ``h // (heads // kv_heads)``; ``causal`` writes -inf where
     ``j > keys - Ma + i``."""
-    return _ops.spike_matmul.default(
-        a_planes, _empty_like_absent(a_sign, a_planes, _INT32),
-        _empty_like_absent(a_hi, a_planes, _INT32), a_scale,
-        _empty_like_absent(a_zero, a_planes, _INT32), b_planes,
-        _empty_like_absent(b_sign, b_planes, _INT32), _empty_like_absent(b_hi, b_planes, _INT32),
-        b_scale, _empty_like_absent(b_zero, b_planes, _INT32), K, batch, heads, kv_heads, keys,
-        causal, out_dtype)
+    return _ops.spike_matmul.default(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign,
+                                     b_hi, b_scale, b_zero, K, batch, heads, kv_heads, keys,
+                                     causal, out_dtype)
 
 
 @torch.library.register_fake("spikeops::spike_matmul")

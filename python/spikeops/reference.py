@@ -98,7 +98,6 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
     xf = torch.where(finite[:, None], x, torch.zeros_like(x))  # statistics of finite rows only
     mn, mx = xf.min(dim=1).values, xf.max(dim=1).values
     amax = xf.abs().max(dim=1).values
-    empty = x.new_empty((0,), dtype=torch.int32)
 
     if mode == "oat":
         P, signed = bits, True
@@ -144,10 +143,10 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
     if mode == "oat":
         r = r & finite[:, None]
     planes = torch.stack([pack_bits(((Q >> p) & 1).bool()) for p in range(P)])
-    sign = pack_bits(neg) if signed else empty.reshape(0, (K + 31) // 32)
+    sign = pack_bits(neg) if signed else None
     R = 2 if (salient_mask is not None or mode == "oat") else 1
-    hi = pack_bits(r) if R == 2 else empty.reshape(0, (K + 31) // 32)
-    zero_t = zero_out if zero_out is not None else empty.reshape(0, R)
+    hi = pack_bits(r) if R == 2 else None
+    zero_t = zero_out
     return planes, sign, hi, scale_out, zero_t
 
 

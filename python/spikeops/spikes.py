@@ -49,7 +49,19 @@ class Encoding:
     def __post_init__(self):
         fn = "Encoding"
         _checks.choice(fn, "mode", self.mode, ops.MODES)
-        _checks.integer(fn, "bits", self.bits, 2 if self.mode in GAMMA_MODES else 1, MAX_PLANES)
+        _checks.integer(fn, "bits", self.bits)
+        if self.salient_bits is not None:
+            _checks.integer(fn, "salient_bits", self.salient_bits)
+            if self.mode not in SALIENT_MODES:
+                raise ValueError(f"{fn}: salient_bits combines with modes {SALIENT_MODES}, "
+                                 f"got mode {self.mode!r}")
+            if self.salient_bits == 0:  # the op reads 0 as "no salient channels"
+                raise ValueError(f"{fn}: salient_bits must be in (bits, {MAX_PLANES}] or None, "
+                                 f"got 0")
+        # gif_encode's rule for both widths, from its one definition (csrc/checks.h); a static
+        # encoding's sign is known only when it encodes (zero given or not), where the op checks.
+        ops._C.check_bits(fn, self.mode, self.mode in GAMMA_MODES + ("oat",), self.bits,
+                          self.salient_bits or 0)
         if self.gamma is not None:
             if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
                 raise TypeError(f"{fn}: gamma must be a float or None, got "
@@ -59,11 +71,6 @@ class Encoding:
             if self.mode not in GAMMA_MODES:
                 raise ValueError(f"{fn}: gamma is only used by modes {GAMMA_MODES}, got "
                                  f"gamma={self.gamma} with mode {self.mode!r}")
-        if self.salient_bits is not None:
-            if self.mode not in SALIENT_MODES:
-                raise ValueError(f"{fn}: salient_bits combines with modes {SALIENT_MODES}, "
-                                 f"got mode {self.mode!r}")
-            _checks.integer(fn, "salient_bits", self.salient_bits, self.bits + 1, MAX_PLANES)
         if self.mode == "oat" and self.theta is not None:
             theta = self.theta
             if (not isinstance(theta, (tuple, list)) or len(theta) != 2
@@ -126,9 +133,8 @@ class SpikeTensor(NamedTuple):
 
     @classmethod
     def wrap(cls, fields, shape: Tuple[int, ...]) -> "SpikeTensor":
-        """A SpikeTensor of the five tensors of ``ops.gif_encode`` (absent ones empty)."""
-        planes, sign, hi, scale, zero = fields
-        return cls(planes, _or_none(sign), _or_none(hi), scale, _or_none(zero), shape)
+        """A SpikeTensor of the five tensors of ``ops.gif_encode`` (absent ones None)."""
+        return cls(*fields, shape)
 
     @property
     def num_planes(self) -> int:
@@ -212,31 +218,19 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
     elif scale is not None or zero is not None:
         raise ValueError(f"{fn}: scale and zero are only taken by mode 'static', got mode "
                          f"{enc.mode!r}")
-    if M == 0 and zero is not None:
-        # Without tokens an empty zero tensor reads as absent (signed codes) at the op level:
-        # one stand-in row gives the planes of the unsigned encoding, then no row is kept.
-        one = encode_rows(rows.new_zeros(1, K), enc, salient_mask,
-                          torch.ones(1, device=x.device), torch.zeros(1, dtype=torch.int32,
-                                                                      device=x.device))
-        fields = (one[0][:, :0],) + tuple(t[:0] for t in one[1:])
-    else:
-        fields = encode_rows(rows, enc, salient_mask, scale, zero)
+    fields = encode_rows(rows, enc, salient_mask, scale, zero)
     return SpikeTensor.wrap(fields, tuple(x.shape))
 
 
 def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None):
     """``ops.gif_encode`` of ``rows [M, K]`` under ``enc``: the op's five tensors, absent ones
-    empty, unchecked beyond what the op checks. ``encode`` and ``SpikeLinear`` call it."""
+    None, unchecked beyond what the op checks. ``encode`` and ``SpikeLinear`` call it."""
     theta = enc.theta or (0.0, 0.0)
     gamma = DEFAULT_GAMMA if enc.gamma is None else enc.gamma
     return ops.gif_encode(rows, enc.mode, enc.bits, gamma, salient_mask,
                           enc.salient_bits if salient_mask is not None else 0, scale, zero,
                           theta[0], theta[1])
-
-
-def _or_none(t: torch.Tensor) -> Optional[torch.Tensor]:
-    return t if t.numel() > 0 else None
 
 
 def _per_token(fn: str, name: str, value, M: int, device, dtype) -> torch.Tensor:
