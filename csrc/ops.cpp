@@ -28,7 +28,7 @@ extern "C" {
 // SPIKEOPS_CPU_ISA becomes Python's ValueError (no C++ exception may cross into Python here).
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   try {
-    return PyUnicode_FromString(spikeops::cpu::int_isa_name(spikeops::cpu::int_isa()));
+    return PyUnicode_FromString(spikeops::cpu::isa_name(spikeops::cpu::best_isa()));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;

@@ -23,23 +23,14 @@
 // then the same epilogue (float32 product per group, float64 sums, groups in ascending order,
 // groups with no nonzero code skipped).
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "cpu/kernels.h"
 
 #if SPIKEOPS_X86_INTRINSICS
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SPIKEOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define SPIKEOPS_AVX2 __attribute__((target("avx2,f16c")))
-#define SPIKEOPS_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
 #endif
 
 namespace spikeops {
@@ -51,52 +42,6 @@ int64_t layout_group(const LinearArgs& a) {
   return a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
 }
 
-#if SPIKEOPS_X86_INTRINSICS
-namespace {
-// AMX: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25) and Linux lets this
-// process use the tile registers (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-bool amx_usable() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  if (!((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-}  // namespace
-#endif
-
-IntIsa int_isa() {
-#if SPIKEOPS_X86_INTRINSICS
-  static const IntIsa supported = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vnni"))
-      return amx_usable() ? IntIsa::kAmx : IntIsa::kAvx512Vnni;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? IntIsa::kAvx2
-                                                                           : IntIsa::kGeneric;
-  }();
-  // SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic caps the choice (read on every call, so that
-  // the tests run every path in one process); it never enables what the CPU lacks. Any other
-  // value is refused: a misspelt cap would otherwise record the wrong path in silence.
-  const char* forced = std::getenv("SPIKEOPS_CPU_ISA");
-  if (forced == nullptr || *forced == '\0') return supported;
-  for (IntIsa cap : {IntIsa::kGeneric, IntIsa::kAvx2, IntIsa::kAvx512Vnni})
-    if (std::strcmp(forced, int_isa_name(cap)) == 0) return std::min(supported, cap);
-  TORCH_CHECK_VALUE(false, "SPIKEOPS_CPU_ISA must be avx512vnni, avx2 or generic (or unset), "
-                    "got '", forced, "'");
-#else
-  return IntIsa::kGeneric;
-#endif
-}
-
-const char* int_isa_name(IntIsa isa) {
-  switch (isa) {
-    case IntIsa::kAmx: return "amx";
-    case IntIsa::kAvx512Vnni: return "avx512vnni";
-    case IntIsa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
 
 #if SPIKEOPS_X86_INTRINSICS
 namespace {
@@ -154,10 +99,10 @@ struct GroupCols {
   alignas(64) float scale[kCols];
   alignas(64) int32_t code_sum[kCols];
 
-  // Compiled for AVX2 with F16C, which every instruction set of this file implies (int_isa):
+  // Compiled for AVX2 with F16C, which every instruction set of this file implies (cpu/isa.h):
   // the loops vectorize, the scales widened by vcvtph2ps. The zero points are 4-bit (the
   // layout's), eight per qzeros word; n0 is a multiple of 16.
-  SPIKEOPS_AVX2 void load(const LinearArgs& a, int64_t g, int64_t n0, int cols) {
+  SPIKEOPS_TARGET_AVX2 void load(const LinearArgs& a, int64_t g, int64_t n0, int cols) {
     const uint16_t* s = a.scales + g * a.N + n0;
     const uint16_t* sums = a.code_sums + g * a.N + n0;
     const int32_t* words = a.qzeros + g * ((a.N + 7) / 8) + n0 / 8;
@@ -199,9 +144,9 @@ struct VectorRegisters {
 
 struct Avx512 : VectorRegisters {
   template <bool kUnsigned, int kMB>
-  SPIKEOPS_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
-                                  int64_t b0, int64_t b1, const int32_t* const* act,
-                                  int32_t (*A)[kCols]) {
+  SPIKEOPS_TARGET_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0,
+                                         int tiles, int64_t b0, int64_t b1,
+                                         const int32_t* const* act, int32_t (*A)[kCols]) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512i acc[kMB][kTiles];
     for (int t = 0; t < kMB; ++t)
@@ -229,9 +174,9 @@ struct Avx512 : VectorRegisters {
       for (int i = 0; i < tiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
   }
 
-  SPIKEOPS_AVX512 static void fold(const GroupCols& gc, int cols, const int32_t* A,
-                                   const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr,
-                                   int32_t count, double* S) {
+  SPIKEOPS_TARGET_AVX512 static void fold(const GroupCols& gc, int cols, const int32_t* A,
+                                          const int32_t* Q1, bool range1, int32_t sum_a,
+                                          int32_t zr, int32_t count, double* S) {
     for (int c0 = 0; c0 < cols; c0 += kTileCols) {
       const int valid = cols - c0 < kTileCols ? cols - c0 : kTileCols;
       const __mmask16 mask =
@@ -263,9 +208,9 @@ struct Avx512 : VectorRegisters {
 // saturation) followed by vpmaddwd with ones (pairs of int16 into int32).
 struct Avx2 : VectorRegisters {
   template <bool kUnsigned, int kMB>
-  SPIKEOPS_AVX2 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
-                                int64_t b0, int64_t b1, const int32_t* const* act,
-                                int32_t (*A)[kCols]) {
+  SPIKEOPS_TARGET_AVX2 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
+                                       int64_t b0, int64_t b1, const int32_t* const* act,
+                                       int32_t (*A)[kCols]) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256i acc[kMB][kTiles][2];
     for (int t = 0; t < kMB; ++t)
@@ -298,9 +243,9 @@ struct Avx2 : VectorRegisters {
                               acc[t][i][h]);
   }
 
-  SPIKEOPS_AVX2 static void fold(const GroupCols& gc, int cols, const int32_t* A,
-                                 const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr,
-                                 int32_t count, double* S) {
+  SPIKEOPS_TARGET_AVX2 static void fold(const GroupCols& gc, int cols, const int32_t* A,
+                                        const int32_t* Q1, bool range1, int32_t sum_a,
+                                        int32_t zr, int32_t count, double* S) {
     for (int c = 0; c < cols; ++c) {  // the compiler vectorizes this for AVX2
       const int32_t z = gc.zero[c];
       int32_t d = A[c] - z * sum_a;
@@ -330,7 +275,7 @@ struct Amx {
   // The tile shapes live in a per-thread register that other code (oneDNN's AMX kernels in
   // torch) may load with its own: each thread's run of tasks loads this one first, and
   // releases the tiles after it (so that the thread's context switches stop saving them).
-  SPIKEOPS_AMX static void begin() {
+  SPIKEOPS_TARGET_AMX static void begin() {
     static const Config config = [] {
       Config c;
       for (int t = 0; t < 6; ++t) c.colsb[t] = 64, c.rows[t] = 16;
@@ -339,12 +284,12 @@ struct Amx {
     _tile_loadconfig(&config);
   }
 
-  SPIKEOPS_AMX static void end() { _tile_release(); }
+  SPIKEOPS_TARGET_AMX static void end() { _tile_release(); }
 
   template <bool kUnsigned, int kMB>
-  SPIKEOPS_AMX static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
-                               int64_t b0, int64_t b1, const int32_t* const* act,
-                               int32_t (*A)[kCols]) {
+  SPIKEOPS_TARGET_AMX static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
+                                      int64_t b0, int64_t b1, const int32_t* const* act,
+                                      int32_t (*A)[kCols]) {
     static_assert(kMB == kBlock, "AMX tiles hold 16 tokens");
     alignas(64) uint8_t a_tile[kBlock][64], b_tile[2 * kChunk][64];
     const __m512i low = _mm512_set1_epi8(0x0F);
@@ -417,7 +362,7 @@ struct Plan {
 };
 
 // One task: tokens [m0, m0 + mb), mb <= kMB, column tiles [t0, t0 + kTiles), every group.
-template <typename Isa, bool kUnsigned, int kMB, typename T>
+template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes,
               int64_t m0, int mb, int64_t t0, T* y) {
   double S[kMB][2][kCols];
@@ -438,18 +383,18 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
       if (!any) continue;  // as the generic kernel: empty groups are skipped
       if (!loaded) gc.load(a, g, n0, cols), loaded = true;
       for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].act[r].data() : p.silent.data();
-      Isa::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
+      Kernels::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
       // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
       // a dot product with the indicator of range-1 channels.
       const bool two_ranges = R == 2 && a.zero;
       if (two_ranges) {
         for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].ind1.data() : p.silent.data();
-        Isa::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
+        Kernels::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
       }
       for (int t = 0; t < mb; ++t) {
         const TokenCodes& tc = codes[m0 + t];
         if (!tc.nonzero[g * R + r]) continue;
-        Isa::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
+        Kernels::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
                   static_cast<int32_t>(tc.sum_a[g * R + r]),
                   a.zero ? a.zero[(m0 + t) * R + r] : 0,
                   static_cast<int32_t>(tc.count[g * R + r]), S[t][r]);
@@ -465,23 +410,23 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   }
 }
 
-template <typename Isa, bool kUnsigned, int kMB, typename T>
+template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes) {
   const int64_t col_tasks = (p.NT + kTiles - 1) / kTiles, blocks = (a.M + kMB - 1) / kMB;
   T* y = static_cast<T*>(a.out);
   // Token blocks of the same columns are neighbours, so their weight rows meet in cache.
   at::parallel_for(0, col_tasks * blocks, 1, [&](int64_t begin, int64_t end) {
-    Isa::begin();
+    Kernels::begin();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task % blocks) * kMB;
       const int mb = static_cast<int>(std::min<int64_t>(kMB, a.M - m0));
-      run_task<Isa, kUnsigned, kMB, T>(a, p, codes, m0, mb, (task / blocks) * kTiles, y);
+      run_task<Kernels, kUnsigned, kMB, T>(a, p, codes, m0, mb, (task / blocks) * kTiles, y);
     }
-    Isa::end();
+    Kernels::end();
   });
 }
 
-template <typename Isa, bool kUnsigned, typename T>
+template <typename Kernels, bool kUnsigned, typename T>
 void run(const LinearArgs& a) {
   Plan p;
   p.KB = (a.K + 7) / 8;
@@ -494,23 +439,23 @@ void run(const LinearArgs& a) {
   });
   // AMX: blocks of 16 tokens (it runs from kAmxTokens on). Else one token per task at decode
   // (no padding work), four per task beyond.
-  if constexpr (Isa::kBlock > kBlockTokens) {
-    run<Isa, kUnsigned, Isa::kBlock, T>(a, p, codes);
+  if constexpr (Kernels::kBlock > kBlockTokens) {
+    run<Kernels, kUnsigned, Kernels::kBlock, T>(a, p, codes);
   } else if (a.M < kBlockTokens) {
-    run<Isa, kUnsigned, 1, T>(a, p, codes);
+    run<Kernels, kUnsigned, 1, T>(a, p, codes);
   } else {
-    run<Isa, kUnsigned, kBlockTokens, T>(a, p, codes);
+    run<Kernels, kUnsigned, kBlockTokens, T>(a, p, codes);
   }
 }
 
-template <typename Isa>
+template <typename Kernels>
 void run_isa(const LinearArgs& a) {
   dispatch_out_float(a.out_type, [&](auto tag) {
     using T = decltype(tag);
     if (a.sign) {
-      run<Isa, false, T>(a);
+      run<Kernels, false, T>(a);
     } else {
-      run<Isa, true, T>(a);
+      run<Kernels, true, T>(a);
     }
   });
 }
@@ -518,18 +463,18 @@ void run_isa(const LinearArgs& a) {
 }  // namespace
 #endif
 
-IntIsa int_layout_isa(const LinearArgs& a) {
-  const IntIsa isa = int_isa();
-  if (isa == IntIsa::kGeneric || a.packed == nullptr) return IntIsa::kGeneric;
+Isa int_layout_isa(const LinearArgs& a) {
+  const Isa isa = best_isa();
+  if (isa == Isa::kGeneric || a.packed == nullptr) return Isa::kGeneric;
   // Codes must fit the instructions' bytes: unsigned Q <= 255 (P <= 8), signed |s*Q| <= 127.
-  return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : IntIsa::kGeneric;
+  return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : Isa::kGeneric;
 }
 
-void spike_linear_int_layout(const LinearArgs& a, IntIsa isa) {
+void spike_linear_int_layout(const LinearArgs& a, Isa isa) {
 #if SPIKEOPS_X86_INTRINSICS
-  if (isa == IntIsa::kAmx && a.M >= kAmxTokens) {
+  if (isa == Isa::kAmx && a.M >= kAmxTokens) {
     run_isa<Amx>(a);
-  } else if (isa == IntIsa::kAmx || isa == IntIsa::kAvx512Vnni) {
+  } else if (isa == Isa::kAmx || isa == Isa::kAvx512Vnni) {
     run_isa<Avx512>(a);
   } else {
     run_isa<Avx2>(a);
