@@ -43,7 +43,7 @@ struct WeightFields {
 };
 
 // Largest group of the CPU layout (G == 1: all of K, in whole blocks of 8): code_sums
-// (<= 4096 * 15) fits uint16, and the int32 epilogue of cpu/int_layout.cpp cannot overflow.
+// (<= 4096 * 15) fits uint16, and the int32 epilogue of cpu/int_layout_isa.h cannot overflow.
 constexpr int64_t kMaxLayoutGroup = 4096;
 
 // Group of channel k of a layer.
