@@ -1,12 +1,8 @@
 // The int backend of spike_linear on x86 CPUs with AMX, AVX-512 VNNI or AVX2, on the CPU layout of
-// the weights that spikeops.GPTQWeight builds once (docs/ops.md, spike_linear, "CPU layout"):
-//   packed[t, b, 4 * n + j]: byte of columns 16t + n, channels 8b + j (low nibble) and
-//                            8b + 4 + j (high nibble), j = 0..3;
-//   code_sums[g, n]        : sum of the weight codes q of group g, column n (uint16).
-// This file holds the choice of instruction set and the schedule. Each token's codes are laid
-// out once as bytes (TokenCodes); tasks of up to kBlockTokens tokens (16 for AMX) and kTiles
-// tiles of 16 columns run the instruction-set kernels of cpu/int_layout_isa.h over every group:
-// dot products over the group's channels, then the group's epilogue (fold).
+// the weights (cpu/layout.cpp): the choice of instruction set and the schedule. Each token's
+// codes are laid out once as bytes (TokenCodes); tasks of up to kBlockTokens tokens (16 for AMX)
+// and kTiles tiles of 16 columns run the instruction-set kernels of cpu/int_layout_isa.h over
+// every group: dot products over the group's channels, then the group's epilogue (fold).
 //
 // The integers are those of csrc/cpu/linear.cpp, so the outputs are identical bit for bit:
 //   D[g, r] = sum over k in group g, range r of (s*Q - zero[r]) * (q - z)
@@ -23,12 +19,6 @@
 
 namespace spikeops {
 namespace cpu {
-
-// Channels per group of the layout: group_size, or all of K (padded to whole blocks of 8) for
-// one group.
-int64_t layout_group(const LinearArgs& a) {
-  return a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
-}
 
 #if SPIKEOPS_X86_INTRINSICS
 namespace {
@@ -152,7 +142,7 @@ void run(const LinearArgs& a) {
   Plan p;
   p.KB = (a.K + 7) / 8;
   p.NT = (a.N + kTileCols - 1) / kTileCols;
-  p.gs = layout_group(a);
+  p.gs = layout_group(a.bits, a.group_size, a.K);  // > 0: the entry admitted the layout
   p.silent.assign(2 * p.KB, 0);
   std::vector<TokenCodes> codes(a.M);
   at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {

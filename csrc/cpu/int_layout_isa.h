@@ -1,4 +1,4 @@
-// The instruction-set kernels of spike_linear's int backend on the CPU layout (docs/ops.md):
+// The instruction-set kernels of spike_linear's int backend on the CPU layout (cpu/layout.cpp):
 // integer dot products of 8-bit activation codes and 4-bit weight codes with AVX-512 VNNI
 // (vpdpbusd, four code products per lane), AVX2 (vpmaddubsw + vpmaddwd) and AMX (tdpbusd /
 // tdpbsud on tiles of 16 tokens), and the epilogue of one group (fold). cpu/int_layout.cpp

@@ -20,6 +20,10 @@ void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 void spike_matmul(const MatmulArgs& a);  // cpu/matmul.cpp
 
+// The CPU layout from qweight (packed and code_sums) and qweight from it (cpu/layout.cpp).
+void cpu_layout(const LayoutArgs& a);
+void cpu_layout_qweight(const LayoutArgs& a);
+
 // The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AMX tiles (blocks
 // of 16 tokens; fewer tokens take AVX-512 VNNI), AVX-512 VNNI or AVX2 dot products.
 // int_layout_isa: the instruction set a call can use (best_isa(), cpu/isa.h; kGeneric when the
