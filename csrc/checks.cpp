@@ -44,6 +44,17 @@ void check_shape(const char* op, const at::Tensor& t, const char* name,
 // guard every index they read instead (see cuda/), and the Python layer validates values once.
 bool host_readable(const at::Tensor& t) { return t.device().is_cpu(); }
 
+// The CPU layout's rule (layout_group, kernel_args.h) for a layer of `bits`-bit codes, K
+// channels and group_size; `what` names what the message refuses.
+void check_layout_group(const char* op, const char* what, int64_t bits, int64_t group_size,
+                        int64_t K) {
+  TORCH_CHECK_VALUE(layout_group(bits, group_size, K) > 0, op, ": ", what, " holds only 4-bit ",
+                    "codes in uniform groups (group_size > 0) of a multiple of 8 channels, or in ",
+                    "one group (group_size >= K), of at most ", kMaxLayoutGroup, " channels ",
+                    "(one group: K rounded up to a multiple of 8); got bits = ", bits,
+                    ", group_size = ", group_size, ", K = ", K);
+}
+
 }  // namespace
 
 void check_dtype(const char* op, const at::Tensor& t, const char* name, at::ScalarType want) {
@@ -306,11 +317,7 @@ WeightFields check_weights(const char* op, Inputs& in, const OptTensor& qweight,
     w.qweight = in.data<int32_t>(*qweight);
   }
   if (packed) {
-    TORCH_CHECK_VALUE(w.bits == 4 && w.group_size > 0 && (w.group_size % 8 == 0 || w.G == 1) &&
-                          (w.G == 1 ? (w.K + 7) / 8 * 8 : w.group_size) <= kMaxLayoutGroup,
-                      op, ": packed is the layout of 4-bit codes in groups of a multiple of 8 ",
-                      "channels, at most ", kMaxLayoutGroup, ", got bits = ", w.bits,
-                      ", group_size = ", w.group_size, ", K = ", w.K);
+    check_layout_group(op, "packed, the CPU layout,", bits, group_size, w.K);
     check_dtype(op, *packed, "packed", at::kByte);
     check_shape(op, *packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
     check_same_device(op, *packed, "packed", scales, "scales");
@@ -399,6 +406,41 @@ MatmulArgs check_matmul(Inputs& in, const at::Tensor& a_planes, const OptTensor&
   check_float_out_dtype(op, out_dtype, "out_dtype");
   g.out_type = float_type(out_dtype);
   return g;
+}
+
+// ---- the CPU layout ----------------------------------------------------------------------
+namespace {
+
+// A tensor the CPU layout is made from or into: the CPU kernels alone read that layout.
+void check_cpu(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (the CPU layout ",
+                    "is for the CPU kernels), got ", t.device());
+}
+
+void check_layout_k(const char* op, int64_t K) {
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK, op, ": K must be in [1, ", kMaxK, "], got ", K);
+}
+
+}  // namespace
+
+void check_cpu_layout(const at::Tensor& qweight, int64_t bits, int64_t group_size, int64_t K) {
+  const char* op = "cpu_layout";
+  check_layout_k(op, K);
+  check_layout_group(op, "the CPU layout", bits, group_size, K);
+  check_dtype(op, qweight, "qweight", at::kInt);
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(1) >= 1, op, ": qweight must have shape ",
+                    "[ceil(K / 8), N] with N >= 1, got ", shape_str(qweight));
+  check_shape(op, qweight, "qweight", {(K + 7) / 8, qweight.size(1)});
+  check_cpu(op, qweight, "qweight");
+}
+
+void check_layout_qweight(const at::Tensor& packed, int64_t K, int64_t N) {
+  const char* op = "cpu_layout_qweight";
+  check_layout_k(op, K);
+  TORCH_CHECK_VALUE(N >= 1, op, ": N must be >= 1, got ", N);
+  check_dtype(op, packed, "packed", at::kByte);
+  check_shape(op, packed, "packed", {(N + 15) / 16, (K + 7) / 8, 64});
+  check_cpu(op, packed, "packed");
 }
 
 }  // namespace spikeops

@@ -110,4 +110,11 @@ MatmulArgs check_matmul(Inputs& in, const at::Tensor& a_planes, const OptTensor&
                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t keys,
                         bool causal, at::ScalarType out_dtype);
 
+// cpu_layout's arguments: qweight int32 [ceil(K / 8), N] of a layer the CPU layout holds, on the
+// CPU.
+void check_cpu_layout(const at::Tensor& qweight, int64_t bits, int64_t group_size, int64_t K);
+
+// cpu_layout_qweight's arguments: packed uint8 [ceil(N / 16), ceil(K / 8), 64] on the CPU.
+void check_layout_qweight(const at::Tensor& packed, int64_t K, int64_t N);
+
 }  // namespace spikeops

@@ -43,8 +43,20 @@ struct WeightFields {
 };
 
 // Largest group of the CPU layout (G == 1: all of K, in whole blocks of 8): code_sums
-// (<= 4096 * 15) fits uint16, and the int32 epilogue of cpu/int_layout.cpp cannot overflow.
+// (<= 4096 * 15) fits uint16, and the int32 epilogue of cpu/int_layout_isa.h cannot overflow.
 constexpr int64_t kMaxLayoutGroup = 4096;
+
+// Which layers the CPU layout holds (docs/ops.md, "CPU layout"), the one rule that its builder
+// (cpu_layout), the weight checks (packed) and its dot-product kernels apply and that
+// spikeops.GPTQWeight asks (spikeops._C.layout_group): 4-bit codes in uniform groups
+// (group_size > 0) of a multiple of 8 channels, or in one group (group_size >= K) of all of K
+// rounded up to whole blocks of 8, at most kMaxLayoutGroup channels. The channels per group of
+// the layout, or 0 where it cannot hold the layer.
+constexpr int64_t layout_group(int64_t bits, int64_t group_size, int64_t K) {
+  if (bits != 4 || group_size <= 0) return 0;
+  const int64_t gs = group_size >= K ? (K + 7) / 8 * 8 : group_size;
+  return gs % 8 == 0 && gs <= kMaxLayoutGroup ? gs : 0;
+}
 
 // Group of channel k of a layer.
 SPIKE_HD int64_t group_of(const WeightFields& w, int64_t k) {
@@ -127,6 +139,16 @@ SPIKE_HD float linear_epilogue(const LinearArgs& a, int64_t m, int64_t n, double
 
 struct DequantizeArgs : WeightFields {
   void* out;                    // float16 [N, K]
+};
+
+// The CPU layout of a 4-bit layer and GPTQ's qweight, either made from the other (cpu_layout,
+// cpu_layout_qweight; CPU only). Channels k >= K are 0 in what is made.
+struct LayoutArgs {
+  int32_t* qweight;             // [ceil(K / 8), N] GPTQ packing of 4-bit codes
+  uint8_t* packed;              // [ceil(N / 16), ceil(K / 8), 64] (docs/ops.md, "CPU layout")
+  uint16_t* code_sums;          // [G, N] sums of the codes per group, made with packed
+  int64_t group_size;           // channel k is in group k / group_size
+  int64_t K, N, G;
 };
 
 // spike_matmul (docs/ops.md): A rows are (batch, head, i), B rows (batch, kv head, j); query

@@ -29,7 +29,7 @@ extern "C" {
 // SPIKEOPS_CPU_ISA becomes Python's ValueError (no C++ exception may cross into Python here).
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   try {
-    return PyUnicode_FromString(spikeops::cpu::int_isa_name(spikeops::cpu::int_isa()));
+    return PyUnicode_FromString(spikeops::cpu::isa_name(spikeops::cpu::best_isa()));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -54,21 +54,31 @@ static PyObject* check_bits(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// layout_group(bits, group_size, K) of kernel_args.h: the channels per group of the CPU layout
+// of such a layer, 0 where the layout cannot hold it. spikeops.GPTQWeight asks it whether to hold
+// the CPU layout, so that the rule has one definition.
+static PyObject* layout_group(PyObject*, PyObject* args) {
+  long long bits, group_size, K;
+  if (!PyArg_ParseTuple(args, "LLL:layout_group", &bits, &group_size, &K)) return nullptr;
+  return PyLong_FromLongLong(spikeops::layout_group(bits, group_size, K));
+}
+
 // Importing this module loads the shared library, whose static initializers register the ops
 // (the pattern of pytorch/extension-cpp).
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_isa", cpu_isa, METH_NOARGS, "spike_linear's CPU instruction set"},
       {"check_bits", check_bits, METH_VARARGS, "gif_encode's rule for bits and salient_bits"},
+      {"layout_group", layout_group, METH_VARARGS,
+       "layout_group(bits, group_size, K): channels per group of the CPU layout, 0: none"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   // The limits the Python layer checks before calling an op, from their one definition
-  // (spike_math.h, kernel_args.h).
+  // (spike_math.h).
   if (module == nullptr ||
       PyModule_AddIntConstant(module, "MAX_PLANES", spikeops::kMaxPlanes) < 0 ||
-      PyModule_AddIntConstant(module, "ZERO_LIMIT", spikeops::kZeroLimit) < 0 ||
-      PyModule_AddIntConstant(module, "MAX_LAYOUT_GROUP", spikeops::kMaxLayoutGroup) < 0) {
+      PyModule_AddIntConstant(module, "ZERO_LIMIT", spikeops::kZeroLimit) < 0) {
     Py_XDECREF(module);
     return nullptr;
   }
@@ -302,6 +312,38 @@ at::Tensor spike_matmul(const at::Tensor& a_planes, const OptTensor& a_sign,
   return out;
 }
 
+// ---- the CPU layout (docs/ops.md, "CPU layout") ------------------------------------------
+// CPU tensors only; the entries are registered for CUDA too, where they refuse their input by
+// name (ValueError) instead of the dispatcher's NotImplementedError.
+
+std::tuple<at::Tensor, at::Tensor> cpu_layout(const at::Tensor& qweight, int64_t bits,
+                                              int64_t group_size, int64_t K) {
+  check_cpu_layout(qweight, bits, group_size, K);
+  const at::Tensor q = qweight.contiguous();
+  LayoutArgs a{};
+  a.group_size = group_size;
+  a.K = K, a.N = q.size(1), a.G = (K + group_size - 1) / group_size;
+  at::Tensor packed = at::empty({(a.N + 15) / 16, (K + 7) / 8, 64}, q.options().dtype(at::kByte));
+  at::Tensor code_sums = at::empty({a.G, a.N}, q.options().dtype(at::kUInt16));
+  a.qweight = q.data_ptr<int32_t>();
+  a.packed = packed.data_ptr<uint8_t>();
+  a.code_sums = code_sums.data_ptr<uint16_t>();
+  cpu::cpu_layout(a);
+  return {packed, code_sums};
+}
+
+at::Tensor cpu_layout_qweight(const at::Tensor& packed, int64_t K, int64_t N) {
+  check_layout_qweight(packed, K, N);
+  const at::Tensor p = packed.contiguous();
+  at::Tensor qweight = at::empty({(K + 7) / 8, N}, p.options().dtype(at::kInt));
+  LayoutArgs a{};  // no code sums: group_size and G stay 0
+  a.qweight = qweight.data_ptr<int32_t>();
+  a.packed = p.data_ptr<uint8_t>();
+  a.K = K, a.N = N;
+  cpu::cpu_layout_qweight(a);
+  return qweight;
+}
+
 }  // namespace
 }  // namespace spikeops
 
@@ -354,6 +396,11 @@ TORCH_LIBRARY(spikeops, m) {
       "Tensor? b_zero, int K, "
       "int batch, int heads, int kv_heads, int keys, bool causal, ScalarType out_dtype) "
       "-> Tensor");
+  // The CPU layout (packed uint8 [ceil(N/16), ceil(K/8), 64], code_sums uint16 [G, N]) of the
+  // 4-bit codes of qweight [ceil(K/8), N] in groups of group_size channels, and qweight from it;
+  // channels past K are 0 in both.
+  m.def("cpu_layout(Tensor qweight, int bits, int group_size, int K) -> (Tensor, Tensor)");
+  m.def("cpu_layout_qweight(Tensor packed, int K, int N) -> Tensor");
 }
 
 #define SPIKEOPS_REGISTER(D)                                                 \
@@ -368,14 +415,20 @@ TORCH_LIBRARY(spikeops, m) {
 #define SPIKEOPS_REGISTER_MATMUL(D) \
   m.impl("spike_matmul", &spikeops::spike_matmul<spikeops::Dev::D>);
 
+#define SPIKEOPS_REGISTER_LAYOUT                         \
+  m.impl("cpu_layout", &spikeops::cpu_layout);           \
+  m.impl("cpu_layout_qweight", &spikeops::cpu_layout_qweight);
+
 TORCH_LIBRARY_IMPL(spikeops, CPU, m) {
   SPIKEOPS_REGISTER(kCpu)
   SPIKEOPS_REGISTER_MATMUL(kCpu)
+  SPIKEOPS_REGISTER_LAYOUT
 }
 
 #ifdef SPIKEOPS_WITH_CUDA
 TORCH_LIBRARY_IMPL(spikeops, CUDA, m) {
   SPIKEOPS_REGISTER(kCuda)
   SPIKEOPS_REGISTER_MATMUL(kCuda)
+  SPIKEOPS_REGISTER_LAYOUT
 }
 #endif

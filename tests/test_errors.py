@@ -46,8 +46,7 @@ def kernel_tensors(device, bits=4, k=K, n=N, group_size=GS):
 
 def cpu_layout(device):
     """The CPU layout (packed, code_sums) of a valid 4-bit layer, on ``device``."""
-    q = torch.randint(0, 16, (K, N))
-    packed, sums = spikeops.gptq.cpu_layout(q, GS)
+    packed, sums = spikeops.ops.cpu_layout(gptq_tensors("cpu")["qweight"], 4, GS, K)
     return packed.to(device), sums.to(device)
 
 
@@ -128,6 +127,16 @@ def dequantize_op(device, **over):
     args = {k: v for k, v in kernel_tensors(device).items() if k != "code_sums"}
     args.update(bits=4, group_size=GS)
     return OPS.gptq_dequantize(**override(args, over))
+
+
+def layout_op(device, **over):
+    args = dict(qweight=gptq_tensors(device)["qweight"], bits=4, group_size=GS, K=K)
+    return OPS.cpu_layout(**override(args, over))
+
+
+def layout_qweight_op(device, **over):
+    args = dict(packed=cpu_layout(device)[0], K=K, N=N)
+    return OPS.cpu_layout_qweight(**override(args, over))
 
 
 def gptq_weight(device, **over):
@@ -693,6 +702,44 @@ OP_CASES = [
          ValueError, "g_idx", "gptq_dequantize-g_idx-negative", cpu=True),
     case(lambda d: dequantize_op(d, group_size=0, g_idx=lambda a: torch.full_like(a["g_idx"], G)),
          ValueError, "g_idx", "gptq_dequantize-g_idx-ge-G", cpu=True),
+
+    # cpu_layout, cpu_layout_qweight: every check comes before the one of the device, so that
+    # these cases give the same errors on any device
+    case(lambda d: layout_op(d, qweight=lambda a: a["qweight"].long()), TypeError,
+         "cpu_layout: qweight must be a torch.int32 tensor, got torch.int64",
+         "cpu_layout-qweight-int64"),
+    case(lambda d: layout_op(d, qweight=lambda a: a["qweight"][:-1]), ValueError,
+         r"cpu_layout: qweight must have shape \[5, 16\], got \[4, 16\]",
+         "cpu_layout-qweight-rows"),
+    case(lambda d: layout_op(d, qweight=lambda a: a["qweight"][0]), ValueError,
+         r"qweight must have shape \[ceil\(K / 8\), N\] with N >= 1, got \[16\]",
+         "cpu_layout-qweight-1d"),
+    case(lambda d: layout_op(d, qweight=lambda a: a["qweight"][:, :0]), ValueError,
+         r"qweight must have shape .* N >= 1, got \[5, 0\]", "cpu_layout-qweight-no-columns"),
+    case(lambda d: layout_op(d, K=0), ValueError, r"cpu_layout: K must be in \[1, 8388608\], "
+         "got 0", "cpu_layout-K-0"),
+    case(lambda d: layout_op(d, K=2**23 + 8), ValueError, "K must be in .* got 8388616",
+         "cpu_layout-K-huge"),
+    case(lambda d: layout_op(d, bits=2), ValueError, "CPU layout holds only 4-bit codes .* "
+         "got bits = 2, group_size = 16, K = 40", "cpu_layout-bits-2"),
+    case(lambda d: layout_op(d, group_size=0), ValueError, "uniform groups .* group_size = 0",
+         "cpu_layout-act-order"),
+    case(lambda d: layout_op(d, group_size=12), ValueError, "multiple of 8 .* group_size = 12",
+         "cpu_layout-group_size-12"),
+    case(lambda d: layout_op(d, group_size=4100, K=4100), ValueError,
+         "at most 4096 channels .* K = 4100", "cpu_layout-one-group-too-large"),
+    case(lambda d: layout_qweight_op(d, packed=lambda a: a["packed"].int()), TypeError,
+         "cpu_layout_qweight: packed must be a torch.uint8 tensor, got torch.int32",
+         "cpu_layout_qweight-packed-int32"),
+    case(lambda d: layout_qweight_op(d, packed=lambda a: a["packed"][:, :1]), ValueError,
+         r"cpu_layout_qweight: packed must have shape \[1, 5, 64\], got \[1, 1, 64\]",
+         "cpu_layout_qweight-packed-shape"),
+    case(lambda d: layout_qweight_op(d, N=N + 16), ValueError,
+         r"packed must have shape \[2, 5, 64\]", "cpu_layout_qweight-N-other-layer"),
+    case(lambda d: layout_qweight_op(d, K=0), ValueError, "cpu_layout_qweight: K must be in",
+         "cpu_layout_qweight-K-0"),
+    case(lambda d: layout_qweight_op(d, N=0), ValueError, "N must be >= 1, got 0",
+         "cpu_layout_qweight-N-0"),
 ]
 
 
@@ -721,6 +768,10 @@ DEVICE_CASES = [
                  id="spike_linear-bias"),
     pytest.param(lambda d: dequantize_op(d, scales=wrong_device(lambda a: a["scales"])),
                  "scales", id="gptq_dequantize-scales"),
+    pytest.param(lambda d: layout_op(d, qweight=wrong_device(lambda a: a["qweight"])),
+                 "qweight must be a CPU tensor", id="cpu_layout-qweight"),
+    pytest.param(lambda d: layout_qweight_op(d, packed=wrong_device(lambda a: a["packed"])),
+                 "packed must be a CPU tensor", id="cpu_layout_qweight-packed"),
 ]
 
 

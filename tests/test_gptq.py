@@ -1,5 +1,5 @@
 """GPTQ packing, 3-bit straddling, v1/v2 zero points and GPTQWeight validation
-(docs/checkpoints.md)."""
+(docs/checkpoints.md); the CPU layout GPTQWeight holds in place of qweight (docs/ops.md)."""
 
 import logging
 
@@ -8,6 +8,7 @@ import torch
 
 import spikeops
 from helpers import make_layer, pack_loops
+from spikeops import reference
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -134,3 +135,75 @@ def test_gptq_weight_arguments():
     ragged = spikeops.GPTQWeight(qweight, qzeros, scales, short, group_size=32,
                                  in_features=127)
     assert ragged.in_features == 127
+
+
+# ----------------------------------------------------------------------------- the CPU layout
+# (K, N, group_size): ragged K (padding fields in qweight's last row) and N (a partial last tile
+# of 16 columns), one group (group_size >= K) up to 4,096 channels.
+LAYOUT_SHAPES = [(40, 24, 16), (37, 17, 8), (1, 16, 8), (200, 130, 200), (264, 40, 8),
+                 (520, 100, 40), (4096, 33, 4096), (4100, 5, 4096)]
+
+
+@pytest.mark.parametrize("K, N, gs", LAYOUT_SHAPES)
+def test_cpu_layout_matches_the_python_layout(K, N, gs):
+    """The C++ layout (ops.cpu_layout) equals the Python builder GPTQWeight used before
+    (reference.cpu_layout) bit for bit, on random words: padding fields past K included, which
+    both drop. cpu_layout_qweight gives qweight back, those fields as 0, as the reference does."""
+    words = torch.randint(-2**31, 2**31, (-(-K // 8), N), dtype=torch.int32)
+    packed, sums = spikeops.ops.cpu_layout(words, 4, gs, K)
+    want_packed, want_sums = reference.cpu_layout(words, 4, gs, K)
+    assert packed.dtype == torch.uint8 and sums.dtype == torch.uint16
+    assert torch.equal(packed, want_packed) and torch.equal(sums, want_sums)
+    back = spikeops.ops.cpu_layout_qweight(packed, K, N)
+    assert torch.equal(back, reference.cpu_layout_qweight(packed, K, N))
+    assert torch.equal(spikeops.unpack(back, 4, K, 0), spikeops.unpack(words, 4, K, 0))
+    if K % 8 == 0:
+        assert torch.equal(back, words)
+
+
+# (bits, group_size, K, channels per layout group or 0): the rule of docs/ops.md, "CPU layout".
+LAYOUT_RULE = [
+    (4, 128, 4096, 128), (4, 8, 40, 8), (4, 4096, 8192, 4096), (4, 4096, 4100, 4096),
+    (4, 40, 40, 40), (4, 50, 44, 48), (4, 4096, 4096, 4096),  # one group: K in blocks of 8
+    (4, 4104, 8200, 0), (4, 4100, 4100, 0), (4, 12, 40, 0), (4, 0, 40, 0), (4, -1, 40, 0),
+    (2, 16, 40, 0), (3, 16, 40, 0), (8, 16, 40, 0),
+]
+
+
+@pytest.mark.parametrize("bits, gs, K, group", LAYOUT_RULE)
+def test_layout_rule_is_asked_of_cpp(bits, gs, K, group):
+    """ops.layout_group is the C++ rule: the layout's group, or 0 where cpu_layout (its entry and
+    its fake) refuses the layer, naming bits, group_size and K."""
+    assert spikeops.ops.layout_group(bits, gs, K) == group
+    qweight = torch.zeros(-(-K // 8), 3, dtype=torch.int32)
+    for device in ("cpu", "meta"):
+        if group:
+            packed, sums = spikeops.ops.cpu_layout(qweight.to(device), bits, gs, K)
+            assert packed.shape == (1, -(-K // 8), 64) and sums.shape == (-(-K // gs), 3)
+        else:
+            with pytest.raises(ValueError, match=f"cpu_layout: the CPU layout holds only 4-bit "
+                                                 f".*bits = {bits}, group_size = {gs}, K = {K}"):
+                spikeops.ops.cpu_layout(qweight.to(device), bits, gs, K)
+
+
+# (K, bits, group_size, act_order, held): 3-bit codes are held as 4-bit ones; a K that is not a
+# multiple of 8 keeps qweight (its padding fields would not come back).
+HOLDS = [(64, 4, 32, False, True), (64, 3, 32, False, True), (64, 4, -1, False, True),
+         (4096, 4, -1, False, True), (4104, 4, -1, False, False), (48, 4, 12, False, False),
+         (44, 4, 8, False, False), (44, 4, -1, False, False), (64, 4, 32, True, False), (64, 2, 32, False, False),
+         (64, 8, 32, False, False)]
+
+
+@pytest.mark.parametrize("K, bits, gs, act, held", HOLDS)
+def test_gptq_weight_holds_the_layout_where_the_rule_admits_it(K, bits, gs, act, held):
+    """GPTQWeight holds the CPU layout in place of qweight exactly where layout_group admits the
+    layer and K is a multiple of 8; the layout is the reference's, and the GPTQ form comes back
+    bit for bit."""
+    w, q, *_ = make_layer(K, 16, bits, gs, act_order=act, sym=False)
+    assert (w.packed is not None) == held and (w.qweight is None) == held
+    kernel_bits = 4 if bits == 3 else bits
+    qweight = spikeops.pack(q, kernel_bits, 0)
+    assert torch.equal(w.gptq_tensors()["qweight"], qweight)
+    if held:
+        packed, sums = reference.cpu_layout(qweight, 4, w.kernel_group_size, K)
+        assert torch.equal(w.packed, packed) and torch.equal(w.code_sums, sums)

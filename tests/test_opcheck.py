@@ -142,7 +142,7 @@ def test_spike_linear(device, name, backend, bias):
     b = torch.randn(N, device=device) if bias else None
     codes = [(qweight, None, None)]
     if device == "cpu":  # the CPU layout, in place of qweight
-        packed, sums = spikeops.gptq.cpu_layout(spikeops.unpack(qweight, 4, K, dim=0), GS)
+        packed, sums = spikeops.ops.cpu_layout(qweight, 4, GS, K)
         codes.append((None, packed, sums))
     for q, packed, sums in codes:
         opcheck(OPS.spike_linear, (planes, sign, hi, scale, zero, q, qzeros, scales, g_idx,
@@ -166,6 +166,15 @@ def test_gptq_dequantize(device, bits, act_order, group_size):
     qweight, qzeros, scales, g_idx = gptq(device, bits, group_size)
     opcheck(OPS.gptq_dequantize, (qweight, qzeros, scales, g_idx, None,
                                   bits, 0 if act_order else group_size, 1))
+
+
+@pytest.mark.parametrize("k, group_size", [(K, GS), (K, K), (37, 8), (200, 256)])
+def test_cpu_layout(k, group_size):
+    """The CPU layout and its inverse: CPU tensors only (the layout is the CPU kernels')."""
+    qweight = spikeops.pack(torch.randint(0, 16, (k, N)), 4, 0)
+    opcheck(OPS.cpu_layout, (qweight, 4, group_size, k))
+    packed, _ = OPS.cpu_layout(qweight, 4, group_size, k)
+    opcheck(OPS.cpu_layout_qweight, (packed, k, N))
 
 
 @pytest.mark.parametrize("causal", [False, True])

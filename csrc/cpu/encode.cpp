@@ -25,8 +25,8 @@ struct RowQuant {
 #if SPIKEOPS_X86_INTRINSICS
 // min, max and max |x| of a row, false if it holds NaN or Inf. Exact in any order, but for the
 // sign of a zero minimum or maximum, which no code, scale or zero point depends on.
-__attribute__((target("avx512f"))) bool row_stats_avx512(const float* x, int64_t K, float* mn,
-                                                          float* mx, float* amax) {
+SPIKEOPS_TARGET_AVX512 bool row_stats_avx512(const float* x, int64_t K, float* mn, float* mx,
+                                             float* amax) {
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   __m512 lo = inf, hi = _mm512_sub_ps(_mm512_setzero_ps(), inf), top = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
@@ -80,9 +80,8 @@ RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m, bool vector) 
 // absmean, static), 16 channels at a time: the arithmetic of unsigned_code / signed_code in
 // AVX-512 (IEEE division, rounding to nearest even, min and max of values that are not NaN), so
 // the codes are element_code's, and plane p of 16 codes is one mask test.
-__attribute__((target("avx512f,avx512bw"))) void encode_words_avx512(const EncodeArgs& a,
-                                                                     const float* x, int64_t m,
-                                                                     const RangeQuant& q) {
+SPIKEOPS_TARGET_AVX512 void encode_words_avx512(const EncodeArgs& a, const float* x, int64_t m,
+                                                const RangeQuant& q) {
   const __m512 scale = _mm512_set1_ps(q.scale), zero = _mm512_set1_ps(q.zero);
   const __m512 qmax = _mm512_set1_ps(static_cast<float>(q.qmax)), none = _mm512_setzero_ps();
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -122,7 +121,7 @@ __attribute__((target("avx512f,avx512bw"))) void encode_words_avx512(const Encod
 // it (the encoder follows spike_linear's instruction-set choice, so that the tests run both).
 bool vector_words(const EncodeArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS
-  return a.R == 1 && !a.salient && a.mode != Mode::kOat && int_isa() >= IntIsa::kAvx512Vnni;
+  return a.R == 1 && !a.salient && a.mode != Mode::kOat && best_isa() >= Isa::kAvx512Vnni;
 #else
   (void)a;
   return false;

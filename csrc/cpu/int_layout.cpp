@@ -1,109 +1,30 @@
-// The int backend of spike_linear on x86 CPUs with AMX, AVX-512 VNNI or AVX2: integer dot
-// products of 8-bit activation codes and 4-bit weight codes (AMX tdpbusd / tdpbsud on blocks of
-// 16 tokens; vpdpbusd; vpmaddubsw + vpmaddwd on AVX2), on
-// the CPU layout of the weights that spikeops.GPTQWeight builds once (docs/ops.md, spike_linear,
-// "CPU layout"):
-//   packed[t, b, 4 * n + j]: byte of columns 16t + n, channels 8b + j (low nibble) and
-//                            8b + 4 + j (high nibble), j = 0..3;
-//   code_sums[g, n]        : sum of the weight codes q of group g, column n (uint16).
-// The int32 epilogue cannot overflow: |D| <= gs * (255 * 15 + 15 * 255 + 1e4 * 15 + 1e4 * 16)
-// < 2^31 for gs <= kMaxLayoutGroup (codes < 256, weight codes and zeros <= 16, |zero| <= 1e4).
-// A 64-byte row of packed is one zmm: masking the low nibbles gives the codes of channels
-// 8b..8b+3 of 16 columns as u8x4 per lane, shifting the high nibbles those of 8b+4..8b+7, and
-// vpdpbusd adds four code products per lane at once. Each token's codes are broadcast as four
-// bytes; unsigned encodings (Q <= 255) are the instruction's unsigned operand and the weight
-// codes (<= 15) its signed one, signed encodings (|sQ| <= 127) the other way round.
-// AMX multiplies a tile of 16 tokens x 64 channels by a tile of 64 channels x 16 columns: the
-// low and high nibbles of a packed row are, as they stand, two rows of the AMX weight tile
-// (four consecutive channels of 16 columns), so a tile is 8 packed rows unpacked.
+// The int backend of spike_linear on x86 CPUs with AMX, AVX-512 VNNI or AVX2, on the CPU layout of
+// the weights (cpu/layout.cpp): the choice of instruction set and the schedule. Each token's
+// codes are laid out once as bytes (TokenCodes); tasks of up to kBlockTokens tokens (16 for AMX)
+// and kTiles tiles of 16 columns run the instruction-set kernels of cpu/int_layout_isa.h over
+// every group: dot products over the group's channels, then the group's epilogue (fold).
 //
 // The integers are those of csrc/cpu/linear.cpp, so the outputs are identical bit for bit:
 //   D[g, r] = sum over k in group g, range r of (s*Q - zero[r]) * (q - z)
 //           = A - z * sum(s*Q) - zero[r] * sum(q) + zero[r] * z * count,   A = sum s*Q * q,
 // then the same epilogue (float32 product per group, float64 sums, groups in ascending order,
-// groups with no nonzero code skipped).
+// groups with no nonzero code skipped, linear_epilogue).
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
+#include "cpu/int_layout_isa.h"
 #include "cpu/kernels.h"
-
-#if SPIKEOPS_X86_INTRINSICS
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define SPIKEOPS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define SPIKEOPS_AVX2 __attribute__((target("avx2,f16c")))
-#define SPIKEOPS_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
-#endif
 
 namespace spikeops {
 namespace cpu {
 
-// Channels per group of the layout: group_size, or all of K (padded to whole blocks of 8) for
-// one group.
-int64_t layout_group(const LinearArgs& a) {
-  return a.G == 1 ? (a.K + 7) / 8 * 8 : a.group_size;
-}
-
-#if SPIKEOPS_X86_INTRINSICS
-namespace {
-// AMX: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25) and Linux lets this
-// process use the tile registers (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-bool amx_usable() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  if (!((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-}  // namespace
-#endif
-
-IntIsa int_isa() {
-#if SPIKEOPS_X86_INTRINSICS
-  static const IntIsa supported = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vnni"))
-      return amx_usable() ? IntIsa::kAmx : IntIsa::kAvx512Vnni;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? IntIsa::kAvx2
-                                                                           : IntIsa::kGeneric;
-  }();
-  // SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic caps the choice (read on every call, so that
-  // the tests run every path in one process); it never enables what the CPU lacks. Any other
-  // value is refused: a misspelt cap would otherwise record the wrong path in silence.
-  const char* forced = std::getenv("SPIKEOPS_CPU_ISA");
-  if (forced == nullptr || *forced == '\0') return supported;
-  for (IntIsa cap : {IntIsa::kGeneric, IntIsa::kAvx2, IntIsa::kAvx512Vnni})
-    if (std::strcmp(forced, int_isa_name(cap)) == 0) return std::min(supported, cap);
-  TORCH_CHECK_VALUE(false, "SPIKEOPS_CPU_ISA must be avx512vnni, avx2 or generic (or unset), "
-                    "got '", forced, "'");
-#else
-  return IntIsa::kGeneric;
-#endif
-}
-
-const char* int_isa_name(IntIsa isa) {
-  switch (isa) {
-    case IntIsa::kAmx: return "amx";
-    case IntIsa::kAvx512Vnni: return "avx512vnni";
-    case IntIsa::kAvx2: return "avx2";
-    default: return "generic";
-  }
-}
-
 #if SPIKEOPS_X86_INTRINSICS
 namespace {
 
-constexpr int kTileCols = 16;  // columns per zmm of int32 lanes
-constexpr int kTiles = 4;        // column tiles per task: independent accumulator chains
-constexpr int kBlockTokens = 4;  // tokens per task when M allows: one weight load serves them
+using namespace isa_kernels;  // this file's kernels, in their own header
+
 // Tokens from which AMX runs (blocks of 16, the last one padded with silent tokens); fewer
 // take AVX-512 VNNI. Measured on 4096 -> 11008: see docs/performance.md.
 constexpr int64_t kAmxTokens = 8;
@@ -145,271 +66,6 @@ void token_codes(const LinearArgs& a, int64_t m, int64_t KB, int64_t gs, TokenCo
   }
 }
 
-constexpr int kCols = kTiles * kTileCols;
-
-// What the epilogue of one group reads for the task's columns, widened once per group and shared
-// by its tokens and ranges: zero points, float32 scales and code sums.
-struct GroupCols {
-  alignas(64) int32_t zero[kCols];
-  alignas(64) float scale[kCols];
-  alignas(64) int32_t code_sum[kCols];
-
-  // Compiled for AVX2 with F16C, which every instruction set of this file implies (int_isa):
-  // the loops vectorize, the scales widened by vcvtph2ps. The zero points are 4-bit (the
-  // layout's), eight per qzeros word; n0 is a multiple of 16.
-  SPIKEOPS_AVX2 void load(const LinearArgs& a, int64_t g, int64_t n0, int cols) {
-    const uint16_t* s = a.scales + g * a.N + n0;
-    const uint16_t* sums = a.code_sums + g * a.N + n0;
-    const int32_t* words = a.qzeros + g * ((a.N + 7) / 8) + n0 / 8;
-    for (int c = 0; c < cols; ++c) {
-      scale[c] = half_to_float(s[c]);
-      code_sum[c] = sums[c];
-      zero[c] = gptq_field(words[c >> 3], 4 * (c & 7), 15u) + a.zero_offset;
-    }
-  }
-};
-
-// The instruction-set kernels. dot: A[t][c] = sum over the k-blocks [b0, b1) of the codes of
-// token t times the weight codes of column 16 * t0 + c, for kMB tokens and `tiles` tiles of 16
-// columns; every weight row is loaded once for all the tokens (prefill reuses each byte kMB
-// times), and blocks silent in every token are never read. fold: the epilogue of one group and
-// range for one token, S[c] += double(scales[g, n] * float(D)), with
-//   D = A - z * sum(s*Q) - zero * sum(q) + zero * z * count        (int32: see kMaxLayoutGroup),
-// the integers and roundings of the generic kernel.
-// The two code dwords of block b of every token (channels 8b..8b+3, 8b+4..8b+7); false when
-// all are zero, so the block's weights need not be read.
-template <int kMB>
-inline bool block_codes(const int32_t* const* act, int64_t b, int32_t* lo, int32_t* hi) {
-  int32_t any = 0;
-  for (int t = 0; t < kMB; ++t) {
-    lo[t] = act[t][2 * b];
-    hi[t] = act[t][2 * b + 1];
-    any |= lo[t] | hi[t];
-  }
-  return any != 0;
-}
-
-// What the vector-register kernels share: blocks of kBlockTokens tokens, no per-thread state
-// to set up or release (AMX has both).
-struct VectorRegisters {
-  static constexpr int kBlock = kBlockTokens;
-  static void begin() {}
-  static void end() {}
-};
-
-struct Avx512 : VectorRegisters {
-  template <bool kUnsigned, int kMB>
-  SPIKEOPS_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
-                                  int64_t b0, int64_t b1, const int32_t* const* act,
-                                  int32_t (*A)[kCols]) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512i acc[kMB][kTiles];
-    for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i) acc[t][i] = _mm512_setzero_si512();
-    for (int64_t b = b0; b < b1; ++b) {
-      int32_t a_lo[kMB], a_hi[kMB];
-      if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
-      for (int i = 0; i < tiles; ++i) {
-        const __m512i w = _mm512_loadu_si512(packed + ((t0 + i) * KB + b) * 64);
-        const __m512i w_lo = _mm512_and_si512(w, low);
-        const __m512i w_hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-        for (int t = 0; t < kMB; ++t) {
-          const __m512i x_lo = _mm512_set1_epi32(a_lo[t]), x_hi = _mm512_set1_epi32(a_hi[t]);
-          if constexpr (kUnsigned) {  // activations u8, weight codes s8 (<= 15)
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], x_lo, w_lo);
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], x_hi, w_hi);
-          } else {                    // weight codes u8, activations s8
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], w_lo, x_lo);
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], w_hi, x_hi);
-          }
-        }
-      }
-    }
-    for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
-  }
-
-  SPIKEOPS_AVX512 static void fold(const GroupCols& gc, int cols, const int32_t* A,
-                                   const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr,
-                                   int32_t count, double* S) {
-    for (int c0 = 0; c0 < cols; c0 += kTileCols) {
-      const int valid = cols - c0 < kTileCols ? cols - c0 : kTileCols;
-      const __mmask16 mask =
-          valid == kTileCols ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-      const __m512i z = _mm512_maskz_loadu_epi32(mask, gc.zero + c0);
-      // D = A - z * (sum(s*Q) - zero * count) - zero * sum(q): the same integers in two
-      // products (int32 arithmetic wraps, and D itself fits: see kMaxLayoutGroup).
-      __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(A + c0),
-                                   _mm512_mullo_epi32(z, _mm512_set1_epi32(sum_a - zr * count)));
-      if (zr != 0) {
-        const __m512i q1 = Q1 ? _mm512_loadu_si512(Q1 + c0) : _mm512_setzero_si512();
-        const __m512i qsum = range1 ? q1 : _mm512_sub_epi32(
-            _mm512_maskz_loadu_epi32(mask, gc.code_sum + c0), q1);
-        d = _mm512_sub_epi32(d, _mm512_mullo_epi32(_mm512_set1_epi32(zr), qsum));
-      }
-      const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, gc.scale + c0),
-                                        _mm512_cvtepi32_ps(d));
-      double* s = S + c0;
-      _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s),
-                                        _mm512_cvtps_pd(_mm512_castps512_ps256(prod))));
-      _mm512_storeu_pd(s + 8, _mm512_add_pd(_mm512_loadu_pd(s + 8), _mm512_cvtps_pd(
-          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(prod), 1)))));
-    }
-  }
-};
-
-// The same with 256-bit AVX2: a 64-byte row is two halves of 8 columns, and the four-byte dot
-// product is vpmaddubsw (pairs of u8 x s8 into int16, at most 2 * 255 * 15 or 2 * 15 * 127: no
-// saturation) followed by vpmaddwd with ones (pairs of int16 into int32).
-struct Avx2 : VectorRegisters {
-  template <bool kUnsigned, int kMB>
-  SPIKEOPS_AVX2 static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
-                                int64_t b0, int64_t b1, const int32_t* const* act,
-                                int32_t (*A)[kCols]) {
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256i acc[kMB][kTiles][2];
-    for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_si256();
-    for (int64_t b = b0; b < b1; ++b) {
-      int32_t a_lo[kMB], a_hi[kMB];
-      if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
-      for (int i = 0; i < tiles; ++i) {
-        for (int h = 0; h < 2; ++h) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-              packed + ((t0 + i) * KB + b) * 64 + 32 * h));
-          const __m256i w_lo = _mm256_and_si256(w, low);
-          const __m256i w_hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-          for (int t = 0; t < kMB; ++t) {
-            const __m256i x_lo = _mm256_set1_epi32(a_lo[t]), x_hi = _mm256_set1_epi32(a_hi[t]);
-            const __m256i p_lo = kUnsigned ? _mm256_maddubs_epi16(x_lo, w_lo)
-                                           : _mm256_maddubs_epi16(w_lo, x_lo);
-            const __m256i p_hi = kUnsigned ? _mm256_maddubs_epi16(x_hi, w_hi)
-                                           : _mm256_maddubs_epi16(w_hi, x_hi);
-            acc[t][i][h] = _mm256_add_epi32(
-                acc[t][i][h], _mm256_madd_epi16(_mm256_add_epi16(p_lo, p_hi), ones));
-          }
-        }
-      }
-    }
-    for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i)
-        for (int h = 0; h < 2; ++h)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(A[t] + i * kTileCols + 8 * h),
-                              acc[t][i][h]);
-  }
-
-  SPIKEOPS_AVX2 static void fold(const GroupCols& gc, int cols, const int32_t* A,
-                                 const int32_t* Q1, bool range1, int32_t sum_a, int32_t zr,
-                                 int32_t count, double* S) {
-    for (int c = 0; c < cols; ++c) {  // the compiler vectorizes this for AVX2
-      const int32_t z = gc.zero[c];
-      int32_t d = A[c] - z * sum_a;
-      if (zr != 0) {
-        const int32_t q1 = Q1 ? Q1[c] : 0;
-        d -= zr * (range1 ? q1 : gc.code_sum[c] - q1);
-        d += zr * count * z;
-      }
-      S[c] += static_cast<double>(gc.scale[c] * static_cast<float>(d));
-    }
-  }
-};
-
-// AMX: tiles of 16 tokens x 64 channels (A, u8 or s8) times 64 channels x 16 columns (B, the
-// other signedness), accumulated over a group into one int32 16 x 16 tile per column tile
-// (tmm0..tmm3); tmm4 holds A, tmm5 B. The epilogue is AVX-512's.
-struct Amx {
-  static constexpr int kBlock = 16;  // tokens per tile
-  static constexpr int kChunk = 8;   // packed rows (blocks of 8 channels) per tile: 64 channels
-
-  struct alignas(64) Config {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  };
-
-  // The tile shapes live in a per-thread register that other code (oneDNN's AMX kernels in
-  // torch) may load with its own: each thread's run of tasks loads this one first, and
-  // releases the tiles after it (so that the thread's context switches stop saving them).
-  SPIKEOPS_AMX static void begin() {
-    static const Config config = [] {
-      Config c;
-      for (int t = 0; t < 6; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-      return c;
-    }();
-    _tile_loadconfig(&config);
-  }
-
-  SPIKEOPS_AMX static void end() { _tile_release(); }
-
-  template <bool kUnsigned, int kMB>
-  SPIKEOPS_AMX static void dot(const uint8_t* packed, int64_t KB, int64_t t0, int tiles,
-                               int64_t b0, int64_t b1, const int32_t* const* act,
-                               int32_t (*A)[kCols]) {
-    static_assert(kMB == kBlock, "AMX tiles hold 16 tokens");
-    alignas(64) uint8_t a_tile[kBlock][64], b_tile[2 * kChunk][64];
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t c = b0; c < b1; c += kChunk) {
-      const int nb = static_cast<int>(std::min<int64_t>(kChunk, b1 - c));
-      const __mmask64 bytes = nb == kChunk ? ~__mmask64(0) : (__mmask64(1) << (8 * nb)) - 1;
-      __mmask64 any = 0;
-      for (int t = 0; t < kBlock; ++t) {
-        const __m512i v = _mm512_maskz_loadu_epi8(
-            bytes, reinterpret_cast<const uint8_t*>(act[t]) + 8 * c);
-        any |= _mm512_test_epi8_mask(v, v);
-        _mm512_store_si512(a_tile[t], v);
-      }
-      if (!any) continue;  // channels silent in every token: their weights are not read
-      compiler_barrier();
-      _tile_loadd(4, a_tile, 64);
-      for (int i = 0; i < tiles; ++i) {
-        const uint8_t* rows = packed + ((t0 + i) * KB + c) * 64;
-        for (int r = 0; r < kChunk; ++r) {
-          const __m512i w = r < nb ? _mm512_loadu_si512(rows + 64 * r) : _mm512_setzero_si512();
-          _mm512_store_si512(b_tile[2 * r], _mm512_and_si512(w, low));
-          _mm512_store_si512(b_tile[2 * r + 1], _mm512_and_si512(_mm512_srli_epi16(w, 4), low));
-        }
-        compiler_barrier();
-        _tile_loadd(5, b_tile, 64);
-        // Tile registers are immediates. Unsigned encodings: activations u8, weight codes s8
-        // (<= 15); signed: activations s8, weight codes u8.
-#define SPIKEOPS_AMX_DP(tile)            \
-  if constexpr (kUnsigned) {             \
-    _tile_dpbusd(tile, 4, 5);            \
-  } else {                               \
-    _tile_dpbsud(tile, 4, 5);            \
-  }
-        switch (i) {
-          case 0: SPIKEOPS_AMX_DP(0) break;
-          case 1: SPIKEOPS_AMX_DP(1) break;
-          case 2: SPIKEOPS_AMX_DP(2) break;
-          default: SPIKEOPS_AMX_DP(3) break;
-        }
-#undef SPIKEOPS_AMX_DP
-      }
-    }
-    int32_t* out = A[0];
-    if (tiles > 0) _tile_stored(0, out, sizeof(A[0]));
-    if (tiles > 1) _tile_stored(1, out + kTileCols, sizeof(A[0]));
-    if (tiles > 2) _tile_stored(2, out + 2 * kTileCols, sizeof(A[0]));
-    if (tiles > 3) _tile_stored(3, out + 3 * kTileCols, sizeof(A[0]));
-    compiler_barrier();
-  }
-
-  // GCC's tile load and store intrinsics are asm statements that do not tell the compiler they
-  // touch memory: without a barrier it may drop the stores that fill a tile buffer, or read
-  // A before the tile store.
-  static void compiler_barrier() { asm volatile("" ::: "memory"); }
-
-  static void fold(const GroupCols& gc, int cols, const int32_t* A, const int32_t* Q1,
-                   bool range1, int32_t sum_a, int32_t zr, int32_t count, double* S) {
-    Avx512::fold(gc, cols, A, Q1, range1, sum_a, zr, count, S);
-  }
-};
-
 // Geometry of one call.
 struct Plan {
   int64_t KB, NT, gs;
@@ -417,7 +73,7 @@ struct Plan {
 };
 
 // One task: tokens [m0, m0 + mb), mb <= kMB, column tiles [t0, t0 + kTiles), every group.
-template <typename Isa, bool kUnsigned, int kMB, typename T>
+template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes,
               int64_t m0, int mb, int64_t t0, T* y) {
   double S[kMB][2][kCols];
@@ -438,18 +94,18 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
       if (!any) continue;  // as the generic kernel: empty groups are skipped
       if (!loaded) gc.load(a, g, n0, cols), loaded = true;
       for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].act[r].data() : p.silent.data();
-      Isa::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
+      Kernels::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
       // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
       // a dot product with the indicator of range-1 channels.
       const bool two_ranges = R == 2 && a.zero;
       if (two_ranges) {
         for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].ind1.data() : p.silent.data();
-        Isa::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
+        Kernels::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
       }
       for (int t = 0; t < mb; ++t) {
         const TokenCodes& tc = codes[m0 + t];
         if (!tc.nonzero[g * R + r]) continue;
-        Isa::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
+        Kernels::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
                   static_cast<int32_t>(tc.sum_a[g * R + r]),
                   a.zero ? a.zero[(m0 + t) * R + r] : 0,
                   static_cast<int32_t>(tc.count[g * R + r]), S[t][r]);
@@ -465,28 +121,28 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   }
 }
 
-template <typename Isa, bool kUnsigned, int kMB, typename T>
+template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes) {
   const int64_t col_tasks = (p.NT + kTiles - 1) / kTiles, blocks = (a.M + kMB - 1) / kMB;
   T* y = static_cast<T*>(a.out);
   // Token blocks of the same columns are neighbours, so their weight rows meet in cache.
   at::parallel_for(0, col_tasks * blocks, 1, [&](int64_t begin, int64_t end) {
-    Isa::begin();
+    Kernels::begin();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task % blocks) * kMB;
       const int mb = static_cast<int>(std::min<int64_t>(kMB, a.M - m0));
-      run_task<Isa, kUnsigned, kMB, T>(a, p, codes, m0, mb, (task / blocks) * kTiles, y);
+      run_task<Kernels, kUnsigned, kMB, T>(a, p, codes, m0, mb, (task / blocks) * kTiles, y);
     }
-    Isa::end();
+    Kernels::end();
   });
 }
 
-template <typename Isa, bool kUnsigned, typename T>
+template <typename Kernels, bool kUnsigned, typename T>
 void run(const LinearArgs& a) {
   Plan p;
   p.KB = (a.K + 7) / 8;
   p.NT = (a.N + kTileCols - 1) / kTileCols;
-  p.gs = layout_group(a);
+  p.gs = layout_group(a.bits, a.group_size, a.K);  // > 0: the entry admitted the layout
   p.silent.assign(2 * p.KB, 0);
   std::vector<TokenCodes> codes(a.M);
   at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
@@ -494,23 +150,23 @@ void run(const LinearArgs& a) {
   });
   // AMX: blocks of 16 tokens (it runs from kAmxTokens on). Else one token per task at decode
   // (no padding work), four per task beyond.
-  if constexpr (Isa::kBlock > kBlockTokens) {
-    run<Isa, kUnsigned, Isa::kBlock, T>(a, p, codes);
+  if constexpr (Kernels::kBlock > kBlockTokens) {
+    run<Kernels, kUnsigned, Kernels::kBlock, T>(a, p, codes);
   } else if (a.M < kBlockTokens) {
-    run<Isa, kUnsigned, 1, T>(a, p, codes);
+    run<Kernels, kUnsigned, 1, T>(a, p, codes);
   } else {
-    run<Isa, kUnsigned, kBlockTokens, T>(a, p, codes);
+    run<Kernels, kUnsigned, kBlockTokens, T>(a, p, codes);
   }
 }
 
-template <typename Isa>
+template <typename Kernels>
 void run_isa(const LinearArgs& a) {
   dispatch_out_float(a.out_type, [&](auto tag) {
     using T = decltype(tag);
     if (a.sign) {
-      run<Isa, false, T>(a);
+      run<Kernels, false, T>(a);
     } else {
-      run<Isa, true, T>(a);
+      run<Kernels, true, T>(a);
     }
   });
 }
@@ -518,18 +174,18 @@ void run_isa(const LinearArgs& a) {
 }  // namespace
 #endif
 
-IntIsa int_layout_isa(const LinearArgs& a) {
-  const IntIsa isa = int_isa();
-  if (isa == IntIsa::kGeneric || a.packed == nullptr) return IntIsa::kGeneric;
+Isa int_layout_isa(const LinearArgs& a) {
+  const Isa isa = best_isa();
+  if (isa == Isa::kGeneric || a.packed == nullptr) return Isa::kGeneric;
   // Codes must fit the instructions' bytes: unsigned Q <= 255 (P <= 8), signed |s*Q| <= 127.
-  return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : IntIsa::kGeneric;
+  return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : Isa::kGeneric;
 }
 
-void spike_linear_int_layout(const LinearArgs& a, IntIsa isa) {
+void spike_linear_int_layout(const LinearArgs& a, Isa isa) {
 #if SPIKEOPS_X86_INTRINSICS
-  if (isa == IntIsa::kAmx && a.M >= kAmxTokens) {
+  if (isa == Isa::kAmx && a.M >= kAmxTokens) {
     run_isa<Amx>(a);
-  } else if (isa == IntIsa::kAmx || isa == IntIsa::kAvx512Vnni) {
+  } else if (isa == Isa::kAmx || isa == Isa::kAvx512Vnni) {
     run_isa<Avx512>(a);
   } else {
     run_isa<Avx2>(a);

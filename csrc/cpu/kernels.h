@@ -5,15 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cpu/isa.h"
 #include "kernel_args.h"
-
-// Whether the x86 kernels with intrinsics (GCC's target attributes) are compiled: the int
-// layout kernels of cpu/int_layout.cpp and the vectorized encoder of cpu/encode.cpp.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SPIKEOPS_X86_INTRINSICS 1
-#else
-#define SPIKEOPS_X86_INTRINSICS 0
-#endif
 
 namespace spikeops {
 namespace cpu {
@@ -27,16 +20,17 @@ void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 void spike_matmul(const MatmulArgs& a);  // cpu/matmul.cpp
 
+// The CPU layout from qweight (packed and code_sums) and qweight from it (cpu/layout.cpp).
+void cpu_layout(const LayoutArgs& a);
+void cpu_layout_qweight(const LayoutArgs& a);
+
 // The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AMX tiles (blocks
-// of 16 tokens; fewer tokens take AVX-512 VNNI), AVX-512 VNNI or AVX2 dot products. int_isa:
-// the best the CPU has, capped by SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic.
-// int_layout_isa: the one a call can use (kGeneric when the layout is absent or the codes do
-// not fit 8 bits); spike_linear runs spike_linear_int_layout with it, with identical results.
-enum class IntIsa { kGeneric, kAvx2, kAvx512Vnni, kAmx };
-IntIsa int_isa();
-const char* int_isa_name(IntIsa isa);
-IntIsa int_layout_isa(const LinearArgs& a);
-void spike_linear_int_layout(const LinearArgs& a, IntIsa isa);
+// of 16 tokens; fewer tokens take AVX-512 VNNI), AVX-512 VNNI or AVX2 dot products.
+// int_layout_isa: the instruction set a call can use (best_isa(), cpu/isa.h; kGeneric when the
+// layout is absent or the codes do not fit 8 bits); spike_linear runs spike_linear_int_layout
+// with it, with identical results.
+Isa int_layout_isa(const LinearArgs& a);
+void spike_linear_int_layout(const LinearArgs& a, Isa isa);
 
 // Calls f(T{}) with the C++ element type T of a float tensor, to pick a kernel template:
 // dispatch_float for inputs, dispatch_out_float for outputs, which are never float64.

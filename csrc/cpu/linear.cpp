@@ -20,14 +20,6 @@
 
 #include "cpu/kernels.h"
 
-// Hot loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and baseline, picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPIKEOPS_MULTIVERSION
-#endif
-
 namespace spikeops {
 namespace cpu {
 namespace {
@@ -361,7 +353,8 @@ SPIKEOPS_INLINE void with_rows(const WeightFields& w, F&& f) {
   }
 }
 
-SPIKEOPS_MULTIVERSION
+// Compiled for x86-64-v4, v3 and the baseline, picked at load time (cpu/isa.h).
+SPIKEOPS_TARGET_CLONES
 void int_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int64_t n0, int64_t cols,
                GroupRows& groups, BlockAcc& acc) {
   with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
@@ -370,7 +363,7 @@ void int_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int
   });
 }
 
-SPIKEOPS_MULTIVERSION
+SPIKEOPS_TARGET_CLONES
 void spike_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int64_t m, int64_t n0,
                  int64_t cols, GroupRows& groups, BlockAcc& acc) {
   with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
@@ -413,8 +406,8 @@ void spike_linear(const LinearArgs& a) {
   // which adds only the weight rows of spikes, is faster: auto takes it there.
   bool use_spike = a.backend == Backend::kSpike;
   if (!use_spike) {
-    const IntIsa isa = int_layout_isa(a);
-    if (isa != IntIsa::kGeneric) {
+    const Isa isa = int_layout_isa(a);
+    if (isa != Isa::kGeneric) {
       use_spike = a.backend == Backend::kAuto && few_events(a);
       if (!use_spike) {
         spike_linear_int_layout(a, isa);

@@ -91,8 +91,7 @@ __attribute__((always_inline)) inline void matmul_rows(const MatmulArgs& a, int6
 // The same code compiled with the popcnt instruction (the build targets baseline x86-64, where
 // __builtin_popcount is a library call): identical integers, a few times faster.
 template <typename T>
-__attribute__((target("popcnt"))) void matmul_rows_popcnt(const MatmulArgs& a, int64_t begin,
-                                                          int64_t end) {
+SPIKEOPS_TARGET_POPCNT void matmul_rows_popcnt(const MatmulArgs& a, int64_t begin, int64_t end) {
   matmul_rows<T>(a, begin, end);
 }
 #endif
@@ -102,7 +101,7 @@ __attribute__((target("popcnt"))) void matmul_rows_popcnt(const MatmulArgs& a, i
 void spike_matmul(const MatmulArgs& a) {
   const int64_t tasks = a.batch * a.heads * a.Ma * ((a.N + kKeyBlock - 1) / kKeyBlock);
 #if SPIKEOPS_X86_INTRINSICS
-  const bool popcnt = __builtin_cpu_supports("popcnt");
+  const bool popcnt = has_popcnt();
 #endif
   dispatch_out_float(a.out_type, [&](auto tag) {
     using T = decltype(tag);

@@ -185,14 +185,13 @@ class GPTQWeight:
         self._hold_codes(qweight)
 
     def _hold_codes(self, qweight: torch.Tensor) -> None:
-        # The layout where the dot-product kernels can read it (docs/ops.md, spike_linear); K a
-        # multiple of 8, so that qweight has no padding fields the layout would drop.
-        K, gs, G = self.in_features, self.kernel_group_size, self.scales.shape[0]
-        layout_group = -(-K // 8) * 8 if G == 1 else gs
-        if qweight.device.type == "cpu" and self.kernel_bits == 4 and gs > 0 and K % 8 == 0 \
-                and (gs % 8 == 0 or G == 1) and layout_group <= MAX_LAYOUT_GROUP:
+        # The layout where the dot-product kernels can read it (docs/ops.md, spike_linear): the
+        # C++ rule says which layers it holds (ops.layout_group); K a multiple of 8, so that
+        # qweight has no padding fields the layout would drop.
+        K, gs, bits = self.in_features, self.kernel_group_size, self.kernel_bits
+        if qweight.device.type == "cpu" and K % 8 == 0 and ops.layout_group(bits, gs, K):
             self.qweight = None
-            self.packed, self.code_sums = cpu_layout(unpack(qweight, 4, K, dim=0), gs)
+            self.packed, self.code_sums = ops.cpu_layout(qweight, bits, gs, K)
         else:
             self.qweight, self.packed, self.code_sums = qweight.contiguous(), None, None
 
@@ -205,8 +204,7 @@ class GPTQWeight:
         repacking), ``qweight`` packed again from the CPU layout where that holds the codes."""
         qweight = self.qweight
         if qweight is None:
-            q = layout_codes(self.packed, self.in_features, self.out_features)
-            qweight = pack(q, 4, dim=0)
+            qweight = ops.cpu_layout_qweight(self.packed, self.in_features, self.out_features)
         return dict(zip(GPTQ_TENSORS, (qweight, self.qzeros, self.scales, self.g_idx)))
 
     def with_tensors(self, fn: str, tensors: dict) -> "GPTQWeight":
@@ -261,36 +259,6 @@ def uncast(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     float32 kernel bias); from the meta device, which holds no values, uninitialized as
     ``Module.to_empty`` makes every tensor."""
     return torch.empty_like(t, device=device) if t.is_meta else t.to(device)
-
-
-# Largest group of the CPU layout (kMaxLayoutGroup of csrc/kernel_args.h): its code sums fit
-# uint16.
-MAX_LAYOUT_GROUP = ops._C.MAX_LAYOUT_GROUP
-
-
-def cpu_layout(q: torch.Tensor, group_size: int) -> tuple:
-    """The CPU layout of 4-bit codes ``q [K, N]`` (docs/ops.md, spike_linear): ``packed`` uint8
-    ``[ceil(N/16), ceil(K/8), 64]`` whose byte ``4n + j`` of row ``[t, b]`` holds the code of
-    channel ``8b + j`` of column ``16t + n`` in its low nibble and that of channel ``8b + 4 + j``
-    in its high nibble (zero padding past K and N), and ``code_sums`` uint16 ``[G, N]``."""
-    K, N = q.shape
-    KB, NT = -(-K // 8), -(-N // 16)
-    padded = torch.zeros(KB * 8, NT * 16, dtype=torch.uint8)
-    padded[:K, :N] = q.to(torch.uint8)
-    t = padded.view(KB, 2, 4, NT, 16)                     # k = 8b + 4h + j, n = 16t + c
-    packed = (t[:, 0] | (t[:, 1] << 4)).permute(2, 0, 3, 1).contiguous()  # [NT, KB, 16, 4]
-    groups = torch.arange(K) // group_size
-    sums = torch.zeros(int(groups[-1]) + 1, N, dtype=torch.int64)
-    sums.index_add_(0, groups, q.to(torch.int64))
-    return packed.view(NT, KB, 64), sums.to(torch.int32).to(torch.uint16)
-
-
-def layout_codes(packed: torch.Tensor, K: int, N: int) -> torch.Tensor:
-    """The codes int32 ``[K, N]`` that ``cpu_layout`` laid out in ``packed``."""
-    NT, KB = packed.shape[0], packed.shape[1]
-    p = packed.view(NT, KB, 16, 4).permute(1, 3, 0, 2)  # [b, j, t, c]
-    q = torch.stack([p & 15, p >> 4], dim=1).reshape(KB * 8, NT * 16)[:K, :N]
-    return q.to(torch.int32)
 
 
 def _zero_offset(zeros: torch.Tensor, bits: int, sym: bool, label: str) -> int:

@@ -258,3 +258,41 @@ def _(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi, b_scale, 
                                f"a multiple of kv_heads, got {batch}, {heads}, {kv_heads}")
     Ma = a_planes.shape[1] // (batch * heads)
     return a_planes.new_empty((batch, heads, Ma, keys), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------- the CPU layout
+# layout_group(bits, group_size, K) of csrc/kernel_args.h: the channels per group of the CPU
+# layout of such a layer (group_size 0: act order), 0 where the layout cannot hold it. Its one
+# definition is there; spikeops.GPTQWeight and the fake below ask it.
+layout_group = _C.layout_group
+
+
+def cpu_layout(qweight: Tensor, bits: int, group_size: int, K: int) -> tuple:
+    """The CPU layout ``(packed uint8 [ceil(N/16), ceil(K/8), 64], code_sums uint16 [G, N])``
+    of the 4-bit codes in ``qweight`` int32 ``[ceil(K/8), N]`` (GPTQ packing), in groups of
+    ``group_size`` channels (docs/ops.md, spike_linear, "CPU layout"); CPU tensors of a layer
+    that ``layout_group`` admits. Fields of channels past K are dropped."""
+    return _ops.cpu_layout.default(qweight, bits, group_size, K)
+
+
+@torch.library.register_fake("spikeops::cpu_layout")
+def _(qweight, bits, group_size, K):
+    torch._check_value(layout_group(bits, group_size, K) > 0,
+                       lambda: f"cpu_layout: the CPU layout holds only 4-bit codes in groups it "
+                               f"admits (docs/ops.md), got bits = {bits}, group_size = "
+                               f"{group_size}, K = {K}")
+    N = qweight.shape[1]
+    return (qweight.new_empty(((N + 15) // 16, (K + 7) // 8, 64), dtype=torch.uint8),
+            qweight.new_empty((-(-K // group_size), N), dtype=torch.uint16))
+
+
+def cpu_layout_qweight(packed: Tensor, K: int, N: int) -> Tensor:
+    """``qweight`` int32 ``[ceil(K/8), N]`` (GPTQ packing of 4-bit codes) of the CPU layout
+    ``packed`` of a layer of K inputs and N outputs: ``cpu_layout``'s inverse, bit for bit
+    where K is a multiple of 8 (else the padding fields are 0)."""
+    return _ops.cpu_layout_qweight.default(packed, K, N)
+
+
+@torch.library.register_fake("spikeops::cpu_layout_qweight")
+def _(packed, K, N):
+    return packed.new_empty(((K + 7) // 8, N), dtype=_INT32)

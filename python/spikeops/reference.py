@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .gptq import layout_codes, unpack
+from .gptq import pack, unpack
 
 Tensor = torch.Tensor
 _F32 = torch.float32
@@ -212,7 +212,7 @@ def _weights(qweight, qzeros, scales, packed, bits, K, zero_offset):
     points z int64 ``[G, N]`` and float32 scales ``[G, N]`` of the kernel form (docs/ops.md,
     spike_linear)."""
     N = scales.shape[1]
-    q = unpack(qweight, bits, K, dim=0) if qweight is not None else layout_codes(packed, K, N)
+    q = unpack(qweight, bits, K, dim=0) if qweight is not None else _layout_codes(packed, K, N)
     z = unpack(qzeros, bits, N, dim=1).to(torch.int64) + zero_offset
     return q.to(torch.int64), z, scales.to(_F32)
 
@@ -299,3 +299,35 @@ def spike_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi
         j = torch.arange(keys, device=out.device)[None, :]
         out = out.masked_fill(j > keys - Ma + i, float("-inf"))
     return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- the CPU layout
+def cpu_layout(qweight, bits, group_size, K):
+    """docs/ops.md, "CPU layout": row ``[t, b]`` of ``packed`` holds 64 bytes, byte ``4n + j``
+    the code of channel ``8b + j`` of column ``16t + n`` in its low nibble and that of channel
+    ``8b + 4 + j`` in its high nibble (zeros past K and N); ``code_sums[g, n]`` is the sum of the
+    codes of group g (channels ``k // group_size == g``) in column n."""
+    q = unpack(qweight, bits, K, dim=0)
+    N = q.shape[1]
+    KB, NT = -(-K // 8), -(-N // 16)
+    padded = torch.zeros(KB * 8, NT * 16, dtype=torch.uint8)
+    padded[:K, :N] = q.to(torch.uint8)
+    t = padded.view(KB, 2, 4, NT, 16)                     # k = 8b + 4h + j, n = 16t + c
+    packed = (t[:, 0] | (t[:, 1] << 4)).permute(2, 0, 3, 1).contiguous()  # [NT, KB, 16, 4]
+    groups = torch.arange(K) // group_size
+    sums = torch.zeros(-(-K // group_size), N, dtype=torch.int64)
+    sums.index_add_(0, groups, q.to(torch.int64))
+    return packed.view(NT, KB, 64), sums.to(torch.int32).to(torch.uint16)
+
+
+def _layout_codes(packed, K, N):
+    """The codes int32 ``[K, N]`` that the CPU layout ``packed`` holds."""
+    NT, KB = packed.shape[0], packed.shape[1]
+    p = packed.view(NT, KB, 16, 4).permute(1, 3, 0, 2)  # [b, j, t, c]
+    q = torch.stack([p & 15, p >> 4], dim=1).reshape(KB * 8, NT * 16)[:K, :N]
+    return q.to(torch.int32)
+
+
+def cpu_layout_qweight(packed, K, N):
+    """GPTQ's ``qweight`` of the codes of channels below K that the CPU layout holds."""
+    return pack(_layout_codes(packed, K, N), 4, dim=0)
