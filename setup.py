@@ -39,14 +39,14 @@ def extension():
     # -fopenmp: at::parallel_for is a header template that runs serially without it.
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
     link = ["-fopenmp"]
-    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "cuda")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return CppExtension("spikeops._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: build for Ampere and Hopper, plus PTX for later chips.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    sources += sorted(glob.glob("cuda/*.cu"))
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # --fmad=false for the same reason as -ffp-contract=off on the host.
     nvcc = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo"]
     return CUDAExtension("spikeops._C", sources, include_dirs=include_dirs,

@@ -331,7 +331,7 @@ WeightFields check_weights(const char* op, Inputs& in, const OptTensor& qweight,
   w.scales = reinterpret_cast<const uint16_t*>(in.data<at::Half>(scales));
   w.g_idx = in.data<int32_t>(g_idx);
   // Only an act-order layout (group_size 0) reads g_idx's values, and only then are they
-  // checked: once per call on the CPU; CUDA kernels guard them instead (cuda/launchers.h).
+  // checked: once per call on the CPU; CUDA kernels guard them instead (csrc/cuda/launchers.h).
   if (group_size == 0 && host_readable(g_idx)) {
     for (int64_t k = 0; k < w.K; ++k)
       TORCH_CHECK_VALUE(w.g_idx[k] >= 0 && w.g_idx[k] < w.G, op, ": g_idx values must be in ",

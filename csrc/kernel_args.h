@@ -2,7 +2,7 @@
 // types, so that this header compiles with the host compiler and with nvcc. The checks of
 // csrc/checks.h fill one of these structs from the op's inputs, the host entries of csrc/ops.cpp
 // allocate the outputs into it and hand it to the CPU kernel (cpu/kernels.h) or the CUDA launcher
-// (cuda/launchers.h). Absent optional tensors are null pointers. docs/ops.md is the contract of each op.
+// (csrc/cuda/launchers.h). Absent optional tensors are null pointers. docs/ops.md is the contract of each op.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // The arithmetic of spike_matmul (docs/ops.md), shared by the CPU kernel (cpu/matmul.cpp) and
-// the CUDA kernel (cuda/matmul.cu) so that both compute the same integers and the same rounding
+// the CUDA kernel (csrc/cuda/matmul.cu) so that both compute the same integers and the same rounding
 // by construction. Plain C++ with SPIKE_HD: compiles with nvcc and with the host compiler.
 #pragma once
 

@@ -1,7 +1,7 @@
 // The op catalogue: every schema of torch.ops.spikeops and its one host entry. An entry checks
 // its inputs once (checks.h), allocates the outputs, fills the kernel's argument struct
 // (kernel_args.h) and runs the kernel of the device that dispatched it: cpu::* (cpu/kernels.h)
-// or the CUDA launcher (cuda/launchers.h). Optional inputs are `Tensor?` (None in Python, null
+// or the CUDA launcher (csrc/cuda/launchers.h). Optional inputs are `Tensor?` (None in Python, null
 // pointers in the argument structs); outputs an encoding does not produce have shape [0].
 // docs/ops.md is the contract of every op. Importing the Python module spikeops._C (this
 // library) registers everything.
@@ -20,7 +20,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "launchers.h"  // cuda/launchers.h
+#include "cuda/launchers.h"
 #endif
 
 extern "C" {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA sources, no GPU needed: every cuda/*.cu with nvcc for sm_80 and sm_90
+# Compile check of the CUDA sources, no GPU needed: every csrc/cuda/*.cu with nvcc for sm_80 and sm_90
 # (the flags setup.py uses), and the host entries (csrc/ops.cpp with SPIKEOPS_WITH_CUDA) with
 # g++ -fsyntax-only against the torch and CUDA headers. Exits non-zero on any error. Without any
 # nvcc it says so and exits 0.
@@ -30,9 +30,9 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 failed=0
 
-for src in cuda/*.cu; do
+for src in csrc/cuda/*.cu; do
   echo "nvcc  $src"
-  if ! "$nvcc" -c "$src" -o "$tmp/$(basename "$src").o" -I csrc -I cuda -std=c++17 -O3 \
+  if ! "$nvcc" -c "$src" -o "$tmp/$(basename "$src").o" -I csrc -std=c++17 -O3 \
       --fmad=false -lineinfo -DSPIKEOPS_WITH_CUDA \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
       --threads 0 -Xcompiler -Wall; then
@@ -57,7 +57,7 @@ if [[ ! -f "$(head -n 1 <<< "$torch_includes")/c10/cuda/impl/cuda_cmake_macros.h
 fi
 for src in csrc/ops.cpp; do
   echo "g++   $src"
-  if ! g++ -fsyntax-only -std=c++17 -Wall -DSPIKEOPS_WITH_CUDA -I csrc -I cuda \
+  if ! g++ -fsyntax-only -std=c++17 -Wall -DSPIKEOPS_WITH_CUDA -I csrc \
       "${include_flags[@]}" -isystem "$cuda_include" "$src"; then
     echo "compile_cuda: FAILED $src"
     failed=1

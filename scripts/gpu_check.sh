@@ -15,7 +15,7 @@
 # Stages (all but the full bench-linear-* / bench-ops / bench-model when none is named):
 #   build prefill tests bench-core bench-encode bench-decode report sanitizer (15-minute budget)
 #   bench-prefill bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model
-# prefill: the exactness tests of the tensor-core prefill kernel (cuda/linear_mma.cu), first
+# prefill: the exactness tests of the tensor-core prefill kernel (csrc/cuda/linear_mma.cu), first
 # after the build: its host emulation (tests/test_cuda_mma_layout.py) and its CUDA-against-CPU
 # cases (tests/test_cuda.py -k prefill); bench-core then times it at M = 2048 (auto entries).
 # bench-prefill: spike_linear at M = 64, 256 and 2048 on the 7B shapes, W4, auto and baselines.

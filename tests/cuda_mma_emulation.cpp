@@ -1,5 +1,5 @@
-// Host emulation of the tensor-core prefill kernel of spike_linear (cuda/linear_mma.cu), built
-// by tests/test_cuda_mma_layout.py with g++. Every index comes from cuda/mma_layout.h, the
+// Host emulation of the tensor-core prefill kernel of spike_linear (csrc/cuda/linear_mma.cu), built
+// by tests/test_cuda_mma_layout.py with g++. Every index comes from csrc/cuda/mma_layout.h, the
 // header the kernel uses; what the hardware does with those indices (cp.async, ldmatrix,
 // mma.sync m16n8k32 .s8, dp4a, shuffles) is written here independently from the PTX ISA
 // ("Matrix Fragments for mma.m16n8k32" with .s8 operands, "ldmatrix"), so that a wrong map in
@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "mma_layout.h"
+#include "cuda/mma_layout.h"
 
 using namespace spikeops;
 using namespace spikeops::mma;

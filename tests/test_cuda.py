@@ -120,7 +120,7 @@ def test_spike_linear_and_dequantize_cpu_equals_cuda(bits, group_size, act, sym,
                               "minmax12"])
 def test_spike_linear_prefill_cpu_equals_cuda(bits, group_size, K, N, M, enc):
     """Prefill shapes (M >= 64, N % 4 == 0, several groups, ragged M, N and K): one range with
-    codes that fit int8 takes the tensor-core kernel (cuda/linear_mma.cu), two ranges
+    codes that fit int8 takes the tensor-core kernel (csrc/cuda/linear_mma.cu), two ranges
     (salient, oat) and wide codes (minmax12) the CUDA-core kernel; every one equals the CPU."""
     mask = torch.rand(K) < 0.1 if enc.salient_bits else None
     w_cpu = make_layer(K, N, bits, group_size, sym=False, seed=K)[0]
@@ -139,7 +139,7 @@ def test_spike_linear_prefill_cpu_equals_cuda(bits, group_size, K, N, M, enc):
 
 def test_spike_linear_prefill_zero_point_guard():
     """The tensor-core kernel turns a token whose zero point lies beyond 10^4 into NaN and
-    leaves the others equal to the CPU's (cuda/launchers.h)."""
+    leaves the others equal to the CPU's (csrc/cuda/launchers.h)."""
     w_cpu = make_layer(256, 128, 4, 64)[0]
     w_gpu = make_layer(256, 128, 4, 64, device="cuda")[0]
     st = spikeops.encode(torch.randn(70, 256), spikeops.Encoding("minmax", 4))
@@ -198,7 +198,7 @@ def test_second_device():
 
 def test_guards_for_device_values():
     """The CUDA host does not read tensor values; the kernels turn invalid ones into NaN
-    instead of reading out of bounds (cuda/launchers.h)."""
+    instead of reading out of bounds (csrc/cuda/launchers.h)."""
     w = make_layer(64, 32, 4, 32, device="cuda")[0]
     st = spikeops.encode(torch.randn(2, 64, device="cuda"), spikeops.Encoding("minmax", 4))
     bad_g_idx = w.g_idx.clone()

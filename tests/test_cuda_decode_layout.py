@@ -1,4 +1,4 @@
-"""The CUDA decode kernel of spike_linear (cuda/linear_decode.cu), emulated on the host: which
+"""The CUDA decode kernel of spike_linear (csrc/cuda/linear_decode.cu), emulated on the host: which
 block, worker and lane reads which qweight words, zero points and scales; which build unit writes
 which code words of shared memory and which worker reads them; the bit-sliced codes; the dp4a
 sums with their zero-point terms; and the fold. Every function mirrors the kernel's of the same

@@ -1,4 +1,4 @@
-"""The bit layout of the CUDA gif_encode kernel (cuda/encode.cu), emulated on the host: the
+"""The bit layout of the CUDA gif_encode kernel (csrc/cuda/encode.cu), emulated on the host: the
 codes of each lane's 8 channels through transpose_bits, code_bytes and masking, transpose_lanes
 across the warp, and the stores of lane 4g + t. Every (plane, row, word) of planes, sign and hi
 must be written exactly once, with the words of docs/ops.md, for ragged K and several P. Each

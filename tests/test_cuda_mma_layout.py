@@ -1,5 +1,5 @@
-"""The tensor-core prefill kernel of spike_linear (cuda/linear_mma.cu), emulated on the host:
-tests/cuda_mma_emulation.cpp is compiled with g++ against cuda/mma_layout.h, the header that holds
+"""The tensor-core prefill kernel of spike_linear (csrc/cuda/linear_mma.cu), emulated on the host:
+tests/cuda_mma_emulation.cpp is compiled with g++ against csrc/cuda/mma_layout.h, the header that holds
 every index map of the kernel (cp.async sources and destinations, the code build and its swizzle,
 the ldmatrix addresses, the weight registers, the accumulator -> (token, column) map, the fold),
 and runs whole blocks through them, with ldmatrix and mma.sync m16n8k32 .s8 written there from
@@ -32,7 +32,7 @@ def emulator(tmp_path_factory):
         pytest.skip("no g++ to build the emulation")
     exe = tmp_path_factory.mktemp("mma") / "cuda_mma_emulation"
     subprocess.run(["g++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror",
-                    "-I", str(ROOT / "cuda"), "-I", str(ROOT / "csrc"),
+                    "-I", str(ROOT / "csrc"),
                     str(ROOT / "tests" / "cuda_mma_emulation.cpp"), "-o", str(exe)], check=True)
     return exe
 

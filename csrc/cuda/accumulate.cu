@@ -4,7 +4,7 @@
 //   acc[r, m, n]    = sum over p of 2^p * acc[p, r, m, n]
 // Only additions and subtractions touch the weights. Each per-plane sum stays in int32
 // (|sum| <= K * 128 <= 2^30 for K <= kMaxK); the total is int64.
-#include "device.cuh"
+#include "cuda/device.cuh"
 
 namespace spikeops {
 namespace {

@@ -1,5 +1,5 @@
 // spike_linear for decode: M <= 16 tokens on 4-bit layers with uniform groups, a streaming
-// kernel meant to read the packed weights at memory bandwidth. cuda/linear.cu routes here what
+// kernel meant to read the packed weights at memory bandwidth. csrc/cuda/linear.cu routes here what
 // spike_linear_decode_applies accepts; it computes that file's contract (same integers D, same
 // fold, same epilogue), so its outputs are the CPU's bits.
 //
@@ -38,7 +38,7 @@
 // its group a worker stores that product; after the round's barrier one thread per (token,
 // column) adds the round's products to S_r in worker order, which is ascending g, in double, from
 // S = +0: the CPU's sequence, plus +-0 for the groups it skips (no change for finite scales, as
-// in cuda/linear.cu). The epilogue is the CPU's expression.
+// in csrc/cuda/linear.cu). The epilogue is the CPU's expression.
 //
 // Bandwidth. At M = 1 a block has 16 x 2 KB = 32 KB of weights in flight per chunk, and three
 // blocks fit an SM (<= 170 registers): 96 KB per SM, three times the ~32 KB that Little's law
@@ -51,7 +51,7 @@
 // at M = 1; from M = 8 on dp4a bounds the kernel (tensor cores are the next step), and each
 // block rebuilds the codes of its tokens (~4 instructions per channel and token, about a quarter
 // of the dp4a time).
-#include "device.cuh"
+#include "cuda/device.cuh"
 
 namespace spikeops {
 namespace {

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "device.cuh"
+#include "cuda/device.cuh"
 
 namespace spikeops {
 namespace {

@@ -1,11 +1,11 @@
-// The CUDA kernel of spike_linear as templates over the weight bits; cuda/linear.cu says what
-// it computes and how. Each cuda/linear_w*.cu instantiates one bit width, so that the
+// The CUDA kernel of spike_linear as templates over the weight bits; csrc/cuda/linear.cu says what
+// it computes and how. Each csrc/cuda/linear_w*.cu instantiates one bit width, so that the
 // instantiations compile in parallel (one file took most of the CUDA build).
 #pragma once
 
 #include <climits>
 
-#include "device.cuh"
+#include "cuda/device.cuh"
 
 namespace spikeops {
 namespace {
@@ -464,13 +464,13 @@ void launch_tokens(const LinearArgs& a, cudaStream_t stream) {
   }
 }
 
-// The kernel of kBits-bit weights, either backend (see cuda/linear.cu).
+// The kernel of kBits-bit weights, either backend (see csrc/cuda/linear.cu).
 template <int kBits>
 void launch_bits(const LinearArgs& a, cudaStream_t stream) {
   if (a.backend == Backend::kSpike) {
     launch_tokens<kBits, true>(a, stream);
   } else {
-    launch_tokens<kBits, false>(a, stream);  // int, and auto (see cuda/linear.cu)
+    launch_tokens<kBits, false>(a, stream);  // int, and auto (see csrc/cuda/linear.cu)
   }
 }
 

@@ -1,7 +1,7 @@
 // CUDA kernel of gptq_dequantize: W_hat[n, k] = fp16(scales[g, n] * float32(q - z)), g the group
 // of channel k, the one rounding of csrc/cpu/linear.cpp (cpu::gptq_dequantize). A g_idx entry
 // outside [0, G) of an act-order layer gives NaN in column k instead of a read out of bounds.
-#include "device.cuh"
+#include "cuda/device.cuh"
 
 namespace spikeops {
 namespace {

@@ -1,5 +1,5 @@
 // Index maps and element arithmetic of the tensor-core prefill kernel of spike_linear
-// (cuda/linear_mma.cu): which thread copies which words into which shared-memory slot, how the
+// (csrc/cuda/linear_mma.cu): which thread copies which words into which shared-memory slot, how the
 // int8 codes are built and where they are stored (the swizzle), which bytes each lane's ldmatrix
 // and weight loads fetch, which output each accumulator register holds, and the fold. Plain C++
 // with SPIKE_HD functions and no CUDA intrinsics, so that tests/test_cuda_mma_layout.py compiles

@@ -1,8 +1,8 @@
 // CUDA kernel of spike_matmul: one thread per output (query row, key), the plane-pair popcounts
 // (__popc) and the float64 epilogue of csrc/matmul_math.h, the integers and the rounding of the
 // CPU kernel (csrc/cpu/matmul.cpp). A zero point beyond +-kZeroLimit, which the host cannot
-// check without synchronizing, makes the outputs of its token NaN (cuda/launchers.h).
-#include "device.cuh"
+// check without synchronizing, makes the outputs of its token NaN (csrc/cuda/launchers.h).
+#include "cuda/device.cuh"
 #include "matmul_math.h"
 
 namespace spikeops {

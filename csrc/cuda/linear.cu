@@ -37,11 +37,11 @@
 //   auto  : int. Both backends skip the same silent weight rows, so they move the same bytes,
 //           and dp4a does in one instruction what the spike loop does in about 20.
 //
-// The kernel is cuda/linear_kernel.cuh; cuda/linear_w{2,4,8}.cu instantiate it per bit width.
+// The kernel is csrc/cuda/linear_kernel.cuh; cuda/linear_w{2,4,8}.cu instantiate it per bit width.
 //
 // Decode. Calls of at most 16 tokens on 4-bit layers with uniform groups (of a multiple of 32
 // channels, at most 8192) whose codes fit int8 after an offset (P <= 7, or unsigned P = 8) go to
-// the streaming kernel of cuda/linear_decode.cu instead, for backends int and auto: it computes
+// the streaming kernel of csrc/cuda/linear_decode.cu instead, for backends int and auto: it computes
 // the same D with int32 dp4a sums per group and the same fold. It reads every weight row (this
 // kernel skips the rows of words silent in every token, which dense activations rarely have).
 // The spike backend keeps this kernel.
@@ -49,10 +49,10 @@
 // Prefill. Calls of at least 64 tokens on 2- and 4-bit layers with uniform groups (of a multiple
 // of 32 channels), one range (R = 1: no salient channels, not oat), codes that fit int8 after an
 // offset (signed P <= 7, unsigned P <= 8) and N % 4 == 0 go to the tensor-core kernel of
-// cuda/linear_mma.cu, for backends int and auto: mma.sync m16n8k32 on int8 codes c' and weights
+// csrc/cuda/linear_mma.cu, for backends int and auto: mma.sync m16n8k32 on int8 codes c' and weights
 // q - z, int32 sums per group, the same D and the same fold (compiled, not yet run on a GPU).
 // Everything else, two ranges included, stays here.
-#include "launchers.h"
+#include "cuda/launchers.h"
 
 namespace spikeops {
 

@@ -1,5 +1,5 @@
 // Launchers of the CUDA kernels. They take the raw-pointer arguments of csrc/kernel_args.h and a
-// stream (no torch types), so that cuda/*.cu compile with plain nvcc; the host entries in
+// stream (no torch types), so that csrc/cuda/*.cu compile with plain nvcc; the host entries in
 // csrc/ops.cpp check the arguments first (checks.h), allocate the outputs and check each launch
 // afterwards.
 //
@@ -29,20 +29,20 @@ void launch_spike_stats(const StatsArgs& a, cudaStream_t stream);
 void launch_spike_accumulate(const AccumulateArgs& a, cudaStream_t stream);
 void launch_spike_linear(const LinearArgs& a, cudaStream_t stream);
 void launch_gptq_dequantize(const DequantizeArgs& a, cudaStream_t stream);
-void launch_spike_matmul(const MatmulArgs& a, cudaStream_t stream);  // cuda/matmul.cu
+void launch_spike_matmul(const MatmulArgs& a, cudaStream_t stream);  // csrc/cuda/matmul.cu
 
-// spike_linear's launcher per weight bit width (cuda/linear_w*.cu), called by
+// spike_linear's launcher per weight bit width (csrc/cuda/linear_w*.cu), called by
 // launch_spike_linear.
 void launch_spike_linear_w2(const LinearArgs& a, cudaStream_t stream);
 void launch_spike_linear_w4(const LinearArgs& a, cudaStream_t stream);
 void launch_spike_linear_w8(const LinearArgs& a, cudaStream_t stream);
 
-// spike_linear's decode kernel (cuda/linear_decode.cu): whether it serves these arguments (few
+// spike_linear's decode kernel (csrc/cuda/linear_decode.cu): whether it serves these arguments (few
 // tokens, 4-bit weights, uniform groups), and its launcher. launch_spike_linear routes.
 bool spike_linear_decode_applies(const LinearArgs& a);
 void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream);
 
-// spike_linear's prefill kernel on integer tensor cores (cuda/linear_mma.cu): whether it serves
+// spike_linear's prefill kernel on integer tensor cores (csrc/cuda/linear_mma.cu): whether it serves
 // these arguments (M >= 64, 2- or 4-bit weights, uniform groups, one range, codes that fit int8
 // after an offset), and its launcher. launch_spike_linear routes.
 bool spike_linear_mma_applies(const LinearArgs& a);

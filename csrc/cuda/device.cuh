@@ -1,4 +1,4 @@
-// Device helpers shared by the kernels of cuda/*.cu: element conversions, word masks, grid sizes.
+// Device helpers shared by the kernels of csrc/cuda/*.cu: element conversions, word masks, grid sizes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "launchers.h"
+#include "cuda/launchers.h"
 #include "spike_math.h"
 
 namespace spikeops {

@@ -1,21 +1,21 @@
 // spike_linear for prefill on integer tensor cores: mma.sync.aligned.m16n8k32 with s8 operands
-// and int32 accumulators (sm_80 and later). cuda/linear.cu routes here what
+// and int32 accumulators (sm_80 and later). csrc/cuda/linear.cu routes here what
 // spike_linear_mma_applies accepts; the kernel computes that file's contract (the same integers
 // D, the same fold, the same epilogue), so its outputs are the CPU's bits (docs/ops.md,
-// spike_linear). Its index maps live in cuda/mma_layout.h, where tests/test_cuda_mma_layout.py
+// spike_linear). Its index maps live in csrc/cuda/mma_layout.h, where tests/test_cuda_mma_layout.py
 // emulates whole blocks on the CPU through them. Compiled, not yet run on a GPU.
 //
 // Operands. A = c' = s*Q - off, the activation codes with off = 128 for unsigned 8-plane codes
 // (else 0), int8 for every input the path accepts (signed P <= 7, unsigned P <= 8). The zero
 // point of unsigned codes is bounded only by kZeroLimit, so c = s*Q - zero has no int8 form in
 // general, and the device cannot fall back per token without reading values; as in
-// cuda/linear_decode.cu the kernel uses the identity, per group g and column n,
+// csrc/cuda/linear_decode.cu the kernel uses the identity, per group g and column n,
 //   D = sum c' (q - z) - zero' * sum (q - z),   zero' = zero[m] - off,
 // with B = q - z widened from 2 or 4 bits to int8 (in [-16, 15] for the zero points [0, 2^bits]
 // of the contract). sum (q - z) is one dp4a per weight register against bytes of 1, reduced over
 // the lane quad that shares a column. 8-bit weights (q - z does not fit int8), act-order layers
 // (group_size 0), group sizes not a multiple of 32, two ranges (R = 2: salient channels, oat)
-// and the spike backend keep the kernel of cuda/linear_kernel.cuh. R = 2 would need the codes
+// and the spike backend keep the kernel of csrc/cuda/linear_kernel.cuh. R = 2 would need the codes
 // masked per range (two accumulators) and, with zero points, sum over range 1 of (q - z) per
 // token (a third mma on the hi bits): 1.5x the registers of the tile below; not done yet.
 //
@@ -27,7 +27,7 @@
 // accumulators into D in int64 and folds
 //   S[m, n] += double(float32(scales[g, n]) * float32(D))
 // (mma::fold_group; --fmad=false), in ascending g from S = +0, then resets them: the sequence of
-// cuda/linear.cu's header. The epilogue is y = float32(double(scale[m]) * S + double(bias[n])).
+// csrc/cuda/linear.cu's header. The epilogue is y = float32(double(scale[m]) * S + double(bias[n])).
 // Tokens whose zero point lies beyond kZeroLimit give NaN rows, as in the other kernels.
 //
 // Tiles. A block owns 64 tokens x 128 columns; 8 warps of 32 x 32 (2 m16 x 4 n8 tiles: 8 mma per
@@ -71,8 +71,8 @@
 // 35,584 bytes of static shared memory, no spills and no stack frame in any instantiation:
 //   sm_80: 4-bit 191 (signed codes) / 198 (zero points) registers, 2-bit 186 / 182;
 //   sm_90: 4-bit 200 / 200, 2-bit 192 / 188 (the same for float16, bfloat16, float32 outputs).
-#include "device.cuh"
-#include "mma_layout.h"
+#include "cuda/device.cuh"
+#include "cuda/mma_layout.h"
 
 namespace spikeops {
 namespace {
