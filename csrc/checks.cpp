@@ -105,6 +105,17 @@ void check_same_device(const char* op, const at::Tensor& t, const char* name,
                     ref_name, " (", ref.device(), "), got ", t.device());
 }
 
+namespace {
+// An input's dtype, shape and device (on the device of `ref`), checked in that order.
+void check_tensor(const char* op, const at::Tensor& t, const char* name, at::ScalarType want,
+                  std::initializer_list<int64_t> shape, const at::Tensor& ref,
+                  const char* ref_name) {
+  check_dtype(op, t, name, want);
+  check_shape(op, t, name, shape);
+  check_same_device(op, t, name, ref, ref_name);
+}
+}  // namespace
+
 void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* name) {
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op, ": ",
                    name, " must be torch.float16, torch.bfloat16 or torch.float32, got ",
@@ -167,9 +178,7 @@ EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode
   e.gamma = static_cast<float>(gamma);
 
   if (salient_mask) {
-    check_dtype(op, *salient_mask, "salient_mask", at::kBool);
-    check_shape(op, *salient_mask, "salient_mask", {e.K});
-    check_same_device(op, *salient_mask, "salient_mask", x, "x");
+    check_tensor(op, *salient_mask, "salient_mask", at::kBool, {e.K}, x, "x");
     e.salient = reinterpret_cast<const uint8_t*>(in.data<bool>(*salient_mask));
   }
   const int top_bits = e.salient_bits ? e.salient_bits : e.bits;
@@ -179,9 +188,7 @@ EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode
   if (is_static) {
     TORCH_CHECK_VALUE(scale.has_value(), op, ": mode 'static' needs scale, a float32 tensor of ",
                       "shape [M] = [", e.M, "]");
-    check_dtype(op, *scale, "scale", at::kFloat);
-    check_shape(op, *scale, "scale", {e.M});
-    check_same_device(op, *scale, "scale", x, "x");
+    check_tensor(op, *scale, "scale", at::kFloat, {e.M}, x, "x");
     e.static_scale = in.data<float>(*scale);
     if (host_readable(*scale)) {
       for (int64_t m = 0; m < e.M; ++m)
@@ -190,9 +197,7 @@ EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode
                           e.static_scale[m]);
     }
     if (zero) {
-      check_dtype(op, *zero, "zero", at::kInt);
-      check_shape(op, *zero, "zero", {e.M});
-      check_same_device(op, *zero, "zero", x, "x");
+      check_tensor(op, *zero, "zero", at::kInt, {e.M}, x, "x");
       e.static_zero = in.data<int32_t>(*zero);
       if (host_readable(*zero)) {
         for (int64_t m = 0; m < e.M; ++m)
@@ -249,14 +254,10 @@ SpikeFields check_spikes(const char* op, Inputs& in, const at::Tensor& planes,
                          const OptTensor& sign, const OptTensor& hi, const at::Tensor& scale,
                          const OptTensor& zero) {
   SpikeFields s = check_spike_bits(op, in, planes, sign, hi);
-  check_dtype(op, scale, "scale", at::kFloat);
-  check_shape(op, scale, "scale", {s.M, s.R});
-  check_same_device(op, scale, "scale", planes, "planes");
+  check_tensor(op, scale, "scale", at::kFloat, {s.M, s.R}, planes, "planes");
   s.scale = in.data<float>(scale);
   if (zero) {
-    check_dtype(op, *zero, "zero", at::kInt);
-    check_shape(op, *zero, "zero", {s.M, s.R});
-    check_same_device(op, *zero, "zero", planes, "planes");
+    check_tensor(op, *zero, "zero", at::kInt, {s.M, s.R}, planes, "planes");
     s.zero = in.data<int32_t>(*zero);
     if (host_readable(*zero)) {
       // Codes minus zeros stay far from int32 overflow (see kZeroLimit).
@@ -311,16 +312,14 @@ WeightFields check_weights(const char* op, Inputs& in, const OptTensor& qweight,
                     "layout packed; got neither");
   if (qweight) {
     const int64_t per_word = 32 / bits;
-    check_dtype(op, *qweight, "qweight", at::kInt);
-    check_shape(op, *qweight, "qweight", {(w.K + per_word - 1) / per_word, w.N});
-    check_same_device(op, *qweight, "qweight", scales, "scales");
+    check_tensor(op, *qweight, "qweight", at::kInt, {(w.K + per_word - 1) / per_word, w.N},
+                 scales, "scales");
     w.qweight = in.data<int32_t>(*qweight);
   }
   if (packed) {
     check_layout_group(op, "packed, the CPU layout,", bits, group_size, w.K);
-    check_dtype(op, *packed, "packed", at::kByte);
-    check_shape(op, *packed, "packed", {(w.N + 15) / 16, (w.K + 7) / 8, 64});
-    check_same_device(op, *packed, "packed", scales, "scales");
+    check_tensor(op, *packed, "packed", at::kByte, {(w.N + 15) / 16, (w.K + 7) / 8, 64},
+                 scales, "scales");
     TORCH_CHECK_VALUE(packed->device().is_cpu(), op, ": packed is the CPU layout, for CPU ",
                       "tensors only; got ", packed->device());
     w.packed = in.data<uint8_t>(*packed);
@@ -346,9 +345,7 @@ void check_code_sums(const char* op, Inputs& in, const OptTensor& code_sums,
                     "code_sums come together (both None, or spikeops.GPTQWeight's CPU layout), ",
                     "got one");
   if (!code_sums) return;
-  check_dtype(op, *code_sums, "code_sums", at::kUInt16);
-  check_shape(op, *code_sums, "code_sums", {w.G, w.N});
-  check_same_device(op, *code_sums, "code_sums", scales, "scales");
+  check_tensor(op, *code_sums, "code_sums", at::kUInt16, {w.G, w.N}, scales, "scales");
   w.code_sums = in.data<uint16_t>(*code_sums);
 }
 
@@ -363,9 +360,7 @@ Backend parse_backend(const char* op, const std::string& backend) {
 const float* check_bias(const char* op, Inputs& in, const OptTensor& bias,
                         const at::Tensor& scales, int64_t N) {
   if (!bias) return nullptr;
-  check_dtype(op, *bias, "bias", at::kFloat);
-  check_shape(op, *bias, "bias", {N});
-  check_same_device(op, *bias, "bias", scales, "scales");
+  check_tensor(op, *bias, "bias", at::kFloat, {N}, scales, "scales");
   return in.data<float>(*bias);
 }
 
