@@ -71,12 +71,14 @@ SPIKE_HD int32_t oat_code(float a, const RangeQuant& q) {
                                     static_cast<float>(q.qmax)));
 }
 
-// The dynamic scale of minmax: s = clamp((max - min) / qmax, 1e-5, 1e4), z = round(clamp(-min / s)).
-SPIKE_HD RangeQuant minmax_quant(float mn, float mx, int32_t qmax) {
+// The dynamic scale of minmax, clipped to [gamma * min, gamma * max] (gamma = 1: the row's
+// range): s = clamp(gamma * (max - min) / qmax, 1e-5, 1e4), z = round(clamp(-gamma * min / s)).
+// At gamma = 1 both products are exact, so unclipped codes do not depend on the formula.
+SPIKE_HD RangeQuant minmax_quant(float gamma, float mn, float mx, int32_t qmax) {
   RangeQuant q;
-  q.scale = clamp_f((mx - mn) / static_cast<float>(qmax), kScaleMin, kScaleMax);
+  q.scale = clamp_f(gamma * (mx - mn) / static_cast<float>(qmax), kScaleMin, kScaleMax);
   const float limit = static_cast<float>(kZeroLimit);
-  q.zero = rintf(clamp_f(-mn / q.scale, -limit, limit));
+  q.zero = rintf(clamp_f(-(gamma * mn) / q.scale, -limit, limit));
   q.qmax = qmax;
   return q;
 }
@@ -110,7 +112,7 @@ SPIKE_HD void row_quantizers(const Config& c, float mn, float mx, float amax, fl
     const int32_t qmax_unsigned = (1 << b) - 1, qmax_signed = (1 << (b - 1)) - 1;
     switch (c.mode) {
       case Mode::kMinMax:
-        range[r] = minmax_quant(mn, mx, qmax_unsigned);
+        range[r] = minmax_quant(c.gamma, mn, mx, qmax_unsigned);
         break;
       case Mode::kAbsMax:
         range[r] = symmetric_quant(c.gamma, amax, static_cast<float>(qmax_signed), qmax_signed);

@@ -23,7 +23,7 @@ def test_calibration_values_and_round_trip(model, calibration, tmp_path):
     for name, c in cal.layers.items():
         K = layers[name].in_features
         assert c.salient.dtype == torch.bool and int(c.salient.sum()) == math.ceil(0.1 * K)
-        assert set(c.gamma) == {"absmax", "absmean"} and all(0 < g <= 1 for g in c.gamma.values())
+        assert set(c.gamma) == {"minmax", "absmax", "absmean"} and all(0 < g <= 1 for g in c.gamma.values())
         assert 0 < c.theta[0] < c.theta[1]
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)

@@ -125,6 +125,29 @@ def test_absmax_gamma_clips(device):
     assert bool((q[big] == qmax).all())
 
 
+@pytest.mark.parametrize("gamma", [0.6, 0.85, 1.0])
+def test_minmax_gamma_clips(device, gamma):
+    """Independent float64 check of clipped minmax (docs/ops.md): the codes span
+    [gamma * min, gamma * max] about the unclipped zero point; elements inside decode within a
+    step of x, those beyond saturate at 0 or qmax; gamma = 1 is the plain encoding's bits."""
+    x = torch.randn(8, 200, device=device) * 2
+    st = spikeops.encode(x, spikeops.Encoding("minmax", 4, gamma=gamma))
+    xd = x.double().cpu()
+    mn, mx = xd.amin(1, keepdim=True), xd.amax(1, keepdim=True)
+    s = st.scale.double().cpu()
+    assert torch.allclose(s, gamma * (mx - mn) / 15, rtol=1e-6)
+    assert torch.equal(st.zero.cpu().double(), torch.round(-mn / ((mx - mn) / 15)))
+    q = reference._codes(st.planes.cpu(), None, 200)
+    inside = (xd >= gamma * mn) & (xd <= gamma * mx)
+    x_hat = st.decode(torch.float32).double().cpu()
+    assert bool(((x_hat - xd).abs()[inside] <= (s.expand_as(xd)[inside]) * (1 + 1e-5)).all())
+    assert bool((q[xd > gamma * mx + s] == 15).all()) and bool((q[xd < gamma * mn - s] == 0).all())
+    if gamma == 1.0:
+        plain = spikeops.encode(x, spikeops.Encoding("minmax", 4))
+        assert all((u is None and v is None) or torch.equal(u, v)
+                   for u, v in zip(st[:5], plain[:5]))
+
+
 def test_absmean_scale_is_exact_mean(device):
     """mean|x| is the exact sum rounded once, whatever the order: a row whose float32
     left-to-right sum loses the small terms still gets the correctly rounded mean."""

@@ -86,8 +86,8 @@ def test_salient_bits_without_a_mask_are_refused():
         spikeops.SpikeLinear(w, enc)
     with pytest.raises(ValueError, match="salient_mask"):
         spikeops.encode(torch.randn(2, 64), enc)
-    with pytest.raises(ValueError, match="gamma"):  # minmax has no clipping ratio to ignore
-        Encoding("minmax", 4, gamma=0.5)
+    with pytest.raises(ValueError, match="gamma"):  # oat has no clipping ratio to ignore
+        Encoding("oat", 4, gamma=0.5)
 
 
 # ------------------------------------------------------------------ 2. oat: bits = planes
@@ -246,8 +246,9 @@ def test_per_layer_type_encodings(calibrated, calibration, capsys):
     by_type = {"down_proj": Encoding("minmax", 8), "*": Encoding("absmax", 4)}
     model = spikeops.load_gptq(calibrated, by_type)
     for name, enc in encodings(model).items():
-        if name.endswith("down_proj"):
-            assert enc == Encoding("minmax", 8)
+        if name.endswith("down_proj"):  # minmax takes the calibrated gamma
+            assert (enc.mode, enc.bits, enc.salient_bits) == ("minmax", 8, None)
+            assert enc.gamma == calibration.layers[name].gamma["minmax"]
         else:
             assert (enc.mode, enc.bits, enc.gamma) == ("absmax", 4,
                                                        calibration.layers[name].gamma["absmax"])

@@ -153,8 +153,8 @@ def _gamma(enc: Encoding) -> float:
 def _with_gamma(fn: str, enc: Encoding, gamma: torch.Tensor) -> Encoding:
     if enc.mode not in ("absmax", "absmean"):
         raise ValueError(f"{fn}: a trainable gamma needs mode 'absmax' or 'absmean', got mode "
-                         f"{enc.mode!r} (oat trains theta; minmax and static have no clipping "
-                         f"ratio)")
+                         f"{enc.mode!r} (oat trains theta, static has no clipping ratio; minmax's "
+                         f"gamma is calibrated, not trained: spikeops calibrate)")
     value = float(gamma.detach())
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise ValueError(f"{fn}: gamma must be in (0, 1] (the encoding's clipping ratio), got "

@@ -3,8 +3,9 @@
 - SpikeLLM Optimal Brain Spiking (``"obs"``): the first-order saliency of input channel k of a
   layer is the calibration mean of ``((X W^T W) * X)[:, k]`` (signed, W the dequantized weights
   ``[N, K]``); the top ``salient_fraction`` of channels get ``salient_bits``.
-- SDLLM (``"sdllm"``): the membrane clipping ratio gamma of absmax and of absmean spikes (one
-  each: the two modes scale differently), chosen per layer from a grid to minimise the layer's
+- SDLLM (``"sdllm"``): the clipping ratio gamma of minmax, absmax and absmean spikes (SDLLM's
+  membrane clipping for the signed modes; one each, as the modes scale differently), chosen per
+  layer from a grid to minimise the layer's
   output error ``||(x_hat - x) W_hat^T||`` (x_hat the decoded spikes; ``spike_linear`` computes
   ``x_hat W_hat^T`` within the tolerance of docs/ops.md).
 - LAS (``"las"``): the OAT thresholds from the layer's activation statistics:
@@ -124,10 +125,10 @@ class Calibration:
                                      f"{mask.dtype} {list(mask.shape)}")
                 salient = mask.bool()
             if gamma is not None and not (
-                    isinstance(gamma, dict) and set(gamma) <= {"absmax", "absmean"}
+                    isinstance(gamma, dict) and set(gamma) <= set(GAMMA_MODES)
                     and all(_number(g) and 0 < g <= 1 for g in gamma.values())):
-                raise ValueError(f"{fn}: layer {name!r}: gamma must map 'absmax'/'absmean' to "
-                                 f"values in (0, 1], got {gamma!r}")
+                raise ValueError(f"{fn}: layer {name!r}: gamma must map modes of "
+                                 f"{GAMMA_MODES} to values in (0, 1], got {gamma!r}")
             if theta is not None and not (isinstance(theta, list) and len(theta) == 2
                                           and all(_number(t) for t in theta)
                                           and 0 < theta[0] < theta[1] < math.inf):
@@ -150,7 +151,7 @@ ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits, the sign includ
                  "planes), '+sS' for salient channels at S bits, e.g. minmax4+s6, and none "
                  "(float activations); per layer type, TYPE=ENC entries joined by ';' with '*' "
                  "for every other type, e.g. 'down_proj=minmax8;*=absmax4' (TYPE: q_proj, "
-                 "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). absmax/absmean take "
+                 "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). minmax/absmax/absmean take "
                  "their gamma, oat its thresholds and salient channels their masks from the "
                  "model's calibration (spikeops calibrate)")
 
@@ -222,7 +223,7 @@ def type_encoding(fn: str, enc, name: str) -> Optional[Encoding]:
 
 def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
     """The Encoding and salient mask of one layer: ``enc`` with what it leaves open filled from
-    the layer's calibration: gamma (absmax/absmean; DEFAULT_GAMMA where the calibration has
+    the layer's calibration: gamma (GAMMA_MODES; DEFAULT_GAMMA where the calibration has
     none), theta (oat) and the salient mask (when ``enc.salient_bits`` is set). A value ``enc``
     gives is kept."""
     if enc is None:
@@ -403,7 +404,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
         if "sdllm" in methods:
             gram = W.t() @ W if W.shape[1] < W.shape[0] else None
             cal.gamma = {mode: _best_gamma(x, W, gram, mode, bits, gamma_grid)
-                         for mode in ("absmax", "absmean")}
+                         for mode in GAMMA_MODES}
         if "las" in methods:
             a = x.abs().flatten()
             theta_out = float(a.max())

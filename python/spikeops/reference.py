@@ -74,8 +74,8 @@ def _quantizer(mode, bits, x, mn, mx, amax, gamma, scale, zero):
     q = _f32(float(qmax), x)
     g = _f32(gamma, x)
     if mode == "minmax":
-        s = torch.clamp((mx - mn) / q, 1e-5, 1e4)
-        z = torch.round(torch.clamp(-mn / s, -1e4, 1e4))
+        s = torch.clamp(g * (mx - mn) / q, 1e-5, 1e4)
+        z = torch.round(torch.clamp(-(g * mn) / s, -1e4, 1e4))
     elif mode == "absmax":
         s = torch.clamp(g * amax / q, 1e-5, 1e4)
         z = torch.zeros_like(s)

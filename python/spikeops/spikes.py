@@ -19,8 +19,9 @@ FLOAT32_TINY = torch.finfo(torch.float32).tiny
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-DEFAULT_GAMMA = 1.0  # absmax/absmean clipping ratio when neither Encoding nor calibration gives one
-GAMMA_MODES = ("absmax", "absmean")
+DEFAULT_GAMMA = 1.0  # clipping ratio when neither the Encoding nor a calibration gives one
+GAMMA_MODES = ("minmax", "absmax", "absmean")  # the modes with a clipping ratio gamma
+SIGNED_MODES = ("absmax", "absmean", "oat")  # static is signed when no zero is given
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class Encoding:
         codes), ``"oat"`` (LAS outlier-aware two-range neuron).
     bits: code bits; for absmax/absmean one of them is the sign, so P = bits - 1 planes; for oat
         bits is the plane count P (the sign is a field of its own there).
-    gamma: membrane clipping ratio in (0, 1] of absmax/absmean (refused for other modes). None:
+    gamma: clipping ratio in (0, 1] of minmax (the codes span [gamma*min, gamma*max]) and of
+        absmax/absmean (SDLLM's membrane clipping; refused for other modes). None:
         the layer's calibrated gamma where a calibration gives one, else 1.0.
     salient_bits: bits of salient channels (Optimal Brain Spiking); must exceed ``bits``, and
         every use needs a ``salient_mask`` (from a calibration): without one it is refused.
@@ -60,8 +62,11 @@ class Encoding:
                                  f"got 0")
         # gif_encode's rule for both widths, from its one definition (csrc/checks.h); a static
         # encoding's sign is known only when it encodes (zero given or not), where the op checks.
-        ops._C.check_bits(fn, self.mode, self.mode in GAMMA_MODES + ("oat",), self.bits,
-                          self.salient_bits or 0)
+        # torch.compile cannot trace this C function: in a compiled function the op's fake kernel
+        # applies the same rule when the Encoding encodes.
+        if not torch.compiler.is_compiling():
+            ops._C.check_bits(fn, self.mode, self.mode in SIGNED_MODES, self.bits,
+                              self.salient_bits or 0)
         if self.gamma is not None:
             if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
                 raise TypeError(f"{fn}: gamma must be a float or None, got "
