@@ -30,6 +30,41 @@ def test_cli(checkpoint, tmp_path, capsys):
         cli.main(["eval", str(tmp_path / "missing")])
 
 
+def test_encoding_recorded_in_the_checkpoint(checkpoint, tmp_path, capsys, monkeypatch):
+    """quantize --encoding and calibrate --encoding record an encoding or policy in config.json;
+    generate and report run it when --encoding is not given (docs/checkpoints.md)."""
+    from spikeops.checkpoint import recorded_encoding
+    text = str(checkpoint / "text.txt")
+    out = tmp_path / "q4"
+    small = ["--samples", "2", "--seq-len", "128"]
+    # An encoding needing a calibration cannot be recorded before there is one.
+    assert cli.main(["quantize", str(checkpoint / "fp"), str(out), "--text", text,
+                     "--encoding", "oat8", *small]) == 2
+    assert "calibration" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["quantize", str(checkpoint / "fp"), str(out), "--text", text,
+                     "--encoding", "absmax4", *small]) == 0
+    assert recorded_encoding("test", out) == "absmax4"
+    policy = "down_proj=absmax8;*=minmax4+s6"
+    assert cli.main(["calibrate", str(out), "--text", text, "--encoding", policy,
+                     "--out", str(tmp_path / "elsewhere"), *small]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert cli.main(["calibrate", str(out), "--text", text, "--methods", "sdllm",
+                     "--encoding", policy, *small]) == 2  # +s6 needs OBS masks
+    assert recorded_encoding("test", out) == "absmax4"  # nothing recorded on a refusal
+    assert cli.main(["calibrate", str(out), "--text", text, "--encoding", policy, *small]) == 0
+    assert recorded_encoding("test", out) == policy
+    assert cli.main(["calibrate", str(out), "--text", text, *small]) == 0  # keeps it
+    assert recorded_encoding("test", out) == policy
+    ran = []
+    real = commands.parse_encoding
+    monkeypatch.setattr(commands, "parse_encoding", lambda spec, cal: ran.append(spec) or
+                        real(spec, cal))
+    assert cli.main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "2"]) == 0
+    assert cli.main(["generate", str(out), "--prompt", "def ", "--max-new-tokens", "2",
+                     "--encoding", "minmax4"]) == 0
+    assert ran == [policy, "minmax4"]
+
+
 def test_demo_on_the_embedded_model(capsys):
     """The README's main command, smaller: the shipped checkpoint loads, with its calibration,
     and every encoding stays close to the dense model's perplexity but absmean (docs)."""

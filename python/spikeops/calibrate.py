@@ -156,6 +156,11 @@ ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits, the sign includ
                  "model's calibration (spikeops calibrate)")
 
 
+# Stands in for a calibration when only the grammar of an encoding is checked (the calibration
+# that oat and salient channels need is checked where the encoding is set).
+ANY_CALIBRATION = object()
+
+
 def parse_encoding(spec: str, calibration):
     """What ``set_encoding`` takes, from a CLI spec: an Encoding (``minmax4``, ``absmax4+s6``,
     ``oat8``), None (``none``: float activations), or a per-layer-type map

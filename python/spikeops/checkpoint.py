@@ -15,7 +15,7 @@ import torch
 
 from . import _checks
 from .architecture import PROJECTIONS, check_supported
-from .files import has_file, input_file, write_folder
+from .files import has_file, input_file, write_file, write_folder
 from .gptq import BITS, FORMATS, GPTQWeight, check_bits_group_size, pack, v1_stored_zeros
 
 # The calibration spikeops saves beside a checkpoint (docs/checkpoints.md, "Calibration"): its
@@ -150,6 +150,34 @@ def write_checkpoint(fn: str, path: PathLike, model: torch.nn.Module, tensors: M
     # as it was, and a replaced checkpoint's other files (an old calibration, tokenizer or
     # shards) never end up beside the new weights.
     write_folder(fn, path, write)
+
+
+def recorded_encoding(fn: str, folder: PathLike) -> Optional[str]:
+    """The encoding a checkpoint's config.json records (``quantization_config.encoding`` under
+    spikeops' quant_method; docs/checkpoints.md, "Writing"), or None when it records none."""
+    qc = read_json(fn, Path(folder) / "config.json").get("quantization_config") or {}
+    if qc.get("quant_method") != SPIKEOPS_METHOD or "encoding" not in qc:
+        return None
+    if not isinstance(qc["encoding"], str):
+        raise ValueError(f"{fn}: {folder}/config.json: quantization_config.encoding must be a "
+                         f"string in the command line's --encoding grammar, got "
+                         f"{qc['encoding']!r}")
+    return qc["encoding"]
+
+
+def record_encoding(fn: str, folder: PathLike, spec: str) -> None:
+    """Record ``spec`` (an encoding or per-layer-type policy in the command line's grammar,
+    checked by the caller) as the checkpoint's encoding in its config.json, rewritten whole."""
+    file = Path(folder) / "config.json"
+    config = read_json(fn, file)
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != SPIKEOPS_METHOD:
+        raise ValueError(f"{fn}: {file} is not a spikeops checkpoint's config (no "
+                         f"quantization_config with quant_method {SPIKEOPS_METHOD!r}); write the "
+                         f"checkpoint with spikeops quantize or save_gptq")
+    qc["encoding"] = spec
+    write_file(fn, file, lambda tmp: tmp.write_text(json.dumps(config, indent=2,
+                                                               sort_keys=True)))
 
 
 def _check_weights_fit(fn: str, model, modules: dict, weights: Mapping) -> None:

@@ -14,6 +14,7 @@ from . import __version__
 from .attention import KV_MODES
 from .calibrate import GAMMA_GRID
 from .calibrate import ENCODING_HELP
+from .checkpoint import DEFAULT_ENCODING
 from .commands import (DEFAULT_MODEL, DTYPES, HEAD_DTYPE_CHOICES, cmd_calibrate,
                        cmd_eval, cmd_generate, cmd_import_gguf, cmd_lm_eval, cmd_quantize,
                        cmd_report)
@@ -24,6 +25,13 @@ from .transforms import TRANSFORMS
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every --help shows the defaults and keeps the description's line breaks."""
+
+    def _get_help_string(self, action):
+        # A help that says its default in words (one read from the model) is not followed by
+        # argparse's "(default: None)".
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     dtype_arg(p, "float16", "dtype of the stored dense tensors (embeddings, norms, lm_head)")
     p.add_argument("--seed", type=int, default=0, help="random seed (windows, rotation)")
+    p.add_argument("--encoding", default=DEFAULT_ENCODING, help="the encoding or per-layer-type "
+                   "policy recorded in the checkpoint, which generate and report run by default "
+                   "(one needing a calibration: calibrate --encoding)")
 
     p = command("calibrate", "calibrate the seed methods per layer (OBS salient channels, SDLLM "
                 "gamma, LAS thresholds) and save them beside the checkpoint", cmd_calibrate)
@@ -119,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input rows per layer the methods use")
     p.add_argument("--gamma-grid", default=",".join(map(str, GAMMA_GRID)),
                    help="SDLLM gamma candidates, comma list in (0, 1]")
+    p.add_argument("--encoding", help="also record this encoding or per-layer-type policy in the "
+                   "checkpoint (default: keep the recorded one)")
 
     p = command("eval", "perplexity, firing rate and SOPs per MAC of a GPTQ model on float "
                 "activations and under spiking encodings", cmd_eval)
@@ -138,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "user's message")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's "
                    "chat template and stop at its end-of-turn token")
-    p.add_argument("--encoding", default="minmax4", help="one encoding (see below) or none")
+    p.add_argument("--encoding", help="one encoding or policy (see below), or none (default: "
+                   "the checkpoint's recorded encoding, else " + DEFAULT_ENCODING + ")")
     p.add_argument("--dense", help="generate with this float model folder or .gguf instead")
     p.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -151,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", "per-layer spike statistics and an energy estimate (text, JSON and "
                 "PNG plots; see docs/energy.md)", cmd_report)
     model_and_text(p)
-    p.add_argument("--encoding", default="minmax4", help="one encoding (see below)")
+    p.add_argument("--encoding", help="one encoding or policy (see below) (default: the "
+                   "checkpoint's recorded encoding, else " + DEFAULT_ENCODING + ")")
     p.add_argument("--max-tokens", type=int, default=1024, help="evaluate at most this many")
     p.add_argument("--window", type=int, default=256, help="tokens per forward")
     p.add_argument("--out", default="spikeops-report", help="output folder")

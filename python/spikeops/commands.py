@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from . import Encoding
-from .calibrate import parse_encoding
-from .checkpoint import CALIBRATION_FILE
+from .calibrate import ANY_CALIBRATION, parse_encoding
+from .checkpoint import (CALIBRATION_FILE, DEFAULT_ENCODING, record_encoding,
+                         recorded_encoding)
 from .files import check_folder_target, check_output, has_file, write_file, write_folder
 
 DATA = Path(__file__).parent / "data"
@@ -72,6 +73,7 @@ def cmd_quantize(args) -> int:
         raise ValueError(f"{fn}: the output folder must not be the float model's, got "
                          f"{args.out!r} for both")
     check_folder_target(fn, args.out)  # before minutes of work
+    parse_encoding(args.encoding, None)  # one needing a calibration: calibrate --encoding
     model, tokenizer = load_float_model(args.model)
     ids = text_batches(encode_text(read_text(args.text), tokenizer), args.samples, args.seq_len,
                        args.seed)
@@ -82,21 +84,35 @@ def cmd_quantize(args) -> int:
     def write(tmp: Path) -> None:
         # The dense tensors (embeddings, norms, lm_head) are stored in --dtype.
         save_gptq(model.to(DTYPES[args.dtype]), weights, tmp)
+        record_encoding(fn, tmp, args.encoding)
         copy_tokenizer(tokenizer, args.model if Path(args.model).is_dir() else None, tmp)
     # One folder, one model: a previous model's calibration or tokenizer never stays in OUT.
     write_folder(fn, args.out, write)
     print(f"wrote a {args.bits}-bit GPTQ checkpoint of {len(weights)} layers (transform "
-          f"{record['kind']}, dense tensors {args.dtype}) to {args.out}")
+          f"{record['kind']}, dense tensors {args.dtype}, encoding {args.encoding}) to "
+          f"{args.out}")
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from .calibrate import calibrate, set_encoding
     from .evaluate import encode_text
     from .models import load_gptq
     # Checked before the work: the embedded model lies inside the package, which is never
     # written, so calibrating it needs --out.
-    check_output("calibrate", args.out or args.model)
+    fn = "calibrate"
+    check_output(fn, args.out or args.model)
+    if args.encoding is not None:
+        # The encoding is recorded in the model's config.json, beside the calibration it needs.
+        if args.out is not None and Path(args.out).resolve() != Path(args.model).resolve():
+            raise ValueError(f"{fn}: --encoding records the encoding in the model's config.json "
+                             f"beside the calibration, so the calibration must go to the model "
+                             f"folder; got --out {args.out!r}")
+        if recorded_encoding(fn, args.model) is None:
+            raise ValueError(f"{fn}: --encoding needs a checkpoint whose config.json names "
+                             f"spikeops' quant_method (written by spikeops quantize); "
+                             f"{args.model} records none")
+        parse_encoding(args.encoding, ANY_CALIBRATION)  # the grammar, before the work
     model = load_gptq(args.model, Encoding("minmax", 4), dtype=torch.float32)
     ids = text_batches(encode_text(read_text(args.text), model_tokenizer(args.model)),
                        args.samples, args.seq_len, args.seed)
@@ -104,9 +120,15 @@ def cmd_calibrate(args) -> int:
     cal = calibrate(model, ids.split(4), methods=args.methods.split(","), bits=args.bits,
                     salient_fraction=args.salient_fraction, max_tokens=args.max_tokens,
                     gamma_grid=grid)
+    if args.encoding is not None:
+        # Every layer must be able to run it with this calibration (salient masks, thresholds).
+        set_encoding(model, parse_encoding(args.encoding, cal), cal)
     cal.save(args.out or args.model)
+    if args.encoding is not None:
+        record_encoding(fn, args.model, args.encoding)
     print(f"calibrated {len(cal.layers)} layers ({args.methods}, {cal.settings['tokens']} tokens "
-          f"per layer); saved to {args.out or args.model}")
+          f"per layer); saved to {args.out or args.model}"
+          + (f"; recorded encoding {args.encoding}" if args.encoding is not None else ""))
     return 0
 
 
@@ -178,7 +200,7 @@ def cmd_generate(args) -> int:
         model, tokenizer = load_float_model(args.dense, DTYPES[args.dtype])
     else:
         calibration = load_calibration(args.model)
-        enc = parse_encoding(args.encoding, calibration)
+        enc = parse_encoding(model_encoding(args), calibration)
         model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype],
                           calibration=calibration)
         set_encoding(model, enc, calibration)
@@ -192,6 +214,14 @@ def cmd_generate(args) -> int:
     text = decode_tokens(out, tokenizer)
     print(text if args.chat else args.prompt + text)
     return 0
+
+
+def model_encoding(args) -> str:
+    """--encoding as given, else the one the checkpoint records (spikeops quantize / calibrate
+    --encoding), else DEFAULT_ENCODING."""
+    if args.encoding is not None:
+        return args.encoding
+    return recorded_encoding("spikeops", args.model) or DEFAULT_ENCODING
 
 
 def stop_tokens(tokenizer):
@@ -211,7 +241,7 @@ def cmd_report(args) -> int:
     from .models import load_gptq
     from .stats import track
     calibration = load_calibration(args.model)
-    enc = parse_encoding(args.encoding, calibration)
+    enc = parse_encoding(model_encoding(args), calibration)
     if enc is None:
         raise ValueError("report needs a spiking encoding, got 'none'")
     model = load_gptq(args.model, Encoding("minmax", 4), dtype=DTYPES[args.dtype],

@@ -32,7 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import _checks
 from .architecture import check_supported, decoder_layers
-from .calibrate import parse_encoding
+from .calibrate import ANY_CALIBRATION, parse_encoding
 from .checkpoint import (DEFAULT_ENCODING, SPIKEOPS_METHOD, QuantConfig, read_configs,
                          write_checkpoint)
 from .models import MODEL_DTYPES, load_gptq
@@ -53,11 +53,6 @@ AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # every private "_..." key: name_or_path, the attention implementation).
 OWN_KEYS = ("dtype", "torch_dtype", "quantization_config", "transformers_version",
             "architectures")
-
-
-class _AnyCalibration:
-    """Stands in for a calibration when only the syntax of an encoding is checked: the
-    folder's calibration, needed by oat and salient channels, is checked at loading."""
 
 
 def encoding_of(fn: str, spec, calibration, where: str):
@@ -99,7 +94,7 @@ class SpikeopsConfig(QuantizationConfigMixin):
             # The checkpoint readers' own validation; bits stands in when an override omits it.
             QuantConfig.parse(fn, {"bits": 4, **given}, "quantization_config")
         if encoding is not None:
-            encoding_of(fn, encoding, _AnyCalibration(), "quantization_config")
+            encoding_of(fn, encoding, ANY_CALIBRATION, "quantization_config")
         _checks.choice(fn, "calibration", calibration, CALIBRATIONS)
         self.bits, self.group_size, self.sym = bits, group_size, sym
         self.desc_act, self.checkpoint_format = desc_act, checkpoint_format

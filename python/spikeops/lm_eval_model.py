@@ -21,7 +21,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from . import _checks
-from .checkpoint import SPIKEOPS_METHOD, read_json
+from .checkpoint import SPIKEOPS_METHOD, recorded_encoding
 from .commands import DEFAULT_MODEL, DTYPES, load_calibration, model_tokenizer
 from .hf_quantizer import CALIBRATIONS, encoding_of
 from .models import load_gptq
@@ -67,7 +67,12 @@ class SpikeopsLM(HFLM):
             dtype = DTYPES[dtype]
         cal = load_calibration(folder) if calibration == "saved" else None
         if encoding is RECORDED:
-            encoding = recorded_encoding(folder)
+            encoding = recorded_encoding(FN, folder)
+            if encoding is None:
+                raise ValueError(f"{FN}: {folder}/config.json records no spike encoding "
+                                 f"(quantization_config.encoding of quant_method "
+                                 f"{SPIKEOPS_METHOD!r}); give encoding, e.g. encoding=absmax4, "
+                                 f"or encoding=none for float activations")
         enc = None if encoding is None else encoding_of(FN, encoding, cal, "model_args")
         model = load_gptq(folder, enc, device=device or "cpu", dtype=dtype, calibration=cal)
         if tokenizer is None:
@@ -102,17 +107,6 @@ class SpikeopsLM(HFLM):
         if tokens is None:
             return None
         return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
-
-
-def recorded_encoding(folder: Path) -> str:
-    """The encoding a checkpoint's config.json records (docs/checkpoints.md, "Writing")."""
-    qc = read_json(FN, folder / "config.json").get("quantization_config") or {}
-    if qc.get("quant_method") != SPIKEOPS_METHOD or "encoding" not in qc:
-        raise ValueError(f"{FN}: {folder}/config.json records no spike encoding "
-                         f"(quantization_config.encoding of quant_method "
-                         f"{SPIKEOPS_METHOD!r}); give encoding, e.g. encoding=absmax4, or "
-                         f"encoding=none for float activations")
-    return qc["encoding"]
 
 
 def byte_tokenizer():
