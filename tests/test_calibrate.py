@@ -23,14 +23,28 @@ def test_calibration_values_and_round_trip(model, calibration, tmp_path):
     for name, c in cal.layers.items():
         K = layers[name].in_features
         assert c.salient.dtype == torch.bool and int(c.salient.sum()) == math.ceil(0.1 * K)
-        assert set(c.gamma) == {"minmax", "absmax", "absmean"} and all(0 < g <= 1 for g in c.gamma.values())
+        assert set(c.gamma) == {"minmax", "absmax", "absmean"}
+        assert all(0 < g <= 1 for g in c.gamma.values()) and c.gamma_bits == 4
         assert 0 < c.theta[0] < c.theta[1]
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
     for name, c in cal.layers.items():
         d = back.layers[name]
         assert torch.equal(c.salient, d.salient) and c.gamma == d.gamma and c.theta == d.theta
+        assert d.gamma_bits == 4
     assert back.settings == cal.settings
+
+
+def test_gamma_fills_only_its_bit_width(model, calibration):
+    """The gamma searched for 4-bit spikes fills 4-bit encodings of every mode; 8-bit ones run
+    unclipped (docs/research.md)."""
+    from spikeops.calibrate import encodings
+    name, c = next(iter(calibration.layers.items()))
+    for mode in ("minmax", "absmax", "absmean"):
+        set_encoding(model, spikeops.Encoding(mode, 4), calibration)
+        assert encodings(model)[name].gamma == c.gamma[mode]
+        set_encoding(model, spikeops.Encoding(mode, 8), calibration)
+        assert encodings(model)[name].gamma == 1.0
 
 
 def test_obs_saliency_is_the_first_order_term(model):

@@ -246,9 +246,8 @@ def test_per_layer_type_encodings(calibrated, calibration, capsys):
     by_type = {"down_proj": Encoding("minmax", 8), "*": Encoding("absmax", 4)}
     model = spikeops.load_gptq(calibrated, by_type)
     for name, enc in encodings(model).items():
-        if name.endswith("down_proj"):  # minmax takes the calibrated gamma
-            assert (enc.mode, enc.bits, enc.salient_bits) == ("minmax", 8, None)
-            assert enc.gamma == calibration.layers[name].gamma["minmax"]
+        if name.endswith("down_proj"):  # searched at 4 bits: 8-bit codes run unclipped
+            assert enc == Encoding("minmax", 8, gamma=1.0)
         else:
             assert (enc.mode, enc.bits, enc.gamma) == ("absmax", 4,
                                                        calibration.layers[name].gamma["absmax"])

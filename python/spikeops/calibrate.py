@@ -56,6 +56,9 @@ class LayerCalibration:
     salient: Optional[torch.Tensor] = None         # bool [K]: OBS salient channels
     gamma: Optional[Dict[str, float]] = None       # SDLLM clipping ratio per mode
     theta: Optional[Tuple[float, float]] = None    # LAS (theta_nor, theta_out)
+    # The spike bits gamma was searched for (Calibration.settings["bits"]): a clip that suits
+    # 4-bit codes clips 8-bit ones for nothing, so other widths run unclipped. None: unknown.
+    gamma_bits: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -135,7 +138,13 @@ class Calibration:
                 raise ValueError(f"{fn}: layer {name!r}: theta must be [theta_nor, theta_out] "
                                  f"with 0 < theta_nor < theta_out, got {theta!r}")
             layers[name] = LayerCalibration(salient, gamma, tuple(theta) if theta else None)
-        return cls(layers, raw.get("settings", {}))
+        settings = raw.get("settings", {})
+        bits = settings.get("bits") if isinstance(settings, dict) else None
+        if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
+            raise ValueError(f"{fn}: settings.bits must be an int, got {bits!r}")
+        for layer in layers.values():
+            layer.gamma_bits = bits if layer.gamma is not None else None
+        return cls(layers, settings)
 
 
 def _number(v) -> bool:
@@ -228,13 +237,14 @@ def type_encoding(fn: str, enc, name: str) -> Optional[Encoding]:
 
 def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
     """The Encoding and salient mask of one layer: ``enc`` with what it leaves open filled from
-    the layer's calibration: gamma (GAMMA_MODES; DEFAULT_GAMMA where the calibration has
-    none), theta (oat) and the salient mask (when ``enc.salient_bits`` is set). A value ``enc``
+    the layer's calibration: gamma (GAMMA_MODES, for encodings of the bits it was searched for;
+    DEFAULT_GAMMA otherwise and where the calibration has none), theta (oat) and the salient mask (when ``enc.salient_bits`` is set). A value ``enc``
     gives is kept."""
     if enc is None:
         return None, None
     if enc.mode in GAMMA_MODES and enc.gamma is None:
-        gamma = cal.gamma.get(enc.mode) if cal is not None and cal.gamma else None
+        searched = cal is not None and cal.gamma_bits in (None, enc.bits)
+        gamma = cal.gamma.get(enc.mode) if searched and cal.gamma else None
         enc = dataclasses.replace(enc, gamma=DEFAULT_GAMMA if gamma is None else gamma)
     if enc.mode == "oat" and enc.theta is None and cal is not None:
         enc = dataclasses.replace(enc, theta=cal.theta)
@@ -248,7 +258,8 @@ def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tu
     if enc is None or cal is None:
         return []
     unused = []
-    if enc.gamma is not None and cal.gamma and cal.gamma.get(enc.mode, enc.gamma) != enc.gamma:
+    if enc.gamma is not None and cal.gamma and cal.gamma_bits in (None, enc.bits) \
+            and cal.gamma.get(enc.mode, enc.gamma) != enc.gamma:
         unused.append(("gamma", str(enc.gamma)))
     if enc.theta is not None and cal.theta is not None and tuple(enc.theta) != cal.theta:
         unused.append(("theta", str(tuple(enc.theta))))
@@ -399,7 +410,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     result = {}
     for name, x in tqdm(inputs.items(), desc="calibrate", unit="layer"):
         layer = layers[name]
-        cal = LayerCalibration()
+        cal = LayerCalibration(gamma_bits=bits if "sdllm" in methods else None)
         W = _dense_weight(layer)  # [N, K]
         if "obs" in methods:
             saliency = ((x @ W.t() @ W) * x).mean(0)
