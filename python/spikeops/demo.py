@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import Encoding, GPTQWeight, encode, pack, spike_linear
-from .calibrate import GAMMA_GRID, parse_encoding
+from .calibrate import parse_encoding
 from .checkpoint import CALIBRATION_FILE
 from .commands import (DEFAULT_DENSE, DEFAULT_MODEL, DEFAULT_TEXT, cmd_calibrate,
                        cmd_import_gguf, cmd_quantize, evaluate_rows, load_calibration,
@@ -99,6 +99,16 @@ def model_demo(max_tokens: int) -> None:
 
 REAL_ENCODINGS = "minmax4,minmax4+s6,absmax4,absmean4,oat8,minmax8,absmax8"
 DEMO_TRANSFORM = "rotate"
+# Raised whenever what an encoding computes changes, so that evaluation rows cached by an
+# earlier version are measured again. 2: minmax's calibrated gamma; 8-bit encodings unclipped.
+EVAL_CACHE_VERSION = 2
+
+
+def _args(command: str, *argv) -> argparse.Namespace:
+    """A command's arguments as its command line parses ``argv``, defaults included, so that
+    the pipeline never drifts from the commands it runs."""
+    from .cli import build_parser  # the command line imports this module
+    return build_parser().parse_args([command, *map(str, argv)])
 
 
 def _step(name, fn):
@@ -113,23 +123,21 @@ def prepare_real_model(gguf, cache, transform: str, calib_text, seed: int = 0):
     """``(float_dir, q_dir)`` of a GGUF model in ``cache``: the imported float folder, and the
     transformed W4 g128 GPTQ checkpoint with its calibration, each made once (on
     ``calib_text``) and then read from the cache."""
-    from argparse import Namespace
     cache = Path(cache) / Path(gguf).stem
     float_dir = cache / "float"
     q_dir = cache / f"w4g128-{transform}-seed{seed}-{Path(calib_text).name}"
     # Each command writes its folder whole (files.write_folder), so what is in the cache is
     # complete; the calibration, written last, marks a finished quantize + calibrate.
     if not float_dir.is_dir():
-        _step("import GGUF", lambda: cmd_import_gguf(Namespace(file=gguf, out=str(float_dir))))
+        _step("import GGUF", lambda: cmd_import_gguf(_args("import-gguf", gguf, float_dir)))
     if not has_file("demo", q_dir, CALIBRATION_FILE):
-        _step(f"transform {transform} + GPTQ W4 g128", lambda: cmd_quantize(Namespace(
-            model=str(float_dir), out=str(q_dir), text=calib_text, transform=transform, bits=4,
-            group_size=128, asym=False, act_order=False, samples=64, seq_len=256,
-            dtype="float16", seed=seed)))
-        _step("calibrate", lambda: cmd_calibrate(Namespace(
-            model=str(q_dir), text=calib_text, out=None, methods="obs,sdllm,las", bits=4,
-            salient_fraction=0.1, samples=8, seq_len=256, max_tokens=512,
-            gamma_grid=",".join(map(str, GAMMA_GRID)), seed=seed)))
+        _step(f"transform {transform} + GPTQ W4 g128", lambda: cmd_quantize(_args(
+            "quantize", float_dir, q_dir, "--text", calib_text, "--transform", transform,
+            "--bits", 4, "--group-size", 128, "--samples", 64, "--seq-len", 256,
+            "--dtype", "float16", "--seed", seed)))
+        _step("calibrate", lambda: cmd_calibrate(_args(
+            "calibrate", q_dir, "--text", calib_text, "--methods", "obs,sdllm,las", "--bits", 4,
+            "--seed", seed)))
     return float_dir, q_dir
 
 
@@ -137,16 +145,17 @@ def real_model_rows(float_dir, q_dir, eval_text, max_tokens: int, encodings=REAL
     """The evaluation rows of a prepared model on ``eval_text`` (cached in ``q_dir``)."""
     import dataclasses
     import json
-    from argparse import Namespace
     from .evaluate import Row
-    results = q_dir / f"eval-{Path(eval_text).name}-{max_tokens}-{encodings}.json"
+    # EVAL_CACHE_VERSION names the encodings' semantics the cached rows were measured with.
+    results = q_dir / (f"eval{EVAL_CACHE_VERSION}-{Path(eval_text).name}-{max_tokens}-"
+                       f"{encodings}.json")
     if results.is_file():
         print(f"== evaluation (cached: {results})")
         return [Row(**r) for r in json.loads(results.read_text())]
     holder = []
-    _step("evaluate", lambda: holder.append(evaluate_rows(Namespace(
-        model=str(q_dir), text=eval_text, encodings=encodings, dense=str(float_dir), window=256,
-        max_tokens=max_tokens, dtype="float32"))))
+    _step("evaluate", lambda: holder.append(evaluate_rows(_args(
+        "eval", q_dir, "--text", eval_text, "--encodings", encodings, "--dense", float_dir,
+        "--window", 256, "--max-tokens", max_tokens, "--dtype", "float32"))))
     text = json.dumps([dataclasses.asdict(r) for r in holder[0]], indent=1)
     write_file("demo", results, lambda tmp: tmp.write_text(text))
     return holder[0]
