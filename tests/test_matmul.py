@@ -127,3 +127,18 @@ def test_bits_beyond_K_ignored(device):
     a2 = a._replace(planes=a.planes | junk)
     b2 = b._replace(planes=b.planes | junk, sign=b.sign | junk)
     assert torch.equal(spike_matmul(a2, b2), y)
+
+
+@pytest.mark.parametrize("K", [1, 32, 33, 64, 65, 100, 2048])
+@pytest.mark.parametrize("na, nb", [("absmax8", "minmax4"), ("minmax4", "absmax4"),
+                                    ("minmax16", "absmax16")])
+def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
+    """On CPUs with AVX-512 VPOPCNTDQ one-range products run 8 keys at once; with
+    SPIKEOPS_CPU_ISA=avx2 the scalar kernel runs. Same outputs for ragged K (odd word counts:
+    the half last word), 13 keys (a partial group of 8), zero points on either side, causal."""
+    a = encode("cpu", na, (1, 4, 3, K))
+    b = encode("cpu", nb, (1, 2, 13, K), offset=0.3)
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
+    fast = check("cpu", a, b, 13, True, torch.float32)
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
+    assert torch.equal(spike_matmul(a, b, keys=13, causal=True), fast)

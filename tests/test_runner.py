@@ -156,10 +156,11 @@ def test_head_dtype_runs_lm_head_in_that_dtype(gqa_model, model):
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("kv", ["spike4", "spike8"])
 def test_spike_kv_cache_holds_encoded_keys_and_values(gqa_model, kv, rotate):
-    """Every cached token is its float key (after the rotary embedding) or value, rotated by the
-    Hadamard matrix when asked, encoded once per token and head: bit for bit the encoding of
-    what the float cache holds, whether written by a prompt or by decode steps (layer 0: the
-    later layers' inputs depend on the quantized attention before them)."""
+    """Every cached token is its float key (after the rotary embedding, less the key offset: the
+    mean of the prompt's keys) or value, rotated by the Hadamard matrix when asked, encoded once
+    per token and head (keys minmax, values absmax): bit for bit the encoding of what the float
+    cache holds, whether written by a prompt or by decode steps (layer 0: the later layers'
+    inputs depend on the quantized attention before them)."""
     from spikeops.transforms import hadamard
     ids = torch.randint(0, 97, (2, 11))
     ref = Runner(gqa_model, max_len=16, batch=2)
@@ -167,22 +168,29 @@ def test_spike_kv_cache_holds_encoded_keys_and_values(gqa_model, kv, rotate):
     for chunk in (ids[:, :8], ids[:, 8:9], ids[:, 9:]):
         ref(chunk)
         run(chunk)
-    enc = spikeops.Encoding("absmax", int(kv[5:]))
+    bits = int(kv[5:])
     H = hadamard(ref.head_dim).float() if rotate else torch.eye(ref.head_dim)
     layer = run.spike_kv[0]
-    for cache, floats in ((layer.keys, ref.keys[0]), (layer.values, ref.values[0])):
-        expect = spikeops.fake_quantize(floats[:, :, :11] @ H, enc)
+    keys = ref.keys[0][:, :, :11] @ H
+    offset = keys[:, :, :8].mean(dim=2, keepdim=True)
+    assert torch.equal(layer.key_offset, offset)
+    for cache, floats, enc in (
+            (layer.keys, keys - offset, spikeops.Encoding("minmax", bits)),
+            (layer.values, ref.values[0][:, :, :11] @ H, spikeops.Encoding("absmax", bits))):
+        expect = spikeops.fake_quantize(floats, enc)
         assert torch.equal(cache.decode(11, torch.float32), expect)
 
 
 def test_spike_kv_logits(gqa_model):
-    """Attention on the decoded 8-bit cache stays close to the float cache, and a prompt cut
-    into decode steps gives the logits of the whole prompt (each token is encoded alone)."""
+    """Attention on the 8-bit cache stays close to the float cache, and tokens after the prompt
+    give the same logits in one call or in decode steps (each token is encoded alone; the key
+    offset is the prompt's)."""
     ids = torch.randint(0, 97, (1, 24))
     full = Runner(gqa_model, max_len=24)(ids)
     spike = Runner(gqa_model, max_len=24, kv="spike8")
-    whole = spike(ids)
-    torch.testing.assert_close(whole, full, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(spike(ids), full, rtol=0.05, atol=0.05)
+    spike.reset()
+    whole = torch.cat([spike(ids[:, :20]), spike(ids[:, 20:])], 1)
     spike.reset()
     steps = torch.cat([spike(ids[:, :20])] + [spike(ids[:, t:t + 1]) for t in range(20, 24)], 1)
     torch.testing.assert_close(steps, whole, rtol=1e-5, atol=1e-5)
@@ -192,10 +200,13 @@ def test_cache_bytes_per_token(gqa_model):
     # 3 layers, 2 kv heads, head_dim 8 (one word), float32 embedding
     L, Hkv, D = 3, 2, 8
     assert Runner(gqa_model, 8).cache_bytes_per_token() == 2 * L * Hkv * D * 4
-    for kv, P in (("spike4", 3), ("spike8", 7)):
-        # planes + sign words + one float32 scale per token and head, keys and values
-        assert Runner(gqa_model, 8, kv=kv).cache_bytes_per_token() == 2 * L * Hkv * (P * 4 + 4
-                                                                                      + 4)
+    for kv, P in (("spike4", 4), ("spike8", 8)):
+        # keys (minmax): P plane words, a float32 scale and an int32 zero per token and head;
+        # values (absmax, channel-major): P - 1 planes and the sign, a bit each per channel, and
+        # a float32 scale per token and head
+        keys = P * 4 + 4 + 4
+        values = P * D // 8 + 4
+        assert Runner(gqa_model, 8, kv=kv).cache_bytes_per_token() == L * Hkv * (keys + values)
     assert Runner(gqa_model, 8, batch=3, kv="spike4").cache_bytes_per_token() == \
         3 * Runner(gqa_model, 8, kv="spike4").cache_bytes_per_token()
 
@@ -247,3 +258,33 @@ def test_spike_attention_against_float64(kv, rotate):
         ref = scores.softmax(-1) @ vd @ R.double().T
         err = (got.double() - ref).abs().max()
         assert err <= tol * vd.abs().max(), (pv, err)
+
+
+def test_value_cache_channel_major():
+    """The channel-major value cache holds, after writes that start and end inside 32-token
+    words, the absmax encoding of every token (decoded, bit for bit), and a rewrite from token 0
+    (a new sequence) clears the later tokens' bits in the words it writes (a later word is
+    cleared when its first token is written); PV on it equals the float64 product of the
+    8-bit probabilities and the decoded values within float32 rounding."""
+    from spikeops.attention import ValueCache, SpikeKV
+    enc = spikeops.Encoding("absmax", 4)
+    cache = ValueCache(enc, 2, 3, 100, 64, "cpu")
+    x = torch.randn(2, 3, 100, 64)
+    for start, end in ((0, 37), (37, 38), (38, 70), (70, 100)):
+        cache.write(x[:, :, start:end], start)
+        assert torch.equal(cache.decode(end, torch.float32),
+                           spikeops.fake_quantize(x[:, :, :end], enc))
+    cache.write(x[:, :, :5] * 2, 0)
+    assert torch.equal(cache.decode(5, torch.float32), spikeops.fake_quantize(x[:, :, :5] * 2, enc))
+    assert not cache.planes[:, :, 0].bitwise_and(-32).any()  # tokens 5..31 of word 0
+    kv = SpikeKV("t", "spike4", False, "spike", 2, 3, 100, 64, torch.float32, "cpu")
+    kv.values = cache
+    probs = torch.softmax(torch.randn(2, 6, 2, 5), -1)
+    out = kv.spike_pv(probs, 5)
+    weights = probs * cache.token_scales(5).repeat_interleave(2, 1).unsqueeze(2)
+    step = weights.amax(-1, keepdim=True) / 255
+    q = torch.round(weights / step).double() * step.double()
+    codes = cache.decode(5, torch.float64) / cache.token_scales(5).unsqueeze(-1).double()
+    exact = q @ codes.repeat_interleave(2, 1)  # the scales are inside the 8-bit weights
+    assert out.shape == (2, 6, 2, 64)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)

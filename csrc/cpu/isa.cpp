@@ -22,6 +22,7 @@ struct Features {
   bool popcnt = false;
   bool avx2 = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vnni = false;
+  bool vpopcntdq = false;  // AVX512_VPOPCNTDQ (spike_matmul's vector kernel)
   bool amx = false;  // AMX-TILE and AMX-INT8, tile registers granted
 };
 
@@ -51,6 +52,7 @@ Features detect() {
   f.avx512f = __builtin_cpu_supports("avx512f");
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
+  f.vpopcntdq = f.avx512f && __builtin_cpu_supports("avx512vpopcntdq");
   f.amx = f.avx512f && amx_granted();  // the AMX kernels unpack with AVX-512
 #endif
   return f;
@@ -94,6 +96,8 @@ const char* isa_name(Isa isa) {
 }
 
 bool has_popcnt() { return features().popcnt; }
+
+bool has_vpopcntdq() { return features().vpopcntdq && best_isa() >= Isa::kAvx512Vnni; }
 
 }  // namespace cpu
 }  // namespace spikeops

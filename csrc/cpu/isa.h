@@ -19,6 +19,8 @@
 #define SPIKEOPS_TARGET_POPCNT __attribute__((target("popcnt")))
 #define SPIKEOPS_TARGET_AVX2 __attribute__((target("avx2,f16c")))
 #define SPIKEOPS_TARGET_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vnni")))
+// spike_matmul's vector kernel: 64-bit popcounts of 8 keys at once (VPOPCNTQ).
+#define SPIKEOPS_TARGET_VPOPCNTDQ __attribute__((target("popcnt,avx512f,avx512vpopcntdq")))
 #define SPIKEOPS_TARGET_AMX \
   __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
 #endif
@@ -56,6 +58,11 @@ const char* isa_name(Isa isa);
 // Whether the CPU has the popcnt instruction (spike_matmul; not capped: it computes the same
 // integers as the library call it replaces).
 bool has_popcnt();
+
+// Whether spike_matmul's AVX-512 VPOPCNTDQ kernel runs: the CPU has AVX512F and VPOPCNTDQ, and
+// SPIKEOPS_CPU_ISA does not cap the sets below avx512vnni (=avx2 runs the scalar popcount
+// kernel: the same integers, which the tests compare).
+bool has_vpopcntdq();
 
 }  // namespace cpu
 }  // namespace spikeops

@@ -62,11 +62,15 @@ class SpikeCache:
 
     def __init__(self, enc, batch: int, kv_heads: int, max_len: int, head_dim: int, device):
         self.enc, self.shape = enc, (batch, kv_heads, max_len, head_dim)
-        P, W, rows = enc.bits - 1, (head_dim + 31) // 32, batch * kv_heads * max_len
+        # The fields this encoding has (sign: signed codes; zero: unsigned ones), from encode
+        # itself: the rule of which fields exist has one definition.
+        probe = encode(torch.zeros(1, head_dim, device=device), enc)
+        P, W, rows = probe.planes.shape[0], (head_dim + 31) // 32, batch * kv_heads * max_len
         i32 = dict(dtype=torch.int32, device=device)
         self.planes = torch.zeros(P, rows, W, **i32)
-        self.sign = torch.zeros(rows, W, **i32)
+        self.sign = None if probe.sign is None else torch.zeros(rows, W, **i32)
         self.scale = torch.ones(rows, 1, dtype=torch.float32, device=device)
+        self.zero = None if probe.zero is None else torch.zeros(rows, 1, **i32)
 
     def write(self, x: torch.Tensor, start: int) -> None:
         """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``."""
@@ -75,31 +79,100 @@ class SpikeCache:
         st = encode(x, self.enc)
         self.planes.view(-1, B, H, L, self.planes.shape[-1])[:, :, :, start:start + T] = \
             st.planes.view(-1, B, H, T, self.planes.shape[-1])
-        self.sign.view(B, H, L, -1)[:, :, start:start + T] = st.sign.view(B, H, T, -1)
-        self.scale.view(B, H, L)[:, :, start:start + T] = st.scale.view(B, H, T)
+        for mine, new in ((self.sign, st.sign), (self.scale, st.scale), (self.zero, st.zero)):
+            if mine is not None:
+                mine.view(B, H, L, -1)[:, :, start:start + T] = new.view(B, H, T, -1)
 
     def spikes(self) -> SpikeTensor:
-        return SpikeTensor(self.planes, self.sign, None, self.scale, None, self.shape)
+        return SpikeTensor(self.planes, self.sign, None, self.scale, self.zero, self.shape)
 
     def fields(self, length: int):
-        """(planes, sign, hi, scale) of the first ``length`` tokens of every row, contiguous."""
+        """(planes, sign, hi, scale, zero) of the first ``length`` tokens of every row,
+        contiguous (sign or zero None where the encoding has none)."""
         B, H, L, _ = self.shape
         W = self.planes.shape[-1]
         rows = B * H * length
+
+        def first(t):
+            return None if t is None else \
+                t.view(B, H, L, t.shape[-1])[:, :, :length].reshape(rows, t.shape[-1])
         return (self.planes.view(-1, B, H, L, W)[:, :, :, :length].reshape(-1, rows, W),
-                self.sign.view(B, H, L, W)[:, :, :length].reshape(rows, W), None,
-                self.scale.view(B, H, L)[:, :, :length].reshape(rows, 1))
+                first(self.sign), None, first(self.scale), first(self.zero))
 
     def decode(self, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``length`` tokens decoded, ``[batch, kv_heads, length, head_dim]``."""
         B, H, _, D = self.shape
-        return SpikeTensor(*self.fields(length), None, (B, H, length, D)).decode(dtype)
+        return SpikeTensor(*self.fields(length), (B, H, length, D)).decode(dtype)
 
     def bytes_per_token(self) -> int:
         """Bytes one token takes in this cache (all heads of all rows of the batch)."""
         B, H, _, _ = self.shape
         W = self.planes.shape[-1]
-        return B * H * ((self.planes.shape[0] + 1) * W * 4 + 4)
+        words = self.planes.shape[0] + (self.sign is not None)
+        return B * H * (words * W * 4 + 4 + 4 * (self.zero is not None))
+
+
+class ValueCache:
+    """A preallocated bit-plane cache of one layer's values, channel-major: the rows are
+    ``(batch, kv head, channel d)`` and bit j of a row's words is token j, so that PV is
+    ``spike_matmul`` of the probabilities (channels = tokens) and these rows, read in place, with
+    no re-layout per step (docs/ops.md, spike_matmul). Each token and head is encoded once, when
+    written, under ``enc`` (absmax: one scale per token and head, kept beside the codes); the
+    codes ``s*Q`` are stored as a static signed encoding with scale 1, exact for integers."""
+
+    def __init__(self, enc, batch: int, kv_heads: int, max_len: int, head_dim: int, device):
+        self.enc, self.shape = enc, (batch, kv_heads, max_len, head_dim)
+        self.code_enc = Encoding("static", enc.bits)
+        W, rows = (max_len + 31) // 32, batch * kv_heads * head_dim
+        i32 = dict(dtype=torch.int32, device=device)
+        self.planes = torch.zeros(enc.bits - 1, rows, W, **i32)
+        self.sign = torch.zeros(rows, W, **i32)
+        self.scale = torch.ones(batch * kv_heads, max_len, dtype=torch.float32, device=device)
+
+    def write(self, x: torch.Tensor, start: int) -> None:
+        """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``: the
+        words holding them are re-encoded, the bits of earlier tokens kept, later ones cleared
+        (so a word is clean once its first token is written: reads end at the written words)."""
+        B, H, L, D = self.shape
+        T = x.shape[2]
+        st = encode(x, self.enc)
+        self.scale.view(B, H, L)[:, :, start:start + T] = st.scale.view(B, H, T)
+        codes = st._replace(scale=torch.ones_like(st.scale)).decode()  # s*Q, exact integers
+        w0, w1 = start // 32, (start + T + 31) // 32
+        padded = codes.new_zeros(B, H, D, 32 * (w1 - w0))
+        padded[..., start - 32 * w0:start - 32 * w0 + T] = codes.transpose(2, 3)
+        new = encode(padded, self.code_enc, scale=1.0)
+        keep = torch.zeros(w1 - w0, dtype=torch.int64, device=codes.device)
+        keep[0] = (1 << (start - 32 * w0)) - 1  # < 2^31: the earlier tokens of word w0
+        keep = keep.to(torch.int32)
+        for mine, bits in ((self.planes, new.planes), (self.sign, new.sign.unsqueeze(0))):
+            old = mine.view(-1, B * H * D, mine.shape[-1])[:, :, w0:w1]
+            old.copy_(old & keep | bits.view(old.shape))
+
+    def spikes(self, length: int) -> SpikeTensor:
+        """The codes of the first ``length`` tokens, ``[batch, kv_heads, head_dim, length]``
+        (scale 1; the per-token scales are ``token_scales``)."""
+        B, H, _, D = self.shape
+        W = (length + 31) // 32
+        return SpikeTensor(self.planes[:, :, :W].contiguous(), self.sign[:, :W].contiguous(),
+                           None, torch.ones(B * H * D, 1, device=self.planes.device), None,
+                           (B, H, D, length))
+
+    def token_scales(self, length: int) -> torch.Tensor:
+        """float32 ``[batch, kv_heads, length]``: each token's and head's scale."""
+        B, H, _, _ = self.shape
+        return self.scale[:, :length].view(B, H, length)
+
+    def decode(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``length`` tokens decoded, ``[batch, kv_heads, length, head_dim]``."""
+        codes = self.spikes(length).decode(torch.float32).transpose(2, 3)
+        return (codes * self.token_scales(length).unsqueeze(-1)).to(dtype)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes (all heads of all rows of the batch): a bit per plane, sign
+        included, per channel, and a float32 scale per head."""
+        B, H, _, D = self.shape
+        return B * H * (self.planes.shape[0] + 1) * D // 8 + B * H * 4
 
 
 # Runner's key-value caches: float, or absmax spikes of 4 or 8 bits (the sign included), and
@@ -130,18 +203,33 @@ class SpikeKV:
         if rotate and head_dim & (head_dim - 1):
             raise ValueError(f"{fn}: kv_rotate needs a power-of-two head_dim (a Hadamard "
                              f"matrix), got head_dim = {head_dim}; pass kv_rotate=False")
-        enc = Encoding("absmax", int(kv[len("spike"):]))
+        bits = int(kv[len("spike"):])
         self.pv = pv
         self.rotation = hadamard(head_dim).to(device=device, dtype=dtype) if rotate else None
-        self.keys, self.values = (SpikeCache(enc, batch, kv_heads, max_len, head_dim, device)
-                                  for _ in range(2))
+        # Keys asymmetric (minmax: a zero point per token and head), values symmetric (absmax):
+        # on SmolLM2 minmax keys cost 1.008x perplexity against absmax's 1.029x (both with the
+        # key offset), while minmax values were no better than absmax (README, "Attention on
+        # spikes"); the zero point is 4 bytes per token and head, 0.297x of float16 at 4 bits.
+        self.keys = SpikeCache(Encoding("minmax", bits), batch, kv_heads, max_len, head_dim,
+                               device)
+        self.values = ValueCache(Encoding("absmax", bits), batch, kv_heads, max_len, head_dim,
+                                 device)
+        self.key_offset = None
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.rotation is None else x @ self.rotation
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Encode keys and values ``[batch, kv_heads, T, head_dim]`` at ``start``."""
-        self.keys.write(self._rotate(k), start)
+        k = self._rotate(k)
+        # The key offset mu (per row, kv head and channel: the mean of the prompt's keys, set
+        # when a sequence starts) is subtracted before the code: q.(k - mu) = q.k - q.mu, and
+        # q.mu is the same for every key of a query, which the softmax cancels; the keys' own
+        # range is what the 4-bit code then spans (1.10x -> 1.03x perplexity with absmax keys
+        # on SmolLM2; README, "Attention on spikes").
+        if start == 0:
+            self.key_offset = k.mean(dim=2, keepdim=True)
+        self.keys.write(k - self.key_offset, start)
         self.values.write(self._rotate(v), start)
 
     def attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
@@ -176,7 +264,7 @@ class SpikeKV:
         of a popcount of an AND of plane words: one addition of +-2^(p+p')), so a pair (i, j)
         costs sum_k spikes_q[i, k] * spikes_k[j, k]; the MACs are head_dim per pair."""
         B, H, T, D = queries.shape
-        planes, _, _, scale = self.keys.fields(end)
+        planes, _, _, scale, _ = self.keys.fields(end)
         fired_q = _spikes_per_element(queries.planes, queries.scale, queries.shape)
         fired_k = _spikes_per_element(planes, scale, (B, self.keys.shape[1], end, D))
         fired_k = fired_k.repeat_interleave(H // self.keys.shape[1], dim=1)
@@ -189,22 +277,15 @@ class SpikeKV:
     def spike_pv(self, probs: torch.Tensor, end: int) -> torch.Tensor:
         """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``spike_matmul`` of A =
         the probabilities times the values' per-token scales, as unsigned 8-bit spikes per
-        query row (static, scale = row max / 255, zero 0: no scale floor), and B = the value
-        codes ``c_v`` channel-major (rows d, channels j; a static signed encoding with scale 1,
-        exact for integer codes). The value codes are re-laid out at every call: this path
-        measures accuracy, not speed."""
-        B, Hkv, _, D = self.values.shape
-        planes, sign, _, scale_v = self.values.fields(end)
-        codes = SpikeTensor(planes, sign, None, torch.ones_like(scale_v), None,
-                            (B, Hkv, end, D)).decode()
-        vt = encode(codes.transpose(2, 3).contiguous(), Encoding("static", self.values.enc.bits),
-                    scale=1.0)
-        weights = probs * scale_v.view(B, Hkv, 1, end).repeat_interleave(
+        query row (static, scale = row max / 255, zero 0: no scale floor), and B = the
+        channel-major value codes ``c_v`` (rows d, channels j), read in place."""
+        B, Hkv, _, _ = self.values.shape
+        weights = probs * self.values.token_scales(end).view(B, Hkv, 1, end).repeat_interleave(
             probs.shape[1] // Hkv, dim=1)
         row_max = weights.amax(-1).reshape(-1)
         step = torch.where(row_max > 0, row_max / 255, torch.ones_like(row_max))
         pt = encode(weights, Encoding("static", 8), scale=step, zero=0)
-        return spike_matmul(pt, vt)
+        return spike_matmul(pt, self.values.spikes(end))
 
     def bytes_per_token(self) -> int:
         return self.keys.bytes_per_token() + self.values.bytes_per_token()

@@ -75,14 +75,15 @@ class Runner:
 
     def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1,
                  head_dtype: Optional[torch.dtype] = None, kv: str = "float",
-                 kv_rotate: Optional[bool] = None, kv_pv: str = "float"):
+                 kv_rotate: Optional[bool] = None, kv_pv: Optional[str] = None):
         fn = "Runner"
         _checks.choice(fn, "kv", kv, KV_MODES)
-        _checks.choice(fn, "kv_pv", kv_pv, PV_MODES)
+        if kv_pv is not None:
+            _checks.choice(fn, "kv_pv", kv_pv, PV_MODES)
         if kv_rotate is not None and not isinstance(kv_rotate, bool):
             raise TypeError(f"{fn}: kv_rotate must be a bool or None, got "
                             f"{type(kv_rotate).__name__}")
-        if kv == "float" and (kv_rotate or kv_pv != "float"):
+        if kv == "float" and (kv_rotate or kv_pv is not None):
             raise ValueError(f"{fn}: kv_rotate and kv_pv are settings of the spiking caches (kv "
                              f"'spike4', 'spike8'), got kv_rotate={kv_rotate}, kv_pv={kv_pv!r} "
                              f"with kv='float'")
@@ -131,7 +132,10 @@ class Runner:
             self.values = torch.zeros_like(self.keys)
         else:
             rotate = kv_rotate is not False
-            self.spike_kv = [SpikeKV(fn, kv, rotate, kv_pv, batch, self.kv_heads, max_len,
+            # PV on spikes by default: the channel-major value cache is read in place, where
+            # the float product decodes the whole value cache at every step (README).
+            pv = kv_pv or "spike"
+            self.spike_kv = [SpikeKV(fn, kv, rotate, pv, batch, self.kv_heads, max_len,
                                      self.head_dim, w.dtype, w.device) for _ in self.layers]
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
