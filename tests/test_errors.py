@@ -244,8 +244,8 @@ PY_CASES = [
          "Encoding-bits-17-oat"),
     case(lambda d: Encoding("oat", 8, theta=(1.0, 2.0), planes=8), TypeError, "planes",
          "Encoding-planes"),
-    case(lambda d: Encoding("minmax", 4, gamma=0.5), ValueError, "gamma",
-         "Encoding-gamma-minmax"),
+    case(lambda d: Encoding("static", 4, gamma=0.5), ValueError, "gamma",
+         "Encoding-gamma-static"),
     case(lambda d: Encoding("oat", 4, gamma=0.5), ValueError, "gamma", "Encoding-gamma-oat"),
 
     # encode: x, enc, salient_mask

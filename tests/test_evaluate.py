@@ -89,7 +89,9 @@ def test_projections_of_one_input_share_one_encoding(model, monkeypatch):
     model(input_ids=ids)
     assert len(calls) == 4 * 2 + 2  # layer 0's q, k and v each encode
     # Under inference_mode (inference tensors) and through the group's own call alike.
-    layers["model.layers.0.self_attn.k_proj"].set_encoding(spikeops.Encoding("minmax", 4))
+    # Back to q's encoding (minmax4 with its calibrated gamma): shared again.
+    layers["model.layers.0.self_attn.k_proj"].set_encoding(
+        layers["model.layers.0.self_attn.q_proj"].enc)
     calls.clear()
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, shared)

@@ -194,6 +194,12 @@ def test_spike_kv_logits(gqa_model):
     spike.reset()
     steps = torch.cat([spike(ids[:, :20])] + [spike(ids[:, t:t + 1]) for t in range(20, 24)], 1)
     torch.testing.assert_close(steps, whole, rtol=1e-5, atol=1e-5)
+    # A left-padded row: the key offset is its real tokens' mean, so its logits are its own.
+    alone = Runner(gqa_model, max_len=24, kv="spike8")(ids[:, 4:])
+    padded = Runner(gqa_model, max_len=24, batch=2, kv="spike8")(
+        torch.cat([ids, torch.cat([torch.zeros(1, 4, dtype=ids.dtype), ids[:, 4:]], 1)]),
+        pad=torch.tensor([0, 4]))
+    torch.testing.assert_close(padded[1, 4:], alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_cache_bytes_per_token(gqa_model):

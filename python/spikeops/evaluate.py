@@ -126,11 +126,19 @@ def window_nll(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
             ids[j, : end - start] = tokens[start:end]
             mask[j, first - start: end - start] = True  # positions whose token is scored
         if kv == "float":
-            logits = model(input_ids=ids.to(device)).logits.float()
-        else:
             # Windows shorter than `length` are padded at their end: causal attention keeps
             # the padding out of every scored position.
-            logits = Runner(model, length, batch=len(chunk), kv=kv)(ids)
+            logits = model(input_ids=ids.to(device)).logits.float()
+        else:
+            # A spiking cache's key offset is the mean of a sequence's keys (spikeops.attention),
+            # so padding would change a window's codes: windows of one length run together.
+            logits = None
+            for n in sorted({end - start for start, end, _ in chunk}):
+                rows = [j for j, (start, end, _) in enumerate(chunk) if end - start == n]
+                out = Runner(model, n, batch=len(rows), kv=kv)(ids[rows, :n])
+                if logits is None:  # positions past a window's end are never scored
+                    logits = out.new_zeros(len(chunk), length, out.shape[-1])
+                logits[rows, :n] = out
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = ids[:, 1:].to(device)
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)

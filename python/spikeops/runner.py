@@ -206,7 +206,7 @@ class Runner:
                     q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
                     scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
             else:
-                self.spike_kv[i].write(k, v.transpose(1, 2), start)
+                self.spike_kv[i].write(k, v.transpose(1, 2), start, self.pad)
                 a = self.spike_kv[i].attend(q, end, mask, self.scaling[i])
             x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B, T, -1))
             x = x + parts["mlp"](parts["post_attention_layernorm"](x))
