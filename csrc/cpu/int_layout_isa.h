@@ -31,6 +31,7 @@ constexpr int kTiles = 4;        // column tiles per task: independent accumulat
 constexpr int kBlockTokens = 4;  // tokens per task when M allows: one weight load serves them
 
 constexpr int kCols = kTiles * kTileCols;
+constexpr int64_t kPrefetchBlocks = 64;  // AVX-512 decode: weight rows fetched 4 KB ahead
 
 // What the epilogue of one group reads for the task's columns, widened once per group and shared
 // by its tokens and ranges: zero points, float32 scales and code sums.
@@ -99,6 +100,13 @@ struct Avx512 : VectorRegisters {
       int32_t a_lo[kMB], a_hi[kMB];
       if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
       for (int i = 0; i < tiles; ++i) {
+        // Decode reads each weight row once, from memory: the rows kPrefetchBlocks ahead are
+        // fetched now (one core's four streams, 32 KB apart, outran the hardware prefetchers of
+        // Zen 4: docs/performance.md, "The CPU engine"). The last row stands for those past it.
+        if constexpr (kMB == 1)
+          _mm_prefetch(reinterpret_cast<const char*>(
+              packed + ((t0 + i) * KB + std::min<int64_t>(b + kPrefetchBlocks, KB - 1)) * 64),
+                       _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(packed + ((t0 + i) * KB + b) * 64);
         const __m512i w_lo = _mm512_and_si512(w, low);
         const __m512i w_hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
