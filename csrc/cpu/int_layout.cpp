@@ -106,13 +106,15 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
         for (int t = 0; t < mb; ++t) any = any || codes[mj + t].nonzero[g * R + r];
         if (!any) continue;  // as the generic kernel: empty groups are skipped
         if (!loaded) gc.load(a, g, n0, cols), loaded = true;
-        for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[mj + t].act[r].data() : p.silent.data();
+        for (int t = 0; t < kMB; ++t)
+          act[t] = t < mb ? codes[mj + t].act[r].data() : p.silent.data();
         Kernels::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
         // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
         // a dot product with the indicator of range-1 channels.
         const bool two_ranges = R == 2 && a.zero;
         if (two_ranges) {
-          for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[mj + t].ind1.data() : p.silent.data();
+          for (int t = 0; t < kMB; ++t)
+            act[t] = t < mb ? codes[mj + t].ind1.data() : p.silent.data();
           Kernels::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
         }
         for (int t = 0; t < mb; ++t) {

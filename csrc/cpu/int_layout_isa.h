@@ -28,7 +28,7 @@ namespace isa_kernels {
 
 constexpr int kTileCols = 16;    // columns per zmm of int32 lanes
 constexpr int kTiles = 4;        // column tiles per task: independent accumulator chains
-constexpr int kBlockTokens = 4;  // tokens per task when M allows: one weight load serves them
+constexpr int kBlockTokens = 4;  // tokens per block when M allows: one weight load serves them
 
 constexpr int kCols = kTiles * kTileCols;
 constexpr int64_t kPrefetchBlocks = 64;  // AVX-512 decode: weight rows fetched 4 KB ahead
@@ -44,8 +44,8 @@ struct GroupCols {
   // Three loops the compiler vectorizes (vcvtph2ps; vpmovzxwd; the zero points, 4-bit as the
   // layout's, eight per qzeros word, shifted by a constant vector): one fused loop stayed scalar,
   // and it ran once per group and task, as often as 16 blocks of dot products (docs/
-  // performance.md, "The CPU engine"). n0 is a multiple of 16; words past column N are read
-  // (qzeros holds whole words) but their zero points are not used.
+  // performance.md, "The CPU engine"). n0 is a multiple of 16; the fields of a word past column
+  // N are read (qzeros holds whole words) but not used.
   SPIKEOPS_TARGET_AVX2 void load(const LinearArgs& a, int64_t g, int64_t n0, int cols) {
     const uint16_t* s = a.scales + g * a.N + n0;
     const uint16_t* sums = a.code_sums + g * a.N + n0;
@@ -53,7 +53,8 @@ struct GroupCols {
     for (int c = 0; c < cols; ++c) scale[c] = half_to_float(s[c]);
     for (int c = 0; c < cols; ++c) code_sum[c] = sums[c];
     for (int w = 0; w < (cols + 7) / 8; ++w)
-      for (int j = 0; j < 8; ++j) zero[8 * w + j] = gptq_field(words[w], 4 * j, 15u) + a.zero_offset;
+      for (int j = 0; j < 8; ++j)
+        zero[8 * w + j] = gptq_field(words[w], 4 * j, 15u) + a.zero_offset;
   }
 };
 
