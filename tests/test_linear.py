@@ -301,17 +301,9 @@ def test_auto_on_sparse_spikes(M, share):
         assert torch.equal(y, ref), backend
 
 
-@pytest.mark.parametrize("K, N, gs, act, enc_name, M", ISA_CASES)
-def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
-    """The AMX, AVX-512 VNNI and AVX2 paths on the CPU layout (where the CPU has them) and the
-    generic kernel give the reference's bits; SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic
-    caps the choice. Act-order layers and 8-bit signed codes have no CPU layout or do not fit
-    it."""
+def assert_isa_paths_identical(st, w, bias, monkeypatch):
+    """Every ISA path the CPU has, and each cap below it, gives the reference's bits."""
     from spikeops import _C
-    w = make_layer(K, N, 4, gs, act_order=act, sym=False, device="cpu")[0]
-    assert (w.packed is None) == act
-    st = spikes_for(torch.randn(M, K) * 2, enc_name, "cpu")
-    bias = torch.randn(N)
     ref = reference.spike_linear(*linear_args(st, w, bias, torch.float32, "int"))
     seen = set()
     for isa in ("", "avx512vnni", "avx2", "generic"):  # the best the CPU has, then capped
@@ -320,6 +312,33 @@ def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
         y = spikeops.spike_linear(st, w, bias, torch.float32, backend="int")
         assert torch.equal(y.reshape(ref.shape), ref), isa
     assert "generic" in seen
+
+
+@pytest.mark.parametrize("K, N, gs, act, enc_name, M", ISA_CASES)
+def test_cpu_isa_paths_are_identical(K, N, gs, act, enc_name, M, monkeypatch):
+    """The AMX, AVX-512 VNNI and AVX2 paths on the CPU layout (where the CPU has them) and the
+    generic kernel give the reference's bits; SPIKEOPS_CPU_ISA=avx512vnni, =avx2 or =generic
+    caps the choice. Act-order layers and 8-bit signed codes have no CPU layout or do not fit
+    it."""
+    w = make_layer(K, N, 4, gs, act_order=act, sym=False, device="cpu")[0]
+    assert (w.packed is None) == act
+    st = spikes_for(torch.randn(M, K) * 2, enc_name, "cpu")
+    assert_isa_paths_identical(st, w, torch.randn(N), monkeypatch)
+
+
+@pytest.mark.parametrize("enc_name", ["minmax4", "absmax4-g0.5", "minmax4-salient6"])
+def test_cpu_isa_paths_with_silent_tokens_in_a_span(enc_name, monkeypatch):
+    """The vector kernels walk tokens in spans of 16 (blocks of 4 inside each group): blocks,
+    and single tokens, whose groups are silent are skipped inside a span and its last, partial
+    block; the bits stay the reference's."""
+    K, N = 256, 80
+    w = make_layer(K, N, 4, 64, sym=False, device="cpu")[0]
+    x = torch.randn(37, K) * 2
+    x[4:8] = 0             # a whole block of the first span
+    x[17] = 0              # one token of a block in the second span
+    x[20:36, :64] = 0      # group 0 silent in most of a span
+    x[36] = 0              # the last, partial block
+    assert_isa_paths_identical(spikes_for(x, enc_name, "cpu"), w, None, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- random configurations and dtypes

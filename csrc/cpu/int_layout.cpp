@@ -72,11 +72,21 @@ struct Plan {
   std::vector<int32_t> silent;  // [2 * KB] zero dwords: the codes of padding tokens
 };
 
-// One task: tokens [m0, m0 + mb), mb <= kMB, column tiles [t0, t0 + kTiles), every group.
+// Tokens per task (kMB at least): blocks of kMB tokens on the same columns, walked inside each
+// group, so that the group's scales, zero points and code sums are widened once for all of them
+// and its weight rows (64 columns x gs channels: 4 KB at gs = 128) come from L1 for every block
+// after the first. One task per block of four tokens re-widened them per block, as often as 16
+// blocks of dot products (docs/performance.md, "The CPU engine").
+constexpr int kSpanTokens = 16;
+
+// One task: tokens [m0, m0 + span), span <= kSpan, in blocks of kMB; column tiles
+// [t0, t0 + kTiles); every group.
 template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes,
-              int64_t m0, int mb, int64_t t0, T* y) {
-  double S[kMB][2][kCols];
+              int64_t m0, int span, int64_t t0, T* y) {
+  constexpr int kSpan = std::max(kMB, kSpanTokens);
+  static_assert(kSpan % kMB == 0, "a span is whole blocks");
+  double S[kSpan][2][kCols];
   alignas(64) int32_t A[kMB][kCols], Q1[kMB][kCols];
   GroupCols gc;
   const int64_t R = a.R;
@@ -84,35 +94,41 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
   const int64_t n0 = t0 * kTileCols;
   const int cols = static_cast<int>(std::min<int64_t>(tiles * kTileCols, a.N - n0));
   const int32_t* act[kMB];
-  std::fill(&S[0][0][0], &S[0][0][0] + kMB * 2 * kCols, 0.0);
+  std::fill(&S[0][0][0], &S[0][0][0] + span * 2 * kCols, 0.0);
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t b0 = g * p.gs / 8, b1 = std::min<int64_t>(p.KB, (g + 1) * p.gs / 8);
     bool loaded = false;
     for (int64_t r = 0; r < R; ++r) {
-      bool any = false;
-      for (int t = 0; t < mb; ++t) any = any || codes[m0 + t].nonzero[g * R + r];
-      if (!any) continue;  // as the generic kernel: empty groups are skipped
-      if (!loaded) gc.load(a, g, n0, cols), loaded = true;
-      for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].act[r].data() : p.silent.data();
-      Kernels::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
-      // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
-      // a dot product with the indicator of range-1 channels.
-      const bool two_ranges = R == 2 && a.zero;
-      if (two_ranges) {
-        for (int t = 0; t < kMB; ++t) act[t] = t < mb ? codes[m0 + t].ind1.data() : p.silent.data();
-        Kernels::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
-      }
-      for (int t = 0; t < mb; ++t) {
-        const TokenCodes& tc = codes[m0 + t];
-        if (!tc.nonzero[g * R + r]) continue;
-        Kernels::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
-                  static_cast<int32_t>(tc.sum_a[g * R + r]),
-                  a.zero ? a.zero[(m0 + t) * R + r] : 0,
-                  static_cast<int32_t>(tc.count[g * R + r]), S[t][r]);
+      for (int j0 = 0; j0 < span; j0 += kMB) {
+        const int64_t mj = m0 + j0;
+        const int mb = std::min(kMB, span - j0);
+        bool any = false;
+        for (int t = 0; t < mb; ++t) any = any || codes[mj + t].nonzero[g * R + r];
+        if (!any) continue;  // as the generic kernel: empty groups are skipped
+        if (!loaded) gc.load(a, g, n0, cols), loaded = true;
+        for (int t = 0; t < kMB; ++t)
+          act[t] = t < mb ? codes[mj + t].act[r].data() : p.silent.data();
+        Kernels::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
+        // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
+        // a dot product with the indicator of range-1 channels.
+        const bool two_ranges = R == 2 && a.zero;
+        if (two_ranges) {
+          for (int t = 0; t < kMB; ++t)
+            act[t] = t < mb ? codes[mj + t].ind1.data() : p.silent.data();
+          Kernels::template dot<true, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, Q1);
+        }
+        for (int t = 0; t < mb; ++t) {
+          const TokenCodes& tc = codes[mj + t];
+          if (!tc.nonzero[g * R + r]) continue;
+          Kernels::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
+                        static_cast<int32_t>(tc.sum_a[g * R + r]),
+                        a.zero ? a.zero[(mj + t) * R + r] : 0,
+                        static_cast<int32_t>(tc.count[g * R + r]), S[j0 + t][r]);
+        }
       }
     }
   }
-  for (int t = 0; t < mb; ++t) {
+  for (int t = 0; t < span; ++t) {
     const int64_t m = m0 + t;
     for (int c = 0; c < cols; ++c) {
       const double S1 = R == 2 ? S[t][1][c] : 0.0;
@@ -123,15 +139,16 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
 
 template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes) {
-  const int64_t col_tasks = (p.NT + kTiles - 1) / kTiles, blocks = (a.M + kMB - 1) / kMB;
+  constexpr int64_t kSpan = std::max(kMB, kSpanTokens);
+  const int64_t col_tasks = (p.NT + kTiles - 1) / kTiles, spans = (a.M + kSpan - 1) / kSpan;
   T* y = static_cast<T*>(a.out);
-  // Token blocks of the same columns are neighbours, so their weight rows meet in cache.
-  at::parallel_for(0, col_tasks * blocks, 1, [&](int64_t begin, int64_t end) {
+  // Token spans of the same columns are neighbours, so their weight rows meet in cache.
+  at::parallel_for(0, col_tasks * spans, 1, [&](int64_t begin, int64_t end) {
     Kernels::begin();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t m0 = (task % blocks) * kMB;
-      const int mb = static_cast<int>(std::min<int64_t>(kMB, a.M - m0));
-      run_task<Kernels, kUnsigned, kMB, T>(a, p, codes, m0, mb, (task / blocks) * kTiles, y);
+      const int64_t m0 = (task % spans) * kSpan;
+      const int span = static_cast<int>(std::min<int64_t>(kSpan, a.M - m0));
+      run_task<Kernels, kUnsigned, kMB, T>(a, p, codes, m0, span, (task / spans) * kTiles, y);
     }
     Kernels::end();
   });

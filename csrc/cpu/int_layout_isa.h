@@ -28,9 +28,10 @@ namespace isa_kernels {
 
 constexpr int kTileCols = 16;    // columns per zmm of int32 lanes
 constexpr int kTiles = 4;        // column tiles per task: independent accumulator chains
-constexpr int kBlockTokens = 4;  // tokens per task when M allows: one weight load serves them
+constexpr int kBlockTokens = 4;  // tokens per block when M allows: one weight load serves them
 
 constexpr int kCols = kTiles * kTileCols;
+constexpr int64_t kPrefetchBlocks = 64;  // AVX-512 decode: weight rows fetched 4 KB ahead
 
 // What the epilogue of one group reads for the task's columns, widened once per group and shared
 // by its tokens and ranges: zero points, float32 scales and code sums.
@@ -39,18 +40,21 @@ struct GroupCols {
   alignas(64) float scale[kCols];
   alignas(64) int32_t code_sum[kCols];
 
-  // Compiled for AVX2 with F16C, which every instruction set of this file implies (cpu/isa.h):
-  // the loops vectorize, the scales widened by vcvtph2ps. The zero points are 4-bit (the
-  // layout's), eight per qzeros word; n0 is a multiple of 16.
+  // Compiled for AVX2 with F16C, which every instruction set of this file implies (cpu/isa.h).
+  // Three loops the compiler vectorizes (vcvtph2ps; vpmovzxwd; the zero points, 4-bit as the
+  // layout's, eight per qzeros word, shifted by a constant vector): one fused loop stayed scalar,
+  // and it ran once per group and task, as often as 16 blocks of dot products (docs/
+  // performance.md, "The CPU engine"). n0 is a multiple of 16; the fields of a word past column
+  // N are read (qzeros holds whole words) but not used.
   SPIKEOPS_TARGET_AVX2 void load(const LinearArgs& a, int64_t g, int64_t n0, int cols) {
     const uint16_t* s = a.scales + g * a.N + n0;
     const uint16_t* sums = a.code_sums + g * a.N + n0;
     const int32_t* words = a.qzeros + g * ((a.N + 7) / 8) + n0 / 8;
-    for (int c = 0; c < cols; ++c) {
-      scale[c] = half_to_float(s[c]);
-      code_sum[c] = sums[c];
-      zero[c] = gptq_field(words[c >> 3], 4 * (c & 7), 15u) + a.zero_offset;
-    }
+    for (int c = 0; c < cols; ++c) scale[c] = half_to_float(s[c]);
+    for (int c = 0; c < cols; ++c) code_sum[c] = sums[c];
+    for (int w = 0; w < (cols + 7) / 8; ++w)
+      for (int j = 0; j < 8; ++j)
+        zero[8 * w + j] = gptq_field(words[w], 4 * j, 15u) + a.zero_offset;
   }
 };
 
@@ -88,13 +92,22 @@ struct Avx512 : VectorRegisters {
                                          int tiles, int64_t b0, int64_t b1,
                                          const int32_t* const* act, int32_t (*A)[kCols]) {
     const __m512i low = _mm512_set1_epi8(0x0F);
+    // Every tile's accumulators are zeroed and stored, so that they stay in registers (with
+    // `tiles` bounds, GCC spills them and calls memset and memcpy).
     __m512i acc[kMB][kTiles];
     for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i) acc[t][i] = _mm512_setzero_si512();
+      for (int i = 0; i < kTiles; ++i) acc[t][i] = _mm512_setzero_si512();
     for (int64_t b = b0; b < b1; ++b) {
       int32_t a_lo[kMB], a_hi[kMB];
       if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
       for (int i = 0; i < tiles; ++i) {
+        // Decode reads each weight row once, from memory: the rows kPrefetchBlocks ahead are
+        // fetched now (one core's four streams, 32 KB apart, outran the hardware prefetchers of
+        // Zen 4: docs/performance.md, "The CPU engine"). The last row stands for those past it.
+        if constexpr (kMB == 1)
+          _mm_prefetch(reinterpret_cast<const char*>(
+              packed + ((t0 + i) * KB + std::min<int64_t>(b + kPrefetchBlocks, KB - 1)) * 64),
+                       _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(packed + ((t0 + i) * KB + b) * 64);
         const __m512i w_lo = _mm512_and_si512(w, low);
         const __m512i w_hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
@@ -110,8 +123,8 @@ struct Avx512 : VectorRegisters {
         }
       }
     }
-    for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
+    for (int t = 0; t < kMB; ++t)  // every tile, in registers, zero past `tiles`
+      for (int i = 0; i < kTiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
   }
 
   SPIKEOPS_TARGET_AVX512 static void fold(const GroupCols& gc, int cols, const int32_t* A,
@@ -152,9 +165,9 @@ struct Avx2 : VectorRegisters {
                                        int64_t b0, int64_t b1, const int32_t* const* act,
                                        int32_t (*A)[kCols]) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256i acc[kMB][kTiles][2];
+    __m256i acc[kMB][kTiles][2];  // all zeroed, as AVX-512's
     for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_si256();
+      for (int i = 0; i < kTiles; ++i) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_si256();
     for (int64_t b = b0; b < b1; ++b) {
       int32_t a_lo[kMB], a_hi[kMB];
       if (!block_codes<kMB>(act, b, a_lo, a_hi)) continue;
@@ -177,7 +190,7 @@ struct Avx2 : VectorRegisters {
       }
     }
     for (int t = 0; t < kMB; ++t)
-      for (int i = 0; i < tiles; ++i)
+      for (int i = 0; i < kTiles; ++i)
         for (int h = 0; h < 2; ++h)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(A[t] + i * kTileCols + 8 * h),
                               acc[t][i][h]);
