@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens (bytes for the "
                    "embedded model) the evaluation reads")
     p.add_argument("--chat", default="What is a neuron? Answer in two sentences.",
-                   help="chat message the best 4-bit encoding answers")
+                   help="chat message the best encodings within 4 and 8 planes answer")
     p.add_argument("--tokens", type=int, default=1, help="tokens M of the kernel part "
                    "(1: decode)")
     p.add_argument("--in-features", type=int, default=4096, help="K of the kernel part "
