@@ -136,9 +136,10 @@ void check_bits(const char* op, const std::string& mode_name, bool is_signed, in
                     kMaxPlanes, "], got ", salient_bits);
 }
 
-EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode, int64_t bits, double gamma, const OptTensor& salient_mask,
-                        int64_t salient_bits, const OptTensor& scale, const OptTensor& zero,
-                        double theta_nor, double theta_out) {
+EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode, int64_t bits,
+                        double gamma, const OptTensor& salient_mask, int64_t salient_bits,
+                        const OptTensor& scale, const OptTensor& zero, double theta_nor,
+                        double theta_out) {
   const char* op = "gif_encode";
   EncodeArgs e{};
   e.mode = parse_mode(mode);

@@ -42,10 +42,6 @@ CLIP_MODES = ("absmax", "absmean", "oat")  # encodings with a trainable clipping
 
 
 # ----------------------------------------------------------------------------- the STE
-def _signed(enc: Encoding, zero: Optional[torch.Tensor]) -> bool:
-    return enc.mode in ("absmax", "absmean", "oat") or (enc.mode == "static" and zero is None)
-
-
 def _qmax(enc: Encoding, signed: bool, R: int) -> List[float]:
     """The top code of each range (oat: not used)."""
     widths = [enc.bits] + ([enc.salient_bits] if R == 2 and enc.mode != "oat" else [])
@@ -73,7 +69,7 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
     xf = x.to(_F32)
     r = unpack_bits(hi, K) if hi is not None else None
     s = scale if R == 1 else torch.where(r, scale[:, 1:2], scale[:, 0:1])
-    signed = _signed(enc, zero)
+    signed = ops.is_signed(enc.mode, zero)
     # inside: the autograd of docs/ops.md's formula with round (floor for oat) passed straight
     # through and torch.clamp's inclusive bounds: the element's rounded, not yet clamped code
     # lies in the code range. Same float32 operations as the op, so the same rounded codes.

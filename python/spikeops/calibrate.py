@@ -160,8 +160,8 @@ ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits, the sign includ
                  "planes), '+sS' for salient channels at S bits, e.g. minmax4+s6, and none "
                  "(float activations); per layer type, TYPE=ENC entries joined by ';' with '*' "
                  "for every other type, e.g. 'down_proj=minmax8;*=absmax4' (TYPE: q_proj, "
-                 "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). minmax/absmax/absmean take "
-                 "their gamma, oat its thresholds and salient channels their masks from the "
+                 "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). minmax/absmax/absmean "
+                 "take their gamma, oat its thresholds and salient channels their masks from the "
                  "model's calibration (spikeops calibrate)")
 
 
@@ -238,18 +238,25 @@ def type_encoding(fn: str, enc, name: str) -> Optional[Encoding]:
 def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
     """The Encoding and salient mask of one layer: ``enc`` with what it leaves open filled from
     the layer's calibration: gamma (GAMMA_MODES, for encodings of the bits it was searched for;
-    DEFAULT_GAMMA otherwise and where the calibration has none), theta (oat) and the salient mask (when ``enc.salient_bits`` is set). A value ``enc``
-    gives is kept."""
+    DEFAULT_GAMMA otherwise and where the calibration has none), theta (oat) and the salient
+    mask (when ``enc.salient_bits`` is set). A value ``enc`` gives is kept."""
     if enc is None:
         return None, None
     if enc.mode in GAMMA_MODES and enc.gamma is None:
-        searched = cal is not None and cal.gamma_bits in (None, enc.bits)
-        gamma = cal.gamma.get(enc.mode) if searched and cal.gamma else None
+        gamma = _calibrated_gamma(enc, cal)
         enc = dataclasses.replace(enc, gamma=DEFAULT_GAMMA if gamma is None else gamma)
     if enc.mode == "oat" and enc.theta is None and cal is not None:
         enc = dataclasses.replace(enc, theta=cal.theta)
     mask = cal.salient if enc.salient_bits is not None and cal is not None else None
     return enc, mask
+
+
+def _calibrated_gamma(enc: Encoding, cal: Optional[LayerCalibration]) -> Optional[float]:
+    """The layer's calibrated gamma for ``enc``'s mode, if it was searched for ``enc``'s bits
+    (or for unknown bits), else None."""
+    if cal is None or not cal.gamma or cal.gamma_bits not in (None, enc.bits):
+        return None
+    return cal.gamma.get(enc.mode)
 
 
 def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tuple[str, str]]:
@@ -258,8 +265,8 @@ def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tu
     if enc is None or cal is None:
         return []
     unused = []
-    if enc.gamma is not None and cal.gamma and cal.gamma_bits in (None, enc.bits) \
-            and cal.gamma.get(enc.mode, enc.gamma) != enc.gamma:
+    calibrated = _calibrated_gamma(enc, cal)
+    if enc.gamma is not None and calibrated is not None and calibrated != enc.gamma:
         unused.append(("gamma", str(enc.gamma)))
     if enc.theta is not None and cal.theta is not None and tuple(enc.theta) != cal.theta:
         unused.append(("theta", str(tuple(enc.theta))))

@@ -3,9 +3,9 @@ imported, transformed (--transform), GPTQ-quantized to W4 g128 and calibrated on
 each step cached in --cache; then the perplexity, firing rate and SOPs per MAC of the dense
 model, of the GPTQ weights on float activations and of every encoding at 4 and 8 bits on
 --eval-text, chat answers (--chat) on spikes of the best encoding within 4 and within 8 bit
-planes per element, with their energy estimates. Without --gguf the embedded byte-level LLaMA (a few million parameters,
-W4 GPTQ, with its seed-method calibration) is evaluated on its held-out text instead, and
-generates a sample.
+planes per element, with their energy estimates. Without --gguf the embedded byte-level LLaMA
+(a few million parameters, W4 GPTQ, with its seed-method calibration) is evaluated on its
+held-out text instead, and generates a sample.
 Then a GPTQ-shaped layer made in code (LLaMA-2-7B gate projection, 4096 -> 11008, W4 g128) runs
 on spikes of LLM-like activations under five encodings: its output is compared with the dense
 float64 layer, and its firing rate, synaptic operations and speed against float32

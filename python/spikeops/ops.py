@@ -1,10 +1,10 @@
 """One typed wrapper per op of ``torch.ops.spikeops`` and, right below it, its fake (meta) kernel
 so that ``torch.compile`` can trace the ops without running them.
 
-The wrappers take and return tensors, an absent optional tensor being ``None`` (``Tensor?`` in the
-op schemas); gif_encode's outputs that an encoding does not produce come back from the op with
-shape ``[0]`` and from its wrapper as ``None`` (docs/ops.md). Shapes: M tokens, K inputs, N outputs, P planes,
-W = ceil(K / 32) words, R ranges (2 when ``hi`` is present), G groups.
+The wrappers take and return tensors, an absent optional tensor being ``None`` (``Tensor?`` in
+the op schemas); gif_encode's outputs that an encoding does not produce come back from the op
+with shape ``[0]`` and from its wrapper as ``None`` (docs/ops.md). Shapes: M tokens, K inputs,
+N outputs, P planes, W = ceil(K / 32) words, R ranges (2 when ``hi`` is present), G groups.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ Tensor = torch.Tensor
 _INT32 = torch.int32
 
 MODES = ("minmax", "absmax", "absmean", "static", "oat")
+SIGNED_MODES = ("absmax", "absmean", "oat")  # static is signed when no zero is given
+
+
+def is_signed(mode: str, zero) -> bool:
+    """Whether ``mode`` codes with a sign (docs/ops.md): ``zero`` is static mode's zero point
+    (None: signed)."""
+    return mode in SIGNED_MODES or (mode == "static" and zero is None)
 MAX_PLANES = _C.MAX_PLANES  # kMaxPlanes of csrc/spike_math.h
 BACKENDS = ("auto", "spike", "int")
 
@@ -110,7 +117,7 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
     _same_device("gif_encode", "x", x, salient_mask=salient_mask, scale=scale, zero=zero)
     M, K = x.shape
     salient = salient_mask is not None
-    signed = mode in ("absmax", "absmean", "oat") or (mode == "static" and zero is None)
+    signed = is_signed(mode, zero)
     _C.check_bits("gif_encode", mode, signed, bits, salient_bits)
     top = salient_bits if salient else bits
     P = top - 1 if signed and mode != "oat" else top

@@ -6,8 +6,9 @@ CPU (docs/performance.md, "Whole model on the CPU").
 ``Runner`` calls the model's own modules (embedding, norms, projections, MLP, ``lm_head``) and
 its rotary embedding, so it runs whatever they are: SpikeLinear projections with their
 encodings, projection groups (one encoding of an input for q/k/v and for gate/up) and online
-rotations, or float ``nn.Linear``. Only the attention plumbing is its own: rotary position embedding, a preallocated key-value cache and
-``scaled_dot_product_attention``, the same arithmetic as transformers' SDPA attention.
+rotations, or float ``nn.Linear``. Only the attention plumbing is its own: rotary position
+embedding, a preallocated key-value cache and ``scaled_dot_product_attention``, the same
+arithmetic as transformers' SDPA attention.
 """
 
 from __future__ import annotations

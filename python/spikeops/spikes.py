@@ -21,7 +21,6 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 DEFAULT_GAMMA = 1.0  # clipping ratio when neither the Encoding nor a calibration gives one
 GAMMA_MODES = ("minmax", "absmax", "absmean")  # the modes with a clipping ratio gamma
-SIGNED_MODES = ("absmax", "absmean", "oat")  # static is signed when no zero is given
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Encoding:
         # torch.compile cannot trace this C function: in a compiled function the op's fake kernel
         # applies the same rule when the Encoding encodes.
         if not torch.compiler.is_compiling():
-            ops._C.check_bits(fn, self.mode, self.mode in SIGNED_MODES, self.bits,
+            ops._C.check_bits(fn, self.mode, self.mode in ops.SIGNED_MODES, self.bits,
                               self.salient_bits or 0)
         if self.gamma is not None:
             if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
