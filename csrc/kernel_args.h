@@ -15,15 +15,30 @@ namespace spikeops {
 // float64; every float output is float16, bfloat16 or float32.
 enum class FloatType : int32_t { kHalf, kBFloat16, kFloat, kDouble };
 
-// A checked SpikeTensor (docs/ops.md, "The spike format").
+// A checked SpikeTensor (docs/ops.md, "The spike format"). Each element reads column r of its
+// token's scale (and zero) row: its range (hi) or its activation group (group > 0), never both.
 struct SpikeFields {
   const uint32_t* planes;  // [P, M, W]
   const uint32_t* sign;    // [M, W] or null
   const uint32_t* hi;      // [M, W] or null
   const float* scale;      // [M, R], or null for the ops that take no scale
   const int32_t* zero;     // [M, R] or null
-  int64_t P, M, W, R;
+  int64_t P, M, W;
+  int64_t R;               // scale columns: 2 with hi, ceil(K / group) with group, else 1
+  int64_t group;           // channels per activation group, a multiple of 32; 0: none
 };
+
+// Scale columns of spikes with W words per token: activation groups are whole words, so their
+// count follows from W (ceil(K / group) == ceil(W / (group / 32))).
+SPIKE_HD int64_t scale_columns(bool has_hi, int64_t group, int64_t W) {
+  return has_hi ? 2 : group > 0 ? (W + group / 32 - 1) / (group / 32) : 1;
+}
+
+// The scale column of channel 32 * w + j, whose range bit is bit j of hi_word (read only with
+// hi): its activation group, its range, or 0.
+SPIKE_HD int64_t scale_column(const SpikeFields& s, int64_t w, uint32_t hi_word, int j) {
+  return s.group > 0 ? w / (s.group / 32) : s.hi ? range_of(hi_word, j) : 0;
+}
 
 // The kernel form of one GPTQ linear layer (spikeops.GPTQWeight; docs/checkpoints.md): the
 // checkpoint's tensors as they are, except that on the CPU the CPU layout may replace qweight
@@ -94,7 +109,10 @@ struct EncodeArgs {
   bool is_signed;
   int bits, salient_bits;       // salient_bits = 0 without salient channels
   float gamma, theta_nor, theta_out;
-  int64_t M, K, W, P, R;
+  int64_t M, K, W, P;
+  int64_t R;                    // scale columns (SpikeFields::R)
+  int64_t group;                // channels per activation group (a multiple of 32), 0: none;
+                                // static_scale / static_zero are then [M, R]
 };
 
 struct DecodeArgs : SpikeFields {
@@ -127,14 +145,36 @@ struct LinearArgs : SpikeFields, WeightFields {
 };
 
 // spike_linear's epilogue, the one float rounding after the exact sums (docs/ops.md): output
-// (m, n) from the folded sums S_r of its ranges (S1 read only when R == 2),
-//   float32(double(scale[m, 0]) * S0 [+ double(scale[m, 1]) * S1] [+ double(bias[n])]).
-// Every kernel, CPU and CUDA, ends with it, so their outputs agree bit for bit.
+// (m, n) is float32(Y + double(bias[n])) with
+//   Y = sum over scale columns r ascending of double(scale[m, r]) * S_r,
+// S_r the folded weight-group sums of column r. Every kernel, CPU and CUDA, ends with these
+// functions, so their outputs agree bit for bit.
+
+// One term of Y.
+SPIKE_HD double scale_term(const LinearArgs& a, int64_t m, int64_t r, double S) {
+  return static_cast<double>(a.scale[m * a.R + r]) * S;
+}
+
+// float32(Y + bias[n]).
+SPIKE_HD float linear_output(const LinearArgs& a, int64_t n, double Y) {
+  if (a.bias) Y += static_cast<double>(a.bias[n]);
+  return static_cast<float>(Y);
+}
+
+// The epilogue of spikes without activation groups, from S0 and S1 (read only when R == 2).
+// With activation groups the kernels add the R terms themselves, starting from Y = 0.0 (the
+// same value: an S_r is never -0.0, as its sum starts at +0.0, and scales are positive).
 SPIKE_HD float linear_epilogue(const LinearArgs& a, int64_t m, int64_t n, double S0, double S1) {
-  double v = static_cast<double>(a.scale[m * a.R]) * S0;
-  if (a.R == 2) v += static_cast<double>(a.scale[m * a.R + 1]) * S1;
-  if (a.bias) v += static_cast<double>(a.bias[n]);
-  return static_cast<float>(v);
+  double Y = scale_term(a, m, 0, S0);
+  if (a.R == 2) Y += scale_term(a, m, 1, S1);
+  return linear_output(a, n, Y);
+}
+
+// The weight group that holds activation group u of spike_linear's input: activation groups
+// lie inside one uniform weight group (checks.cpp), and with one weight group u * group < K <=
+// group_size.
+SPIKE_HD int64_t weight_group_of(const LinearArgs& a, int64_t u) {
+  return u * a.group / a.group_size;
 }
 
 struct DequantizeArgs : WeightFields {
