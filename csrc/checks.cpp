@@ -139,7 +139,7 @@ void check_bits(const char* op, const std::string& mode_name, bool is_signed, in
 EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode, int64_t bits,
                         double gamma, const OptTensor& salient_mask, int64_t salient_bits,
                         const OptTensor& scale, const OptTensor& zero, double theta_nor,
-                        double theta_out) {
+                        double theta_out, int64_t group) {
   const char* op = "gif_encode";
   EncodeArgs e{};
   e.mode = parse_mode(mode);
@@ -184,27 +184,41 @@ EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode
   }
   const int top_bits = e.salient_bits ? e.salient_bits : e.bits;
   e.P = (e.is_signed && e.mode != Mode::kOat) ? top_bits - 1 : top_bits;
-  e.R = (e.salient_bits || e.mode == Mode::kOat) ? 2 : 1;
+  check_group(op, group);
+  TORCH_CHECK_VALUE(group == 0 || (!salient_mask && e.mode != Mode::kOat), op, ": group (",
+                    "activation groups) does not combine with salient channels or mode 'oat', ",
+                    "whose two ranges are the token's scale columns; got group = ", group,
+                    " with mode '", mode, "'", (salient_mask ? " and a salient_mask" : ""));
+  e.group = group;
+  e.R = (e.salient_bits || e.mode == Mode::kOat) ? 2 : scale_columns(false, group, e.W);
 
   if (is_static) {
+    // One value per token, or per token and activation group: [M] or [M, R].
+    const auto per_token = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+      if (group > 0) {
+        check_tensor(op, t, name, dtype, {e.M, e.R}, x, "x");
+      } else {
+        check_tensor(op, t, name, dtype, {e.M}, x, "x");
+      }
+    };
     TORCH_CHECK_VALUE(scale.has_value(), op, ": mode 'static' needs scale, a float32 tensor of ",
-                      "shape [M] = [", e.M, "]");
-    check_tensor(op, *scale, "scale", at::kFloat, {e.M}, x, "x");
+                      "shape ", group > 0 ? shape_str({e.M, e.R}) : shape_str({e.M}));
+    per_token(*scale, "scale", at::kFloat);
     e.static_scale = in.data<float>(*scale);
     if (host_readable(*scale)) {
-      for (int64_t m = 0; m < e.M; ++m)
-        TORCH_CHECK_VALUE(std::isfinite(e.static_scale[m]) && e.static_scale[m] > 0.f, op,
-                          ": scale must be positive and finite, got scale[", m, "] = ",
-                          e.static_scale[m]);
+      for (int64_t i = 0; i < scale->numel(); ++i)
+        TORCH_CHECK_VALUE(std::isfinite(e.static_scale[i]) && e.static_scale[i] > 0.f, op,
+                          ": scale must be positive and finite, got ", e.static_scale[i],
+                          " at flat index ", i);
     }
     if (zero) {
-      check_tensor(op, *zero, "zero", at::kInt, {e.M}, x, "x");
+      per_token(*zero, "zero", at::kInt);
       e.static_zero = in.data<int32_t>(*zero);
       if (host_readable(*zero)) {
-        for (int64_t m = 0; m < e.M; ++m)
-          TORCH_CHECK_VALUE(zero_in_range(e.static_zero[m]), op, ": zero must be in [-",
-                            kZeroLimit, ", ", kZeroLimit, "], got zero[", m, "] = ",
-                            e.static_zero[m]);
+        for (int64_t i = 0; i < zero->numel(); ++i)
+          TORCH_CHECK_VALUE(zero_in_range(e.static_zero[i]), op, ": zero must be in [-",
+                            kZeroLimit, ", ", kZeroLimit, "], got ", e.static_zero[i],
+                            " at flat index ", i);
       }
     }
   }
@@ -224,9 +238,18 @@ EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode
   return e;
 }
 
+void check_group(const char* op, int64_t group) {
+  TORCH_CHECK_VALUE(group >= 0 && group % 32 == 0 && group <= kMaxK, op, ": group (channels ",
+                    "per activation group) must be 0 (none) or a positive multiple of 32, got ",
+                    group);
+}
+
 SpikeFields check_spike_bits(const char* op, Inputs& in, const at::Tensor& planes,
-                             const OptTensor& sign, const OptTensor& hi) {
+                             const OptTensor& sign, const OptTensor& hi, int64_t group) {
   SpikeFields s{};
+  check_group(op, group);
+  TORCH_CHECK_VALUE(group == 0 || !hi, op, ": group (activation groups) does not combine with ",
+                    "hi (two ranges), got group = ", group, " and a hi tensor");
   check_dtype(op, planes, "planes", at::kInt);
   TORCH_CHECK_VALUE(planes.dim() == 3, op, ": planes must have shape [P, M, W], got ",
                     shape_str(planes));
@@ -247,14 +270,15 @@ SpikeFields check_spike_bits(const char* op, Inputs& in, const at::Tensor& plane
   };
   s.sign = word_mask(sign, "sign");
   s.hi = word_mask(hi, "hi");
-  s.R = hi ? 2 : 1;
+  s.group = group;
+  s.R = scale_columns(hi.has_value(), group, s.W);
   return s;
 }
 
 SpikeFields check_spikes(const char* op, Inputs& in, const at::Tensor& planes,
                          const OptTensor& sign, const OptTensor& hi, const at::Tensor& scale,
-                         const OptTensor& zero) {
-  SpikeFields s = check_spike_bits(op, in, planes, sign, hi);
+                         const OptTensor& zero, int64_t group) {
+  SpikeFields s = check_spike_bits(op, in, planes, sign, hi, group);
   check_tensor(op, scale, "scale", at::kFloat, {s.M, s.R}, planes, "planes");
   s.scale = in.data<float>(scale);
   if (zero) {
@@ -268,6 +292,14 @@ SpikeFields check_spikes(const char* op, Inputs& in, const at::Tensor& planes,
     }
   }
   return s;
+}
+
+void check_linear_groups(const char* op, const SpikeFields& s, const WeightFields& w) {
+  TORCH_CHECK_VALUE(activation_groups_fit(s.group, w.group_size, w.K), op,
+                    ": activation groups must lie inside the weight groups: group_size a ",
+                    "multiple of group, or one weight group (group_size >= K); act-order ",
+                    "layers (group_size 0) take no activation groups. Got group = ", s.group,
+                    ", group_size = ", w.group_size, ", K = ", w.K);
 }
 
 void check_spike_width(const char* op, const SpikeFields& s, int64_t K, const char* k_source) {
@@ -374,8 +406,8 @@ MatmulArgs check_matmul(Inputs& in, const at::Tensor& a_planes, const OptTensor&
                         bool causal, at::ScalarType out_dtype) {
   const char* op = "spike_matmul";
   MatmulArgs g{};
-  g.a = check_spikes("spike_matmul (a)", in, a_planes, a_sign, a_hi, a_scale, a_zero);
-  g.b = check_spikes("spike_matmul (b)", in, b_planes, b_sign, b_hi, b_scale, b_zero);
+  g.a = check_spikes("spike_matmul (a)", in, a_planes, a_sign, a_hi, a_scale, a_zero, 0);
+  g.b = check_spikes("spike_matmul (b)", in, b_planes, b_sign, b_hi, b_scale, b_zero, 0);
   check_same_device(op, b_planes, "b_planes", a_planes, "a_planes");
   TORCH_CHECK_VALUE(K >= 1 && K <= kMatmulMaxK, op, ": K must be in [1, ", kMatmulMaxK,
                     "] (exact float64 sums, docs/ops.md), got ", K);

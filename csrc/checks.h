@@ -57,16 +57,23 @@ void check_bits(const char* op, const std::string& mode, bool is_signed, int64_t
 EncodeArgs check_encode(Inputs& in, const at::Tensor& x, const std::string& mode, int64_t bits,
                         double gamma, const OptTensor& salient_mask, int64_t salient_bits,
                         const OptTensor& scale, const OptTensor& zero, double theta_nor,
-                        double theta_out);
+                        double theta_out, int64_t group);
 
-// planes, sign and hi only (spike_counts, spike_stats and spike_accumulate take no scale); R is
-// 2 with hi.
+// An activation group (docs/ops.md, "The spike format"): 0, or a positive multiple of 32.
+void check_group(const char* op, int64_t group);
+
+// planes, sign, hi and the activation group only (spike_counts, spike_stats and
+// spike_accumulate take no scale); R is the count of scale columns (scale_columns).
 SpikeFields check_spike_bits(const char* op, Inputs& in, const at::Tensor& planes,
-                             const OptTensor& sign, const OptTensor& hi);
+                             const OptTensor& sign, const OptTensor& hi, int64_t group);
 
 SpikeFields check_spikes(const char* op, Inputs& in, const at::Tensor& planes,
                          const OptTensor& sign, const OptTensor& hi, const at::Tensor& scale,
-                         const OptTensor& zero);
+                         const OptTensor& zero, int64_t group);
+
+// spike_linear's rule for activation groups: uniform weight groups that each hold whole
+// activation groups (group_size a multiple of group, or one weight group).
+void check_linear_groups(const char* op, const SpikeFields& s, const WeightFields& w);
 
 // The spike words must cover exactly K channels: W == ceil(K / 32).
 void check_spike_width(const char* op, const SpikeFields& s, int64_t K, const char* k_source);

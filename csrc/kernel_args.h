@@ -73,6 +73,15 @@ constexpr int64_t layout_group(int64_t bits, int64_t group_size, int64_t K) {
   return gs % 8 == 0 && gs <= kMaxLayoutGroup ? gs : 0;
 }
 
+// Whether spike_linear takes spikes with activation groups of `group` channels on weights in
+// groups of group_size (docs/ops.md, spike_linear): group 0 (none), or uniform weight groups
+// that each hold whole activation groups (group_size a multiple of group, or one weight group,
+// group_size >= K). spike_linear's check applies it; spikeops.SpikeLinear asks it
+// (spikeops._C.activation_groups_fit) when an encoding is set.
+constexpr bool activation_groups_fit(int64_t group, int64_t group_size, int64_t K) {
+  return group == 0 || (group_size > 0 && (group_size % group == 0 || group_size >= K));
+}
+
 // Group of channel k of a layer.
 SPIKE_HD int64_t group_of(const WeightFields& w, int64_t k) {
   return w.group_size > 0 ? k / w.group_size : static_cast<int64_t>(w.g_idx[k]);

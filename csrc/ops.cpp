@@ -63,6 +63,16 @@ static PyObject* layout_group(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(spikeops::layout_group(bits, group_size, K));
 }
 
+// activation_groups_fit(group, group_size, K) of kernel_args.h: whether spike_linear takes
+// spikes with activation groups of `group` channels on such weights. spikeops.SpikeLinear asks
+// it when an encoding is set, so that the rule has one definition.
+static PyObject* activation_groups_fit(PyObject*, PyObject* args) {
+  long long group, group_size, K;
+  if (!PyArg_ParseTuple(args, "LLL:activation_groups_fit", &group, &group_size, &K))
+    return nullptr;
+  return PyBool_FromLong(spikeops::activation_groups_fit(group, group_size, K));
+}
+
 // Importing this module loads the shared library, whose static initializers register the ops
 // (the pattern of pytorch/extension-cpp).
 PyObject* PyInit__C(void) {
@@ -71,6 +81,8 @@ PyObject* PyInit__C(void) {
       {"check_bits", check_bits, METH_VARARGS, "gif_encode's rule for bits and salient_bits"},
       {"layout_group", layout_group, METH_VARARGS,
        "layout_group(bits, group_size, K): channels per group of the CPU layout, 0: none"},
+      {"activation_groups_fit", activation_groups_fit, METH_VARARGS,
+       "activation_groups_fit(group, group_size, K): spike_linear takes such spikes"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
@@ -139,20 +151,21 @@ template <Dev D>
 EncodeResult gif_encode(const at::Tensor& x, const std::string& mode, int64_t bits, double gamma,
                         const OptTensor& salient_mask, int64_t salient_bits,
                         const OptTensor& scale, const OptTensor& zero, double theta_nor,
-                        double theta_out) {
+                        double theta_out, int64_t group) {
   Inputs in;
   EncodeArgs a = check_encode(in, x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
-                              theta_nor, theta_out);
+                              theta_nor, theta_out, group);
   const auto i32 = x.options().dtype(at::kInt);
   at::Tensor planes = at::empty({a.P, a.M, a.W}, i32);
   at::Tensor sign = a.is_signed ? at::empty({a.M, a.W}, i32) : absent_output(i32);
-  at::Tensor hi = a.R == 2 ? at::empty({a.M, a.W}, i32) : absent_output(i32);
+  const bool has_hi = a.R == 2 && a.group == 0;  // two ranges, not two activation groups
+  at::Tensor hi = has_hi ? at::empty({a.M, a.W}, i32) : absent_output(i32);
   at::Tensor scale_out = at::empty({a.M, a.R}, x.options().dtype(at::kFloat));
   at::Tensor zero_out = a.is_signed ? absent_output(i32) : at::empty({a.M, a.R}, i32);
   if (a.M > 0) {
     a.planes = mutable_words(planes);
     a.sign = a.is_signed ? mutable_words(sign) : nullptr;
-    a.hi = a.R == 2 ? mutable_words(hi) : nullptr;
+    a.hi = has_hi ? mutable_words(hi) : nullptr;
     a.scale = scale_out.mutable_data_ptr<float>();
     a.zero = a.is_signed ? nullptr : zero_out.mutable_data_ptr<int32_t>();
     run<D>("gif_encode", x, "x", a, &cpu::gif_encode, SPIKEOPS_CUDA_LAUNCHER(launch_gif_encode));
@@ -163,11 +176,11 @@ EncodeResult gif_encode(const at::Tensor& x, const std::string& mode, int64_t bi
 template <Dev D>
 at::Tensor spike_decode(const at::Tensor& planes, const OptTensor& sign, const OptTensor& hi,
                         const at::Tensor& scale, const OptTensor& zero, int64_t K,
-                        at::ScalarType dtype) {
+                        at::ScalarType dtype, int64_t group) {
   const char* op = "spike_decode";
   Inputs in;
   DecodeArgs a;
-  static_cast<SpikeFields&>(a) = check_spikes(op, in, planes, sign, hi, scale, zero);
+  static_cast<SpikeFields&>(a) = check_spikes(op, in, planes, sign, hi, scale, zero, group);
   TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
   check_spike_width(op, a, K, "K");
   check_float_out_dtype(op, dtype, "dtype");
@@ -187,7 +200,7 @@ at::Tensor spike_counts(const at::Tensor& planes, const OptTensor& sign, bool ne
   const char* op = "spike_counts";
   Inputs in;
   CountsArgs a;
-  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, std::nullopt);
+  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, std::nullopt, 0);
   TORCH_CHECK_VALUE(!negative || a.sign, op,
                     ": negative=True needs sign (a signed encoding), got None");
   at::Tensor out = at::empty({a.P, a.M}, planes.options().dtype(at::kLong));
@@ -205,7 +218,7 @@ at::Tensor spike_stats(const at::Tensor& planes, const OptTensor& sign) {
   const char* op = "spike_stats";
   Inputs in;
   StatsArgs a;
-  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, std::nullopt);
+  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, std::nullopt, 0);
   // Both kernels add into the output, so it starts from zeros.
   at::Tensor out = at::zeros({2 * a.P + 2}, planes.options().dtype(at::kLong));
   if (a.M > 0) {
@@ -218,11 +231,11 @@ at::Tensor spike_stats(const at::Tensor& planes, const OptTensor& sign) {
 
 template <Dev D>
 at::Tensor spike_accumulate(const at::Tensor& planes, const OptTensor& sign, const OptTensor& hi,
-                            const at::Tensor& w, bool per_plane) {
+                            const at::Tensor& w, bool per_plane, int64_t group) {
   const char* op = "spike_accumulate";
   Inputs in;
   AccumulateArgs a;
-  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, hi);
+  static_cast<SpikeFields&>(a) = check_spike_bits(op, in, planes, sign, hi, group);
   check_dtype(op, w, "w", at::kChar);
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1 && w.size(0) <= kMaxK, op,
                     ": w must have shape [K, N] with 1 <= K <= ", kMaxK, ", got ", w.sizes());
@@ -251,13 +264,14 @@ at::Tensor spike_linear(const at::Tensor& planes, const OptTensor& sign, const O
                         const OptTensor& packed, const OptTensor& code_sums,
                         const OptTensor& bias, int64_t bits, int64_t group_size,
                         int64_t zero_offset, at::ScalarType out_dtype,
-                        const std::string& backend) {
+                        const std::string& backend, int64_t group) {
   const char* op = "spike_linear";
   Inputs in;
   LinearArgs a;
-  static_cast<SpikeFields&>(a) = check_spikes(op, in, planes, sign, hi, scale, zero);
+  static_cast<SpikeFields&>(a) = check_spikes(op, in, planes, sign, hi, scale, zero, group);
   static_cast<WeightFields&>(a) = check_weights(op, in, qweight, qzeros, scales, g_idx, packed,
                                                 bits, group_size, zero_offset);
+  check_linear_groups(op, a, a);
   check_code_sums(op, in, code_sums, scales, a);
   check_same_device(op, scales, "scales", planes, "planes");
   check_spike_width(op, a, a.K, "g_idx");
@@ -350,37 +364,40 @@ at::Tensor cpu_layout_qweight(const at::Tensor& packed, int64_t K, int64_t N) {
 TORCH_LIBRARY(spikeops, m) {
   // Activations x [M, K] -> bit-plane spikes (planes [P, M, W], sign, hi, scale [M, R], zero).
   // mode: minmax | absmax | absmean | static | oat; bits counts the sign for signed modes and is
-  // the plane count P for oat; scale/zero only for static (zero given = unsigned); theta_* only oat.
+  // the plane count P for oat; scale/zero only for static (zero given = unsigned); theta_* only oat;
+  // group > 0: one scale (and zero) per token and activation group of `group` channels.
   m.def(
       "gif_encode(Tensor x, str mode, int bits, float gamma, Tensor? salient_mask, "
-      "int salient_bits, Tensor? scale, Tensor? zero, float theta_nor, float theta_out) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Spikes -> x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r]) in float32, cast to dtype.
+      "int salient_bits, Tensor? scale, Tensor? zero, float theta_nor, float theta_out, "
+      "int group=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Spikes -> x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r]) in float32 (r: the element's
+  // scale column), cast to dtype.
   m.def(
       "spike_decode(Tensor planes, Tensor? sign, Tensor? hi, Tensor scale, Tensor? zero, int K, "
-      "ScalarType dtype) -> Tensor");
+      "ScalarType dtype, int group=0) -> Tensor");
   // Set bits per plane and token, int64 [P, M]; negative=True counts only spikes with sign set.
   m.def("spike_counts(Tensor planes, Tensor? sign, bool negative) -> Tensor");
   // One pass of layer statistics, int64 [2P + 2], summed over tokens: spikes per plane [0, P),
   // negative spikes per plane [P, 2P) (zeros without sign), fired channels (set bits of the OR
   // over planes) at 2P, and all-zero words (OR over planes == 0) at 2P + 1.
   m.def("spike_stats(Tensor planes, Tensor? sign) -> Tensor");
-  // Exact signed accumulation with int8 weights w [K, N]: int64 [R, M, N], or per plane
-  // [P, R, M, N] whose 2^p-weighted sum is the total.
+  // Exact signed accumulation with int8 weights w [K, N]: int64 [R, M, N] per scale column
+  // (range or activation group), or per plane [P, R, M, N] whose 2^p-weighted sum is the total.
   m.def(
-      "spike_accumulate(Tensor planes, Tensor? sign, Tensor? hi, Tensor w, bool per_plane) "
-      "-> Tensor");
+      "spike_accumulate(Tensor planes, Tensor? sign, Tensor? hi, Tensor w, bool per_plane, "
+      "int group=0) -> Tensor");
   // y [M, N] = x_hat @ W_hat^T + bias on the kernel form of a GPTQ layer: the codes as packed
   // qweight (bits 2/4/8) or, on the CPU, as the CPU layout `packed` of 4-bit codes with its
   // code_sums [G, N] uint16; stored zero points qzeros [G, N*bits/32] (true zero = field +
   // zero_offset), scales [G, N] float16, g_idx [K] int32 (read only when group_size is 0),
-  // bias float32 [N]; integer sums per group and range, float epilogue.
-  // backend: spike (event driven) | int (integer codes) | auto; identical bits.
+  // bias float32 [N]; integer sums per weight group and scale column, float epilogue.
+  // backend: spike (event driven) | int (integer codes) | auto; identical bits. group: the
+  // spikes' activation group, inside the weight groups.
   m.def(
       "spike_linear(Tensor planes, Tensor? sign, Tensor? hi, Tensor scale, Tensor? zero, "
       "Tensor? qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? packed, "
       "Tensor? code_sums, Tensor? bias, int bits, int group_size, int zero_offset, "
-      "ScalarType out_dtype, str backend) -> Tensor");
+      "ScalarType out_dtype, str backend, int group=0) -> Tensor");
   // W_hat float16 [N, K] = fp16(float32(scales[g, n]) * float32(q - z)), g the group of k, bit
   // exact, on the weights spike_linear takes (code_sums aside).
   m.def(

@@ -47,21 +47,26 @@ SPIKEOPS_TARGET_AVX512 bool row_stats_avx512(const float* x, int64_t K, float* m
 }
 #endif
 
-RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m, bool vector) {
+// The quantizers of channels [k0, k0 + K) of token m (the row, or one activation group of it:
+// column r of the static scale), or finite = false if they hold NaN or Inf.
+RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t K, int64_t m, int64_t r,
+                   bool vector) {
   RowQuant rq{true, {}};
   float mn = std::numeric_limits<float>::infinity(), mx = -mn, amax = 0.f;
   ExactSum sum;
   const bool want_sum = a.mode == Mode::kAbsMean;
+  const int64_t at = m * a.R + r;  // static scale [M] (R = 1) or [M, R]
+  const float static_scale = a.static_scale ? a.static_scale[at] : 0.f;
+  const int32_t static_zero = a.static_zero ? a.static_zero[at] : 0;
 #if SPIKEOPS_X86_INTRINSICS
   if (vector && !want_sum) {
-    if (!row_stats_avx512(x, a.K, &mn, &mx, &amax)) return RowQuant{false, {}};
-    row_quantizers(a, mn, mx, amax, 0.f, a.static_scale ? a.static_scale[m] : 0.f,
-                   a.static_zero ? a.static_zero[m] : 0, rq.range);
+    if (!row_stats_avx512(x, K, &mn, &mx, &amax)) return RowQuant{false, {}};
+    row_quantizers(a, mn, mx, amax, 0.f, static_scale, static_zero, rq.range);
     return rq;
   }
 #endif
   if (want_sum) sum.clear();
-  for (int64_t k = 0; k < a.K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     const float v = x[k];
     if (!std::isfinite(v)) return RowQuant{false, {}};
     mn = std::fmin(mn, v);
@@ -69,24 +74,24 @@ RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t m, bool vector) 
     amax = std::fmax(amax, std::fabs(v));
     if (want_sum) sum.add(v);
   }
-  row_quantizers(a, mn, mx, amax, want_sum ? exact_mean(sum, a.K) : 0.f,
-                 a.static_scale ? a.static_scale[m] : 0.f,
-                 a.static_zero ? a.static_zero[m] : 0, rq.range);
+  row_quantizers(a, mn, mx, amax, want_sum ? exact_mean(sum, K) : 0.f, static_scale, static_zero,
+                 rq.range);
   return rq;
 }
 
 #if SPIKEOPS_X86_INTRINSICS
-// The planes and signs of a finite row with one range and no salient channels (minmax, absmax,
-// absmean, static), 16 channels at a time: the arithmetic of unsigned_code / signed_code in
-// AVX-512 (IEEE division, rounding to nearest even, min and max of values that are not NaN), so
-// the codes are element_code's, and plane p of 16 codes is one mask test.
+// The planes and signs of words [w0, w1) of a finite row with one range and no salient channels
+// (minmax, absmax, absmean, static), which all use the quantizer q, 16 channels at a time: the
+// arithmetic of unsigned_code / signed_code in AVX-512 (IEEE division, rounding to nearest even,
+// min and max of values that are not NaN), so the codes are element_code's, and plane p of 16
+// codes is one mask test.
 SPIKEOPS_TARGET_AVX512 void encode_words_avx512(const EncodeArgs& a, const float* x, int64_t m,
-                                                const RangeQuant& q) {
+                                                int64_t w0, int64_t w1, const RangeQuant& q) {
   const __m512 scale = _mm512_set1_ps(q.scale), zero = _mm512_set1_ps(q.zero);
   const __m512 qmax = _mm512_set1_ps(static_cast<float>(q.qmax)), none = _mm512_setzero_ps();
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const int64_t plane_stride = a.M * a.W;
-  for (int64_t w = 0; w < a.W; ++w) {
+  for (int64_t w = w0; w < w1; ++w) {
     uint32_t plane_word[kMaxPlanes] = {0};
     uint32_t sign_word = 0;
     for (int h = 0; h < 2; ++h) {
@@ -121,33 +126,19 @@ SPIKEOPS_TARGET_AVX512 void encode_words_avx512(const EncodeArgs& a, const float
 // it (the encoder follows spike_linear's instruction-set choice, so that the tests run both).
 bool vector_words(const EncodeArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS
-  return a.R == 1 && !a.salient && a.mode != Mode::kOat && best_isa() >= Isa::kAvx512Vnni;
+  return !a.salient && a.mode != Mode::kOat && best_isa() >= Isa::kAvx512Vnni;
 #else
   (void)a;
   return false;
 #endif
 }
 
-void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector) {
-  const RowQuant rq = row_quant(a, x, m, vector);
+// Words [w0, w1) of a row, element by element (any encoding); rq holds the quantizers of their
+// channels.
+void encode_words(const EncodeArgs& a, const float* x, int64_t m, int64_t w0, int64_t w1,
+                  const RowQuant& rq) {
   const int64_t plane_stride = a.M * a.W;
-
-  for (int64_t r = 0; r < a.R; ++r) {
-    // A row holding NaN or Inf decodes to NaN; its planes and signs stay 0 (docs/ops.md).
-    a.scale[m * a.R + r] = rq.finite ? stored_scale(a.mode, rq.range[r])
-                                     : std::numeric_limits<float>::quiet_NaN();
-    if (a.zero) a.zero[m * a.R + r] = rq.finite ? static_cast<int32_t>(rq.range[r].zero) : 0;
-  }
-#if SPIKEOPS_X86_INTRINSICS
-  if (vector && rq.finite) {
-    encode_words_avx512(a, x, m, rq.range[0]);
-    return;
-  }
-#else
-  (void)vector;
-#endif
-
-  for (int64_t w = 0; w < a.W; ++w) {
+  for (int64_t w = w0; w < w1; ++w) {
     uint32_t plane_word[kMaxPlanes] = {0};
     uint32_t sign_word = 0, hi_word = 0;
     const int64_t k_end = std::min<int64_t>(32 * w + 32, a.K);
@@ -169,6 +160,43 @@ void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector) {
   }
 }
 
+// Token m: its scale columns (quantizers) and its words. `groups` is scratch for one RowQuant
+// per activation group.
+void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector,
+                std::vector<RowQuant>& groups) {
+  // Activation groups (docs/ops.md): the quantizers of each group's channels, one column each;
+  // without them one "group" of every channel, whose quantizers fill the R range columns.
+  const int64_t ngroups = a.group > 0 ? a.R : 1;
+  const int64_t span = a.group > 0 ? a.group : a.K;
+  groups.resize(ngroups);
+  bool finite = true;
+  for (int64_t u = 0; u < ngroups && finite; ++u) {
+    const int64_t k0 = u * span;
+    groups[u] = row_quant(a, x + k0, std::min(span, a.K - k0), m, u, vector);
+    finite = groups[u].finite;
+  }
+  // A row holding NaN or Inf decodes to NaN; its planes and signs stay 0 (docs/ops.md).
+  for (int64_t r = 0; r < a.R; ++r) {
+    const RangeQuant& q = a.group > 0 ? groups[r].range[0] : groups[0].range[r];
+    a.scale[m * a.R + r] = finite ? stored_scale(a.mode, q)
+                                  : std::numeric_limits<float>::quiet_NaN();
+    if (a.zero) a.zero[m * a.R + r] = finite ? static_cast<int32_t>(q.zero) : 0;
+  }
+  const int64_t words = a.group > 0 ? a.group / 32 : a.W;
+  for (int64_t u = 0; u < ngroups; ++u) {
+    RowQuant rq = groups[u];
+    rq.finite = finite;
+    const int64_t w0 = u * words, w1 = std::min(a.W, w0 + words);
+#if SPIKEOPS_X86_INTRINSICS
+    if (vector && finite) {
+      encode_words_avx512(a, x, m, w0, w1, rq.range[0]);
+      continue;
+    }
+#endif
+    encode_words(a, x, m, w0, w1, rq);
+  }
+}
+
 }  // namespace
 
 void gif_encode(const EncodeArgs& a) {
@@ -178,9 +206,10 @@ void gif_encode(const EncodeArgs& a) {
     const bool vector = vector_words(a);
     at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> row(a.K);
+      std::vector<RowQuant> groups;
       for (int64_t m = begin; m < end; ++m) {
         for (int64_t k = 0; k < a.K; ++k) row[k] = static_cast<float>(xin[m * a.K + k]);
-        encode_row(a, row.data(), m, vector);
+        encode_row(a, row.data(), m, vector, groups);
       }
     });
   });
@@ -197,7 +226,7 @@ void spike_decode(const DecodeArgs& a) {
           const int j = static_cast<int>(k % 32);
           const int32_t q = signed_value(plane_code(a.planes + at, a.M * a.W, a.P, j),
                                          a.sign ? a.sign[at] : 0u, j);
-          const int r = a.hi ? range_of(a.hi[at], j) : 0;
+          const int64_t r = scale_column(a, k / 32, a.hi ? a.hi[at] : 0u, j);
           const int32_t z = a.zero ? a.zero[m * a.R + r] : 0;
           out[m * a.K + k] = static_cast<T>(a.scale[m * a.R + r] * static_cast<float>(q - z));
         }

@@ -193,7 +193,7 @@ void run_isa(const LinearArgs& a) {
 
 Isa int_layout_isa(const LinearArgs& a) {
   const Isa isa = best_isa();
-  if (isa == Isa::kGeneric || a.packed == nullptr) return Isa::kGeneric;
+  if (isa == Isa::kGeneric || a.packed == nullptr || a.group) return Isa::kGeneric;
   // Codes must fit the instructions' bytes: unsigned Q <= 255 (P <= 8), signed |s*Q| <= 127.
   return (a.sign ? a.P <= 7 : a.P <= 8) ? isa : Isa::kGeneric;
 }

@@ -1,7 +1,8 @@
 // CPU kernels of spike_linear, spike_accumulate and gptq_dequantize.
 //
 // Both spike_linear backends first turn one token's spikes into lists of terms bucketed by
-// (group, range), then sweep output columns in blocks of kBlock whose accumulators stay in
+// unit: (weight group, range), or the activation group (which lies in one weight group), then
+// sweep output columns in blocks of kBlock whose accumulators stay in
 // registers, reading only the weight rows named by the terms:
 //   int   : a term is (channel k, code c = s*Q - zero[r]); D[g, r] = sum c * (q - z).
 //   spike : a term is a spike (channel k, plane p, sign); per plane, the weight codes of positive
@@ -9,9 +10,11 @@
 //           zero point of unsigned encodings acts as one more always-firing plane of weight
 //           -zero[r]. Silent words are skipped while the lists are built.
 // Both produce the same integers D[g, r], and share the float epilogue, so their outputs are
-// identical bit for bit:
+// identical bit for bit (r: the scale column, a range or an activation group):
 //   y[m, n] = float32( sum_r double(scale[m, r]) * S_r[n] + bias[n] ),
 //   S_r[n]  = sum_g double( float32(scales[g, n]) * float32(D[g, r]) )     (g ascending).
+// With activation groups S_r has one term, and the r-th term of the sum over r is added as soon
+// as it is known (into S[0], which then holds that sum).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -71,10 +74,18 @@ void bucket_terms(Terms& t, int64_t buckets, bool with_codes, const Emit& emit) 
   });
 }
 
-// int backend: bucket (g, r) holds the nonzero codes of the channels of group g in range r.
+// The units terms are bucketed by: with activation groups the scale columns (each in one weight
+// group), else the pairs (weight group g, range r) as unit g * R + r.
+int64_t units(const SpikeFields& sp, const WeightFields& w) { return sp.group ? sp.R : w.G * sp.R; }
+
+inline int64_t unit_of(const SpikeFields& sp, const WeightFields& w, int64_t k, int64_t r) {
+  return sp.group ? r : group_of(w, k) * sp.R + r;
+}
+
+// int backend: bucket `unit` holds the nonzero codes of its channels.
 void build_code_terms(const SpikeFields& sp, const WeightFields& weights, int64_t m, Terms& t) {
   const uint32_t last_mask = last_word_mask(weights.K);
-  bucket_terms(t, weights.G * sp.R, true, [&](auto&& add) {
+  bucket_terms(t, units(sp, weights), true, [&](auto&& add) {
     for (int64_t w = 0; w < sp.W; ++w) {
       uint32_t q_bits[kMaxPlanes];
       uint32_t any = 0;
@@ -89,24 +100,30 @@ void build_code_terms(const SpikeFields& sp, const WeightFields& weights, int64_
       for (int64_t k = 32 * w; k < k_end; ++k) {
         const int j = static_cast<int>(k - 32 * w);
         const int32_t q = signed_value(plane_code(q_bits, 1, sp.P, j), sgn, j);
-        const int r = range_of(hib, j);
+        const int64_t r = scale_column(sp, w, hib, j);
         const int32_t c = q - (sp.zero ? sp.zero[m * sp.R + r] : 0);
-        if (c != 0) add(group_of(weights, k) * sp.R + r, static_cast<int32_t>(k), c);
+        if (c != 0) add(unit_of(sp, weights, k, r), static_cast<int32_t>(k), c);
       }
     }
   });
 }
 
-// spike backend: bucket ((g * planes + p) * R + r) * 2 + negative, where plane P is the zero point
-// plane (every channel fires once) present only for unsigned encodings.
+// spike backend: bucket (unit * planes + p) * 2 + negative, where plane P is the zero point
+// plane (every channel fires once) present only for unsigned encodings with a zero point.
 int64_t spike_planes(const SpikeFields& sp, int64_t m) {
-  return sp.P + ((sp.zero && (sp.zero[m * sp.R] || (sp.R == 2 && sp.zero[m * sp.R + 1]))) ? 1 : 0);
+  bool any_zero = false;
+  for (int64_t r = 0; sp.zero && r < sp.R; ++r) any_zero = any_zero || sp.zero[m * sp.R + r];
+  return sp.P + (any_zero ? 1 : 0);
+}
+
+inline int64_t spike_bucket(int64_t unit, int64_t planes, int64_t p) {
+  return (unit * planes + p) * 2;
 }
 
 void build_spike_terms(const SpikeFields& sp, const WeightFields& weights, int64_t m, Terms& t) {
   const uint32_t last_mask = last_word_mask(weights.K);
   const int64_t planes = spike_planes(sp, m);
-  bucket_terms(t, weights.G * planes * sp.R * 2, false, [&](auto&& add) {
+  bucket_terms(t, spike_bucket(units(sp, weights), planes, 0), false, [&](auto&& add) {
     for (int64_t w = 0; w < sp.W; ++w) {
       const uint32_t sgn = sp.sign ? sp.sign[m * sp.W + w] : 0u;
       const uint32_t hib = sp.hi ? sp.hi[m * sp.W + w] : 0u;
@@ -117,9 +134,10 @@ void build_spike_terms(const SpikeFields& sp, const WeightFields& weights, int64
           const int j = __builtin_ctz(bits);
           bits &= bits - 1;
           const int64_t k = 32 * w + j;
-          const int64_t r = range_of(hib, j);
+          const int64_t r = scale_column(sp, w, hib, j);
           const int64_t neg = p < sp.P ? (sgn >> j) & 1u : 0;
-          add(((group_of(weights, k) * planes + p) * sp.R + r) * 2 + neg, static_cast<int32_t>(k), 0);
+          add(spike_bucket(unit_of(sp, weights, k, r), planes, p) + neg, static_cast<int32_t>(k),
+              0);
         }
       }
     }
@@ -276,68 +294,82 @@ class GroupRows {
   int64_t n0_ = -1;
 };
 
-// D[g, r] of one block into S_r (the epilogue's per-range sums).
-SPIKEOPS_INLINE void fold_group(const GroupRow& row, BlockAcc& acc, int64_t r, int64_t cols) {
-  for (int64_t n = 0; n < cols; ++n)
-    acc.S[r][n] += static_cast<double>(row.scale[n] * static_cast<float>(acc.D[n]));
+// D[g, r] of one block into S_r (the epilogue's per-range sums), or, with activation groups,
+// the term double(scale[m, r]) * S_r into S[0] (the epilogue's sum over columns).
+SPIKEOPS_INLINE void fold_group(const LinearArgs& a, int64_t m, const GroupRow& row,
+                                BlockAcc& acc, int64_t r, int64_t cols) {
+  if (a.group) {
+    for (int64_t n = 0; n < cols; ++n)
+      acc.S[0][n] += scale_term(a, m, r, static_cast<double>(row.scale[n] *
+                                                             static_cast<float>(acc.D[n])));
+  } else {
+    for (int64_t n = 0; n < cols; ++n)
+      acc.S[r][n] += static_cast<double>(row.scale[n] * static_cast<float>(acc.D[n]));
+  }
 }
 
-template <int64_t kCols, typename Rows>
-SPIKEOPS_INLINE void int_block_cols(const SpikeFields& sp, const WeightFields& w, const Rows& rows,
-                                    const Terms& t, int64_t n0, int64_t cols_arg,
-                                    GroupRows& groups, BlockAcc& acc) {
-  const int64_t cols = kCols ? kCols : cols_arg;
-  const int32_t maxq = (1 << w.bits) - 1;
-  // Terms per int32 partial sum: |c * q| summed that many times stays below 2^31.
-  const int64_t run = std::max<int64_t>(1, INT32_MAX / (static_cast<int64_t>(t.cmax) * maxq + 1));
-  int32_t part[kBlock];
-  for (int64_t g = 0; g < w.G; ++g) {
-    for (int64_t r = 0; r < sp.R; ++r) {
-      const int64_t b = g * sp.R + r, lo = t.start[b], hi = t.start[b + 1];
-      if (lo == hi) continue;
-      const GroupRow& row = groups.get(w, g, n0, cols);
-      std::fill(acc.D, acc.D + cols, 0);
-      for (int64_t i = lo; i < hi; i += run) {
-        std::fill(part, part + cols, 0);
-        add_rows<0, kCols>(part, rows, n0, cols, &t.k[i], &t.c[i], std::min(run, hi - i));
-        for (int64_t n = 0; n < cols; ++n) acc.D[n] += part[n];
-      }
-      for (int64_t n = 0; n < cols; ++n) acc.D[n] -= static_cast<int64_t>(row.z[n]) * t.csum[b];
-      fold_group(row, acc, r, cols);
-    }
+// The weight group and scale column of bucket unit b (units, above), in ascending order of both.
+SPIKEOPS_INLINE void unit_place(const LinearArgs& a, int64_t b, int64_t* g, int64_t* r) {
+  if (a.group) {
+    *g = weight_group_of(a, b), *r = b;
+  } else {
+    *g = b / a.R, *r = b % a.R;
   }
 }
 
 template <int64_t kCols, typename Rows>
-SPIKEOPS_INLINE void spike_block_cols(const SpikeFields& sp, const WeightFields& w, const Rows& rows,
-                                      const Terms& t, int64_t m, int64_t n0, int64_t cols_arg,
-                                      GroupRows& groups, BlockAcc& acc) {
+SPIKEOPS_INLINE void int_block_cols(const LinearArgs& a, const Rows& rows, const Terms& t,
+                                    int64_t m, int64_t n0, int64_t cols_arg, GroupRows& groups,
+                                    BlockAcc& acc) {
   const int64_t cols = kCols ? kCols : cols_arg;
-  const int64_t planes = spike_planes(sp, m);
+  const int32_t maxq = (1 << a.bits) - 1;
+  // Terms per int32 partial sum: |c * q| summed that many times stays below 2^31.
+  const int64_t run = std::max<int64_t>(1, INT32_MAX / (static_cast<int64_t>(t.cmax) * maxq + 1));
   int32_t part[kBlock];
-  for (int64_t g = 0; g < w.G; ++g) {
-    const GroupRow* row = nullptr;
-    for (int64_t r = 0; r < sp.R; ++r) {
-      bool started = false;
-      for (int64_t p = 0; p < planes; ++p) {
-        const int64_t b = ((g * planes + p) * sp.R + r) * 2;
-        const int32_t* s = t.start.data() + b;
-        const int64_t npos = s[1] - s[0], nneg = s[2] - s[1];
-        if (npos + nneg == 0) continue;
-        if (!row) row = &groups.get(w, g, n0, cols);
-        if (!started) std::fill(acc.D, acc.D + cols, 0), started = true;
-        std::fill(part, part + cols, 0);
-        add_rows<1, kCols>(part, rows, n0, cols, &t.k[s[0]], nullptr, npos);
-        add_rows<-1, kCols>(part, rows, n0, cols, &t.k[s[1]], nullptr, nneg);
-        // Plane p weighs 2^p; the zero-point plane weighs -zero[r]. Each spike also carried the
-        // weight zero point z, removed here once per plane: sum s*(q - z) = part - z * count.
-        const int64_t weight = p < sp.P ? (int64_t(1) << p) : -sp.zero[m * sp.R + r];
-        const int64_t count = npos - nneg;
-        for (int64_t n = 0; n < cols; ++n)
-          acc.D[n] += weight * (static_cast<int64_t>(part[n]) - row->z[n] * count);
-      }
-      if (started) fold_group(*row, acc, r, cols);
+  for (int64_t b = 0; b < units(a, a); ++b) {
+    const int64_t lo = t.start[b], hi = t.start[b + 1];
+    if (lo == hi) continue;
+    int64_t g, r;
+    unit_place(a, b, &g, &r);
+    const GroupRow& row = groups.get(a, g, n0, cols);
+    std::fill(acc.D, acc.D + cols, 0);
+    for (int64_t i = lo; i < hi; i += run) {
+      std::fill(part, part + cols, 0);
+      add_rows<0, kCols>(part, rows, n0, cols, &t.k[i], &t.c[i], std::min(run, hi - i));
+      for (int64_t n = 0; n < cols; ++n) acc.D[n] += part[n];
     }
+    for (int64_t n = 0; n < cols; ++n) acc.D[n] -= static_cast<int64_t>(row.z[n]) * t.csum[b];
+    fold_group(a, m, row, acc, r, cols);
+  }
+}
+
+template <int64_t kCols, typename Rows>
+SPIKEOPS_INLINE void spike_block_cols(const LinearArgs& a, const Rows& rows, const Terms& t,
+                                      int64_t m, int64_t n0, int64_t cols_arg, GroupRows& groups,
+                                      BlockAcc& acc) {
+  const int64_t cols = kCols ? kCols : cols_arg;
+  const int64_t planes = spike_planes(a, m);
+  int32_t part[kBlock];
+  for (int64_t b = 0; b < units(a, a); ++b) {
+    int64_t g, r;
+    unit_place(a, b, &g, &r);
+    const GroupRow* row = nullptr;
+    for (int64_t p = 0; p < planes; ++p) {
+      const int32_t* s = t.start.data() + spike_bucket(b, planes, p);
+      const int64_t npos = s[1] - s[0], nneg = s[2] - s[1];
+      if (npos + nneg == 0) continue;
+      if (!row) row = &groups.get(a, g, n0, cols), std::fill(acc.D, acc.D + cols, 0);
+      std::fill(part, part + cols, 0);
+      add_rows<1, kCols>(part, rows, n0, cols, &t.k[s[0]], nullptr, npos);
+      add_rows<-1, kCols>(part, rows, n0, cols, &t.k[s[1]], nullptr, nneg);
+      // Plane p weighs 2^p; the zero-point plane weighs -zero[r]. Each spike also carried the
+      // weight zero point z, removed here once per plane: sum s*(q - z) = part - z * count.
+      const int64_t weight = p < a.P ? (int64_t(1) << p) : -a.zero[m * a.R + r];
+      const int64_t count = npos - nneg;
+      for (int64_t n = 0; n < cols; ++n)
+        acc.D[n] += weight * (static_cast<int64_t>(part[n]) - row->z[n] * count);
+    }
+    if (row) fold_group(a, m, *row, acc, r, cols);
   }
 }
 
@@ -355,20 +387,20 @@ SPIKEOPS_INLINE void with_rows(const WeightFields& w, F&& f) {
 
 // Compiled for x86-64-v4, v3 and the baseline, picked at load time (cpu/isa.h).
 SPIKEOPS_TARGET_CLONES
-void int_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int64_t n0, int64_t cols,
+void int_block(const LinearArgs& a, const Terms& t, int64_t m, int64_t n0, int64_t cols,
                GroupRows& groups, BlockAcc& acc) {
-  with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
-    cols == kBlock ? int_block_cols<kBlock>(sp, w, rows, t, n0, cols, groups, acc)
-                   : int_block_cols<0>(sp, w, rows, t, n0, cols, groups, acc);
+  with_rows(a, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
+    cols == kBlock ? int_block_cols<kBlock>(a, rows, t, m, n0, cols, groups, acc)
+                   : int_block_cols<0>(a, rows, t, m, n0, cols, groups, acc);
   });
 }
 
 SPIKEOPS_TARGET_CLONES
-void spike_block(const SpikeFields& sp, const WeightFields& w, const Terms& t, int64_t m, int64_t n0,
-                 int64_t cols, GroupRows& groups, BlockAcc& acc) {
-  with_rows(w, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
-    cols == kBlock ? spike_block_cols<kBlock>(sp, w, rows, t, m, n0, cols, groups, acc)
-                   : spike_block_cols<0>(sp, w, rows, t, m, n0, cols, groups, acc);
+void spike_block(const LinearArgs& a, const Terms& t, int64_t m, int64_t n0, int64_t cols,
+                 GroupRows& groups, BlockAcc& acc) {
+  with_rows(a, [&](const auto& rows) SPIKEOPS_ALWAYS_INLINE {
+    cols == kBlock ? spike_block_cols<kBlock>(a, rows, t, m, n0, cols, groups, acc)
+                   : spike_block_cols<0>(a, rows, t, m, n0, cols, groups, acc);
   });
 }
 
@@ -376,8 +408,13 @@ template <typename out_t>
 void store_block(const LinearArgs& a, int64_t m, int64_t n0, int64_t cols, const BlockAcc& acc,
                  out_t* y) {
   for (int64_t n = 0; n < cols; ++n) {
-    const double S1 = a.R == 2 ? acc.S[1][n] : 0.0;
-    y[m * a.N + n0 + n] = static_cast<out_t>(linear_epilogue(a, m, n0 + n, acc.S[0][n], S1));
+    float v;
+    if (a.group) {  // S[0] holds the sum over the columns
+      v = linear_output(a, n0 + n, acc.S[0][n]);
+    } else {
+      v = linear_epilogue(a, m, n0 + n, acc.S[0][n], a.R == 2 ? acc.S[1][n] : 0.0);
+    }
+    y[m * a.N + n0 + n] = static_cast<out_t>(v);
   }
 }
 
@@ -436,9 +473,9 @@ void spike_linear(const LinearArgs& a) {
           const int64_t cols = std::min(kBlock, a.N - n0);
           for (int r = 0; r < 2; ++r) std::fill(acc.S[r], acc.S[r] + cols, 0.0);
           if (use_spike) {
-            spike_block(a, a, terms[i], m0 + i, n0, cols, groups, acc);
+            spike_block(a, terms[i], m0 + i, n0, cols, groups, acc);
           } else {
-            int_block(a, a, terms[i], n0, cols, groups, acc);
+            int_block(a, terms[i], m0 + i, n0, cols, groups, acc);
           }
           store_block(a, m0 + i, n0, cols, acc, y);
         }
@@ -459,8 +496,8 @@ void spike_accumulate(const AccumulateArgs& a) {
     for (int64_t m = begin; m < end; ++m) {
       build_spike_terms(a, one_group, m, t);
       for (int64_t p = 0; p < a.P; ++p) {
-        for (int64_t r = 0; r < a.R; ++r) {
-          const int32_t* st = t.start.data() + (p * a.R + r) * 2;
+        for (int64_t r = 0; r < a.R; ++r) {  // one weight group: unit r is scale column r
+          const int32_t* st = t.start.data() + spike_bucket(r, a.P, p);
           std::fill(part.begin(), part.end(), 0);
           for (int32_t i = st[0]; i < st[2]; ++i) {  // |sum| <= K * 128 < 2^31
             const int8_t* row = a.w + static_cast<int64_t>(t.k[i]) * N;

@@ -55,9 +55,10 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
     g: float32 ``[M, K]``, the gradient with respect to ``x_hat``; x: the encoded rows
     ``[M, K]``; fields: the exact spikes ``(planes, sign, hi, scale, zero)`` of x (absent ones
     None). Returns ``(grad_x float32 [M, K] or None, grad_s float32 [M, R] or None)``:
-    ``grad_x = g * inside``, ``grad_s[m, r] = sum over k in range r of
-    g * (x_hat - x * inside) / s``, where inside = the element's rounded code before the clamp
-    lies in its code range. Rows that were not finite (scale NaN) pass no gradient.
+    ``grad_x = g * inside``, ``grad_s[m, r] = sum over k in scale column r (range, or
+    activation group of enc.group channels) of g * (x_hat - x * inside) / s``, where inside =
+    the element's rounded code before the clamp lies in its code range. Rows that were not
+    finite (scale NaN) pass no gradient.
     """
     M, K = x.shape
     if M == 0:
@@ -68,7 +69,12 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
     R = scale.shape[1]
     xf = x.to(_F32)
     r = unpack_bits(hi, K) if hi is not None else None
-    s = scale if R == 1 else torch.where(r, scale[:, 1:2], scale[:, 0:1])
+    # The scale column of each channel with activation groups (one quantizer per column).
+    col = torch.arange(K, device=x.device) // enc.group if enc.group else None
+    if col is not None:
+        s = scale[:, col]
+    else:
+        s = scale if R == 1 else torch.where(r, scale[:, 1:2], scale[:, 0:1])
     signed = ops.is_signed(enc.mode, zero)
     # inside: the autograd of docs/ops.md's formula with round (floor for oat) passed straight
     # through and torch.clamp's inclusive bounds: the element's rounded, not yet clamped code
@@ -80,21 +86,26 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
         codes = torch.floor(a / theta * two_p)
         inside = (xf.abs() <= theta_out) & (codes <= two_p - 1)
     else:
-        q = _qmax(enc, signed, R)
-        qmax = q[0] if R == 1 else torch.where(r, q[1], q[0])
+        q = _qmax(enc, signed, 1 if col is not None else R)
+        qmax = q[0] if len(q) == 1 else torch.where(r, q[1], q[0])
         if signed:
             inside = torch.round(xf.abs() / s) <= qmax
         else:
             z = zero.to(_F32)
-            z = z if R == 1 else torch.where(r, z[:, 1:2], z[:, 0:1])
+            if col is not None:
+                z = z[:, col]
+            elif R == 2:
+                z = torch.where(r, z[:, 1:2], z[:, 0:1])
             codes = torch.round(xf / s) + z
             inside = (codes >= 0) & (codes <= qmax)
     grad_x = torch.where(inside, g, 0.0) if need_x else None
     grad_s = None
     if need_scale:
-        x_hat = ops.spike_decode(planes, sign, hi, scale, zero, K, _F32)
+        x_hat = ops.spike_decode(planes, sign, hi, scale, zero, K, _F32, enc.group)
         contrib = g * (x_hat - torch.where(inside, xf, 0.0)) / s
-        if R == 1:
+        if col is not None:
+            grad_s = contrib.new_zeros(M, R).index_add_(1, col, contrib)
+        elif R == 1:
             grad_s = contrib.sum(1, keepdim=True)
         else:
             grad_s = torch.stack([torch.where(r, 0.0, contrib).sum(1),
@@ -106,18 +117,21 @@ def encoding_grads(g: torch.Tensor, x: torch.Tensor, fields, enc: Encoding,
 def gamma_grad(grad_s: torch.Tensor, x: torch.Tensor, enc: Encoding) -> torch.Tensor:
     """``d loss / d gamma`` (float32 scalar) from ``grad_s [M, R]`` of an absmax / absmean
     encoding of the rows ``x [M, K]``: ``s_r = clamp(gamma * stat / div_r, 1e-5, 1e4)`` with
-    stat = max|x| and div_r = qmax_r (absmax), or stat = mean|x| and div_r = 1 (absmean); the
-    clamp passes the gradient inside its bounds (inclusive, as torch.clamp)."""
+    stat = max|x| and div_r = qmax_r (absmax), or stat = mean|x| and div_r = 1 (absmean), over
+    the row or, with activation groups, over column r's channels; the clamp passes the
+    gradient inside its bounds (inclusive, as torch.clamp)."""
     xf = x.to(_F32).abs()
+    spans = xf.split(enc.group, dim=1) if enc.group else [xf] * grad_s.shape[1]
     if enc.mode == "absmax":
-        stat = xf.amax(1)
-        divs = _qmax(enc, True, grad_s.shape[1])
+        stats = [v.amax(1) for v in spans]
+        divs = _qmax(enc, True, 1 if enc.group else grad_s.shape[1])
     else:
-        stat = xf.double().mean(1).to(_F32)
-        divs = [1.0] * grad_s.shape[1]
+        stats = [v.double().mean(1).to(_F32) for v in spans]
+        divs = [1.0]
     gamma = torch.tensor(_gamma(enc), dtype=_F32)
     total = grad_s.new_zeros(())
-    for ri, div in enumerate(divs):
+    for ri, stat in enumerate(stats):
+        div = divs[ri] if len(divs) > 1 else divs[0]
         raw = gamma * stat / div
         passes = (raw >= SCALE_MIN) & (raw <= SCALE_MAX)
         total = total + torch.where(passes, grad_s[:, ri] * stat / div, 0.0).sum()
@@ -229,6 +243,9 @@ def fake_quantize(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.T
         enc = _with_theta(fn, enc, theta)
     scale_t = scale if isinstance(scale, torch.Tensor) and scale.dtype.is_floating_point \
         else None
+    if enc.group and scale_t is not None and scale_t.requires_grad:
+        raise ValueError(f"{fn}: a static scale with activation groups (enc.group = "
+                         f"{enc.group}) has no gradient here; give it without requires_grad")
     wants = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gamma, theta, scale_t))
     if not wants:
@@ -260,9 +277,9 @@ class _SpikeLinearFn(torch.autograd.Function):
     def forward(ctx, x, clip, bias, layer, enc, out_dtype, shape):
         spikes = encode_rows(x, enc, layer.salient_mask)
         if layer.observer is not None:
-            layer.observer(layer, SpikeTensor.wrap(spikes, shape))
+            layer.observer(layer, SpikeTensor.wrap(spikes, shape, enc.group))
         kernel_bias = bias.detach().float() if bias is not None else layer.kernel_bias
-        y = layer._linear(spikes, kernel_bias, out_dtype)
+        y = layer._linear(spikes, enc.group, kernel_bias, out_dtype)
         ctx.layer, ctx.enc = layer, enc
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, *spikes)
@@ -320,9 +337,9 @@ def layer_forward(layer, x: torch.Tensor) -> torch.Tensor:
     else:
         spikes = encode_rows(rows.detach(), enc, layer.salient_mask)
         if layer.observer is not None:
-            layer.observer(layer, SpikeTensor.wrap(spikes, tuple(x.shape)))
+            layer.observer(layer, SpikeTensor.wrap(spikes, tuple(x.shape), enc.group))
         kernel_bias = bias.detach().float() if bias is not None else layer.kernel_bias
-        y = layer._linear(spikes, kernel_bias, out_dtype)
+        y = layer._linear(spikes, enc.group, kernel_bias, out_dtype)
     return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
 

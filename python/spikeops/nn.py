@@ -26,9 +26,10 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
                  out_dtype: torch.dtype = torch.float16, backend: str = "auto") -> torch.Tensor:
     """``y [..., N] = x_hat @ W_hat^T + bias`` from spikes of ``x [..., K]`` and GPTQ weights.
 
-    Integer sums of spikes times weight codes per group and range, one float32 multiply per
-    group and range (docs/ops.md). backend: ``"spike"`` (event driven), ``"int"`` (integer
-    codes) or ``"auto"``; all give identical bits.
+    Integer sums of spikes times weight codes per weight group and scale column (range or
+    activation group), one float32 multiply per group and column (docs/ops.md). backend:
+    ``"spike"`` (event driven), ``"int"`` (integer codes) or ``"auto"``; all give identical
+    bits. Spikes with activation groups need weight groups that hold them whole.
     """
     fn = "spike_linear"
     _check_spikes(fn, st)
@@ -43,14 +44,15 @@ def spike_linear(st: SpikeTensor, w: GPTQWeight, bias: Optional[torch.Tensor] = 
         _checks.tensor(fn, "bias", bias, BIAS_DTYPES)
     y = ops.spike_linear(st.planes, st.sign, st.hi, st.scale, st.zero, *w.kernel_args(),
                          None if bias is None else bias.float(), w.kernel_bits,
-                         w.kernel_group_size, w.zero_offset, out_dtype, backend)
+                         w.kernel_group_size, w.zero_offset, out_dtype, backend, st.group)
     return y.reshape(*st.shape[:-1], w.out_features)
 
 
 def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) -> torch.Tensor:
     """Exact bidirectional accumulation with int8 weights ``w [K, N]`` (docs/ops.md):
-    ``acc[r, m, n] = sum over k in range r of s * Q[m, k] * w[k, n]``, int64 ``[R, M, N]``
-    (M = flattened tokens), or the per-plane currents ``[P, R, M, N]``."""
+    ``acc[r, m, n] = sum over k in scale column r (range, or activation group) of s * Q[m, k] *
+    w[k, n]``, int64 ``[R, M, N]`` (M = flattened tokens), or the per-plane currents
+    ``[P, R, M, N]``."""
     fn = "spike_accumulate"
     _check_spikes(fn, st)
     _checks.tensor(fn, "w", w, (torch.int8,), dim=2)
@@ -60,7 +62,7 @@ def spike_accumulate(st: SpikeTensor, w: torch.Tensor, per_plane: bool = False) 
     _checks.same_device(fn, {"st.planes": st.planes, "w": w})
     if not isinstance(per_plane, bool):
         raise TypeError(f"{fn}: per_plane must be a bool, got {type(per_plane).__name__}")
-    return ops.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane)
+    return ops.spike_accumulate(st.planes, st.sign, st.hi, w, per_plane, st.group)
 
 
 class ProjectionGroup(torch.nn.Module):
@@ -244,6 +246,13 @@ class SpikeLinear(torch.nn.Module):
             _checks.same_device(fn, {"weights": self.gptq.scales, "salient_mask": salient_mask})
         if enc is not None:
             check_usable(fn, enc, salient_mask)
+            w = self.gptq
+            if not ops._C.activation_groups_fit(enc.group, w.kernel_group_size, w.in_features):
+                raise ValueError(
+                    f"{fn}: activation groups of enc.group = {enc.group} channels must lie "
+                    f"inside this layer's weight groups (group_size a multiple of group, or one "
+                    f"group; not act order), got weight group_size {w.group_size}"
+                    + (" with act order" if w.kernel_group_size == 0 else ""))
         self.enc = enc
         self.salient_mask = salient_mask
         if enc is not None:
@@ -289,9 +298,9 @@ class SpikeLinear(torch.nn.Module):
         if spikes is None:
             spikes = encode_rows(x.reshape(-1, self.in_features), self.enc, self.salient_mask)
         if self.observer is not None:
-            self.observer(self, SpikeTensor.wrap(spikes, tuple(x.shape)))
+            self.observer(self, SpikeTensor.wrap(spikes, tuple(x.shape), self.enc.group))
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
-        y = self._linear(spikes, self.kernel_bias, out_dtype)
+        y = self._linear(spikes, self.enc.group, self.kernel_bias, out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def from_spikes(self, st: SpikeTensor, out_dtype: torch.dtype,
@@ -305,14 +314,16 @@ class SpikeLinear(torch.nn.Module):
         _checks.dtype("SpikeLinear.from_spikes", "out_dtype", out_dtype,
                       OUT_DTYPES + (torch.float64,))
         op_dtype = out_dtype if out_dtype in OUT_DTYPES else torch.float32
-        y = self._linear(st[:5], self.kernel_bias if bias else None, op_dtype)
+        y = self._linear(st[:5], st.group, self.kernel_bias if bias else None, op_dtype)
         return y.reshape(*st.shape[:-1], self.out_features).to(out_dtype)
 
-    def _linear(self, spikes, bias, out_dtype: torch.dtype) -> torch.Tensor:
-        """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero)."""
+    def _linear(self, spikes, group: int, bias, out_dtype: torch.dtype) -> torch.Tensor:
+        """The op on this layer's weights; ``spikes`` are (planes, sign, hi, scale, zero),
+        with activation groups of ``group`` channels."""
         w = self.gptq
         return ops.spike_linear(*spikes, *w.kernel_args(), bias, w.kernel_bits,
-                                w.kernel_group_size, w.zero_offset, out_dtype, self.backend)
+                                w.kernel_group_size, w.zero_offset, out_dtype, self.backend,
+                                group)
 
     def extra_repr(self) -> str:
         from .transforms import online_rotation

@@ -4,7 +4,8 @@ so that ``torch.compile`` can trace the ops without running them.
 The wrappers take and return tensors, an absent optional tensor being ``None`` (``Tensor?`` in
 the op schemas); gif_encode's outputs that an encoding does not produce come back from the op
 with shape ``[0]`` and from its wrapper as ``None`` (docs/ops.md). Shapes: M tokens, K inputs,
-N outputs, P planes, W = ceil(K / 32) words, R ranges (2 when ``hi`` is present), G groups.
+N outputs, P planes, W = ceil(K / 32) words, R scale columns (2 when ``hi`` is present,
+ceil(K / group) with activation groups of ``group`` channels, else 1), G weight groups.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def is_signed(mode: str, zero) -> bool:
     return mode in SIGNED_MODES or (mode == "static" and zero is None)
 MAX_PLANES = _C.MAX_PLANES  # kMaxPlanes of csrc/spike_math.h
 BACKENDS = ("auto", "spike", "int")
+
+
+def scale_columns(has_hi: bool, group: int, W: int) -> int:
+    """R, the scale columns of spikes with W words per token (scale_columns of
+    csrc/kernel_args.h): 2 with ``hi``, ``ceil(K / group)`` with activation groups, else 1."""
+    return 2 if has_hi else -(-W // (group // 32)) if group > 0 else 1
 
 
 # ----------------------------------------------------------------------------- no gradients
@@ -99,19 +106,20 @@ def _same_device(op: str, ref_name: str, ref: Tensor, **tensors: Tensor) -> None
 def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
                salient_mask: Optional[Tensor] = None, salient_bits: int = 0,
                scale: Optional[Tensor] = None, zero: Optional[Tensor] = None,
-               theta_nor: float = 0.0, theta_out: float = 0.0):
+               theta_nor: float = 0.0, theta_out: float = 0.0, group: int = 0):
     """Encode ``x [M, K]`` into ``(planes [P, M, W], sign [M, W], hi [M, W], scale [M, R],
-    zero [M, R])``; outputs the encoding does not produce are None. See docs/ops.md for every
-    mode."""
+    zero [M, R])``; outputs the encoding does not produce are None; ``group > 0``: one scale
+    column per activation group of ``group`` channels. See docs/ops.md for every mode."""
     out = _ops.gif_encode.default(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
-                                  theta_nor, theta_out)
+                                  theta_nor, theta_out, group)
     if torch.is_grad_enabled() and (x.requires_grad or _requires_grad(scale)):
         out = _no_gradient("gif_encode", out, x, scale)
     return tuple(None if t.dim() == 1 else t for t in out)
 
 
 @torch.library.register_fake("spikeops::gif_encode")
-def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, theta_out):
+def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, theta_out,
+      group=0):
     torch._check_value(x.dim() == 2,
                        lambda: f"gif_encode: x must have shape [M, K], got {tuple(x.shape)}")
     _same_device("gif_encode", "x", x, salient_mask=salient_mask, scale=scale, zero=zero)
@@ -121,8 +129,8 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
     _C.check_bits("gif_encode", mode, signed, bits, salient_bits)
     top = salient_bits if salient else bits
     P = top - 1 if signed and mode != "oat" else top
-    R = 2 if salient or mode == "oat" else 1
     W = (K + 31) // 32
+    R = 2 if salient or mode == "oat" else scale_columns(False, group, W)
 
     def absent_unless(present: bool, shape):
         return x.new_empty(shape if present else (0,), dtype=_INT32)
@@ -133,16 +141,18 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
 
 
 def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
-                 zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32, cast to ``dtype``."""
-    out = _ops.spike_decode.default(planes, sign, hi, scale, zero, K, dtype)
+                 zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32,
+                 group: int = 0) -> Tensor:
+    """``x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r])`` in float32 (r: the element's
+    scale column), cast to ``dtype``."""
+    out = _ops.spike_decode.default(planes, sign, hi, scale, zero, K, dtype, group)
     if torch.is_grad_enabled() and scale.requires_grad:
         return _no_gradient("spike_decode", out, scale)
     return out
 
 
 @torch.library.register_fake("spikeops::spike_decode")
-def _(planes, sign, hi, scale, zero, K, dtype):
+def _(planes, sign, hi, scale, zero, K, dtype, group=0):
     _same_device("spike_decode", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero)
     return planes.new_empty((planes.shape[1], K), dtype=dtype)
 
@@ -172,17 +182,18 @@ def _(planes, sign):
 
 
 def spike_accumulate(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], w: Tensor,
-                     per_plane: bool = False) -> Tensor:
-    """Exact ``sum_k s * Q * w[k, n]`` per range with int8 ``w [K, N]``: int64 ``[R, M, N]``,
-    or ``[P, R, M, N]`` per plane."""
-    return _ops.spike_accumulate.default(planes, sign, hi, w, per_plane)
+                     per_plane: bool = False, group: int = 0) -> Tensor:
+    """Exact ``sum_k s * Q * w[k, n]`` per scale column (range, or activation group of
+    ``group`` channels) with int8 ``w [K, N]``: int64 ``[R, M, N]``, or ``[P, R, M, N]`` per
+    plane."""
+    return _ops.spike_accumulate.default(planes, sign, hi, w, per_plane, group)
 
 
 @torch.library.register_fake("spikeops::spike_accumulate")
-def _(planes, sign, hi, w, per_plane):
+def _(planes, sign, hi, w, per_plane, group=0):
     _same_device("spike_accumulate", "planes", planes, sign=sign, hi=hi, w=w)
     P, M = planes.shape[0], planes.shape[1]
-    R = 2 if hi is not None else 1
+    R = scale_columns(hi is not None, group, planes.shape[2])
     shape = (P, R, M, w.shape[1]) if per_plane else (R, M, w.shape[1])
     return planes.new_empty(shape, dtype=torch.int64)
 
@@ -192,16 +203,17 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
                  scales: Tensor, g_idx: Tensor, packed: Optional[Tensor],
                  code_sums: Optional[Tensor], bias: Optional[Tensor], bits: int,
                  group_size: int, zero_offset: int, out_dtype: torch.dtype = torch.float16,
-                 backend: str = "auto") -> Tensor:
+                 backend: str = "auto", group: int = 0) -> Tensor:
     """``y [M, N] = x_hat @ W_hat^T + bias`` on the kernel form of a GPTQ layer
     (``GPTQWeight``, docs/ops.md): the codes as packed ``qweight`` or, on the CPU, as the CPU
     layout ``packed`` (uint8) with ``code_sums`` (uint16 ``[G, N]``); stored zero points
     ``qzeros`` int32 ``[G, N*bits/32]`` (true zero = field + ``zero_offset``), float16
     ``scales [G, N]``, ``g_idx`` int32 ``[K]`` (read only when ``group_size`` is 0), float32
-    ``bias [N]``."""
+    ``bias [N]``; ``group``: the spikes' activation group (0: none), which the weight groups
+    must hold whole."""
     out = _ops.spike_linear.default(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx,
                                     packed, code_sums, bias, bits, group_size, zero_offset,
-                                    out_dtype, backend)
+                                    out_dtype, backend, group)
     if torch.is_grad_enabled() and (scale.requires_grad or scales.requires_grad
                                     or _requires_grad(bias)):
         return _no_gradient("spike_linear", out, scale, bias, scales)
@@ -210,7 +222,7 @@ def spike_linear(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], s
 
 @torch.library.register_fake("spikeops::spike_linear")
 def _(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, packed, code_sums, bias,
-      bits, group_size, zero_offset, out_dtype, backend):
+      bits, group_size, zero_offset, out_dtype, backend, group=0):
     torch._check_value(backend in BACKENDS,
                        lambda: f"spike_linear: backend must be one of {BACKENDS}, got {backend!r}")
     _same_device("spike_linear", "planes", planes, sign=sign, hi=hi, scale=scale, zero=zero,

@@ -2,7 +2,8 @@
 from docs/ops.md, not from the kernels. Each function takes the arguments of the wrapper of the same
 name in ``spikeops.ops`` (absent tensors as None) and returns what the op returns, bit for bit.
 
-Shapes: M tokens, K inputs, N outputs, P planes, W = ceil(K / 32) words, R ranges, G groups.
+Shapes: M tokens, K inputs, N outputs, P planes, W = ceil(K / 32) words, R scale columns (ranges,
+or activation groups of ``group`` channels), G weight groups.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def _codes(planes: Tensor, sign: Optional[Tensor], K: int, only_plane: Optional[
     return q
 
 
-def _ranges(hi: Optional[Tensor], M: int, K: int, device) -> Tensor:
-    """Range bit of every element, int64 ``[M, K]``."""
+def _columns(hi: Optional[Tensor], group: int, M: int, K: int, device) -> Tensor:
+    """Scale column of every element, int64 ``[M, K]``: its activation group ``k // group``
+    (``group > 0``), its range bit (``hi``), or 0."""
+    if group > 0:
+        return (torch.arange(K, device=device) // group).expand(M, K)
     if hi is None:
         return torch.zeros(M, K, dtype=torch.int64, device=device)
     return unpack_bits(hi, K).to(torch.int64)
@@ -88,10 +92,17 @@ def _quantizer(mode, bits, x, mn, mx, amax, gamma, scale, zero):
     return s, z, qmax, signed
 
 
+def _code(xf, s, z, qmax, signed):
+    """Q of every element (float32 ``[M, K']``) under per-row quantizers s, z ``[M]``."""
+    if signed:
+        return torch.minimum(torch.round(xf.abs() / s[:, None]), xf.new_full(xf.shape, qmax))
+    return torch.clamp(torch.round(xf / s[:, None]) + z[:, None], 0, qmax)
+
+
 def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
                salient_mask: Optional[Tensor] = None, salient_bits: int = 0,
                scale: Optional[Tensor] = None, zero: Optional[Tensor] = None,
-               theta_nor: float = 0.0, theta_out: float = 0.0):
+               theta_nor: float = 0.0, theta_out: float = 0.0, group: int = 0):
     x = x.to(_F32)
     M, K = x.shape
     finite = torch.isfinite(x).all(dim=1)
@@ -111,16 +122,30 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
         steps = [torch.tensor(theta_nor, dtype=_F32) / two_p, torch.tensor(theta_out, dtype=_F32) / two_p]
         scale_out = torch.stack([s.expand(M) for s in steps], dim=1).to(x.device)
         zero_out = None
+    elif group > 0:
+        # Activation groups: every statistic and quantizer per (row, group of channels).
+        Qs, scales, zeros = [], [], []
+        for u, k0 in enumerate(range(0, K, group)):
+            xs = xf[:, k0:k0 + group]
+            s, z, qmax, signed = _quantizer(
+                mode, bits, xs, xs.min(dim=1).values, xs.max(dim=1).values,
+                xs.abs().max(dim=1).values, gamma, None if scale is None else scale[:, u],
+                None if zero is None else zero[:, u])
+            Qs.append(_code(xs, s, z, qmax, signed))
+            scales.append(s)
+            zeros.append(z)
+        P = bits - 1 if signed else bits
+        Q = torch.cat(Qs, dim=1)
+        r = torch.zeros(M, K, dtype=torch.bool, device=x.device)
+        neg = xf < 0
+        scale_out = torch.stack(scales, dim=1)
+        zero_out = None if signed else torch.stack(zeros, dim=1).to(torch.int32)
     else:
         ranges = [bits] + ([salient_bits] if salient_mask is not None else [])
         Qs, scales, zeros = [], [], []
         for b in ranges:
             s, z, qmax, signed = _quantizer(mode, b, xf, mn, mx, amax, gamma, scale, zero)
-            if signed:
-                Qr = torch.minimum(torch.round(xf.abs() / s[:, None]), xf.new_full(xf.shape, qmax))
-            else:
-                Qr = torch.clamp(torch.round(xf / s[:, None]) + z[:, None], 0, qmax)
-            Qs.append(Qr)
+            Qs.append(_code(xf, s, z, qmax, signed))
             scales.append(s)
             zeros.append(z)
         P = (max(ranges) - 1) if signed else max(ranges)
@@ -151,10 +176,10 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
 
 
 # ----------------------------------------------------------------------------- consumers
-def spike_decode(planes, sign, hi, scale, zero, K, dtype=torch.float32):
+def spike_decode(planes, sign, hi, scale, zero, K, dtype=torch.float32, group=0):
     M = planes.shape[1]
     c = _codes(planes, sign, K)
-    r = _ranges(hi, M, K, planes.device)
+    r = _columns(hi, group, M, K, planes.device)
     z = zero.gather(1, r).to(torch.int64) if zero is not None else 0
     return (scale.gather(1, r) * (c - z).to(_F32)).to(dtype)
 
@@ -183,11 +208,11 @@ def _exact_matmul(a, b):
     return (a.cpu() @ b.cpu()).to(a.device)
 
 
-def spike_accumulate(planes, sign, hi, w, per_plane=False):
+def spike_accumulate(planes, sign, hi, w, per_plane=False, group=0):
     K = w.shape[0]
     M = planes.shape[1]
-    r = _ranges(hi, M, K, planes.device)
-    R = 2 if hi is not None else 1
+    r = _columns(hi, group, M, K, planes.device)
+    R = 2 if hi is not None else -(-K // group) if group > 0 else 1
     w64 = w.to(torch.int64)
 
     def per_range(c):
@@ -219,24 +244,25 @@ def _weights(qweight, qzeros, scales, packed, bits, K, zero_offset):
 
 def spike_linear(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx, packed,
                  code_sums, bias, bits, group_size, zero_offset, out_dtype=torch.float16,
-                 backend="auto"):
-    """docs/ops.md, spike_linear: D[g, r] = sum over k in group g and range r of
+                 backend="auto", group=0):
+    """docs/ops.md, spike_linear: D[g, r] = sum over k in weight group g and scale column r of
     (s*Q - zero[r]) * (q - z), exact integers; S_r = sum over g ascending of
-    float64(scales[g] * float32(D[g, r])); y = float32(scale[m, 0] * S_0 + scale[m, 1] * S_1 +
-    bias) (products and sums in float64), then cast to out_dtype. ``backend`` and where the codes
-    are held (``qweight`` or the CPU layout ``packed``) do not change the result."""
+    float64(scales[g] * float32(D[g, r])); y = float32(sum over r of scale[m, r] * S_r + bias)
+    (products and sums in float64), then cast to out_dtype. With activation groups column r
+    lies in weight group ``r * group // group_size`` only. ``backend`` and where the codes are
+    held (``qweight`` or the CPU layout ``packed``) do not change the result."""
     K, M = g_idx.shape[0], planes.shape[1]
     G, N = scales.shape
     q, z, scales = _weights(qweight, qzeros, scales, packed, bits, K, zero_offset)
     g_of_k = _groups(g_idx, group_size)
     wd = q - z[g_of_k]  # q - z of every weight, [K, N]
-    r = _ranges(hi, M, K, planes.device)
+    r = _columns(hi, group, M, K, planes.device)
     R = scale.shape[1]
     c = _codes(planes, sign, K) - (zero.gather(1, r).to(torch.int64) if zero is not None else 0)
     y = None
     for ri in range(R):
         S = torch.zeros(M, N, dtype=torch.float64, device=planes.device)
-        for g in range(G):
+        for g in ([ri * group // group_size] if group > 0 else range(G)):
             mask = (r == ri) & (g_of_k == g)[None, :]
             D = _exact_matmul(c * mask, wd)
             S = S + (scales[g][None, :] * D.to(_F32)).double()
@@ -272,7 +298,7 @@ def spike_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi
 
     def codes(planes, sign, hi, zero):
         M = planes.shape[1]
-        r = _ranges(hi, M, K, planes.device)
+        r = _columns(hi, 0, M, K, planes.device)
         c = _codes(planes, sign, K) - (zero.gather(1, r).to(torch.int64) if zero is not None
                                        else 0)
         return c, r

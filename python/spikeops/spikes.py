@@ -21,6 +21,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 DEFAULT_GAMMA = 1.0  # clipping ratio when neither the Encoding nor a calibration gives one
 GAMMA_MODES = ("minmax", "absmax", "absmean")  # the modes with a clipping ratio gamma
+GROUP_MODES = ("minmax", "absmax", "absmean", "static")  # the modes with activation groups
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Encoding:
         every use needs a ``salient_mask`` (from a calibration): without one it is refused.
     theta: ``(theta_nor, theta_out)`` thresholds of ``"oat"``. None: the layer's calibrated
         thresholds; encoding without them is refused.
+    group: channels per activation group, a positive multiple of 32, or 0: one threshold
+        (scale, and zero point) per token and group of ``group`` channels instead of one per
+        token (modes minmax, absmax, absmean, static; not with salient channels). A linear layer
+        takes such spikes when its weight groups hold whole activation groups.
     """
 
     mode: str = "minmax"
@@ -46,11 +51,21 @@ class Encoding:
     gamma: Optional[float] = None
     salient_bits: Optional[int] = None
     theta: Optional[Tuple[float, float]] = None
+    group: int = 0
 
     def __post_init__(self):
         fn = "Encoding"
         _checks.choice(fn, "mode", self.mode, ops.MODES)
         _checks.integer(fn, "bits", self.bits)
+        _checks.integer(fn, "group", self.group)
+        if self.group < 0 or self.group % 32:
+            raise ValueError(f"{fn}: group (channels per activation group) must be 0 or a "
+                             f"positive multiple of 32, got {self.group}")
+        if self.group and (self.mode not in GROUP_MODES or self.salient_bits is not None):
+            raise ValueError(f"{fn}: group combines with modes {GROUP_MODES} without "
+                             f"salient_bits, got group={self.group} with mode {self.mode!r}"
+                             + (f" and salient_bits={self.salient_bits}"
+                                if self.salient_bits is not None else ""))
         if self.salient_bits is not None:
             _checks.integer(fn, "salient_bits", self.salient_bits)
             if self.mode not in SALIENT_MODES:
@@ -97,9 +112,10 @@ class Encoding:
 
     @property
     def label(self) -> str:
-        """The command line's name of the encoding: ``minmax4``, ``absmax4+s6``, ``oat8``
-        (gamma and theta, often calibrated per layer, are not part of it)."""
-        return f"{self.mode}{self.bits}" + (f"+s{self.salient_bits}" if self.salient_bits else "")
+        """The command line's name of the encoding: ``minmax4``, ``absmax4g64``, ``absmax4+s6``,
+        ``oat8`` (gamma and theta, often calibrated per layer, are not part of it)."""
+        return (f"{self.mode}{self.bits}" + (f"g{self.group}" if self.group else "")
+                + (f"+s{self.salient_bits}" if self.salient_bits else ""))
 
 
 def check_usable(fn: str, enc: Encoding, salient_mask) -> None:
@@ -126,7 +142,8 @@ def spike_slots(enc: Optional[Encoding], planes: int, elements: int,
 
 class SpikeTensor(NamedTuple):
     """Packed bit-plane spikes of an activation tensor of ``shape`` ``[..., K]``, flattened to M
-    token rows (docs/ops.md). ``sign``, ``hi`` and ``zero`` are None when absent."""
+    token rows (docs/ops.md). ``sign``, ``hi`` and ``zero`` are None when absent; ``group`` is
+    the channels per activation group (0: none), which says what the scale columns are."""
 
     planes: torch.Tensor            # int32 [P, M, W]
     sign: Optional[torch.Tensor]    # int32 [M, W]: bit set = negative element (signed encodings)
@@ -134,11 +151,13 @@ class SpikeTensor(NamedTuple):
     scale: torch.Tensor             # float32 [M, R]
     zero: Optional[torch.Tensor]    # int32 [M, R] (unsigned encodings)
     shape: Tuple[int, ...]          # shape of the encoded activations
+    group: int = 0                  # channels per activation group; 0: none
 
     @classmethod
-    def wrap(cls, fields, shape: Tuple[int, ...]) -> "SpikeTensor":
-        """A SpikeTensor of the five tensors of ``ops.gif_encode`` (absent ones None)."""
-        return cls(*fields, shape)
+    def wrap(cls, fields, shape: Tuple[int, ...], group: int = 0) -> "SpikeTensor":
+        """A SpikeTensor of the five tensors of ``ops.gif_encode`` (absent ones None), encoded
+        with activation groups of ``group`` channels (0: none)."""
+        return cls(*fields, shape, group)
 
     @property
     def num_planes(self) -> int:
@@ -151,7 +170,7 @@ class SpikeTensor(NamedTuple):
         op_dtype = torch.float32 if dtype == torch.float64 else dtype
         K = self.shape[-1]
         x_hat = ops.spike_decode(self.planes, self.sign, self.hi, self.scale, self.zero, K,
-                                 op_dtype)
+                                 op_dtype, self.group)
         return x_hat.reshape(self.shape).to(dtype)
 
     def counts(self, negative: bool = False) -> torch.Tensor:
@@ -195,6 +214,8 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
         exactly when ``enc.salient_bits`` is set.
     scale, zero: mode ``"static"`` only: a scale (float or tensor, one per token or a scalar) and,
         for unsigned codes, a zero point (int or int tensor, likewise); no zero = signed codes.
+        With activation groups (``enc.group``): a tensor ``[R]`` (one per group, for every
+        token) or ``[..., R]`` (per token and group), R = ceil(K / group).
     """
     fn = "encode"
     # Python-level facts only; dtypes, shapes, devices and values are checked once, by the op.
@@ -213,17 +234,19 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
                              f"salient_bits=None (mode {enc.mode!r})")
     check_usable(fn, enc, salient_mask)
     if enc.mode == "static":
+        R = -(-K // enc.group) if enc.group else 0  # scale columns per token; 0: [M]
         if scale is None:
             raise ValueError(f"{fn}: mode 'static' needs scale (a float, or a tensor of shape "
-                             f"[] or [M] = [{M}]), got None")
-        scale = _per_token(fn, "scale", scale, M, x.device, torch.float32)
+                             + (f"[R] or [M, R] = [{M}, {R}]" if R else f"[] or [M] = [{M}]")
+                             + "), got None")
+        scale = _per_token(fn, "scale", scale, M, R, x.device, torch.float32)
         if zero is not None:
-            zero = _per_token(fn, "zero", zero, M, x.device, torch.int32)
+            zero = _per_token(fn, "zero", zero, M, R, x.device, torch.int32)
     elif scale is not None or zero is not None:
         raise ValueError(f"{fn}: scale and zero are only taken by mode 'static', got mode "
                          f"{enc.mode!r}")
     fields = encode_rows(rows, enc, salient_mask, scale, zero)
-    return SpikeTensor.wrap(fields, tuple(x.shape))
+    return SpikeTensor.wrap(fields, tuple(x.shape), enc.group)
 
 
 def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] = None,
@@ -234,25 +257,33 @@ def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.
     gamma = DEFAULT_GAMMA if enc.gamma is None else enc.gamma
     return ops.gif_encode(rows, enc.mode, enc.bits, gamma, salient_mask,
                           enc.salient_bits if salient_mask is not None else 0, scale, zero,
-                          theta[0], theta[1])
+                          theta[0], theta[1], enc.group)
 
 
-def _per_token(fn: str, name: str, value, M: int, device, dtype) -> torch.Tensor:
-    """A static scale or zero as a ``[M]`` tensor: a scalar is broadcast to every token.
-    Values are checked here, before any cast could overflow or wrap them."""
+def _per_token(fn: str, name: str, value, M: int, R: int, device, dtype) -> torch.Tensor:
+    """A static scale or zero as a ``[M]`` tensor (a scalar is broadcast to every token), or,
+    with R > 0 activation groups, as ``[M, R]`` (one value per group is broadcast to every
+    token). Values are checked here, before any cast could overflow or wrap them."""
     want_float = dtype.is_floating_point
     kind = "float" if want_float else "integer"
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.dtype.is_floating_point != want_float:
             raise TypeError(f"{fn}: {name} must be a {kind} tensor, got {value.dtype}")
-        if value.numel() not in (1, M):
-            raise ValueError(f"{fn}: {name} must hold one value or one per token (M = {M}), "
-                             f"got shape {tuple(value.shape)}")
+        if R and tuple(value.shape[-1:]) != (R,) or not R and value.numel() not in (1, M):
+            want = (f"[R] or [..., R] with R = {R} activation groups" if R
+                    else f"one value or one per token (M = {M})")
+            raise ValueError(f"{fn}: {name} must hold {want}, got shape {tuple(value.shape)}")
+        if R and value.numel() not in (R, M * R):
+            raise ValueError(f"{fn}: {name} must hold R = {R} values or M * R = {M * R}, got "
+                             f"shape {tuple(value.shape)}")
         if value.device != torch.device(device):
             raise ValueError(f"{fn}: {name} must be on the device of x ({device}), "
                              f"got {value.device}")
         values = value.reshape(-1)
     else:
+        if R:
+            raise TypeError(f"{fn}: {name} of an encoding with activation groups must be a "
+                            f"tensor [R] or [..., R] (R = {R}), got {type(value).__name__}")
         ok = isinstance(value, (int, float)) if want_float else isinstance(value, int)
         if isinstance(value, bool) or not ok:
             raise TypeError(f"{fn}: {name} must be a {kind} or a {kind} tensor, "
@@ -269,4 +300,6 @@ def _per_token(fn: str, name: str, value, M: int, device, dtype) -> torch.Tensor
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             raise ValueError(f"{fn}: {name} must be {what}, got {values[i].item()} at index {i}")
+    if R:
+        return values.to(device=device, dtype=dtype).reshape(-1, R).expand(M, R).contiguous()
     return values.to(device=device, dtype=dtype).expand(M).contiguous()
