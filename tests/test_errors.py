@@ -787,8 +787,9 @@ class KernelOf:
 
     def __getattr__(self, name):
         op = getattr(torch.ops.spikeops, name).default
-        names = [a.name for a in op._schema.arguments]
-        return lambda **kw: op.redispatch(self.keys, *(kw[n] for n in names))
+        args = op._schema.arguments  # arguments not given take the schema's default
+        return lambda **kw: op.redispatch(
+            self.keys, *(kw[a.name] if a.name in kw else a.default_value for a in args))
 
 
 @pytest.mark.parametrize("call, pattern", DEVICE_CASES)

@@ -59,6 +59,10 @@ class LayerCalibration:
     # The spike bits gamma was searched for (Calibration.settings["bits"]): a clip that suits
     # 4-bit codes clips 8-bit ones for nothing, so other widths run unclipped. None: unknown.
     gamma_bits: Optional[int] = None
+    # The activation group it was searched for (settings["group"], 0: per token): a group's
+    # range is narrower than the token's, so its best clip differs; other groupings run
+    # unclipped.
+    gamma_group: int = 0
 
 
 @dataclasses.dataclass
@@ -142,8 +146,13 @@ class Calibration:
         bits = settings.get("bits") if isinstance(settings, dict) else None
         if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
             raise ValueError(f"{fn}: settings.bits must be an int, got {bits!r}")
+        group = settings.get("group", 0) if isinstance(settings, dict) else 0
+        if not isinstance(group, int) or isinstance(group, bool) or group < 0 or group % 32:
+            raise ValueError(f"{fn}: settings.group must be 0 or a positive multiple of 32, got "
+                             f"{group!r}")
         for layer in layers.values():
             layer.gamma_bits = bits if layer.gamma is not None else None
+            layer.gamma_group = group
         return cls(layers, settings)
 
 
@@ -157,7 +166,9 @@ def _sha256(file: Path) -> str:
 
 
 ENCODING_HELP = ("encodings: minmaxB, absmaxB, absmeanB (B bits, the sign included), oatB (B "
-                 "planes), '+sS' for salient channels at S bits, e.g. minmax4+s6, and none "
+                 "planes), 'gC' for one threshold per group of C channels (a multiple of 32 "
+                 "inside the weight groups; not with oat or salient channels), e.g. absmax4g64, "
+                 "'+sS' for salient channels at S bits, e.g. minmax4+s6, and none "
                  "(float activations); per layer type, TYPE=ENC entries joined by ';' with '*' "
                  "for every other type, e.g. 'down_proj=minmax8;*=absmax4' (TYPE: q_proj, "
                  "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj). minmax/absmax/absmean "
@@ -190,13 +201,15 @@ def parse_encoding(spec: str, calibration):
 def _parse_one(one: str, spec: str, calibration) -> Optional[Encoding]:
     if one == "none":
         return None
-    match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:\+s(\d+))?", one)
+    match = re.fullmatch(r"(minmax|absmax|absmean|oat)(\d+)(?:g(\d+))?(?:\+s(\d+))?", one)
     if match is None:
         raise ValueError(f"unknown encoding {one!r} in {spec!r}; {ENCODING_HELP}")
-    mode, n, salient = match.group(1), int(match.group(2)), match.group(3)
+    mode, n, group, salient = (match.group(1), int(match.group(2)), match.group(3),
+                               match.group(4))
     if (mode == "oat" or salient) and calibration is None:
         raise ValueError(f"encoding {one!r} needs a calibration (run spikeops calibrate first)")
-    return Encoding(mode, n, salient_bits=int(salient) if salient else None)
+    return Encoding(mode, n, salient_bits=int(salient) if salient else None,
+                    group=int(group) if group else 0)
 
 
 def check_encoding(fn: str, enc) -> None:
@@ -237,8 +250,8 @@ def type_encoding(fn: str, enc, name: str) -> Optional[Encoding]:
 
 def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
     """The Encoding and salient mask of one layer: ``enc`` with what it leaves open filled from
-    the layer's calibration: gamma (GAMMA_MODES, for encodings of the bits it was searched for;
-    DEFAULT_GAMMA otherwise and where the calibration has none), theta (oat) and the salient
+    the layer's calibration: gamma (GAMMA_MODES, for encodings of the bits and activation group
+    it was searched for; DEFAULT_GAMMA otherwise and where the calibration has none), theta (oat) and the salient
     mask (when ``enc.salient_bits`` is set). A value ``enc`` gives is kept."""
     if enc is None:
         return None, None
@@ -253,8 +266,9 @@ def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
 
 def _calibrated_gamma(enc: Encoding, cal: Optional[LayerCalibration]) -> Optional[float]:
     """The layer's calibrated gamma for ``enc``'s mode, if it was searched for ``enc``'s bits
-    (or for unknown bits), else None."""
-    if cal is None or not cal.gamma or cal.gamma_bits not in (None, enc.bits):
+    (or for unknown bits) and activation group, else None."""
+    if cal is None or not cal.gamma or cal.gamma_bits not in (None, enc.bits) \
+            or cal.gamma_group != enc.group:
         return None
     return cal.gamma.get(enc.mode)
 
@@ -371,11 +385,12 @@ def _dense_weight(layer: SpikeLinear) -> torch.Tensor:
 
 
 def _best_gamma(x: torch.Tensor, W: torch.Tensor, gram: Optional[torch.Tensor], mode: str,
-                bits: int, grid) -> float:
-    """The gamma of ``grid`` whose spikes of x give the smallest ``||(x_hat - x) W^T||^2``,
-    computed as ``sum((D^T D) * (W^T W))`` with D = x_hat - x when that is cheaper (K < N)."""
+                bits: int, group: int, grid) -> float:
+    """The gamma of ``grid`` whose spikes of x (activation groups of ``group`` channels) give
+    the smallest ``||(x_hat - x) W^T||^2``, computed as ``sum((D^T D) * (W^T W))`` with
+    D = x_hat - x when that is cheaper (K < N)."""
     def error(g):
-        d = encode(x, Encoding(mode, bits, gamma=g)).decode() - x
+        d = encode(x, Encoding(mode, bits, gamma=g, group=group)).decode() - x
         if gram is not None:
             return float(((d.t() @ d) * gram).sum())
         return float((d @ W.t()).pow(2).sum())
@@ -385,20 +400,25 @@ def _best_gamma(x: torch.Tensor, W: torch.Tensor, gram: Optional[torch.Tensor], 
 def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
               methods: Iterable[str] = METHODS, bits: int = 4, salient_fraction: float = 0.1,
               las_quantile: float = 0.99, max_tokens: int = 512,
-              gamma_grid: Iterable[float] = GAMMA_GRID) -> Calibration:
+              gamma_grid: Iterable[float] = GAMMA_GRID, group: int = 0) -> Calibration:
     """Calibrate every SpikeLinear of ``model`` on ``batches`` of token ids (int64 ``[B, T]``).
 
     methods: any of ``"obs"``, ``"sdllm"``, ``"las"``. bits: the spike bits the SDLLM gamma is
     searched for. salient_fraction: share of channels OBS marks salient (SpikeLLM: 10%, with
     ``salient_bits = bits + 1``; 5% with ``bits + 2``). las_quantile: quantile of ``|x|`` that
     becomes ``theta_nor``. max_tokens: input rows per layer the methods use (the first ones of
-    the batches). gamma_grid: the SDLLM candidates, each in (0, 1].
+    the batches). gamma_grid: the SDLLM candidates, each in (0, 1]. group: the activation
+    group (channels, 0: per token) the SDLLM gamma is searched for; encodings with another
+    group run unclipped.
     """
     fn = "calibrate"
     methods = tuple(methods)
     for m in methods:
         _checks.choice(fn, "methods", m, METHODS)
     _checks.integer(fn, "bits", bits, 2, 16)
+    _checks.integer(fn, "group", group, 0, 1 << 23)
+    if group % 32:
+        raise ValueError(f"{fn}: group must be 0 or a positive multiple of 32, got {group}")
     if not (isinstance(salient_fraction, float) and 0 < salient_fraction < 1):
         raise ValueError(f"{fn}: salient_fraction must be a float in (0, 1), got "
                          f"{salient_fraction!r}")
@@ -417,7 +437,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     result = {}
     for name, x in tqdm(inputs.items(), desc="calibrate", unit="layer"):
         layer = layers[name]
-        cal = LayerCalibration(gamma_bits=bits if "sdllm" in methods else None)
+        cal = LayerCalibration(gamma_bits=bits if "sdllm" in methods else None,
+                               gamma_group=group)
         W = _dense_weight(layer)  # [N, K]
         if "obs" in methods:
             saliency = ((x @ W.t() @ W) * x).mean(0)
@@ -426,7 +447,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.salient[saliency.topk(top).indices] = True
         if "sdllm" in methods:
             gram = W.t() @ W if W.shape[1] < W.shape[0] else None
-            cal.gamma = {mode: _best_gamma(x, W, gram, mode, bits, gamma_grid)
+            cal.gamma = {mode: _best_gamma(x, W, gram, mode, bits, group, gamma_grid)
                          for mode in GAMMA_MODES}
         if "las" in methods:
             a = x.abs().flatten()
@@ -438,7 +459,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.theta = (theta_nor, theta_out)
         result[name] = cal
     # What was used, not what was asked for: fewer tokens than max_tokens may have run.
-    settings = {"methods": list(methods), "bits": bits, "salient_fraction": salient_fraction,
+    settings = {"methods": list(methods), "bits": bits, "group": group,
+                "salient_fraction": salient_fraction,
                 "las_quantile": las_quantile, "gamma_grid": list(gamma_grid),
                 "tokens": max(x.shape[0] for x in inputs.values())}
     return Calibration(result, settings)

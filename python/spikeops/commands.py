@@ -119,7 +119,7 @@ def cmd_calibrate(args) -> int:
     grid = [float(g) for g in args.gamma_grid.split(",")]
     cal = calibrate(model, ids.split(4), methods=args.methods.split(","), bits=args.bits,
                     salient_fraction=args.salient_fraction, max_tokens=args.max_tokens,
-                    gamma_grid=grid)
+                    gamma_grid=grid, group=args.group)
     if args.encoding is not None:
         # Every layer must be able to run it with this calibration (salient masks, thresholds).
         set_encoding(model, parse_encoding(args.encoding, cal), cal)
