@@ -43,8 +43,27 @@ def test_gamma_fills_only_its_bit_width(model, calibration):
     for mode in ("minmax", "absmax", "absmean"):
         set_encoding(model, spikeops.Encoding(mode, 4), calibration)
         assert encodings(model)[name].gamma == c.gamma[mode]
-        set_encoding(model, spikeops.Encoding(mode, 8), calibration)
+        with pytest.warns(UserWarning, match=f"searched for 4-bit spikes per token, so "
+                                             f"{mode}8 runs there unclipped"):
+            set_encoding(model, spikeops.Encoding(mode, 8), calibration)
         assert encodings(model)[name].gamma == 1.0
+
+
+def test_gamma_fills_only_its_activation_group(model, calibration):
+    """The gamma searched per token does not fill grouped encodings (announced), and one
+    searched for groups of 32 fills exactly those (docs/research.md)."""
+    from spikeops.calibrate import encodings
+    name = next(iter(calibration.layers))
+    with pytest.warns(UserWarning, match="absmax4g32 runs there unclipped"):
+        set_encoding(model, spikeops.Encoding("absmax", 4, group=32), calibration)
+    assert encodings(model)[name].gamma == 1.0
+    grouped = calibrate(model, tiny_batches(), methods=["sdllm"], group=32,
+                        gamma_grid=(0.5, 0.75, 1.0))
+    assert grouped.settings["group"] == 32
+    set_encoding(model, spikeops.Encoding("absmax", 4, group=32), grouped)
+    assert encodings(model)[name].gamma == grouped.layers[name].gamma["absmax"]
+    with pytest.warns(UserWarning, match="in groups of 32 channels, so absmax4 runs"):
+        set_encoding(model, spikeops.Encoding("absmax", 4), grouped)
 
 
 def test_obs_saliency_is_the_first_order_term(model):

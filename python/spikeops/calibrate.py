@@ -287,6 +287,16 @@ def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tu
     return unused
 
 
+def _searched_for_other(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
+    """``(encoding label, bits, group)`` when ``cal`` holds a gamma for ``enc``'s mode that was
+    searched for other spikes (another width or activation group), so that ``enc``, whose
+    gamma is left open, runs unclipped; else None."""
+    if enc is None or enc.gamma is not None or cal is None or not cal.gamma \
+            or enc.mode not in cal.gamma or _calibrated_gamma(enc, cal) is not None:
+        return None
+    return enc.label, cal.gamma_bits, cal.gamma_group
+
+
 def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.Module:
     """Give every SpikeLinear of ``model`` its encoding; returns ``model``.
 
@@ -296,8 +306,10 @@ def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.M
     calibration: a Calibration, None (no calibration) or ``"current"`` (the default): the one
         each layer was last set with (load_gptq's, unless changed since). It fills what the
         Encoding leaves open (``layer_encoding``); calibrated values an Encoding's own gamma or
-        theta keeps from use are announced with a warning. An encoding that needs what the
-        calibration lacks (oat without theta, salient_bits without a mask) is refused.
+        theta keeps from use are announced with a warning, and so are encodings that run
+        unclipped because the calibrated gamma was searched for other bits or another
+        activation group. An encoding that needs what the calibration lacks (oat without theta,
+        salient_bits without a mask) is refused.
 
     All layers are checked before any changes. The effective per-layer encodings: ``encodings``.
     """
@@ -311,7 +323,7 @@ def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.M
         raise TypeError(f"{fn}: calibration must be a spikeops Calibration, None or "
                         f"{CURRENT!r}, got {type(calibration).__name__}")
     layers = spike_layers(model)
-    plan, unused = {}, {}
+    plan, unused, other = {}, {}, {}
     for name, layer in layers.items():
         if isinstance(calibration, str):  # CURRENT
             cal = layer.calibration
@@ -320,6 +332,9 @@ def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.M
         given = type_encoding(fn, enc, name)
         for what in _unused(given, cal):
             unused.setdefault(what, []).append(name)
+        searched = _searched_for_other(given, cal)
+        if searched is not None:
+            other.setdefault(searched, []).append(name)
         layer_enc, mask = layer_encoding(given, cal)
         if layer_enc is not None:
             check_usable(f"{fn}: layer {name!r}", layer_enc, mask)
@@ -334,6 +349,13 @@ def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.M
                       f"{len(names)} layer(s) (e.g. {names[0]!r}) is not used: an Encoding's "
                       f"own values are never replaced (leave {param} None to use the "
                       f"calibration's)", stacklevel=2)
+    for (label, bits, group), names in other.items():
+        searched = (f"{bits}-bit spikes" if bits is not None else "spikes of unknown width") + (
+            f" in groups of {group} channels" if group else " per token")
+        warnings.warn(f"{fn}: the calibrated gamma of {len(names)} layer(s) (e.g. "
+                      f"{names[0]!r}) was searched for {searched}, so {label} runs there "
+                      f"unclipped (gamma 1.0); spikeops calibrate --bits/--group searches one "
+                      f"for it", stacklevel=2)
     for name, (layer_enc, mask, cal) in plan.items():
         layers[name].set_encoding(layer_enc, mask)
         layers[name].calibration = cal
