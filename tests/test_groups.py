@@ -235,3 +235,16 @@ def test_straight_through_gradient_with_groups():
         "absmax", 4, gamma=0.9, group=32)).decode())
     y.pow(2).sum().backward()
     assert x.grad is not None and math.isfinite(float(gamma.grad)) and float(gamma.grad) != 0
+
+
+def test_statistics_count_the_activation_groups():
+    """Energy accounting with groups (docs/energy.md): the integer sums are kept per
+    activation group, so A = K / group replaces G in the shift term and G * R in the epilogue."""
+    K, N, group = 256, 48, 64
+    layer = spikeops.SpikeLinear(make_layer(K, N, 4, 128)[0], Encoding("absmax", 4, group=group))
+    with spikeops.track(layer) as tracker:
+        layer(_rows(6, K, "cpu"))
+    (stats,) = tracker.layers()
+    assert (stats.act_groups, stats.ranges, stats.groups) == (K // group, 1, K // 128)
+    assert stats.epilogue_mults() == 6 * N * (K // group)
+    assert stats.shifts() == 6 * N * (K // group) * stats.P

@@ -5,7 +5,8 @@
 read):
 
 - spikes per plane ``[P]`` and, for signed encodings, negative spikes per plane;
-- tokens M, in/out features K and N, planes P, weight groups G and ranges R;
+- tokens M, in/out features K and N, planes P, weight groups G and ranges R (or, for spikes
+  with activation groups, their count per token A);
 - silent channels: per token, the channels whose train is empty in every plane (K minus the
   popcount of the OR of the plane words), summed over tokens;
 - zero words: 32-channel spike words whose OR over planes is 0 (the ``"spike"`` kernel skips them),
@@ -41,6 +42,8 @@ Energy model (``EnergyModel``, per-operation energies in pJ). Per layer:
   per token and per weight group (the integer sums are kept per group), each costing ``shift``.
 - epilogue: one float32 multiply per group and range per output and token (docs/ops.md), ``mult``.
   The zero-point correction (zero * B) and the per-token scale are folded into this count.
+- with activation groups the integer sums are kept per activation group (each inside one weight
+  group): A replaces G in the shift term and G * R in the epilogue term.
 - E_dense: the same layer run densely, one multiply-accumulate per (token, input, output).
 
 Presets (Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm, 0.9 V):
@@ -141,6 +144,7 @@ class LayerStats:
     encodings: List[str]  # labels of the encodings it ran (Encoding.label)
     bits: int        # stored bits: the spike slots plus a sign and a range bit per element
                      # where the encoding has them
+    act_groups: int = 0  # activation groups per token (spikes with per-group thresholds), or 0
 
     @property
     def planes(self) -> float:
@@ -180,10 +184,10 @@ class LayerStats:
         return self.tokens * self.K * self.N
 
     def shifts(self) -> int:
-        return self.tokens * self.N * self.groups * self.P
+        return self.tokens * self.N * (self.act_groups or self.groups) * self.P
 
     def epilogue_mults(self) -> int:
-        return self.tokens * self.N * self.groups * self.ranges
+        return self.tokens * self.N * (self.act_groups or self.groups * self.ranges)
 
     def spike_energy_pj(self, preset="45nm") -> float:
         """``SOPs * ac + M*N*G*P * shift + M*N*G*R * mult`` (module docstring)."""
@@ -212,11 +216,12 @@ class _Acc:
     """Device-side accumulators of one layer: one ``spike_stats`` result per plane count P
     (P only changes if the encoding is changed while tracking), added in place."""
 
-    __slots__ = ("calls", "tokens", "words", "K", "N", "groups", "ranges", "signed", "stats",
-                 "slots", "bits", "encodings", "_seen")
+    __slots__ = ("calls", "tokens", "words", "K", "N", "groups", "ranges", "act_groups",
+                 "signed", "stats", "slots", "bits", "encodings", "_seen")
 
     def __init__(self, layer: SpikeLinear):
         self.calls = self.tokens = self.words = self.ranges = self.slots = self.bits = 0
+        self.act_groups = 0
         self.K, self.N = layer.in_features, layer.out_features
         self.groups = layer.gptq.scales.shape[0]
         self.signed = False
@@ -232,7 +237,11 @@ class _Acc:
         self.calls += 1
         self.tokens += M
         self.words += M * W
-        self.ranges = max(self.ranges, st.scale.shape[1])
+        if st.group:  # the scale columns are activation groups, not ranges
+            self.ranges = max(self.ranges, 1)
+            self.act_groups = max(self.act_groups, st.scale.shape[1])
+        else:
+            self.ranges = max(self.ranges, st.scale.shape[1])
         self.signed |= st.sign is not None
         enc, mask = layer.enc, layer.salient_mask
         if self._seen[0] is not enc or self._seen[1] is not mask:
@@ -263,7 +272,7 @@ class _Acc:
         return LayerStats(name, layer_type(name), self.calls, self.tokens, self.K, self.N, P,
                           self.groups, self.ranges, spikes, negative if self.signed else None,
                           self.tokens * self.K - fired, zero_words, self.words, self.slots,
-                          list(self.encodings), self.bits)
+                          list(self.encodings), self.bits, self.act_groups)
 
 
 class Tracker:
