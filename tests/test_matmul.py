@@ -15,6 +15,7 @@ ENCODINGS = {
     "absmax4": Encoding("absmax", 4),
     "absmax8": Encoding("absmax", 8),
     "minmax4": Encoding("minmax", 4),
+    "minmax8": Encoding("minmax", 8),
     "minmax16": Encoding("minmax", 16),
     "absmax16": Encoding("absmax", 16),
     "salient-minmax": Encoding("minmax", 4, salient_bits=8),
@@ -131,14 +132,17 @@ def test_bits_beyond_K_ignored(device):
 
 @pytest.mark.parametrize("K", [1, 32, 33, 64, 65, 100, 2048])
 @pytest.mark.parametrize("na, nb", [("absmax8", "minmax4"), ("minmax4", "absmax4"),
+                                    ("absmax8", "absmax8"), ("minmax8", "absmax4"),
                                     ("minmax16", "absmax16")])
 def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
-    """On CPUs with AVX-512 VPOPCNTDQ one-range products run 8 keys at once; with
+    """On CPUs with AVX-512 VNNI one-range products of at most 8 planes on one side and 7 on the
+    other run on bytes (VPDPBUSD, 16 keys a task), others with VPOPCNTDQ 8 keys at once; with
     SPIKEOPS_CPU_ISA=avx2 the scalar kernel runs. Same outputs for ragged K (odd word counts:
-    the half last word), 13 keys (a partial group of 8), zero points on either side, causal."""
+    the half last word), 37 keys (partial groups of 8 and 16), zero points on either side,
+    signs on either or both sides, the unsigned bytes from either side, causal."""
     a = encode("cpu", na, (1, 4, 3, K))
-    b = encode("cpu", nb, (1, 2, 13, K), offset=0.3)
+    b = encode("cpu", nb, (1, 2, 37, K), offset=0.3)
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
-    fast = check("cpu", a, b, 13, True, torch.float32)
+    fast = check("cpu", a, b, 37, True, torch.float32)
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
-    assert torch.equal(spike_matmul(a, b, keys=13, causal=True), fast)
+    assert torch.equal(spike_matmul(a, b, keys=37, causal=True), fast)

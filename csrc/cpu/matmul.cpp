@@ -210,9 +210,232 @@ SPIKEOPS_TARGET_VPOPCNTDQ void matmul_rows_vpopcntdq(const MatmulArgs& a, int64_
 }
 #endif
 
+#if SPIKEOPS_X86_INTRINSICS
+// One range on both sides with at most 8 planes on one side and at most 7 on the other (every
+// attention product of Runner: 8-bit signed queries against 4- or 8-bit keys, the unsigned 8-bit
+// probabilities against the 4-bit value codes): each operand's codes |s*Q| are unpacked from its
+// plane words into bytes, 64 channels to a register (a masked byte add per plane), and the
+// integer dot product is VPDPBUSD of the magnitudes of the <= 8-plane side (unsigned bytes) and
+// those of the other side (< 128), negated where the two signs differ. The same integers as
+// matmul_row_pair: D = sum_k (s_a Q_a)(s_b Q_b) - zb * S_a - za * S_b + za * zb * K, |D| below
+// 2^16 * 255 * 127 < 2^31 for K <= kMatmulMaxK. A's rows are unpacked once per call; a task is
+// one (batch, kv head) and a block of keys, every query row of the kv head's group against each
+// key's bytes, unpacked once.
+constexpr int64_t kByteKeyBlock = 16;
+constexpr int64_t kByteSerialUnits = 32768;  // below: the calling thread alone
+constexpr int64_t kByteMaxABytes = int64_t(8) << 20;  // larger A (a long prefill's PV): popcounts
+
+bool byte_kernel_fits(const MatmulArgs& a) {
+  if (a.a.R != 1 || a.b.R != 1) return false;
+  const bool fits = (a.b.P <= 8 && a.a.P <= 7) || (a.a.P <= 8 && a.b.P <= 7);
+  const int64_t words64 = (a.a.W + 1) / 2;
+  return fits && a.a.M * words64 * 64 <= kByteMaxABytes;
+}
+
+// Bits of 64-bit word w of a row of W 32-bit words (the high half 0 past the row).
+inline uint64_t load_word64(const uint32_t* row, int64_t w, int64_t W) {
+  return uint64_t(row[2 * w]) | (2 * w + 1 < W ? uint64_t(row[2 * w + 1]) << 32 : 0u);
+}
+
+// |s*Q| of 64 channels as bytes: plane p adds 2^p to the bytes of its set bits (distinct bits:
+// no carry), of row r of s's planes at 64-bit word w, restricted to valid.
+SPIKEOPS_TARGET_AVX512 inline __m512i unpack_bytes(const SpikeFields& s, int64_t r, int64_t w,
+                                                   uint64_t valid) {
+  __m512i mag = _mm512_setzero_si512();
+  for (int64_t p = 0; p < s.P; ++p) {
+    const uint64_t m = load_word64(s.planes + (p * s.M + r) * s.W, w, s.W) & valid;
+    mag = _mm512_mask_add_epi8(mag, m, mag, _mm512_set1_epi8(static_cast<char>(1 << p)));
+  }
+  return mag;
+}
+
+// sum over 64 channels of signed bytes |v| * (-1)^sign, into int64.
+SPIKEOPS_TARGET_AVX512 inline int64_t signed_byte_sum(__m512i mag, uint64_t sign) {
+  const __m512i z = _mm512_setzero_si512();
+  const __m512i pos = _mm512_sad_epu8(_mm512_maskz_mov_epi8(~sign, mag), z);
+  const __m512i neg = _mm512_sad_epu8(_mm512_maskz_mov_epi8(sign, mag), z);
+  return _mm512_reduce_add_epi64(_mm512_sub_epi64(pos, neg));
+}
+
+// A's rows unpacked once per call: bytes [row][w] (64 each), signs [row][w], whether the word has
+// a nonzero byte [row][w], S_a per row (with B's zero points).
+struct ByteRows {
+  std::vector<uint8_t> mag, nonzero;
+  std::vector<uint64_t> sign, valid;
+  std::vector<int64_t> sum;
+  int64_t words64;
+};
+
+SPIKEOPS_TARGET_AVX512 void unpack_rows(const MatmulArgs& a, ByteRows& x, bool sums,
+                                        int64_t begin, int64_t end) {
+  const SpikeFields& A = a.a;
+  for (int64_t r = begin; r < end; ++r)
+    for (int64_t w = 0; w < x.words64; ++w) {
+      const int64_t k = r * x.words64 + w;
+      const __m512i mag = unpack_bytes(A, r, w, x.valid[w]);
+      const uint64_t sign = A.sign ? load_word64(A.sign + r * A.W, w, A.W) : 0u;
+      _mm512_storeu_si512(x.mag.data() + 64 * k, mag);
+      x.sign[k] = sign;
+      x.nonzero[k] = _mm512_test_epi8_mask(mag, mag) != 0;
+      if (sums) x.sum[r] += signed_byte_sum(mag, sign);
+    }
+}
+
+// The 16 sums of the 16 lanes of each of v[0..15], lane j the sum of v[j]: pairwise adds of
+// interleaved halves (32-bit, 64-bit, then 128-bit lanes).
+SPIKEOPS_TARGET_AVX512 inline __m512i sum_lanes16(__m512i v[16]) {
+  __m512i x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    y[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * i], x[2 * i + 1]),
+                            _mm512_unpackhi_epi64(x[2 * i], x[2 * i + 1]));
+  // y[i]: in each 128-bit lane, the partial sums of vectors 4i .. 4i + 3.
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(y[2 * i], y[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(y[2 * i], y[2 * i + 1], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(z[0], z[1], 0x88),
+                          _mm512_shuffle_i32x4(z[0], z[1], 0xdd));
+}
+
+// matmul_epilogue with one range on both sides (the same operations, in the same order).
+inline float epilogue_r1(float scale_a, float scale_b, int64_t D) {
+  double acc = 0.0;
+  acc += static_cast<double>(scale_a) * static_cast<double>(scale_b) * static_cast<double>(D);
+  return static_cast<float>(acc);
+}
+
+template <typename T>
+SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, int64_t begin,
+                                       int64_t end) {
+  const SpikeFields& A = a.a;
+  const SpikeFields& B = a.b;
+  T* out = static_cast<T*>(a.out);
+  const bool b_unsigned_side = B.P <= 8 && A.P <= 7;  // else A's magnitudes are the u8 side
+  const bool need_sum_b = A.zero != nullptr;
+  const int64_t words64 = x.words64;
+  const int64_t group = a.heads / a.kv_heads, rows_g = group * a.Ma;  // A rows per kv head
+  const int64_t blocks = (a.N + kByteKeyBlock - 1) / kByteKeyBlock;
+  // The block's keys unpacked: bytes [key][w], signs [key][w]; any[w]: some row of the group
+  // has a nonzero word w.
+  std::vector<uint8_t> bbytes(64 * words64 * kByteKeyBlock), any(words64);
+  std::vector<uint64_t> bsign(words64 * kByteKeyBlock);
+  int64_t any_for = -1;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t nk = task / blocks;  // (batch n, kv head g)
+    const int64_t n = nk / a.kv_heads, g = nk % a.kv_heads;
+    const int64_t row0 = (n * a.heads + g * group) * a.Ma;  // first A row of the group
+    if (any_for != nk) {
+      for (int64_t w = 0; w < words64; ++w) {
+        uint8_t y = 0;
+        for (int64_t r = 0; r < rows_g; ++r) y |= x.nonzero[(row0 + r) * words64 + w];
+        any[w] = y;
+      }
+      any_for = nk;
+    }
+    const int64_t j0 = (task % blocks) * kByteKeyBlock;
+    const int64_t count = j0 + kByteKeyBlock < a.N ? kByteKeyBlock : a.N - j0;
+    const int64_t ib0 = (n * a.kv_heads + g) * a.Lb + j0;
+    int64_t sum_b[kByteKeyBlock] = {};
+    for (int64_t k = 0; k < kByteKeyBlock; ++k)
+      for (int64_t w = 0; w < words64; ++w) {
+        const int64_t c = k * words64 + w;
+        if (k >= count || (!any[w] && !need_sum_b)) {
+          _mm512_storeu_si512(bbytes.data() + 64 * c, _mm512_setzero_si512());
+          bsign[c] = 0;
+          continue;
+        }
+        const __m512i mag = unpack_bytes(B, ib0 + k, w, x.valid[w]);
+        _mm512_storeu_si512(bbytes.data() + 64 * c, mag);
+        bsign[c] = B.sign ? load_word64(B.sign + (ib0 + k) * B.W, w, B.W) : 0u;
+        if (need_sum_b) sum_b[k] = sum_b[k] + signed_byte_sum(mag, bsign[c]);
+      }
+    for (int64_t r = 0; r < rows_g; ++r) {
+      const int64_t row = row0 + r, i = row % a.Ma;
+      __m512i acc[kByteKeyBlock];
+      for (int64_t k = 0; k < kByteKeyBlock; ++k) acc[k] = _mm512_setzero_si512();
+      for (int64_t w = 0; w < words64; ++w) {
+        const int64_t c = row * words64 + w;
+        if (!x.nonzero[c]) continue;
+        const __m512i am = _mm512_loadu_si512(x.mag.data() + 64 * c);
+        if (b_unsigned_side && !B.sign) {  // A's signs alone: negate A's bytes once
+          const __m512i s = _mm512_mask_sub_epi8(am, x.sign[c], _mm512_setzero_si512(), am);
+          for (int64_t k = 0; k < kByteKeyBlock; ++k)
+            acc[k] = _mm512_dpbusd_epi32(
+                acc[k], _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)), s);
+        } else {
+          for (int64_t k = 0; k < kByteKeyBlock; ++k) {
+            const int64_t cb = k * words64 + w;
+            const __mmask64 neg = x.sign[c] ^ bsign[cb];
+            const __m512i bm = _mm512_loadu_si512(bbytes.data() + 64 * cb);
+            if (b_unsigned_side)
+              acc[k] = _mm512_dpbusd_epi32(
+                  acc[k], bm, _mm512_mask_sub_epi8(am, neg, _mm512_setzero_si512(), am));
+            else
+              acc[k] = _mm512_dpbusd_epi32(
+                  acc[k], am, _mm512_mask_sub_epi8(bm, neg, _mm512_setzero_si512(), bm));
+          }
+        }
+      }
+      alignas(64) int32_t dots[kByteKeyBlock];
+      _mm512_store_si512(dots, sum_lanes16(acc));
+      const int64_t za = A.zero ? A.zero[row] : 0;
+      const float sa = A.scale[row];
+      T* o = out + row * a.N + j0;
+      for (int64_t k = 0; k < count; ++k) {
+        if (matmul_masked(a, i, j0 + k)) {
+          o[k] = static_cast<T>(-std::numeric_limits<float>::infinity());
+          continue;
+        }
+        const int64_t ib = ib0 + k, zb = B.zero ? B.zero[ib] : 0;
+        const int64_t D = int64_t(dots[k]) - zb * x.sum[row] - za * sum_b[k] + za * zb * a.K;
+        o[k] = static_cast<T>(epilogue_r1(sa, B.scale[ib], D));
+      }
+    }
+  }
+}
+
+template <typename T>
+void matmul_bytes(const MatmulArgs& a) {
+  ByteRows x;
+  x.words64 = (a.a.W + 1) / 2;
+  const int64_t cells = a.a.M * x.words64;
+  x.mag.resize(64 * cells);
+  x.nonzero.resize(cells);
+  x.sign.resize(cells);
+  x.sum.assign(a.a.M, 0);
+  x.valid.resize(x.words64);
+  for (int64_t w = 0; w < x.words64; ++w) {
+    x.valid[w] = matmul_valid_bits(2 * w, a.K);
+    if (2 * w + 1 < a.a.W) x.valid[w] |= uint64_t(matmul_valid_bits(2 * w + 1, a.K)) << 32;
+  }
+  const bool sums = a.b.zero != nullptr;
+  at::parallel_for(0, a.a.M, 256, [&](int64_t begin, int64_t end) {
+    unpack_rows(a, x, sums, begin, end);
+  });
+  const int64_t rows_g = a.heads / a.kv_heads * a.Ma;
+  const int64_t blocks = (a.N + kByteKeyBlock - 1) / kByteKeyBlock;
+  const int64_t tasks = a.batch * a.kv_heads * blocks;
+  // Work per task in (row, key, word) units; under ~32k units in all the tasks run serially (the
+  // threads' start costs more than they save on a decode step).
+  const int64_t units = rows_g * kByteKeyBlock * x.words64;
+  const int64_t grain = units >= kByteSerialUnits ? 1 : (kByteSerialUnits + units - 1) / units;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    byte_tasks<T>(a, x, begin, end);
+  });
+}
+#endif
+
 }  // namespace
 
 void spike_matmul(const MatmulArgs& a) {
+#if SPIKEOPS_X86_INTRINSICS
+  if (best_isa() >= Isa::kAvx512Vnni && a.N > 0 && byte_kernel_fits(a)) {
+    dispatch_out_float(a.out_type, [&](auto tag) { matmul_bytes<decltype(tag)>(a); });
+    return;
+  }
+#endif
   const int64_t tasks = a.batch * a.heads * a.Ma * ((a.N + kKeyBlock - 1) / kKeyBlock);
 #if SPIKEOPS_X86_INTRINSICS
   const bool popcnt = has_popcnt();

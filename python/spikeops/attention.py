@@ -113,21 +113,44 @@ class SpikeCache:
 
 
 class ValueCache:
-    """A preallocated bit-plane cache of one layer's values, channel-major: the rows are
-    ``(batch, kv head, channel d)`` and bit j of a row's words is token j, so that PV is
-    ``spike_matmul`` of the probabilities (channels = tokens) and these rows, read in place, with
-    no re-layout per step (docs/ops.md, spike_matmul). Each token and head is encoded once, when
-    written, under ``enc`` (absmax: one scale per token and head, kept beside the codes); the
-    codes ``s*Q`` are stored as a static signed encoding with scale 1, exact for integers."""
+    """A bit-plane cache of one layer's values, channel-major: the rows are ``(batch, kv head,
+    channel d)`` and bit j of a row's words is token j, so that PV is ``spike_matmul`` of the
+    probabilities (channels = tokens) and these rows, read in place, with no re-layout per step
+    (docs/ops.md, spike_matmul). Each token and head is encoded once, when written, under ``enc``
+    (absmax: one scale per token and head, kept beside the codes, preallocated); the codes ``s*Q``
+    are stored as a static signed encoding with scale 1, exact for integers.
+
+    The words are one tensor ``bits [planes + 1, rows, words]``, the sign last, as wide as the
+    written tokens need (``planes``, ``sign``: views of it), so that ``spikes(length)`` of the
+    written length is the tensor itself, not a copy of its first words: it is widened (copied)
+    once every 32 tokens."""
 
     def __init__(self, enc, batch: int, kv_heads: int, max_len: int, head_dim: int, device):
         self.enc, self.shape = enc, (batch, kv_heads, max_len, head_dim)
         self.code_enc = Encoding("static", enc.bits)
-        W, rows = (max_len + 31) // 32, batch * kv_heads * head_dim
-        i32 = dict(dtype=torch.int32, device=device)
-        self.planes = torch.zeros(enc.bits - 1, rows, W, **i32)
-        self.sign = torch.zeros(rows, W, **i32)
+        self.bits = torch.zeros(enc.bits, batch * kv_heads * head_dim, 0, dtype=torch.int32,
+                                device=device)
         self.scale = torch.ones(batch * kv_heads, max_len, dtype=torch.float32, device=device)
+        self._ones = torch.ones(batch * kv_heads * head_dim, 1, device=device)
+        self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """int32 ``[bits - 1, rows, words]``: the magnitude planes."""
+        return self.bits[:-1]
+
+    @property
+    def sign(self) -> torch.Tensor:
+        """int32 ``[rows, words]``: the sign bits."""
+        return self.bits[-1]
+
+    def _width(self, words: int, start: int) -> None:
+        """Make ``bits`` ``words`` wide, keeping the words of tokens before ``start``."""
+        if self.bits.shape[-1] != words:
+            new = self.bits.new_zeros(*self.bits.shape[:2], words)
+            keep = min(self.bits.shape[-1], words, (start + 31) // 32)
+            new[:, :, :keep] = self.bits[:, :, :keep]
+            self.bits = new
 
     def write(self, x: torch.Tensor, start: int) -> None:
         """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``: the
@@ -137,26 +160,36 @@ class ValueCache:
         T = x.shape[2]
         st = encode(x, self.enc)
         self.scale.view(B, H, L)[:, :, start:start + T] = st.scale.view(B, H, T)
-        codes = st._replace(scale=torch.ones_like(st.scale)).decode()  # s*Q, exact integers
         w0, w1 = start // 32, (start + T + 31) // 32
+        self._width(w1, start)
+        keep = (1 << (start - 32 * w0)) - 1  # < 2^31: the earlier tokens of word w0
+        if T == 1:
+            # One token (decode): its plane and sign words, channel k at bit k, are spread to
+            # one bit per channel row, at the token's bit of word w0. The sign is kept where a
+            # plane bit is set (a code 0 has none, as the static encoding of s*Q = 0 has none).
+            words = torch.cat((st.planes, st.sign.unsqueeze(0)))  # [bits, B*H, ceil(D / 32)]
+            bits = (words.unsqueeze(-1) >> self._shifts) & 1
+            bits = bits.view(words.shape[0], B * H, -1)[:, :, :D].reshape(words.shape[0], -1)
+            bits[-1] &= bits[:-1].amax(0)
+            self.bits[:, :, w0] = self.bits[:, :, w0] & keep | bits << (start - 32 * w0)
+            return
+        codes = st._replace(scale=torch.ones_like(st.scale)).decode()  # s*Q, exact integers
         padded = codes.new_zeros(B, H, D, 32 * (w1 - w0))
         padded[..., start - 32 * w0:start - 32 * w0 + T] = codes.transpose(2, 3)
         new = encode(padded, self.code_enc, scale=1.0)
-        keep = torch.zeros(w1 - w0, dtype=torch.int64, device=codes.device)
-        keep[0] = (1 << (start - 32 * w0)) - 1  # < 2^31: the earlier tokens of word w0
-        keep = keep.to(torch.int32)
-        for mine, bits in ((self.planes, new.planes), (self.sign, new.sign.unsqueeze(0))):
-            old = mine.view(-1, B * H * D, mine.shape[-1])[:, :, w0:w1]
-            old.copy_(old & keep | bits.view(old.shape))
+        keep = torch.tensor([keep] + [0] * (w1 - w0 - 1), dtype=torch.int32, device=x.device)
+        old = self.bits[:, :, w0:w1]
+        new_bits = torch.cat((new.planes, new.sign.unsqueeze(0))).view(old.shape)
+        old.copy_(old & keep | new_bits)
 
     def spikes(self, length: int) -> SpikeTensor:
         """The codes of the first ``length`` tokens, ``[batch, kv_heads, head_dim, length]``
-        (scale 1; the per-token scales are ``token_scales``)."""
+        (scale 1; the per-token scales are ``token_scales``): the cache's own words when they
+        are those of ``length`` tokens (the written length), else a copy of the first ones."""
         B, H, _, D = self.shape
         W = (length + 31) // 32
-        return SpikeTensor(self.planes[:, :, :W].contiguous(), self.sign[:, :W].contiguous(),
-                           None, torch.ones(B * H * D, 1, device=self.planes.device), None,
-                           (B, H, D, length))
+        bits = self.bits if self.bits.shape[-1] == W else self.bits[:, :, :W].contiguous()
+        return SpikeTensor(bits[:-1], bits[-1], None, self._ones, None, (B, H, D, length))
 
     def token_scales(self, length: int) -> torch.Tensor:
         """float32 ``[batch, kv_heads, length]``: each token's and head's scale."""
@@ -172,7 +205,7 @@ class ValueCache:
         """Bytes one token takes (all heads of all rows of the batch): a bit per plane, sign
         included, per channel, and a float32 scale per head."""
         B, H, _, D = self.shape
-        return B * H * (self.planes.shape[0] + 1) * D // 8 + B * H * 4
+        return B * H * self.bits.shape[0] * D // 8 + B * H * 4
 
 
 # Runner's key-value caches: float, or absmax spikes of 4 or 8 bits (the sign included), and
@@ -290,8 +323,9 @@ class SpikeKV:
         query row (static, scale = row max / 255, zero 0: no scale floor), and B = the
         channel-major value codes ``c_v`` (rows d, channels j), read in place."""
         B, Hkv, _, _ = self.values.shape
-        weights = probs * self.values.token_scales(end).view(B, Hkv, 1, end).repeat_interleave(
-            probs.shape[1] // Hkv, dim=1)
+        H, T = probs.shape[1], probs.shape[2]
+        weights = (probs.view(B, Hkv, H // Hkv, T, end) *
+                   self.values.token_scales(end).view(B, Hkv, 1, 1, end)).view(probs.shape)
         row_max = weights.amax(-1).reshape(-1)
         step = torch.where(row_max > 0, row_max / 255, torch.ones_like(row_max))
         pt = encode(weights, Encoding("static", 8), scale=step, zero=0)
