@@ -197,6 +197,12 @@ void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector,
   }
 }
 
+// Rows per thread of the row-parallel kernels: at least kRowWork elements, so that the few
+// short rows of a decode step (queries, attention probabilities) run on the calling thread
+// instead of waking the pool, which costs more than encoding them. The split changes no bit.
+constexpr int64_t kRowWork = 1 << 14;
+int64_t row_grain(int64_t K) { return std::max<int64_t>(1, kRowWork / std::max<int64_t>(K, 1)); }
+
 }  // namespace
 
 void gif_encode(const EncodeArgs& a) {
@@ -204,7 +210,7 @@ void gif_encode(const EncodeArgs& a) {
     using T = decltype(tag);
     const T* xin = static_cast<const T*>(a.x);
     const bool vector = vector_words(a);
-    at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.M, row_grain(a.K), [&](int64_t begin, int64_t end) {
       std::vector<float> row(a.K);
       std::vector<RowQuant> groups;
       for (int64_t m = begin; m < end; ++m) {
@@ -219,7 +225,7 @@ void spike_decode(const DecodeArgs& a) {
   dispatch_out_float(a.out_type, [&](auto tag) {
     using T = decltype(tag);
     T* out = static_cast<T*>(a.out);
-    at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.M, row_grain(a.K), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         for (int64_t k = 0; k < a.K; ++k) {
           const int64_t at = m * a.W + k / 32;

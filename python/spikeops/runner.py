@@ -57,7 +57,8 @@ class Runner:
     sequence (the first call is the prompt) and returns float logits ``[batch, T, vocab]``
     (``last_only=True``: ``[batch, 1, vocab]``, skipping ``lm_head`` for the others).
     ``reset()`` starts new sequences. The key-value cache is preallocated in the dtype and on
-    the device of the model's embedding.
+    the device of the model's embedding (the words of a spiking value cache grow with the
+    written tokens, 32 at a time: attention.ValueCache).
 
     ``head_dtype``: None runs ``lm_head`` as the model's module (logits equal transformers'); a
     dtype (``torch.bfloat16``) runs it on a copy of its weight in that dtype, with the hidden
