@@ -16,7 +16,10 @@
 // y = float32(Y + bias[n]) (linear_output). Every column is added, silent ones included (they
 // add +0.0 for finite scales, and NaN for the NaN scales of a non-finite row, whose outputs are
 // NaN as without groups). A token with any zero[m, u] beyond kZeroLimit gives a NaN row. Grouped
-// calls route like ungrouped ones: all three kernels below handle them.
+// calls route like ungrouped ones: all three kernels below handle them, each in instantiations
+// of its own (so the kernels without groups keep their registers). In this file's kernel a
+// grouped call runs the int backend whatever the backend asked (the same integers, so the same
+// bits): grouped spike-backend instantiations would only add compile time and spills.
 //
 // Work split. A block owns a tile of kMT tokens x 32 output columns (lane = column, so every
 // qweight load of a warp is one coalesced 128-byte row segment) and walks all K. K is cut into

@@ -129,11 +129,6 @@ __device__ __forceinline__ Chunk chunk_of(const LinearArgs& a, const DecodePlan&
   return c;
 }
 
-// The weight group of unit g: g itself, or the one that holds activation group g.
-__device__ __forceinline__ int64_t weight_group(const LinearArgs& a, int64_t g) {
-  return a.group > 0 ? weight_group_of(a, g) : g;
-}
-
 __device__ __forceinline__ int32_t dp4a(uint32_t weights, uint32_t codes, int32_t c) {
   int32_t d;
   asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(weights), "r"(codes), "r"(c));
@@ -255,7 +250,9 @@ __device__ __forceinline__ void store_out(const LinearArgs& a, int64_t i, float 
   }
 }
 
-template <int kMT, int kR>
+// kGrouped: activation groups (kR == 1), a separate instantiation so that the kernels without
+// them keep their registers.
+template <int kMT, int kR, bool kGrouped>
 __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBlocks)
     spike_linear_decode_kernel(const LinearArgs a, const DecodePlan plan) {
   using T = Tile<kMT, kR>;
@@ -267,7 +264,8 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
   const int64_t n = n0 + 4 * lane, cols = min(int64_t(4), a.N - n);  // cols <= 0: no column
   const int64_t rounds = (plan.units + kWorkers - 1) / kWorkers, steps = rounds * plan.chunks;
   const bool vec = plan.vec;
-  const bool grouped = kR == 1 && a.group > 0;  // activation groups never have two ranges
+  static_assert(!kGrouped || kR == 1, "activation groups never have two ranges");
+  constexpr bool grouped = kGrouped;
 
   // The worker's chunk and its weights in flight: qweight rows, and the group's zero points
   // and scales with its first chunk.
@@ -281,7 +279,7 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
                                    : make_uint4(0u, 0u, 0u, 0u);
     if (step % plan.chunks == 0 && cols > 0 && ch.g < plan.units) {
       uint32_t z[4] = {0u, 0u, 0u, 0u}, s[4] = {0u, 0u, 0u, 0u};
-      const int64_t wg = weight_group(a, ch.g);
+      const int64_t wg = grouped ? weight_group_of(a, ch.g) : ch.g;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         if (i < cols) {
@@ -426,18 +424,18 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
       for (int k = 0; k < T::kFold; ++k) {
         const int o = tid + k * T::kThreads;
         if (o >= kMT * kCols) break;
-        if (grouped) {  // S[k][0] is Y: one term per activation group (kR == 1)
+        if constexpr (grouped) {  // S[k][0] is Y: one term per activation group (kR == 1)
           const int64_t tm = m0 + o / kCols;
           if (tm < a.M)
             for (int s = 0; s < groups; ++s)
               S[k][0] += scale_term(
                   a, tm, g0 + s, 0.0 + static_cast<double>(sh.prod[s][o / kCols][0][o % kCols]));
-          continue;
-        }
-        for (int s = 0; s < groups; ++s)
+        } else {
+          for (int s = 0; s < groups; ++s)
 #pragma unroll
-          for (int r = 0; r < kR; ++r)
-            S[k][r] += static_cast<double>(sh.prod[s][o / kCols][r][o % kCols]);
+            for (int r = 0; r < kR; ++r)
+              S[k][r] += static_cast<double>(sh.prod[s][o / kCols][r][o % kCols]);
+        }
       }
     }
   }
@@ -455,17 +453,17 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
   }
 }
 
-template <int kMT, int kR>
+template <int kMT, int kR, bool kGrouped = false>
 void launch_tile(const LinearArgs& a, DecodePlan plan, cudaStream_t stream) {
   constexpr int kChunk = Tile<kMT, kR>::kChunk;
   plan.chunks = (std::min(plan.unit, a.K) + kChunk - 1) / kChunk;
   const int64_t blocks = (a.N + kCols - 1) / kCols * ((a.M + kMT - 1) / kMT);
   const size_t bytes = sizeof(DecodeShared<kMT, kR>);
   if (bytes > 48 * 1024) {  // the default limit of dynamic shared memory
-    cudaFuncSetAttribute(spike_linear_decode_kernel<kMT, kR>,
+    cudaFuncSetAttribute(spike_linear_decode_kernel<kMT, kR, kGrouped>,
                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   }
-  spike_linear_decode_kernel<kMT, kR>
+  spike_linear_decode_kernel<kMT, kR, kGrouped>
       <<<static_cast<unsigned>(blocks), Tile<kMT, kR>::kThreads, bytes, stream>>>(a, plan);
 }
 
@@ -491,7 +489,13 @@ void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream) {
   plan.vec = a.N % 4 == 0 && aligned16(a.qweight);
   // Tokens per block: all of them (one read of the weights) up to 16 with one range; R = 2
   // doubles the accumulators, so it takes tiles of at most 4 tokens.
-  if (!a.hi) {
+  if (a.group > 0) {  // one range
+    if (a.M == 1) launch_tile<1, 1, true>(a, plan, stream);
+    else if (a.M == 2) launch_tile<2, 1, true>(a, plan, stream);
+    else if (a.M <= 4) launch_tile<4, 1, true>(a, plan, stream);
+    else if (a.M <= 8) launch_tile<8, 1, true>(a, plan, stream);
+    else launch_tile<16, 1, true>(a, plan, stream);
+  } else if (a.R == 1) {
     if (a.M == 1) launch_tile<1, 1>(a, plan, stream);
     else if (a.M == 2) launch_tile<2, 1>(a, plan, stream);
     else if (a.M <= 4) launch_tile<4, 1>(a, plan, stream);

@@ -114,6 +114,7 @@ __device__ void group_layout(const LinearArgs& a, GroupLayout& L) {
   __syncthreads();
 }
 
+template <bool kGroups>
 __device__ Piece piece_at(const LinearArgs& a, const GroupLayout& L, int64_t index) {
   Piece pc;
   pc.g = index / L.per_group;
@@ -132,21 +133,20 @@ __device__ Piece piece_at(const LinearArgs& a, const GroupLayout& L, int64_t ind
   }
   pc.chunks = max(int64_t(0), min(int64_t(kPieceChunks), end - pc.chunk0));
   pc.scan = !L.uniform;
-  pc.wg = a.group > 0 ? weight_group_of(a, pc.g) : pc.g;
+  pc.wg = kGroups ? weight_group_of(a, pc.g) : pc.g;
   return pc;
 }
 
 // zero[m, r] of token m of the tile for range r, or with activation groups zero[m, u] of the
 // warp's piece (range 0; there is no range 1).
-template <int kMT>
-__device__ __forceinline__ int32_t zero_of(const LinearArgs& a, const LinearShared<kMT>& sh,
-                                           int warp, int m, int r) {
-  return a.group > 0 ? (r ? 0 : sh.piece_zero[warp][m]) : sh.zero[m][r];
+template <bool kGroups, int kMT>
+__device__ __forceinline__ int32_t zero_of(const LinearShared<kMT>& sh, int warp, int m, int r) {
+  return kGroups ? (r ? 0 : sh.piece_zero[warp][m]) : sh.zero[m][r];
 }
 
 // Channels of word w where some token of the tile has a nonzero code: a spike in any plane, or
 // a nonzero zero point of the channel's range. Both backends read weights only for these.
-template <int kMT>
+template <bool kGroups, int kMT>
 __device__ uint32_t tile_activity(const LinearArgs& a, const LinearShared<kMT>& sh, int64_t m0,
                                   int64_t w, int warp) {
   uint32_t act = 0;
@@ -157,8 +157,8 @@ __device__ uint32_t tile_activity(const LinearArgs& a, const LinearShared<kMT>& 
     for (int64_t p = 0; p < a.P; ++p) act |= __ldg(a.planes + p * a.M * a.W + at);
     if (a.zero) {
       const uint32_t hi = a.hi ? __ldg(a.hi + at) : 0u;
-      if (zero_of(a, sh, warp, m, 0)) act |= ~hi;
-      if (zero_of(a, sh, warp, m, 1)) act |= hi;
+      if (zero_of<kGroups>(sh, warp, m, 0)) act |= ~hi;
+      if (zero_of<kGroups>(sh, warp, m, 1)) act |= hi;
     }
   }
   return act;
@@ -199,11 +199,11 @@ __device__ __forceinline__ int32_t spiking_weight_sum(const uint32_t (&wd)[kBits
 
 // spike backend, one chunk (word w): D[m][r] += sum over planes of 2^p * (positive minus
 // negative spiking weights), each spike's weight taken as q - z.
-template <int kBits, int kMT>
+template <int kBits, int kMT, bool kGroups>
 __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, int64_t m0,
                             int64_t w, uint32_t member, const uint32_t (&wd)[kBits], int32_t z,
                             int warp, int64_t (&D)[kMT][2]) {
-  const int ranges = a.hi ? 2 : 1;  // activation groups never have ranges
+  const int64_t ranges = kGroups ? 1 : a.R;  // activation groups never have ranges
 #pragma unroll
   for (int m = 0; m < kMT; ++m) {
     if (!sh.ok[m]) continue;
@@ -224,7 +224,7 @@ __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, in
         const int32_t count = __popc(pos) - __popc(neg);
         d += (int64_t(1) << p) * (part - z * count);
       }
-      const int32_t zero = zero_of(a, sh, warp, m, r);
+      const int32_t zero = zero_of<kGroups>(sh, warp, m, r);
       if (zero) {  // the zero point plane: every channel of the range fires once
         const int32_t part = spiking_weight_sum<kBits>(wd, in_range);
         d -= static_cast<int64_t>(zero) * (part - z * __popc(in_range));
@@ -235,7 +235,7 @@ __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, in
 }
 
 // int backend, one chunk (word w): D[m][r] += sum c * q - z * sum c.
-template <int kBits, int kMT>
+template <int kBits, int kMT, bool kGroups>
 __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0, int64_t w,
                           uint32_t member, uint32_t act, const uint32_t (&wd)[kBits], int32_t z,
                           int warp, int lane, int64_t (&D)[kMT][2]) {
@@ -259,7 +259,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
       r = range_of(hi_word[m], lane);
       if ((member >> lane) & 1u) {
         c = signed_value(plane_code(a.planes + at, a.M * a.W, a.P, lane),
-                         a.sign ? __ldg(a.sign + at) : 0u, lane) - zero_of(a, sh, warp, m, r);
+                         a.sign ? __ldg(a.sign + at) : 0u, lane) - zero_of<kGroups>(sh, warp, m, r);
       }
     }
     const int32_t c0 = r ? 0 : c, c1 = r ? c : 0;
@@ -268,7 +268,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
     reinterpret_cast<int8_t*>(cs.code8[m][1])[byte] = static_cast<int8_t>(c1);
     fits = fits && c >= -128 && c <= 127;
     csum[m][0] = __reduce_add_sync(kFullMask, c0);
-    csum[m][1] = a.hi ? __reduce_add_sync(kFullMask, c1) : 0;
+    csum[m][1] = !kGroups && a.R == 2 ? __reduce_add_sync(kFullMask, c1) : 0;
   }
   fits = __all_sync(kFullMask, fits);
   __syncwarp();
@@ -283,7 +283,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
           acc[m][0] = dp4a_u8s8(weights, cs.code8[m][0][row * Pk::kVecs + v], acc[m][0]);
-          if (a.hi) acc[m][1] = dp4a_u8s8(weights, cs.code8[m][1][row * Pk::kVecs + v], acc[m][1]);
+          if (!kGroups && a.R == 2) acc[m][1] = dp4a_u8s8(weights, cs.code8[m][1][row * Pk::kVecs + v], acc[m][1]);
         }
       }
     }
@@ -317,7 +317,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
 }
 
 // One piece for one warp: D[m][r] of the tile's tokens and this lane's column n.
-template <int kBits, int kMT, bool kSpike>
+template <int kBits, int kMT, bool kSpike, bool kGroups>
 __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piece& pc,
                           int64_t m0, int64_t n, int warp, int lane, int64_t (&D)[kMT][2],
                           float& scale) {
@@ -339,7 +339,7 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
       mk &= __ballot_sync(kFullMask, k < a.K && __ldg(a.g_idx + k) == pc.g);
     }
     member[c] = mk;
-    act[c] = mk ? mk & tile_activity(a, sh, m0, w, warp) : 0u;
+    act[c] = mk ? mk & tile_activity<kGroups>(a, sh, m0, w, warp) : 0u;
   }
   // All weight words of the piece are requested before any is used.
   uint32_t wd[kPieceChunks][kBits];
@@ -356,9 +356,9 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
   for (int c = 0; c < kPieceChunks; ++c) {
     if (!act[c]) continue;
     if (kSpike) {
-      spike_chunk<kBits, kMT>(a, sh, m0, pc.chunk0 + c, member[c], wd[c], z, warp, D);
+      spike_chunk<kBits, kMT, kGroups>(a, sh, m0, pc.chunk0 + c, member[c], wd[c], z, warp, D);
     } else {
-      int_chunk<kBits, kMT>(a, sh, m0, pc.chunk0 + c, member[c], act[c], wd[c], z, warp, lane, D);
+      int_chunk<kBits, kMT, kGroups>(a, sh, m0, pc.chunk0 + c, member[c], act[c], wd[c], z, warp, lane, D);
     }
   }
 }
@@ -367,6 +367,7 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
 // activation groups `group` is the activation group u, which lies in one weight group: its
 // S_u = 0.0 + double(float32(scales[g, n]) * float32(D[u])) is a single term, and S[0] holds
 // Y = sum over u ascending of double(scale[m, u]) * S_u instead (from +0.0; read for m < M).
+template <bool kGroups>
 struct Fold {
   double S[2] = {0.0, 0.0};
   int64_t group = -1;
@@ -375,14 +376,15 @@ struct Fold {
 
   __device__ void close(const LinearArgs& a, int64_t tm) {
     if (group < 0) return;
-    if (a.group > 0) {
+    if constexpr (kGroups) {
       if (tm < a.M)
-        S[0] += scale_term(a, tm, group, 0.0 + static_cast<double>(scale * static_cast<float>(D[0])));
-      return;
-    }
+        S[0] += scale_term(a, tm, group,
+                           0.0 + static_cast<double>(scale * static_cast<float>(D[0])));
+    } else {
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (r < a.R) S[r] += static_cast<double>(scale * static_cast<float>(D[r]));
+      for (int r = 0; r < 2; ++r)
+        if (r < a.R) S[r] += static_cast<double>(scale * static_cast<float>(D[r]));
+    }
   }
   __device__ void add(const LinearArgs& a, int64_t tm, int64_t g, float g_scale, int64_t d0,
                       int64_t d1) {
@@ -405,8 +407,10 @@ __device__ void store(const LinearArgs& a, int64_t i, float y) {
   }
 }
 
-template <int kBits, int kMT, bool kSpike>
-__global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const LinearArgs a) {
+// kGroups: the call has activation groups (a.group > 0), a separate instantiation so that the
+// kernels without them keep their registers.
+template <int kBits, int kMT, bool kSpike, bool kGroups>
+__global__ void __launch_bounds__(32 * kWarpsFor<kMT>, 1) spike_linear_kernel(const LinearArgs a) {
   constexpr int kWarps = kWarpsFor<kMT>;
   __shared__ LinearShared<kMT> sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -430,7 +434,7 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
       sh.zero[threadIdx.x][1] = ok ? z1 : 0;
     }
     __syncthreads();
-    if (a.group > 0 && a.zero) {  // (z0 above read column 0 of R) every column of every token
+    if (kGroups && a.zero) {  // (z0 above read column 0 of R) every column of every token
       for (int64_t i = threadIdx.x; i < kMT * a.R; i += 32 * kWarps) {
         const int64_t tm = m0 + i / a.R;
         if (tm < a.M && !zero_in_range(a.zero[tm * a.R + i % a.R])) sh.ok[i / a.R] = 0;
@@ -438,12 +442,12 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
       __syncthreads();
     }
 
-    Fold fold;  // used by the threads below kMT * 32: token m = warp, column n
+    Fold<kGroups> fold;  // used by the threads below kMT * 32: token m = warp, column n
     for (int64_t base = 0; L.valid && base < L.pieces; base += kWarps) {
       const int64_t index = base + warp;
       if (index < L.pieces) {
-        const Piece pc = piece_at(a, L, index);
-        if (a.group > 0) {  // the zero points of the piece's activation group
+        const Piece pc = piece_at<kGroups>(a, L, index);
+        if (kGroups) {  // the zero points of the piece's activation group
           if (lane < kMT)
             sh.piece_zero[warp][lane] =
                 a.zero && sh.ok[lane] ? a.zero[(m0 + lane) * a.R + pc.g] : 0;
@@ -451,7 +455,7 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
         }
         int64_t D[kMT][2] = {};
         float scale;
-        run_piece<kBits, kMT, kSpike>(a, sh, pc, m0, n, warp, lane, D, scale);
+        run_piece<kBits, kMT, kSpike, kGroups>(a, sh, pc, m0, n, warp, lane, D, scale);
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
           sh.part[warp][m][0][lane] = D[m][0];
@@ -477,7 +481,7 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
       if (tm < a.M && n < a.N) {
         float y = dev::quiet_nan();
         if (L.valid && sh.ok[warp])
-          y = a.group > 0 ? linear_output(a, n, fold.S[0])
+          y = kGroups ? linear_output(a, n, fold.S[0])
                           : linear_epilogue(a, tm, n, fold.S[0], fold.S[1]);
         store(a, tm * a.N + n, y);
       }
@@ -486,35 +490,39 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
   }
 }
 
-template <int kBits, int kMT, bool kSpike>
+template <int kBits, int kMT, bool kSpike, bool kGroups>
 void launch_tiles(const LinearArgs& a, cudaStream_t stream) {
   const int64_t tiles = ((a.M + kMT - 1) / kMT) * ((a.N + kCols - 1) / kCols);
-  spike_linear_kernel<kBits, kMT, kSpike>
+  spike_linear_kernel<kBits, kMT, kSpike, kGroups>
       <<<dev::grid_size(std::min(tiles, kMaxBlocks)), 32 * kWarpsFor<kMT>, 0, stream>>>(a);
 }
 
 // Tokens per tile: every weight word is read once per tile, so decode batches up to 8 tokens
 // share one read; smaller tiles keep the dp4a work of padding tokens off small batches.
-template <int kBits, bool kSpike>
+template <int kBits, bool kSpike, bool kGroups>
 void launch_tokens(const LinearArgs& a, cudaStream_t stream) {
   if (a.M == 1) {
-    launch_tiles<kBits, 1, kSpike>(a, stream);
+    launch_tiles<kBits, 1, kSpike, kGroups>(a, stream);
   } else if (a.M == 2) {
-    launch_tiles<kBits, 2, kSpike>(a, stream);
+    launch_tiles<kBits, 2, kSpike, kGroups>(a, stream);
   } else if (a.M <= 4) {
-    launch_tiles<kBits, 4, kSpike>(a, stream);
+    launch_tiles<kBits, 4, kSpike, kGroups>(a, stream);
   } else {
-    launch_tiles<kBits, 8, kSpike>(a, stream);
+    launch_tiles<kBits, 8, kSpike, kGroups>(a, stream);
   }
 }
 
 // The kernel of kBits-bit weights, either backend (see csrc/cuda/linear.cu).
 template <int kBits>
 void launch_bits(const LinearArgs& a, cudaStream_t stream) {
-  if (a.backend == Backend::kSpike) {
-    launch_tokens<kBits, true>(a, stream);
+  if (a.group > 0) {
+    // Activation groups: the int kernel for every backend (the same integers, hence the same
+    // bits; see csrc/cuda/linear.cu), so that groups add no spike-backend instantiations.
+    launch_tokens<kBits, false, true>(a, stream);
+  } else if (a.backend == Backend::kSpike) {
+    launch_tokens<kBits, true, false>(a, stream);
   } else {
-    launch_tokens<kBits, false>(a, stream);  // int, and auto (see csrc/cuda/linear.cu)
+    launch_tokens<kBits, false, false>(a, stream);  // int, and auto (see csrc/cuda/linear.cu)
   }
 }
 
