@@ -383,6 +383,206 @@ __global__ void __launch_bounds__(kEncodeThreads, kSalient ? kSalientEncodeBlock
   }
 }
 
+// gif_encode with activation groups (group > 0; modes minmax, absmax, absmean, static: one range,
+// no salient channels). The row walk, the held steps and encode_unit are those of
+// gif_encode_kernel; what differs is that every statistic and quantizer belongs to the group of
+// `group` channels (whole words) that holds a lane's unit: lane j's unit of step s (channels
+// 256s + 8j ..) lies in group (256s + 8j) / group. Per step the lanes of a group reduce its min,
+// max and max|x| among themselves (__match_any_sync on the group, then __reduce_*_sync on
+// order-preserving integer keys: min and max are exact in any order); the group of lane 31
+// carries its partial statistics into the next step when it goes on. The last lane of a group
+// in the step where it ends writes its scale and zero point to the outputs, and the code pass
+// reads them back (written by this warp before a __syncwarp): a row has ceil(K / group) groups,
+// too many for registers or shared memory. absmean's exact mean|x| takes one pass per group
+// (the warp's ExactSum, lane 0 rounds); static scales are read per group. A row with NaN or Inf
+// anywhere, or with an invalid static scale or zero in any group, is rewritten as a non-finite
+// row at the end of its statistics: every scale NaN, zero 0, planes and sign 0.
+
+// gif_encode's parameters for row_quantizers with one range known at compile time (groups never
+// have salient channels), so that its quantizer array stays in registers.
+struct GroupConfig {
+  Mode mode;
+  bool is_signed;
+  int bits;
+  static constexpr int salient_bits = 0;
+  float gamma, theta_nor, theta_out;
+};
+
+// The quantizer of one group (row_quantizers' range 0).
+__device__ __forceinline__ RangeQuant group_quantizer(const GroupConfig& c, float mn, float mx,
+                                                      float amax, float mean, float s,
+                                                      int32_t z) {
+  RangeQuant q[2];
+  row_quantizers(c, mn, mx, amax, mean, s, z, q);
+  return q[0];
+}
+
+// An order-preserving integer key of a float (the order of fminf / fmaxf on non-NaN values,
+// -0 below +0) and back.
+__device__ __forceinline__ int ordered_key(float v) {
+  const int b = __float_as_int(v);
+  return b >= 0 ? b : b ^ 0x7fffffff;
+}
+__device__ __forceinline__ float from_key(int k) {
+  return __int_as_float(k >= 0 ? k : k ^ 0x7fffffff);
+}
+
+template <typename T, typename Kind>
+__global__ void __launch_bounds__(kEncodeThreads, kEncodeBlocks)
+    gif_encode_grouped_kernel(const EncodeArgs a) {
+  constexpr int kHeld = kHeldBytes / (kUnit * static_cast<int>(sizeof(T)));
+  constexpr int kWindow = kWindowBytes / (kUnit * static_cast<int>(sizeof(T)));
+  static_assert(kHeld % kWindow == 0, "the held steps pass through the window");
+  __shared__ ExactSum sums[kEncodeWarps];  // absmean only
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Kind kind{a.theta_nor, a.theta_out};
+  const bool is_mean = a.mode == Mode::kAbsMean, is_static = a.mode == Mode::kStatic;
+  const bool from_stats = !is_mean && !is_static;  // minmax, absmax: quantizers from min/max
+  const int K = static_cast<int>(a.K), steps = (K + kStep - 1) / kStep;
+  // Channels per group, as an int: a group past the last step holds the whole row either way.
+  const int group = static_cast<int>(min(a.group, int64_t(steps) * kStep));
+  const int64_t R = a.R;
+  const GroupConfig cfg{a.mode, a.is_signed, a.bits, a.gamma, a.theta_nor, a.theta_out};
+  const int32_t qmax = group_quantizer(cfg, 0.f, 0.f, 0.f, 0.f, 1.f, 0).qmax;
+  ExactSum& sum = sums[warp];
+  for (int64_t m = int64_t(blockIdx.x) * kEncodeWarps + warp; m < a.M;
+       m += int64_t(gridDim.x) * kEncodeWarps) {
+    const T* row = static_cast<const T*>(a.x) + m * a.K;
+    const bool aligned = reinterpret_cast<uintptr_t>(row) % 16 == 0;
+    const Bits<T> pad = __ldg(reinterpret_cast<const Bits<T>*>(row));
+    const auto load = [&](int s) {
+      return load_unit(row, s * kStep + kUnit * lane, K, aligned, pad);
+    };
+
+    // Statistics, step by step (every lane of the warp calls it, in ascending steps).
+    bool finite = true;
+    int open = -1;  // the group carried from the previous step, or -1 (warp-uniform)
+    float carry_mn = INFINITY, carry_mx = -INFINITY, carry_amax = 0.f;
+    const auto stats_step = [&](const Unit<T>& u, int s) {
+      const int c = s * kStep + kUnit * lane;
+      const int gid = c < K ? c / group : -1;
+      float mn = INFINITY, mx = -INFINITY, amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < kUnit; ++i) {
+        if (i >= K - c) break;  // channels past K (padding) belong to no group
+        const float v = u.value(i);
+        finite = finite && isfinite(v);
+        mn = fminf(mn, v);
+        mx = fmaxf(mx, v);
+        amax = fmaxf(amax, fabsf(v));
+      }
+      if (!from_stats) return;
+      const unsigned same = __match_any_sync(kFullMask, gid);
+      mn = from_key(__reduce_min_sync(same, ordered_key(mn)));
+      mx = from_key(__reduce_max_sync(same, ordered_key(mx)));
+      amax = __uint_as_float(__reduce_max_sync(same, __float_as_uint(amax)));
+      if (gid >= 0 && gid == open) {
+        mn = fminf(mn, carry_mn);
+        mx = fmaxf(mx, carry_mx);
+        amax = fmaxf(amax, carry_amax);
+      }
+      const int end = min((gid + 1) * group, K);
+      const bool closes = gid >= 0 && end <= (s + 1) * kStep;
+      if (closes && lane == 31 - __clz(same)) {
+        const RangeQuant q = group_quantizer(cfg, mn, mx, amax, 0.f, 0.f, 0);
+        a.scale[m * R + gid] = stored_scale(a.mode, q);
+        if (a.zero) a.zero[m * R + gid] = static_cast<int32_t>(q.zero);
+      }
+      open = __shfl_sync(kFullMask, gid >= 0 && !closes ? gid : -1, 31);
+      carry_mn = __shfl_sync(kFullMask, mn, 31);
+      carry_mx = __shfl_sync(kFullMask, mx, 31);
+      carry_amax = __shfl_sync(kFullMask, amax, 31);
+    };
+
+    Unit<T> held[kHeld], window[kWindow];
+#pragma unroll
+    for (int s = 0; s < kHeld; ++s)
+      if (s < steps) held[s] = load(s);
+#pragma unroll
+    for (int s = 0; s < kHeld; ++s)
+      if (s < steps) stats_step(held[s], s);
+#pragma unroll 1
+    for (int s0 = kHeld; s0 < steps; s0 += kWindow) {
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) window[b] = load(s0 + b);
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) stats_step(window[b], s0 + b);
+    }
+    bool usable = __all_sync(kFullMask, finite);
+
+    if (is_mean && usable) {  // exact mean|x| per group, a pass over each group's channels
+#pragma unroll 1
+      for (int64_t u = 0; u < R; ++u) {
+        const int lo = static_cast<int>(u) * group, hi = min(lo + group, K);
+        __syncwarp();  // lane 0 has read the previous group's sum
+        for (int e = lane; e < ExactSum::kBuckets; e += 32) sum.bucket[e] = 0;
+        __syncwarp();
+#pragma unroll 1
+        for (int c0 = lo; c0 < hi; c0 += kStep) {
+          const int c = c0 + kUnit * lane;
+          add_sum(load_unit(row, c, hi, aligned, pad), c, hi, lane, sum);
+        }
+        __syncwarp();
+        if (lane == 0) {
+          const RangeQuant q =
+              group_quantizer(cfg, 0.f, 0.f, 0.f, exact_mean(sum, hi - lo), 0.f, 0);
+          a.scale[m * R + u] = stored_scale(a.mode, q);
+          if (a.zero) a.zero[m * R + u] = 0;
+        }
+      }
+    }
+    if (is_static) {  // the caller's [M, R] scales and zero points; an invalid one spoils the row
+      bool valid = true;
+      for (int64_t u = lane; u < R; u += 32) {
+        const float s = __ldg(a.static_scale + m * R + u);
+        const int32_t z = a.is_signed ? 0 : __ldg(a.static_zero + m * R + u);
+        valid = valid && isfinite(s) && s > 0.f && zero_in_range(z);
+        const RangeQuant q = group_quantizer(cfg, 0.f, 0.f, 0.f, 0.f, s, z);
+        a.scale[m * R + u] = stored_scale(a.mode, q);
+        if (a.zero) a.zero[m * R + u] = static_cast<int32_t>(q.zero);
+      }
+      usable = usable && __all_sync(kFullMask, valid);
+    }
+    __syncwarp();  // every group's scale and zero written (any lane), visible to the warp
+    if (!usable) {
+      for (int64_t u = lane; u < R; u += 32) {
+        a.scale[m * R + u] = dev::quiet_nan();
+        if (a.zero) a.zero[m * R + u] = 0;
+      }
+      __syncwarp();
+    }
+
+    // Codes, as in gif_encode_kernel, each unit with its group's quantizer read back.
+    const auto code_step = [&](const Unit<T>& u, int s) {
+      const int c = s * kStep + kUnit * lane;
+      RangeQuant q[2] = {RangeQuant{1.f, 0.f, qmax}, RangeQuant{1.f, 0.f, qmax}};
+      if (usable && c < K) {
+        const int64_t at = m * R + c / group;
+        q[0].scale = a.scale[at];  // plain loads: written by this warp above
+        q[0].zero = a.zero ? static_cast<float>(a.zero[at]) : 0.f;
+      }
+      encode_unit<false>(a, kind, u, s, lane, usable, q, m);
+    };
+#pragma unroll 1
+    for (int s0 = 0; s0 < steps; s0 += kWindow) {
+      if (s0 >= kHeld) {
+#pragma unroll
+        for (int b = 0; b < kWindow; ++b)
+          if (s0 + b < steps) held[b] = load(s0 + b);
+      }
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) code_step(held[b], s0 + b);
+      if (s0 + kWindow < kHeld) {
+#pragma unroll
+        for (int s = 0; s + kWindow < kHeld; ++s) held[s] = held[s + kWindow];
+      }
+    }
+  }
+}
+
 // spike_decode: one thread per element; the 32 lanes of a warp share one word.
 constexpr int kDecodeThreads = 256;
 
@@ -398,7 +598,7 @@ __global__ void __launch_bounds__(kDecodeThreads) spike_decode_kernel(const Deco
     const int64_t at = m * a.W + w;
     const int32_t q = signed_value(plane_code(a.planes + at, a.M * a.W, a.P, j),
                                    a.sign ? __ldg(a.sign + at) : 0u, j);
-    const int r = a.hi ? range_of(__ldg(a.hi + at), j) : 0;
+    const int64_t r = scale_column(a, w, a.hi ? __ldg(a.hi + at) : 0u, j);
     const int32_t z = a.zero ? __ldg(a.zero + m * a.R + r) : 0;
     const float v = zero_in_range(z) ? __ldg(a.scale + m * a.R + r) * static_cast<float>(q - z)
                                           : dev::quiet_nan();
@@ -471,7 +671,11 @@ void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream) {
   dev::dispatch_float(a.x_type, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const unsigned grid = dev::grid_size((a.M + kEncodeWarps - 1) / kEncodeWarps);
-    if (a.mode == Mode::kOat) {
+    if (a.group > 0) {  // never with salient channels or oat (checks.cpp)
+      auto kernel = a.is_signed ? gif_encode_grouped_kernel<T, SignedCodes>
+                                : gif_encode_grouped_kernel<T, UnsignedCodes>;
+      kernel<<<grid, kEncodeThreads, 0, stream>>>(a);
+    } else if (a.mode == Mode::kOat) {
       gif_encode_kernel<T, OatCodes, false><<<grid, kEncodeThreads, 0, stream>>>(a);
     } else if (a.is_signed) {
       auto kernel = a.salient ? gif_encode_kernel<T, SignedCodes, true>

@@ -8,11 +8,16 @@
 //   - a g_idx entry outside [0, G) of an act-order layer (group_size 0): every output of
 //     spike_linear is NaN (that channel's group, hence its scale, is unknown for every column);
 //     gptq_dequantize writes NaN in column k;
-//   - a zero point beyond +-kZeroLimit: spike_decode writes NaN for the elements of that range,
-//     spike_linear writes NaN for the whole token (its codes could overflow int32);
+//   - a zero point beyond +-kZeroLimit: spike_decode writes NaN for the elements of that scale
+//     column (range or activation group), spike_linear writes NaN for the whole token (its codes
+//     could overflow int32);
 //   - a static gif_encode scale that is not positive and finite, or a static zero beyond
 //     +-kZeroLimit: the row is encoded like a row holding NaN (docs/ops.md, encodings).
 // Channel bits at k >= K in the last word of a row are ignored by every consumer.
+// Scales and zero points are [M, R] (SpikeFields::R): R = 2 with ranges (hi), ceil(K / group)
+// with activation groups (group > 0, column k / group), else 1; spike_accumulate's output is
+// [R, M, N] or [P, R, M, N] by the same columns, and gif_encode's static scales and zeros are
+// [M, R] with groups ([M] without).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -43,8 +48,8 @@ bool spike_linear_decode_applies(const LinearArgs& a);
 void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream);
 
 // spike_linear's prefill kernel on integer tensor cores (csrc/cuda/linear_mma.cu): whether it serves
-// these arguments (M >= 64, 2- or 4-bit weights, uniform groups, one range, codes that fit int8
-// after an offset), and its launcher. launch_spike_linear routes.
+// these arguments (M >= 64, 2- or 4-bit weights, uniform groups, one range (activation groups
+// included), codes that fit int8 after an offset), and its launcher. launch_spike_linear routes.
 bool spike_linear_mma_applies(const LinearArgs& a);
 void launch_spike_linear_mma(const LinearArgs& a, cudaStream_t stream);
 

@@ -7,6 +7,20 @@
 // (The CPU skips groups whose D it knows to be empty; adding +-0.0 never changes S, so folding
 // every group gives the same bits whenever the scales are finite.)
 //
+// Activation groups (group > 0: one scale, and zero point, per token and group of `group`
+// channels; hi is then null, and every activation group lies in one uniform weight group,
+// weight_group_of in csrc/kernel_args.h). Every kernel then walks and folds by activation group u
+// instead of by weight group: D[u] = sum over the channels of u of (s*Q - zero[m, u]) * (q - z[g])
+// with g = weight_group_of(u), S_u = 0.0 + double(float32(scales[g, n]) * float32(D[u])) (its
+// only term) and Y += double(scale[m, u]) * S_u for u ascending from Y = +0.0, then
+// y = float32(Y + bias[n]) (linear_output). Every column is added, silent ones included (they
+// add +0.0 for finite scales, and NaN for the NaN scales of a non-finite row, whose outputs are
+// NaN as without groups). A token with any zero[m, u] beyond kZeroLimit gives a NaN row. Grouped
+// calls route like ungrouped ones: all three kernels below handle them, each in instantiations
+// of its own (so the kernels without groups keep their registers). In this file's kernel a
+// grouped call runs the int backend whatever the backend asked (the same integers, so the same
+// bits): grouped spike-backend instantiations would only add compile time and spills.
+//
 // Work split. A block owns a tile of kMT tokens x 32 output columns (lane = column, so every
 // qweight load of a warp is one coalesced 128-byte row segment) and walks all K. K is cut into
 // pieces: at most kPieceChunks 32-channel chunks of one group. In each round the warps (16 for
@@ -44,14 +58,19 @@
 // the streaming kernel of csrc/cuda/linear_decode.cu instead, for backends int and auto: it computes
 // the same D with int32 dp4a sums per group and the same fold. It reads every weight row (this
 // kernel skips the rows of words silent in every token, which dense activations rarely have).
-// The spike backend keeps this kernel.
+// The spike backend keeps this kernel. With activation groups its workers take activation groups
+// instead of weight groups (chunks of at most one activation group: groups of 32 or 64 channels
+// fill a quarter or half of a 128-channel chunk).
 //
 // Prefill. Calls of at least 64 tokens on 2- and 4-bit layers with uniform groups (of a multiple
 // of 32 channels), one range (R = 1: no salient channels, not oat), codes that fit int8 after an
 // offset (signed P <= 7, unsigned P <= 8) and N % 4 == 0 go to the tensor-core kernel of
 // csrc/cuda/linear_mma.cu, for backends int and auto: mma.sync m16n8k32 on int8 codes c' and weights
 // q - z, int32 sums per group, the same D and the same fold (compiled, not yet run on a GPU).
-// Everything else, two ranges included, stays here.
+// With activation groups it folds at the end of every activation group (every group / 32
+// k-tiles: for groups of 128 channels as often as for weight groups of 128, for groups of 32
+// every k-tile, about twice the instructions per k-tile). Everything else, two ranges included,
+// stays here.
 #include "cuda/launchers.h"
 
 namespace spikeops {

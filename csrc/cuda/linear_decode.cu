@@ -40,6 +40,13 @@
 // S = +0: the CPU's sequence, plus +-0 for the groups it skips (no change for finite scales, as
 // in csrc/cuda/linear.cu). The epilogue is the CPU's expression.
 //
+// Activation groups (group > 0; one range). The unit of the walk is then the activation group
+// (each inside one weight group, whose zero points and scales it loads): worker w of round t
+// takes activation group t * 16 + w, the build units also store zero' = zero[m, u] - off of each
+// worker's group, and the fold adds Y += double(scale[m, u]) * (0.0 + double(product)) per group
+// in worker order (ascending u) instead of S_r += double(product); the epilogue is
+// float32(Y + bias[n]). Only the kR = 1 instantiations contain this code.
+//
 // Bandwidth. At M = 1 a block has 16 x 2 KB = 32 KB of weights in flight per chunk, and three
 // blocks fit an SM (<= 170 registers): 96 KB per SM, three times the ~32 KB that Little's law
 // asks at ~4.5 TB/s and ~1 us latency over 132 SMs. 4096 -> 11008 gives 344 blocks for 396
@@ -89,19 +96,22 @@ struct DecodeShared {
   int hi_count[kR == 2 ? kWorkers : 1][kMT][T::kWords];  // range-1 channels per spike word
   alignas(16) float prod[kWorkers][kMT][kR][kCols];      // scale * float(D) of the group
   int32_t zero[kMT][2];                                  // zero' = zero[m, r] - off
+  int32_t unit_zero[kWorkers][kMT];  // activation groups: zero' = zero[m, u] - off per worker
   int ok[kMT];  // token < M and its zero points in range
 };
 
 // What the host derives once per call.
 struct DecodePlan {
-  int64_t chunks;  // chunks per group
+  int64_t unit;    // channels per unit of the walk: group_size, or the activation group
+  int64_t units;   // units: G, or R with activation groups
+  int64_t chunks;  // chunks per unit
   int32_t off;     // 128: unsigned 8-plane codes enter dp4a as Q - 128
   int32_t zero;    // some zero' may be nonzero: sum q is needed
   int32_t vec;     // qweight rows are 16-byte aligned: one load per 4 columns
 };
 
-// The channels [lo, hi) of one worker's chunk (empty when hi <= lo) and their group; its
-// qweight rows are [row0(), row0() + rows()).
+// The channels [lo, hi) of one worker's chunk (empty when hi <= lo) and their unit g (weight
+// group, or activation group); its qweight rows are [row0(), row0() + rows()).
 struct Chunk {
   int64_t g, lo, hi;
   __device__ int64_t row0() const { return lo / 8; }
@@ -113,9 +123,9 @@ __device__ __forceinline__ Chunk chunk_of(const LinearArgs& a, const DecodePlan&
                                           int64_t step, int slot) {
   Chunk c;
   c.g = (step / plan.chunks) * kWorkers + slot;
-  const int64_t g_lo = c.g * a.group_size;
+  const int64_t g_lo = c.g * plan.unit;
   c.lo = g_lo + (step % plan.chunks) * T::kChunk;
-  c.hi = c.g < a.G ? min(min(c.lo + T::kChunk, g_lo + a.group_size), a.K) : c.lo;
+  c.hi = c.g < plan.units ? min(min(c.lo + T::kChunk, g_lo + plan.unit), a.K) : c.lo;
   return c;
 }
 
@@ -240,7 +250,9 @@ __device__ __forceinline__ void store_out(const LinearArgs& a, int64_t i, float 
   }
 }
 
-template <int kMT, int kR>
+// kGrouped: activation groups (kR == 1), a separate instantiation so that the kernels without
+// them keep their registers.
+template <int kMT, int kR, bool kGrouped>
 __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBlocks)
     spike_linear_decode_kernel(const LinearArgs a, const DecodePlan plan) {
   using T = Tile<kMT, kR>;
@@ -250,8 +262,10 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
   const int64_t m_tiles = (a.M + kMT - 1) / kMT;
   const int64_t m0 = (blockIdx.x % m_tiles) * kMT, n0 = (blockIdx.x / m_tiles) * kCols;
   const int64_t n = n0 + 4 * lane, cols = min(int64_t(4), a.N - n);  // cols <= 0: no column
-  const int64_t rounds = (a.G + kWorkers - 1) / kWorkers, steps = rounds * plan.chunks;
+  const int64_t rounds = (plan.units + kWorkers - 1) / kWorkers, steps = rounds * plan.chunks;
   const bool vec = plan.vec;
+  static_assert(!kGrouped || kR == 1, "activation groups never have two ranges");
+  constexpr bool grouped = kGrouped;
 
   // The worker's chunk and its weights in flight: qweight rows, and the group's zero points
   // and scales with its first chunk.
@@ -263,13 +277,14 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
     for (int i = 0; i < T::kRows; ++i)
       wd[i] = cols > 0 && i < rows ? load4(a.qweight + (row0 + i) * a.N, n, cols, vec)
                                    : make_uint4(0u, 0u, 0u, 0u);
-    if (step % plan.chunks == 0 && cols > 0 && ch.g < a.G) {
+    if (step % plan.chunks == 0 && cols > 0 && ch.g < plan.units) {
       uint32_t z[4] = {0u, 0u, 0u, 0u}, s[4] = {0u, 0u, 0u, 0u};
+      const int64_t wg = grouped ? weight_group_of(a, ch.g) : ch.g;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         if (i < cols) {
-          z[i] = zero_at(a, ch.g, n + i);
-          s[i] = __float_as_uint(scale_at(a, ch.g, n + i));
+          z[i] = zero_at(a, wg, n + i);
+          s[i] = __float_as_uint(scale_at(a, wg, n + i));
         }
       zq = make_uint4(z[0], z[1], z[2], z[3]);
       sc = make_uint4(s[0], s[1], s[2], s[3]);
@@ -285,7 +300,9 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
       z1 = a.R == 2 ? a.zero[tm * a.R + 1] : 0;
     }
     // A zero point past kZeroLimit would break the int32 bounds: the token becomes NaN.
-    const bool ok = tm < a.M && zero_in_range(z0) && zero_in_range(z1);
+    bool ok = tm < a.M && zero_in_range(z0) && zero_in_range(z1);
+    if (grouped && a.zero && ok)  // every activation group's zero point
+      for (int64_t u = 1; u < a.R; ++u) ok = ok && zero_in_range(a.zero[tm * a.R + u]);
     sh.ok[tid] = ok;
     sh.zero[tid][0] = ok ? z0 - plan.off : 0;
     sh.zero[tid][1] = ok ? z1 - plan.off : 0;
@@ -308,6 +325,11 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
 #pragma unroll
       for (int r = 0; r < kR; ++r) sh.code_sum[s][m][r][i] = sums[r];
       if (kR == 2) sh.hi_count[kR - 1 ? s : 0][m][i] = count;
+      if (grouped && i == 0) {  // zero' of the worker's activation group
+        const int32_t z =
+            a.zero && sh.ok[m] && c.g < plan.units ? a.zero[(m0 + m) * a.R + c.g] : 0;
+        sh.unit_zero[s][m] = sh.ok[m] ? z - plan.off : 0;
+      }
     }
     __syncthreads();
 
@@ -362,7 +384,7 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
         int32_t code_sum = 0;
 #pragma unroll
         for (int i = 0; i < T::kWords; ++i) code_sum += sh.code_sum[slot][m][r][i];
-        const int32_t zero = sh.zero[m][r];
+        const int32_t zero = grouped ? sh.unit_zero[slot][m] : sh.zero[m][r];
         const int32_t in_range = kR == 1 ? count : r ? count_hi : count - count_hi;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
@@ -372,7 +394,7 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
       }
     }
     const bool closes = step % plan.chunks == plan.chunks - 1;
-    if (closes && ch.g < a.G) {
+    if (closes && ch.g < plan.units) {
       const float s[4] = {__uint_as_float(sc.x), __uint_as_float(sc.y), __uint_as_float(sc.z),
                           __uint_as_float(sc.w)};
 #pragma unroll
@@ -397,15 +419,23 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
 
     if (closes) {  // fold the round's groups, ascending
       const int64_t g0 = step / plan.chunks * kWorkers;
-      const int groups = static_cast<int>(min(int64_t(kWorkers), a.G - g0));
+      const int groups = static_cast<int>(min(int64_t(kWorkers), plan.units - g0));
 #pragma unroll
       for (int k = 0; k < T::kFold; ++k) {
         const int o = tid + k * T::kThreads;
         if (o >= kMT * kCols) break;
-        for (int s = 0; s < groups; ++s)
+        if constexpr (grouped) {  // S[k][0] is Y: one term per activation group (kR == 1)
+          const int64_t tm = m0 + o / kCols;
+          if (tm < a.M)
+            for (int s = 0; s < groups; ++s)
+              S[k][0] += scale_term(
+                  a, tm, g0 + s, 0.0 + static_cast<double>(sh.prod[s][o / kCols][0][o % kCols]));
+        } else {
+          for (int s = 0; s < groups; ++s)
 #pragma unroll
-          for (int r = 0; r < kR; ++r)
-            S[k][r] += static_cast<double>(sh.prod[s][o / kCols][r][o % kCols]);
+            for (int r = 0; r < kR; ++r)
+              S[k][r] += static_cast<double>(sh.prod[s][o / kCols][r][o % kCols]);
+        }
       }
     }
   }
@@ -416,22 +446,24 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
     const int64_t tm = m0 + o / kCols, col = n0 + o % kCols;
     if (o >= kMT * kCols || tm >= a.M || col >= a.N) continue;
     float y = dev::quiet_nan();
-    if (sh.ok[o / kCols]) y = linear_epilogue(a, tm, col, S[k][0], S[k][kR - 1]);
+    if (sh.ok[o / kCols])
+      y = grouped ? linear_output(a, col, S[k][0])
+                      : linear_epilogue(a, tm, col, S[k][0], S[k][kR - 1]);
     store_out(a, tm * a.N + col, y);
   }
 }
 
-template <int kMT, int kR>
+template <int kMT, int kR, bool kGrouped = false>
 void launch_tile(const LinearArgs& a, DecodePlan plan, cudaStream_t stream) {
   constexpr int kChunk = Tile<kMT, kR>::kChunk;
-  plan.chunks = (std::min(a.group_size, a.K) + kChunk - 1) / kChunk;
+  plan.chunks = (std::min(plan.unit, a.K) + kChunk - 1) / kChunk;
   const int64_t blocks = (a.N + kCols - 1) / kCols * ((a.M + kMT - 1) / kMT);
   const size_t bytes = sizeof(DecodeShared<kMT, kR>);
   if (bytes > 48 * 1024) {  // the default limit of dynamic shared memory
-    cudaFuncSetAttribute(spike_linear_decode_kernel<kMT, kR>,
+    cudaFuncSetAttribute(spike_linear_decode_kernel<kMT, kR, kGrouped>,
                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   }
-  spike_linear_decode_kernel<kMT, kR>
+  spike_linear_decode_kernel<kMT, kR, kGrouped>
       <<<static_cast<unsigned>(blocks), Tile<kMT, kR>::kThreads, bytes, stream>>>(a, plan);
 }
 
@@ -448,12 +480,22 @@ bool spike_linear_decode_applies(const LinearArgs& a) {
 
 void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream) {
   DecodePlan plan;
+  // With activation groups the walk and the fold go by activation group (each inside one
+  // weight group): D and its product are per activation group, and Y adds one term per group.
+  plan.unit = a.group > 0 ? a.group : a.group_size;
+  plan.units = a.group > 0 ? a.R : a.G;
   plan.off = !a.sign && a.P == 8 ? 128 : 0;
   plan.zero = a.zero != nullptr || plan.off != 0;
   plan.vec = a.N % 4 == 0 && aligned16(a.qweight);
   // Tokens per block: all of them (one read of the weights) up to 16 with one range; R = 2
   // doubles the accumulators, so it takes tiles of at most 4 tokens.
-  if (a.R == 1) {
+  if (a.group > 0) {  // one range
+    if (a.M == 1) launch_tile<1, 1, true>(a, plan, stream);
+    else if (a.M == 2) launch_tile<2, 1, true>(a, plan, stream);
+    else if (a.M <= 4) launch_tile<4, 1, true>(a, plan, stream);
+    else if (a.M <= 8) launch_tile<8, 1, true>(a, plan, stream);
+    else launch_tile<16, 1, true>(a, plan, stream);
+  } else if (a.R == 1) {
     if (a.M == 1) launch_tile<1, 1>(a, plan, stream);
     else if (a.M == 2) launch_tile<2, 1>(a, plan, stream);
     else if (a.M <= 4) launch_tile<4, 1>(a, plan, stream);

@@ -38,16 +38,18 @@ struct Packing {
 struct GroupLayout {
   int valid;          // every g_idx entry read is in [0, G)
   int uniform;        // group_size > 0
-  int64_t gs;         // uniform: channels per group
+  int64_t gs;         // uniform: channels per group (with activation groups: per activation
+                      // group, the unit of the walk and of the fold)
   int64_t groups;     // groups walked, in ascending order
   int64_t per_group;  // pieces per group
   int64_t pieces;
 };
 
 // A piece: chunks [chunk0, chunk0 + chunks) of group g, channels restricted to [lo, hi) and,
-// when scan is set, to those whose g_idx is g.
+// when scan is set, to those whose g_idx is g. With activation groups g is the activation group
+// (the scale column) and wg the weight group that holds it; otherwise wg == g.
 struct Piece {
-  int64_t g, chunk0, chunks, lo, hi;
+  int64_t g, wg, chunk0, chunks, lo, hi;
   bool scan;
 };
 
@@ -61,7 +63,8 @@ struct LinearShared {
     int32_t code[kMT][32];              // int backend: c = s*Q - zero[m, r] of the chunk
     uint32_t code8[kMT][2][8];          // the same per range as int8, in dp4a byte order
   } codes[kWarps];
-  int32_t zero[kMT][2];                 // zero[m, r], 0 when absent
+  int32_t zero[kMT][2];                 // zero[m, r], 0 when absent (no activation groups)
+  int32_t piece_zero[kWarps][kMT];      // activation groups: zero[m, u] of each warp's piece
   int ok[kMT];                          // token < M and its zero points in range
   GroupLayout layout;
 };
@@ -88,7 +91,13 @@ __device__ void group_layout(const LinearArgs& a, GroupLayout& L) {
   }
   if (threadIdx.x == 0) {
     L.uniform = a.group_size > 0;
-    if (L.uniform) {
+    if (a.group > 0) {
+      // Activation groups (whole words, each inside one uniform weight group): the walk and
+      // the fold go by activation group, which fixes its weight group.
+      L.gs = a.group;
+      L.groups = a.R;
+      L.per_group = (a.group / 32 + kPieceChunks - 1) / kPieceChunks;
+    } else if (L.uniform) {
       const int64_t gs = a.group_size;
       // A group of gs channels spans gs / 32 chunks when aligned, else at most this many.
       const int64_t chunks = gs % 32 == 0 ? gs / 32 : (gs + 31) / 32 + 1;
@@ -105,6 +114,7 @@ __device__ void group_layout(const LinearArgs& a, GroupLayout& L) {
   __syncthreads();
 }
 
+template <bool kGroups>
 __device__ Piece piece_at(const LinearArgs& a, const GroupLayout& L, int64_t index) {
   Piece pc;
   pc.g = index / L.per_group;
@@ -123,14 +133,22 @@ __device__ Piece piece_at(const LinearArgs& a, const GroupLayout& L, int64_t ind
   }
   pc.chunks = max(int64_t(0), min(int64_t(kPieceChunks), end - pc.chunk0));
   pc.scan = !L.uniform;
+  pc.wg = kGroups ? weight_group_of(a, pc.g) : pc.g;
   return pc;
+}
+
+// zero[m, r] of token m of the tile for range r, or with activation groups zero[m, u] of the
+// warp's piece (range 0; there is no range 1).
+template <bool kGroups, int kMT>
+__device__ __forceinline__ int32_t zero_of(const LinearShared<kMT>& sh, int warp, int m, int r) {
+  return kGroups ? (r ? 0 : sh.piece_zero[warp][m]) : sh.zero[m][r];
 }
 
 // Channels of word w where some token of the tile has a nonzero code: a spike in any plane, or
 // a nonzero zero point of the channel's range. Both backends read weights only for these.
-template <int kMT>
+template <bool kGroups, int kMT>
 __device__ uint32_t tile_activity(const LinearArgs& a, const LinearShared<kMT>& sh, int64_t m0,
-                                  int64_t w) {
+                                  int64_t w, int warp) {
   uint32_t act = 0;
 #pragma unroll
   for (int m = 0; m < kMT; ++m) {
@@ -139,8 +157,8 @@ __device__ uint32_t tile_activity(const LinearArgs& a, const LinearShared<kMT>& 
     for (int64_t p = 0; p < a.P; ++p) act |= __ldg(a.planes + p * a.M * a.W + at);
     if (a.zero) {
       const uint32_t hi = a.hi ? __ldg(a.hi + at) : 0u;
-      if (sh.zero[m][0]) act |= ~hi;
-      if (sh.zero[m][1]) act |= hi;
+      if (zero_of<kGroups>(sh, warp, m, 0)) act |= ~hi;
+      if (zero_of<kGroups>(sh, warp, m, 1)) act |= hi;
     }
   }
   return act;
@@ -181,10 +199,11 @@ __device__ __forceinline__ int32_t spiking_weight_sum(const uint32_t (&wd)[kBits
 
 // spike backend, one chunk (word w): D[m][r] += sum over planes of 2^p * (positive minus
 // negative spiking weights), each spike's weight taken as q - z.
-template <int kBits, int kMT>
+template <int kBits, int kMT, bool kGroups>
 __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, int64_t m0,
                             int64_t w, uint32_t member, const uint32_t (&wd)[kBits], int32_t z,
-                            int64_t (&D)[kMT][2]) {
+                            int warp, int64_t (&D)[kMT][2]) {
+  const int64_t ranges = kGroups ? 1 : a.R;  // activation groups never have ranges
 #pragma unroll
   for (int m = 0; m < kMT; ++m) {
     if (!sh.ok[m]) continue;
@@ -193,8 +212,8 @@ __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, in
     const uint32_t hi = a.hi ? __ldg(a.hi + at) : 0u;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (r >= a.R) break;
-      const uint32_t in_range = member & (a.R == 1 ? kFullMask : r ? hi : ~hi);
+      if (r >= ranges) break;
+      const uint32_t in_range = member & (ranges == 1 ? kFullMask : r ? hi : ~hi);
       if (!in_range) continue;
       int64_t d = 0;
       for (int64_t p = 0; p < a.P; ++p) {
@@ -205,9 +224,10 @@ __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, in
         const int32_t count = __popc(pos) - __popc(neg);
         d += (int64_t(1) << p) * (part - z * count);
       }
-      if (sh.zero[m][r]) {  // the zero point plane: every channel of the range fires once
+      const int32_t zero = zero_of<kGroups>(sh, warp, m, r);
+      if (zero) {  // the zero point plane: every channel of the range fires once
         const int32_t part = spiking_weight_sum<kBits>(wd, in_range);
-        d -= static_cast<int64_t>(sh.zero[m][r]) * (part - z * __popc(in_range));
+        d -= static_cast<int64_t>(zero) * (part - z * __popc(in_range));
       }
       D[m][r] += d;
     }
@@ -215,7 +235,7 @@ __device__ void spike_chunk(const LinearArgs& a, const LinearShared<kMT>& sh, in
 }
 
 // int backend, one chunk (word w): D[m][r] += sum c * q - z * sum c.
-template <int kBits, int kMT>
+template <int kBits, int kMT, bool kGroups>
 __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0, int64_t w,
                           uint32_t member, uint32_t act, const uint32_t (&wd)[kBits], int32_t z,
                           int warp, int lane, int64_t (&D)[kMT][2]) {
@@ -239,7 +259,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
       r = range_of(hi_word[m], lane);
       if ((member >> lane) & 1u) {
         c = signed_value(plane_code(a.planes + at, a.M * a.W, a.P, lane),
-                         a.sign ? __ldg(a.sign + at) : 0u, lane) - sh.zero[m][r];
+                         a.sign ? __ldg(a.sign + at) : 0u, lane) - zero_of<kGroups>(sh, warp, m, r);
       }
     }
     const int32_t c0 = r ? 0 : c, c1 = r ? c : 0;
@@ -248,7 +268,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
     reinterpret_cast<int8_t*>(cs.code8[m][1])[byte] = static_cast<int8_t>(c1);
     fits = fits && c >= -128 && c <= 127;
     csum[m][0] = __reduce_add_sync(kFullMask, c0);
-    csum[m][1] = a.R == 2 ? __reduce_add_sync(kFullMask, c1) : 0;
+    csum[m][1] = !kGroups && a.R == 2 ? __reduce_add_sync(kFullMask, c1) : 0;
   }
   fits = __all_sync(kFullMask, fits);
   __syncwarp();
@@ -263,7 +283,7 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
           acc[m][0] = dp4a_u8s8(weights, cs.code8[m][0][row * Pk::kVecs + v], acc[m][0]);
-          if (a.R == 2) acc[m][1] = dp4a_u8s8(weights, cs.code8[m][1][row * Pk::kVecs + v], acc[m][1]);
+          if (!kGroups && a.R == 2) acc[m][1] = dp4a_u8s8(weights, cs.code8[m][1][row * Pk::kVecs + v], acc[m][1]);
         }
       }
     }
@@ -297,14 +317,14 @@ __device__ void int_chunk(const LinearArgs& a, LinearShared<kMT>& sh, int64_t m0
 }
 
 // One piece for one warp: D[m][r] of the tile's tokens and this lane's column n.
-template <int kBits, int kMT, bool kSpike>
+template <int kBits, int kMT, bool kSpike, bool kGroups>
 __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piece& pc,
                           int64_t m0, int64_t n, int warp, int lane, int64_t (&D)[kMT][2],
                           float& scale) {
   using Pk = Packing<kBits>;
   const bool column = n < a.N;
-  const int32_t z = column ? zero_at(a, pc.g, n) : 0;
-  scale = column ? scale_at(a, pc.g, n) : 0.f;
+  const int32_t z = column ? zero_at(a, pc.wg, n) : 0;
+  scale = column ? scale_at(a, pc.wg, n) : 0.f;
 
   uint32_t member[kPieceChunks], act[kPieceChunks];
 #pragma unroll
@@ -319,7 +339,7 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
       mk &= __ballot_sync(kFullMask, k < a.K && __ldg(a.g_idx + k) == pc.g);
     }
     member[c] = mk;
-    act[c] = mk ? mk & tile_activity(a, sh, m0, w) : 0u;
+    act[c] = mk ? mk & tile_activity<kGroups>(a, sh, m0, w, warp) : 0u;
   }
   // All weight words of the piece are requested before any is used.
   uint32_t wd[kPieceChunks][kBits];
@@ -336,29 +356,40 @@ __device__ void run_piece(const LinearArgs& a, LinearShared<kMT>& sh, const Piec
   for (int c = 0; c < kPieceChunks; ++c) {
     if (!act[c]) continue;
     if (kSpike) {
-      spike_chunk<kBits, kMT>(a, sh, m0, pc.chunk0 + c, member[c], wd[c], z, D);
+      spike_chunk<kBits, kMT, kGroups>(a, sh, m0, pc.chunk0 + c, member[c], wd[c], z, warp, D);
     } else {
-      int_chunk<kBits, kMT>(a, sh, m0, pc.chunk0 + c, member[c], act[c], wd[c], z, warp, lane, D);
+      int_chunk<kBits, kMT, kGroups>(a, sh, m0, pc.chunk0 + c, member[c], act[c], wd[c], z, warp, lane, D);
     }
   }
 }
 
-// The epilogue's running sums of one output (m, n): groups arrive in ascending order.
+// The epilogue's running sums of one output (m, n): groups arrive in ascending order. With
+// activation groups `group` is the activation group u, which lies in one weight group: its
+// S_u = 0.0 + double(float32(scales[g, n]) * float32(D[u])) is a single term, and S[0] holds
+// Y = sum over u ascending of double(scale[m, u]) * S_u instead (from +0.0; read for m < M).
+template <bool kGroups>
 struct Fold {
   double S[2] = {0.0, 0.0};
   int64_t group = -1;
   float scale = 0.f;
   int64_t D[2] = {0, 0};
 
-  __device__ void close(int64_t R) {
+  __device__ void close(const LinearArgs& a, int64_t tm) {
     if (group < 0) return;
+    if constexpr (kGroups) {
+      if (tm < a.M)
+        S[0] += scale_term(a, tm, group,
+                           0.0 + static_cast<double>(scale * static_cast<float>(D[0])));
+    } else {
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (r < R) S[r] += static_cast<double>(scale * static_cast<float>(D[r]));
+      for (int r = 0; r < 2; ++r)
+        if (r < a.R) S[r] += static_cast<double>(scale * static_cast<float>(D[r]));
+    }
   }
-  __device__ void add(int64_t g, float g_scale, int64_t d0, int64_t d1, int64_t R) {
+  __device__ void add(const LinearArgs& a, int64_t tm, int64_t g, float g_scale, int64_t d0,
+                      int64_t d1) {
     if (g != group) {
-      close(R);
+      close(a, tm);
       group = g;
       scale = g_scale;
       D[0] = D[1] = 0;
@@ -376,8 +407,11 @@ __device__ void store(const LinearArgs& a, int64_t i, float y) {
   }
 }
 
-template <int kBits, int kMT, bool kSpike>
-__global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const LinearArgs a) {
+// The kernel body. kGroups: the call has activation groups (a.group > 0), instantiated as a
+// kernel of its own (spike_linear_grouped_kernel) so that the kernels without them keep their
+// registers and launch bounds.
+template <int kBits, int kMT, bool kSpike, bool kGroups>
+__device__ __forceinline__ void spike_linear_body(const LinearArgs& a) {
   constexpr int kWarps = kWarpsFor<kMT>;
   __shared__ LinearShared<kMT> sh;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -401,15 +435,28 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
       sh.zero[threadIdx.x][1] = ok ? z1 : 0;
     }
     __syncthreads();
+    if (kGroups && a.zero) {  // (z0 above read column 0 of R) every column of every token
+      for (int64_t i = threadIdx.x; i < kMT * a.R; i += 32 * kWarps) {
+        const int64_t tm = m0 + i / a.R;
+        if (tm < a.M && !zero_in_range(a.zero[tm * a.R + i % a.R])) sh.ok[i / a.R] = 0;
+      }
+      __syncthreads();
+    }
 
-    Fold fold;  // used by the threads below kMT * 32: token m = warp, column n
+    Fold<kGroups> fold;  // used by the threads below kMT * 32: token m = warp, column n
     for (int64_t base = 0; L.valid && base < L.pieces; base += kWarps) {
       const int64_t index = base + warp;
       if (index < L.pieces) {
-        const Piece pc = piece_at(a, L, index);
+        const Piece pc = piece_at<kGroups>(a, L, index);
+        if (kGroups) {  // the zero points of the piece's activation group
+          if (lane < kMT)
+            sh.piece_zero[warp][lane] =
+                a.zero && sh.ok[lane] ? a.zero[(m0 + lane) * a.R + pc.g] : 0;
+          __syncwarp();
+        }
         int64_t D[kMT][2] = {};
         float scale;
-        run_piece<kBits, kMT, kSpike>(a, sh, pc, m0, n, warp, lane, D, scale);
+        run_piece<kBits, kMT, kSpike, kGroups>(a, sh, pc, m0, n, warp, lane, D, scale);
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
           sh.part[warp][m][0][lane] = D[m][0];
@@ -423,18 +470,20 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
       __syncthreads();
       if (threadIdx.x < kMT * 32) {
         for (int w = 0; w < kWarps && sh.piece_group[w] >= 0; ++w)
-          fold.add(sh.piece_group[w], sh.piece_scale[w][lane], sh.part[w][warp][0][lane],
-                   sh.part[w][warp][1][lane], a.R);
+          fold.add(a, m0 + warp, sh.piece_group[w], sh.piece_scale[w][lane],
+                   sh.part[w][warp][0][lane], sh.part[w][warp][1][lane]);
       }
       __syncthreads();
     }
 
     if (threadIdx.x < kMT * 32) {
-      fold.close(a.R);
       const int64_t tm = m0 + warp;
+      fold.close(a, tm);
       if (tm < a.M && n < a.N) {
         float y = dev::quiet_nan();
-        if (L.valid && sh.ok[warp]) y = linear_epilogue(a, tm, n, fold.S[0], fold.S[1]);
+        if (L.valid && sh.ok[warp])
+          y = kGroups ? linear_output(a, n, fold.S[0])
+                          : linear_epilogue(a, tm, n, fold.S[0], fold.S[1]);
         store(a, tm * a.N + n, y);
       }
     }
@@ -443,34 +492,56 @@ __global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const
 }
 
 template <int kBits, int kMT, bool kSpike>
+__global__ void __launch_bounds__(32 * kWarpsFor<kMT>) spike_linear_kernel(const LinearArgs a) {
+  spike_linear_body<kBits, kMT, kSpike, false>(a);
+}
+
+// With activation groups (int backend only). The bound of one block per SM lets ptxas go past
+// 128 registers where it otherwise spilled (kMT = 8, 4-bit: 128 registers, 136 bytes spilled);
+// with it no instantiation spills, at 95 to 184 registers (nvcc 13.0, sm_80 / sm_90).
+template <int kBits, int kMT>
+__global__ void __launch_bounds__(32 * kWarpsFor<kMT>, 1)
+    spike_linear_grouped_kernel(const LinearArgs a) {
+  spike_linear_body<kBits, kMT, false, true>(a);
+}
+
+template <int kBits, int kMT, bool kSpike, bool kGroups>
 void launch_tiles(const LinearArgs& a, cudaStream_t stream) {
   const int64_t tiles = ((a.M + kMT - 1) / kMT) * ((a.N + kCols - 1) / kCols);
-  spike_linear_kernel<kBits, kMT, kSpike>
-      <<<dev::grid_size(std::min(tiles, kMaxBlocks)), 32 * kWarpsFor<kMT>, 0, stream>>>(a);
+  const unsigned grid = dev::grid_size(std::min(tiles, kMaxBlocks));
+  if constexpr (kGroups) {
+    spike_linear_grouped_kernel<kBits, kMT><<<grid, 32 * kWarpsFor<kMT>, 0, stream>>>(a);
+  } else {
+    spike_linear_kernel<kBits, kMT, kSpike><<<grid, 32 * kWarpsFor<kMT>, 0, stream>>>(a);
+  }
 }
 
 // Tokens per tile: every weight word is read once per tile, so decode batches up to 8 tokens
 // share one read; smaller tiles keep the dp4a work of padding tokens off small batches.
-template <int kBits, bool kSpike>
+template <int kBits, bool kSpike, bool kGroups>
 void launch_tokens(const LinearArgs& a, cudaStream_t stream) {
   if (a.M == 1) {
-    launch_tiles<kBits, 1, kSpike>(a, stream);
+    launch_tiles<kBits, 1, kSpike, kGroups>(a, stream);
   } else if (a.M == 2) {
-    launch_tiles<kBits, 2, kSpike>(a, stream);
+    launch_tiles<kBits, 2, kSpike, kGroups>(a, stream);
   } else if (a.M <= 4) {
-    launch_tiles<kBits, 4, kSpike>(a, stream);
+    launch_tiles<kBits, 4, kSpike, kGroups>(a, stream);
   } else {
-    launch_tiles<kBits, 8, kSpike>(a, stream);
+    launch_tiles<kBits, 8, kSpike, kGroups>(a, stream);
   }
 }
 
 // The kernel of kBits-bit weights, either backend (see csrc/cuda/linear.cu).
 template <int kBits>
 void launch_bits(const LinearArgs& a, cudaStream_t stream) {
-  if (a.backend == Backend::kSpike) {
-    launch_tokens<kBits, true>(a, stream);
+  if (a.group > 0) {
+    // Activation groups: the int kernel for every backend (the same integers, hence the same
+    // bits; see csrc/cuda/linear.cu), so that groups add no spike-backend instantiations.
+    launch_tokens<kBits, false, true>(a, stream);
+  } else if (a.backend == Backend::kSpike) {
+    launch_tokens<kBits, true, false>(a, stream);
   } else {
-    launch_tokens<kBits, false>(a, stream);  // int, and auto (see csrc/cuda/linear.cu)
+    launch_tokens<kBits, false, false>(a, stream);  // int, and auto (see csrc/cuda/linear.cu)
   }
 }
 

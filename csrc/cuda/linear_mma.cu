@@ -30,6 +30,14 @@
 // csrc/cuda/linear.cu's header. The epilogue is y = float32(double(scale[m]) * S + double(bias[n])).
 // Tokens whose zero point lies beyond kZeroLimit give NaN rows, as in the other kernels.
 //
+// Activation groups (group > 0; hi null, each group inside one weight group): at the first
+// k-tile of activation group u the threads of the block's tokens put zero' = zero[m, u] - off and
+// scale[m, u] into shared memory (between the k-tile's two barriers: the previous group's fold
+// has passed, this group's fold is after the second), and the fold runs at the end of every
+// activation group instead of every weight group: Y += double(scale[m, u]) * (0.0 +
+// double(float32(scales[g, n]) * float32(D))) (mma::fold_column), y = float32(Y + bias[n]). The
+// column sums of q - z are then per activation group, which D with zero[m, u] needs.
+//
 // Tiles. A block owns 64 tokens x 128 columns; 8 warps of 32 x 32 (2 m16 x 4 n8 tiles: 8 mma per
 // k-tile, 32 int32 accumulators and 32 double sums S per thread, which keeps the registers near
 // 200 without spills; a 64 x 32 warp tile would need 64 + 128 registers for them alone).
@@ -69,8 +77,9 @@
 //
 // ptxas (nvcc 13.0, -O3 --fmad=false, -Xptxas -v; compiled, not yet run on a GPU), 256 threads,
 // 35,584 bytes of static shared memory, no spills and no stack frame in any instantiation:
-//   sm_80: 4-bit 191 (signed codes) / 198 (zero points) registers, 2-bit 186 / 182;
-//   sm_90: 4-bit 200 / 200, 2-bit 192 / 188 (the same for float16, bfloat16, float32 outputs).
+//   sm_80: 4-bit 201 (signed codes) / 198 (zero points) registers, 2-bit 195 / 186;
+//   sm_90: 4-bit 200 / 208, 2-bit 192 / 190 (the same for float16, bfloat16, float32 outputs;
+//   activation groups added up to 10 registers, one kernel serves both).
 #include "cuda/device.cuh"
 #include "cuda/mma_layout.h"
 
@@ -167,8 +176,10 @@ __global__ void __launch_bounds__(mma::kThreads, 1) spike_linear_mma_kernel(cons
     const BlockTile bt = block_tile(block, a.M);
     if (tid < kBlockM) {
       const int64_t m = bt.m0 + tid;
-      const int32_t z = m < a.M && a.zero ? a.zero[m] : 0;  // R = 1
-      const bool ok = m < a.M && zero_in_range(z);
+      const int32_t z = m < a.M && a.zero ? a.zero[m * a.R] : 0;  // one range
+      bool ok = m < a.M && zero_in_range(z);
+      if (a.group > 0 && a.zero && ok)  // every activation group's zero point
+        for (int64_t u = 1; u < a.R; ++u) ok = ok && zero_in_range(a.zero[m * a.R + u]);
       sh.ok[tid] = ok;
       sh.zero[tid] = ok ? z - off : 0;
     }
@@ -187,6 +198,14 @@ __global__ void __launch_bounds__(mma::kThreads, 1) spike_linear_mma_kernel(cons
       if (ahead < k_tiles) issue_tile<kBits>(a, sh.stage[ahead % kStages], bt, ahead);
       copy_commit();
       const Stage& s = sh.stage[t % kStages];
+      if (a.group > 0 && 32 * t % a.group == 0 && tid < kBlockM) {
+        // First k-tile of activation group u: its zero' and scale per token, read at its fold
+        // (after the barrier below; the previous group's fold came before the one above).
+        const int64_t m = bt.m0 + tid, u = 32 * t / a.group;
+        const bool ok = sh.ok[tid];
+        sh.zero[tid] = ok ? (a.zero ? a.zero[m * a.R + u] : 0) - off : 0;
+        sh.act_scale[tid] = ok ? a.scale[m * a.R + u] : 0.0f;
+      }
       {
         uint32_t plane[kMaxP];
 #pragma unroll
@@ -222,7 +241,10 @@ __global__ void __launch_bounds__(mma::kThreads, 1) spike_linear_mma_kernel(cons
         for (int i = 0; i < kTilesM; ++i) mma_s8(acc[i][j], A[i], B);
       }
 
-      if (t == k_tiles - 1 || 32 * (t + 1) % a.group_size == 0) {  // last k-tile of its group
+      // Last k-tile of its weight group, or of its activation group (which ends with or inside
+      // it): fold.
+      const int64_t fold_every = a.group > 0 ? a.group : a.group_size;
+      if (t == k_tiles - 1 || 32 * (t + 1) % fold_every == 0) {
 #pragma unroll
         for (int j = 0; j < kTilesN; ++j) {
           if (kZero) {
@@ -239,9 +261,15 @@ __global__ void __launch_bounds__(mma::kThreads, 1) spike_linear_mma_kernel(cons
           for (int i = 0; i < kTilesM; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int32_t zero = kZero ? sh.zero[c_token(warp_m, i, lane, e)] : 0;
-              fold_group(S[i][j][e], acc[i][j][e], zero, cs[e & 1],
-                         s.scales[c_col(warp_n, j, lane, e)]);
+              const int token = c_token(warp_m, i, lane, e);
+              const int32_t zero = kZero ? sh.zero[token] : 0;
+              const float scale = s.scales[c_col(warp_n, j, lane, e)];
+              if (a.group > 0) {
+                fold_column(S[i][j][e], acc[i][j][e], zero, cs[e & 1], scale,
+                            sh.act_scale[token]);
+              } else {
+                fold_group(S[i][j][e], acc[i][j][e], zero, cs[e & 1], scale);
+              }
               acc[i][j][e] = 0;
             }
         }
@@ -258,7 +286,9 @@ __global__ void __launch_bounds__(mma::kThreads, 1) spike_linear_mma_kernel(cons
           const int64_t m = bt.m0 + token, n = bt.n0 + c_col(warp_n, j, lane, e);
           if (m >= a.M || n >= a.N) continue;
           float y = dev::quiet_nan();
-          if (sh.ok[token]) y = linear_epilogue(a, m, n, S[i][j][e], 0.0);  // R == 1
+          if (sh.ok[token])  // one range: S, or Y with activation groups
+            y = a.group > 0 ? linear_output(a, n, S[i][j][e])
+                            : linear_epilogue(a, m, n, S[i][j][e], 0.0);
           static_cast<T*>(a.out)[m * a.N + n] = dev::from_float<T>(y);
         }
     __syncthreads();  // sh.ok, sh.zero and the ring belong to the next tile
@@ -285,7 +315,7 @@ bool spike_linear_mma_applies(const LinearArgs& a) {
   // c' fits int8: signed |s*Q| <= 127 needs P <= 7, unsigned Q - off needs P <= 8.
   const bool codes_fit = a.sign ? a.P <= 7 : a.P <= 8;
   return a.backend != Backend::kSpike && a.M >= mma::kBlockM && (a.bits == 2 || a.bits == 4) &&
-         a.R == 1 && codes_fit && a.group_size > 0 && a.group_size % 32 == 0 &&
+         a.hi == nullptr && codes_fit && a.group_size > 0 && a.group_size % 32 == 0 &&
          a.group_size <= mma::kMaxGroup && a.N % 4 == 0 && a.qweight != nullptr &&
          aligned16(a.qweight);
 }

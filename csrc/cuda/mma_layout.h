@@ -49,8 +49,10 @@ struct Stage {
 struct Shared {
   Stage stage[kStages];
   uint8_t codes[kBlockM * kCodeRow];  // int8 codes of the current k-tile, swizzled
-  int32_t zero[kBlockM];              // zero' = zero[m] - offset (0 for signed codes)
-  int32_t ok[kBlockM];                // token < M and its zero point within kZeroLimit
+  int32_t zero[kBlockM];              // zero' = zero[m] - offset (0 for signed codes); with
+                                      // activation groups that of the current group
+  float act_scale[kBlockM];           // activation groups: scale[m, u] of the current group
+  int32_t ok[kBlockM];                // token < M and its zero points within kZeroLimit
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -229,6 +231,16 @@ SPIKE_HD int colsum_lane(int lane, int e) { return 4 * (2 * (lane % 4) + (e & 1)
 SPIKE_HD void fold_group(double& S, int32_t acc, int32_t zero, int32_t colsum, float scale) {
   const int64_t D = static_cast<int64_t>(acc) - static_cast<int64_t>(zero) * colsum;
   S += static_cast<double>(scale * static_cast<float>(D));
+}
+
+// The fold with activation groups, at the end of activation group u (inside one weight group,
+// whose float32 scale is `scale`): S_u = 0.0 + double(scale * float32(D)) is its only term, and
+// Y += double(scale[m, u]) * S_u (kernel_args.h, scale_term), u ascending from Y = +0.
+SPIKE_HD void fold_column(double& Y, int32_t acc, int32_t zero, int32_t colsum, float scale,
+                          float act_scale) {
+  double S = 0.0;
+  fold_group(S, acc, zero, colsum, scale);
+  Y += static_cast<double>(act_scale) * S;
 }
 
 }  // namespace mma
