@@ -69,12 +69,22 @@ def test_groups_lower_the_error_of_spread_rows():
     assert err[64] < 0.5 * err[0]
 
 
-def test_non_finite_row_is_nan_in_every_group(device):
-    x = _rows(3, 200, device)
+@pytest.mark.parametrize("mode", ["minmax", "absmax"])
+def test_non_finite_row_is_nan_in_every_group(device, mode):
+    """A row holding NaN encodes NaN scales in every group, no spikes, and gives a NaN row in
+    spike_linear (every backend, as without groups); the other rows are untouched."""
+    x = _rows(3, 256, device)
     x[1, 150] = float("nan")
-    st = spikeops.encode(x, Encoding("minmax", 4, group=64))
+    st = spikeops.encode(x, Encoding(mode, 4, group=64))
     assert torch.isnan(st.scale[1]).all() and not torch.isnan(st.scale[[0, 2]]).any()
-    assert int(st.zero[1].abs().sum()) == 0 and int(st.planes[:, 1].abs().sum()) == 0
+    assert int(st.planes[:, 1].abs().sum()) == 0
+    if st.zero is not None:
+        assert int(st.zero[1].abs().sum()) == 0
+    w = make_layer(256, 24, 4, 128, device=device)[0]
+    for backend in ("int", "spike", "auto"):
+        y = spikeops.spike_linear(st, w, torch.ones(24, device=device), torch.float32,
+                                  backend=backend)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all(), backend
 
 
 @pytest.mark.parametrize("zero", [False, True])

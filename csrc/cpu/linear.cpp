@@ -308,6 +308,16 @@ SPIKEOPS_INLINE void fold_group(const LinearArgs& a, int64_t m, const GroupRow& 
   }
 }
 
+// A unit with no nonzero code adds S_r = +0.0: nothing without activation groups; with them the
+// term double(scale[m, r]) * 0.0 into S[0], which is +0.0 for a finite scale and NaN for the
+// NaN scales of a non-finite row, whose outputs are thus NaN as without groups (docs/ops.md).
+SPIKEOPS_INLINE void fold_silent(const LinearArgs& a, int64_t m, BlockAcc& acc, int64_t r,
+                                 int64_t cols) {
+  if (!a.group) return;
+  const double term = scale_term(a, m, r, 0.0);
+  for (int64_t n = 0; n < cols; ++n) acc.S[0][n] += term;
+}
+
 // The weight group and scale column of bucket unit b (units, above), in ascending order of both.
 SPIKEOPS_INLINE void unit_place(const LinearArgs& a, int64_t b, int64_t* g, int64_t* r) {
   if (a.group) {
@@ -328,9 +338,12 @@ SPIKEOPS_INLINE void int_block_cols(const LinearArgs& a, const Rows& rows, const
   int32_t part[kBlock];
   for (int64_t b = 0; b < units(a, a); ++b) {
     const int64_t lo = t.start[b], hi = t.start[b + 1];
-    if (lo == hi) continue;
     int64_t g, r;
     unit_place(a, b, &g, &r);
+    if (lo == hi) {
+      fold_silent(a, m, acc, r, cols);
+      continue;
+    }
     const GroupRow& row = groups.get(a, g, n0, cols);
     std::fill(acc.D, acc.D + cols, 0);
     for (int64_t i = lo; i < hi; i += run) {
@@ -369,7 +382,11 @@ SPIKEOPS_INLINE void spike_block_cols(const LinearArgs& a, const Rows& rows, con
       for (int64_t n = 0; n < cols; ++n)
         acc.D[n] += weight * (static_cast<int64_t>(part[n]) - row->z[n] * count);
     }
-    if (row) fold_group(a, m, *row, acc, r, cols);
+    if (row) {
+      fold_group(a, m, *row, acc, r, cols);
+    } else {
+      fold_silent(a, m, acc, r, cols);
+    }
   }
 }
 
