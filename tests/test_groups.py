@@ -258,3 +258,61 @@ def test_statistics_count_the_activation_groups():
     assert (stats.act_groups, stats.ranges, stats.groups) == (K // group, 1, K // 128)
     assert stats.epilogue_mults() == 6 * N * (K // group)
     assert stats.shifts() == 6 * N * (K // group) * stats.P
+
+
+# (K, N, weight group_size, activation group): the unit of the CPU layout's dot-product kernels
+# is the activation group, equal to the weight group, smaller than it (sum(q) over the unit by a
+# dot product with ones for zero points), in one weight group, ragged K (a multiple of 8, as the
+# CPU layout needs) and N, a group wider than K.
+ISA_GROUPS = [(256, 72, 128, 128), (256, 72, 128, 64), (264, 40, 128, 32), (200, 130, -1, 64),
+              (520, 33, 128, 64), (96, 48, -1, 128), (128, 17, 64, 64), (264, 40, -1, 32)]
+
+
+def _assert_isa_paths_identical_groups(st, w, bias, monkeypatch):
+    """Every ISA path the CPU has, each cap below it and both backends give reference.py's bits
+    on grouped spikes."""
+    from spikeops import _C
+    ref = reference.spike_linear(*_fields(st), *w.kernel_args(), bias, w.kernel_bits,
+                                 w.kernel_group_size, w.zero_offset, torch.float32, "int",
+                                 st.group)
+    seen = set()
+    for isa in ("", "avx512vnni", "avx2", "generic"):  # the best the CPU has, then capped
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
+        seen.add(_C.cpu_isa())
+        for backend in ("int", "auto"):
+            y = spikeops.spike_linear(st, w, bias, torch.float32, backend=backend)
+            assert torch.equal(y, ref), (isa, backend)
+    assert "generic" in seen
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 37])
+@pytest.mark.parametrize("K, N, gs, group", ISA_GROUPS)
+@pytest.mark.parametrize("mode, abits", [("minmax", 4), ("absmax", 4), ("minmax", 8),
+                                         ("absmean", 3)])
+def test_cpu_isa_paths_with_groups(K, N, gs, group, mode, abits, M, monkeypatch):
+    """The AMX (from 8 tokens, where the CPU has it), AVX-512 VNNI and AVX2 kernels on the CPU
+    layout fold per activation group; with silent tokens and silent groups (skipped units) their
+    bits are the reference's."""
+    w = make_layer(K, N, 4, gs, sym=False, device="cpu")[0]
+    assert w.packed is not None
+    x = _rows(M, K, "cpu", seed=M + K)
+    if M > 4:
+        x[2] = 0                      # a silent token
+        x[3:, :group] = 0             # the first group silent in the later tokens
+        x[M - 1, K - group // 2:] = 0  # (part of) the last group of the last token
+    st = spikeops.encode(x, Encoding(mode, abits, group=group))
+    _assert_isa_paths_identical_groups(st, w, torch.randn(N), monkeypatch)
+
+
+@pytest.mark.parametrize("shift", [0.0, 5.0, -5.0])
+def test_cpu_isa_paths_with_groups_far_zero_points(shift, monkeypatch):
+    """minmax groups of one sign have zero points far from the codes (down to -10^4): the zero
+    point terms of units smaller than their weight group stay exact in every path."""
+    K, N, M = 384, 48, 21
+    w = make_layer(K, N, 4, 128, sym=False, device="cpu")[0]
+    x = _rows(M, K, "cpu", seed=11).abs() + shift
+    x[4, 64:128] = 3.0                # a constant group: one value, scale clamped
+    st = spikeops.encode(x, Encoding("minmax", 4, group=32))
+    # zero points outside [15 - 127, 128] take the unsigned codes and the zero point term
+    assert shift == 0.0 or int(st.zero.min()) < -112 or int(st.zero.max()) > 128
+    _assert_isa_paths_identical_groups(st, w, None, monkeypatch)

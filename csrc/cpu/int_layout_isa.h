@@ -64,7 +64,8 @@ struct GroupCols {
 // times), and blocks silent in every token are never read. fold: the epilogue of one group and
 // range for one token, S[c] += double(scales[g, n] * float(D)), with
 //   D = A - z * sum(s*Q) - zero * sum(q) + zero * z * count        (int32: see kMaxLayoutGroup),
-// the integers and roundings of the generic kernel.
+// the integers and roundings of the generic kernel. fold<true> (activation groups) adds the
+// epilogue term instead: S[c] += scale * double(scales[g, n] * float(D)), scale = scale[m, u].
 // The two code dwords of block b of every token (channels 8b..8b+3, 8b+4..8b+7); false when
 // all are zero, so the block's weights need not be read.
 template <int kMB>
@@ -104,7 +105,7 @@ struct Avx512 : VectorRegisters {
         // Decode reads each weight row once, from memory: the rows kPrefetchBlocks ahead are
         // fetched now (one core's four streams, 32 KB apart, outran the hardware prefetchers of
         // Zen 4: docs/performance.md, "The CPU engine"). The last row stands for those past it.
-        if constexpr (kMB == 1)
+        if constexpr (kMB <= 2)  // 2: one token and the ones of activation groups
           _mm_prefetch(reinterpret_cast<const char*>(
               packed + ((t0 + i) * KB + std::min<int64_t>(b + kPrefetchBlocks, KB - 1)) * 64),
                        _MM_HINT_T0);
@@ -127,9 +128,11 @@ struct Avx512 : VectorRegisters {
       for (int i = 0; i < kTiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
   }
 
+  template <bool kTerm = false>
   SPIKEOPS_TARGET_AVX512 static void fold(const GroupCols& gc, int cols, const int32_t* A,
                                           const int32_t* Q1, bool range1, int32_t sum_a,
-                                          int32_t zr, int32_t count, double* S) {
+                                          int32_t zr, int32_t count, double* S,
+                                          double scale = 0.0) {
     for (int c0 = 0; c0 < cols; c0 += kTileCols) {
       const int valid = cols - c0 < kTileCols ? cols - c0 : kTileCols;
       const __mmask16 mask =
@@ -148,10 +151,16 @@ struct Avx512 : VectorRegisters {
       const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, gc.scale + c0),
                                         _mm512_cvtepi32_ps(d));
       double* s = S + c0;
-      _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s),
-                                        _mm512_cvtps_pd(_mm512_castps512_ps256(prod))));
-      _mm512_storeu_pd(s + 8, _mm512_add_pd(_mm512_loadu_pd(s + 8), _mm512_cvtps_pd(
-          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(prod), 1)))));
+      __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(prod));
+      __m512d hi = _mm512_cvtps_pd(
+          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(prod), 1)));
+      if constexpr (kTerm) {  // scale_term: double(scale[m, u]) * S_u, rounded, then added
+        const __m512d ts = _mm512_set1_pd(scale);
+        lo = _mm512_mul_pd(ts, lo);
+        hi = _mm512_mul_pd(ts, hi);
+      }
+      _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s), lo));
+      _mm512_storeu_pd(s + 8, _mm512_add_pd(_mm512_loadu_pd(s + 8), hi));
     }
   }
 };
@@ -196,9 +205,11 @@ struct Avx2 : VectorRegisters {
                               acc[t][i][h]);
   }
 
+  template <bool kTerm = false>
   SPIKEOPS_TARGET_AVX2 static void fold(const GroupCols& gc, int cols, const int32_t* A,
                                         const int32_t* Q1, bool range1, int32_t sum_a,
-                                        int32_t zr, int32_t count, double* S) {
+                                        int32_t zr, int32_t count, double* S,
+                                        double scale = 0.0) {
     for (int c = 0; c < cols; ++c) {  // the compiler vectorizes this for AVX2
       const int32_t z = gc.zero[c];
       int32_t d = A[c] - z * sum_a;
@@ -207,7 +218,12 @@ struct Avx2 : VectorRegisters {
         d -= zr * (range1 ? q1 : gc.code_sum[c] - q1);
         d += zr * count * z;
       }
-      S[c] += static_cast<double>(gc.scale[c] * static_cast<float>(d));
+      const double Sd = static_cast<double>(gc.scale[c] * static_cast<float>(d));
+      if constexpr (kTerm) {
+        S[c] += scale * Sd;
+      } else {
+        S[c] += Sd;
+      }
     }
   }
 };
@@ -302,9 +318,11 @@ struct Amx {
   // A before the tile store.
   static void compiler_barrier() { asm volatile("" ::: "memory"); }
 
+  template <bool kTerm = false>
   static void fold(const GroupCols& gc, int cols, const int32_t* A, const int32_t* Q1,
-                   bool range1, int32_t sum_a, int32_t zr, int32_t count, double* S) {
-    Avx512::fold(gc, cols, A, Q1, range1, sum_a, zr, count, S);
+                   bool range1, int32_t sum_a, int32_t zr, int32_t count, double* S,
+                   double scale = 0.0) {
+    Avx512::fold<kTerm>(gc, cols, A, Q1, range1, sum_a, zr, count, S, scale);
   }
 };
 
