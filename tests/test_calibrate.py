@@ -57,13 +57,28 @@ def test_gamma_fills_only_its_activation_group(model, calibration):
     with pytest.warns(UserWarning, match="absmax4g32 runs there unclipped"):
         set_encoding(model, spikeops.Encoding("absmax", 4, group=32), calibration)
     assert encodings(model)[name].gamma == 1.0
-    grouped = calibrate(model, tiny_batches(), methods=["sdllm"], group=32,
+    grouped = calibrate(model, tiny_batches(), methods=["sdllm"], groups=(32,),
                         gamma_grid=(0.5, 0.75, 1.0))
-    assert grouped.settings["group"] == 32
+    assert grouped.settings["groups"] == [32]
     set_encoding(model, spikeops.Encoding("absmax", 4, group=32), grouped)
-    assert encodings(model)[name].gamma == grouped.layers[name].gamma["absmax"]
+    assert encodings(model)[name].gamma == grouped.layers[name].gamma["absmaxg32"]
     with pytest.warns(UserWarning, match="in groups of 32 channels, so absmax4 runs"):
         set_encoding(model, spikeops.Encoding("absmax", 4), grouped)
+    # One calibration for both: a gamma per mode and grouping, each filling its own encodings.
+    both = calibrate(model, tiny_batches(), methods=["sdllm"], groups=(0, 32),
+                     gamma_grid=(0.5, 0.75, 1.0))
+    assert set(both.layers[name].gamma) == {"minmax", "absmax", "absmean", "minmaxg32",
+                                             "absmaxg32", "absmeang32"}
+    assert both.layers[name].gamma["absmaxg32"] == grouped.layers[name].gamma["absmaxg32"]
+    for group in (0, 32):
+        set_encoding(model, spikeops.Encoding("absmax", 4, group=group), both)
+        assert encodings(model)[name].gamma == both.layers[name].gamma[
+            "absmaxg32" if group else "absmax"]
+    with pytest.warns(UserWarning, match="per token and in groups of 32 channels, so minmax8g32"):
+        set_encoding(model, spikeops.Encoding("minmax", 8, group=32), both)
+    for bad in ((48,), (0, 0), ()):
+        with pytest.raises(ValueError, match="groups must hold"):
+            calibrate(model, tiny_batches(), methods=["sdllm"], groups=bad)
 
 
 def test_obs_saliency_is_the_first_order_term(model):

@@ -54,15 +54,22 @@ CURRENT = "current"  # set_encoding's default: each layer's calibration stays as
 @dataclasses.dataclass
 class LayerCalibration:
     salient: Optional[torch.Tensor] = None         # bool [K]: OBS salient channels
-    gamma: Optional[Dict[str, float]] = None       # SDLLM clipping ratio per mode
+    # SDLLM clipping ratio per mode and activation grouping: key gamma_key(mode, group), the
+    # mode itself per token ("absmax") and e.g. "absmaxg64" for groups of 64 channels.
+    gamma: Optional[Dict[str, float]] = None
     theta: Optional[Tuple[float, float]] = None    # LAS (theta_nor, theta_out)
     # The spike bits gamma was searched for (Calibration.settings["bits"]): a clip that suits
     # 4-bit codes clips 8-bit ones for nothing, so other widths run unclipped. None: unknown.
     gamma_bits: Optional[int] = None
-    # The activation group it was searched for (settings["group"], 0: per token): a group's
-    # range is narrower than the token's, so its best clip differs; other groupings run
-    # unclipped.
-    gamma_group: int = 0
+
+
+def gamma_key(mode: str, group: int) -> str:
+    """The key of a calibrated gamma: ``mode`` per token, ``f"{mode}g{group}"`` for activation
+    groups, whose narrower ranges take milder clips than the token's (docs/research.md)."""
+    return f"{mode}g{group}" if group else mode
+
+
+_GAMMA_KEY = re.compile(r"(minmax|absmax|absmean)(?:g([1-9]\d*))?")
 
 
 @dataclasses.dataclass
@@ -132,10 +139,14 @@ class Calibration:
                                      f"{mask.dtype} {list(mask.shape)}")
                 salient = mask.bool()
             if gamma is not None and not (
-                    isinstance(gamma, dict) and set(gamma) <= set(GAMMA_MODES)
+                    isinstance(gamma, dict)
+                    and all(isinstance(k, str) and _GAMMA_KEY.fullmatch(k)
+                            and int(_GAMMA_KEY.fullmatch(k).group(2) or 0) % 32 == 0
+                            for k in gamma)
                     and all(_number(g) and 0 < g <= 1 for g in gamma.values())):
                 raise ValueError(f"{fn}: layer {name!r}: gamma must map modes of "
-                                 f"{GAMMA_MODES} to values in (0, 1], got {gamma!r}")
+                                 f"{GAMMA_MODES}, each alone or with gG (G a multiple of 32: "
+                                 f"activation groups), to values in (0, 1], got {gamma!r}")
             if theta is not None and not (isinstance(theta, list) and len(theta) == 2
                                           and all(_number(t) for t in theta)
                                           and 0 < theta[0] < theta[1] < math.inf):
@@ -146,13 +157,8 @@ class Calibration:
         bits = settings.get("bits") if isinstance(settings, dict) else None
         if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
             raise ValueError(f"{fn}: settings.bits must be an int, got {bits!r}")
-        group = settings.get("group", 0) if isinstance(settings, dict) else 0
-        if not isinstance(group, int) or isinstance(group, bool) or group < 0 or group % 32:
-            raise ValueError(f"{fn}: settings.group must be 0 or a positive multiple of 32, got "
-                             f"{group!r}")
         for layer in layers.values():
             layer.gamma_bits = bits if layer.gamma is not None else None
-            layer.gamma_group = group
         return cls(layers, settings)
 
 
@@ -265,12 +271,11 @@ def layer_encoding(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
 
 
 def _calibrated_gamma(enc: Encoding, cal: Optional[LayerCalibration]) -> Optional[float]:
-    """The layer's calibrated gamma for ``enc``'s mode, if it was searched for ``enc``'s bits
-    (or for unknown bits) and activation group, else None."""
-    if cal is None or not cal.gamma or cal.gamma_bits not in (None, enc.bits) \
-            or cal.gamma_group != enc.group:
+    """The layer's calibrated gamma for ``enc``'s mode and activation group, if it was searched
+    for ``enc``'s bits (or for unknown bits), else None."""
+    if cal is None or not cal.gamma or cal.gamma_bits not in (None, enc.bits):
         return None
-    return cal.gamma.get(enc.mode)
+    return cal.gamma.get(gamma_key(enc.mode, enc.group))
 
 
 def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tuple[str, str]]:
@@ -288,13 +293,15 @@ def _unused(enc: Optional[Encoding], cal: Optional[LayerCalibration]) -> List[Tu
 
 
 def _searched_for_other(enc: Optional[Encoding], cal: Optional[LayerCalibration]):
-    """``(encoding label, bits, group)`` when ``cal`` holds a gamma for ``enc``'s mode that was
-    searched for other spikes (another width or activation group), so that ``enc``, whose
-    gamma is left open, runs unclipped; else None."""
+    """``(encoding label, bits, groups)`` when ``cal`` holds gammas for ``enc``'s mode that were
+    searched for other spikes (another width, or other activation groups: ``groups``, 0 = per
+    token), so that ``enc``, whose gamma is left open, runs unclipped; else None."""
     if enc is None or enc.gamma is not None or cal is None or not cal.gamma \
-            or enc.mode not in cal.gamma or _calibrated_gamma(enc, cal) is not None:
+            or _calibrated_gamma(enc, cal) is not None:
         return None
-    return enc.label, cal.gamma_bits, cal.gamma_group
+    groups = tuple(sorted(int(m.group(2) or 0) for m in map(_GAMMA_KEY.fullmatch, cal.gamma)
+                          if m.group(1) == enc.mode))
+    return (enc.label, cal.gamma_bits, groups) if groups else None
 
 
 def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.Module:
@@ -349,12 +356,12 @@ def set_encoding(model: torch.nn.Module, enc, calibration=CURRENT) -> torch.nn.M
                       f"{len(names)} layer(s) (e.g. {names[0]!r}) is not used: an Encoding's "
                       f"own values are never replaced (leave {param} None to use the "
                       f"calibration's)", stacklevel=2)
-    for (label, bits, group), names in other.items():
-        searched = (f"{bits}-bit spikes" if bits is not None else "spikes of unknown width") + (
-            f" in groups of {group} channels" if group else " per token")
+    for (label, bits, groups), names in other.items():
+        searched = (f"{bits}-bit spikes" if bits is not None else "spikes of unknown width") + \
+            " " + " and ".join(f"in groups of {g} channels" if g else "per token" for g in groups)
         warnings.warn(f"{fn}: the calibrated gamma of {len(names)} layer(s) (e.g. "
                       f"{names[0]!r}) was searched for {searched}, so {label} runs there "
-                      f"unclipped (gamma 1.0); spikeops calibrate --bits/--group searches one "
+                      f"unclipped (gamma 1.0); spikeops calibrate --bits/--groups searches one "
                       f"for it", stacklevel=2)
     for name, (layer_enc, mask, cal) in plan.items():
         layers[name].set_encoding(layer_enc, mask)
@@ -422,25 +429,29 @@ def _best_gamma(x: torch.Tensor, W: torch.Tensor, gram: Optional[torch.Tensor], 
 def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
               methods: Iterable[str] = METHODS, bits: int = 4, salient_fraction: float = 0.1,
               las_quantile: float = 0.99, max_tokens: int = 512,
-              gamma_grid: Iterable[float] = GAMMA_GRID, group: int = 0) -> Calibration:
+              gamma_grid: Iterable[float] = GAMMA_GRID,
+              groups: Iterable[int] = (0,)) -> Calibration:
     """Calibrate every SpikeLinear of ``model`` on ``batches`` of token ids (int64 ``[B, T]``).
 
     methods: any of ``"obs"``, ``"sdllm"``, ``"las"``. bits: the spike bits the SDLLM gamma is
     searched for. salient_fraction: share of channels OBS marks salient (SpikeLLM: 10%, with
     ``salient_bits = bits + 1``; 5% with ``bits + 2``). las_quantile: quantile of ``|x|`` that
     becomes ``theta_nor``. max_tokens: input rows per layer the methods use (the first ones of
-    the batches). gamma_grid: the SDLLM candidates, each in (0, 1]. group: the activation
-    group (channels, 0: per token) the SDLLM gamma is searched for; encodings with another
-    group run unclipped.
+    the batches). gamma_grid: the SDLLM candidates, each in (0, 1]. groups: the activation
+    groupings (channels per group, 0: per token) the SDLLM gamma is searched for, one gamma per
+    mode and grouping; encodings with another grouping run unclipped (announced).
     """
     fn = "calibrate"
     methods = tuple(methods)
     for m in methods:
         _checks.choice(fn, "methods", m, METHODS)
     _checks.integer(fn, "bits", bits, 2, 16)
-    _checks.integer(fn, "group", group, 0, 1 << 23)
-    if group % 32:
-        raise ValueError(f"{fn}: group must be 0 or a positive multiple of 32, got {group}")
+    groups = tuple(groups)
+    for group in groups:
+        _checks.integer(fn, "groups", group, 0, 1 << 23)
+    if not groups or len(set(groups)) != len(groups) or any(g % 32 for g in groups):
+        raise ValueError(f"{fn}: groups must hold distinct values, each 0 (per token) or a "
+                         f"positive multiple of 32, got {groups!r}")
     if not (isinstance(salient_fraction, float) and 0 < salient_fraction < 1):
         raise ValueError(f"{fn}: salient_fraction must be a float in (0, 1), got "
                          f"{salient_fraction!r}")
@@ -459,8 +470,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     result = {}
     for name, x in tqdm(inputs.items(), desc="calibrate", unit="layer"):
         layer = layers[name]
-        cal = LayerCalibration(gamma_bits=bits if "sdllm" in methods else None,
-                               gamma_group=group)
+        cal = LayerCalibration(gamma_bits=bits if "sdllm" in methods else None)
         W = _dense_weight(layer)  # [N, K]
         if "obs" in methods:
             saliency = ((x @ W.t() @ W) * x).mean(0)
@@ -469,8 +479,9 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.salient[saliency.topk(top).indices] = True
         if "sdllm" in methods:
             gram = W.t() @ W if W.shape[1] < W.shape[0] else None
-            cal.gamma = {mode: _best_gamma(x, W, gram, mode, bits, group, gamma_grid)
-                         for mode in GAMMA_MODES}
+            cal.gamma = {gamma_key(mode, group): _best_gamma(x, W, gram, mode, bits, group,
+                                                             gamma_grid)
+                         for group in groups for mode in GAMMA_MODES}
         if "las" in methods:
             a = x.abs().flatten()
             theta_out = float(a.max())
@@ -481,7 +492,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
             cal.theta = (theta_nor, theta_out)
         result[name] = cal
     # What was used, not what was asked for: fewer tokens than max_tokens may have run.
-    settings = {"methods": list(methods), "bits": bits, "group": group,
+    settings = {"methods": list(methods), "bits": bits, "groups": list(groups),
                 "salient_fraction": salient_fraction,
                 "las_quantile": las_quantile, "gamma_grid": list(gamma_grid),
                 "tokens": max(x.shape[0] for x in inputs.values())}

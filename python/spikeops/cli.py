@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the calibration files (default: the model's)")
     p.add_argument("--methods", default="obs,sdllm,las", help="comma list of obs, sdllm, las")
     p.add_argument("--bits", type=int, default=4, help="spike bits for the SDLLM gamma search")
-    p.add_argument("--group", type=int, default=0, help="activation group (channels per "
-                   "threshold, e.g. 64 for absmax4g64) for the SDLLM gamma search; 0: per token")
+    p.add_argument("--groups", default="0", help="activation groupings the SDLLM gamma is "
+                   "searched for, comma list of channels per threshold (0: per token; 64: for "
+                   "absmax4g64 and the like); one gamma per mode and grouping")
     p.add_argument("--salient-fraction", type=float, default=0.1,
                    help="share of channels OBS makes salient")
     p.add_argument("--samples", type=int, default=8, help="calibration windows")

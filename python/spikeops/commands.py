@@ -102,6 +102,11 @@ def cmd_calibrate(args) -> int:
     # written, so calibrating it needs --out.
     fn = "calibrate"
     check_output(fn, args.out or args.model)
+    try:
+        groups = [int(v) for v in args.groups.split(",")]
+    except ValueError:
+        raise ValueError(f"{fn}: --groups must be a comma list of integers (channels per "
+                         f"activation group, 0: per token), got {args.groups!r}") from None
     if args.encoding is not None:
         # The encoding is recorded in the model's config.json, beside the calibration it needs.
         if args.out is not None and Path(args.out).resolve() != Path(args.model).resolve():
@@ -119,7 +124,7 @@ def cmd_calibrate(args) -> int:
     grid = [float(g) for g in args.gamma_grid.split(",")]
     cal = calibrate(model, ids.split(4), methods=args.methods.split(","), bits=args.bits,
                     salient_fraction=args.salient_fraction, max_tokens=args.max_tokens,
-                    gamma_grid=grid, group=args.group)
+                    gamma_grid=grid, groups=groups)
     if args.encoding is not None:
         # Every layer must be able to run it with this calibration (salient masks, thresholds).
         set_encoding(model, parse_encoding(args.encoding, cal), cal)
