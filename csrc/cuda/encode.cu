@@ -292,6 +292,30 @@ __device__ __forceinline__ bool row_ranges(const EncodeArgs& a, int64_t m, const
   return true;
 }
 
+
+// The code pass of the one-pass encoders over a row of `steps` units: the first kHeld units are
+// already in held[] (from the statistics pass); they go through step(unit, s) kWindow at a
+// time while the held ones shift down, and later units are loaded again (from L1 or L2 by now).
+template <int kWindow, int kHeld, typename U, typename Load, typename Step>
+__device__ __forceinline__ void code_pass(int steps, U (&held)[kHeld], const Load& load,
+                                          const Step& step) {
+#pragma unroll 1
+  for (int s0 = 0; s0 < steps; s0 += kWindow) {
+    if (s0 >= kHeld) {
+#pragma unroll
+      for (int b = 0; b < kWindow; ++b)
+        if (s0 + b < steps) held[b] = load(s0 + b);
+    }
+#pragma unroll
+    for (int b = 0; b < kWindow; ++b)
+      if (s0 + b < steps) step(held[b], s0 + b);
+    if (s0 + kWindow < kHeld) {
+#pragma unroll
+      for (int s = 0; s + kWindow < kHeld; ++s) held[s] = held[s + kWindow];
+    }
+  }
+}
+
 template <typename T, typename Kind, bool kSalient>
 __global__ void __launch_bounds__(kEncodeThreads, kSalient ? kSalientEncodeBlocks : kEncodeBlocks)
     gif_encode_kernel(const EncodeArgs a) {
@@ -362,24 +386,11 @@ __global__ void __launch_bounds__(kEncodeThreads, kSalient ? kSalientEncodeBlock
       if (a.zero) a.zero[m * a.R + lane] = usable ? static_cast<int32_t>(q.zero) : 0;
     }
 
-    // Codes, kWindow steps at a time: the held ones shift down through held[0 .. kWindow),
-    // the later ones are loaded again (from L1 or L2 by now).
+    // Codes (code_pass).
     const RangeQuant* quant = kOat ? oat_range : range;
-#pragma unroll 1
-    for (int s0 = 0; s0 < steps; s0 += kWindow) {
-      if (s0 >= kHeld) {
-#pragma unroll
-        for (int b = 0; b < kWindow; ++b)
-          if (s0 + b < steps) held[b] = load(s0 + b);
-      }
-#pragma unroll
-      for (int b = 0; b < kWindow; ++b)
-        if (s0 + b < steps) encode_unit<kSalient>(a, kind, held[b], s0 + b, lane, usable, quant, m);
-      if (s0 + kWindow < kHeld) {
-#pragma unroll
-        for (int s = 0; s + kWindow < kHeld; ++s) held[s] = held[s + kWindow];
-      }
-    }
+    code_pass<kWindow>(steps, held, load, [&](const Unit<T>& u, int s) {
+      encode_unit<kSalient>(a, kind, u, s, lane, usable, quant, m);
+    });
   }
 }
 
@@ -565,21 +576,7 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeBlocks)
       }
       encode_unit<false>(a, kind, u, s, lane, usable, q, m);
     };
-#pragma unroll 1
-    for (int s0 = 0; s0 < steps; s0 += kWindow) {
-      if (s0 >= kHeld) {
-#pragma unroll
-        for (int b = 0; b < kWindow; ++b)
-          if (s0 + b < steps) held[b] = load(s0 + b);
-      }
-#pragma unroll
-      for (int b = 0; b < kWindow; ++b)
-        if (s0 + b < steps) code_step(held[b], s0 + b);
-      if (s0 + kWindow < kHeld) {
-#pragma unroll
-        for (int s = 0; s + kWindow < kHeld; ++s) held[s] = held[s + kWindow];
-      }
-    }
+    code_pass<kWindow>(steps, held, load, code_step);
   }
 }
 
