@@ -69,7 +69,8 @@ def gamma_key(mode: str, group: int) -> str:
     return f"{mode}g{group}" if group else mode
 
 
-_GAMMA_KEY = re.compile(r"(minmax|absmax|absmean)(?:g([1-9]\d*))?")
+# gamma_key's keys: a mode of GAMMA_MODES, then gG for activation groups.
+_GAMMA_KEY = re.compile(f"({'|'.join(GAMMA_MODES)})" + r"(?:g([1-9]\d*))?")
 
 
 @dataclasses.dataclass
