@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 namespace spikeops {
@@ -388,6 +390,14 @@ Backend parse_backend(const char* op, const std::string& backend) {
   TORCH_CHECK_VALUE(backend == "auto", op, ": backend must be 'auto', 'spike' or 'int', got '",
                     backend, "'");
   return Backend::kAuto;
+}
+
+bool programmatic_launch_allowed(const char* op) {
+  const char* v = std::getenv("SPIKEOPS_PDL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(v, "0") == 0, op, ": SPIKEOPS_PDL must be 0 or 1 (or unset), "
+                    "got '", v, "'");
+  return false;
 }
 
 const float* check_bias(const char* op, Inputs& in, const OptTensor& bias,

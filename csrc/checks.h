@@ -105,6 +105,11 @@ void check_float_out_dtype(const char* op, at::ScalarType dtype, const char* nam
 
 // spike_linear's backend argument.
 Backend parse_backend(const char* op, const std::string& backend);
+// SPIKEOPS_PDL, read on every call (docs/ops.md, spike_linear): unset, empty or "1" allow the
+// CUDA decode kernel's programmatic dependent launch where the device has it, "0" turns it off
+// (the A/B switch); any other value is refused, so that a misspelt switch never times the wrong
+// path in silence.
+bool programmatic_launch_allowed(const char* op);
 
 // spike_matmul's inputs: both operands (messages name them "spike_matmul (a)" and
 // "spike_matmul (b)"), with the head layout of docs/ops.md; the output pointer is left for the

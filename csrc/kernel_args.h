@@ -87,14 +87,23 @@ SPIKE_HD int64_t group_of(const WeightFields& w, int64_t k) {
   return w.group_size > 0 ? k / w.group_size : static_cast<int64_t>(w.g_idx[k]);
 }
 
+// Where scales[g, n] is stored, and the packed qzeros row of group g: what scale_at and zero_at
+// read (the CUDA decode kernel also prefetches them).
+SPIKE_HD const uint16_t* scale_address(const WeightFields& w, int64_t g, int64_t n) {
+  return w.scales + g * w.N + n;
+}
+SPIKE_HD const int32_t* qzeros_row(const WeightFields& w, int64_t g) {
+  return w.qzeros + g * ((w.N * w.bits + 31) / 32);
+}
+
 // float32(scales[g, n]), exact.
 SPIKE_HD float scale_at(const WeightFields& w, int64_t g, int64_t n) {
-  return half_to_float(w.scales[g * w.N + n]);
+  return half_to_float(*scale_address(w, g, n));
 }
 
 // The true zero point z[g, n] (docs/checkpoints.md, "Zero points").
 SPIKE_HD int32_t zero_at(const WeightFields& w, int64_t g, int64_t n) {
-  return gptq_unpack(w.qzeros + g * ((w.N * w.bits + 31) / 32), n, w.bits) + w.zero_offset;
+  return gptq_unpack(qzeros_row(w, g), n, w.bits) + w.zero_offset;
 }
 
 // The weight code q[k, n], from qweight or the CPU layout.
@@ -151,6 +160,7 @@ struct LinearArgs : SpikeFields, WeightFields {
   void* out;                    // out_type [M, N]
   FloatType out_type;
   Backend backend;              // kAuto is resolved by each device (docs/ops.md)
+  bool programmatic;            // CUDA decode kernel: programmatic dependent launch allowed
 };
 
 // spike_linear's epilogue, the one float rounding after the exact sums (docs/ops.md): output

@@ -277,6 +277,7 @@ at::Tensor spike_linear(const at::Tensor& planes, const OptTensor& sign, const O
   check_spike_width(op, a, a.K, "g_idx");
   check_float_out_dtype(op, out_dtype, "out_dtype");
   a.backend = parse_backend(op, backend);
+  a.programmatic = programmatic_launch_allowed(op);
   a.bias = check_bias(op, in, bias, scales, a.N);
   at::Tensor y = at::empty({a.M, a.N}, planes.options().dtype(out_dtype));
   if (a.M > 0) {

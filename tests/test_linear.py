@@ -341,6 +341,29 @@ def test_cpu_isa_paths_with_silent_tokens_in_a_span(enc_name, monkeypatch):
     assert_isa_paths_identical(spikes_for(x, enc_name, "cpu"), w, None, monkeypatch)
 
 
+@pytest.mark.parametrize("value", ["", "1", "0"])
+def test_pdl_switch_accepts_on_and_off(value, monkeypatch):
+    """SPIKEOPS_PDL (unset or empty, 1, 0) only chooses how the CUDA decode kernel is launched:
+    the CPU's outputs do not depend on it (tests/test_cuda.py runs the CUDA cases both ways)."""
+    w = make_layer(256, 40, 4, 64, device="cpu")[0]
+    st = spikeops.encode(torch.randn(2, 256), Encoding("minmax", 4))
+    y = spikeops.spike_linear(st, w)
+    monkeypatch.setenv("SPIKEOPS_PDL", value)
+    assert torch.equal(spikeops.spike_linear(st, w), y)
+
+
+@pytest.mark.parametrize("value", ["off", "2", " 1", "true"])
+def test_pdl_switch_refuses_other_values(value, monkeypatch):
+    """Any other value is refused on every call, naming the variable and the value, so that a
+    misspelt switch never times the wrong launch in silence."""
+    w = make_layer(64, 8, 4, 32, device="cpu")[0]
+    st = spikeops.encode(torch.randn(1, 64), Encoding("minmax", 4))
+    monkeypatch.setenv("SPIKEOPS_PDL", value)
+    with pytest.raises(ValueError, match=f"spike_linear: SPIKEOPS_PDL must be 0 or 1 \\(or "
+                                         f"unset\\), got '{value}'"):
+        spikeops.spike_linear(st, w)
+
+
 # ----------------------------------------------------------------------------- random configurations and dtypes
 def test_bias_survives_double():
     lin = spikeops.SpikeLinear(make_layer(64, 16, 4, 32)[0], MINMAX4, bias=torch.randn(16))

@@ -80,5 +80,39 @@ __device__ __forceinline__ uint32_t range_bits(int64_t w, int64_t lo, int64_t hi
   return upto_b & ~((1u << a) - 1u);
 }
 
+// Programmatic dependent launch (sm_90 and later; docs/performance.md, "GPU status"). A kernel
+// launched with it (launch_spike_linear_decode) may start while the previous kernel of its stream
+// still runs; until it returns from wait_for_previous_grid it must neither read what that kernel
+// may write nor write what it may read, so before the wait it only prefetches into L2, which
+// holds no stale copy to read later (every write reaches L2). wait_for_previous_grid returns once
+// the previous grid has completed and its writes are visible (griddepcontrol.wait), wherever
+// that grid called allow_dependents and whether it called it at all; allow_dependents only lets
+// the next grid, if launched that way, begin to start (griddepcontrol.launch_dependents: it
+// takes effect once every block of this grid has called it or exited, and implies no
+// visibility). Both do nothing for a kernel launched without it, and compile to nothing below
+// sm_90, where kGridDependency is false.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kGridDependency = true;
+#else
+constexpr bool kGridDependency = false;
+#endif
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Brings the line of p into L2 without a register result (a hint: no value is read).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
+}
+
 }  // namespace dev
 }  // namespace spikeops

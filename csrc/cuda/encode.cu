@@ -19,6 +19,12 @@ using dev::kFullMask;
 // group of four planes), so one store instruction writes 32 consecutive bytes of four planes.
 // Row statistics are warp shuffles, and every lane derives the quantizers itself.
 //
+// Once a warp's loads of the held steps are issued it calls dev::allow_dependents: a decode
+// spike_linear launched behind the encoder with programmatic dependent launch
+// (csrc/cuda/linear_decode.cu) may then start and prefetch its weights while the codes are made;
+// it waits for this grid to complete before it reads them (device.cuh). Calling it after the
+// loads keeps those prefetches from queueing ahead of the encoder's own reads of x.
+//
 // The first steps of a row stay in registers between the statistics and the codes: rows of up
 // to kHeldBytes per lane (K <= 4096 in 2-byte types, 2048 in float32, 1024 in float64) are read
 // from global memory once; longer rows read the rest a second time (from L1 or L2 by then), and
@@ -350,6 +356,7 @@ __global__ void __launch_bounds__(kEncodeThreads, kSalient ? kSalientEncodeBlock
 #pragma unroll
     for (int s = 0; s < kHeld; ++s)
       if (s < steps) held[s] = load(s);
+    dev::allow_dependents();  // the row's loads are out (header)
 #pragma unroll
     for (int s = 0; s < kHeld; ++s)
       if (s < steps) st.add(held[s]);
@@ -509,6 +516,7 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeBlocks)
 #pragma unroll
     for (int s = 0; s < kHeld; ++s)
       if (s < steps) held[s] = load(s);
+    dev::allow_dependents();  // as in gif_encode_kernel
 #pragma unroll
     for (int s = 0; s < kHeld; ++s)
       if (s < steps) stats_step(held[s], s);

@@ -58,6 +58,15 @@
 // at M = 1; from M = 8 on dp4a bounds the kernel (tensor cores are the next step), and each
 // block rebuilds the codes of its tokens (~4 instructions per channel and token, about a quarter
 // of the dp4a time).
+//
+// Launch. On compute capability 9.0 and later, unless SPIKEOPS_PDL=0 (docs/ops.md), the kernel
+// is launched with programmatic dependent launch (its rules: csrc/cuda/device.cuh): it may start
+// once every block of the kernel before it in the stream has called dev::allow_dependents (the
+// encoders do once their loads of x are out) or exited. Until its wait it only prefetches into
+// L2 what its first chunk reads, never a load into registers, which would read a weight written
+// by that kernel stale; so it is correct behind any kernel, an in-place weight update included.
+// Right after the wait the block allows its own dependents, so a ProjectionGroup's next
+// projection prefetches while this one streams.
 #include "cuda/device.cuh"
 
 namespace spikeops {
@@ -108,6 +117,7 @@ struct DecodePlan {
   int32_t off;     // 128: unsigned 8-plane codes enter dp4a as Q - 128
   int32_t zero;    // some zero' may be nonzero: sum q is needed
   int32_t vec;     // qweight rows are 16-byte aligned: one load per 4 columns
+  int32_t early;   // launched with programmatic dependent launch: may start beside the encoder
 };
 
 // The channels [lo, hi) of one worker's chunk (empty when hi <= lo) and their unit g (weight
@@ -270,6 +280,22 @@ __global__ void __launch_bounds__(Tile<kMT, kR>::kThreads, Tile<kMT, kR>::kMinBl
   // The worker's chunk and its weights in flight: qweight rows, and the group's zero points
   // and scales with its first chunk.
   Chunk ch = chunk_of<T>(a, plan, 0, slot);
+  // Started early (the header's Launch), the block may run beside the kernel before it: it
+  // prefetches what issue(0) loads (qweight rows, the group's scales and zero points) and waits
+  // for that kernel before any load or store.
+  if (dev::kGridDependency && plan.early && cols > 0) {
+    const int64_t row0 = ch.row0(), rows = ch.rows();
+#pragma unroll
+    for (int i = 0; i < T::kRows; ++i)
+      if (i < rows) dev::prefetch_l2(a.qweight + (row0 + i) * a.N + n);
+    if (ch.g < plan.units) {
+      const int64_t wg = grouped ? weight_group_of(a, ch.g) : ch.g;
+      dev::prefetch_l2(scale_address(a, wg, n));
+      dev::prefetch_l2(qzeros_row(a, wg) + n / 8);  // 8 zero points per word, n % 4 == 0
+    }
+  }
+  dev::wait_for_previous_grid();
+  dev::allow_dependents();
   uint4 wd[T::kRows], zq = make_uint4(0u, 0u, 0u, 0u), sc = zq;
   auto issue = [&](int64_t step) {
     const int64_t row0 = ch.row0(), rows = ch.rows();
@@ -463,8 +489,17 @@ void launch_tile(const LinearArgs& a, DecodePlan plan, cudaStream_t stream) {
     cudaFuncSetAttribute(spike_linear_decode_kernel<kMT, kR, kGrouped>,
                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   }
-  spike_linear_decode_kernel<kMT, kR, kGrouped>
-      <<<static_cast<unsigned>(blocks), Tile<kMT, kR>::kThreads, bytes, stream>>>(a, plan);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(Tile<kMT, kR>::kThreads);
+  config.dynamicSmemBytes = bytes;
+  config.stream = stream;
+  cudaLaunchAttribute early = {};
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &early;
+  config.numAttrs = plan.early ? 1 : 0;
+  cudaLaunchKernelEx(&config, spike_linear_decode_kernel<kMT, kR, kGrouped>, a, plan);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -487,6 +522,13 @@ void launch_spike_linear_decode(const LinearArgs& a, cudaStream_t stream) {
   plan.off = !a.sign && a.P == 8 ? 128 : 0;
   plan.zero = a.zero != nullptr || plan.off != 0;
   plan.vec = a.N % 4 == 0 && aligned16(a.qweight);
+  // Programmatic dependent launch needs compute capability 9.0 (griddepcontrol); SPIKEOPS_PDL=0
+  // turns it off (a.programmatic, docs/ops.md). Without it the launch waits for the previous
+  // kernel as always.
+  int device = 0, major = 0;
+  const bool known = a.programmatic && cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
+  plan.early = known && major >= 9;
   // Tokens per block: all of them (one read of the weights) up to 16 with one range; R = 2
   // doubles the accumulators, so it takes tiles of at most 4 tokens.
   if (a.group > 0) {  // one range
