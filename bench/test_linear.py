@@ -16,6 +16,9 @@ Every group holds, on the same layer (random symmetric GPTQ, group size 128):
 - ``timestep-sim-T15``: the SpikeLLM / LAS way, rate-coded minmax-4 spikes over T = 15 steps,
   one dense matmul per step plus one for the zero point.
 
+``test_pdl`` (group ``spike_linear PDL ...``, sm_90 and later): encode and decode kernels back to
+back with programmatic dependent launch and without (``SPIKEOPS_PDL=0``), M = 1 and 16.
+
 ``test_density`` (group ``spike_linear density``): the two backends and ``auto`` on absmax4 spikes
 of inputs whose channels are zero but for a share of them (scattered, so few blocks of eight
 channels are silent in every token), at M = 1 and 16: the crossover auto is set by (docs/
@@ -189,3 +192,40 @@ def test_density(benchmark, M, share, backend):
             f"spike_linear density 7B-gate_up M={M} channels={share}", backend,
             extra=dict(M=M, K=K, N=N, share=share, firing_rate=st.firing_rate(),
                        spikes=int(st.counts().sum())))
+
+
+def _pdl_capable() -> bool:
+    return ON_GPU and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+
+
+@pytest.mark.skipif(not _pdl_capable(), reason="programmatic dependent launch needs a CUDA "
+                    "device of compute capability 9.0 or later (and spikeops built with CUDA)")
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "nopdl"])
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("what", ["SpikeLinear-7B-gate_up", "ProjectionGroup-7B-qkv"])
+def test_pdl(benchmark, what, M, pdl, monkeypatch):
+    """Group ``spike_linear PDL {what} M={M}``: the decode path of a layer, encode and linear
+    back to back (SpikeLinear on 4096 -> 11008; a ProjectionGroup of three 4096 -> 4096
+    projections: one encode, then three decode kernels in a row), launched with programmatic
+    dependent launch (``spikeops-pdl``) and without it (``SPIKEOPS_PDL=0``, the baseline), in
+    one CUDA graph per call as every GPU entry (measure). docs/performance.md, "GPU status"."""
+    monkeypatch.setenv("SPIKEOPS_PDL", pdl)  # read when the graph is captured
+    shape = "7B-gate_up" if what.startswith("SpikeLinear") else "7B-qkvo"
+    K, N = SHAPES[shape]
+    x = activations(M, K)
+    if what.startswith("SpikeLinear"):
+        w, _ = layer(shape, 4)
+        fn = functools.partial(spikeops.SpikeLinear(w, ENCODINGS["minmax4"]), x)
+        weights = nbytes(*w.kernel_args())
+    else:
+        from spikeops.nn import ProjectionGroup
+        # Three layers, not one thrice: the second and third would find it in L2.
+        members = [gptq_layer(K, N, 4, seed=s) for s in range(3)]
+        group = ProjectionGroup([spikeops.SpikeLinear(m, ENCODINGS["minmax4"])
+                                 for m in members])
+        fn = functools.partial(group, x)
+        weights = sum(nbytes(*m.kernel_args()) for m in members)
+    measure(benchmark, fn, f"spike_linear PDL {what} M={M}",
+            "spikeops-pdl" if pdl == "1" else "SPIKEOPS_PDL=0",
+            bytes_moved=weights + (M * K + M * N) * x.element_size(),
+            extra=dict(M=M, K=K, N=N, pdl=pdl == "1"))

@@ -13,15 +13,21 @@
 #
 # Usage: scripts/gpu_check.sh OUTDIR [STAGE ...]
 # Stages (all but the full bench-linear-* / bench-ops / bench-model when none is named):
-#   build prefill tests bench-core bench-encode bench-decode report sanitizer (15-minute budget)
+#   build prefill pdl tests bench-core bench-encode bench-decode bench-pdl report sanitizer
+#   (15-minute budget)
 #   bench-prefill bench-linear-7B bench-linear-8B bench-linear-70B bench-ops bench-model
 # prefill: the exactness tests of the tensor-core prefill kernel (csrc/cuda/linear_mma.cu), first
 # after the build: its host emulation (tests/test_cuda_mma_layout.py) and its CUDA-against-CPU
 # cases (tests/test_cuda.py -k prefill); bench-core then times it at M = 2048 (auto entries).
+# pdl: the decode kernel's programmatic dependent launch (sm_90 and later, csrc/cuda/linear_decode.cu),
+# CUDA against CPU with it and without (SPIKEOPS_PDL=0): encode then linear for M = 1..16, a
+# ProjectionGroup's launches in a row, a non-encoder kernel writing the inputs right before, and
+# graph capture; pdl.txt starts with the device's compute capability (below 9.0 both runs are
+# the same launch). bench-pdl: the A/B timing of the same (bench/test_linear.py::test_pdl).
 # bench-prefill: spike_linear at M = 64, 256 and 2048 on the 7B shapes, W4, auto and baselines.
 # bench-core: spike_linear at M = 1 and 2048 on the LLaMA-2-7B shapes (W4); bench-encode:
 # gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1.
-# OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, prefill.txt, pytest.txt,
+# OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, prefill.txt, pdl.txt, pytest.txt,
 # sanitizer.txt, bench-*.txt, bench-*.json and report.md (from every bench-*.json present in
 # OUTDIR).
 set -uo pipefail
@@ -35,12 +41,13 @@ out="$(cd "$1" && pwd)"
 shift
 stages=("$@")
 if (( ${#stages[@]} == 0 )); then
-  stages=(build prefill tests sanitizer bench-core bench-encode bench-decode report)
+  stages=(build prefill pdl tests sanitizer bench-core bench-encode bench-decode bench-pdl report)
 fi
 PY=${PYTHON:-python3}
 # Each stage's time limit in seconds.
-declare -A LIMIT=([build]=200 [prefill]=90 [tests]=150 [sanitizer]=90 [bench-core]=150
-                  [bench-encode]=45 [bench-decode]=90 [report]=30 [bench-prefill]=150)
+declare -A LIMIT=([build]=200 [prefill]=90 [pdl]=90 [tests]=150 [sanitizer]=90 [bench-core]=150
+                  [bench-encode]=45 [bench-decode]=90 [bench-pdl]=60 [report]=30
+                  [bench-prefill]=150)
 cd "$(dirname "$0")/.."
 summary="$out/summary.txt"
 touch "$summary"
@@ -166,6 +173,17 @@ prefill() {
   return "${PIPESTATUS[0]}"
 }
 
+pdl() {
+  ensure_built
+  {
+    "$PY" -c 'import torch; print("compute capability", torch.cuda.get_device_capability(0))' \
+      2>&1
+    limited "$PY" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider \
+      -k "back_to_back or in_a_row or writes_its_inputs or graph" 2>&1
+  } | tee "$out/pdl.txt"
+  return "${PIPESTATUS[0]}"
+}
+
 sanitizer() {
   ensure_built
   local tool
@@ -181,10 +199,11 @@ sanitizer() {
   # past the end of a tensor instead of into a neighbour in the same pool block.
   # Small cases only (memcheck slows kernels 10-100x), time-bounded.
   # Graph capture cannot run without the caching allocator (cudaMalloc is illegal while
-  # capturing), so the capture and torch.compile tests run in the tests stage only.
+  # capturing), so the capture and torch.compile tests run in the tests stage only; the 160
+  # encode-then-linear cases run in the pdl and tests stages (the other PDL cases run here).
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 limited "$tool" --tool memcheck --error-exitcode 97 \
     "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
-    -k "not 4096 and not 4128 and not graph and not compile" 2>&1 |
+    -k "not 4096 and not 4128 and not graph and not compile and not back_to_back" 2>&1 |
     tee "$out/sanitizer.txt"
   return "${PIPESTATUS[0]}"
 }
@@ -216,12 +235,14 @@ for s in "${stages[@]}"; do
   case "$s" in
     build) step build build ;;
     prefill) step prefill prefill ;;
+    pdl) step pdl pdl ;;
     tests) step tests tests ;;
     sanitizer) step sanitizer sanitizer ;;
     bench-core) step "$s" bench core bench/test_linear.py \
       -k "7B-qkvo-M1-W4 or 7B-qkvo-M2048-W4 or 7B-gate_up-M1-W4 or 7B-gate_up-M2048-W4" ;;
     bench-encode) step "$s" bench encode bench/test_ops.py -k "gif_encode and 4096" ;;
     bench-decode) step "$s" bench decode bench/test_model.py -k "decode-batch1" ;;
+    bench-pdl) step "$s" bench pdl bench/test_linear.py -k "test_pdl" ;;
     bench-prefill) step "$s" bench prefill bench/test_linear.py \
       -k "7B- and (M64- or M256- or M2048-) and W4- and not spike- and not timestep" ;;
     bench-linear-7B) step "$s" bench linear-7B bench/test_linear.py -k "7B-" ;;

@@ -3,11 +3,14 @@ against reference.py elsewhere), CUDA-graph capture of a SpikeLinear forward, a 
 the kernels' guards for values the CUDA host does not read. Skipped, with the reason, where no
 GPU (or no CUDA build) is present; scripts/gpu_check.sh runs them on a GPU machine."""
 
+import functools
+
 import pytest
 import torch
 
 import spikeops
 from spikeops import ops
+from spikeops.nn import ProjectionGroup
 from helpers import CUDA_REASON, cuda_ready, make_layer
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason=CUDA_REASON)
@@ -153,6 +156,90 @@ def test_spike_linear_prefill_zero_point_guard():
     assert y[1].isnan().all()
     rows = [m for m in range(70) if m != 1]
     assert torch.equal(y[rows], y_cpu[rows])
+
+
+# Programmatic dependent launch (docs/performance.md, "GPU status"): on sm_90 and later the decode
+# kernel (M <= 16, 4-bit uniform groups) may start while the kernel before it in the stream
+# runs, and waits for it before it reads anything; SPIKEOPS_PDL=0 launches it as before. The
+# cases below run both ways with that kernel right behind the encoder (SpikeLinear), behind
+# another decode launch (ProjectionGroup) and behind kernels that are not encoders and write
+# its inputs.
+PDL_SWITCH = pytest.mark.parametrize("pdl", ["", "0"], ids=["pdl", "nopdl"])
+
+
+@functools.lru_cache(maxsize=None)
+def decode_layer(K, N, seed, device):
+    """A 4-bit layer with groups of 128 and zero points, made once per test session (packing
+    in Python takes seconds)."""
+    return make_layer(K, N, 4, 128, sym=False, seed=seed, device=device)[0]
+
+
+BACK_TO_BACK_ENCODINGS = {
+    "minmax4": spikeops.Encoding("minmax", 4), "absmax4": spikeops.Encoding("absmax", 4, gamma=0.6),
+    "oat8": spikeops.Encoding("oat", 8, theta=(0.8, 2.5)), "minmax8": spikeops.Encoding("minmax", 8),
+    "minmax4g64": spikeops.Encoding("minmax", 4, group=64)}
+
+
+@PDL_SWITCH
+@pytest.mark.parametrize("enc_name", list(BACK_TO_BACK_ENCODINGS))
+@pytest.mark.parametrize("M", range(1, 17))
+def test_encode_then_decode_linear_back_to_back(M, enc_name, pdl, monkeypatch):
+    """SpikeLinear.forward on CUDA (gif_encode, then spike_linear's decode kernel in the same
+    stream) equals the CPU for every token count of the decode kernel, every token tile, signed,
+    unsigned, 8-plane, two-range and grouped codes."""
+    monkeypatch.setenv("SPIKEOPS_PDL", pdl)
+    enc = BACK_TO_BACK_ENCODINGS[enc_name]
+    K, N = 2112, 200  # 16.5 weight groups of 128, 33 activation groups of 64
+    w_cpu, w_gpu = decode_layer(K, N, 0, "cpu"), decode_layer(K, N, 0, "cuda")
+    x = (torch.randn(M, K) * 2).half()
+    y_cpu = spikeops.SpikeLinear(w_cpu, enc)(x)
+    y = spikeops.SpikeLinear(w_gpu, enc).cuda()(x.cuda())
+    assert torch.equal(y.cpu(), y_cpu)
+
+
+@PDL_SWITCH
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_projection_group_decode_launches_in_a_row(M, pdl, monkeypatch):
+    """A ProjectionGroup encodes once and runs its members' decode kernels one behind the other:
+    each equals its CPU projection."""
+    monkeypatch.setenv("SPIKEOPS_PDL", pdl)
+    enc, K = spikeops.Encoding("absmax", 4, gamma=0.6), 1024
+    shapes = [(K, 256), (K, 64), (K, 64)]  # q, k, v of a small GQA layer
+
+    def group_on(device):
+        return ProjectionGroup([
+            spikeops.SpikeLinear(decode_layer(k, n, i, device), enc)
+            for i, (k, n) in enumerate(shapes)])
+
+    x = torch.randn(M, K).half()
+    for y, y_cpu in zip(group_on("cuda")(x.cuda()), group_on("cpu")(x)):
+        assert torch.equal(y.cpu(), y_cpu)
+
+
+@PDL_SWITCH
+@pytest.mark.parametrize("written", ["planes", "zero", "qweight", "scales"])
+def test_decode_linear_behind_a_kernel_that_writes_its_inputs(written, pdl, monkeypatch):
+    """The kernel just before the decode kernel is not an encoder: an elementwise torch kernel
+    that writes one of its inputs (activations or weights). The decode kernel reads nothing
+    before that kernel has completed, so the outputs equal the CPU's."""
+    monkeypatch.setenv("SPIKEOPS_PDL", pdl)
+    K, N = 1024, 520
+    w_cpu, w_gpu = decode_layer(K, N, 1, "cpu"), decode_layer(K, N, 1, "cuda")
+    enc = spikeops.Encoding("minmax", 4)
+    x = torch.randn(3, K)
+    y_cpu = spikeops.spike_linear(spikeops.encode(x, enc), w_cpu, None, torch.float32)
+    st = spikeops.encode(x.cuda(), enc)
+    spikes = dict(planes=st.planes, zero=st.zero)
+    weights = dict(zip(["qweight", "qzeros", "scales", "g_idx", "packed", "code_sums"],
+                       w_gpu.kernel_args()))
+    inputs = spikes if written in spikes else weights
+    target = torch.full_like(inputs[written], 7)  # wrong values until the kernel below runs
+    torch.add(inputs[written], 0, out=target)     # the kernel right before spike_linear
+    inputs[written] = target
+    y = ops.spike_linear(spikes["planes"], None, None, st.scale, spikes["zero"],
+                         *weights.values(), None, 4, w_gpu.kernel_group_size, w_gpu.zero_offset,
+                         torch.float32, "auto")
+    assert torch.equal(y.cpu(), y_cpu)
 
 
 def test_cuda_graph_capture_of_spike_linear():
