@@ -20,7 +20,8 @@
 # cases (tests/test_cuda.py -k prefill); bench-core then times it at M = 2048 (auto entries).
 # bench-prefill: spike_linear at M = 64, 256 and 2048 on the 7B shapes, W4, auto and baselines.
 # bench-core: spike_linear at M = 1 and 2048 on the LLaMA-2-7B shapes (W4); bench-encode:
-# gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1.
+# gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1 (transformers'
+# forward captured whole, spikeops.Runner eager and with its own CUDA graphs).
 # OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, prefill.txt, pytest.txt,
 # sanitizer.txt, bench-*.txt, bench-*.json and report.md (from every bench-*.json present in
 # OUTDIR).

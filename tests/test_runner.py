@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spikeops
@@ -365,6 +366,38 @@ def test_static_decode_step_under_tracking_runs_eagerly(model, monkeypatch):
     assert len(calls) == 1
 
 
+class HostReads(TorchDispatchMode):
+    """Records the ops run under it that read a tensor's values on the host (on CUDA: a
+    synchronization, which a graph capture refuses)."""
+
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal",
+             "aten.is_nonzero", "aten.unique")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.ops.add(name)
+        if name.startswith(self.READS):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spiking", [False, True])
+def test_static_decode_step_reads_nothing_back(gqa_model, model, spiking):
+    """What a CUDA graph can hold, checked on the CPU: the static step (SpikeLinear projections
+    and their shared encodings included) runs no op that reads a tensor value on the host."""
+    net = model if spiking else gqa_model
+    runner = static_runner(net, 16, 2)
+    runner(torch.randint(0, 97, (2, 5)), pad=torch.tensor([0, 2]))
+    with HostReads() as watch:
+        runner(torch.randint(0, 97, (2, 1)))
+    assert "aten.index_copy_.default" in watch.ops and not watch.reads
+    assert any(op.startswith("spikeops.spike_linear") for op in watch.ops) == spiking
+
+
 def test_cuda_graphs_rejects(gqa_model):
     with pytest.raises(TypeError, match="cuda_graphs"):
         Runner(gqa_model, 8, cuda_graphs=1)
@@ -379,7 +412,7 @@ def test_cuda_graphs_rejects(gqa_model):
     # The default takes graphs where they apply only: none of these.
     for runner in (Runner(gqa_model, 8), Runner(gqa_model, 8, kv="spike4"),
                    Runner(dynamic, 8), Runner(gqa_model, 8, cuda_graphs=False)):
-        assert not runner._static
+        assert not runner._static and not runner.cuda_graphs
 
 
 cuda_only = pytest.mark.skipif(not cuda_ready(), reason=CUDA_REASON)
@@ -396,7 +429,7 @@ def test_cuda_graph_decode_equals_static_eager(gqa_model, model, monkeypatch, sp
     net = (model if spiking else copy.deepcopy(gqa_model).half()).cuda()
     ids = torch.randint(0, net.config.vocab_size, (2, 14), device="cuda")
     graphs, plain = Runner(net, 14, batch=2), static_runner(net, 14, 2)
-    assert graphs._static and graphs._graphs == {}
+    assert graphs.cuda_graphs and graphs._graphs == {}
     plain._graphs = None  # the static step run eagerly on the GPU
     for pad in (torch.tensor([0, 3]), None):
         for t, chunk in [(5, ids[:, :5])] + [(t + 1, ids[:, t:t + 1]) for t in range(5, 14)]:

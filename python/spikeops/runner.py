@@ -208,6 +208,11 @@ class Runner:
                              f"(graphs where they apply) or False")
         return why is None
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether one-token decode steps run as CUDA graphs (``cuda_graphs`` resolved)."""
+        return self._static and self._graphs is not None
+
     def cache_bytes_per_token(self) -> int:
         """Bytes of key-value cache one token position takes, all layers and rows of the batch:
         float: keys and values in the embedding's dtype; spike: planes, sign and scale."""
