@@ -352,7 +352,8 @@ def test_static_decode_step_bfloat16_head_and_one_token_prompt(gqa_model):
 
 def test_static_decode_step_under_tracking_runs_eagerly(model, monkeypatch):
     """spikeops.track observes through Python hooks, which a graph replay skips: while it is
-    active, steps take the eager path (and are counted); otherwise the static one."""
+    active on the Runner's model, steps take the eager path (and are counted); otherwise, also
+    while another model is tracked, the static one."""
     calls = []
     step = Runner._static_step
     monkeypatch.setattr(Runner, "_static_step",
@@ -362,7 +363,8 @@ def test_static_decode_step_under_tracking_runs_eagerly(model, monkeypatch):
     with spikeops.track(model) as tracker:
         runner(torch.randint(0, 256, (1, 1)))
     assert not calls and tracker.whole_model()["dense_macs"]["lm_head"] > 0
-    runner(torch.randint(0, 256, (1, 1)))
+    with spikeops.track(copy.deepcopy(model)):
+        runner(torch.randint(0, 256, (1, 1)))
     assert len(calls) == 1
 
 

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 
 from . import _checks
 from .architecture import INPUTS, check_supported, head_dim_of
-from . import attention
 from .attention import KV_MODES, PV_MODES, SpikeKV
-from .nn import GROUP_ATTR
+from .nn import GROUP_ATTR, SpikeLinear
 
 HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The per-layer modules a Runner calls, as attribute paths of a decoder layer, besides the
@@ -100,8 +99,9 @@ class Runner:
     keeps the graphs. Prompts (T > 1) run eagerly. A graph step's logits equal the eager
     step's up to float rounding: its attention also sums the masked keys of the span, in
     another order (docs/performance.md, "Whole model under CUDA graphs"). While
-    ``spikeops.track`` is active steps run eagerly, so that its observers see every one; other
-    Python hooks on the model's modules run when a step is captured, not when it is replayed.
+    ``spikeops.track`` is active on the model (an observer on any of its SpikeLinear layers)
+    steps run eagerly, so that its observers see every one; other Python hooks on the model's
+    modules run when a step is captured, not when it is replayed.
     A graph holds the model as it was when captured (its kernels, their arguments, the
     encodings): after changing the model (``set_encoding``, new weights) make a new Runner.
     """
@@ -181,6 +181,7 @@ class Runner:
         # the position of the new token, the rows' left padding (zeros without) and the key
         # indices of the mask, each at a fixed address for the graphs.
         self._static = self._graphs_apply(fn, cuda_graphs)
+        self._spike_layers = [m for m in model.modules() if isinstance(m, SpikeLinear)]
         self._ids = torch.zeros(batch, 1, dtype=torch.int64, device=w.device)
         self._position = torch.zeros(1, dtype=torch.int64, device=w.device)
         self._pad = torch.zeros(batch, dtype=torch.int64, device=w.device)
@@ -251,8 +252,10 @@ class Runner:
                 self._pad.copy_(self.pad)
             else:
                 self._pad.zero_()
-        # spikeops.track observes through Python hooks, which a graph replay would skip.
-        if T == 1 and self._static and not attention.OBSERVERS:
+        # spikeops.track observes through the layers' observers (Python calls), which a graph
+        # replay would skip.
+        if T == 1 and self._static and \
+                not any(m.observer is not None for m in self._spike_layers):
             logits = self._static_step(ids, start)
         else:
             logits = self._eager(ids, start, last_only)
@@ -311,21 +314,23 @@ class Runner:
         self._position.fill_(start)
         if self._graphs is None:
             return self._decode_step(span)
-        if span not in self._graphs:
-            self._graphs[span] = self._capture(span)
-        graph, logits = self._graphs[span]
-        graph.replay()
+        # Capture and replay run on the current device's streams: make it the model's.
+        with torch.cuda.device(self.device):
+            if span not in self._graphs:
+                self._graphs[span] = self._capture(span)
+            graph, logits = self._graphs[span]
+            graph.replay()
         return logits.clone()
 
     def _capture(self, span: int):
         """(CUDAGraph, its logits) of ``_decode_step(span)``: warm-up runs on a side stream,
         then the capture, the graphs of one Runner sharing one memory pool."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(GRAPH_WARMUP):
                 self._decode_step(span)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         pool = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
         with torch.cuda.graph(graph, pool=pool):
