@@ -20,8 +20,9 @@
 # cases (tests/test_cuda.py -k prefill); bench-core then times it at M = 2048 (auto entries).
 # bench-prefill: spike_linear at M = 64, 256 and 2048 on the 7B shapes, W4, auto and baselines.
 # bench-core: spike_linear at M = 1 and 2048 on the LLaMA-2-7B shapes (W4); bench-encode:
-# gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1 (transformers'
-# forward captured whole, spikeops.Runner eager and with its own CUDA graphs).
+# gif_encode on 4096-wide inputs; bench-decode: whole-model decode at batch 1 and 16 (the -k
+# pattern matches both; transformers' forward captured whole, spikeops.Runner eager and with its
+# own CUDA graphs).
 # OUTDIR receives summary.txt, build.txt, gpu.txt, runtime.txt, prefill.txt, pytest.txt,
 # sanitizer.txt, bench-*.txt, bench-*.json and report.md (from every bench-*.json present in
 # OUTDIR).
@@ -41,7 +42,7 @@ fi
 PY=${PYTHON:-python3}
 # Each stage's time limit in seconds.
 declare -A LIMIT=([build]=200 [prefill]=90 [tests]=150 [sanitizer]=90 [bench-core]=150
-                  [bench-encode]=45 [bench-decode]=90 [report]=30 [bench-prefill]=150)
+                  [bench-encode]=45 [bench-decode]=120 [report]=30 [bench-prefill]=150)
 cd "$(dirname "$0")/.."
 summary="$out/summary.txt"
 touch "$summary"
