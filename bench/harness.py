@@ -3,9 +3,12 @@ layers, and one timing rule (``measure``) that fills pytest-benchmark's record.
 
 Timing (docs/performance.md, "How to measure"):
 
-- GPU: the callable is captured once in a CUDA graph (eager if capture fails; ``extra_info``
-  says which), every round first overwrites a 256 MiB buffer (flushing the 50 MB L2 of an
-  H100/H200, outside the timed region), then CUDA events time one graph replay. The events feed
+- GPU: the callable is captured once in a CUDA graph (eager if capture fails or the entry asks
+  for eager calls, ``capture=False``: a callable that brings its own graphs or whose launch cost
+  is what it measures; ``extra_info`` says which), every round first overwrites a 256 MiB buffer
+  (flushing the 50 MB L2 of an H100/H200, outside the timed region; an eager call then waits
+  for the flush, so that its launches do not hide behind it), then CUDA events time one graph
+  replay or call. The events feed
   pytest-benchmark through a clock that advances by the event time, so its statistics are GPU
   times. 50 rounds after 5 warm-up rounds; an entry slower than 20 ms per call runs at least 10
   rounds and at most about 2 s.
@@ -119,13 +122,14 @@ class _EventClock:
 
 def measure(benchmark, fn: Callable[[], object], group: str, name: str, *,
             bytes_moved: float = 0.0, ops: float = 0.0, extra: Optional[dict] = None,
-            reference: Optional[Dict[str, float]] = None):
+            reference: Optional[Dict[str, float]] = None, capture: bool = True):
     """Time ``fn`` under ``benchmark`` as entry ``name`` of ``group`` (module docstring).
 
     bytes_moved / ops: what one call must read + write and its operations (2 per multiply-add),
     for GB/s and TOPS. reference: a dict shared by the entries of one suite; an entry whose name
     is ``reference["__name__"]`` stores its median there, later entries of the group get
-    ``x_vs_reference``. Returns the median in seconds (None with --benchmark-disable).
+    ``x_vs_reference``. capture: False times eager calls on the GPU too (module docstring).
+    Returns the median in seconds (None with --benchmark-disable).
     """
     benchmark.group = group
     benchmark.name = name
@@ -135,7 +139,7 @@ def measure(benchmark, fn: Callable[[], object], group: str, name: str, *,
         benchmark.extra_info.update(info)
         return None
     if ON_GPU:
-        graph = _graph(fn)
+        graph = _graph(fn) if capture else None
         run = graph.replay if graph is not None else fn
         info["cuda_graph"] = graph is not None
         clock = _EventClock()
@@ -143,6 +147,8 @@ def measure(benchmark, fn: Callable[[], object], group: str, name: str, *,
 
         def flush():
             _FLUSH.zero_()
+            if graph is None:
+                torch.cuda.synchronize()
 
         def timed():
             start.record()

@@ -5,7 +5,12 @@ side by side in one run:
 - ``spikeops-W4-minmax4``: the same model with every projection a ``SpikeLinear`` on random
   symmetric W4 g128 GPTQ weights, minmax-4 spikes; no fp16 copy of any projection exists (checked);
 - ``timestep-sim-T15``: every projection simulated the SpikeLLM / LAS way in PyTorch: minmax-4
-  codes as rate-coded spike trains over T = 15 steps, one dense matmul per step.
+  codes as rate-coded spike trains over T = 15 steps, one dense matmul per step;
+- decode only, the spiking model through ``spikeops.Runner`` (what ``generate`` runs) instead of
+  transformers' forward: ``spikeops-W4-minmax4-runner`` with eager steps
+  (``cuda_graphs=False``) and ``spikeops-W4-minmax4-runner-graphs`` with the Runner's own CUDA
+  graph of the step (GPU only); both timed as called, not inside the harness's graph, so the
+  eager entry includes its launch cost (``measure(capture=False)``).
 
 Regimes (groups): decode at batch 1 and 16 (one token per sequence after a 128-token context in a
 transformers ``StaticCache``; tokens/s = batch / step time) and prefill of 2048 tokens (256 on
@@ -42,7 +47,10 @@ PREFILL = 2048 if ON_GPU else 256
 T = 15
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-VARIANTS = ("hf-fp16", "spikeops-W4-minmax4", f"timestep-sim-T{T}")
+SPIKING = "spikeops-W4-minmax4"
+RUNNER, RUNNER_GRAPHS = f"{SPIKING}-runner", f"{SPIKING}-runner-graphs"
+# Spiking first, then its Runner entries, so that build() (one model at a time) reuses it.
+VARIANTS = ("hf-fp16", SPIKING, RUNNER, RUNNER_GRAPHS, f"timestep-sim-T{T}")
 REGIMES = ("decode-batch1", "decode-batch16", f"prefill-{PREFILL}")
 _reference = {"__name__": "hf-fp16"}
 
@@ -84,7 +92,7 @@ def build(variant: str):
     config = transformers.LlamaConfig(**SHAPE, max_position_embeddings=4096)
     with torch.device(DEVICE):
         model = transformers.LlamaForCausalLM._from_config(config, dtype=DENSE_DTYPE)
-    if variant.startswith("spikeops"):
+    if variant == SPIKING:
         def spiking(i, lin):
             w = gptq_layer(lin.in_features, lin.out_features, 4, seed=i)
             return spikeops.SpikeLinear(w, ENCODINGS["minmax4"])
@@ -97,13 +105,18 @@ def build(variant: str):
     return model.eval()
 
 
-def decode_step(model, batch: int):
-    """One decode step after a CONTEXT-token prefill into a StaticCache; every call writes the
-    same cache slot, so each round is the same step."""
+def decode_inputs(model, batch: int):
+    """(prompt ids [batch, CONTEXT], the next ids [batch, 1]), the same for every variant."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, CONTEXT), device=DEVICE, generator=gen)
-    ids = torch.randint(0, vocab, (batch, 1), device=DEVICE, generator=gen)
+    return prompt, torch.randint(0, vocab, (batch, 1), device=DEVICE, generator=gen)
+
+
+def decode_step(model, batch: int):
+    """One decode step after a CONTEXT-token prefill into a StaticCache; every call writes the
+    same cache slot, so each round is the same step."""
+    prompt, ids = decode_inputs(model, batch)
     cache = transformers.StaticCache(config=model.config, max_cache_len=CONTEXT + 1)
     model(input_ids=prompt, use_cache=True, cache_position=torch.arange(CONTEXT, device=DEVICE),
           **{cache_arg(model): cache})
@@ -127,24 +140,49 @@ def decode_step(model, batch: int):
     return step
 
 
-CASES = [pytest.param(v, r, id=f"{r}-{v}") for v in VARIANTS for r in REGIMES]
+def runner_step(model, batch: int, cuda_graphs: bool):
+    """One decode step of a ``spikeops.Runner`` after a CONTEXT-token prompt, its cache as long
+    as the StaticCache above (so the graph step attends over the same CONTEXT + 1 slots);
+    every call rewinds the Runner to CONTEXT tokens, so each round is the same step. One step
+    runs here, so that a graph is captured before timing. Returns (step, runner)."""
+    prompt, ids = decode_inputs(model, batch)
+    runner = spikeops.Runner(model, CONTEXT + 1, batch=batch, cuda_graphs=cuda_graphs)
+    runner(prompt)
+
+    def step():
+        runner.length = CONTEXT
+        return runner(ids)
+    step()
+    return step, runner
+
+
+CASES = [pytest.param(v, r, id=f"{r}-{v}") for v in VARIANTS for r in REGIMES
+         if v not in (RUNNER, RUNNER_GRAPHS) or r.startswith("decode")]
 
 
 @pytest.mark.parametrize("variant, regime", CASES)
 def test_model(benchmark, variant, regime):
-    model = build(variant)
+    if variant == RUNNER_GRAPHS and not ON_GPU:
+        pytest.skip("CUDA graphs of the Runner: no GPU (or spikeops built without CUDA)")
+    runs_runner = variant in (RUNNER, RUNNER_GRAPHS)
+    model = build(SPIKING if runs_runner else variant)
     if ON_GPU:  # the peak of this regime: resident weights plus its cache and activations
         torch.cuda.reset_peak_memory_stats()
     info = dict(layers=SHAPE["num_hidden_layers"], hidden=SHAPE["hidden_size"], variant=variant)
     with torch.no_grad():
         if regime.startswith("decode"):
             batch = int(regime.removeprefix("decode-batch"))
-            fn, tokens = decode_step(model, batch), batch
+            tokens = batch
+            if runs_runner:
+                fn, runner = runner_step(model, batch, cuda_graphs=variant == RUNNER_GRAPHS)
+                info["runner_cuda_graphs"] = runner.cuda_graphs
+            else:
+                fn = decode_step(model, batch)
         else:
             ids = torch.randint(0, model.config.vocab_size, (1, PREFILL), device=DEVICE)
             fn, tokens = (lambda: model(input_ids=ids, use_cache=False)), PREFILL
         median = measure(benchmark, fn, f"model {regime}", variant, extra=info,
-                         reference=_reference)
+                         reference=_reference, capture=not runs_runner)
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = tokens / median
     if ON_GPU:

@@ -1,16 +1,20 @@
 """The lean LLaMA forward (spikeops.runner.Runner) against transformers' forward: the same
 logits for a prompt, decode steps and multi-token chunks after a cached prefix, on a float
-model and on a spiking one; a batch; its argument checks; generate() on top of it."""
+model and on a spiking one; a batch; its argument checks; generate() on top of it; the
+static-shape decode step against the eager one, and on a GPU its CUDA graphs (skipped, with the
+reason, elsewhere)."""
 
 import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spikeops
 from spikeops.evaluate import forward_step, generate
 from spikeops.runner import Runner
+from helpers import CUDA_REASON, cuda_ready
 
 
 def hf_logits(model, ids, cache):
@@ -294,3 +298,163 @@ def test_value_cache_channel_major():
     exact = q @ codes.repeat_interleave(2, 1)  # the scales are inside the 8-bit weights
     assert out.shape == (2, 6, 2, 64)
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- static decode, CUDA graphs
+def static_runner(model, max_len, batch=1):
+    """A Runner whose one-token steps take the static-shape step (what a CUDA graph holds), run
+    eagerly: the CPU has no graphs, and cuda_graphs=True would refuse it."""
+    runner = Runner(model, max_len, batch=batch)
+    runner._static = True
+    return runner
+
+
+def assert_static_steps_match(eager, static, ids, prompt, pad=None):
+    """Prompt, then one-token steps through both Runners: layer 0's cache (its keys and values
+    depend on the ids and positions only) bit for bit, logits to float32 rounding (the static
+    step's attention also sums the span's masked keys, in another order: docs/performance.md,
+    "Whole model under CUDA graphs"), the same greedy tokens."""
+    torch.testing.assert_close(static(ids[:, :prompt], pad=pad), eager(ids[:, :prompt], pad=pad),
+                               rtol=0, atol=0)
+    for t in range(prompt, ids.shape[1]):
+        expect, got = eager(ids[:, t:t + 1]), static(ids[:, t:t + 1])
+        assert got.shape == expect.shape == (ids.shape[0], 1, expect.shape[-1])
+        assert torch.equal(static.keys[0, :, :, :t + 1], eager.keys[0, :, :, :t + 1])
+        assert torch.equal(static.values[0, :, :, :t + 1], eager.values[0, :, :, :t + 1])
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), expect.argmax(-1))
+
+
+@pytest.mark.parametrize("batch, pad", [(1, None), (3, [0, 2, 5])])
+def test_static_decode_step_matches_eager(gqa_model, monkeypatch, batch, pad):
+    """Grouped-query heads (8 heads, 2 kv heads), a batch with left padding, steps across
+    three key spans (MIN_SPAN lowered to 8: spans 8, 16 and max_len = 20); then reset() and a
+    new batch without padding, whose steps take the same spans again."""
+    monkeypatch.setattr(spikeops.runner, "MIN_SPAN", 8)
+    ids = torch.randint(0, 97, (batch, 20))
+    pad = None if pad is None else torch.tensor(pad)
+    eager, static = Runner(gqa_model, 20, batch=batch), static_runner(gqa_model, 20, batch)
+    assert_static_steps_match(eager, static, ids, 6, pad)
+    eager.reset()
+    static.reset()
+    assert_static_steps_match(eager, static, ids.flip(1), 3)
+
+
+def test_static_decode_step_bfloat16_head_and_one_token_prompt(gqa_model):
+    """A one-token prompt takes the static step too; head_dtype runs in it."""
+    ids = torch.randint(0, 97, (2, 5))
+    eager = Runner(gqa_model, 5, batch=2, head_dtype=torch.bfloat16)
+    static = Runner(gqa_model, 5, batch=2, head_dtype=torch.bfloat16)
+    static._static = True
+    for t in range(5):
+        torch.testing.assert_close(static(ids[:, t:t + 1]), eager(ids[:, t:t + 1]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_static_decode_step_under_tracking_runs_eagerly(model, monkeypatch):
+    """spikeops.track observes through Python hooks, which a graph replay skips: while it is
+    active on the Runner's model, steps take the eager path (and are counted); otherwise, also
+    while another model is tracked, the static one."""
+    calls = []
+    step = Runner._static_step
+    monkeypatch.setattr(Runner, "_static_step",
+                        lambda self, *a: calls.append(1) or step(self, *a))
+    runner = static_runner(model, 8)
+    runner(torch.randint(0, 256, (1, 4)))
+    with spikeops.track(model) as tracker:
+        runner(torch.randint(0, 256, (1, 1)))
+    assert not calls and tracker.whole_model()["dense_macs"]["lm_head"] > 0
+    with spikeops.track(copy.deepcopy(model)):
+        runner(torch.randint(0, 256, (1, 1)))
+    assert len(calls) == 1
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops run under it that read a tensor's values on the host (on CUDA: a
+    synchronization, which a graph capture refuses)."""
+
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal",
+             "aten.is_nonzero", "aten.unique")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.ops.add(name)
+        if name.startswith(self.READS):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spiking", [False, True])
+def test_static_decode_step_reads_nothing_back(gqa_model, model, spiking):
+    """What a CUDA graph can hold, checked on the CPU: the static step (SpikeLinear projections
+    and their shared encodings included) runs no op that reads a tensor value on the host."""
+    net = model if spiking else gqa_model
+    runner = static_runner(net, 16, 2)
+    runner(torch.randint(0, 97, (2, 5)), pad=torch.tensor([0, 2]))
+    with HostReads() as watch:
+        runner(torch.randint(0, 97, (2, 1)))
+    assert "aten.index_copy_.default" in watch.ops and not watch.reads
+    assert any(op.startswith("spikeops.spike_linear") for op in watch.ops) == spiking
+
+
+def test_cuda_graphs_rejects(gqa_model):
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        Runner(gqa_model, 8, cuda_graphs=1)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
+        Runner(gqa_model, 8, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the float key-value cache"):
+        Runner(gqa_model, 8, kv="spike4", cuda_graphs=True)
+    dynamic = copy.deepcopy(gqa_model)  # what transformers sets for rope_type "dynamic"
+    dynamic.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a rotary embedding"):
+        Runner(dynamic, 8, cuda_graphs=True)
+    # The default takes graphs where they apply only: none of these.
+    for runner in (Runner(gqa_model, 8), Runner(gqa_model, 8, kv="spike4"),
+                   Runner(dynamic, 8), Runner(gqa_model, 8, cuda_graphs=False)):
+        assert not runner._static and not runner.cuda_graphs
+
+
+cuda_only = pytest.mark.skipif(not cuda_ready(), reason=CUDA_REASON)
+
+
+@cuda_only
+@pytest.mark.parametrize("spiking", [False, True])
+def test_cuda_graph_decode_equals_static_eager(gqa_model, model, monkeypatch, spiking):
+    """On the GPU: the captured step, replayed over several steps, across two key spans, and
+    again after reset() (the same graphs, a new batch without padding), gives the logits of the
+    static step run eagerly bit for bit; a float16 float model and the spiking GPTQ model
+    (SpikeLinear on CUDA, whose ops read nothing back to the host during capture)."""
+    monkeypatch.setattr(spikeops.runner, "MIN_SPAN", 8)
+    net = (model if spiking else copy.deepcopy(gqa_model).half()).cuda()
+    ids = torch.randint(0, net.config.vocab_size, (2, 14), device="cuda")
+    graphs, plain = Runner(net, 14, batch=2), static_runner(net, 14, 2)
+    assert graphs.cuda_graphs and graphs._graphs == {}
+    plain._graphs = None  # the static step run eagerly on the GPU
+    for pad in (torch.tensor([0, 3]), None):
+        assert torch.equal(graphs(ids[:, :5], pad=pad), plain(ids[:, :5], pad=pad))
+        for t in range(5, 14):
+            assert torch.equal(graphs(ids[:, t:t + 1]), plain(ids[:, t:t + 1])), t
+        assert sorted(graphs._graphs) == [8, 14]
+        graphs.reset()
+        plain.reset()
+
+
+@cuda_only
+def test_cuda_graph_decode_matches_eager_decode(gqa_model):
+    """On the GPU, float16: graph steps against the eager decode (cuda_graphs=False) to float16
+    rounding; the logits returned are copies, not the graph's buffer."""
+    net = copy.deepcopy(gqa_model).half().cuda()
+    ids = torch.randint(0, net.config.vocab_size, (3, 12), device="cuda")
+    graphs, eager = Runner(net, 12, batch=3, cuda_graphs=True), \
+        Runner(net, 12, batch=3, cuda_graphs=False)
+    graphs(ids[:, :4]), eager(ids[:, :4])
+    steps = []
+    for t in range(4, 12):
+        got, expect = graphs(ids[:, t:t + 1]), eager(ids[:, t:t + 1])
+        torch.testing.assert_close(got, expect, rtol=1e-2, atol=1e-2)
+        steps.append((got.clone(), got))
+    assert all(torch.equal(kept, got) for kept, got in steps)

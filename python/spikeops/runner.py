@@ -9,6 +9,12 @@ encodings, projection groups (one encoding of an input for q/k/v and for gate/up
 rotations, or float ``nn.Linear``. Only the attention plumbing is its own: rotary position
 embedding, a preallocated key-value cache and ``scaled_dot_product_attention``, the same
 arithmetic as transformers' SDPA attention.
+
+One-token decode steps have a second form with static shapes (``Runner._decode_step``): the
+length is a device tensor, the new key and value are written at that index, and attention reads
+a fixed span of the cache under a mask built on the device, so that nothing in the step reads a
+value back to the host and a CUDA graph can hold it (docs/performance.md, "Whole model under
+CUDA graphs").
 """
 
 from __future__ import annotations
@@ -21,12 +27,19 @@ import torch.nn.functional as F
 from . import _checks
 from .architecture import INPUTS, check_supported, head_dim_of
 from .attention import KV_MODES, PV_MODES, SpikeKV
-from .nn import GROUP_ATTR
+from .nn import GROUP_ATTR, SpikeLinear
 
 HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The per-layer modules a Runner calls, as attribute paths of a decoder layer, besides the
 # query/key/value projections (_qkv).
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.o_proj")
+# Static decode steps attend over a span of the cache: the smallest power of two of at least
+# this many keys that holds the written ones, or max_len. Each span is one captured graph; the
+# masked keys beyond the written ones cost at most as much attention again as the written ones.
+MIN_SPAN = 256
+# Eager runs of a step before it is captured (lazy initialisation, workspaces, as PyTorch's CUDA
+# graph documentation asks); each writes the same cache slot with the same values.
+GRAPH_WARMUP = 3
 
 
 def _part(fn: str, root, path: str):
@@ -73,12 +86,34 @@ class Runner:
     a row's positions count from its first real token and no query attends to a padding key,
     so a row's logits are those of its prompt alone, up to float rounding (the attention
     then sums over more masked keys).
+
+    ``cuda_graphs``: one-token decode steps as CUDA graphs. None (the default) uses them where
+    they apply, a model on a CUDA device with the float cache, since a decode step is mostly
+    kernel launches on a GPU and defaults should be fast on the device they run on; True asks
+    for them and refuses what cannot have them (a model not on CUDA, a spiking cache, whose
+    writes reallocate and take host positions, a dynamic rotary embedding, which reads the
+    positions back); False runs every step eagerly. The static-shape step (module docstring)
+    is captured once per key span (``MIN_SPAN``: 256, 512, ... up to ``max_len``) when a
+    sequence first reaches it, after ``GRAPH_WARMUP`` eager runs on a side stream, and replayed
+    with the ids copied into its input buffer; the logits returned are a copy. ``reset()``
+    keeps the graphs. Prompts (T > 1) run eagerly. A graph step's logits equal the eager
+    step's up to float rounding: its attention also sums the masked keys of the span, in
+    another order (docs/performance.md, "Whole model under CUDA graphs"). While
+    ``spikeops.track`` is active on the model (an observer on any of its SpikeLinear layers)
+    steps run eagerly, so that its observers see every one; other Python hooks on the model's
+    modules run when a step is captured, not when it is replayed.
+    A graph holds the model as it was when captured (its kernels, their arguments, the
+    encodings): after changing the model (``set_encoding``, new weights) make a new Runner.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1,
                  head_dtype: Optional[torch.dtype] = None, kv: str = "float",
-                 kv_rotate: Optional[bool] = None, kv_pv: Optional[str] = None):
+                 kv_rotate: Optional[bool] = None, kv_pv: Optional[str] = None,
+                 cuda_graphs: Optional[bool] = None):
         fn = "Runner"
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise TypeError(f"{fn}: cuda_graphs must be a bool or None, got "
+                            f"{type(cuda_graphs).__name__}")
         _checks.choice(fn, "kv", kv, KV_MODES)
         if kv_pv is not None:
             _checks.choice(fn, "kv_pv", kv_pv, PV_MODES)
@@ -141,6 +176,43 @@ class Runner:
                                      self.head_dim, w.dtype, w.device) for _ in self.layers]
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
+        # Whether one-token steps take _static_step. Its inputs are allocated whatever the
+        # answer (a few bytes per row and key; the tests run the step on the CPU): the ids,
+        # the position of the new token, the rows' left padding (zeros without) and the key
+        # indices of the mask, each at a fixed address for the graphs.
+        self._static = self._graphs_apply(fn, cuda_graphs)
+        self._spike_layers = [m for m in model.modules() if isinstance(m, SpikeLinear)]
+        self._ids = torch.zeros(batch, 1, dtype=torch.int64, device=w.device)
+        self._position = torch.zeros(1, dtype=torch.int64, device=w.device)
+        self._pad = torch.zeros(batch, dtype=torch.int64, device=w.device)
+        self._key_index = torch.arange(max_len, device=w.device)
+        # key span -> (CUDAGraph, its logits); None: the step runs eagerly (not on CUDA)
+        self._graphs = {} if w.device.type == "cuda" else None
+
+    def _graphs_apply(self, fn: str, cuda_graphs: Optional[bool]) -> bool:
+        """Whether decode steps take the static-shape step (as CUDA graphs): ``cuda_graphs``
+        resolved against the model (class docstring)."""
+        if cuda_graphs is False:
+            return False
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        why = None
+        if self.kv != "float":
+            why = (f"the float key-value cache (kv='float'), got kv={self.kv!r}: the spiking "
+                   f"caches take host positions and reallocate as they grow")
+        elif "dynamic" in rope_type:
+            why = (f"a rotary embedding with fixed frequencies, got rope_type {rope_type!r}, "
+                   f"which reads the positions back to the host")
+        elif self.device.type != "cuda":
+            why = f"a model on a CUDA device, got one on {self.device}"
+        if why is not None and cuda_graphs:
+            raise ValueError(f"{fn}: cuda_graphs=True needs {why}; pass cuda_graphs=None "
+                             f"(graphs where they apply) or False")
+        return why is None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether one-token decode steps run as CUDA graphs (``cuda_graphs`` resolved)."""
+        return self._static and self._graphs is not None
 
     def cache_bytes_per_token(self) -> int:
         """Bytes of key-value cache one token position takes, all layers and rows of the batch:
@@ -150,7 +222,8 @@ class Runner:
         return sum(layer.bytes_per_token() for layer in self.spike_kv)
 
     def reset(self) -> None:
-        """Forget the sequences: the next call is a prompt."""
+        """Forget the sequences: the next call is a prompt. CUDA graphs are kept: the next
+        sequences' steps replay them."""
         self.length = 0
         self.pad = None
 
@@ -175,7 +248,24 @@ class Runner:
                                  f"{pad.tolist()} with {start} tokens cached")
         if start == 0:  # a prompt sets the padding afresh, even after a failed one
             self.pad = None if pad is None else pad.to(device=self.device, dtype=torch.int64)
+            if self.pad is not None:
+                self._pad.copy_(self.pad)
+            else:
+                self._pad.zero_()
+        # spikeops.track observes through the layers' observers (Python calls), which a graph
+        # replay would skip.
+        if T == 1 and self._static and \
+                not any(m.observer is not None for m in self._spike_layers):
+            logits = self._static_step(ids, start)
+        else:
+            logits = self._eager(ids, start, last_only)
+        self.length = start + T
+        return logits
+
+    def _eager(self, ids: torch.Tensor, start: int, last_only: bool) -> torch.Tensor:
+        """Logits of ``ids [batch, T]`` as tokens ``start .. start + T``, shapes of this call."""
         x = self.embed(ids.to(self.device))
+        B, T = ids.shape
         positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         end = start + T
         # Queries see every cached key and the new ones up to their own position.
@@ -190,31 +280,91 @@ class Runner:
             positions = (positions - self.pad.unsqueeze(1)).clamp(min=0)
         elif T > 1:
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
+
+        def attend(i, q, k, v):
+            if self.kv == "float":
+                self.keys[i, :, :, start:end] = k
+                self.values[i, :, :, start:end] = v
+                return self._attention(i, q, end, mask)
+            self.spike_kv[i].write(k, v, start, self.pad)
+            return self.spike_kv[i].attend(q, end, mask, self.scaling[i])
+        x = self._layers(x, positions, attend)
+        return self._logits(x[:, -1:] if last_only else x)
+
+    def _decode_step(self, span: int) -> torch.Tensor:
+        """The one-token step with static shapes, what a graph captures: the ids in ``_ids``,
+        their position in ``_position``, attention over the first ``span`` cache slots (those
+        past the position masked). Nothing here reads a device value on the host."""
+        x = self.embed(self._ids)
+        positions = (self._position - self._pad).unsqueeze(1)  # [batch, 1], as _eager's
+        keys = self._key_index[:span]
+        mask = (keys <= self._position) & (keys >= self._pad.view(-1, 1, 1, 1))
+
+        def attend(i, q, k, v):
+            self.keys[i].index_copy_(2, self._position, k)
+            self.values[i].index_copy_(2, self._position, v)
+            return self._attention(i, q, span, mask)
+        return self._logits(self._layers(x, positions, attend))
+
+    def _static_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits of the one-token ``ids`` at position ``start`` through ``_decode_step``: as
+        the replay of its graph on CUDA (captured for the span on first use), else eagerly."""
+        span = min(self.max_len, max(MIN_SPAN, 1 << start.bit_length()))  # > start
+        self._ids.copy_(ids)
+        self._position.fill_(start)
+        if self._graphs is None:
+            return self._decode_step(span)
+        # Capture and replay run on the current device's streams: make it the model's.
+        with torch.cuda.device(self.device):
+            if span not in self._graphs:
+                self._graphs[span] = self._capture(span)
+            graph, logits = self._graphs[span]
+            graph.replay()
+        return logits.clone()
+
+    def _capture(self, span: int):
+        """(CUDAGraph, its logits) of ``_decode_step(span)``: warm-up runs on a side stream,
+        then the capture, the graphs of one Runner sharing one memory pool."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(GRAPH_WARMUP):
+                self._decode_step(span)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self._decode_step(span)
+        return graph, logits
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers on ``x [batch, T, hidden]`` at ``positions [batch, T]``;
+        ``attend(i, q, k, v)`` caches layer i's keys and values ``[batch, kv_heads, T,
+        head_dim]`` and returns the attention of the queries ``[batch, heads, T, head_dim]``."""
+        B, T = x.shape[:2]
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # [B, 1, T, head_dim]
         for i, parts in enumerate(self.layers):
             h = parts["input_layernorm"](x)
             q, k, v = parts["qkv"](h)
             q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.kv_heads, self.head_dim)
-            v = v.view(B, T, self.kv_heads, self.head_dim)
+            k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
-            k = k.transpose(1, 2)
             k = k * cos + _rotate_half(k) * sin
-            if self.kv == "float":
-                self.keys[i, :, :, start:end] = k
-                self.values[i, :, :, start:end] = v.transpose(1, 2)
-                a = F.scaled_dot_product_attention(
-                    q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
-                    scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
-            else:
-                self.spike_kv[i].write(k, v.transpose(1, 2), start, self.pad)
-                a = self.spike_kv[i].attend(q, end, mask, self.scaling[i])
+            a = attend(i, q, k, v)
             x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B, T, -1))
             x = x + parts["mlp"](parts["post_attention_layernorm"](x))
-        self.length = end
-        if last_only:
-            x = x[:, -1:]
+        return x
+
+    def _attention(self, i: int, q: torch.Tensor, keys: int,
+                   mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """SDPA of ``q`` over the first ``keys`` slots of layer i's float cache."""
+        return F.scaled_dot_product_attention(
+            q, self.keys[i, :, :, :keys], self.values[i, :, :, :keys], attn_mask=mask,
+            scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         if self.head_params is None:
             return self.lm_head(h).float()
