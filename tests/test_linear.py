@@ -364,6 +364,36 @@ def test_pdl_switch_refuses_other_values(value, monkeypatch):
         spikeops.spike_linear(st, w)
 
 
+PREFILL_CASES = [  # (K, N, group_size, encoding name, M): AVX-512's blocks of six tokens from
+    # 16 tokens on (spans of 18: M = 18, 19, 36, 37 at their edges), ragged K and N (a last task
+    # of fewer than four column tiles, a partial tile), groups of 128, 64, 8 and one group,
+    # centered minmax codes (one and two ranges), signed codes, and minmax8's zero point term
+    (256, 72, 128, "minmax4", 16), (264, 40, 8, "absmax4-g0.5", 17),
+    (200, 130, -1, "minmax4-salient6", 18), (96, 33, 32, "minmax8", 19),
+    (520, 100, 40, "minmax4", 23), (256, 200, 64, "absmax4-g0.5", 24),
+    (136, 17, 8, "minmax4", 25), (4096, 32, -1, "absmax4-salient8", 36),
+    (256, 72, 64, "minmax4-salient6", 37), (128, 48, 64, "minmax8", 40),
+]
+
+
+@pytest.mark.parametrize("K, N, gs, enc_name, M", PREFILL_CASES)
+def test_cpu_isa_paths_in_blocks_of_six(K, N, gs, enc_name, M, monkeypatch):
+    """The register-blocked AVX-512 kernel (blocks of six tokens, the fold from its registers,
+    the codes laid out with AVX-512) gives the reference's bits, as the other paths, with tokens
+    and blocks of eight channels silent inside a block, and rows whose zero points are too far
+    for centered codes (every row of the call then runs with the zero point term)."""
+    w = make_layer(K, N, 4, gs, sym=False, device="cpu")[0]
+    x = torch.randn(M, K) * 2
+    x[1] = 0                   # one silent token inside the first block
+    x[6:12, : K // 2] = 0      # a block silent in its first groups
+    x[:, 8:16] = 0             # one block of eight channels silent in every token
+    st = spikes_for(x, enc_name, "cpu")
+    assert_isa_paths_identical(st, w, torch.randn(N), monkeypatch)
+    if st.zero is not None:    # far zero points: x + 100 has its zero point near -250
+        x[M - 1] += 100
+        assert_isa_paths_identical(spikes_for(x, enc_name, "cpu"), w, None, monkeypatch)
+
+
 # ----------------------------------------------------------------------------- random configurations and dtypes
 def test_bias_survives_double():
     lin = spikeops.SpikeLinear(make_layer(64, 16, 4, 32)[0], MINMAX4, bias=torch.randn(16))

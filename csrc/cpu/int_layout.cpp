@@ -1,8 +1,10 @@
 // The int backend of spike_linear on x86 CPUs with AMX, AVX-512 VNNI or AVX2, on the CPU layout of
 // the weights (cpu/layout.cpp): the choice of instruction set and the schedule. Each token's
-// codes are laid out once as bytes (TokenCodes); tasks of up to kBlockTokens tokens (16 for AMX)
-// and kTiles tiles of 16 columns run the instruction-set kernels of cpu/int_layout_isa.h over
-// every group: dot products over the group's channels, then the group's epilogue (fold).
+// codes are laid out once as bytes (TokenCodes); tasks of blocks of kBlockTokens tokens (16 for
+// AMX, 6 for AVX-512 from kPrefillTokens on) and kTiles tiles of 16 columns run the
+// instruction-set kernels of cpu/int_layout_isa.h over every group: dot products over the
+// group's channels, then the group's epilogue (fold; AVX-512's blocks of six fold from their
+// registers, dot_fold).
 //
 // The integers are those of csrc/cpu/linear.cpp, so the outputs are identical bit for bit:
 //   D[g, r] = sum over k in group g, range r of (s*Q - zero[r]) * (q - z)
@@ -14,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/int_layout_isa.h"
@@ -47,16 +50,22 @@ struct TokenCodes {
 // Fold units of a call: G * R, or R activation groups.
 int64_t fold_units(const LinearArgs& a) { return a.group ? a.R : a.G * a.R; }
 
-// centered (activation groups with zero points that fit, centered_codes): the bytes and sum_a
-// are those of c = Q - zero[m, u], signed, instead of Q.
-void token_codes(const LinearArgs& a, int64_t m, int64_t KB, int64_t gs, bool centered,
-                 TokenCodes& t) {
-  const int64_t R = a.R, U = fold_units(a);
+// Empties t for a token's codes: K bytes per range, sums, counts and flags per unit.
+void reset_codes(const LinearArgs& a, int64_t KB, TokenCodes& t) {
+  const int64_t U = fold_units(a);
   for (int r = 0; r < (a.hi ? 2 : 1); ++r) t.act[r].assign(2 * KB, 0);
   if (a.hi) t.ind1.assign(2 * KB, 0);
   t.sum_a.assign(U, 0);
   t.count.assign(U, 0);
   t.nonzero.assign(U, 0);
+}
+
+// centered (zero points that fit, centered_codes): the bytes and sum_a are those of
+// c = Q - zero[m, r], signed, instead of Q.
+void token_codes(const LinearArgs& a, int64_t m, int64_t KB, int64_t gs, bool centered,
+                 TokenCodes& t) {
+  const int64_t R = a.R;
+  reset_codes(a, KB, t);
   const int32_t* zero = a.zero ? a.zero + m * R : nullptr;
   for (int64_t w = 0; w < a.W; ++w) {
     const int64_t at = m * a.W + w;
@@ -79,6 +88,65 @@ void token_codes(const LinearArgs& a, int64_t m, int64_t KB, int64_t gs, bool ce
   }
 }
 
+// Whether every word of 32 channels lies in one fold unit per range, as token_codes_avx512
+// needs: activation groups (whole words), layout groups of whole words, or one group.
+bool word_units(const LinearArgs& a, int64_t gs) { return a.group || gs % 32 == 0 || a.G == 1; }
+
+// token_codes with AVX-512 (BW), a word of 32 channels at a time (the low half of a zmm): the
+// codes as bytes by masked adds of each plane's bit, negated where the sign bit is set, per range
+// centered or not; the unit's sum by a dot product with ones, its count by the range's mask. The
+// same bytes and sums as token_codes, which took about 25 us a token at K = 4,096 on Zen 4, a
+// quarter of the dot products' time at M = 256 (docs/performance.md, "The CPU engine").
+SPIKEOPS_TARGET_AVX512 void token_codes_avx512(const LinearArgs& a, int64_t m, int64_t KB,
+                                               int64_t gs, bool centered, TokenCodes& t) {
+  const int64_t R = a.R;
+  reset_codes(a, KB, t);
+  const int32_t* zero = a.zero ? a.zero + m * R : nullptr;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t w = 0; w < a.W; ++w) {
+    const int64_t at = m * a.W + w;
+    const int64_t valid_ch = std::min<int64_t>(32, a.K - 32 * w);
+    const uint32_t valid = valid_ch == 32 ? ~0u : (1u << valid_ch) - 1u;
+    __m512i v = _mm512_setzero_si512();
+    for (int64_t p = 0; p < a.P; ++p)
+      v = _mm512_mask_add_epi8(v, a.planes[p * a.M * a.W + at] & valid, v,
+                               _mm512_set1_epi8(static_cast<char>(1 << p)));
+    const uint32_t sgn = a.sign ? a.sign[at] & valid : 0u, hib = a.hi ? a.hi[at] : 0u;
+    if (sgn) v = _mm512_mask_sub_epi8(v, sgn, _mm512_setzero_si512(), v);
+    for (int r = 0; r < (a.hi ? 2 : 1); ++r) {
+      const uint32_t rmask = (a.hi ? (r ? hib : ~hib) : ~0u) & valid;
+      if (rmask == 0) continue;
+      const int64_t col = a.group ? w / (a.group / 32) : r;  // scale_column of the word
+      const int64_t gr = a.group ? col : (32 * w / gs) * R + r;
+      const int32_t z = zero ? zero[col] : 0;
+      const __m512i bytes = centered ? _mm512_maskz_sub_epi8(rmask, v, _mm512_set1_epi8(
+                                                                static_cast<char>(z)))
+                                     : _mm512_maskz_mov_epi8(rmask, v);
+      _mm512_mask_storeu_epi8(reinterpret_cast<uint8_t*>(t.act[r].data()) + 32 * w, valid, bytes);
+      // Signed bytes (signed or centered codes) or unsigned (Q) against ones.
+      const bool is_signed = a.sign || centered;
+      t.sum_a[gr] += _mm512_reduce_add_epi32(
+          is_signed ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, bytes)
+                    : _mm512_dpbusd_epi32(_mm512_setzero_si512(), bytes, ones));
+      t.count[gr] += __builtin_popcount(rmask);
+      // Some c = s*Q - zero != 0: a nonzero byte where the bytes are c (centered, or no zero
+      // point), else a Q other than the zero point (every Q is, when it lies past a byte).
+      bool nonzero;
+      if (is_signed || !zero) {
+        nonzero = _mm512_test_epi8_mask(bytes, bytes) != 0;
+      } else if (z >= 0 && z <= 255) {
+        nonzero = (_mm512_cmpneq_epi8_mask(v, _mm512_set1_epi8(static_cast<char>(z))) & rmask) != 0;
+      } else {
+        nonzero = true;
+      }
+      if (nonzero) t.nonzero[gr] = 1;
+    }
+    if (a.hi)
+      _mm512_mask_storeu_epi8(reinterpret_cast<uint8_t*>(t.ind1.data()) + 32 * w, valid,
+                              _mm512_maskz_mov_epi8(hib & valid, ones));
+  }
+}
+
 // Geometry of one call.
 struct Plan {
   int64_t KB, NT, gs;
@@ -87,16 +155,17 @@ struct Plan {
   // unit is a dot product with ones, the indicator of channels k < K ([2 * KB] dwords).
   bool unit_qsum = false;
   std::vector<int32_t> ones;
-  bool centered = false;        // the codes are c = Q - zero[m, u] (centered_codes)
+  bool centered = false;        // the codes are c = Q - zero[m, r] (centered_codes)
 };
 
-// Activation groups with zero points: when every c = Q - zero[m, u] fits a signed byte (zero
-// points in [2^P - 1 - 127, 128]; minmax4 groups that hold both signs have them in [0, 15]), the
-// codes are c itself, on the kernels of signed encodings: D = sum(c q) - z sum(c), exactly the
-// same integer with no zero point term, so neither sum(q) over the unit nor its dot product
-// with ones. Else Q (unsigned) and the zero point term, as without groups.
+// Zero points (per token, range or activation group u): when every c = Q - zero[m, u] fits a
+// signed byte (zero points in [2^P - 1 - 127, 128]; minmax4 rows or groups that hold both signs
+// have them in [0, 15]), the codes are c itself, on the kernels of signed encodings:
+// D = sum(c q) - z sum(c), exactly the same integer with no zero point term, so neither sum(q)
+// over the unit (range 1's dot product with its indicator, a unit's with ones) nor its product
+// in the epilogue. Else Q (unsigned) and the zero point term.
 bool centered_codes(const LinearArgs& a) {
-  if (!a.group || !a.zero) return false;
+  if (!a.zero) return false;
   const int32_t lo = (int32_t{1} << a.P) - 1 - 127;
   for (int64_t i = 0; i < a.M * a.R; ++i)
     if (a.zero[i] < lo || a.zero[i] > 128) return false;
@@ -110,16 +179,32 @@ bool centered_codes(const LinearArgs& a) {
 // blocks of dot products (docs/performance.md, "The CPU engine").
 constexpr int kSpanTokens = 16;
 
+// Tokens from which the vector kernels take blocks of kPrefillBlock tokens (AVX-512: 6, the
+// register-blocked kernel, dot_fold) instead of kBlockTokens: 4096 -> 11008 at M = 16 took
+// 5.4-5.7 ms before the change that brought them, 3.7-4.0 ms after (docs/performance.md, "The
+// CPU engine").
+constexpr int64_t kPrefillTokens = 16;
+
+// Tokens per task: kSpanTokens rounded up to whole blocks of kMB.
+template <int kMB>
+constexpr int span_of() {
+  return (std::max(kMB, kSpanTokens) + kMB - 1) / kMB * kMB;
+}
+
+// Whether blocks of kMB tokens on Kernels fold from the dot product's registers (dot_fold).
+template <typename Kernels, int kMB>
+constexpr bool kFusedFold = std::is_same_v<Kernels, Avx512> && kMB == Avx512::kPrefillBlock;
+
 // One task: tokens [m0, m0 + span), span <= kSpan, in blocks of kMB; column tiles
 // [t0, t0 + kTiles); every group.
 template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes,
               int64_t m0, int span, int64_t t0, T* y) {
-  constexpr int kSpan = std::max(kMB, kSpanTokens);
+  constexpr int kSpan = span_of<kMB>();
   static_assert(kSpan % kMB == 0, "a span is whole blocks");
   double S[kSpan][2][kCols];
   alignas(64) int32_t A[kMB][kCols], Q1[kMB][kCols];
-  GroupCols gc;
+  GroupCols gc{};  // zeros past the task's columns, which dot_fold reads
   const int64_t R = a.R;
   const int tiles = static_cast<int>(std::min<int64_t>(kTiles, p.NT - t0));
   const int64_t n0 = t0 * kTileCols;
@@ -139,10 +224,25 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
         if (!loaded) gc.load(a, g, n0, cols), loaded = true;
         for (int t = 0; t < kMB; ++t)
           act[t] = t < mb ? codes[mj + t].act[r].data() : p.silent.data();
+        const bool zero_term = a.zero && !p.centered;
+        if constexpr (kFusedFold<Kernels, kMB>) {
+          if (!zero_term) {  // the prefill kernel folds from its registers
+            int32_t sum_a[kMB];
+            double* Sp[kMB];
+            for (int t = 0; t < kMB; ++t) {
+              const bool live = t < mb && codes[mj + t].nonzero[g * R + r];
+              sum_a[t] = live ? static_cast<int32_t>(codes[mj + t].sum_a[g * R + r]) : 0;
+              Sp[t] = live ? S[j0 + t][r] : nullptr;
+            }
+            Kernels::template dot_fold<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act,
+                                                       gc, sum_a, Sp);
+            continue;
+          }
+        }
         Kernels::template dot<kUnsigned, kMB>(a.packed, p.KB, t0, tiles, b0, b1, act, A);
         // sum(q) over (g, r) for the zero point term: the group's from code_sums, range 1's by
         // a dot product with the indicator of range-1 channels.
-        const bool two_ranges = R == 2 && a.zero;
+        const bool two_ranges = R == 2 && zero_term;
         if (two_ranges) {
           for (int t = 0; t < kMB; ++t)
             act[t] = t < mb ? codes[mj + t].ind1.data() : p.silent.data();
@@ -153,7 +253,7 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
           if (!tc.nonzero[g * R + r]) continue;
           Kernels::fold(gc, cols, A[t], two_ranges ? Q1[t] : nullptr, r == 1,
                         static_cast<int32_t>(tc.sum_a[g * R + r]),
-                        a.zero ? a.zero[(mj + t) * R + r] : 0,
+                        zero_term ? a.zero[(mj + t) * R + r] : 0,
                         static_cast<int32_t>(tc.count[g * R + r]), S[j0 + t][r]);
         }
       }
@@ -178,7 +278,7 @@ void run_task(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>&
 template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run_task_groups(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes,
                      int64_t m0, int span, int64_t t0, T* y) {
-  constexpr int kSpan = std::max(kMB, kSpanTokens);
+  constexpr int kSpan = span_of<kMB>();
   constexpr bool kTiles16 = Kernels::kBlock > kBlockTokens;  // AMX: the indicator on AVX-512
   double Y[kSpan][kCols];
   alignas(64) int32_t A[kMB + 1][kCols];  // row kMB: sum(q) over the unit (unit_qsum)
@@ -240,7 +340,7 @@ void run_task_groups(const LinearArgs& a, const Plan& p, const std::vector<Token
 
 template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes) {
-  constexpr int64_t kSpan = std::max(kMB, kSpanTokens);
+  constexpr int64_t kSpan = span_of<kMB>();
   const int64_t col_tasks = (p.NT + kTiles - 1) / kTiles, spans = (a.M + kSpan - 1) / kSpan;
   T* y = static_cast<T*>(a.out);
   // Token spans of the same columns are neighbours, so their weight rows meet in cache.
@@ -277,15 +377,25 @@ void run(const LinearArgs& a) {
     std::fill_n(reinterpret_cast<uint8_t*>(p.ones.data()), a.K, uint8_t{1});
   }
   std::vector<TokenCodes> codes(a.M);
+  const bool vector_codes = !std::is_same_v<Kernels, Avx2> && word_units(a, p.gs);
   at::parallel_for(0, a.M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) token_codes(a, m, p.KB, p.gs, p.centered, codes[m]);
+    for (int64_t m = begin; m < end; ++m) {
+      if (vector_codes) {
+        token_codes_avx512(a, m, p.KB, p.gs, p.centered, codes[m]);
+      } else {
+        token_codes(a, m, p.KB, p.gs, p.centered, codes[m]);
+      }
+    }
   });
   // AMX: blocks of 16 tokens (it runs from kAmxTokens on). Else one token per task at decode
-  // (no padding work), four per task beyond.
+  // (no padding work), four per task beyond, and from kPrefillTokens on the kernels' prefill
+  // block (AVX-512: six; not with the ones of unit_qsum, a seventh token past the registers).
   if constexpr (Kernels::kBlock > kBlockTokens) {
     run<Kernels, kUnsigned, Kernels::kBlock, T>(a, p, codes);
   } else if (a.M < kBlockTokens) {
     run<Kernels, kUnsigned, 1, T>(a, p, codes);
+  } else if (Kernels::kPrefillBlock != kBlockTokens && a.M >= kPrefillTokens && !p.unit_qsum) {
+    run<Kernels, kUnsigned, Kernels::kPrefillBlock, T>(a, p, codes);
   } else {
     run<Kernels, kUnsigned, kBlockTokens, T>(a, p, codes);
   }

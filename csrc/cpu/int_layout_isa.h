@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace spikeops {
 namespace cpu {
@@ -29,6 +30,7 @@ namespace isa_kernels {
 constexpr int kTileCols = 16;    // columns per zmm of int32 lanes
 constexpr int kTiles = 4;        // column tiles per task: independent accumulator chains
 constexpr int kBlockTokens = 4;  // tokens per block when M allows: one weight load serves them
+                                 // (AVX-512 prefill: Avx512::kPrefillBlock)
 
 constexpr int kCols = kTiles * kTileCols;
 constexpr int64_t kPrefetchBlocks = 64;  // AVX-512 decode: weight rows fetched 4 KB ahead
@@ -83,15 +85,35 @@ inline bool block_codes(const int32_t* const* act, int64_t b, int32_t* lo, int32
 // to set up or release (AMX has both).
 struct VectorRegisters {
   static constexpr int kBlock = kBlockTokens;
+  static constexpr int kPrefillBlock = kBlockTokens;
   static void begin() {}
   static void end() {}
 };
 
 struct Avx512 : VectorRegisters {
+  // Tokens per block of prefill (from kPrefillTokens on, cpu/int_layout.cpp): kPrefillBlock
+  // tokens x kTiles tiles are 24 independent accumulator chains, which Zen 4 needs to run
+  // vpdpbusd at its peak (docs/performance.md, "The CPU engine").
+  static constexpr int kPrefillBlock = 6;
+
   template <bool kUnsigned, int kMB>
   SPIKEOPS_TARGET_AVX512 static void dot(const uint8_t* packed, int64_t KB, int64_t t0,
                                          int tiles, int64_t b0, int64_t b1,
                                          const int32_t* const* act, int32_t (*A)[kCols]) {
+    if constexpr (kMB <= 2) {
+      dot_decode<kUnsigned, kMB>(packed, KB, t0, tiles, b0, b1, act, A);
+    } else {
+      dot_prefill<kUnsigned, kMB>(packed, KB, t0, tiles, b0, b1, act, A);
+    }
+  }
+
+  // Decode (one token, or one and the ones of activation groups): memory-bound, each weight row
+  // read once; both nibbles of a row go to the same accumulator.
+  template <bool kUnsigned, int kMB>
+  SPIKEOPS_TARGET_AVX512 static void dot_decode(const uint8_t* packed, int64_t KB, int64_t t0,
+                                                int tiles, int64_t b0, int64_t b1,
+                                                const int32_t* const* act,
+                                                int32_t (*A)[kCols]) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     // Every tile's accumulators are zeroed and stored, so that they stay in registers (with
     // `tiles` bounds, GCC spills them and calls memset and memcpy).
@@ -105,27 +127,119 @@ struct Avx512 : VectorRegisters {
         // Decode reads each weight row once, from memory: the rows kPrefetchBlocks ahead are
         // fetched now (one core's four streams, 32 KB apart, outran the hardware prefetchers of
         // Zen 4: docs/performance.md, "The CPU engine"). The last row stands for those past it.
-        if constexpr (kMB <= 2)  // 2: one token and the ones of activation groups
-          _mm_prefetch(reinterpret_cast<const char*>(
-              packed + ((t0 + i) * KB + std::min<int64_t>(b + kPrefetchBlocks, KB - 1)) * 64),
-                       _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(
+            packed + ((t0 + i) * KB + std::min<int64_t>(b + kPrefetchBlocks, KB - 1)) * 64),
+                     _MM_HINT_T0);
         const __m512i w = _mm512_loadu_si512(packed + ((t0 + i) * KB + b) * 64);
         const __m512i w_lo = _mm512_and_si512(w, low);
         const __m512i w_hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
         for (int t = 0; t < kMB; ++t) {
           const __m512i x_lo = _mm512_set1_epi32(a_lo[t]), x_hi = _mm512_set1_epi32(a_hi[t]);
-          if constexpr (kUnsigned) {  // activations u8, weight codes s8 (<= 15)
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], x_lo, w_lo);
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], x_hi, w_hi);
-          } else {                    // weight codes u8, activations s8
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], w_lo, x_lo);
-            acc[t][i] = _mm512_dpbusd_epi32(acc[t][i], w_hi, x_hi);
-          }
+          acc[t][i] = dpbusd<kUnsigned>(acc[t][i], x_lo, w_lo);
+          acc[t][i] = dpbusd<kUnsigned>(acc[t][i], x_hi, w_hi);
         }
       }
     }
     for (int t = 0; t < kMB; ++t)  // every tile, in registers, zero past `tiles`
       for (int i = 0; i < kTiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
+  }
+
+  // Prefill: kMB x kTiles accumulators (24 at kPrefillBlock) and, per block, one nibble of the
+  // kTiles weight rows at a time (kTiles registers, not 2 * kTiles: all fit the 32 zmm); each
+  // token's code dword is broadcast from memory. The weight rows of the group come from L1 for
+  // every block of tokens after the first. Tiles past `tiles` (the last task of a ragged N)
+  // repeat the first tile; their sums are never output.
+  template <bool kUnsigned, int kMB>
+  SPIKEOPS_TARGET_AVX512 __attribute__((always_inline)) static inline void accumulate(
+      const uint8_t* packed, int64_t KB, int64_t t0, int tiles, int64_t b0, int64_t b1,
+      const int32_t* const* act, __m512i (&acc)[kMB][kTiles]) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const uint8_t* rows[kTiles];
+    for (int i = 0; i < kTiles; ++i) rows[i] = packed + (t0 + (i < tiles ? i : 0)) * KB * 64;
+    for (int t = 0; t < kMB; ++t)
+      for (int i = 0; i < kTiles; ++i) acc[t][i] = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) {
+      // Both code dwords of each token in one 64-bit load, for the test only: the broadcasts
+      // below then read the codes from memory (loads the compiler cannot share with these).
+      uint64_t any = 0;
+      for (int t = 0; t < kMB; ++t) {
+        uint64_t both;
+        std::memcpy(&both, act[t] + 2 * b, sizeof(both));
+        any |= both;
+      }
+      if (any == 0) continue;  // silent in every token: the block's weights are not read
+      for (int h = 0; h < 2; ++h) {
+        __m512i w[kTiles];
+        for (int i = 0; i < kTiles; ++i) {
+          const __m512i v = _mm512_loadu_si512(rows[i] + b * 64);
+          w[i] = _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, low);
+        }
+        for (int t = 0; t < kMB; ++t) {
+          const __m512i x = _mm512_set1_epi32(act[t][2 * b + h]);
+          for (int i = 0; i < kTiles; ++i) acc[t][i] = dpbusd<kUnsigned>(acc[t][i], x, w[i]);
+        }
+      }
+    }
+  }
+
+  template <bool kUnsigned, int kMB>
+  SPIKEOPS_TARGET_AVX512 static void dot_prefill(const uint8_t* packed, int64_t KB,
+                                                 int64_t t0, int tiles, int64_t b0, int64_t b1,
+                                                 const int32_t* const* act,
+                                                 int32_t (*A)[kCols]) {
+    __m512i acc[kMB][kTiles];
+    accumulate<kUnsigned, kMB>(packed, KB, t0, tiles, b0, b1, act, acc);
+    for (int t = 0; t < kMB; ++t)
+      for (int i = 0; i < kTiles; ++i) _mm512_storeu_si512(A[t] + i * kTileCols, acc[t][i]);
+  }
+
+  // dot_prefill and the fold of its kMB tokens from the accumulators, for units without a zero
+  // point term (signed or centered codes): D = A - z * sum_a, then fold's float32 product and
+  // float64 sum, the same operations on the same values per output (identical bits). The group's
+  // zero points and scales are loaded once for the kMB tokens; S[t] is null for a token that
+  // skips the unit (no nonzero code, or padding). gc holds zeros past the task's columns.
+  template <bool kUnsigned, int kMB>
+  SPIKEOPS_TARGET_AVX512 static void dot_fold(const uint8_t* packed, int64_t KB, int64_t t0,
+                                              int tiles, int64_t b0, int64_t b1,
+                                              const int32_t* const* act, const GroupCols& gc,
+                                              const int32_t* sum_a, double* const* S) {
+    __m512i acc[kMB][kTiles];
+    accumulate<kUnsigned, kMB>(packed, KB, t0, tiles, b0, b1, act, acc);
+    for (int i = 0; i < kTiles; ++i) {
+      const __m512i z = _mm512_load_si512(gc.zero + i * kTileCols);
+      const __m512 scale = _mm512_load_ps(gc.scale + i * kTileCols);
+      for (int t = 0; t < kMB; ++t) {
+        if (S[t] == nullptr) continue;
+        const __m512i d =
+            _mm512_sub_epi32(acc[t][i], _mm512_mullo_epi32(z, _mm512_set1_epi32(sum_a[t])));
+        add_product(_mm512_mul_ps(scale, _mm512_cvtepi32_ps(d)), S[t] + i * kTileCols);
+      }
+    }
+  }
+
+  // s[0..16) += float64(prod), the float64 sum of the epilogue; kTerm (activation groups):
+  // += scale * float64(prod), scale_term's product rounded, then added.
+  template <bool kTerm = false>
+  SPIKEOPS_TARGET_AVX512 __attribute__((always_inline)) static inline void add_product(
+      __m512 prod, double* s, double scale = 0.0) {
+    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(prod));
+    __m512d hi = _mm512_cvtps_pd(
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(prod), 1)));
+    if constexpr (kTerm) {
+      const __m512d ts = _mm512_set1_pd(scale);
+      lo = _mm512_mul_pd(ts, lo);
+      hi = _mm512_mul_pd(ts, hi);
+    }
+    _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s), lo));
+    _mm512_storeu_pd(s + 8, _mm512_add_pd(_mm512_loadu_pd(s + 8), hi));
+  }
+
+  // acc + the four-byte dot products of the codes x and the weight codes w: unsigned encodings
+  // have u8 activations and s8 weight codes (<= 15), signed ones u8 weight codes and s8
+  // activations.
+  template <bool kUnsigned>
+  SPIKEOPS_TARGET_AVX512 static __m512i dpbusd(__m512i acc, __m512i x, __m512i w) {
+    return kUnsigned ? _mm512_dpbusd_epi32(acc, x, w) : _mm512_dpbusd_epi32(acc, w, x);
   }
 
   template <bool kTerm = false>
@@ -150,17 +264,7 @@ struct Avx512 : VectorRegisters {
       }
       const __m512 prod = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, gc.scale + c0),
                                         _mm512_cvtepi32_ps(d));
-      double* s = S + c0;
-      __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(prod));
-      __m512d hi = _mm512_cvtps_pd(
-          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(prod), 1)));
-      if constexpr (kTerm) {  // scale_term: double(scale[m, u]) * S_u, rounded, then added
-        const __m512d ts = _mm512_set1_pd(scale);
-        lo = _mm512_mul_pd(ts, lo);
-        hi = _mm512_mul_pd(ts, hi);
-      }
-      _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s), lo));
-      _mm512_storeu_pd(s + 8, _mm512_add_pd(_mm512_loadu_pd(s + 8), hi));
+      add_product<kTerm>(prod, S + c0, scale);
     }
   }
 };
