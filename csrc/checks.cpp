@@ -436,6 +436,40 @@ MatmulArgs check_matmul(Inputs& in, const at::Tensor& a_planes, const OptTensor&
   return g;
 }
 
+MatmulArgs check_prob_matmul(Inputs& in, const at::Tensor& probs, const at::Tensor& token_scale,
+                             const at::Tensor& b_planes, const OptTensor& b_sign,
+                             const OptTensor& b_hi, const at::Tensor& b_scale,
+                             const OptTensor& b_zero, int64_t kv_heads) {
+  const char* op = "prob_matmul";
+  check_dtype(op, probs, "probs", at::kFloat);
+  TORCH_CHECK_VALUE(probs.dim() == 4 && probs.size(0) >= 1 && probs.size(1) >= 1 &&
+                        probs.size(3) >= 1 && probs.size(3) <= kMatmulMaxK,
+                    op, ": probs must have shape [batch, heads, Ma, K] with batch, heads >= 1 ",
+                    "and K in [1, ", kMatmulMaxK, "], got ", shape_str(probs));
+  MatmulArgs g{};
+  g.batch = probs.size(0), g.heads = probs.size(1), g.Ma = probs.size(2), g.K = probs.size(3);
+  TORCH_CHECK_VALUE(kv_heads >= 1 && g.heads % kv_heads == 0, op, ": kv_heads must be >= 1 ",
+                    "and divide probs' heads (", g.heads, "), got ", kv_heads);
+  g.kv_heads = kv_heads;
+  check_dtype(op, token_scale, "token_scale", at::kFloat);
+  check_same_device(op, token_scale, "token_scale", probs, "probs");
+  TORCH_CHECK_VALUE(token_scale.dim() == 2 && token_scale.size(0) == g.batch * kv_heads &&
+                        token_scale.size(1) >= g.K,
+                    op, ": token_scale must have shape [batch * kv_heads, S] = [",
+                    g.batch * kv_heads, ", S >= K = ", g.K, "], got ", shape_str(token_scale));
+  g.b = check_spikes("prob_matmul (b)", in, b_planes, b_sign, b_hi, b_scale, b_zero, 0);
+  check_same_device(op, b_planes, "b_planes", probs, "probs");
+  check_spike_width("prob_matmul (b)", g.b, g.K, "probs' K");
+  TORCH_CHECK_VALUE(g.b.M % (g.batch * kv_heads) == 0, op, ": b_planes must hold batch * ",
+                    "kv_heads * Lb rows (batch = ", g.batch, ", kv_heads = ", kv_heads,
+                    "), got M = ", g.b.M);
+  g.a = SpikeFields{nullptr, nullptr, nullptr, nullptr, nullptr, 8, g.batch * g.heads * g.Ma,
+                    (g.K + 31) / 32, 1, 0};
+  g.Lb = g.N = g.b.M / (g.batch * kv_heads);
+  g.out_type = FloatType::kFloat;
+  return g;
+}
+
 // ---- the CPU layout ----------------------------------------------------------------------
 namespace {
 

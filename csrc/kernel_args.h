@@ -211,4 +211,15 @@ struct MatmulArgs {
   bool causal;                  // key j of query i is masked (-inf) when j > N - Ma + i
 };
 
+// prob_matmul (docs/ops.md): spike_matmul of A, the float32 probabilities times B's token
+// scales encoded per row as static unsigned 8-bit codes, and B. `m.a` describes those codes
+// (P = 8, one range, no sign or zero; its scale is `steps`, which the kernel fills), m.b is B.
+struct ProbMatmulArgs {
+  MatmulArgs m;
+  const float* probs;           // [batch * heads * Ma, K]
+  const float* token_scale;     // row (batch, kv head): K scales at stride scale_stride
+  int64_t scale_stride;
+  float* steps;                 // [batch * heads * Ma] out: each A row's scale
+};
+
 }  // namespace spikeops

@@ -2,6 +2,7 @@
 // every (query row, key) pair, tasks of one query row and a block of keys.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -396,8 +397,8 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
   }
 }
 
-template <typename T>
-void matmul_bytes(const MatmulArgs& a) {
+// ByteRows sized for A's rows, with the valid channels of each 64-channel word.
+ByteRows byte_rows(const MatmulArgs& a) {
   ByteRows x;
   x.words64 = (a.a.W + 1) / 2;
   const int64_t cells = a.a.M * x.words64;
@@ -410,10 +411,12 @@ void matmul_bytes(const MatmulArgs& a) {
     x.valid[w] = matmul_valid_bits(2 * w, a.K);
     if (2 * w + 1 < a.a.W) x.valid[w] |= uint64_t(matmul_valid_bits(2 * w + 1, a.K)) << 32;
   }
-  const bool sums = a.b.zero != nullptr;
-  at::parallel_for(0, a.a.M, 256, [&](int64_t begin, int64_t end) {
-    unpack_rows(a, x, sums, begin, end);
-  });
+  return x;
+}
+
+// The tasks of byte_tasks over A's rows x, filled.
+template <typename T>
+void run_byte_tasks(const MatmulArgs& a, const ByteRows& x) {
   const int64_t rows_g = a.heads / a.kv_heads * a.Ma;
   const int64_t blocks = (a.N + kByteKeyBlock - 1) / kByteKeyBlock;
   const int64_t tasks = a.batch * a.kv_heads * blocks;
@@ -425,9 +428,105 @@ void matmul_bytes(const MatmulArgs& a) {
     byte_tasks<T>(a, x, begin, end);
   });
 }
+
+template <typename T>
+void matmul_bytes(const MatmulArgs& a) {
+  ByteRows x = byte_rows(a);
+  const bool sums = a.b.zero != nullptr;
+  at::parallel_for(0, a.a.M, 256, [&](int64_t begin, int64_t end) {
+    unpack_rows(a, x, sums, begin, end);
+  });
+  run_byte_tasks<T>(a, x);
+}
+
+// prob_matmul's rows of A (docs/ops.md, prob_matmul): row r's weights v = p * token scale
+// (float32 products), its scale s = max(v) / 255 (1 when the max is not positive) and its codes
+// min(max(rint(v / s), 0), 255), made as bytes: the arithmetic of gif_encode's static unsigned
+// encoder (encode_words_avx512: IEEE division, rounding to nearest even) on the weights that
+// torch's product makes, so the bytes are those unpack_rows makes from the encoded planes. A row
+// holding NaN gets scale 1 and then, like any non-finite row of gif_encode, stored scale NaN and
+// codes 0; a scale that gif_encode would refuse (+Inf: a weight of +Inf) is refused.
+SPIKEOPS_TARGET_AVX512 inline __m512 prob_weights(const float* p, const float* scale, int64_t k0,
+                                                  __mmask16 valid) {
+  return _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p + k0),
+                       _mm512_maskz_loadu_ps(valid, scale + k0));
+}
+
+SPIKEOPS_TARGET_AVX512 void prob_rows(const ProbMatmulArgs& p, ByteRows& x, bool sums,
+                                      int64_t begin, int64_t end) {
+  const MatmulArgs& a = p.m;
+  const int64_t K = a.K, group = a.heads / a.kv_heads;
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t r = begin; r < end; ++r) {
+    const float* pr = p.probs + r * K;
+    const int64_t n = r / (a.heads * a.Ma), h = (r / a.Ma) % a.heads;
+    const float* ts = p.token_scale + (n * a.kv_heads + h / group) * p.scale_stride;
+    __m512 top = _mm512_sub_ps(_mm512_setzero_ps(), inf);
+    bool nan = false, finite = true;
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t c = std::min<int64_t>(16, K - k0);
+      const __mmask16 valid = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
+      const __m512 v = prob_weights(pr, ts, k0, valid);
+      nan |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q) != 0;
+      // v - v is 0 for finite v and NaN for NaN or Inf
+      finite &= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), _mm512_setzero_ps(),
+                                        _CMP_NEQ_UQ) == 0;
+      top = _mm512_mask_max_ps(top, valid, top, v);
+    }
+    // torch's amax: NaN if the row holds one; the scale: where(max > 0, max / 255, 1).
+    const float row_max = _mm512_reduce_max_ps(top);
+    const float step = !nan && row_max > 0.f ? row_max / 255.f : 1.f;
+    TORCH_CHECK_VALUE(std::isfinite(step) && step > 0.f, "prob_matmul: the scale of row ", r,
+                      " (its largest weight / 255) must be positive and finite, as gif_encode's ",
+                      "static scale, got ", step);
+    p.steps[r] = finite ? step : std::numeric_limits<float>::quiet_NaN();
+    const __m512 scale = _mm512_set1_ps(step), qmax = _mm512_set1_ps(255.f);
+    for (int64_t w = 0; w < x.words64; ++w) {
+      const int64_t cell = r * x.words64 + w;
+      uint8_t* bytes = x.mag.data() + 64 * cell;
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t k0 = 64 * w + 16 * q;
+        const int64_t c = finite ? std::max<int64_t>(0, std::min<int64_t>(16, K - k0)) : 0;
+        const __mmask16 valid = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
+        const __m512 code = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
+            _mm512_div_ps(prob_weights(pr, ts, k0, valid), scale), kNearest), _mm512_setzero_ps()), qmax);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + 16 * q),
+                         _mm512_cvtepi32_epi8(_mm512_maskz_cvttps_epi32(valid, code)));
+      }
+      const __m512i mag = _mm512_loadu_si512(bytes);
+      x.sign[cell] = 0;
+      x.nonzero[cell] = _mm512_test_epi8_mask(mag, mag) != 0;
+      if (sums) x.sum[r] += signed_byte_sum(mag, 0);
+    }
+  }
+}
 #endif
 
 }  // namespace
+
+bool prob_matmul_fits(const MatmulArgs& m) {
+#if SPIKEOPS_X86_INTRINSICS
+  return best_isa() >= Isa::kAvx512Vnni && byte_kernel_fits(m);
+#else
+  (void)m;
+  return false;
+#endif
+}
+
+void prob_matmul(const ProbMatmulArgs& p) {
+#if SPIKEOPS_X86_INTRINSICS
+  ByteRows x = byte_rows(p.m);
+  const bool sums = p.m.b.zero != nullptr;
+  at::parallel_for(0, p.m.a.M, 256, [&](int64_t begin, int64_t end) {
+    prob_rows(p, x, sums, begin, end);
+  });
+  run_byte_tasks<float>(p.m, x);
+#else
+  (void)p;
+  TORCH_CHECK(false, "prob_matmul: the fused kernel needs x86 intrinsics (prob_matmul_fits)");
+#endif
+}
 
 void spike_matmul(const MatmulArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS

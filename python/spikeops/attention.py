@@ -318,18 +318,14 @@ class SpikeKV:
         return int(pairs.sum()), int(visible.sum()) * D
 
     def spike_pv(self, probs: torch.Tensor, end: int) -> torch.Tensor:
-        """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``spike_matmul`` of A =
+        """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``ops.prob_matmul``: A =
         the probabilities times the values' per-token scales, as unsigned 8-bit spikes per
         query row (static, scale = row max / 255, zero 0: no scale floor), and B = the
-        channel-major value codes ``c_v`` (rows d, channels j), read in place."""
-        B, Hkv, _, _ = self.values.shape
-        H, T = probs.shape[1], probs.shape[2]
-        weights = (probs.view(B, Hkv, H // Hkv, T, end) *
-                   self.values.token_scales(end).view(B, Hkv, 1, 1, end)).view(probs.shape)
-        row_max = weights.amax(-1).reshape(-1)
-        step = torch.where(row_max > 0, row_max / 255, torch.ones_like(row_max))
-        pt = encode(weights, Encoding("static", 8), scale=step, zero=0)
-        return spike_matmul(pt, self.values.spikes(end))
+        channel-major value codes ``c_v`` (rows d, channels j), read in place; on the CPU the
+        codes of A are made inside the matmul kernel (docs/ops.md, prob_matmul)."""
+        v = self.values.spikes(end)
+        return ops.prob_matmul(probs.float(), self.values.scale, v.planes, v.sign, v.hi, v.scale,
+                               v.zero, self.values.shape[1])
 
     def bytes_per_token(self) -> int:
         return self.keys.bytes_per_token() + self.values.bytes_per_token()
