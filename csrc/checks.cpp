@@ -470,6 +470,33 @@ MatmulArgs check_prob_matmul(Inputs& in, const at::Tensor& probs, const at::Tens
   return g;
 }
 
+ChannelMajorArgs check_channel_major_write(Inputs& in, const at::Tensor& planes,
+                                           const OptTensor& sign, const at::Tensor& out,
+                                           int64_t K, int64_t start) {
+  const char* op = "channel_major_write";
+  const SpikeFields s = check_spike_bits(op, in, planes, sign, c10::nullopt, 0);
+  TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
+  check_spike_width(op, s, K, "K");
+  check_dtype(op, out, "out", at::kInt);
+  check_same_device(op, out, "out", planes, "planes");
+  const int64_t P = s.P + (s.sign != nullptr);
+  TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) == P && out.size(1) >= K &&
+                        out.size(1) % K == 0 && s.M % (out.size(1) / K) == 0,
+                    op, ": out must have shape [P + (sign given), G * K, words] = [", P,
+                    ", G * ", K, ", words] with G dividing the ", s.M, " token rows, got ",
+                    shape_str(out));
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous (it is written in ",
+                    "place), got strides ", out.strides());
+  ChannelMajorArgs a{};
+  a.P = s.P, a.K = K, a.Wt = s.W, a.G = out.size(1) / K, a.T = s.M / a.G;
+  a.words = out.size(2), a.start = start;
+  TORCH_CHECK_VALUE(start >= 0 && start + a.T <= 32 * a.words, op, ": tokens start .. start + T",
+                    " = ", start, " .. ", start + a.T, " must lie in out's ", 32 * a.words,
+                    " token bits (", a.words, " words)");
+  a.planes = s.planes, a.sign = s.sign;
+  return a;
+}
+
 // ---- the CPU layout ----------------------------------------------------------------------
 namespace {
 

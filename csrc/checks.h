@@ -133,4 +133,12 @@ MatmulArgs check_prob_matmul(Inputs& in, const at::Tensor& probs, const at::Tens
                              const OptTensor& b_hi, const at::Tensor& b_scale,
                              const OptTensor& b_zero, int64_t kv_heads);
 
+// channel_major_write's inputs: planes/sign of M = G * T token rows of K channels (one range),
+// out int32 [P + (sign given), G * K, words], contiguous (written in place), on planes' device,
+// with start + T <= 32 * words; the pointers left for the entry.
+ChannelMajorArgs check_channel_major_write(Inputs& in, const at::Tensor& planes,
+                                           const OptTensor& sign, const at::Tensor& out,
+                                           int64_t K, int64_t start);
+
 }  // namespace spikeops
+

@@ -368,6 +368,17 @@ at::Tensor prob_matmul(const at::Tensor& probs, const at::Tensor& token_scale,
                          at::kFloat);
 }
 
+template <Dev D>
+void channel_major_write(const at::Tensor& planes, const OptTensor& sign, at::Tensor& out,
+                         int64_t K, int64_t start) {
+  Inputs in;
+  ChannelMajorArgs a = check_channel_major_write(in, planes, sign, out, K, start);
+  if (a.G * a.T == 0) return;
+  a.out = mutable_words(out);
+  run<D>("channel_major_write", planes, "planes", a, &cpu::channel_major_write,
+         SPIKEOPS_CUDA_LAUNCHER(launch_channel_major_write));
+}
+
 // ---- the CPU layout (docs/ops.md, "CPU layout") ------------------------------------------
 // CPU tensors only; the entries are registered for CUDA too, where they refuse their input by
 // name (ValueError) instead of the dispatcher's NotImplementedError.
@@ -462,6 +473,11 @@ TORCH_LIBRARY(spikeops, m) {
   m.def(
       "prob_matmul(Tensor probs, Tensor token_scale, Tensor b_planes, Tensor? b_sign, "
       "Tensor? b_hi, Tensor b_scale, Tensor? b_zero, int kv_heads) -> Tensor");
+  // T tokens' spike words (token-major rows (g, t), M = G * T, one range) written in place into
+  // channel-major words out [P + (sign given), G * K, words] (rows (g, k), token j at bit j) at
+  // tokens start .. start + T: earlier tokens kept, later tokens of the words written cleared.
+  m.def(
+      "channel_major_write(Tensor planes, Tensor? sign, Tensor(a!) out, int K, int start) -> ()");
   // The CPU layout (packed uint8 [ceil(N/16), ceil(K/8), 64], code_sums uint16 [G, N]) of the
   // 4-bit codes of qweight [ceil(K/8), N] in groups of group_size channels, and qweight from it;
   // channels past K are 0 in both.
@@ -480,7 +496,8 @@ TORCH_LIBRARY(spikeops, m) {
 
 #define SPIKEOPS_REGISTER_MATMUL(D)                                  \
   m.impl("spike_matmul", &spikeops::spike_matmul<spikeops::Dev::D>); \
-  m.impl("prob_matmul", &spikeops::prob_matmul<spikeops::Dev::D>);
+  m.impl("prob_matmul", &spikeops::prob_matmul<spikeops::Dev::D>);   \
+  m.impl("channel_major_write", &spikeops::channel_major_write<spikeops::Dev::D>);
 
 #define SPIKEOPS_REGISTER_LAYOUT                         \
   m.impl("cpu_layout", &spikeops::cpu_layout);           \

@@ -243,3 +243,41 @@ def test_prob_matmul_refusals(change, exc, words):
     b = values("codes4", (1, 2, 64, 70))
     with pytest.raises(exc, match=words):
         prob_matmul(args["probs"], args["token_scale"], b, args["kv_heads"])
+
+
+# ---------------------------------------------------------------------- channel_major_write
+@pytest.mark.parametrize("name", ["absmax4", "absmax8", "minmax4"])
+@pytest.mark.parametrize("start, T", [(0, 1), (5, 1), (31, 1), (32, 1), (0, 37), (7, 30),
+                                      (30, 70), (63, 2)])
+def test_channel_major_write(device, name, start, T):
+    """channel_major_write against the reference bit for bit, into words already holding bits
+    (earlier tokens kept, later ones in the words written cleared, other words untouched), with
+    and without signs (a sign only where a plane bit is), K not a multiple of 32, 6 rows of
+    tokens (G = 6), a row holding NaN (no bits)."""
+    G, K, words = 6, 40, 4
+    x = torch.randn(G, T, K, device=device) * 3
+    x[1, 0] = float("nan")
+    st = spikeops.encode(x, ENCODINGS[name])
+    P = st.planes.shape[0] + (st.sign is not None)
+    out = torch.randint(-2**31, 2**31 - 1, (P, G * K, words), dtype=torch.int32, device=device)
+    want = reference.channel_major_write(st.planes, st.sign, out, K, start)
+    spikeops.ops.channel_major_write(st.planes, st.sign, out, K, start)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(out=torch.zeros(4, 6 * 40, 2, dtype=torch.int64)), TypeError, "out"),
+    (dict(out=torch.zeros(5, 6 * 40, 2, dtype=torch.int32)), ValueError, "out must have shape"),
+    (dict(out=torch.zeros(4, 6 * 40, 4, dtype=torch.int32)[:, :, :2]), ValueError,
+     "contiguous"),
+    (dict(start=62), ValueError, "token bits"),
+    (dict(start=-1), ValueError, "token bits"),
+    (dict(K=41), ValueError, "K"),
+])
+def test_channel_major_write_refusals(change, exc, words):
+    st = spikeops.encode(torch.randn(6, 3, 40), ENCODINGS["absmax4"])
+    args = dict(out=torch.zeros(4, 6 * 40, 2, dtype=torch.int32), K=40, start=0)
+    args.update(change)
+    with pytest.raises(exc, match=words):
+        spikeops.ops.channel_major_write(st.planes, st.sign, args["out"], args["K"],
+                                         args["start"])

@@ -194,3 +194,11 @@ def test_prob_matmul(device, nb):
     probs = torch.softmax(torch.randn(1, 4, 2, K, device=device), -1)
     token_scale = torch.rand(1, K + 3, device=device) + 0.5
     opcheck(OPS.prob_matmul, (probs, token_scale, *b, 1))
+
+
+@pytest.mark.parametrize("name", ["absmax4-gamma", "minmax4"])
+def test_channel_major_write(device, name):
+    # M = 5 token rows as G = 5 rows of one token, written at token 33 of 2 words.
+    planes, sign, _, _, _ = fields(spikes(name, device))
+    out = torch.zeros(planes.shape[0] + (sign is not None), 5 * K, 2, dtype=I32, device=device)
+    opcheck(OPS.channel_major_write, (planes, sign, out, K, 33))

@@ -24,6 +24,7 @@ void spike_matmul(const MatmulArgs& a);  // cpu/matmul.cpp
 // gif_encode and spike_matmul otherwise, with the same results).
 bool prob_matmul_fits(const MatmulArgs& m);
 void prob_matmul(const ProbMatmulArgs& a);
+void channel_major_write(const ChannelMajorArgs& a);  // cpu/matmul.cpp
 
 // The CPU layout from qweight (packed and code_sums) and qweight from it (cpu/layout.cpp).
 void cpu_layout(const LayoutArgs& a);

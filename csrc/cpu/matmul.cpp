@@ -528,6 +528,16 @@ void prob_matmul(const ProbMatmulArgs& p) {
 #endif
 }
 
+void channel_major_write(const ChannelMajorArgs& a) {
+  const int64_t w0 = a.start / 32, w1 = (a.start + a.T + 31) / 32;
+  const int64_t rows = a.G * a.K, planes = a.P + (a.sign != nullptr);
+  at::parallel_for(0, planes * rows, 4096 / (w1 - w0) + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr)  // (plane p, row)
+      for (int64_t w = w0; w < w1; ++w)
+        a.out[pr * a.words + w] = channel_major_word(a, pr / rows, pr % rows, w);
+  });
+}
+
 void spike_matmul(const MatmulArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS
   if (best_isa() >= Isa::kAvx512Vnni && a.N > 0 && byte_kernel_fits(a)) {

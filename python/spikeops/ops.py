@@ -303,6 +303,21 @@ def _(probs, token_scale, b_planes, b_sign, b_hi, b_scale, b_zero, kv_heads):
                            dtype=torch.float32)
 
 
+def channel_major_write(planes: Tensor, sign: Optional[Tensor], out: Tensor, K: int,
+                        start: int) -> None:
+    """Write T tokens' spike words (``planes [P, G * T, ceil(K / 32)]``, ``sign`` or None: rows
+    ``(g, t)``, channel k at bit k, one range) into the channel-major words ``out`` int32
+    ``[P + (sign given), G * K, words]`` (rows ``(g, k)``, token j at bit j), in place, at tokens
+    ``start .. start + T``: earlier tokens' bits kept, later tokens' bits of the words written
+    cleared, a sign bit only where a plane bit is (docs/ops.md, channel_major_write)."""
+    _ops.channel_major_write.default(planes, sign, out, K, start)
+
+
+@torch.library.register_fake("spikeops::channel_major_write")
+def _(planes, sign, out, K, start):
+    _same_device("channel_major_write", "planes", planes, sign=sign, out=out)
+
+
 # ----------------------------------------------------------------------------- the CPU layout
 # layout_group(bits, group_size, K) of csrc/kernel_args.h: the channels per group of the CPU
 # layout of such a layer (group_size 0: act order), 0 where the layout cannot hold it. Its one

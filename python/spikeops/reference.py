@@ -343,6 +343,20 @@ def prob_matmul(probs, token_scale, b_planes, b_sign, b_hi, b_scale, b_zero, kv_
                         K, batch, heads, kv_heads, b_planes.shape[1] // (batch * kv_heads))
 
 
+def channel_major_write(planes, sign, out, K, start):
+    """docs/ops.md, channel_major_write, as a function: the new ``out`` (a copy)."""
+    G = out.shape[1] // K
+    T = planes.shape[1] // G
+    words = planes if sign is None else torch.cat((planes, sign.unsqueeze(0)))
+    tokens = unpack_bits(words, K).view(-1, G, T, K)
+    if sign is not None:
+        tokens[-1] &= tokens[:-1].any(0)  # a code 0 has no sign
+    bits = unpack_bits(out, 32 * out.shape[2]).view(-1, G, K, 32 * out.shape[2])
+    bits[..., start:32 * (-(-(start + T) // 32))] = False
+    bits[..., start:start + T] = tokens.transpose(-1, -2)
+    return pack_bits(bits.reshape(-1, bits.shape[-1])).view(out.shape)
+
+
 # ----------------------------------------------------------------------------- the CPU layout
 def cpu_layout(qweight, bits, group_size, K):
     """docs/ops.md, "CPU layout": row ``[t, b]`` of ``packed`` holds 64 bytes, byte ``4n + j``
