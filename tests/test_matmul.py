@@ -148,6 +148,27 @@ def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
     assert torch.equal(spike_matmul(a, b, keys=37, causal=True), fast)
 
 
+
+@pytest.mark.parametrize("na, nb", [("absmax8", "minmax4"), ("minmax8", "minmax4"),
+                                    ("minmax8", "absmax4")])
+def test_byte_kernel_epilogue_large_zero_points(na, nb, monkeypatch):
+    """The byte kernel's float32 epilogue (8 keys in float64 lanes, D converted from its two
+    32-bit halves) against the scalar kernel where the zero points are at their limit (rows far
+    from 0: |zero| clamped to 10^4) on either side, so that D reaches ~2^40: bit for bit, causal,
+    a partial last block of keys."""
+    a = spikeops.encode(torch.randn(1, 2, 3, 200) * 0.01 + (40.0 if na.startswith("minmax")
+                                                            else 0.0), ENCODINGS[na])
+    b = spikeops.encode(torch.randn(1, 1, 27, 200) * 0.01 - 60.0, ENCODINGS[nb]) \
+        if nb.startswith("minmax") else encode("cpu", nb, (1, 1, 27, 200))
+    assert (b.zero is None or b.zero.abs().max() == 10**4)
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
+    fast = spike_matmul(a, b, keys=25, causal=True)
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
+    assert torch.equal(spike_matmul(a, b, keys=25, causal=True), fast)
+    assert torch.equal(fast, reference.spike_matmul(a.planes, a.sign, a.hi, a.scale, a.zero,
+                                                    b.planes, b.sign, b.hi, b.scale, b.zero,
+                                                    200, 1, 2, 1, 25, True))
+
 # ---------------------------------------------------------------------------- prob_matmul
 VALUE_ENCODINGS = {
     "codes4": Encoding("static", 4),   # the value cache's: s*Q with scale 1

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -307,6 +308,44 @@ inline float epilogue_r1(float scale_a, float scale_b, int64_t D) {
   return static_cast<float>(acc);
 }
 
+// The epilogue of keys ib0 .. ib0 + n (n <= 8), float outputs o[0 .. n), from half h of the 16
+// dot products: the operations of the scalar loop below, lane by lane. D = dot - zb * S_a - za *
+// S_b + za * zb * K in int64 (every product of two numbers below 2^31: |zb|, |za| <= 10^4,
+// |S| <= 255 * 2^16, K <= 2^16); float64(D) exactly as hi * 2^32 + lo, the two 32-bit halves
+// (|D| < 2^50, docs/ops.md); then epilogue_r1: 0.0 + (float64(sa) * float64(sb)) * float64(D),
+// rounded to float32. Lanes past `last` (causal) are -inf.
+SPIKEOPS_TARGET_AVX512 inline void epilogue8(const MatmulArgs& a, float* o, int64_t ib0,
+                                             __m512i dots, int64_t h, const int64_t* sum_b,
+                                             int64_t sum_a, int64_t za, float sa, int64_t n,
+                                             int64_t last) {
+  if (n <= 0) return;
+  const SpikeFields& B = a.b;
+  const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);  // 8 at most
+  __m512i D = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(dots, h));
+  const __m512i zb = B.zero ? _mm512_cvtepi32_epi64(_mm512_castsi512_si256(
+                                _mm512_maskz_loadu_epi32(lanes, B.zero + ib0)))
+                            : _mm512_setzero_si512();
+  const __m512i zav = _mm512_set1_epi64(za);
+  D = _mm512_sub_epi64(D, _mm512_mul_epi32(zb, _mm512_set1_epi64(sum_a)));
+  const __m512i sb = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(lanes), sum_b);
+  D = _mm512_sub_epi64(D, _mm512_mul_epi32(zav, sb));
+  D = _mm512_add_epi64(D, _mm512_mul_epi32(_mm512_mul_epi32(zav, zb), _mm512_set1_epi64(a.K)));
+  const __m512d hi = _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(_mm512_srai_epi64(D, 32)));
+  const __m512d lo = _mm512_cvtepu32_pd(_mm512_cvtepi64_epi32(D));
+  const __m512d d = _mm512_add_pd(_mm512_mul_pd(hi, _mm512_set1_pd(4294967296.0)), lo);
+  const __m512d s = _mm512_mul_pd(_mm512_set1_pd(static_cast<double>(sa)),
+                                  _mm512_cvtps_pd(_mm512_castps512_ps256(
+                                      _mm512_maskz_loadu_ps(lanes, B.scale + ib0))));
+  __m512 y = _mm512_castps256_ps512(
+      _mm512_cvtpd_ps(_mm512_add_pd(_mm512_setzero_pd(), _mm512_mul_pd(s, d))));
+  if (last < 7) {
+    const __mmask16 masked =
+        static_cast<__mmask16>(last < 0 ? 0xffu : (0xffu << (last + 1)) & 0xffu);
+    y = _mm512_mask_mov_ps(y, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  }
+  _mm512_mask_storeu_ps(o, lanes, y);
+}
+
 template <typename T>
 SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, int64_t begin,
                                        int64_t end) {
@@ -379,11 +418,20 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           }
         }
       }
-      alignas(64) int32_t dots[kByteKeyBlock];
-      _mm512_store_si512(dots, sum_lanes16(acc));
+      const __m512i sums = sum_lanes16(acc);
       const int64_t za = A.zero ? A.zero[row] : 0;
       const float sa = A.scale[row];
       T* o = out + row * a.N + j0;
+      if constexpr (std::is_same_v<T, float>) {
+        // The last key i may see (causal): later lanes are -inf.
+        const int64_t last = a.causal ? a.N - a.Ma + i - j0 : kByteKeyBlock;
+        for (int64_t h = 0; h < 2; ++h)
+          epilogue8(a, o + 8 * h, ib0 + 8 * h, sums, h, sum_b + 8 * h, x.sum[row], za, sa,
+                    std::min<int64_t>(8, std::max<int64_t>(0, count - 8 * h)), last - 8 * h);
+        continue;
+      }
+      alignas(64) int32_t dots[kByteKeyBlock];
+      _mm512_store_si512(dots, sums);
       for (int64_t k = 0; k < count; ++k) {
         if (matmul_masked(a, i, j0 + k)) {
           o[k] = static_cast<T>(-std::numeric_limits<float>::infinity());
