@@ -353,6 +353,9 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
   const SpikeFields& B = a.b;
   T* out = static_cast<T*>(a.out);
   const bool b_unsigned_side = B.P <= 8 && A.P <= 7;  // else A's magnitudes are the u8 side
+  // B's signs alone (A unsigned, B the signed side: the probabilities against the value codes):
+  // B's bytes are stored negated where B's sign is set, once per key, for every row.
+  const bool b_signed_bytes = !b_unsigned_side && !A.sign;
   const bool need_sum_b = A.zero != nullptr;
   const int64_t words64 = x.words64;
   const int64_t group = a.heads / a.kv_heads, rows_g = group * a.Ma;  // A rows per kv head
@@ -387,8 +390,11 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           continue;
         }
         const __m512i mag = unpack_bytes(B, ib0 + k, w, x.valid[w]);
-        _mm512_storeu_si512(bbytes.data() + 64 * c, mag);
         bsign[c] = B.sign ? load_word64(B.sign + (ib0 + k) * B.W, w, B.W) : 0u;
+        _mm512_storeu_si512(bbytes.data() + 64 * c,
+                            b_signed_bytes
+                                ? _mm512_mask_sub_epi8(mag, bsign[c], _mm512_setzero_si512(), mag)
+                                : mag);
         if (need_sum_b) sum_b[k] = sum_b[k] + signed_byte_sum(mag, bsign[c]);
       }
     for (int64_t r = 0; r < rows_g; ++r) {
@@ -404,6 +410,10 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           for (int64_t k = 0; k < kByteKeyBlock; ++k)
             acc[k] = _mm512_dpbusd_epi32(
                 acc[k], _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)), s);
+        } else if (b_signed_bytes) {  // B's bytes already signed
+          for (int64_t k = 0; k < kByteKeyBlock; ++k)
+            acc[k] = _mm512_dpbusd_epi32(
+                acc[k], am, _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)));
         } else {
           for (int64_t k = 0; k < kByteKeyBlock; ++k) {
             const int64_t cb = k * words64 + w;
