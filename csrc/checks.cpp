@@ -446,6 +446,67 @@ MatmulArgs check_matmul(Inputs& in, const at::Tensor& a_planes, const OptTensor&
   return g;
 }
 
+MatmulArgs check_prob_matmul(Inputs& in, const at::Tensor& probs, const at::Tensor& token_scale,
+                             const at::Tensor& b_planes, const OptTensor& b_sign,
+                             const OptTensor& b_hi, const at::Tensor& b_scale,
+                             const OptTensor& b_zero, int64_t kv_heads) {
+  const char* op = "prob_matmul";
+  check_dtype(op, probs, "probs", at::kFloat);
+  TORCH_CHECK_VALUE(probs.dim() == 4 && probs.size(0) >= 1 && probs.size(1) >= 1 &&
+                        probs.size(3) >= 1 && probs.size(3) <= kMatmulMaxK,
+                    op, ": probs must have shape [batch, heads, Ma, K] with batch, heads >= 1 ",
+                    "and K in [1, ", kMatmulMaxK, "], got ", shape_str(probs));
+  MatmulArgs g{};
+  g.batch = probs.size(0), g.heads = probs.size(1), g.Ma = probs.size(2), g.K = probs.size(3);
+  TORCH_CHECK_VALUE(kv_heads >= 1 && g.heads % kv_heads == 0, op, ": kv_heads must be >= 1 ",
+                    "and divide probs' heads (", g.heads, "), got ", kv_heads);
+  g.kv_heads = kv_heads;
+  check_dtype(op, token_scale, "token_scale", at::kFloat);
+  check_same_device(op, token_scale, "token_scale", probs, "probs");
+  TORCH_CHECK_VALUE(token_scale.dim() == 2 && token_scale.size(0) == g.batch * kv_heads &&
+                        token_scale.size(1) >= g.K,
+                    op, ": token_scale must have shape [batch * kv_heads, S] = [",
+                    g.batch * kv_heads, ", S >= K = ", g.K, "], got ", shape_str(token_scale));
+  g.b = check_spikes("prob_matmul (b)", in, b_planes, b_sign, b_hi, b_scale, b_zero, 0);
+  check_same_device(op, b_planes, "b_planes", probs, "probs");
+  check_spike_width("prob_matmul (b)", g.b, g.K, "probs' K");
+  TORCH_CHECK_VALUE(g.b.M % (g.batch * kv_heads) == 0, op, ": b_planes must hold batch * ",
+                    "kv_heads * Lb rows (batch = ", g.batch, ", kv_heads = ", kv_heads,
+                    "), got M = ", g.b.M);
+  g.a = SpikeFields{nullptr, nullptr, nullptr, nullptr, nullptr, 8, g.batch * g.heads * g.Ma,
+                    (g.K + 31) / 32, 1, 0};
+  g.Lb = g.N = g.b.M / (g.batch * kv_heads);
+  g.out_type = FloatType::kFloat;
+  return g;
+}
+
+ChannelMajorArgs check_channel_major_write(Inputs& in, const at::Tensor& planes,
+                                           const OptTensor& sign, const at::Tensor& out,
+                                           int64_t K, int64_t start) {
+  const char* op = "channel_major_write";
+  const SpikeFields s = check_spike_bits(op, in, planes, sign, c10::nullopt, 0);
+  TORCH_CHECK_VALUE(K >= 1, op, ": K must be >= 1, got ", K);
+  check_spike_width(op, s, K, "K");
+  check_dtype(op, out, "out", at::kInt);
+  check_same_device(op, out, "out", planes, "planes");
+  const int64_t P = s.P + (s.sign != nullptr);
+  TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) == P && out.size(1) >= K &&
+                        out.size(1) % K == 0 && s.M % (out.size(1) / K) == 0,
+                    op, ": out must have shape [P + (sign given), G * K, words] = [", P,
+                    ", G * ", K, ", words] with G dividing the ", s.M, " token rows, got ",
+                    shape_str(out));
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous (it is written in ",
+                    "place), got strides ", out.strides());
+  ChannelMajorArgs a{};
+  a.P = s.P, a.K = K, a.Wt = s.W, a.G = out.size(1) / K, a.T = s.M / a.G;
+  a.words = out.size(2), a.start = start;
+  TORCH_CHECK_VALUE(start >= 0 && start + a.T <= 32 * a.words, op, ": tokens start .. start + T",
+                    " = ", start, " .. ", start + a.T, " must lie in out's ", 32 * a.words,
+                    " token bits (", a.words, " words)");
+  a.planes = s.planes, a.sign = s.sign;
+  return a;
+}
+
 // ---- the CPU layout ----------------------------------------------------------------------
 namespace {
 

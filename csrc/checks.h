@@ -129,4 +129,21 @@ void check_cpu_layout(const at::Tensor& qweight, int64_t bits, int64_t group_siz
 // cpu_layout_qweight's arguments: packed uint8 [ceil(N / 16), ceil(K / 8), 64] on the CPU.
 void check_layout_qweight(const at::Tensor& packed, int64_t K, int64_t N);
 
+// prob_matmul's inputs: probs float32 [batch, heads, Ma, K], token_scale float32
+// [batch * kv_heads, S >= K] on probs' device, and B (messages name it "prob_matmul (b)") as
+// spike_matmul's b with K channels; `a` describes the probabilities' codes (8 planes, one range,
+// no scale yet), N = Lb (every row of B), out float32, the pointers left for the entry.
+MatmulArgs check_prob_matmul(Inputs& in, const at::Tensor& probs, const at::Tensor& token_scale,
+                             const at::Tensor& b_planes, const OptTensor& b_sign,
+                             const OptTensor& b_hi, const at::Tensor& b_scale,
+                             const OptTensor& b_zero, int64_t kv_heads);
+
+// channel_major_write's inputs: planes/sign of M = G * T token rows of K channels (one range),
+// out int32 [P + (sign given), G * K, words], contiguous (written in place), on planes' device,
+// with start + T <= 32 * words; the pointers left for the entry.
+ChannelMajorArgs check_channel_major_write(Inputs& in, const at::Tensor& planes,
+                                           const OptTensor& sign, const at::Tensor& out,
+                                           int64_t K, int64_t start);
+
 }  // namespace spikeops
+

@@ -221,4 +221,25 @@ struct MatmulArgs {
   bool causal;                  // key j of query i is masked (-inf) when j > N - Ma + i
 };
 
+// channel_major_write (docs/ops.md): T tokens' spike words, token-major (row (g, t), channel k at
+// bit k), written into channel-major words (row (g, k), token j at bit j) at tokens start ..
+// start + T; the plane words first, the sign words last.
+struct ChannelMajorArgs {
+  const uint32_t* planes;       // [P, G * T, Wt]
+  const uint32_t* sign;         // [G * T, Wt] or null
+  uint32_t* out;                // [P + (sign != null), G * K, words]
+  int64_t P, G, T, K, Wt, words, start;
+};
+
+// prob_matmul (docs/ops.md): spike_matmul of A, the float32 probabilities times B's token
+// scales encoded per row as static unsigned 8-bit codes, and B. `m.a` describes those codes
+// (P = 8, one range, no sign or zero; its scale is `steps`, which the kernel fills), m.b is B.
+struct ProbMatmulArgs {
+  MatmulArgs m;
+  const float* probs;           // [batch * heads * Ma, K]
+  const float* token_scale;     // row (batch, kv head): K scales at stride scale_stride
+  int64_t scale_stride;
+  float* steps;                 // [batch * heads * Ma] out: each A row's scale
+};
+
 }  // namespace spikeops

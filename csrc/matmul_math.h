@@ -101,4 +101,30 @@ SPIKE_HD bool matmul_masked(const MatmulArgs& g, int64_t i, int64_t j) {
   return g.causal && j > g.N - g.Ma + i;
 }
 
+// channel_major_write (docs/ops.md): word w of channel-major row `row` = (g, k) of plane p (P:
+// the sign) after the write, w in [start / 32, ceil((start + T) / 32)): the bits of tokens before
+// start kept, token j in [start, start + T) bit k of token row (g, j - start), later tokens 0. A
+// sign bit is written where the channel has a plane bit (a code 0 has no sign).
+SPIKE_HD uint32_t channel_major_word(const ChannelMajorArgs& a, int64_t p, int64_t row,
+                                     int64_t w) {
+  const int64_t g = row / a.K, k = row % a.K, first = 32 * w;
+  const int64_t kept = a.start - first;  // tokens of the word before start: [0, 32) or none
+  uint32_t word = kept > 0 ? a.out[(p * a.G * a.K + row) * a.words + w] & ((1u << kept) - 1u)
+                           : 0u;
+  const int64_t j0 = first > a.start ? first : a.start;
+  const int64_t j1 = first + 32 < a.start + a.T ? first + 32 : a.start + a.T;
+  const int64_t plane_stride = a.G * a.T * a.Wt;
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t at = (g * a.T + j - a.start) * a.Wt + k / 32;  // token row's word of channel k
+    uint32_t bits = p < a.P ? a.planes[p * plane_stride + at] : 0u;
+    if (p == a.P) {
+      for (int64_t q = 0; q < a.P; ++q) bits |= a.planes[q * plane_stride + at];
+      bits &= a.sign[at];
+    }
+    word |= ((bits >> (k % 32)) & 1u) << (j - first);
+  }
+  return word;
+}
+
 }  // namespace spikeops
+

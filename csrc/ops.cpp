@@ -327,6 +327,59 @@ at::Tensor spike_matmul(const at::Tensor& a_planes, const OptTensor& a_sign,
   return out;
 }
 
+template <Dev D>
+at::Tensor prob_matmul(const at::Tensor& probs, const at::Tensor& token_scale,
+                       const at::Tensor& b_planes, const OptTensor& b_sign, const OptTensor& b_hi,
+                       const at::Tensor& b_scale, const OptTensor& b_zero, int64_t kv_heads) {
+  Inputs in;
+  ProbMatmulArgs p{};
+  MatmulArgs& m = p.m;
+  m = check_prob_matmul(in, probs, token_scale, b_planes, b_sign, b_hi, b_scale, b_zero,
+                        kv_heads);
+  const int64_t batch = m.batch, heads = m.heads, Ma = m.Ma, K = m.K;
+  if constexpr (D == Dev::kCpu) {
+    // The fused kernel where the byte kernel serves: the codes made in its rows, no planes.
+    if (m.a.M > 0 && m.N > 0 && cpu::prob_matmul_fits(m)) {
+      at::Tensor out = at::empty({batch, heads, Ma, m.N}, probs.options());
+      at::Tensor steps = at::empty({m.a.M}, probs.options());
+      const at::Tensor scales = token_scale.narrow(1, 0, K);  // rows at stride S when contiguous
+      p.probs = in.data<float>(probs);
+      p.token_scale = token_scale.is_contiguous() ? token_scale.const_data_ptr<float>()
+                                                  : in.data<float>(scales);
+      p.scale_stride = token_scale.is_contiguous() ? token_scale.size(1) : K;
+      p.steps = steps.mutable_data_ptr<float>();
+      m.a.scale = p.steps;
+      m.out = out.mutable_data_ptr();
+      cpu::prob_matmul(p);
+      return out;
+    }
+  }
+  // The definition (docs/ops.md, prob_matmul): the weights, their static encoding, spike_matmul.
+  const int64_t rows = batch * heads * Ma;
+  const at::Tensor weights =
+      (probs.reshape({batch, kv_heads, heads / kv_heads, Ma, K}) *
+       token_scale.narrow(1, 0, K).reshape({batch, kv_heads, 1, 1, K})).reshape({rows, K});
+  const at::Tensor row_max = weights.amax(-1);
+  const at::Tensor step = at::where(row_max > 0, row_max / 255, at::ones_like(row_max));
+  const auto a = gif_encode<D>(weights, "static", 8, 1.0, c10::nullopt, 0, step,
+                               at::zeros({rows}, step.options().dtype(at::kInt)), 0.0, 0.0, 0);
+  return spike_matmul<D>(std::get<0>(a), c10::nullopt, c10::nullopt, std::get<3>(a),
+                         std::get<4>(a), b_planes, b_sign, b_hi, b_scale, b_zero, K, batch,
+                         heads, kv_heads, m.Lb, false,
+                         at::kFloat);
+}
+
+template <Dev D>
+void channel_major_write(const at::Tensor& planes, const OptTensor& sign, at::Tensor& out,
+                         int64_t K, int64_t start) {
+  Inputs in;
+  ChannelMajorArgs a = check_channel_major_write(in, planes, sign, out, K, start);
+  if (a.G * a.T == 0) return;
+  a.out = mutable_words(out);
+  run<D>("channel_major_write", planes, "planes", a, &cpu::channel_major_write,
+         SPIKEOPS_CUDA_LAUNCHER(launch_channel_major_write));
+}
+
 // ---- the CPU layout (docs/ops.md, "CPU layout") ------------------------------------------
 // CPU tensors only; the entries are registered for CUDA too, where they refuse their input by
 // name (ValueError) instead of the dispatcher's NotImplementedError.
@@ -414,6 +467,18 @@ TORCH_LIBRARY(spikeops, m) {
       "Tensor? b_zero, int K, "
       "int batch, int heads, int kv_heads, int keys, bool causal, ScalarType out_dtype) "
       "-> Tensor");
+  // PV of attention from float probabilities: spike_matmul of A = probs [batch, heads, Ma, K]
+  // times B's token scales (row (batch, kv head) of token_scale [batch * kv_heads, S >= K]),
+  // encoded per row as static unsigned 8-bit codes of scale max / 255, and B, out float32
+  // [batch, heads, Ma, Lb]; on the CPU the codes are made inside the byte kernel.
+  m.def(
+      "prob_matmul(Tensor probs, Tensor token_scale, Tensor b_planes, Tensor? b_sign, "
+      "Tensor? b_hi, Tensor b_scale, Tensor? b_zero, int kv_heads) -> Tensor");
+  // T tokens' spike words (token-major rows (g, t), M = G * T, one range) written in place into
+  // channel-major words out [P + (sign given), G * K, words] (rows (g, k), token j at bit j) at
+  // tokens start .. start + T: earlier tokens kept, later tokens of the words written cleared.
+  m.def(
+      "channel_major_write(Tensor planes, Tensor? sign, Tensor(a!) out, int K, int start) -> ()");
   // The CPU layout (packed uint8 [ceil(N/16), ceil(K/8), 64], code_sums uint16 [G, N]) of the
   // 4-bit codes of qweight [ceil(K/8), N] in groups of group_size channels, and qweight from it;
   // channels past K are 0 in both.
@@ -430,8 +495,10 @@ TORCH_LIBRARY(spikeops, m) {
   m.impl("spike_linear", &spikeops::spike_linear<spikeops::Dev::D>);         \
   m.impl("gptq_dequantize", &spikeops::gptq_dequantize<spikeops::Dev::D>);
 
-#define SPIKEOPS_REGISTER_MATMUL(D) \
-  m.impl("spike_matmul", &spikeops::spike_matmul<spikeops::Dev::D>);
+#define SPIKEOPS_REGISTER_MATMUL(D)                                  \
+  m.impl("spike_matmul", &spikeops::spike_matmul<spikeops::Dev::D>); \
+  m.impl("prob_matmul", &spikeops::prob_matmul<spikeops::Dev::D>);   \
+  m.impl("channel_major_write", &spikeops::channel_major_write<spikeops::Dev::D>);
 
 #define SPIKEOPS_REGISTER_LAYOUT                         \
   m.impl("cpu_layout", &spikeops::cpu_layout);           \

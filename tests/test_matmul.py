@@ -146,3 +146,159 @@ def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
     fast = check("cpu", a, b, 37, True, torch.float32)
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
     assert torch.equal(spike_matmul(a, b, keys=37, causal=True), fast)
+
+
+
+@pytest.mark.parametrize("na, nb", [("absmax8", "minmax4"), ("minmax8", "minmax4"),
+                                    ("minmax8", "absmax4")])
+def test_byte_kernel_epilogue_large_zero_points(na, nb, monkeypatch):
+    """The byte kernel's float32 epilogue (8 keys in float64 lanes, D converted from its two
+    32-bit halves) against the scalar kernel where the zero points are at their limit (rows far
+    from 0: |zero| clamped to 10^4) on either side, so that D reaches ~2^40: bit for bit, causal,
+    a partial last block of keys."""
+    a = spikeops.encode(torch.randn(1, 2, 3, 200) * 0.01 + (40.0 if na.startswith("minmax")
+                                                            else 0.0), ENCODINGS[na])
+    b = spikeops.encode(torch.randn(1, 1, 27, 200) * 0.01 - 60.0, ENCODINGS[nb]) \
+        if nb.startswith("minmax") else encode("cpu", nb, (1, 1, 27, 200))
+    assert (b.zero is None or b.zero.abs().max() == 10**4)
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
+    fast = spike_matmul(a, b, keys=25, causal=True)
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
+    assert torch.equal(spike_matmul(a, b, keys=25, causal=True), fast)
+    assert torch.equal(fast, reference.spike_matmul(a.planes, a.sign, a.hi, a.scale, a.zero,
+                                                    b.planes, b.sign, b.hi, b.scale, b.zero,
+                                                    200, 1, 2, 1, 25, True))
+
+# ---------------------------------------------------------------------------- prob_matmul
+VALUE_ENCODINGS = {
+    "codes4": Encoding("static", 4),   # the value cache's: s*Q with scale 1
+    "codes8": Encoding("static", 8),   # 7 planes, the most the fused kernel takes beside 8
+    "minmax4": Encoding("minmax", 4),  # zero points: S_a enters the integers
+    "absmax16": Encoding("absmax", 16),  # 15 planes: gif_encode then spike_matmul
+    "salient-minmax": Encoding("minmax", 4, salient_bits=8),  # two ranges: likewise
+}
+
+
+def values(name, shape):
+    enc = ENCODINGS.get(name) or VALUE_ENCODINGS[name]
+    x = torch.randn(shape) * 3
+    if enc.mode == "static":
+        return spikeops.encode(torch.round(x), enc, scale=1.0)
+    mask = torch.arange(shape[-1]) % 5 == 1 if enc.salient_bits else None
+    return spikeops.encode(x, enc, salient_mask=mask)
+
+
+def prob_matmul_composed(probs, token_scale, b, kv_heads):
+    """What SpikeKV.spike_pv computed before prob_matmul: the weights, their static 8-bit
+    encoding, spike_matmul."""
+    batch, heads, Ma, K = probs.shape
+    w = (probs.view(batch, kv_heads, heads // kv_heads, Ma, K) *
+         token_scale[:, :K].reshape(batch, kv_heads, 1, 1, K)).view(probs.shape)
+    top = w.amax(-1).reshape(-1)
+    step = torch.where(top > 0, top / 255, torch.ones_like(top))
+    return spike_matmul(spikeops.encode(w, Encoding("static", 8), scale=step, zero=0), b)
+
+
+def prob_matmul(probs, token_scale, b, kv_heads):
+    return spikeops.ops.prob_matmul(probs, token_scale, b.planes, b.sign, b.hi, b.scale, b.zero,
+                                    kv_heads)
+
+
+@pytest.mark.parametrize("K", [1, 31, 32, 33, 64, 65, 100, 2049])
+@pytest.mark.parametrize("name", list(VALUE_ENCODINGS))
+@pytest.mark.parametrize("isa", ["", "avx2"])
+def test_prob_matmul_bit_identical(K, name, isa, monkeypatch):
+    """prob_matmul equals the composition it replaces (encode the weights, then spike_matmul)
+    and the reference bit for bit: grouped-query heads, 1 and 3 query rows, token scales read
+    at a row stride past K, peaked, flat and all-zero probability rows; on AVX-512 VNNI the
+    codes are made inside the byte kernel (the value codes of at most 7 planes), otherwise
+    (SPIKEOPS_CPU_ISA=avx2, 15 planes, two ranges) the op composes gif_encode and spike_matmul."""
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
+    batch, kv_heads, D = 2, 3, 40
+    for Ma, group in ((1, 3), (3, 2)):
+        heads = kv_heads * group
+        probs = torch.softmax(torch.randn(batch, heads, Ma, K) * 4, -1)
+        probs[0, 0, 0] = 0  # a row without a positive weight: scale 1
+        token_scale = torch.rand(batch * kv_heads, K + 5) * 2 + 1e-3
+        b = values(name, (batch, kv_heads, D, K))
+        got = prob_matmul(probs, token_scale, b, kv_heads)
+        assert got.shape == (batch, heads, Ma, D) and got.dtype == torch.float32
+        assert torch.equal(got, prob_matmul_composed(probs, token_scale, b, kv_heads))
+        ref = reference.prob_matmul(probs, token_scale, *(b.planes, b.sign, b.hi, b.scale,
+                                                          b.zero), kv_heads)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("isa", ["", "avx2"])
+def test_prob_matmul_nonfinite_and_strided(isa, monkeypatch):
+    """A row holding NaN gives NaN outputs (gif_encode's non-finite row), as the composition
+    does; a weight of +Inf (a scale gif_encode refuses) raises ValueError on both paths; a
+    token_scale that is not contiguous is read as given."""
+    monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
+    probs = torch.softmax(torch.randn(1, 4, 2, 70), -1)
+    probs[0, 1, 1, 3] = float("nan")
+    token_scale = (torch.rand(140, 2) + 0.5).t()  # [2, 140], stride 1 along rows: not contiguous
+    b = values("codes4", (1, 2, 64, 70))
+    got = prob_matmul(probs, token_scale, b, 2)
+    assert got[0, 1, 1].isnan().all() and not got[0, 1, 0].isnan().any()
+    torch.testing.assert_close(got, prob_matmul_composed(probs, token_scale, b, 2), rtol=0,
+                               atol=0, equal_nan=True)
+    probs[0, 1, 1, 3] = float("inf")
+    with pytest.raises(ValueError, match="scale"):
+        prob_matmul(probs, token_scale, b, 2)
+    with pytest.raises(ValueError, match="scale"):
+        prob_matmul_composed(probs, token_scale, b, 2)
+
+
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(probs=torch.zeros(1, 4, 1, 70, dtype=torch.float64)), TypeError, "probs"),
+    (dict(probs=torch.zeros(4, 1, 70)), ValueError, "probs must have shape"),
+    (dict(kv_heads=3), ValueError, "kv_heads"),
+    (dict(token_scale=torch.ones(2, 69)), ValueError, "token_scale must have shape"),
+    (dict(token_scale=torch.ones(2, 70, dtype=torch.float16)), TypeError, "token_scale"),
+    (dict(probs=torch.zeros(1, 4, 1, 71)), ValueError, "K"),
+])
+def test_prob_matmul_refusals(change, exc, words):
+    args = dict(probs=torch.zeros(1, 4, 1, 70), token_scale=torch.ones(2, 70), kv_heads=2)
+    args.update(change)
+    b = values("codes4", (1, 2, 64, 70))
+    with pytest.raises(exc, match=words):
+        prob_matmul(args["probs"], args["token_scale"], b, args["kv_heads"])
+
+
+# ---------------------------------------------------------------------- channel_major_write
+@pytest.mark.parametrize("name", ["absmax4", "absmax8", "minmax4"])
+@pytest.mark.parametrize("start, T", [(0, 1), (5, 1), (31, 1), (32, 1), (0, 37), (7, 30),
+                                      (30, 70), (63, 2)])
+def test_channel_major_write(device, name, start, T):
+    """channel_major_write against the reference bit for bit, into words already holding bits
+    (earlier tokens kept, later ones in the words written cleared, other words untouched), with
+    and without signs (a sign only where a plane bit is), K not a multiple of 32, 6 rows of
+    tokens (G = 6), a row holding NaN (no bits)."""
+    G, K, words = 6, 40, 4
+    x = torch.randn(G, T, K, device=device) * 3
+    x[1, 0] = float("nan")
+    st = spikeops.encode(x, ENCODINGS[name])
+    P = st.planes.shape[0] + (st.sign is not None)
+    out = torch.randint(-2**31, 2**31 - 1, (P, G * K, words), dtype=torch.int32, device=device)
+    want = reference.channel_major_write(st.planes, st.sign, out, K, start)
+    spikeops.ops.channel_major_write(st.planes, st.sign, out, K, start)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(out=torch.zeros(4, 6 * 40, 2, dtype=torch.int64)), TypeError, "out"),
+    (dict(out=torch.zeros(5, 6 * 40, 2, dtype=torch.int32)), ValueError, "out must have shape"),
+    (dict(out=torch.zeros(4, 6 * 40, 4, dtype=torch.int32)[:, :, :2]), ValueError,
+     "contiguous"),
+    (dict(start=62), ValueError, "token bits"),
+    (dict(start=-1), ValueError, "token bits"),
+    (dict(K=41), ValueError, "K"),
+])
+def test_channel_major_write_refusals(change, exc, words):
+    st = spikeops.encode(torch.randn(6, 3, 40), ENCODINGS["absmax4"])
+    args = dict(out=torch.zeros(4, 6 * 40, 2, dtype=torch.int32), K=40, start=0)
+    args.update(change)
+    with pytest.raises(exc, match=words):
+        spikeops.ops.channel_major_write(st.planes, st.sign, args["out"], args["K"],
+                                         args["start"])

@@ -185,3 +185,20 @@ def test_spike_matmul(device, na, nb, causal):
     a, b = fields(spikes(na, device)), fields(spikes(nb, device))
     opcheck(OPS.spike_matmul, (*a, *b, K, 1, 5, 1, 4, causal, torch.float32))
     opcheck(OPS.spike_matmul, (*a, *b, K, 1, 1, 1, 5, causal, torch.float16))
+
+
+@pytest.mark.parametrize("nb", ["static-signed", "minmax4", "salient-minmax"])
+def test_prob_matmul(device, nb):
+    # B's M = 5 rows as one kv head of 5 value channels (K tokens); 4 query heads of 2 rows.
+    b = fields(spikes(nb, device))
+    probs = torch.softmax(torch.randn(1, 4, 2, K, device=device), -1)
+    token_scale = torch.rand(1, K + 3, device=device) + 0.5
+    opcheck(OPS.prob_matmul, (probs, token_scale, *b, 1))
+
+
+@pytest.mark.parametrize("name", ["absmax4-gamma", "minmax4"])
+def test_channel_major_write(device, name):
+    # M = 5 token rows as G = 5 rows of one token, written at token 33 of 2 words.
+    planes, sign, _, _, _ = fields(spikes(name, device))
+    out = torch.zeros(planes.shape[0] + (sign is not None), 5 * K, 2, dtype=I32, device=device)
+    opcheck(OPS.channel_major_write, (planes, sign, out, K, 33))

@@ -19,6 +19,12 @@ void spike_accumulate(const AccumulateArgs& a);
 void spike_linear(const LinearArgs& a);
 void gptq_dequantize(const DequantizeArgs& a);
 void spike_matmul(const MatmulArgs& a);  // cpu/matmul.cpp
+// prob_matmul's fused kernel (cpu/matmul.cpp): the probabilities' codes made in the byte
+// kernel's rows, no planes; prob_matmul_fits says whether it serves a call (the entry composes
+// gif_encode and spike_matmul otherwise, with the same results).
+bool prob_matmul_fits(const MatmulArgs& m);
+void prob_matmul(const ProbMatmulArgs& a);
+void channel_major_write(const ChannelMajorArgs& a);  // cpu/matmul.cpp
 
 // The CPU layout from qweight (packed and code_sums) and qweight from it (cpu/layout.cpp).
 void cpu_layout(const LayoutArgs& a);

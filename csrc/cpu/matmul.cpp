@@ -2,7 +2,9 @@
 // every (query row, key) pair, tasks of one query row and a block of keys.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -306,6 +308,44 @@ inline float epilogue_r1(float scale_a, float scale_b, int64_t D) {
   return static_cast<float>(acc);
 }
 
+// The epilogue of keys ib0 .. ib0 + n (n <= 8), float outputs o[0 .. n), from half h of the 16
+// dot products: the operations of the scalar loop below, lane by lane. D = dot - zb * S_a - za *
+// S_b + za * zb * K in int64 (every product of two numbers below 2^31: |zb|, |za| <= 10^4,
+// |S| <= 255 * 2^16, K <= 2^16); float64(D) exactly as hi * 2^32 + lo, the two 32-bit halves
+// (|D| < 2^50, docs/ops.md); then epilogue_r1: 0.0 + (float64(sa) * float64(sb)) * float64(D),
+// rounded to float32. Lanes past `last` (causal) are -inf.
+SPIKEOPS_TARGET_AVX512 inline void epilogue8(const MatmulArgs& a, float* o, int64_t ib0,
+                                             __m512i dots, int64_t h, const int64_t* sum_b,
+                                             int64_t sum_a, int64_t za, float sa, int64_t n,
+                                             int64_t last) {
+  if (n <= 0) return;
+  const SpikeFields& B = a.b;
+  const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1u);  // 8 at most
+  __m512i D = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(dots, h));
+  const __m512i zb = B.zero ? _mm512_cvtepi32_epi64(_mm512_castsi512_si256(
+                                _mm512_maskz_loadu_epi32(lanes, B.zero + ib0)))
+                            : _mm512_setzero_si512();
+  const __m512i zav = _mm512_set1_epi64(za);
+  D = _mm512_sub_epi64(D, _mm512_mul_epi32(zb, _mm512_set1_epi64(sum_a)));
+  const __m512i sb = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(lanes), sum_b);
+  D = _mm512_sub_epi64(D, _mm512_mul_epi32(zav, sb));
+  D = _mm512_add_epi64(D, _mm512_mul_epi32(_mm512_mul_epi32(zav, zb), _mm512_set1_epi64(a.K)));
+  const __m512d hi = _mm512_cvtepi32_pd(_mm512_cvtepi64_epi32(_mm512_srai_epi64(D, 32)));
+  const __m512d lo = _mm512_cvtepu32_pd(_mm512_cvtepi64_epi32(D));
+  const __m512d d = _mm512_add_pd(_mm512_mul_pd(hi, _mm512_set1_pd(4294967296.0)), lo);
+  const __m512d s = _mm512_mul_pd(_mm512_set1_pd(static_cast<double>(sa)),
+                                  _mm512_cvtps_pd(_mm512_castps512_ps256(
+                                      _mm512_maskz_loadu_ps(lanes, B.scale + ib0))));
+  __m512 y = _mm512_castps256_ps512(
+      _mm512_cvtpd_ps(_mm512_add_pd(_mm512_setzero_pd(), _mm512_mul_pd(s, d))));
+  if (last < 7) {
+    const __mmask16 masked =
+        static_cast<__mmask16>(last < 0 ? 0xffu : (0xffu << (last + 1)) & 0xffu);
+    y = _mm512_mask_mov_ps(y, masked, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  }
+  _mm512_mask_storeu_ps(o, lanes, y);
+}
+
 template <typename T>
 SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, int64_t begin,
                                        int64_t end) {
@@ -313,6 +353,9 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
   const SpikeFields& B = a.b;
   T* out = static_cast<T*>(a.out);
   const bool b_unsigned_side = B.P <= 8 && A.P <= 7;  // else A's magnitudes are the u8 side
+  // B's signs alone (A unsigned, B the signed side: the probabilities against the value codes):
+  // B's bytes are stored negated where B's sign is set, once per key, for every row.
+  const bool b_signed_bytes = !b_unsigned_side && !A.sign;
   const bool need_sum_b = A.zero != nullptr;
   const int64_t words64 = x.words64;
   const int64_t group = a.heads / a.kv_heads, rows_g = group * a.Ma;  // A rows per kv head
@@ -347,8 +390,11 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           continue;
         }
         const __m512i mag = unpack_bytes(B, ib0 + k, w, x.valid[w]);
-        _mm512_storeu_si512(bbytes.data() + 64 * c, mag);
         bsign[c] = B.sign ? load_word64(B.sign + (ib0 + k) * B.W, w, B.W) : 0u;
+        _mm512_storeu_si512(bbytes.data() + 64 * c,
+                            b_signed_bytes
+                                ? _mm512_mask_sub_epi8(mag, bsign[c], _mm512_setzero_si512(), mag)
+                                : mag);
         if (need_sum_b) sum_b[k] = sum_b[k] + signed_byte_sum(mag, bsign[c]);
       }
     for (int64_t r = 0; r < rows_g; ++r) {
@@ -364,6 +410,10 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           for (int64_t k = 0; k < kByteKeyBlock; ++k)
             acc[k] = _mm512_dpbusd_epi32(
                 acc[k], _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)), s);
+        } else if (b_signed_bytes) {  // B's bytes already signed
+          for (int64_t k = 0; k < kByteKeyBlock; ++k)
+            acc[k] = _mm512_dpbusd_epi32(
+                acc[k], am, _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)));
         } else {
           for (int64_t k = 0; k < kByteKeyBlock; ++k) {
             const int64_t cb = k * words64 + w;
@@ -378,11 +428,20 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           }
         }
       }
-      alignas(64) int32_t dots[kByteKeyBlock];
-      _mm512_store_si512(dots, sum_lanes16(acc));
+      const __m512i sums = sum_lanes16(acc);
       const int64_t za = A.zero ? A.zero[row] : 0;
       const float sa = A.scale[row];
       T* o = out + row * a.N + j0;
+      if constexpr (std::is_same_v<T, float>) {
+        // The last key i may see (causal): later lanes are -inf.
+        const int64_t last = a.causal ? a.N - a.Ma + i - j0 : kByteKeyBlock;
+        for (int64_t h = 0; h < 2; ++h)
+          epilogue8(a, o + 8 * h, ib0 + 8 * h, sums, h, sum_b + 8 * h, x.sum[row], za, sa,
+                    std::min<int64_t>(8, std::max<int64_t>(0, count - 8 * h)), last - 8 * h);
+        continue;
+      }
+      alignas(64) int32_t dots[kByteKeyBlock];
+      _mm512_store_si512(dots, sums);
       for (int64_t k = 0; k < count; ++k) {
         if (matmul_masked(a, i, j0 + k)) {
           o[k] = static_cast<T>(-std::numeric_limits<float>::infinity());
@@ -396,8 +455,8 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
   }
 }
 
-template <typename T>
-void matmul_bytes(const MatmulArgs& a) {
+// ByteRows sized for A's rows, with the valid channels of each 64-channel word.
+ByteRows byte_rows(const MatmulArgs& a) {
   ByteRows x;
   x.words64 = (a.a.W + 1) / 2;
   const int64_t cells = a.a.M * x.words64;
@@ -410,10 +469,12 @@ void matmul_bytes(const MatmulArgs& a) {
     x.valid[w] = matmul_valid_bits(2 * w, a.K);
     if (2 * w + 1 < a.a.W) x.valid[w] |= uint64_t(matmul_valid_bits(2 * w + 1, a.K)) << 32;
   }
-  const bool sums = a.b.zero != nullptr;
-  at::parallel_for(0, a.a.M, 256, [&](int64_t begin, int64_t end) {
-    unpack_rows(a, x, sums, begin, end);
-  });
+  return x;
+}
+
+// The tasks of byte_tasks over A's rows x, filled.
+template <typename T>
+void run_byte_tasks(const MatmulArgs& a, const ByteRows& x) {
   const int64_t rows_g = a.heads / a.kv_heads * a.Ma;
   const int64_t blocks = (a.N + kByteKeyBlock - 1) / kByteKeyBlock;
   const int64_t tasks = a.batch * a.kv_heads * blocks;
@@ -425,9 +486,115 @@ void matmul_bytes(const MatmulArgs& a) {
     byte_tasks<T>(a, x, begin, end);
   });
 }
+
+template <typename T>
+void matmul_bytes(const MatmulArgs& a) {
+  ByteRows x = byte_rows(a);
+  const bool sums = a.b.zero != nullptr;
+  at::parallel_for(0, a.a.M, 256, [&](int64_t begin, int64_t end) {
+    unpack_rows(a, x, sums, begin, end);
+  });
+  run_byte_tasks<T>(a, x);
+}
+
+// prob_matmul's rows of A (docs/ops.md, prob_matmul): row r's weights v = p * token scale
+// (float32 products), its scale s = max(v) / 255 (1 when the max is not positive) and its codes
+// min(max(rint(v / s), 0), 255), made as bytes: the arithmetic of gif_encode's static unsigned
+// encoder (encode_words_avx512: IEEE division, rounding to nearest even) on the weights that
+// torch's product makes, so the bytes are those unpack_rows makes from the encoded planes. A row
+// holding NaN gets scale 1 and then, like any non-finite row of gif_encode, stored scale NaN and
+// codes 0; a scale that gif_encode would refuse (+Inf: a weight of +Inf) is refused.
+SPIKEOPS_TARGET_AVX512 inline __m512 prob_weights(const float* p, const float* scale, int64_t k0,
+                                                  __mmask16 valid) {
+  return _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, p + k0),
+                       _mm512_maskz_loadu_ps(valid, scale + k0));
+}
+
+SPIKEOPS_TARGET_AVX512 void prob_rows(const ProbMatmulArgs& p, ByteRows& x, bool sums,
+                                      int64_t begin, int64_t end) {
+  const MatmulArgs& a = p.m;
+  const int64_t K = a.K, group = a.heads / a.kv_heads;
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t r = begin; r < end; ++r) {
+    const float* pr = p.probs + r * K;
+    const int64_t n = r / (a.heads * a.Ma), h = (r / a.Ma) % a.heads;
+    const float* ts = p.token_scale + (n * a.kv_heads + h / group) * p.scale_stride;
+    __m512 top = _mm512_sub_ps(_mm512_setzero_ps(), inf);
+    bool nan = false, finite = true;
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t c = std::min<int64_t>(16, K - k0);
+      const __mmask16 valid = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
+      const __m512 v = prob_weights(pr, ts, k0, valid);
+      nan |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q) != 0;
+      // v - v is 0 for finite v and NaN for NaN or Inf
+      finite &= _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, v), _mm512_setzero_ps(),
+                                        _CMP_NEQ_UQ) == 0;
+      top = _mm512_mask_max_ps(top, valid, top, v);
+    }
+    // torch's amax: NaN if the row holds one; the scale: where(max > 0, max / 255, 1).
+    const float row_max = _mm512_reduce_max_ps(top);
+    const float step = !nan && row_max > 0.f ? row_max / 255.f : 1.f;
+    TORCH_CHECK_VALUE(std::isfinite(step) && step > 0.f, "prob_matmul: the scale of row ", r,
+                      " (its largest weight / 255) must be positive and finite, as gif_encode's ",
+                      "static scale, got ", step);
+    p.steps[r] = finite ? step : std::numeric_limits<float>::quiet_NaN();
+    const __m512 scale = _mm512_set1_ps(step), qmax = _mm512_set1_ps(255.f);
+    for (int64_t w = 0; w < x.words64; ++w) {
+      const int64_t cell = r * x.words64 + w;
+      uint8_t* bytes = x.mag.data() + 64 * cell;
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t k0 = 64 * w + 16 * q;
+        const int64_t c = finite ? std::max<int64_t>(0, std::min<int64_t>(16, K - k0)) : 0;
+        const __mmask16 valid = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
+        const __m512 code = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
+            _mm512_div_ps(prob_weights(pr, ts, k0, valid), scale), kNearest), _mm512_setzero_ps()), qmax);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(bytes + 16 * q),
+                         _mm512_cvtepi32_epi8(_mm512_maskz_cvttps_epi32(valid, code)));
+      }
+      const __m512i mag = _mm512_loadu_si512(bytes);
+      x.sign[cell] = 0;
+      x.nonzero[cell] = _mm512_test_epi8_mask(mag, mag) != 0;
+      if (sums) x.sum[r] += signed_byte_sum(mag, 0);
+    }
+  }
+}
 #endif
 
 }  // namespace
+
+bool prob_matmul_fits(const MatmulArgs& m) {
+#if SPIKEOPS_X86_INTRINSICS
+  return best_isa() >= Isa::kAvx512Vnni && byte_kernel_fits(m);
+#else
+  (void)m;
+  return false;
+#endif
+}
+
+void prob_matmul(const ProbMatmulArgs& p) {
+#if SPIKEOPS_X86_INTRINSICS
+  ByteRows x = byte_rows(p.m);
+  const bool sums = p.m.b.zero != nullptr;
+  at::parallel_for(0, p.m.a.M, 256, [&](int64_t begin, int64_t end) {
+    prob_rows(p, x, sums, begin, end);
+  });
+  run_byte_tasks<float>(p.m, x);
+#else
+  (void)p;
+  TORCH_CHECK(false, "prob_matmul: the fused kernel needs x86 intrinsics (prob_matmul_fits)");
+#endif
+}
+
+void channel_major_write(const ChannelMajorArgs& a) {
+  const int64_t w0 = a.start / 32, w1 = (a.start + a.T + 31) / 32;
+  const int64_t rows = a.G * a.K, planes = a.P + (a.sign != nullptr);
+  at::parallel_for(0, planes * rows, 4096 / (w1 - w0) + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pr = begin; pr < end; ++pr)  // (plane p, row)
+      for (int64_t w = w0; w < w1; ++w)
+        a.out[pr * a.words + w] = channel_major_word(a, pr / rows, pr % rows, w);
+  });
+}
 
 void spike_matmul(const MatmulArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS

@@ -41,6 +41,17 @@ __global__ void __launch_bounds__(kThreads) spike_matmul_kernel(const MatmulArgs
   }
 }
 
+// channel_major_write: one thread per written word (plane, row, word).
+__global__ void __launch_bounds__(kThreads) channel_major_kernel(const ChannelMajorArgs a) {
+  const int64_t w0 = a.start / 32, span = (a.start + a.T + 31) / 32 - w0;
+  const int64_t rows = a.G * a.K, total = (a.P + (a.sign != nullptr)) * rows * span;
+  for (int64_t o = int64_t(blockIdx.x) * kThreads + threadIdx.x; o < total;
+       o += int64_t(gridDim.x) * kThreads) {
+    const int64_t w = w0 + o % span, pr = o / span;
+    a.out[pr * a.words + w] = channel_major_word(a, pr / rows, pr % rows, w);
+  }
+}
+
 }  // namespace
 
 void launch_spike_matmul(const MatmulArgs& a, cudaStream_t stream) {
@@ -52,4 +63,12 @@ void launch_spike_matmul(const MatmulArgs& a, cudaStream_t stream) {
   });
 }
 
+void launch_channel_major_write(const ChannelMajorArgs& a, cudaStream_t stream) {
+  const int64_t span = (a.start + a.T + 31) / 32 - a.start / 32;
+  const int64_t total = (a.P + (a.sign != nullptr)) * a.G * a.K * span;
+  channel_major_kernel<<<dev::grid_size((total + kThreads - 1) / kThreads), kThreads, 0,
+                         stream>>>(a);
+}
+
 }  // namespace spikeops
+

@@ -127,12 +127,10 @@ class ValueCache:
 
     def __init__(self, enc, batch: int, kv_heads: int, max_len: int, head_dim: int, device):
         self.enc, self.shape = enc, (batch, kv_heads, max_len, head_dim)
-        self.code_enc = Encoding("static", enc.bits)
         self.bits = torch.zeros(enc.bits, batch * kv_heads * head_dim, 0, dtype=torch.int32,
                                 device=device)
         self.scale = torch.ones(batch * kv_heads, max_len, dtype=torch.float32, device=device)
         self._ones = torch.ones(batch * kv_heads * head_dim, 1, device=device)
-        self._shifts = torch.arange(32, dtype=torch.int32, device=device)
 
     @property
     def planes(self) -> torch.Tensor:
@@ -154,33 +152,15 @@ class ValueCache:
 
     def write(self, x: torch.Tensor, start: int) -> None:
         """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``: the
-        words holding them are re-encoded, the bits of earlier tokens kept, later ones cleared
-        (so a word is clean once its first token is written: reads end at the written words)."""
+        words holding them are rewritten (``ops.channel_major_write``), the bits of earlier
+        tokens kept, later ones cleared (so a word is clean once its first token is written:
+        reads end at the written words)."""
         B, H, L, D = self.shape
         T = x.shape[2]
         st = encode(x, self.enc)
         self.scale.view(B, H, L)[:, :, start:start + T] = st.scale.view(B, H, T)
-        w0, w1 = start // 32, (start + T + 31) // 32
-        self._width(w1, start)
-        keep = (1 << (start - 32 * w0)) - 1  # < 2^31: the earlier tokens of word w0
-        if T == 1:
-            # One token (decode): its plane and sign words, channel k at bit k, are spread to
-            # one bit per channel row, at the token's bit of word w0. The sign is kept where a
-            # plane bit is set (a code 0 has none, as the static encoding of s*Q = 0 has none).
-            words = torch.cat((st.planes, st.sign.unsqueeze(0)))  # [bits, B*H, ceil(D / 32)]
-            bits = (words.unsqueeze(-1) >> self._shifts) & 1
-            bits = bits.view(words.shape[0], B * H, -1)[:, :, :D].reshape(words.shape[0], -1)
-            bits[-1] &= bits[:-1].amax(0)
-            self.bits[:, :, w0] = self.bits[:, :, w0] & keep | bits << (start - 32 * w0)
-            return
-        codes = st._replace(scale=torch.ones_like(st.scale)).decode()  # s*Q, exact integers
-        padded = codes.new_zeros(B, H, D, 32 * (w1 - w0))
-        padded[..., start - 32 * w0:start - 32 * w0 + T] = codes.transpose(2, 3)
-        new = encode(padded, self.code_enc, scale=1.0)
-        keep = torch.tensor([keep] + [0] * (w1 - w0 - 1), dtype=torch.int32, device=x.device)
-        old = self.bits[:, :, w0:w1]
-        new_bits = torch.cat((new.planes, new.sign.unsqueeze(0))).view(old.shape)
-        old.copy_(old & keep | new_bits)
+        self._width((start + T + 31) // 32, start)
+        ops.channel_major_write(st.planes, st.sign, self.bits, D, start)
 
     def spikes(self, length: int) -> SpikeTensor:
         """The codes of the first ``length`` tokens, ``[batch, kv_heads, head_dim, length]``
@@ -318,18 +298,14 @@ class SpikeKV:
         return int(pairs.sum()), int(visible.sum()) * D
 
     def spike_pv(self, probs: torch.Tensor, end: int) -> torch.Tensor:
-        """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``spike_matmul`` of A =
+        """PV on spikes: ``sum_j P[i, j] * scale_v[j] * c_v[j, d]``, ``ops.prob_matmul``: A =
         the probabilities times the values' per-token scales, as unsigned 8-bit spikes per
         query row (static, scale = row max / 255, zero 0: no scale floor), and B = the
-        channel-major value codes ``c_v`` (rows d, channels j), read in place."""
-        B, Hkv, _, _ = self.values.shape
-        H, T = probs.shape[1], probs.shape[2]
-        weights = (probs.view(B, Hkv, H // Hkv, T, end) *
-                   self.values.token_scales(end).view(B, Hkv, 1, 1, end)).view(probs.shape)
-        row_max = weights.amax(-1).reshape(-1)
-        step = torch.where(row_max > 0, row_max / 255, torch.ones_like(row_max))
-        pt = encode(weights, Encoding("static", 8), scale=step, zero=0)
-        return spike_matmul(pt, self.values.spikes(end))
+        channel-major value codes ``c_v`` (rows d, channels j), read in place; on the CPU the
+        codes of A are made inside the matmul kernel (docs/ops.md, prob_matmul)."""
+        v = self.values.spikes(end)
+        return ops.prob_matmul(probs.float(), self.values.scale, v.planes, v.sign, v.hi, v.scale,
+                               v.zero, self.values.shape[1])
 
     def bytes_per_token(self) -> int:
         return self.keys.bytes_per_token() + self.values.bytes_per_token()

@@ -279,6 +279,45 @@ def _(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi, b_scale, 
     return a_planes.new_empty((batch, heads, Ma, keys), dtype=out_dtype)
 
 
+def prob_matmul(probs: Tensor, token_scale: Tensor, b_planes: Tensor, b_sign: Optional[Tensor],
+                b_hi: Optional[Tensor], b_scale: Tensor, b_zero: Optional[Tensor],
+                kv_heads: int) -> Tensor:
+    """PV of attention from float probabilities (docs/ops.md, prob_matmul): ``spike_matmul`` of
+    A = ``probs [batch, heads, Ma, K]`` times B's token scales (row ``(batch, kv head)`` of
+    ``token_scale [batch * kv_heads, S >= K]``), encoded per row as static unsigned 8-bit codes
+    of scale ``max / 255`` (1 where the max is not positive), and every row of B; float32
+    ``[batch, heads, Ma, Lb]``. On the CPU the codes are made inside the matmul kernel."""
+    return _ops.prob_matmul.default(probs, token_scale, b_planes, b_sign, b_hi, b_scale, b_zero,
+                                    kv_heads)
+
+
+@torch.library.register_fake("spikeops::prob_matmul")
+def _(probs, token_scale, b_planes, b_sign, b_hi, b_scale, b_zero, kv_heads):
+    _same_device("prob_matmul", "probs", probs, token_scale=token_scale, b_planes=b_planes,
+                 b_sign=b_sign, b_hi=b_hi, b_scale=b_scale, b_zero=b_zero)
+    torch._check_value(probs.dim() == 4 and kv_heads >= 1 and probs.shape[1] % kv_heads == 0,
+                       lambda: f"prob_matmul: probs must be [batch, heads, Ma, K] with heads a "
+                               f"multiple of kv_heads, got {list(probs.shape)}, {kv_heads}")
+    batch, heads, Ma, _ = probs.shape
+    return probs.new_empty((batch, heads, Ma, b_planes.shape[1] // (batch * kv_heads)),
+                           dtype=torch.float32)
+
+
+def channel_major_write(planes: Tensor, sign: Optional[Tensor], out: Tensor, K: int,
+                        start: int) -> None:
+    """Write T tokens' spike words (``planes [P, G * T, ceil(K / 32)]``, ``sign`` or None: rows
+    ``(g, t)``, channel k at bit k, one range) into the channel-major words ``out`` int32
+    ``[P + (sign given), G * K, words]`` (rows ``(g, k)``, token j at bit j), in place, at tokens
+    ``start .. start + T``: earlier tokens' bits kept, later tokens' bits of the words written
+    cleared, a sign bit only where a plane bit is (docs/ops.md, channel_major_write)."""
+    _ops.channel_major_write.default(planes, sign, out, K, start)
+
+
+@torch.library.register_fake("spikeops::channel_major_write")
+def _(planes, sign, out, K, start):
+    _same_device("channel_major_write", "planes", planes, sign=sign, out=out)
+
+
 # ----------------------------------------------------------------------------- the CPU layout
 # layout_group(bits, group_size, K) of csrc/kernel_args.h: the channels per group of the CPU
 # layout of such a layer (group_size 0: act order), 0 where the layout cannot hold it. Its one

@@ -327,6 +327,36 @@ def spike_matmul(a_planes, a_sign, a_hi, a_scale, a_zero, b_planes, b_sign, b_hi
     return out.to(out_dtype)
 
 
+def prob_matmul(probs, token_scale, b_planes, b_sign, b_hi, b_scale, b_zero, kv_heads):
+    """docs/ops.md, prob_matmul: weights w = float32(probs * token scale of the row's kv head
+    and token), per row s = max(w) / 255 (1 where that max is not positive or NaN), A = the
+    static unsigned 8-bit codes of w under s (gif_encode, zero 0), then spike_matmul(A, B)."""
+    batch, heads, Ma, K = probs.shape
+    rows = batch * heads * Ma
+    w = (probs.reshape(batch, kv_heads, heads // kv_heads, Ma, K) *
+         token_scale[:, :K].reshape(batch, kv_heads, 1, 1, K)).reshape(rows, K)
+    top = w.amax(-1)
+    s = torch.where(top > 0, top / 255, torch.ones_like(top))
+    planes, sign, hi, scale, zero = gif_encode(w, "static", 8, scale=s,
+                                               zero=torch.zeros(rows, dtype=torch.int32))
+    return spike_matmul(planes, sign, hi, scale, zero, b_planes, b_sign, b_hi, b_scale, b_zero,
+                        K, batch, heads, kv_heads, b_planes.shape[1] // (batch * kv_heads))
+
+
+def channel_major_write(planes, sign, out, K, start):
+    """docs/ops.md, channel_major_write, as a function: the new ``out`` (a copy)."""
+    G = out.shape[1] // K
+    T = planes.shape[1] // G
+    words = planes if sign is None else torch.cat((planes, sign.unsqueeze(0)))
+    tokens = unpack_bits(words, K).view(-1, G, T, K)
+    if sign is not None:
+        tokens[-1] &= tokens[:-1].any(0)  # a code 0 has no sign
+    bits = unpack_bits(out, 32 * out.shape[2]).view(-1, G, K, 32 * out.shape[2])
+    bits[..., start:32 * (-(-(start + T) // 32))] = False
+    bits[..., start:start + T] = tokens.transpose(-1, -2)
+    return pack_bits(bits.reshape(-1, bits.shape[-1])).view(out.shape)
+
+
 # ----------------------------------------------------------------------------- the CPU layout
 def cpu_layout(qweight, bits, group_size, K):
     """docs/ops.md, "CPU layout": row ``[t, b]`` of ``packed`` holds 64 bytes, byte ``4n + j``
