@@ -224,7 +224,11 @@ SPIKEOPS_TARGET_VPOPCNTDQ void matmul_rows_vpopcntdq(const MatmulArgs& a, int64_
 // one (batch, kv head) and a block of keys, every query row of the kv head's group against each
 // key's bytes, unpacked once.
 constexpr int64_t kByteKeyBlock = 16;
-constexpr int64_t kByteSerialUnits = 32768;  // below: the calling thread alone
+// Below this many units in all, the calling thread alone. SmolLM2's decode step at 2,048 keys
+// (QK^T about 18 k units, PV about 18 k) gains from both threads of a 2-core machine: decode
+// with kv=spike4 against kv=float went from 0.89-0.92x with 32,768 to 0.94-0.96x with 4,096
+// (three alternating pairs; docs/performance.md, "Attention on spikes on the CPU").
+constexpr int64_t kByteSerialUnits = 4096;
 constexpr int64_t kByteMaxABytes = int64_t(8) << 20;  // larger A (a long prefill's PV): popcounts
 
 bool byte_kernel_fits(const MatmulArgs& a) {
