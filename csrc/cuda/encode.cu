@@ -108,6 +108,25 @@ __device__ __forceinline__ Unit<T> load_unit(const T* row, int c, int K, bool al
   return u;
 }
 
+// Row m of x as both one-pass encoders read it: its start, whether 16-byte loads may serve, and
+// the bits of channel 0 that pad the ragged end (load_unit).
+template <typename T>
+struct RowSource {
+  const T* row;
+  bool aligned;
+  Bits<T> pad;
+
+  __device__ __forceinline__ RowSource(const void* x, int64_t m, int64_t K)
+      : row(static_cast<const T*>(x) + m * K),
+        aligned(reinterpret_cast<uintptr_t>(row) % 16 == 0),
+        pad(__ldg(reinterpret_cast<const Bits<T>*>(row))) {}
+
+  // Channels c .. c + 7, those at or past `limit` padded.
+  __device__ __forceinline__ Unit<T> unit(int c, int limit) const {
+    return load_unit(row, c, limit, aligned, pad);
+  }
+};
+
 // min, max and max|x| of a lane's channels and whether they are all finite. min and max of
 // finite floats are exact whatever the order; only the sign of a zero extreme can differ from
 // the CPU's, and minmax_quant gives the same scale and codes for it. A row with NaN or Inf
@@ -342,12 +361,8 @@ __global__ void __launch_bounds__(kEncodeThreads, kSalient ? kSalientEncodeBlock
   ExactSum& sum = sums[warp];
   for (int64_t m = int64_t(blockIdx.x) * kEncodeWarps + warp; m < a.M;
        m += int64_t(gridDim.x) * kEncodeWarps) {
-    const T* row = static_cast<const T*>(a.x) + m * a.K;
-    const bool aligned = reinterpret_cast<uintptr_t>(row) % 16 == 0;
-    const Bits<T> pad = __ldg(reinterpret_cast<const Bits<T>*>(row));
-    const auto load = [&](int s) {
-      return load_unit(row, s * kStep + kUnit * lane, K, aligned, pad);
-    };
+    const RowSource<T> src(a.x, m, a.K);
+    const auto load = [&](int s) { return src.unit(s * kStep + kUnit * lane, K); };
 
     // Statistics. Every load of the held steps is issued before the first use; later steps
     // pass through window[] kWindow at a time.
@@ -465,12 +480,8 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeBlocks)
   ExactSum& sum = sums[warp];
   for (int64_t m = int64_t(blockIdx.x) * kEncodeWarps + warp; m < a.M;
        m += int64_t(gridDim.x) * kEncodeWarps) {
-    const T* row = static_cast<const T*>(a.x) + m * a.K;
-    const bool aligned = reinterpret_cast<uintptr_t>(row) % 16 == 0;
-    const Bits<T> pad = __ldg(reinterpret_cast<const Bits<T>*>(row));
-    const auto load = [&](int s) {
-      return load_unit(row, s * kStep + kUnit * lane, K, aligned, pad);
-    };
+    const RowSource<T> src(a.x, m, a.K);
+    const auto load = [&](int s) { return src.unit(s * kStep + kUnit * lane, K); };
 
     // Statistics, step by step (every lane of the warp calls it, in ascending steps).
     bool finite = true;
@@ -541,7 +552,7 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeBlocks)
 #pragma unroll 1
         for (int c0 = lo; c0 < hi; c0 += kStep) {
           const int c = c0 + kUnit * lane;
-          add_sum(load_unit(row, c, hi, aligned, pad), c, hi, lane, sum);
+          add_sum(src.unit(c, hi), c, hi, lane, sum);
         }
         __syncwarp();
         if (lane == 0) {
