@@ -45,9 +45,10 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     """``[(system, prefill tokens/s, decode tokens/s)]``: median of 3 prefills of 256 tokens
     (logits of the last token only, as generation needs), then the median of 7 runs of 8 decode
     steps after them.
-    HF rows run transformers' forward; the spikeops rows, and the float model once more, run
-    ``spikeops.runner.Runner``, the lean forward ``generate`` uses; each spiking encoding also
-    with the bfloat16 ``lm_head`` (``Runner(head_dtype=torch.bfloat16)``)."""
+    HF rows run transformers' forward; the spikeops rows, and the float model once more (with
+    its float32 ``lm_head``), run ``spikeops.runner.Runner``, the lean forward ``generate``
+    uses, with its default settings; each spiking encoding also with the model's own float32
+    ``lm_head`` (``Runner(head_dtype=None)``) beside the default's float16 copy."""
     import torch
     from spikeops import Encoding, load_gptq
     from spikeops.calibrate import parse_encoding
@@ -61,7 +62,7 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
     ids = encode_text(Path(eval_text).read_text(encoding="utf-8"), tok)[None, :257]
     steps, runs, rows = 8, 7, []
 
-    def measure(name, model, lean, head_dtype=None):
+    def measure(name, model, lean, head_dtype="auto"):
         with torch.no_grad():
             if lean:
                 runner = Runner(model, 256 + steps * (runs + 1), head_dtype=head_dtype)
@@ -81,7 +82,7 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
 
     measure("HF fp32", fp32, lean=False)
     measure("HF bf16", load_float_model(float_dir, torch.bfloat16)[0], lean=False)
-    measure("fp32, spikeops Runner", fp32, lean=True)
+    measure("fp32, spikeops Runner", fp32, lean=True, head_dtype=None)
     calibration = load_calibration(q_dir)
     model = load_gptq(q_dir, Encoding("minmax", 4), dtype=torch.float32)
     for spec in encodings.split(","):
@@ -89,8 +90,8 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
         label = spec if spec != "none" else "float activations"
         measure(f"spikeops W4 {label}, Runner", model, lean=True)
         if spec != "none":
-            measure(f"spikeops W4 {label}, Runner, bfloat16 lm_head", model, lean=True,
-                    head_dtype=torch.bfloat16)
+            measure(f"spikeops W4 {label}, Runner, float32 lm_head", model, lean=True,
+                    head_dtype=None)
     return rows
 
 

@@ -147,7 +147,7 @@ def test_perplexity_with_a_spiking_cache_runs_the_runner(model):
     from spikeops.runner import Runner
     tokens = encode_text(TEXT)[:300]
     set_encoding(model, spikeops.Encoding("absmax", 4))
-    logits = Runner(model, 300, kv="spike8")(tokens[None])[0, :-1]
+    logits = Runner(model, 300, head_dtype=None, kv="spike8")(tokens[None])[0, :-1]
     alone = math.exp(float(F.cross_entropy(logits, tokens[1:])))
     assert perplexity(model, tokens, window=512, progress=False, kv="spike8") == \
         pytest.approx(alone, rel=1e-6)
@@ -184,3 +184,19 @@ def test_eval_and_generate_take_kv(checkpoint, tmp_path, capsys):
     assert main(["generate", str(checkpoint / "q"), "--prompt", "def f", "--encoding", "absmax4",
                  "--max-new-tokens", "4", "--kv", "spike4"]) == 0
     assert capsys.readouterr().out.count("def f") >= 1
+
+
+def test_generate_head_dtype_flag(checkpoint, monkeypatch):
+    """spikeops generate --head-dtype: auto by default (the Runner's fast head), model (the
+    module as it is), float16, bfloat16."""
+    import spikeops.evaluate as evaluate
+    from spikeops.cli import main
+    seen, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda *a, **k: seen.append(k["head_dtype"]) or real(*a, **k))
+    flags = [[], ["--head-dtype", "model"], ["--head-dtype", "float16"],
+             ["--head-dtype", "bfloat16"]]
+    for flag in flags:
+        assert main(["generate", str(checkpoint / "q"), "--prompt", "def f", "--encoding",
+                     "absmax4", "--max-new-tokens", "2", *flag]) == 0
+    assert seen == ["auto", None, torch.float16, torch.bfloat16]

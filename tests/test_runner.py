@@ -22,8 +22,9 @@ def hf_logits(model, ids, cache):
 
 
 def assert_same_logits(model, ids, chunks):
-    """Runner and HF on ``ids [B, T]`` cut into ``chunks`` (lengths)."""
-    runner = Runner(model, max_len=ids.shape[1] + 3, batch=ids.shape[0])
+    """Runner and HF on ``ids [B, T]`` cut into ``chunks`` (lengths); lm_head as the model's
+    (head_dtype=None), so the logits are transformers' up to the attention's rounding."""
+    runner = Runner(model, max_len=ids.shape[1] + 3, batch=ids.shape[0], head_dtype=None)
     cache, start = None, 0
     for n in chunks:
         expect, cache = hf_logits(model, ids[:, start:start + n], cache)
@@ -36,7 +37,7 @@ def assert_same_logits(model, ids, chunks):
 
 
 def runner_full(model, ids):
-    return Runner(model, max_len=ids.shape[1], batch=ids.shape[0])(ids)
+    return Runner(model, max_len=ids.shape[1], batch=ids.shape[0], head_dtype=None)(ids)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,19 @@ def gqa_model():
 def test_float_model_matches_transformers(gqa_model):
     ids = torch.randint(0, 97, (1, 40))
     assert_same_logits(gqa_model, ids, [20, 1, 1, 5, 13])
+
+
+def test_cached_keys_are_transformers_bit_for_bit(gqa_model):
+    """The Runner's rotary product (roll and a signed sin) is transformers' apply_rotary_pos_emb
+    bit for bit: the cached keys (after the rotary embedding) and values are equal."""
+    ids = torch.randint(0, 97, (2, 9))
+    runner, cache = Runner(gqa_model, 9, batch=2), None
+    for chunk in (ids[:, :6], ids[:, 6:7], ids[:, 7:]):  # a prompt, then steps: the same shapes
+        runner(chunk)
+        cache = hf_logits(gqa_model, chunk, cache)[1]
+    for i, layer in enumerate(cache.layers):
+        assert torch.equal(runner.keys[i], layer.keys)
+        assert torch.equal(runner.values[i], layer.values)
 
 
 def test_batch(gqa_model):
@@ -148,12 +162,45 @@ def test_head_dtype_runs_lm_head_in_that_dtype(gqa_model, model):
     head = model.lm_head
     assert tracker.whole_model()["dense_macs"]["lm_head"] == \
         3 * head.in_features * head.out_features
-    with pytest.raises(TypeError, match="head_dtype"):
+    with pytest.raises(ValueError, match="head_dtype"):
         Runner(gqa_model, 7, head_dtype=torch.int8)
     qwen = LlamaForCausalLM(copy.deepcopy(gqa_model.config))  # the fixture's config stays llama
     qwen.config.model_type = "qwen3"
     with pytest.raises(ValueError, match="generate: head_dtype needs a model the Runner runs"):
         generate(qwen, prompt.remainder(97), 1, head_dtype=torch.bfloat16)
+
+
+def test_head_dtype_auto_is_float16_where_it_provably_holds(gqa_model):
+    """The default head ("auto"): a float32 head runs in float16 when the weights bound every
+    hidden value and logit well inside float16's range (runner.auto_head_dtype), bit for bit the
+    explicit float16 head; past the bound in bfloat16; a head already in 16 bits as it is."""
+    from spikeops.runner import auto_head_dtype
+    ids = torch.randint(0, 97, (2, 7))
+    auto = Runner(gqa_model, 7, batch=2)
+    assert auto.head_dtype == torch.float16
+    assert torch.equal(auto(ids), Runner(gqa_model, 7, batch=2, head_dtype=torch.float16)(ids))
+    torch.testing.assert_close(Runner(gqa_model, 7, batch=2)(ids), runner_full(gqa_model, ids),
+                               rtol=1e-2, atol=1e-2)
+    # The bounds: 2 * sqrt(d) * max|g| (hidden values) times max(1, max_j ||W_j||) (logits)
+    # against float16's 65,504.
+    norm, head = gqa_model.model.norm, gqa_model.lm_head
+    d = head.in_features
+    rows = max(1.0, float(head.weight.norm(dim=1).max()))
+    big = copy.deepcopy(gqa_model)
+    with torch.no_grad():
+        for factor, expect in ((0.99, torch.float16), (1.01, torch.bfloat16)):
+            big.model.norm.weight.fill_(factor * 65504 / (2 * d ** 0.5 * rows))
+            assert auto_head_dtype(big.model.norm, big.lm_head) == expect
+        big.model.norm.weight.fill_(1e4)  # hidden values near float16's limit: bfloat16
+        assert Runner(big, 7, batch=2).head_dtype == torch.bfloat16
+        assert torch.isfinite(Runner(big, 7, batch=2)(ids)).all()
+    assert auto_head_dtype(norm, copy.deepcopy(head).bfloat16()) is None
+    assert auto_head_dtype(torch.nn.LayerNorm(d), head) == torch.bfloat16  # no RMSNorm: no proof
+    assert Runner(gqa_model, 7, head_dtype=None).head_dtype is None
+    with pytest.raises(ValueError, match="head_dtype must be 'auto', None or one of"):
+        Runner(gqa_model, 7, head_dtype="fast")
+    with pytest.raises(ValueError, match="generate: head_dtype must be 'auto'"):
+        generate(gqa_model, ids[0], 1, head_dtype="fast")
 
 
 # ----------------------------------------------------------------------------- spiking KV cache
@@ -304,7 +351,7 @@ def test_value_cache_channel_major():
 def static_runner(model, max_len, batch=1):
     """A Runner whose one-token steps take the static-shape step (what a CUDA graph holds), run
     eagerly: the CPU has no graphs, and cuda_graphs=True would refuse it."""
-    runner = Runner(model, max_len, batch=batch)
+    runner = Runner(model, max_len, batch=batch, head_dtype=None)
     runner._static = True
     return runner
 
@@ -333,7 +380,8 @@ def test_static_decode_step_matches_eager(gqa_model, monkeypatch, batch, pad):
     monkeypatch.setattr(spikeops.runner, "MIN_SPAN", 8)
     ids = torch.randint(0, 97, (batch, 20))
     pad = None if pad is None else torch.tensor(pad)
-    eager, static = Runner(gqa_model, 20, batch=batch), static_runner(gqa_model, 20, batch)
+    eager = Runner(gqa_model, 20, batch=batch, head_dtype=None)
+    static = static_runner(gqa_model, 20, batch)
     assert_static_steps_match(eager, static, ids, 6, pad)
     eager.reset()
     static.reset()

@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
-    p.add_argument("--head-dtype", default="model", choices=tuple(HEAD_DTYPE_CHOICES),
-                   help="dtype of lm_head: the model's own (transformers' logits), or bfloat16: "
-                   "about 3x faster on the CPU, other rounding (spikeops.runner.Runner)")
+    p.add_argument("--head-dtype", default="auto", choices=tuple(HEAD_DTYPE_CHOICES),
+                   help="dtype of lm_head: auto (a float32 head in float16 where float16 holds "
+                   "it, else bfloat16: several times faster on the CPU, other rounding), the "
+                   "model's own (transformers' logits), float16 or bfloat16 "
+                   "(spikeops.runner.Runner)")
     kv_and_dtype_args(p)
 
     p = command("report", "per-layer spike statistics and an energy estimate (text, JSON and "

@@ -21,7 +21,8 @@ DEFAULT_DENSE = DATA / "default_model_dense"
 DEFAULT_TEXT = DATA / "heldout.txt"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HEAD_DTYPE_CHOICES = {"model": None, "bfloat16": torch.bfloat16}
+HEAD_DTYPE_CHOICES = {"auto": "auto", "model": None, "float16": torch.float16,
+                      "bfloat16": torch.bfloat16}
 
 
 def read_text(path) -> str:

@@ -135,7 +135,8 @@ def window_nll(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
             logits = None
             for n in sorted({end - start for start, end, _ in chunk}):
                 rows = [j for j, (start, end, _) in enumerate(chunk) if end - start == n]
-                out = Runner(model, n, batch=len(rows), kv=kv)(ids[rows, :n])
+                # lm_head as the model's: the same logits as the forward of kv="float"
+                out = Runner(model, n, batch=len(rows), head_dtype=None, kv=kv)(ids[rows, :n])
                 if logits is None:  # positions past a window's end are never scored
                     logits = out.new_zeros(len(chunk), length, out.shape[-1])
                 logits[rows, :n] = out
@@ -187,7 +188,7 @@ _CACHE_ARG: dict = {}
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
              top_k: Optional[int] = None, seed: int = 0, stop=(), lengths=None,
-             head_dtype: Optional[torch.dtype] = None, kv: str = "float"):
+             head_dtype="auto", kv: str = "float"):
     """Continue prompts by ``max_new_tokens`` tokens: greedy when ``temperature`` is 0, else
     sampled from softmax(logits / temperature), optionally restricted to the ``top_k`` most
     likely tokens; a token of ``stop`` ends a prompt's continuation (and is not returned).
@@ -202,9 +203,10 @@ def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
     rounding); other models run transformers' forward, one prompt at a time. Sampling draws the
     rows' tokens from one generator in row order, so a sampled row depends on its batch (one
     prompt at a time: a generator of the same seed per row).
-    head_dtype: the Runner's ``lm_head`` dtype (None: the model's own; ``torch.bfloat16`` is
-    faster on the CPU, with other rounding: ``spikeops.runner.Runner``); refused for models the
-    Runner does not run. kv: the Runner's key-value cache (``"float"``, or ``"spike4"`` /
+    head_dtype: the Runner's ``lm_head`` dtype: ``"auto"`` (float16 or bfloat16 for a float32
+    head, faster, with other rounding: ``spikeops.runner.Runner``; the model's own head for
+    models the Runner does not run), None (the model's own), or a dtype (refused for models the
+    Runner does not run). kv: the Runner's key-value cache (``"float"``, or ``"spike4"`` /
     ``"spike8"``: bit-plane spikes, attention on spikes); other than float, refused for models
     the Runner does not run."""
     from .attention import KV_MODES
@@ -298,17 +300,16 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     return int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
 
 
-def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype=None, kv="float"):
+def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype, kv="float"):
     """``step(ids) -> logits`` continuing ``len(pad)`` sequences whose prompts carry ``pad``
     left-padding tokens: the lean ``Runner`` for LLaMA-architecture models (the same logits,
     faster), else transformers' forward with its cache for one sequence, else None."""
-    from .runner import HEAD_DTYPES, Runner
-    if head_dtype is not None:
-        _checks.dtype(fn, "head_dtype", head_dtype, HEAD_DTYPES)
+    from .runner import HEAD_AUTO, Runner, check_head_dtype
+    check_head_dtype(fn, head_dtype)
     try:
         runner = Runner(model, max_len, batch=len(pad), head_dtype=head_dtype, kv=kv)
     except ValueError as e:
-        if head_dtype is not None:
+        if head_dtype not in (None, HEAD_AUTO):
             raise ValueError(f"{fn}: head_dtype needs a model the Runner runs: {e}") from e
         if kv != "float":
             raise ValueError(f"{fn}: kv={kv!r} needs a model the Runner runs: {e}") from e

@@ -30,6 +30,8 @@ from .attention import KV_MODES, PV_MODES, SpikeKV
 from .nn import GROUP_ATTR, SpikeLinear
 
 HEAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# head_dtype's default: the fastest dtype that holds the head (Runner, auto_head_dtype).
+HEAD_AUTO = "auto"
 # The per-layer modules a Runner calls, as attribute paths of a decoder layer, besides the
 # query/key/value projections (_qkv).
 _LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.o_proj")
@@ -73,13 +75,18 @@ class Runner:
     the device of the model's embedding (the words of a spiking value cache grow with the
     written tokens, 32 at a time: attention.ValueCache).
 
-    ``head_dtype``: None runs ``lm_head`` as the model's module (logits equal transformers'); a
-    dtype (``torch.bfloat16``) runs it on a copy of its weight in that dtype, with the hidden
-    state rounded to it, accumulated as the matrix product of that dtype does, the logits
-    returned as float32. On the CPU the float32 head of a small model is most of a decode step
-    (SmolLM2-135M: 49,152 x 576 floats, 113 MB read per token); bfloat16 reads half and runs
-    on the CPU's bfloat16 dot products (docs/performance.md, "Whole model on the CPU"). Its
-    logits differ from float32's by bfloat16 rounding; greedy tokens can differ.
+    ``head_dtype``: how ``lm_head`` runs. None: as the model's module (logits equal
+    transformers'). A dtype (``torch.float16``, ``torch.bfloat16``): on a copy of its weight in
+    that dtype, with the hidden state rounded to it, accumulated as the matrix product of that
+    dtype does, the logits returned as float32. ``"auto"`` (the default): a float32 head of a
+    Linear runs in float16 where float16 provably holds it (``auto_head_dtype``), else in
+    bfloat16; a head in another dtype runs as it is. A decode step reads the whole head: on the
+    CPU the float32 head of a small model is most of the step (SmolLM2-135M: 49,152 x 576
+    floats, 113 MB per token), its float16 copy reads half on the CPU's fastest path
+    (docs/performance.md, "Whole model on the CPU"). Logits then differ from float32's by the
+    rounding of the hidden state and the weights to float16 (11 significant bits); greedy
+    tokens can differ where two logits nearly tie. ``runner.head_dtype`` is the dtype chosen
+    (None: the module as it is).
 
     Prompts of different lengths are left-padded: ``runner(ids, pad=pad)`` on the prompt call,
     ``pad`` int ``[batch]`` the number of padding tokens that start each row. Until ``reset()``
@@ -107,7 +114,7 @@ class Runner:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, batch: int = 1,
-                 head_dtype: Optional[torch.dtype] = None, kv: str = "float",
+                 head_dtype=HEAD_AUTO, kv: str = "float",
                  kv_rotate: Optional[bool] = None, kv_pv: Optional[str] = None,
                  cuda_graphs: Optional[bool] = None):
         fn = "Runner"
@@ -133,16 +140,18 @@ class Runner:
         self.norm = _part(fn, model, "model.norm")
         self.rotary = _part(fn, model, "model.rotary_emb")
         self.lm_head = _part(fn, model, "lm_head")
-        self.head_params = None
-        if head_dtype is not None:
-            _checks.dtype(fn, "head_dtype", head_dtype, HEAD_DTYPES)
+        check_head_dtype(fn, head_dtype)
+        if head_dtype == HEAD_AUTO:
+            head_dtype = auto_head_dtype(self.norm, self.lm_head)
+        elif head_dtype is not None:
             if not isinstance(self.lm_head, torch.nn.Linear):
                 raise ValueError(f"{fn}: head_dtype needs lm_head to be a torch.nn.Linear, got "
                                  f"{type(self.lm_head).__name__}")
-            # Run through the module (torch.func.functional_call), so that its hooks, such as
-            # the statistics' count of lm_head's MACs, see the call.
-            self.head_params = {name: t.detach().to(head_dtype)
-                                for name, t in self.lm_head.named_parameters()}
+        self.head_dtype = head_dtype
+        # Run through the module (torch.func.functional_call), so that its hooks, such as the
+        # statistics' count of lm_head's MACs, see the call.
+        self.head_params = None if head_dtype is None else \
+            {name: t.detach().to(head_dtype) for name, t in self.lm_head.named_parameters()}
         layers = _part(fn, model, "model.layers")
         config = model.config
         for name in ("num_attention_heads", "num_key_value_heads", "hidden_size"):
@@ -344,14 +353,19 @@ class Runner:
         B, T = x.shape[:2]
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)   # [B, 1, T, head_dim]
+        # transformers' rotary product x * cos + rotate_half(x) * sin, where rotate_half(x) =
+        # cat(-x2, x1) of x's halves, as x * cos + roll(x, half) * cat(-sin1, sin2): the same
+        # products bit for bit (negation is exact), three ops fewer per tensor and layer.
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         for i, parts in enumerate(self.layers):
             h = parts["input_layernorm"](x)
             q, k, v = parts["qkv"](h)
             q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
             a = attend(i, q, k, v)
             x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B, T, -1))
             x = x + parts["mlp"](parts["post_attention_layernorm"](x))
@@ -372,6 +386,38 @@ class Runner:
         return torch.func.functional_call(self.lm_head, self.head_params, (h,)).float()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def check_head_dtype(fn: str, head_dtype) -> None:
+    """Refuse a ``head_dtype`` other than "auto", None and HEAD_DTYPES."""
+    if not (head_dtype is None or head_dtype == HEAD_AUTO or
+            isinstance(head_dtype, torch.dtype) and head_dtype in HEAD_DTYPES):
+        raise ValueError(f"{fn}: head_dtype must be {HEAD_AUTO!r}, None or one of "
+                         f"{HEAD_DTYPES}, got {head_dtype!r}")
+
+
+def auto_head_dtype(norm: torch.nn.Module, lm_head: torch.nn.Module) -> Optional[torch.dtype]:
+    """The dtype ``Runner(head_dtype="auto")`` runs ``lm_head`` in, None for the module as it
+    is: a float32 ``nn.Linear`` head in float16 where no value of the product can reach
+    float16's range, else in bfloat16 (float32's range, 8 significant bits); other heads as
+    they are.
+
+    The proof of range, from the weights alone: the final norm is an RMSNorm, ``g * x / rms(x)``
+    with ``rms(x) >= sqrt(mean(x^2))``, so the normalized x has a Euclidean norm of at most
+    sqrt(d) and the hidden state h at most ``H = sqrt(d) * max|g|``. Every element of h is at
+    most H, and every logit and every partial sum of one (Cauchy-Schwarz over any subset of the
+    d terms) at most ``H * max_j ||W_j|| + max|b|``. float16 is chosen when twice both bounds
+    stay below its largest value (65,504), the factor 2 covering the rounding of the inputs."""
+    weight = getattr(lm_head, "weight", None)
+    if not isinstance(lm_head, torch.nn.Linear) or weight.dtype != torch.float32:
+        return None
+    gain = getattr(norm, "weight", None)
+    if not type(norm).__name__.endswith("RMSNorm") or not isinstance(gain, torch.Tensor) or \
+            gain.shape != (weight.shape[1],):
+        return torch.bfloat16
+    with torch.no_grad():
+        hidden = weight.shape[1] ** 0.5 * float(gain.float().abs().max())
+        logit = hidden * float(weight.norm(dim=1).max())
+        if lm_head.bias is not None:
+            logit += float(lm_head.bias.abs().max())
+    limit = torch.finfo(torch.float16).max
+    return torch.float16 if 2 * max(hidden, logit) < limit else torch.bfloat16
+
