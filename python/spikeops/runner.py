@@ -176,6 +176,9 @@ class Runner:
             shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
             self.keys = torch.zeros(shape, dtype=w.dtype, device=w.device)
             self.values = torch.zeros_like(self.keys)
+            # Each layer's slice as a view made once: a decode step indexes it 30 times per
+            # tensor, and each select is an op.
+            self._layer_kv = list(zip(self.keys.unbind(0), self.values.unbind(0)))
         else:
             rotate = kv_rotate is not False
             # PV on spikes by default: the channel-major value cache is read in place, where
@@ -292,8 +295,9 @@ class Runner:
 
         def attend(i, q, k, v):
             if self.kv == "float":
-                self.keys[i, :, :, start:end] = k
-                self.values[i, :, :, start:end] = v
+                keys, values = self._layer_kv[i]
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = v
                 return self._attention(i, q, end, mask)
             self.spike_kv[i].write(k, v, start, self.pad)
             return self.spike_kv[i].attend(q, end, mask, self.scaling[i])
@@ -310,8 +314,9 @@ class Runner:
         mask = (keys <= self._position) & (keys >= self._pad.view(-1, 1, 1, 1))
 
         def attend(i, q, k, v):
-            self.keys[i].index_copy_(2, self._position, k)
-            self.values[i].index_copy_(2, self._position, v)
+            keys, values = self._layer_kv[i]
+            keys.index_copy_(2, self._position, k)
+            values.index_copy_(2, self._position, v)
             return self._attention(i, q, span, mask)
         return self._logits(self._layers(x, positions, attend))
 
@@ -374,8 +379,9 @@ class Runner:
     def _attention(self, i: int, q: torch.Tensor, keys: int,
                    mask: Optional[torch.Tensor]) -> torch.Tensor:
         """SDPA of ``q`` over the first ``keys`` slots of layer i's float cache."""
+        cached_keys, cached_values = self._layer_kv[i]
         return F.scaled_dot_product_attention(
-            q, self.keys[i, :, :, :keys], self.values[i, :, :, :keys], attn_mask=mask,
+            q, cached_keys[:, :, :keys], cached_values[:, :, :keys], attn_mask=mask,
             scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
