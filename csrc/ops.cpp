@@ -12,8 +12,12 @@
 #include <string>
 #include <tuple>
 
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "direct.h"
 
 #ifdef SPIKEOPS_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -83,6 +87,10 @@ PyObject* PyInit__C(void) {
        "layout_group(bits, group_size, K): channels per group of the CPU layout, 0: none"},
       {"activation_groups_fit", activation_groups_fit, METH_VARARGS,
        "activation_groups_fit(group, group_size, K): spike_linear takes such spikes"},
+      {"direct_gif_encode", reinterpret_cast<PyCFunction>(spikeops::direct_gif_encode),
+       METH_FASTCALL, "gif_encode's CPU entry called directly, or None (csrc/direct.h)"},
+      {"direct_spike_linear", reinterpret_cast<PyCFunction>(spikeops::direct_spike_linear),
+       METH_FASTCALL, "spike_linear's CPU entry called directly, or None (csrc/direct.h)"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
@@ -413,6 +421,73 @@ at::Tensor cpu_layout_qweight(const at::Tensor& packed, int64_t K, int64_t N) {
 }
 
 }  // namespace
+
+// ---- direct calls from Python (direct.h) --------------------------------------------------
+
+PyObject* direct_gif_encode(PyObject*, PyObject* const* args, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  if (!direct_call_allowed()) Py_RETURN_NONE;
+  DirectArgs in(args, count, 11);
+  const at::Tensor& x = in.tensor(0);
+  const std::string mode = in.text(1);
+  const int64_t bits = in.integer(2);
+  const double gamma = in.real(3);
+  const OptTensor salient_mask = in.optional_tensor(4);
+  const int64_t salient_bits = in.integer(5);
+  const OptTensor scale = in.optional_tensor(6), zero = in.optional_tensor(7);
+  const double theta_nor = in.real(8), theta_out = in.real(9);
+  const int64_t group = in.integer(10);
+  if (!in.ok()) Py_RETURN_NONE;
+  EncodeResult out;
+  {
+    WithoutGil released;
+    out = gif_encode<Dev::kCpu>(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero,
+                                theta_nor, theta_out, group);
+  }
+  auto& [planes, sign, hi, scale_out, zero_out] = out;
+  PyObject* result = PyTuple_New(5);
+  Py_ssize_t i = 0;
+  for (const at::Tensor* t : {&planes, &sign, &hi, &scale_out, &zero_out}) {
+    PyObject* wrapped = result ? THPVariable_Wrap(*t) : nullptr;
+    if (wrapped == nullptr) {
+      Py_XDECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, i++, wrapped);  // steals the reference
+  }
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* direct_spike_linear(PyObject*, PyObject* const* args, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  if (!direct_call_allowed()) Py_RETURN_NONE;
+  DirectArgs in(args, count, 18);
+  const at::Tensor& planes = in.tensor(0);
+  const OptTensor sign = in.optional_tensor(1), hi = in.optional_tensor(2);
+  const at::Tensor& scale = in.tensor(3);
+  const OptTensor zero = in.optional_tensor(4), qweight = in.optional_tensor(5);
+  const at::Tensor& qzeros = in.tensor(6);
+  const at::Tensor& scales = in.tensor(7);
+  const at::Tensor& g_idx = in.tensor(8);
+  const OptTensor packed = in.optional_tensor(9), code_sums = in.optional_tensor(10);
+  const OptTensor bias = in.optional_tensor(11);
+  const int64_t bits = in.integer(12), group_size = in.integer(13), zero_offset = in.integer(14);
+  const at::ScalarType out_dtype = in.dtype(15);
+  const std::string backend = in.text(16);
+  const int64_t group = in.integer(17);
+  if (!in.ok()) Py_RETURN_NONE;
+  at::Tensor y;
+  {
+    WithoutGil released;
+    y = spike_linear<Dev::kCpu>(planes, sign, hi, scale, zero, qweight, qzeros, scales, g_idx,
+                                packed, code_sums, bias, bits, group_size, zero_offset,
+                                out_dtype, backend, group);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace spikeops
 
 TORCH_LIBRARY(spikeops, m) {

@@ -431,3 +431,24 @@ def test_random_configurations_against_the_reference_and_thread_counts():
                     assert torch.equal(y, ref), (case, n, backend)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("K, N", [(576, 192), (1536, 576)])
+@pytest.mark.parametrize("M", [1, 2])
+def test_small_calls_run_serially_with_the_same_bits(K, N, M):
+    """The int backend's column tasks run on one thread below kThreadWork multiply-adds a
+    thread (csrc/cpu/int_layout.cpp): 576 -> 192 at decode does, 1536 -> 576 runs on two; both
+    give the reference's bits, on one thread and on two."""
+    threads = torch.get_num_threads()
+    w = make_layer(K, N, 4, 128, sym=False)[0]
+    for enc in (Encoding("absmax", 4), Encoding("minmax", 4)):
+        st = spikeops.encode(torch.randn(M, K) * 2, enc)
+        f = {k: v for k, v in st._asdict().items() if k != "shape"}
+        ref = reference.spike_linear(**f, **kernel_args(w), bias=None, out_dtype=torch.float32)
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                y = spikeops.spike_linear(st, w, out_dtype=torch.float32, backend="int")
+                assert torch.equal(y, ref), (enc, n)
+        finally:
+            torch.set_num_threads(threads)

@@ -338,13 +338,22 @@ void run_task_groups(const LinearArgs& a, const Plan& p, const std::vector<Token
   }
 }
 
+// Multiply-adds a thread takes on at least (tokens x channels x columns): below it the OpenMP
+// region's start costs more than a second thread saves. At decode on 2 threads of Zen 4, 576 ->
+// 192 (110 k) took 5.0 us on one thread and 5.9 us on two, 576 -> 1,536 (885 k) 13 us on one and
+// 9.2 us on two (docs/performance.md, "Whole model on the CPU"); tasks are grouped so that each
+// thread gets this much, and a call with less runs serially.
+constexpr int64_t kThreadWork = int64_t(1) << 17;
+
 template <typename Kernels, bool kUnsigned, int kMB, typename T>
 void run(const LinearArgs& a, const Plan& p, const std::vector<TokenCodes>& codes) {
   constexpr int64_t kSpan = span_of<kMB>();
   const int64_t col_tasks = (p.NT + kTiles - 1) / kTiles, spans = (a.M + kSpan - 1) / kSpan;
+  const int64_t task_work = std::min(a.M, kSpan) * a.K * kCols;
+  const int64_t grain = (kThreadWork + task_work - 1) / task_work;
   T* y = static_cast<T*>(a.out);
   // Token spans of the same columns are neighbours, so their weight rows meet in cache.
-  at::parallel_for(0, col_tasks * spans, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, col_tasks * spans, grain, [&](int64_t begin, int64_t end) {
     Kernels::begin();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t m0 = (task % spans) * kSpan;

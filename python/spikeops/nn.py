@@ -97,14 +97,17 @@ class ProjectionGroup(torch.nn.Module):
     def start(self, x) -> None:
         """Encode ``x`` for the members if they would all encode it alike."""
         first = self.members[0]
-        enc, mask = first.enc, first.salient_mask
+        # Once per group and decode step: buffers read from _buffers and the Encodings compared
+        # by identity first, as SpikeLinear.forward does (2.5 us of 8 for q/k/v).
+        enc, mask = first.enc, first._buffers["salient_mask"]
         if not isinstance(x, torch.Tensor) or enc is None or x.dim() < 1 or \
                 x.shape[-1] != first.in_features or \
                 (x.requires_grad and torch.is_grad_enabled()) or \
-                any(m.enc != enc or m.salient_mask is not mask or m._parameters
-                    for m in self.members):
+                any((m.enc is not enc and m.enc != enc) or m._buffers["salient_mask"] is not mask
+                    or m._parameters for m in self.members):
             return
-        self.__dict__["spikes"] = encode_rows(x.reshape(-1, first.in_features), enc, mask)
+        rows = x if x.dim() == 2 else x.reshape(-1, first.in_features)
+        self.__dict__["spikes"] = encode_rows(rows, enc, mask)
         self.__dict__["input"] = x
 
     def end(self) -> None:
@@ -294,14 +297,22 @@ class SpikeLinear(torch.nn.Module):
                 self.dense_weight = self.dequantize().to(x.dtype)
             bias = self.kernel_bias.to(x.dtype) if self.kernel_bias is not None else None
             return torch.nn.functional.linear(x, self.dense_weight, bias)
+        # The rest runs at every decode step, where each Python step costs: buffers are read
+        # from _buffers (Module.__getattr__ took 0.5 us a buffer), and the token rows [M, K]
+        # are reshaped, and the output cast, only where they are not so already
+        # (docs/performance.md, "Whole model on the CPU").
+        buffers = self._buffers
         spikes = self.group.spikes_for(x) if self.group is not None else None
         if spikes is None:
-            spikes = encode_rows(x.reshape(-1, self.in_features), self.enc, self.salient_mask)
+            rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            spikes = encode_rows(rows, self.enc, buffers["salient_mask"])
         if self.observer is not None:
             self.observer(self, SpikeTensor.wrap(spikes, tuple(x.shape), self.enc.group))
         out_dtype = x.dtype if x.dtype in OUT_DTYPES else torch.float32
-        y = self._linear(spikes, self.enc.group, self.kernel_bias, out_dtype)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = self._linear(spikes, self.enc.group, buffers["kernel_bias"], out_dtype)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if out_dtype == x.dtype else y.to(x.dtype)
 
     def from_spikes(self, st: SpikeTensor, out_dtype: torch.dtype,
                     bias: bool = True) -> torch.Tensor:
