@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "spike_math.h"
 
@@ -22,16 +21,6 @@ SPIKE_HD void butterfly(double& a, double& b) {
   const double u = a, w = b;
   a = u + w;
   b = u - w;
-}
-
-SPIKE_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-#endif
 }
 
 // v rounded to float32 "to odd": toward zero, with the last significand bit set when that drops
