@@ -63,8 +63,9 @@ class OnlineRotation:
 
     H_n is applied by the op ``spikeops::hadamard`` (docs/ops.md, hadamard): a fast
     Walsh-Hadamard transform in float64 (n log2 n additions), each output rounded once to x's
-    dtype and then scaled by 1/sqrt(n) as ``y * (1 / sqrt(n))`` would, about 2 us a decode step
-    where a matrix product with the +-1 matrix took some 40 (docs/transforms.md)."""
+    dtype and then scaled by 1/sqrt(n) as ``y * (1 / sqrt(n))`` would; at decode about 4 us a
+    call where a matrix product with the +-1 matrix took some 40 (docs/transforms.md, "The
+    online rotation's cost")."""
 
     def __init__(self, width: int, mix: Optional[List[List[float]]]):
         self.blocks, self.n = split_width(width)
