@@ -242,4 +242,16 @@ struct ProbMatmulArgs {
   float* steps;                 // [batch * heads * Ma] out: each A row's scale
 };
 
+// hadamard (docs/ops.md): every block of n consecutive elements of x (a contiguous
+// [blocks * n]) times the +-1 Sylvester matrix H_n, float64 butterflies, each output rounded once
+// to x's type, then, unless scale is 1, times scale as torch multiplies such a tensor by a Python
+// float: in float32 by float32(scale), in float64 for float64 x.
+struct HadamardArgs {
+  const void* x;                // type [blocks * n]
+  void* out;                    // type [blocks * n]
+  FloatType type;
+  int64_t blocks, n;            // n a power of two
+  double scale;
+};
+
 }  // namespace spikeops

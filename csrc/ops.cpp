@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstddef>
 #include <string>
 #include <tuple>
@@ -18,6 +19,7 @@
 #include "checks.h"
 #include "cpu/kernels.h"
 #include "direct.h"
+#include "hadamard_math.h"
 
 #ifdef SPIKEOPS_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -388,6 +390,39 @@ void channel_major_write(const at::Tensor& planes, const OptTensor& sign, at::Te
          SPIKEOPS_CUDA_LAUNCHER(launch_channel_major_write));
 }
 
+// x times the +-1 Hadamard matrix H_n per block of n channels (docs/ops.md, hadamard).
+template <Dev D>
+at::Tensor hadamard(const at::Tensor& x, int64_t n, double scale) {
+  const char* op = "hadamard";
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                       dtype == at::kDouble,
+                   op, ": x must be a float32, float16, bfloat16 or float64 tensor, got ",
+                   dtype_name(dtype));
+  TORCH_CHECK_VALUE(n >= 1 && (n & (n - 1)) == 0, op, ": n must be a power of two >= 1, got ", n);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % n == 0, op, ": x's last dimension must be a ",
+                    "multiple of n = ", n, ", got x of shape ", x.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(scale)), op,
+                    ": scale must be finite as a float32, got ", scale);
+  if constexpr (D == Dev::kCuda) {
+    TORCH_CHECK_VALUE(n <= kHadamardCudaMaxN, op, ": n must be <= ", kHadamardCudaMaxN,
+                      " on a CUDA device (one block in shared memory), got ", n);
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  if (out.numel() > 0) {
+    HadamardArgs a{};
+    a.x = xc.const_data_ptr();
+    a.out = out.mutable_data_ptr();
+    a.type = float_type(dtype);
+    a.blocks = out.numel() / n;
+    a.n = n;
+    a.scale = scale;
+    run<D>(op, x, "x", a, &cpu::hadamard, SPIKEOPS_CUDA_LAUNCHER(launch_hadamard));
+  }
+  return out;
+}
+
 // ---- the CPU layout (docs/ops.md, "CPU layout") ------------------------------------------
 // CPU tensors only; the entries are registered for CUDA too, where they refuse their input by
 // name (ValueError) instead of the dispatcher's NotImplementedError.
@@ -559,6 +594,10 @@ TORCH_LIBRARY(spikeops, m) {
   // channels past K are 0 in both.
   m.def("cpu_layout(Tensor qweight, int bits, int group_size, int K) -> (Tensor, Tensor)");
   m.def("cpu_layout_qweight(Tensor packed, int K, int N) -> Tensor");
+  // x (float32, float16, bfloat16 or float64, last dimension a multiple of n) times the +-1
+  // Sylvester Hadamard matrix H_n per block of n channels: float64 butterflies, each output
+  // rounded once to x's dtype, then times scale as torch's `y * scale` does (skipped at 1).
+  m.def("hadamard(Tensor x, int n, float scale=1.0) -> Tensor");
 }
 
 #define SPIKEOPS_REGISTER(D)                                                 \
@@ -583,6 +622,7 @@ TORCH_LIBRARY_IMPL(spikeops, CPU, m) {
   SPIKEOPS_REGISTER(kCpu)
   SPIKEOPS_REGISTER_MATMUL(kCpu)
   SPIKEOPS_REGISTER_LAYOUT
+  m.impl("hadamard", &spikeops::hadamard<spikeops::Dev::kCpu>);
 }
 
 #ifdef SPIKEOPS_WITH_CUDA
@@ -590,5 +630,6 @@ TORCH_LIBRARY_IMPL(spikeops, CUDA, m) {
   SPIKEOPS_REGISTER(kCuda)
   SPIKEOPS_REGISTER_MATMUL(kCuda)
   SPIKEOPS_REGISTER_LAYOUT
+  m.impl("hadamard", &spikeops::hadamard<spikeops::Dev::kCuda>);
 }
 #endif

@@ -44,6 +44,16 @@ SPIKE_HD uint32_t float_bits(float v) {
 #endif
 }
 
+SPIKE_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
+
 // Quantizer of one range of one token row: the stored code of an element and its sign bit.
 struct RangeQuant {
   float scale;   // s of docs/ops.md (for oat: theta_r, the code is floor(|x| / theta_r * 2^P))

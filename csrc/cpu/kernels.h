@@ -30,6 +30,8 @@ void channel_major_write(const ChannelMajorArgs& a);  // cpu/matmul.cpp
 void cpu_layout(const LayoutArgs& a);
 void cpu_layout_qweight(const LayoutArgs& a);
 
+void hadamard(const HadamardArgs& a);  // cpu/hadamard.cpp
+
 // The int backend on the CPU layout of 4-bit codes (cpu/int_layout.cpp), with AMX tiles (blocks
 // of 16 tokens; fewer tokens take AVX-512 VNNI), AVX-512 VNNI or AVX2 dot products.
 // int_layout_isa: the instruction set a call can use (best_isa(), cpu/isa.h; kGeneric when the

@@ -36,6 +36,7 @@ void launch_spike_linear(const LinearArgs& a, cudaStream_t stream);
 void launch_gptq_dequantize(const DequantizeArgs& a, cudaStream_t stream);
 void launch_spike_matmul(const MatmulArgs& a, cudaStream_t stream);  // csrc/cuda/matmul.cu
 void launch_channel_major_write(const ChannelMajorArgs& a, cudaStream_t stream);  // matmul.cu
+void launch_hadamard(const HadamardArgs& a, cudaStream_t stream);  // csrc/cuda/hadamard.cu
 
 // spike_linear's launcher per weight bit width (csrc/cuda/linear_w*.cu), called by
 // launch_spike_linear.

@@ -371,3 +371,37 @@ def cpu_layout_qweight(packed: Tensor, K: int, N: int) -> Tensor:
 @torch.library.register_fake("spikeops::cpu_layout_qweight")
 def _(packed, K, N):
     return packed.new_empty(((K + 7) // 8, N), dtype=_INT32)
+
+
+# ----------------------------------------------------------------------------- hadamard
+def hadamard(x: Tensor, n: int, scale: float = 1.0) -> Tensor:
+    """``x`` (float32, float16, bfloat16 or float64; last dimension a multiple of n, a power of
+    two) times the +-1 Sylvester Hadamard matrix H_n per block of n channels: each output the
+    float64 butterfly sum rounded once to x's dtype, then, unless ``scale`` is 1, times
+    ``scale`` as ``y * scale`` would (docs/ops.md, hadamard). Differentiable: H_n is symmetric,
+    so x's gradient is ``hadamard(grad, n, scale)``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Hadamard.apply(x, n, scale)
+    return _ops.hadamard.default(x, n, scale)
+
+
+class _Hadamard(torch.autograd.Function):
+    """hadamard with its gradient, entered only when x requires one (no autograd kernel on the
+    op: see "no gradients" above for the cost that avoids)."""
+
+    @staticmethod
+    def forward(ctx, x, n, scale):
+        ctx.n, ctx.scale = n, scale
+        return _ops.hadamard.default(x, n, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return hadamard(grad, ctx.n, ctx.scale), None, None
+
+
+@torch.library.register_fake("spikeops::hadamard")
+def _(x, n, scale=1.0):
+    torch._check_value(n >= 1 and n & (n - 1) == 0 and x.dim() >= 1 and x.shape[-1] % n == 0,
+                       lambda: f"hadamard: n must be a power of two dividing x's last dimension, "
+                               f"got n = {n} and x of shape {tuple(x.shape)}")
+    return x.new_empty(x.shape)

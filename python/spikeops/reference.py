@@ -387,3 +387,44 @@ def _layout_codes(packed, K, N):
 def cpu_layout_qweight(packed, K, N):
     """GPTQ's ``qweight`` of the codes of channels below K that the CPU layout holds."""
     return pack(_layout_codes(packed, K, N), 4, dim=0)
+
+
+
+# ----------------------------------------------------------------------------- hadamard
+def round_once(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 ``v`` rounded once to ``dtype`` (float64, float32, float16 or bfloat16), to nearest with
+    ties to even. torch's own float64 -> float16 / bfloat16 conversion goes through float32 and
+    can round twice, so this takes that result c or its neighbour toward v, whichever is nearer
+    to v, the even one on a tie (infinity counting as the grid point after the largest value)."""
+    c = v.to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        return c
+    past_max = 2.0 ** (math.floor(math.log2(torch.finfo(dtype).max)) + 1)
+
+    def value(t):  # the float64 value of a grid point
+        d = t.double()
+        return torch.where(d.isinf(), torch.sign(d) * past_max, d)
+
+    other = torch.nextafter(c, torch.where(c.double() < v, math.inf, -math.inf).to(dtype))
+    d_c, d_other = (v - value(c)).abs(), (v - value(other)).abs()
+    even = (other.view(torch.int16) & 1) == 0
+    take = v.isfinite() & ((d_other < d_c) | ((d_other == d_c) & even))
+    return torch.where(take, other, c)
+
+
+def hadamard(x: Tensor, n: int, scale: float = 1.0) -> Tensor:
+    """``x`` times the +-1 Sylvester Hadamard matrix H_n (``H_1 = [1]``, ``H_2m = [[H_m, H_m],
+    [H_m, -H_m]]``) per block of n channels of the last dimension: the butterfly stages
+    h = 1, 2, ..., n / 2 in float64 (elements j, j + h of each group of 2h become their sum and
+    difference), each output rounded once to x's dtype, then, unless ``scale`` is 1, times
+    ``scale`` as torch multiplies a tensor by a Python float (in float32 by float32(scale) for
+    the 16- and 32-bit dtypes, in float64 for float64) and rounded to x's dtype again."""
+    v = x.double().reshape(-1, n)
+    h = 1
+    while h < n:
+        pairs = v.reshape(-1, n // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        v = torch.stack((a + b, a - b), 2).reshape(-1, n)
+        h *= 2
+    y = round_once(v, x.dtype).reshape(x.shape)
+    return y if scale == 1.0 else y * scale

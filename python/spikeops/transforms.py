@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from . import _checks
+from . import _checks, ops
 from .architecture import INPUTS, decoder_layers, head_dim_of
 
 TRANSFORMS = ("none", "smooth", "rotate")
@@ -61,9 +61,11 @@ class OnlineRotation:
     block of n channels times H_n, then the b blocks mixed by ``mix``. The module's weight holds
     ``W T`` so that its output is unchanged.
 
-    H_n is applied as one matrix product with the +-1 matrix (exact in every float dtype), then
-    scaled by 1/sqrt(n): at n = 512 that is about 8x faster per decode step than a fast
-    Walsh-Hadamard transform written with tensor ops, whose 9 butterfly stages are 45 small ops."""
+    H_n is applied by the op ``spikeops::hadamard`` (docs/ops.md, hadamard): a fast
+    Walsh-Hadamard transform in float64 (n log2 n additions), each output rounded once to x's
+    dtype and then scaled by 1/sqrt(n) as ``y * (1 / sqrt(n))`` would; at decode about 4 us a
+    call where a matrix product with the +-1 matrix took some 40 (docs/transforms.md, "The
+    online rotation's cost")."""
 
     def __init__(self, width: int, mix: Optional[List[List[float]]]):
         self.blocks, self.n = split_width(width)
@@ -71,7 +73,7 @@ class OnlineRotation:
         if self.mix is not None and tuple(self.mix.shape) != (self.blocks, self.blocks):
             raise ValueError(f"OnlineRotation: mix must be [{self.blocks}, {self.blocks}] for "
                              f"width {width}, got {list(self.mix.shape)}")
-        self._factors = {}  # (device, dtype) -> (+-1 H_n, mix transposed or None)
+        self._mix_t = {}  # (device, dtype) -> mix transposed
 
     def matrix(self) -> torch.Tensor:
         """T, float64 ``[width, width]``: ``x -> x @ T``."""
@@ -79,16 +81,14 @@ class OnlineRotation:
         return torch.kron(mix, hadamard(self.n))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.hadamard(x, self.n, 1.0 / math.sqrt(self.n))
+        if self.mix is None:
+            return y
         key = (x.device, x.dtype)
-        if key not in self._factors:
-            signs = hadamard(self.n) * math.sqrt(self.n)  # +-1
-            mix_t = self.mix.t().contiguous().to(*key) if self.mix is not None else None
-            self._factors[key] = (signs.to(*key), mix_t)
-        signs, mix_t = self._factors[key]
-        y = (x.reshape(*x.shape[:-1], self.blocks, self.n) @ signs) * (1.0 / math.sqrt(self.n))
-        if mix_t is not None:
-            # (x @ kron(A, H))[i*n + j] = sum_k A[k, i] (x_k @ H)[j]
-            y = mix_t @ y
+        if key not in self._mix_t:
+            self._mix_t[key] = self.mix.t().contiguous().to(*key)
+        # (x @ kron(A, H))[i*n + j] = sum_k A[k, i] (x_k @ H)[j]
+        y = self._mix_t[key] @ y.reshape(*x.shape[:-1], self.blocks, self.n)
         return y.reshape(x.shape)
 
     def __call__(self, module, args):
