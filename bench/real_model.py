@@ -41,14 +41,41 @@ def outliers(q_dir: Path, eval_text: str) -> dict:
     return input_outliers(model, ids[None, :256])
 
 
-def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
+def llama_cpp_speed(gguf: Path, ids, steps: int, runs: int):
+    """``(prefill tokens/s, decode tokens/s)`` of llama.cpp (llama-cpp-python) on the GGUF file
+    itself, timed as ``speed`` times the Runner (the same 256 prompt tokens, then ``runs`` of
+    ``steps`` one-token steps after one untimed run; torch's thread count), or None when
+    llama-cpp-python is not installed: it is not a dependency, only the issue's next bar
+    (docs/performance.md, "Whole model on the CPU")."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import torch
+    from spikeops.timing import median_ms
+    tokens = ids[0].tolist()
+    llm = Llama(str(gguf), n_ctx=256 + steps * (runs + 1), n_batch=256, verbose=False,
+                n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads())
+
+    def prefill():
+        llm.reset()
+        llm.eval(tokens[:256])
+    rate = 256e3 / median_ms(prefill, 3)
+    prefill()
+    step_ms = median_ms(lambda: [llm.eval(tokens[256:257]) for _ in range(steps)], runs)
+    return rate, steps * 1e3 / step_ms
+
+
+def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str,
+          gguf: Path = None) -> list:
     """``[(system, prefill tokens/s, decode tokens/s)]``: median of 3 prefills of 256 tokens
     (logits of the last token only, as generation needs), then the median of 7 runs of 8 decode
     steps after them.
     HF rows run transformers' forward; the spikeops rows, and the float model once more (with
     its float32 ``lm_head``), run ``spikeops.runner.Runner``, the lean forward ``generate``
     uses, with its default settings; each spiking encoding also with the model's own float32
-    ``lm_head`` (``Runner(head_dtype=None)``) beside the default's float16 copy."""
+    ``lm_head`` (``Runner(head_dtype=None)``) beside the default's float16 copy; given the
+    ``gguf`` file, llama.cpp on it last (``llama_cpp_speed``)."""
     import torch
     from spikeops import Encoding, load_gptq
     from spikeops.calibrate import parse_encoding
@@ -92,6 +119,12 @@ def speed(float_dir: Path, q_dir: Path, eval_text: str, encodings: str) -> list:
         if spec != "none":
             measure(f"spikeops W4 {label}, Runner, float32 lm_head", model, lean=True,
                     head_dtype=None)
+    if gguf is not None:
+        llama = llama_cpp_speed(gguf, ids, steps, runs)
+        if llama is None:
+            print("speed: no llama.cpp row: llama-cpp-python is not installed")
+        else:
+            rows.append((f"llama.cpp, {Path(gguf).name}", *llama))
     return rows
 
 
@@ -157,7 +190,7 @@ def main(argv=None) -> int:
         table[kind] = real_model_rows(float_dir, q_dir, args.eval_text, args.max_tokens,
                                       args.encodings)
         spread[kind] = outliers(q_dir, args.eval_text)
-    speeds = speed(float_dir, q_dir, args.eval_text, args.speed) if args.speed else []
+    speeds = speed(float_dir, q_dir, args.eval_text, args.speed, args.gguf) if args.speed else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
