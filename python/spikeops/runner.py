@@ -286,8 +286,7 @@ class Runner:
                 self.keys[i, :, :, start:end] = k
                 self.values[i, :, :, start:end] = v
                 return self._attention(i, q, end, mask)
-            self.spike_kv[i].write(k, v, start, self.pad)
-            return self.spike_kv[i].attend(q, end, mask, self.scaling[i])
+            return self.spike_kv[i].step(q, k, v, start, end, mask, self.scaling[i], self.pad)
         x = self._layers(x, positions, attend)
         return self._logits(x[:, -1:] if last_only else x)
 
