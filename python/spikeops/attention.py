@@ -242,14 +242,16 @@ class SpikeKV:
              mask: Optional[torch.Tensor], scaling: float,
              pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``write(k, v, start, pad)``, then ``attend(q, end, mask, scaling)`` (the Runner's
-        step), with the three rotations as one product: a decode step's products are a few
-        microseconds of work each, and with 2 threads each costs about twice that (docs/
-        performance.md, "Attention on spikes on the CPU"). Each row of a product is the same
-        whatever rows share it (checked bit for bit by the Runner's tests)."""
-        if self.rotation is not None:
-            heads, kv_heads = q.shape[1], k.shape[1]
-            q, k, v = (torch.cat((q, k, v), 1) @ self.rotation).split(
-                (heads, kv_heads, kv_heads), 1)
+        step), on the CPU with the three rotations as one product: a decode step's products
+        are a few microseconds of work each, and with 2 threads each costs about twice that
+        (docs/performance.md, "Attention on spikes on the CPU"). A row of the CPU's product is
+        the same whatever rows share it (tests/test_runner.py checks the bits); on other
+        devices, where that is not checked, the three products stay apart."""
+        if self.rotation is None or q.device.type != "cpu":
+            self.write(k, v, start, pad)
+            return self.attend(q, end, mask, scaling)
+        heads, kv_heads = q.shape[1], k.shape[1]
+        q, k, v = (torch.cat((q, k, v), 1) @ self.rotation).split((heads, kv_heads, kv_heads), 1)
         self._write(k, v, start, pad)
         return self._attend(q, end, mask, scaling)
 
