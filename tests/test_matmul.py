@@ -131,21 +131,23 @@ def test_bits_beyond_K_ignored(device):
 
 
 @pytest.mark.parametrize("K", [1, 32, 33, 64, 65, 100, 2048])
-@pytest.mark.parametrize("na, nb", [("absmax8", "minmax4"), ("minmax4", "absmax4"),
-                                    ("absmax8", "absmax8"), ("minmax8", "absmax4"),
-                                    ("minmax16", "absmax16")])
+@pytest.mark.parametrize("na, nb", [("absmax8", "minmax4"), ("absmax8", "minmax8"),
+                                    ("minmax4", "absmax4"), ("absmax8", "absmax8"),
+                                    ("minmax8", "absmax4"), ("minmax16", "absmax16")])
 def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
     """On CPUs with AVX-512 VNNI one-range products of at most 8 planes on one side and 7 on the
-    other run on bytes (VPDPBUSD, 16 keys a task), others with VPOPCNTDQ 8 keys at once; with
-    SPIKEOPS_CPU_ISA=avx2 the scalar kernel runs. Same outputs for ragged K (odd word counts:
-    the half last word), 37 keys (partial groups of 8 and 16), zero points on either side,
-    signs on either or both sides, the unsigned bytes from either side, causal."""
+    other run on bytes (VPDPBUSD, 16 keys a task; B's planes made bytes by GFNI, or plane by
+    plane with SPIKEOPS_CPU_ISA=avx512vnni or without GFNI), others with VPOPCNTDQ 8 keys at
+    once; with SPIKEOPS_CPU_ISA=avx2 the scalar kernel runs. Same outputs for ragged K (odd
+    word counts: the half last word), 37 keys (partial groups of 8 and 16), zero points on
+    either side, signs on either or both sides, the unsigned bytes from either side, causal."""
     a = encode("cpu", na, (1, 4, 3, K))
     b = encode("cpu", nb, (1, 2, 37, K), offset=0.3)
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
     fast = check("cpu", a, b, 37, True, torch.float32)
-    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
-    assert torch.equal(spike_matmul(a, b, keys=37, causal=True), fast)
+    for isa in ("avx512vnni", "avx2"):
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
+        assert torch.equal(spike_matmul(a, b, keys=37, causal=True), fast), isa
 
 
 
@@ -206,12 +208,13 @@ def prob_matmul(probs, token_scale, b, kv_heads):
 
 @pytest.mark.parametrize("K", [1, 31, 32, 33, 64, 65, 100, 2049])
 @pytest.mark.parametrize("name", list(VALUE_ENCODINGS))
-@pytest.mark.parametrize("isa", ["", "avx2"])
+@pytest.mark.parametrize("isa", ["", "avx512vnni", "avx2"])
 def test_prob_matmul_bit_identical(K, name, isa, monkeypatch):
     """prob_matmul equals the composition it replaces (encode the weights, then spike_matmul)
     and the reference bit for bit: grouped-query heads, 1 and 3 query rows, token scales read
     at a row stride past K, peaked, flat and all-zero probability rows; on AVX-512 VNNI the
-    codes are made inside the byte kernel (the value codes of at most 7 planes), otherwise
+    codes are made inside the byte kernel (the value codes of at most 7 planes; made bytes by
+    GFNI, or plane by plane with SPIKEOPS_CPU_ISA=avx512vnni), otherwise
     (SPIKEOPS_CPU_ISA=avx2, 15 planes, two ranges) the op composes gif_encode and spike_matmul."""
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
     batch, kv_heads, D = 2, 3, 40

@@ -317,6 +317,33 @@ def test_spike_attention_against_float64(kv, rotate):
         assert err <= tol * vd.abs().max(), (pv, err)
 
 
+@pytest.mark.parametrize("kv", ["spike4", "spike8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_spike_kv_step_is_write_then_attend(kv, threads):
+    """SpikeKV.step (the Runner's: the rotations of q, k and v as one product) gives the bits of
+    write then attend (three products), a prompt of 1,000 tokens with padding and 3 decode
+    steps, with 1 and 2 threads: a row of a product does not depend on the rows beside it."""
+    from spikeops.attention import SpikeKV
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        B, H, Hkv, D, L = 2, 9, 3, 64, 1003
+        pad = torch.tensor([0, 5])
+        one = SpikeKV("test", kv, True, "spike", B, Hkv, L, D, torch.float32, "cpu")
+        two = SpikeKV("test", kv, True, "spike", B, Hkv, L, D, torch.float32, "cpu")
+        start = 0
+        for T in (1000, 1, 1, 1):
+            q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+            end = start + T
+            mask = torch.ones(T, end, dtype=torch.bool).tril(start) if T > 1 else None
+            got = one.step(q, k, v, start, end, mask, 0.125, pad if start == 0 else None)
+            two.write(k, v, start, pad if start == 0 else None)
+            assert torch.equal(got, two.attend(q, end, mask, 0.125)), (T, start)
+            start = end
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_value_cache_channel_major():
     """The channel-major value cache holds, after writes that start and end inside 32-token
     words, the absmax encoding of every token (decoded, bit for bit), and a rewrite from token 0

@@ -23,6 +23,7 @@ struct Features {
   bool avx2 = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vnni = false;
   bool vpopcntdq = false;  // AVX512_VPOPCNTDQ (spike_matmul's vector kernel)
+  bool gfni = false;  // GFNI (spike_matmul's byte kernel)
   bool amx = false;  // AMX-TILE and AMX-INT8, tile registers granted
 };
 
@@ -53,6 +54,7 @@ Features detect() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512vnni = __builtin_cpu_supports("avx512vnni");
   f.vpopcntdq = f.avx512f && __builtin_cpu_supports("avx512vpopcntdq");
+  f.gfni = __builtin_cpu_supports("gfni");
   f.amx = f.avx512f && amx_granted();  // the AMX kernels unpack with AVX-512
 #endif
   return f;
@@ -72,14 +74,20 @@ Isa supported() {
   return f.amx ? Isa::kAmx : Isa::kAvx512Vnni;
 }
 
+// SPIKEOPS_CPU_ISA, or nullptr when it is unset or empty. Read on every call, so that the tests
+// run every path in one process.
+const char* isa_cap() {
+  const char* cap = std::getenv("SPIKEOPS_CPU_ISA");
+  return cap == nullptr || *cap == '\0' ? nullptr : cap;
+}
+
 }  // namespace
 
 Isa best_isa() {
-  // Read on every call, so that the tests run every path in one process. It caps and never
-  // enables what the CPU lacks; any other value is refused: a misspelt cap would otherwise
-  // record the wrong path in silence.
-  const char* cap = std::getenv("SPIKEOPS_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return supported();
+  // The cap never enables what the CPU lacks; any other value is refused: a misspelt cap would
+  // otherwise record the wrong path in silence.
+  const char* cap = isa_cap();
+  if (cap == nullptr) return supported();
   for (Isa level : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512Vnni})
     if (std::strcmp(cap, isa_name(level)) == 0) return std::min(supported(), level);
   TORCH_CHECK_VALUE(false, "SPIKEOPS_CPU_ISA must be avx512vnni, avx2 or generic (or unset), "
@@ -98,6 +106,10 @@ const char* isa_name(Isa isa) {
 bool has_popcnt() { return features().popcnt; }
 
 bool has_vpopcntdq() { return features().vpopcntdq && best_isa() >= Isa::kAvx512Vnni; }
+
+bool has_gfni() {
+  return features().gfni && supported() >= Isa::kAvx512Vnni && isa_cap() == nullptr;
+}
 
 }  // namespace cpu
 }  // namespace spikeops

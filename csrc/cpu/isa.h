@@ -21,6 +21,9 @@
 #define SPIKEOPS_TARGET_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vnni")))
 // spike_matmul's vector kernel: 64-bit popcounts of 8 keys at once (VPOPCNTQ).
 #define SPIKEOPS_TARGET_VPOPCNTDQ __attribute__((target("popcnt,avx512f,avx512vpopcntdq")))
+// spike_matmul's byte kernel: bit planes to bytes by a bit-matrix transpose (GF2P8AFFINEQB).
+#define SPIKEOPS_TARGET_GFNI \
+  __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vnni,gfni")))
 #define SPIKEOPS_TARGET_AMX \
   __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
 #endif
@@ -63,6 +66,13 @@ bool has_popcnt();
 // SPIKEOPS_CPU_ISA does not cap the sets below avx512vnni (=avx2 runs the scalar popcount
 // kernel: the same integers, which the tests compare).
 bool has_vpopcntdq();
+
+// Whether spike_matmul's byte kernel turns B's bit planes into bytes with GFNI (GF2P8AFFINEQB):
+// the CPU has GFNI and AVX-512 VNNI (the byte kernel's level) and SPIKEOPS_CPU_ISA is unset.
+// GFNI is no level of its own, so any cap turns it off: SPIKEOPS_CPU_ISA=avx512vnni runs the
+// byte kernel as on a CPU without GFNI, unpacking plane by plane (the same bytes, which the
+// tests compare).
+bool has_gfni();
 
 }  // namespace cpu
 }  // namespace spikeops

@@ -255,6 +255,46 @@ SPIKEOPS_TARGET_AVX512 inline __m512i unpack_bytes(const SpikeFields& s, int64_t
   return mag;
 }
 
+// GF2P8AFFINEQB's byte operand for a bit-matrix transpose: byte b of every qword is 2^b, so byte
+// b of a result qword holds bit b of each of the matrix qword's 8 bytes, byte 7 - r as bit r.
+constexpr long long kTransposeBits = 0x8040201008040201LL;
+
+// The bytes of 8 cells (unpack_bytes of each) from their bit rows: qword c of z[r] is cell c's
+// plane r word (rows past the planes zero); out[c] byte k = sum_r 2^r * bit k of it. Unpacks
+// within 128-bit lanes (lane l holds cells 2l and 2l + 1 throughout) gather each 8 channels' rows
+// into one qword, row r at byte 7 - r, which GF2P8AFFINEQB transposes into the 8 channels'
+// bytes; a 4x4 transpose of 128-bit lanes then puts each cell's 64 channels in one register.
+SPIKEOPS_TARGET_GFNI inline void transpose_cells(const __m512i z[8], __m512i out[8]) {
+  __m512i u[2][4], v[2][2][2], g[2][4];  // [cell 2l + x]...
+  for (int r = 0; r < 4; ++r) {  // 8 channels x rows 2r + 1, 2r
+    u[0][r] = _mm512_unpacklo_epi8(z[2 * r + 1], z[2 * r]);
+    u[1][r] = _mm512_unpackhi_epi8(z[2 * r + 1], z[2 * r]);
+  }
+  for (int x = 0; x < 2; ++x)
+    for (int s = 0; s < 2; ++s) {  // 8 channels x rows 4s + 3 .. 4s: channels 0-31, then 32-63
+      v[x][s][0] = _mm512_unpacklo_epi16(u[x][2 * s + 1], u[x][2 * s]);
+      v[x][s][1] = _mm512_unpackhi_epi16(u[x][2 * s + 1], u[x][2 * s]);
+    }
+  const __m512i bits = _mm512_set1_epi64(kTransposeBits);
+  for (int x = 0; x < 2; ++x)
+    for (int y = 0; y < 2; ++y) {  // g[x][q] lane l: channels 16q .. 16q + 15 of cell 2l + x
+      g[x][2 * y] = _mm512_gf2p8affine_epi64_epi8(
+          bits, _mm512_unpacklo_epi32(v[x][1][y], v[x][0][y]), 0);
+      g[x][2 * y + 1] = _mm512_gf2p8affine_epi64_epi8(
+          bits, _mm512_unpackhi_epi32(v[x][1][y], v[x][0][y]), 0);
+    }
+  for (int x = 0; x < 2; ++x) {
+    const __m512i t0 = _mm512_shuffle_i64x2(g[x][0], g[x][1], 0x44);  // lanes 0, 1 of each
+    const __m512i t1 = _mm512_shuffle_i64x2(g[x][0], g[x][1], 0xEE);  // lanes 2, 3
+    const __m512i t2 = _mm512_shuffle_i64x2(g[x][2], g[x][3], 0x44);
+    const __m512i t3 = _mm512_shuffle_i64x2(g[x][2], g[x][3], 0xEE);
+    out[x] = _mm512_shuffle_i64x2(t0, t2, 0x88);
+    out[2 + x] = _mm512_shuffle_i64x2(t0, t2, 0xDD);
+    out[4 + x] = _mm512_shuffle_i64x2(t1, t3, 0x88);
+    out[6 + x] = _mm512_shuffle_i64x2(t1, t3, 0xDD);
+  }
+}
+
 // sum over 64 channels of signed bytes |v| * (-1)^sign, into int64.
 SPIKEOPS_TARGET_AVX512 inline int64_t signed_byte_sum(__m512i mag, uint64_t sign) {
   const __m512i z = _mm512_setzero_si512();
@@ -267,7 +307,9 @@ SPIKEOPS_TARGET_AVX512 inline int64_t signed_byte_sum(__m512i mag, uint64_t sign
 // a nonzero byte [row][w], S_a per row (with B's zero points).
 struct ByteRows {
   std::vector<uint8_t> mag, nonzero;
-  std::vector<uint64_t> sign, valid;
+  // valid[w]: the channels of 64-bit word w below K; valid_cells[c]: valid[c % words64], for
+  // byte_cells (the block of a task's cells, and 8 more).
+  std::vector<uint64_t> sign, valid, valid_cells;
   std::vector<int64_t> sum;
   int64_t words64;
 };
@@ -350,9 +392,34 @@ SPIKEOPS_TARGET_AVX512 inline void epilogue8(const MatmulArgs& a, float* o, int6
   _mm512_mask_storeu_ps(o, lanes, y);
 }
 
+// unpack_bytes of B's cells (key k < count, 64-bit word w) of a task, cell k * words64 + w to
+// bytes[64 * cell]: 8 cells at a time, transpose_cells of their plane words, from runs of cells
+// whose words follow one another in memory (with even W the block's keys, else one key's row),
+// read by masked loads of the run's 32-bit words (none past a row's end or the tensor's).
+SPIKEOPS_TARGET_GFNI void byte_cells(const SpikeFields& B, int64_t ib0, int64_t count,
+                                     const ByteRows& x, uint8_t* bytes) {
+  const bool even = B.W % 2 == 0;
+  const int64_t runs = even ? 1 : count, cells = even ? count * x.words64 : x.words64;
+  const int64_t dwords = even ? count * B.W : B.W;  // 32-bit words of a run
+  for (int64_t run = 0; run < runs; ++run)
+    for (int64_t c0 = 0; c0 < cells; c0 += 8) {
+      const int64_t n32 = std::min<int64_t>(16, dwords - 2 * c0);
+      const __mmask16 loaded = static_cast<__mmask16>((1u << n32) - 1u);
+      const __m512i valid = _mm512_loadu_si512(x.valid_cells.data() + c0);
+      __m512i z[8], out[8];
+      for (int64_t r = 0; r < 8; ++r)
+        z[r] = r < B.P ? _mm512_and_si512(_mm512_maskz_loadu_epi32(
+                             loaded, B.planes + (r * B.M + ib0 + run) * B.W + 2 * c0), valid)
+                       : _mm512_setzero_si512();
+      transpose_cells(z, out);
+      for (int64_t c = 0; c < 8 && c0 + c < cells; ++c)
+        _mm512_storeu_si512(bytes + 64 * (run * x.words64 + c0 + c), out[c]);
+    }
+}
+
 template <typename T>
-SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, int64_t begin,
-                                       int64_t end) {
+SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, bool gfni,
+                                       int64_t begin, int64_t end) {
   const SpikeFields& A = a.a;
   const SpikeFields& B = a.b;
   T* out = static_cast<T*>(a.out);
@@ -385,7 +452,11 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
     const int64_t count = j0 + kByteKeyBlock < a.N ? kByteKeyBlock : a.N - j0;
     const int64_t ib0 = (n * a.kv_heads + g) * a.Lb + j0;
     int64_t sum_b[kByteKeyBlock] = {};
-    for (int64_t k = 0; k < kByteKeyBlock; ++k)
+    if (gfni) byte_cells(B, ib0, count, x, bbytes.data());
+    // With GFNI the keys' bytes are in place, which leaves B's signs and S_b (if any) and the
+    // cells past the last key to the loop (bsign stays 0 without B's signs).
+    const int64_t k_first = gfni && !B.sign && !need_sum_b ? count : 0;
+    for (int64_t k = k_first; k < kByteKeyBlock; ++k)
       for (int64_t w = 0; w < words64; ++w) {
         const int64_t c = k * words64 + w;
         if (k >= count || (!any[w] && !need_sum_b)) {
@@ -393,7 +464,8 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
           bsign[c] = 0;
           continue;
         }
-        const __m512i mag = unpack_bytes(B, ib0 + k, w, x.valid[w]);
+        const __m512i mag = gfni ? _mm512_loadu_si512(bbytes.data() + 64 * c)
+                                 : unpack_bytes(B, ib0 + k, w, x.valid[w]);
         bsign[c] = B.sign ? load_word64(B.sign + (ib0 + k) * B.W, w, B.W) : 0u;
         _mm512_storeu_si512(bbytes.data() + 64 * c,
                             b_signed_bytes
@@ -404,6 +476,8 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
     for (int64_t r = 0; r < rows_g; ++r) {
       const int64_t row = row0 + r, i = row % a.Ma;
       __m512i acc[kByteKeyBlock];
+      // Unrolled, so that the 16 accumulators stay in registers.
+#pragma GCC unroll 16
       for (int64_t k = 0; k < kByteKeyBlock; ++k) acc[k] = _mm512_setzero_si512();
       for (int64_t w = 0; w < words64; ++w) {
         const int64_t c = row * words64 + w;
@@ -411,14 +485,17 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, i
         const __m512i am = _mm512_loadu_si512(x.mag.data() + 64 * c);
         if (b_unsigned_side && !B.sign) {  // A's signs alone: negate A's bytes once
           const __m512i s = _mm512_mask_sub_epi8(am, x.sign[c], _mm512_setzero_si512(), am);
+#pragma GCC unroll 16
           for (int64_t k = 0; k < kByteKeyBlock; ++k)
             acc[k] = _mm512_dpbusd_epi32(
                 acc[k], _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)), s);
         } else if (b_signed_bytes) {  // B's bytes already signed
+#pragma GCC unroll 16
           for (int64_t k = 0; k < kByteKeyBlock; ++k)
             acc[k] = _mm512_dpbusd_epi32(
                 acc[k], am, _mm512_loadu_si512(bbytes.data() + 64 * (k * words64 + w)));
         } else {
+#pragma GCC unroll 16
           for (int64_t k = 0; k < kByteKeyBlock; ++k) {
             const int64_t cb = k * words64 + w;
             const __mmask64 neg = x.sign[c] ^ bsign[cb];
@@ -473,6 +550,8 @@ ByteRows byte_rows(const MatmulArgs& a) {
     x.valid[w] = matmul_valid_bits(2 * w, a.K);
     if (2 * w + 1 < a.a.W) x.valid[w] |= uint64_t(matmul_valid_bits(2 * w + 1, a.K)) << 32;
   }
+  x.valid_cells.resize(kByteKeyBlock * x.words64 + 8);
+  for (size_t c = 0; c < x.valid_cells.size(); ++c) x.valid_cells[c] = x.valid[c % x.words64];
   return x;
 }
 
@@ -486,8 +565,9 @@ void run_byte_tasks(const MatmulArgs& a, const ByteRows& x) {
   // threads' start costs more than they save on a decode step).
   const int64_t units = rows_g * kByteKeyBlock * x.words64;
   const int64_t grain = units >= kByteSerialUnits ? 1 : (kByteSerialUnits + units - 1) / units;
+  const bool gfni = has_gfni();
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    byte_tasks<T>(a, x, begin, end);
+    byte_tasks<T>(a, x, gfni, begin, end);
   });
 }
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import _checks, ops
-from .spikes import Encoding, SpikeTensor, encode
+from .spikes import Encoding, SpikeTensor, encode, encode_rows
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -71,17 +71,23 @@ class SpikeCache:
         self.sign = None if probe.sign is None else torch.zeros(rows, W, **i32)
         self.scale = torch.ones(rows, 1, dtype=torch.float32, device=device)
         self.zero = None if probe.zero is None else torch.zeros(rows, 1, **i32)
+        # The fields with the token as a dimension, [planes,] batch, kv_heads, max_len, words:
+        # (planes, sign, scale, zero), None where the encoding has none.
+        self._by_token = (self.planes.view(P, batch, kv_heads, max_len, W),) + tuple(
+            None if t is None else t.view(batch, kv_heads, max_len, t.shape[-1])
+            for t in (self.sign, self.scale, self.zero))
 
     def write(self, x: torch.Tensor, start: int) -> None:
         """Encode ``x [batch, kv_heads, T, head_dim]`` as tokens ``start .. start + T``."""
-        B, H, L, D = self.shape
+        B, H, _, D = self.shape
         T = x.shape[2]
-        st = encode(x, self.enc)
-        self.planes.view(-1, B, H, L, self.planes.shape[-1])[:, :, :, start:start + T] = \
-            st.planes.view(-1, B, H, T, self.planes.shape[-1])
-        for mine, new in ((self.sign, st.sign), (self.scale, st.scale), (self.zero, st.zero)):
+        # The op's fields of the rows (batch, kv head, token), straight into their slots: the
+        # cache's encoding was checked when the Runner was made (a decode step's write is a few
+        # small copies, docs/performance.md, "Attention on spikes on the CPU").
+        planes, sign, _, scale, zero = encode_rows(x.reshape(-1, D), self.enc)
+        for mine, new in zip(self._by_token, (planes, sign, scale, zero)):
             if mine is not None:
-                mine.view(B, H, L, -1)[:, :, start:start + T] = new.view(B, H, T, -1)
+                mine.narrow(-2, start, T).copy_(new.view(mine.shape[:-2] + (T, -1)))
 
     def spikes(self) -> SpikeTensor:
         return SpikeTensor(self.planes, self.sign, None, self.scale, self.zero, self.shape)
@@ -155,12 +161,12 @@ class ValueCache:
         words holding them are rewritten (``ops.channel_major_write``), the bits of earlier
         tokens kept, later ones cleared (so a word is clean once its first token is written:
         reads end at the written words)."""
-        B, H, L, D = self.shape
+        D = self.shape[3]
         T = x.shape[2]
-        st = encode(x, self.enc)
-        self.scale.view(B, H, L)[:, :, start:start + T] = st.scale.view(B, H, T)
+        planes, sign, _, scale, _ = encode_rows(x.reshape(-1, D), self.enc)
+        self.scale.narrow(1, start, T).copy_(scale.view(-1, T))
         self._width((start + T + 31) // 32, start)
-        ops.channel_major_write(st.planes, st.sign, self.bits, D, start)
+        ops.channel_major_write(planes, sign, self.bits, D, start)
 
     def spikes(self, length: int) -> SpikeTensor:
         """The codes of the first ``length`` tokens, ``[batch, kv_heads, head_dim, length]``
@@ -232,12 +238,33 @@ class SpikeKV:
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.rotation is None else x @ self.rotation
 
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int,
+             mask: Optional[torch.Tensor], scaling: float,
+             pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``write(k, v, start, pad)``, then ``attend(q, end, mask, scaling)`` (the Runner's
+        step), on the CPU with the three rotations as one product: a decode step's products
+        are a few microseconds of work each, and with 2 threads each costs about twice that
+        (docs/performance.md, "Attention on spikes on the CPU"). A row of the CPU's product is
+        the same whatever rows share it (tests/test_runner.py checks the bits); on other
+        devices, where that is not checked, the three products stay apart."""
+        if self.rotation is None or q.device.type != "cpu":
+            self.write(k, v, start, pad)
+            return self.attend(q, end, mask, scaling)
+        heads, kv_heads = q.shape[1], k.shape[1]
+        q, k, v = (torch.cat((q, k, v), 1) @ self.rotation).split((heads, kv_heads, kv_heads), 1)
+        self._write(k, v, start, pad)
+        return self._attend(q, end, mask, scaling)
+
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int,
               pad: Optional[torch.Tensor] = None) -> None:
         """Encode keys and values ``[batch, kv_heads, T, head_dim]`` at ``start``; ``pad``
         (int64 ``[batch]`` or None): the left padding of each row, which the key offset
         leaves out."""
-        k = self._rotate(k)
+        self._write(self._rotate(k), self._rotate(v), start, pad)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, start: int,
+               pad: Optional[torch.Tensor]) -> None:
+        """write of keys and values rotated already."""
         # The key offset mu (per row, kv head and channel: the mean of the prompt's keys, set
         # when a sequence starts) is subtracted before the code: q.(k - mu) = q.k - q.mu, and
         # q.mu is the same for every key of a query, which the softmax cancels; the keys' own
@@ -253,7 +280,7 @@ class SpikeKV:
                 real = real.to(k.dtype).view(k.shape[0], 1, -1, 1)
                 self.key_offset = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True)
         self.keys.write(k - self.key_offset, start)
-        self.values.write(self._rotate(v), start)
+        self.values.write(v, start)
 
     def attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
                scaling: float) -> torch.Tensor:
@@ -264,8 +291,18 @@ class SpikeKV:
         the key cache: exact integer sums, one float32 rounding. The softmax is float32. PV
         (``self.pv``): "float" multiplies the probabilities by the decoded value cache in q's
         dtype; "spike" is spike x spike as well (``spike_pv``)."""
-        queries = encode(self._rotate(q), QUERY_ENCODING)
-        scores = spike_matmul(queries, self.keys.spikes(), keys=end) * scaling
+        return self._attend(self._rotate(q), end, mask, scaling)
+
+    def _attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
+                scaling: float) -> torch.Tensor:
+        """attend of queries rotated already."""
+        queries = encode(q, QUERY_ENCODING)
+        # spike_matmul's op without its argument checks: the shapes are the cache's own.
+        B, H, _, D = queries.shape
+        planes, sign, hi, scale, zero = self.keys.spikes()[:5]
+        scores = ops.spike_matmul(queries.planes, queries.sign, queries.hi, queries.scale,
+                                  queries.zero, planes, sign, hi, scale, zero, D, B, H,
+                                  self.keys.shape[1], end, False, torch.float32) * scaling
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         if OBSERVERS:

@@ -299,8 +299,7 @@ class Runner:
                 keys[:, :, start:end] = k
                 values[:, :, start:end] = v
                 return self._attention(i, q, end, mask)
-            self.spike_kv[i].write(k, v, start, self.pad)
-            return self.spike_kv[i].attend(q, end, mask, self.scaling[i])
+            return self.spike_kv[i].step(q, k, v, start, end, mask, self.scaling[i], self.pad)
         x = self._layers(x, positions, attend)
         return self._logits(x[:, -1:] if last_only else x)
 
