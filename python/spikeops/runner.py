@@ -362,6 +362,9 @@ class Runner:
         # products bit for bit (negation is exact), three ops fewer per tensor and layer.
         half = self.head_dim // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        # The residual stream as rows [B * T, hidden]: the projections take 2-D rows as they
+        # are, where a [B, T, hidden] input costs each call two reshapes.
+        x = x.reshape(B * T, -1)
         for i, parts in enumerate(self.layers):
             h = parts["input_layernorm"](x)
             q, k, v = parts["qkv"](h)
@@ -371,9 +374,9 @@ class Runner:
             q = q * cos + q.roll(half, -1) * sin
             k = k * cos + k.roll(half, -1) * sin
             a = attend(i, q, k, v)
-            x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B, T, -1))
+            x = x + parts["self_attn.o_proj"](a.transpose(1, 2).reshape(B * T, -1))
             x = x + parts["mlp"](parts["post_attention_layernorm"](x))
-        return x
+        return x.view(B, T, -1)
 
     def _attention(self, i: int, q: torch.Tensor, keys: int,
                    mask: Optional[torch.Tensor]) -> torch.Tensor:
