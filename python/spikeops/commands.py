@@ -14,6 +14,7 @@ from .calibrate import ANY_CALIBRATION, parse_encoding
 from .checkpoint import (CALIBRATION_FILE, DEFAULT_ENCODING, record_encoding,
                          recorded_encoding)
 from .files import check_folder_target, check_output, has_file, write_file, write_folder
+from .runner import HEAD_AUTO
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_MODEL = DATA / "default_model"
@@ -21,7 +22,7 @@ DEFAULT_DENSE = DATA / "default_model_dense"
 DEFAULT_TEXT = DATA / "heldout.txt"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-HEAD_DTYPE_CHOICES = {"auto": "auto", "model": None, "float16": torch.float16,
+HEAD_DTYPE_CHOICES = {HEAD_AUTO: HEAD_AUTO, "model": None, "float16": torch.float16,
                       "bfloat16": torch.bfloat16}
 
 

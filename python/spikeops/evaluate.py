@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from .calibrate import CURRENT
+from .runner import HEAD_AUTO
 
 
 def encode_text(text: str, tokenizer=None) -> torch.Tensor:
@@ -188,7 +189,7 @@ _CACHE_ARG: dict = {}
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens: int = 100, temperature: float = 0.0,
              top_k: Optional[int] = None, seed: int = 0, stop=(), lengths=None,
-             head_dtype="auto", kv: str = "float"):
+             head_dtype=HEAD_AUTO, kv: str = "float"):
     """Continue prompts by ``max_new_tokens`` tokens: greedy when ``temperature`` is 0, else
     sampled from softmax(logits / temperature), optionally restricted to the ``top_k`` most
     likely tokens; a token of ``stop`` ends a prompt's continuation (and is not returned).
@@ -304,7 +305,7 @@ def _stepper(fn: str, model, max_len: int, pad: List[int], head_dtype, kv="float
     """``step(ids) -> logits`` continuing ``len(pad)`` sequences whose prompts carry ``pad``
     left-padding tokens: the lean ``Runner`` for LLaMA-architecture models (the same logits,
     faster), else transformers' forward with its cache for one sequence, else None."""
-    from .runner import HEAD_AUTO, Runner, check_head_dtype
+    from .runner import Runner, check_head_dtype
     check_head_dtype(fn, head_dtype)
     try:
         runner = Runner(model, max_len, batch=len(pad), head_dtype=head_dtype, kv=kv)

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as module_hooks
 
 from . import _checks
 from .architecture import INPUTS, check_supported, head_dim_of
@@ -148,8 +149,6 @@ class Runner:
                 raise ValueError(f"{fn}: head_dtype needs lm_head to be a torch.nn.Linear, got "
                                  f"{type(self.lm_head).__name__}")
         self.head_dtype = head_dtype
-        # Run through the module (torch.func.functional_call), so that its hooks, such as the
-        # statistics' count of lm_head's MACs, see the call.
         self.head_params = None if head_dtype is None else \
             {name: t.detach().to(head_dtype) for name, t in self.lm_head.named_parameters()}
         layers = _part(fn, model, "model.layers")
@@ -395,14 +394,15 @@ class Runner:
             # nn.Linear's own forward on the copies: functional_call costs about 0.4 ms a call
             # (a few percent of a CPU decode step) to swap them in, for the hooks only.
             return F.linear(h, self.head_params["weight"], self.head_params.get("bias")).float()
+        # Through the module, so that its hooks, such as the statistics' count of lm_head's
+        # MACs, see the call.
         return torch.func.functional_call(self.lm_head, self.head_params, (h,)).float()
 
 
 def _hooked(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` runs forward hooks of its own or global ones."""
-    from torch.nn.modules import module as hooks
     return bool(module._forward_hooks or module._forward_pre_hooks or
-                hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+                module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
 
 
 def check_head_dtype(fn: str, head_dtype) -> None:
