@@ -2,11 +2,12 @@
 with a float key-value cache against the bit-plane caches (``Runner(kv="spike4" | "spike8")``,
 attention on spikes; README, "Attention on spikes").
 
-    python bench/kv_cache.py [--model DIR] [--text FILE] [--out bench/results/kv-smollm2-CPU]
+    python bench/kv_cache.py [--model DIR] [--text FILE ...] [--out bench/results/kv-smollm2-CPU]
 
 Perplexity (``spikeops.evaluate.compare`` with ``kv=``: windows of --window tokens, stride
 half of it, with the 95% bootstrap interval) under GPTQ weights on float activations and on
-absmax4 spikes (the folder's calibration); cache bytes per token of each cache against a
+absmax4 spikes (the folder's calibration), on the tokens of the --text files one after another
+(windows may span two texts); cache bytes per token of each cache against a
 float16 cache; decode tokens/s at a --context-token context with kv=float and kv=spike4, both
 prefilled once and then timed step by step, interleaved in one process (median of --steps
 steps each). Writes OUT.md and OUT.json, named by the CPU model (lscpu).
@@ -83,7 +84,8 @@ def decode_speed(model, tokens, context: int, steps: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="GPTQ folder (with calibration)")
-    p.add_argument("--text", default=str(DEFAULT_TEXT), help="held-out evaluation text")
+    p.add_argument("--text", nargs="+", default=[str(DEFAULT_TEXT)],
+                   help="held-out evaluation texts, read one after another")
     p.add_argument("--max-tokens", type=int, default=4096, help="evaluate at most this many")
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--context", type=int, default=2048, help="decode context (tokens)")
@@ -101,8 +103,9 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else \
         Path(__file__).parent / "results" / f"kv-smollm2-{cpu_slug(cpu)}"
     model = load_gptq(args.model, Encoding("absmax", 4), dtype=torch.float32)
-    text = Path(args.text).read_text(encoding="utf-8")
-    all_tokens = encode_text(text, model_tokenizer(args.model))
+    tokenizer = model_tokenizer(args.model)
+    all_tokens = torch.cat([encode_text(Path(t).read_text(encoding="utf-8"), tokenizer)
+                            for t in args.text])
     rows = perplexities(model, all_tokens[:args.max_tokens], args.window)
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -114,7 +117,8 @@ def main(argv=None) -> int:
     base = {r.encoding: r.perplexity for r in rows if r.kv == "float"}
     lines = [f"# KV cache on spikes: SmolLM2-135M-Instruct (W4 g128, rotate), {cpu}", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; model "
-             f"`{args.model}`; text `{args.text}`, {rows[0].tokens} tokens, windows of "
+             f"`{args.model}`; text {', '.join(f'`{t}`' for t in args.text)}, "
+             f"{rows[0].tokens} tokens, windows of "
              f"{args.window}, stride {args.window // 2}.", "",
              "| activations | kv | perplexity | 95% interval | x kv=float | cache bytes/token "
              "| x float16 cache |", "|---|---|---|---|---|---|---|"]
