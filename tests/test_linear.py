@@ -288,9 +288,8 @@ ISA_CASES = [  # (K, N, group_size, act_order, encoding name, M): ragged K and N
 
 @pytest.mark.parametrize("M, share", [(1, 0.002), (1, 0.2), (16, 0.0), (16, 0.2), (40, 0.0)])
 def test_auto_on_sparse_spikes(M, share):
-    """On the CPU layout, auto runs the spike backend when the spikes are few (at most K / 64,
-    times M / 4 beyond four tokens) and the dot-product kernel otherwise: the same bits as both
-    backends and the reference on either side of that line."""
+    """Sparse and dense spikes on the CPU layout: auto (the dot-product kernel) gives the same
+    bits as both backends and the reference."""
     w = make_layer(1024, 48, 4, 64, sym=False, device="cpu")[0]
     x = torch.randn(M, 1024) * (torch.rand(M, 1024) < share)
     x[:, 0] = 2.0  # three spikes per token at least
