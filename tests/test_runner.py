@@ -209,9 +209,9 @@ def test_head_dtype_auto_is_float16_where_it_provably_holds(gqa_model):
 def test_spike_kv_cache_holds_encoded_keys_and_values(gqa_model, kv, rotate):
     """Every cached token is its float key (after the rotary embedding, less the key offset: the
     mean of the prompt's keys) or value, rotated by the Hadamard matrix when asked, encoded once
-    per token and head (keys minmax, clipped at 4 bits, values absmax): bit for bit the encoding of what the float
-    cache holds, whether written by a prompt or by decode steps (layer 0: the later layers'
-    inputs depend on the quantized attention before them)."""
+    per token and head (keys minmax, at 4 bits clipped to 0.9 of the range; values absmax): bit
+    for bit the encoding of what the float cache holds, whether written by a prompt or by decode
+    steps (layer 0: the later layers' inputs depend on the quantized attention before them)."""
     from spikeops.transforms import hadamard
     ids = torch.randint(0, 97, (2, 11))
     ref = Runner(gqa_model, max_len=16, batch=2)

@@ -198,12 +198,11 @@ class ValueCache:
 # the product of the attention probabilities with the spiking values (SpikeKV.attend).
 KV_MODES = ("float", "spike4", "spike8")
 PV_MODES = ("float", "spike")
-# The key cache's encoding per cache width: minmax (asymmetric; below), at 4 bits with the range
-# clipped to 0.9 of each token's (gamma: the codes span [0.9 min, 0.9 max], beyond it they
-# saturate). Chosen on GPL-3, the calibration text (kv=spike4 on float activations, 7,657
-# tokens: gamma 1 1.063x, 0.95 1.051x, 0.9 1.051x, 0.85 1.056x), it held on six held-out texts
-# (19,692 tokens: 1 1.067x, 0.95 1.058x, 0.9 1.053x, 0.85 1.063x, 0.8 1.075x). At 8 bits the
-# rounding error is small beside a clip's, so the range is whole (README, "Attention on spikes").
+# The key cache's encoding per cache width: minmax (asymmetric; SpikeKV), at 4 bits with the
+# range clipped to 0.9 of each token's (the codes span [0.9 min, 0.9 max]; beyond it they
+# saturate), which was best on the calibration text (GPL-3) and held on six held-out texts (the
+# scan: bench/results/kv-smollm2-amd-epyc.md). At 8 bits the range stays whole: spike8 was within
+# 1.005x already, and no clip was measured there.
 KEY_ENCODINGS = {4: Encoding("minmax", 4, gamma=0.9), 8: Encoding("minmax", 8)}
 # Queries are encoded per token and head at 8 bits whatever the cache holds: they are not
 # stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
@@ -217,11 +216,11 @@ OBSERVERS: list = []
 class SpikeKV:
     """One decoder layer's bit-plane key-value cache (``Runner(kv="spike4" | "spike8")``):
     keys after the rotary embedding and values, each token and kv head encoded once, when
-    written (keys minmax under ``KEY_ENCODINGS``, values absmax; one scale per token and head). ``rotate``: keys, values and queries are
-    multiplied by the orthonormal Hadamard matrix H of order head_dim first (``(qH)(kH)^T =
-    qk^T``, and the attention output is multiplied by ``H^T``), which spreads a head's outlier
-    channels over all of them before the 4-bit code (README, "Attention on spikes", has the
-    measurement)."""
+    written (keys minmax under ``KEY_ENCODINGS``, values absmax; one scale per token and head).
+    ``rotate``: keys, values and queries are multiplied by the orthonormal Hadamard matrix H of
+    order head_dim first (``(qH)(kH)^T = qk^T``, and the attention output is multiplied by
+    ``H^T``), which spreads a head's outlier channels over all of them before the 4-bit code
+    (README, "Attention on spikes", has the measurement)."""
 
     def __init__(self, fn: str, kv: str, rotate: bool, pv: str, batch: int, kv_heads: int,
                  max_len: int, head_dim: int, dtype: torch.dtype, device):
