@@ -1,0 +1,102 @@
+"""How far one perplexity ratio of the 4-bit KV cache can be trusted: kv=spike4 against
+kv=float (``bench/kv_cache.py``'s ratio) with the 4-bit keys' clip moved by a few thousandths
+of the range around ``attention.KEY_ENCODINGS[4]``'s (README, "Attention on spikes").
+
+    python bench/kv_spread.py [--model DIR] [--text FILE ...] [--clips G ...]
+
+Such a move changes no code by more than one step and the accuracy of the cache by nothing
+measurable on float activations; on 4-bit spikes every later code can flip with it, so the
+spread of the ratio over the clips is the uncertainty of any one of them. Perplexity as
+``bench/kv_cache.py`` measures it (``spikeops.evaluate.compare``: windows of --window tokens,
+stride half of it, on the tokens of the --text files one after another), kv=float once per
+encoding, then kv=spike4 once per clip; each row under ``--encodings``. Writes OUT.md and
+OUT.json, named by the CPU model (lscpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from kv_cache import DEFAULT_MODEL, DEFAULT_TEXT, cpu_model, cpu_slug
+from spikeops.cli import HelpFormatter
+
+ENCODINGS = ("float", "absmax4")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="GPTQ folder (with calibration)")
+    p.add_argument("--text", nargs="+", default=[str(DEFAULT_TEXT)],
+                   help="held-out evaluation texts, read one after another")
+    p.add_argument("--max-tokens", type=int, default=4096, help="evaluate at most this many")
+    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    p.add_argument("--clips", type=float, nargs="+",
+                   default=[0.898, 0.899, 0.8995, 0.9, 0.9005, 0.901, 0.902],
+                   help="4-bit key clips (Encoding gamma), one kv=spike4 run each")
+    p.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=["absmax4"],
+                   help="activations: GPTQ weights on float activations, absmax4 spikes")
+    p.add_argument("--out", default=None,
+                   help="output path without suffix (default bench/results/kv-spread-smollm2-CPU)")
+    args = p.parse_args(argv)
+    for g in args.clips:
+        if not 0.0 < g <= 1.0:
+            p.error(f"--clips must lie in (0, 1], got {g}")
+
+    from spikeops import Encoding, attention, load_gptq
+    from spikeops.commands import model_tokenizer
+    from spikeops.evaluate import compare, encode_text
+    cpu = cpu_model()
+    out = Path(args.out) if args.out else \
+        Path(__file__).parent / "results" / f"kv-spread-smollm2-{cpu_slug(cpu)}"
+    model = load_gptq(args.model, Encoding("absmax", 4), dtype=torch.float32)
+    tokenizer = model_tokenizer(args.model)
+    tokens = torch.cat([encode_text(Path(t).read_text(encoding="utf-8"), tokenizer)
+                        for t in args.text])[:args.max_tokens]
+    encodings = {e: None if e == "float" else Encoding("absmax", 4) for e in args.encodings}
+    base = {r.encoding: r.perplexity for r in compare(model, tokens, encodings,
+                                                      window=args.window, kv="float")}
+    shipped = attention.KEY_ENCODINGS[4]
+    ratios = {e: [] for e in encodings}
+    try:
+        for g in args.clips:
+            # The one place the clip is read: SpikeKV takes KEY_ENCODINGS when a Runner is made.
+            attention.KEY_ENCODINGS[4] = Encoding("minmax", 4, gamma=g)
+            print(f"kv=spike4, key clip {g}", flush=True)
+            for r in compare(model, tokens, encodings, window=args.window, kv="spike4"):
+                ratios[r.encoding].append(r.perplexity / base[r.encoding])
+    finally:
+        attention.KEY_ENCODINGS[4] = shipped
+
+    lines = [f"# Spread of the kv=spike4 perplexity ratio over the 4-bit key clip: SmolLM2-135M-"
+             f"Instruct (W4 g128, rotate), {cpu}", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; model "
+             f"`{args.model}`; text {', '.join(f'`{t}`' for t in args.text)}, {tokens.numel()} "
+             f"tokens, windows of {args.window}, stride {args.window // 2}; the shipped clip is "
+             f"{shipped.gamma}.", "",
+             "| activations | kv=float perplexity | "
+             + " | ".join(f"clip {g}" for g in args.clips) + " | mean | sd |",
+             "|---|---|" + "---|" * (len(args.clips) + 2)]
+    for e, rs in ratios.items():
+        sd = statistics.stdev(rs) if len(rs) > 1 else float("nan")
+        lines.append(f"| {'absmax4 spikes' if e == 'absmax4' else 'float'} | {base[e]:.3f} | "
+                     + " | ".join(f"{r:.4f}" for r in rs)
+                     + f" | {statistics.fmean(rs):.4f} | {sd:.4f} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+         "model": args.model, "text": args.text, "tokens": tokens.numel(),
+         "window": args.window, "clips": args.clips, "kv_float_perplexity": base,
+         "ratio_spike4_over_float": ratios}, indent=1))
+    print("\n".join(lines))
+    print(f"wrote {out.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
