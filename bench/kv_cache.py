@@ -51,6 +51,41 @@ def cpu_slug(cpu: str) -> str:
     return "-".join(re.findall(r"[a-z0-9]+", words)) or "cpu"
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options of this script and bench/kv_spread.py: the model and the evaluation text."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="GPTQ folder (with calibration)")
+    p.add_argument("--text", nargs="+", default=[str(DEFAULT_TEXT)],
+                   help="held-out evaluation texts, read one after another")
+    p.add_argument("--max-tokens", type=int, default=4096, help="evaluate at most this many")
+    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    return p
+
+
+def model_and_tokens(args):
+    """The GPTQ model of --model (float32) and the tokens of the --text files, one after
+    another (all of them: the caller cuts --max-tokens)."""
+    from spikeops import Encoding, load_gptq
+    from spikeops.commands import model_tokenizer
+    from spikeops.evaluate import encode_text
+    model = load_gptq(args.model, Encoding("absmax", 4), dtype=torch.float32)
+    tokenizer = model_tokenizer(args.model)
+    return model, torch.cat([encode_text(Path(t).read_text(encoding="utf-8"), tokenizer)
+                             for t in args.text])
+
+
+def write_record(out, name: str, lines: list, record: dict) -> None:
+    """OUT.md (``lines``) and OUT.json (``record`` with torch and its threads); OUT is --out, or
+    bench/results/``name``."""
+    out = Path(out) if out else Path(__file__).parent / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        dict(record, torch=torch.__version__, threads=torch.get_num_threads()), indent=1))
+    print("\n".join(lines))
+    print(f"wrote {out.with_suffix('.md')} and .json")
+
+
 def perplexities(model, tokens, window: int) -> list:
     from spikeops import Encoding
     from spikeops.evaluate import compare
@@ -82,30 +117,18 @@ def decode_speed(model, tokens, context: int, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="GPTQ folder (with calibration)")
-    p.add_argument("--text", nargs="+", default=[str(DEFAULT_TEXT)],
-                   help="held-out evaluation texts, read one after another")
-    p.add_argument("--max-tokens", type=int, default=4096, help="evaluate at most this many")
-    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    p = parser(__doc__)
     p.add_argument("--context", type=int, default=2048, help="decode context (tokens)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per cache")
     p.add_argument("--out", default=None,
-                   help="output path without suffix (default bench/results/kv-smollm2-CPU)")
+                   help="output path without suffix (default: bench/results/kv-smollm2-CPU)")
     args = p.parse_args(argv)
 
-    from spikeops import Encoding, load_gptq
+    from spikeops import Encoding
     from spikeops.calibrate import set_encoding
-    from spikeops.commands import model_tokenizer
-    from spikeops.evaluate import encode_text
     from spikeops.runner import Runner
     cpu = cpu_model()
-    out = Path(args.out) if args.out else \
-        Path(__file__).parent / "results" / f"kv-smollm2-{cpu_slug(cpu)}"
-    model = load_gptq(args.model, Encoding("absmax", 4), dtype=torch.float32)
-    tokenizer = model_tokenizer(args.model)
-    all_tokens = torch.cat([encode_text(Path(t).read_text(encoding="utf-8"), tokenizer)
-                            for t in args.text])
+    model, all_tokens = model_and_tokens(args)
     rows = perplexities(model, all_tokens[:args.max_tokens], args.window)
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -133,16 +156,11 @@ def main(argv=None) -> int:
               f"{args.steps} steps each, interleaved (median): kv=float "
               f"{speed['float']:.2f} tokens/s, kv=spike4 {speed['spike4']:.2f} tokens/s "
               f"({speed['spike4'] / speed['float']:.2f}x)."]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-         "model": args.model, "text": args.text, "window": args.window,
-         "rows": [dataclasses.asdict(r) for r in rows], "cache_bytes_per_token": sizes,
-         "float16_cache_bytes_per_token": fp16, "context": args.context,
-         "decode_tokens_per_s": speed}, indent=1))
-    print("\n".join(lines))
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    write_record(args.out, f"kv-smollm2-{cpu_slug(cpu)}", lines, {
+        "cpu": cpu, "model": args.model, "text": args.text, "window": args.window,
+        "rows": [dataclasses.asdict(r) for r in rows], "cache_bytes_per_token": sizes,
+        "float16_cache_bytes_per_token": fp16, "context": args.context,
+        "decode_tokens_per_s": speed})
     return 0
 
 

@@ -15,48 +15,34 @@ OUT.json, named by the CPU model (lscpu).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
-from kv_cache import DEFAULT_MODEL, DEFAULT_TEXT, cpu_model, cpu_slug
-from spikeops.cli import HelpFormatter
+from kv_cache import cpu_model, cpu_slug, model_and_tokens, parser, write_record
 
 ENCODINGS = ("float", "absmax4")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="GPTQ folder (with calibration)")
-    p.add_argument("--text", nargs="+", default=[str(DEFAULT_TEXT)],
-                   help="held-out evaluation texts, read one after another")
-    p.add_argument("--max-tokens", type=int, default=4096, help="evaluate at most this many")
-    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    p = parser(__doc__)
     p.add_argument("--clips", type=float, nargs="+",
                    default=[0.898, 0.899, 0.8995, 0.9, 0.9005, 0.901, 0.902],
                    help="4-bit key clips (Encoding gamma), one kv=spike4 run each")
     p.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=["absmax4"],
                    help="activations: GPTQ weights on float activations, absmax4 spikes")
     p.add_argument("--out", default=None,
-                   help="output path without suffix (default bench/results/kv-spread-smollm2-CPU)")
+                   help="output path without suffix (default: bench/results/kv-spread-smollm2-CPU)")
     args = p.parse_args(argv)
     for g in args.clips:
         if not 0.0 < g <= 1.0:
             p.error(f"--clips must lie in (0, 1], got {g}")
 
-    from spikeops import Encoding, attention, load_gptq
-    from spikeops.commands import model_tokenizer
-    from spikeops.evaluate import compare, encode_text
+    from spikeops import Encoding, attention
+    from spikeops.evaluate import compare
     cpu = cpu_model()
-    out = Path(args.out) if args.out else \
-        Path(__file__).parent / "results" / f"kv-spread-smollm2-{cpu_slug(cpu)}"
-    model = load_gptq(args.model, Encoding("absmax", 4), dtype=torch.float32)
-    tokenizer = model_tokenizer(args.model)
-    tokens = torch.cat([encode_text(Path(t).read_text(encoding="utf-8"), tokenizer)
-                        for t in args.text])[:args.max_tokens]
+    model, tokens = model_and_tokens(args)
+    tokens = tokens[:args.max_tokens]
     encodings = {e: None if e == "float" else Encoding("absmax", 4) for e in args.encodings}
     base = {r.encoding: r.perplexity for r in compare(model, tokens, encodings,
                                                       window=args.window, kv="float")}
@@ -86,15 +72,10 @@ def main(argv=None) -> int:
         lines.append(f"| {'absmax4 spikes' if e == 'absmax4' else 'float'} | {base[e]:.3f} | "
                      + " | ".join(f"{r:.4f}" for r in rs)
                      + f" | {statistics.fmean(rs):.4f} | {sd:.4f} |")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-         "model": args.model, "text": args.text, "tokens": tokens.numel(),
-         "window": args.window, "clips": args.clips, "kv_float_perplexity": base,
-         "ratio_spike4_over_float": ratios}, indent=1))
-    print("\n".join(lines))
-    print(f"wrote {out.with_suffix('.md')} and .json")
+    write_record(args.out, f"kv-spread-smollm2-{cpu_slug(cpu)}", lines, {
+        "cpu": cpu, "model": args.model, "text": args.text, "tokens": tokens.numel(),
+        "window": args.window, "clips": args.clips, "kv_float_perplexity": base,
+        "ratio_spike4_over_float": ratios})
     return 0
 
 
