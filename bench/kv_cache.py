@@ -32,6 +32,7 @@ CACHE = Path.home() / ".cache" / "spikeops" / "SmolLM2-135M-Instruct.Q4_1"
 DEFAULT_MODEL = CACHE / "w4g128-rotate-seed0-GPL-3"
 DEFAULT_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
 KVS = ("float", "spike4", "spike8")
+RECORD = "kv-smollm2"  # bench/results/RECORD-CPU.md and .json
 
 
 def cpu_model() -> str:
@@ -51,9 +52,12 @@ def cpu_slug(cpu: str) -> str:
     return "-".join(re.findall(r"[a-z0-9]+", words)) or "cpu"
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    """The options of this script and bench/kv_spread.py: the model and the evaluation text."""
+def parser(doc: str, record: str) -> argparse.ArgumentParser:
+    """The options of this script and bench/kv_spread.py: the model, the evaluation text and
+    the output (``record``: the name of the default output, write_record's)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.add_argument("--out", default=None,
+                   help=f"output path without suffix (default: bench/results/{record}-CPU)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="GPTQ folder (with calibration)")
     p.add_argument("--text", nargs="+", default=[str(DEFAULT_TEXT)],
                    help="held-out evaluation texts, read one after another")
@@ -117,11 +121,9 @@ def decode_speed(model, tokens, context: int, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, RECORD)
     p.add_argument("--context", type=int, default=2048, help="decode context (tokens)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per cache")
-    p.add_argument("--out", default=None,
-                   help="output path without suffix (default: bench/results/kv-smollm2-CPU)")
     args = p.parse_args(argv)
 
     from spikeops import Encoding
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
               f"{args.steps} steps each, interleaved (median): kv=float "
               f"{speed['float']:.2f} tokens/s, kv=spike4 {speed['spike4']:.2f} tokens/s "
               f"({speed['spike4'] / speed['float']:.2f}x)."]
-    write_record(args.out, f"kv-smollm2-{cpu_slug(cpu)}", lines, {
+    write_record(args.out, f"{RECORD}-{cpu_slug(cpu)}", lines, {
         "cpu": cpu, "model": args.model, "text": args.text, "window": args.window,
         "rows": [dataclasses.asdict(r) for r in rows], "cache_bytes_per_token": sizes,
         "float16_cache_bytes_per_token": fp16, "context": args.context,

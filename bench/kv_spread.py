@@ -22,17 +22,16 @@ import torch
 from kv_cache import cpu_model, cpu_slug, model_and_tokens, parser, write_record
 
 ENCODINGS = ("float", "absmax4")
+RECORD = "kv-spread-smollm2"  # bench/results/RECORD-CPU.md and .json
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, RECORD)
     p.add_argument("--clips", type=float, nargs="+",
                    default=[0.898, 0.899, 0.8995, 0.9, 0.9005, 0.901, 0.902],
                    help="4-bit key clips (Encoding gamma), one kv=spike4 run each")
     p.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=["absmax4"],
                    help="activations: GPTQ weights on float activations, absmax4 spikes")
-    p.add_argument("--out", default=None,
-                   help="output path without suffix (default: bench/results/kv-spread-smollm2-CPU)")
     args = p.parse_args(argv)
     for g in args.clips:
         if not 0.0 < g <= 1.0:
@@ -68,14 +67,14 @@ def main(argv=None) -> int:
              + " | ".join(f"clip {g}" for g in args.clips) + " | mean | sd |",
              "|---|---|" + "---|" * (len(args.clips) + 2)]
     for e, rs in ratios.items():
-        sd = statistics.stdev(rs) if len(rs) > 1 else float("nan")
+        sd = f"{statistics.stdev(rs):.4f}" if len(rs) > 1 else "-"
         lines.append(f"| {'absmax4 spikes' if e == 'absmax4' else 'float'} | {base[e]:.3f} | "
                      + " | ".join(f"{r:.4f}" for r in rs)
-                     + f" | {statistics.fmean(rs):.4f} | {sd:.4f} |")
-    write_record(args.out, f"kv-spread-smollm2-{cpu_slug(cpu)}", lines, {
+                     + f" | {statistics.fmean(rs):.4f} | {sd} |")
+    write_record(args.out, f"{RECORD}-{cpu_slug(cpu)}", lines, {
         "cpu": cpu, "model": args.model, "text": args.text, "tokens": tokens.numel(),
-        "window": args.window, "clips": args.clips, "kv_float_perplexity": base,
-        "ratio_spike4_over_float": ratios})
+        "window": args.window, "shipped_clip": shipped.gamma, "clips": args.clips,
+        "kv_float_perplexity": base, "ratio_spike4_over_float": ratios})
     return 0
 
 
