@@ -438,11 +438,8 @@ void store_block(const LinearArgs& a, int64_t m, int64_t n0, int64_t cols, const
 }  // namespace
 
 void spike_linear(const LinearArgs& a) {
-  // auto is int: the generic int backend never does more work than the spike backend (each
-  // nonzero code is one term, and it has at least one spike), and the dot-product kernels on the
-  // CPU layout skip silent blocks of eight channels, so on sparse inputs they read about the
-  // weight bytes the spike backend reads, vectorized: faster at every density measured
-  // (docs/performance.md, "The CPU engine").
+  // auto is int, on the CPU layout and in the portable kernel alike (docs/ops.md, spike_linear's
+  // backends, says why).
   const bool use_spike = a.backend == Backend::kSpike;
   if (!use_spike) {
     const Isa isa = int_layout_isa(a);
