@@ -97,11 +97,14 @@ def test_loaded_model_runs_every_way_users_run_it(model):
     under no_grad, under inference_mode (whose tensors have no version counter) and compiled."""
     ids = torch.randint(0, 256, (2, 9))
     plain = model(input_ids=ids).logits
+    # A shorter input against its own plain run: torch's float attention need not give a
+    # prefix the same last bits at another length (it does not on AVX2-only CPUs).
+    short = model(input_ids=ids[:, :4]).logits
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, plain)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, plain)
-        assert torch.equal(model(input_ids=ids[:, :4]).logits, plain[:, :4])
+        assert torch.equal(model(input_ids=ids[:, :4]).logits, short)
     with torch.no_grad():
         compiled = torch.compile(model)(input_ids=ids).logits
     torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-5)

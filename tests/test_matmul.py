@@ -138,14 +138,16 @@ def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
     """On CPUs with AVX-512 VNNI one-range products of at most 8 planes on one side and 7 on the
     other run on bytes (VPDPBUSD, 16 keys a task; B's planes made bytes by GFNI, or plane by
     plane with SPIKEOPS_CPU_ISA=avx512vnni or without GFNI), others with VPOPCNTDQ 8 keys at
-    once; with SPIKEOPS_CPU_ISA=avx2 the scalar kernel runs. Same outputs for ragged K (odd
-    word counts: the half last word), 37 keys (partial groups of 8 and 16), zero points on
-    either side, signs on either or both sides, the unsigned bytes from either side, causal."""
+    once; with AVX2 (SPIKEOPS_CPU_ISA=avx2, or a CPU without AVX-512) on 16-bit integers
+    (VPMADDWD, 8 keys a task), others with popcounts; with SPIKEOPS_CPU_ISA=generic the scalar
+    kernel runs. Same outputs for ragged K (odd word counts: the half last word), 37 keys
+    (partial groups of 8 and 16), zero points on either side, signs on either or both sides,
+    the unsigned bytes from either side, causal."""
     a = encode("cpu", na, (1, 4, 3, K))
     b = encode("cpu", nb, (1, 2, 37, K), offset=0.3)
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
     fast = check("cpu", a, b, 37, True, torch.float32)
-    for isa in ("avx512vnni", "avx2"):
+    for isa in ("avx512vnni", "avx2", "generic"):
         monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
         assert torch.equal(spike_matmul(a, b, keys=37, causal=True), fast), isa
 
@@ -165,8 +167,9 @@ def test_byte_kernel_epilogue_large_zero_points(na, nb, monkeypatch):
     assert (b.zero is None or b.zero.abs().max() == 10**4)
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
     fast = spike_matmul(a, b, keys=25, causal=True)
-    monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
-    assert torch.equal(spike_matmul(a, b, keys=25, causal=True), fast)
+    for isa in ("avx2", "generic"):
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
+        assert torch.equal(spike_matmul(a, b, keys=25, causal=True), fast), isa
     assert torch.equal(fast, reference.spike_matmul(a.planes, a.sign, a.hi, a.scale, a.zero,
                                                     b.planes, b.sign, b.hi, b.scale, b.zero,
                                                     200, 1, 2, 1, 25, True))
@@ -208,14 +211,16 @@ def prob_matmul(probs, token_scale, b, kv_heads):
 
 @pytest.mark.parametrize("K", [1, 31, 32, 33, 64, 65, 100, 2049])
 @pytest.mark.parametrize("name", list(VALUE_ENCODINGS))
-@pytest.mark.parametrize("isa", ["", "avx512vnni", "avx2"])
+@pytest.mark.parametrize("isa", ["", "avx512vnni", "avx2", "generic"])
 def test_prob_matmul_bit_identical(K, name, isa, monkeypatch):
     """prob_matmul equals the composition it replaces (encode the weights, then spike_matmul)
     and the reference bit for bit: grouped-query heads, 1 and 3 query rows, token scales read
-    at a row stride past K, peaked, flat and all-zero probability rows; on AVX-512 VNNI the
-    codes are made inside the byte kernel (the value codes of at most 7 planes; made bytes by
-    GFNI, or plane by plane with SPIKEOPS_CPU_ISA=avx512vnni), otherwise
-    (SPIKEOPS_CPU_ISA=avx2, 15 planes, two ranges) the op composes gif_encode and spike_matmul."""
+    at a row stride past K, peaked, flat and all-zero probability rows; with AVX2 the codes
+    are made inside the byte kernel (the value codes of at most 7 planes; on AVX-512 VNNI as
+    bytes, made by GFNI, or plane by plane with SPIKEOPS_CPU_ISA=avx512vnni; with
+    SPIKEOPS_CPU_ISA=avx2 or a CPU without AVX-512 as 16-bit integers), otherwise
+    (SPIKEOPS_CPU_ISA=generic, 15 planes, two ranges) the op composes gif_encode and
+    spike_matmul."""
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
     batch, kv_heads, D = 2, 3, 40
     for Ma, group in ((1, 3), (3, 2)):
@@ -232,7 +237,7 @@ def test_prob_matmul_bit_identical(K, name, isa, monkeypatch):
         assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("isa", ["", "avx2"])
+@pytest.mark.parametrize("isa", ["", "avx2", "generic"])
 def test_prob_matmul_nonfinite_and_strided(isa, monkeypatch):
     """A row holding NaN gives NaN outputs (gif_encode's non-finite row), as the composition
     does; a weight of +Inf (a scale gif_encode refuses) raises ValueError on both paths; a

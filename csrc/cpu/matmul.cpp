@@ -238,6 +238,30 @@ bool byte_kernel_fits(const MatmulArgs& a) {
   return fits && a.a.M * words64 * 64 <= kByteMaxABytes;
 }
 
+// A task of the byte kernels and their AVX2 form: one (batch n, kv head g), index nk, and a block
+// of keys from j0 (count of them: the last block may be short), B's row of key j0, and row0, the
+// first A row of the kv head's group.
+struct KeyTask {
+  int64_t nk, row0, j0, count, ib0;
+};
+inline KeyTask key_task(const MatmulArgs& a, int64_t task, int64_t block) {
+  const int64_t blocks = (a.N + block - 1) / block;
+  const int64_t nk = task / blocks, n = nk / a.kv_heads, g = nk % a.kv_heads;
+  const int64_t j0 = (task % blocks) * block;
+  return {nk, (n * a.heads + g * (a.heads / a.kv_heads)) * a.Ma, j0,
+          std::min<int64_t>(block, a.N - j0), (n * a.kv_heads + g) * a.Lb + j0};
+}
+
+// any[w] = whether some of the rows_g A rows from row0 has a nonzero word w (nonzero: [row][w]).
+inline void group_words(const std::vector<uint8_t>& nonzero, int64_t row0, int64_t rows_g,
+                        int64_t words, std::vector<uint8_t>& any) {
+  for (int64_t w = 0; w < words; ++w) {
+    uint8_t y = 0;
+    for (int64_t r = 0; r < rows_g; ++r) y |= nonzero[(row0 + r) * words + w];
+    any[w] = y;
+  }
+}
+
 // Bits of 64-bit word w of a row of W 32-bit words (the high half 0 past the row).
 inline uint64_t load_word64(const uint32_t* row, int64_t w, int64_t W) {
   return uint64_t(row[2 * w]) | (2 * w + 1 < W ? uint64_t(row[2 * w + 1]) << 32 : 0u);
@@ -429,28 +453,18 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, b
   const bool b_signed_bytes = !b_unsigned_side && !A.sign;
   const bool need_sum_b = A.zero != nullptr;
   const int64_t words64 = x.words64;
-  const int64_t group = a.heads / a.kv_heads, rows_g = group * a.Ma;  // A rows per kv head
-  const int64_t blocks = (a.N + kByteKeyBlock - 1) / kByteKeyBlock;
+  const int64_t rows_g = a.heads / a.kv_heads * a.Ma;  // A rows per kv head
   // The block's keys unpacked: bytes [key][w], signs [key][w]; any[w]: some row of the group
   // has a nonzero word w.
   std::vector<uint8_t> bbytes(64 * words64 * kByteKeyBlock), any(words64);
   std::vector<uint64_t> bsign(words64 * kByteKeyBlock);
   int64_t any_for = -1;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t nk = task / blocks;  // (batch n, kv head g)
-    const int64_t n = nk / a.kv_heads, g = nk % a.kv_heads;
-    const int64_t row0 = (n * a.heads + g * group) * a.Ma;  // first A row of the group
+    const auto [nk, row0, j0, count, ib0] = key_task(a, task, kByteKeyBlock);
     if (any_for != nk) {
-      for (int64_t w = 0; w < words64; ++w) {
-        uint8_t y = 0;
-        for (int64_t r = 0; r < rows_g; ++r) y |= x.nonzero[(row0 + r) * words64 + w];
-        any[w] = y;
-      }
+      group_words(x.nonzero, row0, rows_g, words64, any);
       any_for = nk;
     }
-    const int64_t j0 = (task % blocks) * kByteKeyBlock;
-    const int64_t count = j0 + kByteKeyBlock < a.N ? kByteKeyBlock : a.N - j0;
-    const int64_t ib0 = (n * a.kv_heads + g) * a.Lb + j0;
     int64_t sum_b[kByteKeyBlock] = {};
     if (gfni) byte_cells(B, ib0, count, x, bbytes.data());
     // With GFNI the keys' bytes are in place, which leaves B's signs and S_b (if any) and the
@@ -645,11 +659,354 @@ SPIKEOPS_TARGET_AVX512 void prob_rows(const ProbMatmulArgs& p, ByteRows& x, bool
 }
 #endif
 
+#if SPIKEOPS_X86_INTRINSICS
+// The byte kernel's products on CPUs with AVX2 and no AVX-512 (byte_kernel_fits: one range, at
+// most 8 planes on one side and 7 on the other): each operand's codes s*Q are unpacked from its
+// plane words, 32 channels (one 32-bit word) at a time, into signed 16-bit integers whose dot
+// product is VPMADDWD (|s_a Q_a s_b Q_b| <= 255 * 127, a pair's sum below 2^17), or, where
+// word_bytes holds (SpikeKV's 4-bit products), into bytes whose dot product is VPMADDUBSW of the
+// unsigned side's codes and the signed side's s*Q, then VPMADDWD by 1; the int32 lanes' sums stay
+// below K * 255 * 127 < 2^31. The same integers as matmul_row_pair (D = sum_k (s_a Q_a)
+// (s_b Q_b) - zb * S_a - za * S_b + za * zb * K) and its epilogue. A's rows are unpacked once per
+// call (int16: twice the byte kernel's memory under the same kByteMaxABytes); a task is one
+// (batch, kv head) and 8 keys (eight int32 accumulators and A's word fit AVX2's 16 registers),
+// every query row of the kv head's group against each key's codes, unpacked once.
+constexpr int64_t kWordKeyBlock = 8;
+
+// Whether the pair runs on bytes: one side without signs (the unsigned side, codes up to 255),
+// the other signed with at most 7 planes (s*Q fits int8), and no VPMADDUBSW pair sum saturates
+// int16: 2 (2^P_u - 1)(2^P_s - 1) <= 32767 (4-bit keys against 8-bit queries: 3,810; 8-bit
+// probabilities against 4-bit values: 3,570; 8-bit keys or values do not fit).
+bool word_bytes(const MatmulArgs& a) {
+  if ((a.a.sign == nullptr) == (a.b.sign == nullptr)) return false;
+  const SpikeFields& u = a.a.sign ? a.b : a.a;
+  const SpikeFields& v = a.a.sign ? a.a : a.b;
+  return u.P <= 8 && v.P <= 7 && 2 * ((int64_t(1) << u.P) - 1) * ((int64_t(1) << v.P) - 1) <= 32767;
+}
+
+// 0xFF in byte j where bit j of m is set: each byte of m copied to 8 bytes, one bit tested in each.
+SPIKEOPS_TARGET_AVX2 inline __m256i expand_bits(uint32_t m) {
+  const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);  // byte b of a qword: 2^b
+  const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(m)), pick);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit);
+}
+
+// The sum of the 8 int32 lanes of v.
+SPIKEOPS_TARGET_AVX2 inline int64_t sum_lanes(__m256i v) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t sum = 0;
+  for (int i = 0; i < 8; ++i) sum += lanes[i];
+  return sum;
+}
+
+// The codes of the 32 channels of word w of row r of s (restricted to valid) to out[0, 32): plane
+// p adds 2^p to the bytes of its set bits (distinct bits: no carry); as int16 (E) the magnitudes
+// are widened and negated where the sign is set; as bytes the same in int8 (signed side, below
+// 128) or the unsigned codes as they are (no sign: negation by 0). Returns whether any is
+// nonzero; adds their sum (s*Q) to *sum when sum is not null.
+template <typename E>
+SPIKEOPS_TARGET_AVX2 inline bool unpack_words(const SpikeFields& s, int64_t r, int64_t w,
+                                              uint32_t valid, E* out, int64_t* sum) {
+  __m256i mag = _mm256_setzero_si256();
+  for (int64_t p = 0; p < s.P; ++p)
+    mag = _mm256_add_epi8(
+        mag, _mm256_and_si256(expand_bits(s.planes[(p * s.M + r) * s.W + w] & valid),
+                              _mm256_set1_epi8(static_cast<char>(1 << p))));
+  const __m256i neg = expand_bits(s.sign ? s.sign[r * s.W + w] : 0u);
+  if constexpr (sizeof(E) == 1) {
+    const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(mag, neg), neg);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+    if (sum) {  // pairs of bytes times 1 (VPMADDUBSW: the first operand unsigned), then pairs
+      const __m256i one = _mm256_set1_epi8(1);
+      const __m256i pairs = s.sign ? _mm256_maddubs_epi16(one, v) : _mm256_maddubs_epi16(v, one);
+      *sum += sum_lanes(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    }
+    return !_mm256_testz_si256(mag, mag);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m128i m = h ? _mm256_extracti128_si256(mag, 1) : _mm256_castsi256_si128(mag);
+    const __m128i n = h ? _mm256_extracti128_si256(neg, 1) : _mm256_castsi256_si128(neg);
+    const __m256i wide = _mm256_cvtepu8_epi16(m), sign = _mm256_cvtepi8_epi16(n);
+    const __m256i v = _mm256_sub_epi16(_mm256_xor_si256(wide, sign), sign);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h), v);
+    if (sum) *sum += sum_lanes(_mm256_madd_epi16(v, _mm256_set1_epi16(1)));
+  }
+  return !_mm256_testz_si256(mag, mag);
+}
+
+// A's rows unpacked once per call: codes E [row][w][32], whether the word has a nonzero code
+// [row][w], S_a per row (with B's zero points).
+template <typename E>
+struct WordRows {
+  std::vector<E> codes;
+  std::vector<uint8_t> nonzero;
+  std::vector<int64_t> sum;
+};
+
+// The int32 lanes of the sum over 32 channels of a's codes times b's: a0 (and a1, the second 16
+// of int16 codes) A's, b B's; on bytes VPMADDUBSW takes the unsigned side first (kBUnsigned: B).
+template <typename E, bool kBUnsigned>
+SPIKEOPS_TARGET_AVX2 inline __m256i dot32(__m256i a0, __m256i a1, const E* b) {
+  const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  if constexpr (sizeof(E) == 1) {
+    const __m256i pairs = kBUnsigned ? _mm256_maddubs_epi16(b0, a0) : _mm256_maddubs_epi16(a0, b0);
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  } else {
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    return _mm256_add_epi32(_mm256_madd_epi16(a0, b0), _mm256_madd_epi16(a1, b1));
+  }
+}
+
+// The 8 sums of the 8 lanes of each of v[0..7], lane j the sum of v[j].
+SPIKEOPS_TARGET_AVX2 inline __m256i sum_lanes8(const __m256i v[8]) {
+  const __m256i g0 =
+      _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  const __m256i g1 =
+      _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
+                          _mm256_permute2x128_si256(g0, g1, 0x31));
+}
+
+// The epilogue of keys ib0 .. ib0 + n (n <= 4), float outputs o[0 .. n), from half h of the 8 dot
+// products: D = dot - zb * S_a - za * S_b + za * zb * K in float64, exact (every term and partial
+// sum an integer below 2^53: |zb|, |za| <= 10^4, |S| <= 255 * 2^16, K <= 2^16, docs/ops.md), then
+// epilogue_r1: 0.0 + (float64(sa) * float64(sb)) * D, rounded to float32. Lanes past `last`
+// (causal) are -inf.
+SPIKEOPS_TARGET_AVX2 inline void epilogue4(const MatmulArgs& a, float* o, int64_t ib0,
+                                           __m256i dots, int64_t h, const int64_t* sum_b,
+                                           int64_t sum_a, int64_t za, float sa, int64_t n,
+                                           int64_t last) {
+  if (n <= 0) return;
+  const SpikeFields& B = a.b;
+  const __m128i index = _mm_setr_epi32(0, 1, 2, 3);
+  const __m128i lanes = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n)), index);
+  __m256d D = _mm256_cvtepi32_pd(h ? _mm256_extracti128_si256(dots, 1)
+                                   : _mm256_castsi256_si128(dots));
+  if (B.zero) {
+    const __m256d zb = _mm256_cvtepi32_pd(_mm_maskload_epi32(B.zero + ib0, lanes));
+    D = _mm256_sub_pd(D, _mm256_mul_pd(zb, _mm256_set1_pd(static_cast<double>(sum_a))));
+    if (za) {
+      const __m256d zaK = _mm256_set1_pd(static_cast<double>(za) * static_cast<double>(a.K));
+      D = _mm256_add_pd(D, _mm256_mul_pd(zb, zaK));
+    }
+  }
+  if (za) {
+    const __m256d sb = _mm256_setr_pd(static_cast<double>(sum_b[0]), static_cast<double>(sum_b[1]),
+                                      static_cast<double>(sum_b[2]), static_cast<double>(sum_b[3]));
+    D = _mm256_sub_pd(D, _mm256_mul_pd(_mm256_set1_pd(static_cast<double>(za)), sb));
+  }
+  const __m256d s = _mm256_mul_pd(_mm256_set1_pd(static_cast<double>(sa)),
+                                  _mm256_cvtps_pd(_mm_maskload_ps(B.scale + ib0, lanes)));
+  __m128 y = _mm256_cvtpd_ps(_mm256_add_pd(_mm256_setzero_pd(), _mm256_mul_pd(s, D)));
+  if (last < 3) {
+    const __m128i masked =
+        _mm_cmpgt_epi32(index, _mm_set1_epi32(static_cast<int>(std::max<int64_t>(last, -1))));
+    y = _mm_blendv_ps(y, _mm_set1_ps(-std::numeric_limits<float>::infinity()),
+                      _mm_castsi128_ps(masked));
+  }
+  _mm_maskstore_ps(o, lanes, y);
+}
+
+template <typename T, typename E, bool kBUnsigned>
+SPIKEOPS_TARGET_AVX2 void word_tasks(const MatmulArgs& a, const WordRows<E>& x, int64_t begin,
+                                     int64_t end) {
+  const SpikeFields& A = a.a;
+  const SpikeFields& B = a.b;
+  T* out = static_cast<T*>(a.out);
+  const int64_t W = A.W;
+  const bool need_sum_b = A.zero != nullptr;
+  const int64_t rows_g = a.heads / a.kv_heads * a.Ma;  // A rows per kv head
+  // The block's keys unpacked, E [key][w][32] (keys past the last: 0); any[w]: some row of the
+  // group has a nonzero word w.
+  std::vector<E> keys(32 * W * kWordKeyBlock);
+  std::vector<uint8_t> any(W);
+  int64_t any_for = -1;
+  for (int64_t task = begin; task < end; ++task) {
+    const auto [nk, row0, j0, count, ib0] = key_task(a, task, kWordKeyBlock);
+    if (any_for != nk) {
+      group_words(x.nonzero, row0, rows_g, W, any);
+      any_for = nk;
+    }
+    int64_t sum_b[kWordKeyBlock] = {};
+    for (int64_t k = 0; k < kWordKeyBlock; ++k)
+      for (int64_t w = 0; w < W; ++w) {
+        E* cell = keys.data() + 32 * (k * W + w);
+        if (k < count && (any[w] || need_sum_b))
+          unpack_words(B, ib0 + k, w, matmul_valid_bits(w, a.K), cell,
+                       need_sum_b ? sum_b + k : nullptr);
+        else
+          std::fill(cell, cell + 32, E(0));
+      }
+    for (int64_t r = 0; r < rows_g; ++r) {
+      const int64_t row = row0 + r, i = row % a.Ma;
+      __m256i acc[kWordKeyBlock];
+#pragma GCC unroll 8
+      for (int64_t k = 0; k < kWordKeyBlock; ++k) acc[k] = _mm256_setzero_si256();
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t c = row * W + w;
+        if (!x.nonzero[c]) continue;
+        const E* ac = x.codes.data() + 32 * c;
+        const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac));
+        const __m256i a1 = sizeof(E) == 1
+                               ? a0
+                               : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ac + 16));
+#pragma GCC unroll 8
+        for (int64_t k = 0; k < kWordKeyBlock; ++k)
+          acc[k] = _mm256_add_epi32(
+              acc[k], dot32<E, kBUnsigned>(a0, a1, keys.data() + 32 * (k * W + w)));
+      }
+      const __m256i sums = sum_lanes8(acc);
+      const int64_t za = A.zero ? A.zero[row] : 0;
+      T* o = out + row * a.N + j0;
+      if constexpr (std::is_same_v<T, float>) {
+        // The last key i may see (causal): later lanes are -inf.
+        const int64_t last = a.causal ? a.N - a.Ma + i - j0 : kWordKeyBlock;
+        for (int64_t h = 0; h < 2; ++h)
+          epilogue4(a, o + 4 * h, ib0 + 4 * h, sums, h, sum_b + 4 * h, x.sum[row], za,
+                    A.scale[row], std::min<int64_t>(4, count - 4 * h), last - 4 * h);
+        continue;
+      }
+      alignas(32) int32_t dots[kWordKeyBlock];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dots), sums);
+      for (int64_t k = 0; k < count; ++k) {
+        if (matmul_masked(a, i, j0 + k)) {
+          o[k] = static_cast<T>(-std::numeric_limits<float>::infinity());
+          continue;
+        }
+        const int64_t ib = ib0 + k, zb = B.zero ? B.zero[ib] : 0;
+        const int64_t D = int64_t(dots[k]) - zb * x.sum[row] - za * sum_b[k] + za * zb * a.K;
+        o[k] = static_cast<T>(epilogue_r1(A.scale[row], B.scale[ib], D));
+      }
+    }
+  }
+}
+
+// WordRows sized for A's rows.
+template <typename E>
+WordRows<E> word_rows(const MatmulArgs& a) {
+  WordRows<E> x;
+  x.codes.resize(32 * a.a.M * a.a.W);
+  x.nonzero.resize(a.a.M * a.a.W);
+  x.sum.assign(a.a.M, 0);
+  return x;
+}
+
+// The tasks of word_tasks over A's rows x, filled.
+template <typename T, typename E>
+void run_word_tasks(const MatmulArgs& a, const WordRows<E>& x) {
+  const int64_t W = a.a.W;
+  const int64_t rows_g = a.heads / a.kv_heads * a.Ma;
+  const int64_t blocks = (a.N + kWordKeyBlock - 1) / kWordKeyBlock;
+  const int64_t tasks = a.batch * a.kv_heads * blocks;
+  // As run_byte_tasks: under kByteSerialUnits (row, key, 64 channels) units the calling thread.
+  const int64_t units = rows_g * kWordKeyBlock * ((W + 1) / 2);
+  const int64_t grain = units >= kByteSerialUnits ? 1 : (kByteSerialUnits + units - 1) / units;
+  const bool b_unsigned = a.b.sign == nullptr;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    if (b_unsigned)
+      word_tasks<T, E, true>(a, x, begin, end);
+    else
+      word_tasks<T, E, false>(a, x, begin, end);
+  });
+}
+
+template <typename T, typename E>
+void matmul_words(const MatmulArgs& a) {
+  const SpikeFields& A = a.a;
+  WordRows<E> x = word_rows<E>(a);
+  const bool sums = a.b.zero != nullptr;
+  at::parallel_for(0, A.M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t w = 0; w < A.W; ++w)
+        x.nonzero[r * A.W + w] = unpack_words(A, r, w, matmul_valid_bits(w, a.K),
+                                              x.codes.data() + 32 * (r * A.W + w),
+                                              sums ? &x.sum[r] : nullptr);
+  });
+  run_word_tasks<T, E>(a, x);
+}
+
+// prob_rows for the AVX2 kernel: the same weights, scale and codes (the same IEEE operations,
+// 8 lanes at a time), as int16 in WordRows.
+SPIKEOPS_TARGET_AVX2 inline __m256 prob_weights8(const float* p, const float* scale, int64_t k0,
+                                                 int64_t count) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane);
+  return _mm256_mul_ps(_mm256_maskload_ps(p + k0, valid), _mm256_maskload_ps(scale + k0, valid));
+}
+
+template <typename E>
+SPIKEOPS_TARGET_AVX2 void prob_words(const ProbMatmulArgs& p, WordRows<E>& x, bool sums,
+                                     int64_t begin, int64_t end) {
+  const MatmulArgs& a = p.m;
+  const int64_t K = a.K, W = a.a.W, group = a.heads / a.kv_heads;
+  const float inf = std::numeric_limits<float>::infinity();
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t r = begin; r < end; ++r) {
+    const float* pr = p.probs + r * K;
+    const int64_t n = r / (a.heads * a.Ma), h = (r / a.Ma) % a.heads;
+    const float* ts = p.token_scale + (n * a.kv_heads + h / group) * p.scale_stride;
+    __m256 top = _mm256_set1_ps(-inf);
+    bool nan = false, finite = true;
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {
+      const int64_t c = std::min<int64_t>(8, K - k0);
+      const int valid = (1 << c) - 1;
+      const __m256 v = prob_weights8(pr, ts, k0, c);
+      nan |= (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) & valid) != 0;
+      // v - v is 0 for finite v and NaN for NaN or Inf
+      finite &= (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(),
+                                                  _CMP_NEQ_UQ)) & valid) == 0;
+      // lanes past K hold 0, below any row's max once a weight is positive (else step 1)
+      top = _mm256_max_ps(top, v);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, top);
+    float row_max = lanes[0];
+    for (int i = 1; i < 8; ++i) row_max = std::max(row_max, lanes[i]);
+    const float step = !nan && row_max > 0.f ? row_max / 255.f : 1.f;
+    TORCH_CHECK_VALUE(std::isfinite(step) && step > 0.f, "prob_matmul: the scale of row ", r,
+                      " (its largest weight / 255) must be positive and finite, as gif_encode's ",
+                      "static scale, got ", step);
+    p.steps[r] = finite ? step : std::numeric_limits<float>::quiet_NaN();
+    const __m256 scale = _mm256_set1_ps(step), qmax = _mm256_set1_ps(255.f);
+    for (int64_t w = 0; w < W; ++w) {
+      __m256i code[4];
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t k0 = 32 * w + 8 * q;
+        const int64_t c = finite ? std::max<int64_t>(0, std::min<int64_t>(8, K - k0)) : 0;
+        const __m256 rounded =
+            _mm256_round_ps(_mm256_div_ps(prob_weights8(pr, ts, k0, c), scale), kNearest);
+        code[q] = _mm256_cvttps_epi32(
+            _mm256_min_ps(_mm256_max_ps(rounded, _mm256_setzero_ps()), qmax));
+      }
+      // packs interleaves the 128-bit lanes: 0x d8 puts the four 64-bit quarters in order
+      const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(code[0], code[1]), 0xd8);
+      const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(code[2], code[3]), 0xd8);
+      E* out = x.codes.data() + 32 * (r * W + w);
+      if constexpr (sizeof(E) == 1) {  // the codes (< 256) as unsigned bytes, in order again
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                            _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0xd8));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), hi);
+      }
+      const __m256i any = _mm256_or_si256(lo, hi);
+      x.nonzero[r * W + w] = !_mm256_testz_si256(any, any);
+      if (sums)
+        x.sum[r] += sum_lanes(_mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_set1_epi16(1)),
+                                               _mm256_madd_epi16(hi, _mm256_set1_epi16(1))));
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 bool prob_matmul_fits(const MatmulArgs& m) {
 #if SPIKEOPS_X86_INTRINSICS
-  return best_isa() >= Isa::kAvx512Vnni && byte_kernel_fits(m);
+  return best_isa() >= Isa::kAvx2 && byte_kernel_fits(m);
 #else
   (void)m;
   return false;
@@ -658,12 +1015,27 @@ bool prob_matmul_fits(const MatmulArgs& m) {
 
 void prob_matmul(const ProbMatmulArgs& p) {
 #if SPIKEOPS_X86_INTRINSICS
-  ByteRows x = byte_rows(p.m);
   const bool sums = p.m.b.zero != nullptr;
-  at::parallel_for(0, p.m.a.M, 256, [&](int64_t begin, int64_t end) {
-    prob_rows(p, x, sums, begin, end);
-  });
-  run_byte_tasks<float>(p.m, x);
+  if (best_isa() >= Isa::kAvx512Vnni) {
+    ByteRows x = byte_rows(p.m);
+    at::parallel_for(0, p.m.a.M, 256, [&](int64_t begin, int64_t end) {
+      prob_rows(p, x, sums, begin, end);
+    });
+    run_byte_tasks<float>(p.m, x);
+    return;
+  }
+  const auto run = [&](auto code) {
+    using E = decltype(code);
+    WordRows<E> x = word_rows<E>(p.m);
+    at::parallel_for(0, p.m.a.M, 256, [&](int64_t begin, int64_t end) {
+      prob_words<E>(p, x, sums, begin, end);
+    });
+    run_word_tasks<float, E>(p.m, x);
+  };
+  if (word_bytes(p.m))
+    run(int8_t{});
+  else
+    run(int16_t{});
 #else
   (void)p;
   TORCH_CHECK(false, "prob_matmul: the fused kernel needs x86 intrinsics (prob_matmul_fits)");
@@ -682,9 +1054,21 @@ void channel_major_write(const ChannelMajorArgs& a) {
 
 void spike_matmul(const MatmulArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS
-  if (best_isa() >= Isa::kAvx512Vnni && a.N > 0 && byte_kernel_fits(a)) {
-    dispatch_out_float(a.out_type, [&](auto tag) { matmul_bytes<decltype(tag)>(a); });
-    return;
+  if (a.N > 0 && byte_kernel_fits(a)) {
+    if (best_isa() >= Isa::kAvx512Vnni) {
+      dispatch_out_float(a.out_type, [&](auto tag) { matmul_bytes<decltype(tag)>(a); });
+      return;
+    }
+    if (best_isa() >= Isa::kAvx2) {
+      const bool bytes = word_bytes(a);
+      dispatch_out_float(a.out_type, [&](auto tag) {
+        if (bytes)
+          matmul_words<decltype(tag), int8_t>(a);
+        else
+          matmul_words<decltype(tag), int16_t>(a);
+      });
+      return;
+    }
   }
 #endif
   const int64_t tasks = a.batch * a.heads * a.Ma * ((a.N + kKeyBlock - 1) / kKeyBlock);

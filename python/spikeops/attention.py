@@ -201,8 +201,9 @@ PV_MODES = ("float", "spike")
 # The key cache's encoding per cache width: minmax (asymmetric; SpikeKV), at 4 bits with the
 # range clipped to 0.9 of each token's (the codes span [0.9 min, 0.9 max]; beyond it they
 # saturate), which was best on the calibration text (GPL-3) and held on six held-out texts (the
-# scan: bench/results/kv-smollm2-amd-epyc.md). At 8 bits the range stays whole: spike8 was within
-# 1.005x already, and no clip was measured there.
+# scan: bench/results/kv-smollm2-amd-epyc.md; made before the key channel scale of SpikeKV and
+# not scanned again with it). At 8 bits the range stays whole: spike8 was within 1.005x already,
+# and no clip was measured there.
 KEY_ENCODINGS = {4: Encoding("minmax", 4, gamma=0.9), 8: Encoding("minmax", 8)}
 # Queries are encoded per token and head at 8 bits whatever the cache holds: they are not
 # stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
@@ -216,7 +217,8 @@ OBSERVERS: list = []
 class SpikeKV:
     """One decoder layer's bit-plane key-value cache (``Runner(kv="spike4" | "spike8")``):
     keys after the rotary embedding and values, each token and kv head encoded once, when
-    written (keys minmax under ``KEY_ENCODINGS``, values absmax; one scale per token and head).
+    written (keys, less the key offset and divided by the key channel scale that the prompt
+    sets, minmax under ``KEY_ENCODINGS``; values absmax; one scale per token and head).
     ``rotate``: keys, values and queries are multiplied by the orthonormal Hadamard matrix H of
     order head_dim first (``(qH)(kH)^T = qk^T``, and the attention output is multiplied by
     ``H^T``), which spreads a head's outlier channels over all of them before the 4-bit code
@@ -239,7 +241,10 @@ class SpikeKV:
         self.keys = SpikeCache(KEY_ENCODINGS[bits], batch, kv_heads, max_len, head_dim, device)
         self.values = ValueCache(Encoding("absmax", bits), batch, kv_heads, max_len, head_dim,
                                  device)
-        self.key_offset = None
+        # Per row, kv head and channel, set by each sequence's prompt (_write): the key offset
+        # and the key channel scale, the latter also per query head (query_scale, made by the
+        # first attend after the prompt: the queries' heads are known there).
+        self.key_offset = self.key_scale = self.query_scale = None
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.rotation is None else x @ self.rotation
@@ -278,14 +283,28 @@ class SpikeKV:
         # on SmolLM2; README, "Attention on spikes").
         # Only the row's real tokens count, so that a row's codes do not depend on the padding
         # its batch needs.
+        # The key channel scale lambda (per row, kv head and channel, from the same prompt
+        # tokens): each channel of k - mu is divided by its largest magnitude over the prompt
+        # and the queries' channels are multiplied by it, (q * lambda).((k - mu) / lambda) =
+        # q.(k - mu), so the 4-bit code of a token spans channels of equal range instead of
+        # the widest few (the queries' 8-bit code takes the spread; README, "Attention on
+        # spikes", has the measurement). A channel's scale is at least 1/16 of the row's
+        # widest, so that a channel nearly constant over a short prompt does not swamp later
+        # tokens' codes; a prompt of one token (no range) gives 1.
         if start == 0:
             if pad is None:
                 self.key_offset = k.mean(dim=2, keepdim=True)
+                span = (k - self.key_offset).abs().amax(2, keepdim=True)
             else:
                 real = (torch.arange(k.shape[2], device=k.device) >= pad.view(-1, 1))
                 real = real.to(k.dtype).view(k.shape[0], 1, -1, 1)
                 self.key_offset = (k * real).sum(2, keepdim=True) / real.sum(2, keepdim=True)
-        self.keys.write(k - self.key_offset, start)
+                span = ((k - self.key_offset) * real).abs().amax(2, keepdim=True)
+            widest = span.amax(3, keepdim=True)
+            self.key_scale = torch.where(widest > 0, torch.maximum(span, widest / 16),
+                                         torch.ones_like(span))
+            self.query_scale = None  # the next attend's, per query head
+        self.keys.write((k - self.key_offset) / self.key_scale, start)
         self.values.write(v, start)
 
     def attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
@@ -293,16 +312,20 @@ class SpikeKV:
         """Attention of ``q [batch, heads, T, head_dim]`` over the first ``end`` cached tokens
         (``mask``: Runner's boolean mask ``[batch or 1, 1, T, end]``, or None: every key).
 
-        QK^T is ``spike_matmul`` of the queries, encoded per token and head like the keys, and
-        the key cache: exact integer sums, one float32 rounding. The softmax is float32. PV
-        (``self.pv``): "float" multiplies the probabilities by the decoded value cache in q's
-        dtype; "spike" is spike x spike as well (``spike_pv``)."""
+        QK^T is ``spike_matmul`` of the queries, times the key channel scale and encoded per
+        token and head (QUERY_ENCODING), and the key cache: exact integer sums, one float32
+        rounding. The softmax is float32. PV (``self.pv``): "float" multiplies the
+        probabilities by the decoded value cache in q's dtype; "spike" is spike x spike as well
+        (``spike_pv``)."""
         return self._attend(self._rotate(q), end, mask, scaling)
 
     def _attend(self, q: torch.Tensor, end: int, mask: Optional[torch.Tensor],
                 scaling: float) -> torch.Tensor:
         """attend of queries rotated already."""
-        queries = encode(q, QUERY_ENCODING)
+        group = q.shape[1] // self.keys.shape[1]
+        if self.query_scale is None:
+            self.query_scale = self.key_scale.repeat_interleave(group, dim=1)
+        queries = encode(q * self.query_scale, QUERY_ENCODING)
         # spike_matmul's op without its argument checks: the shapes are the cache's own.
         B, H, _, D = queries.shape
         planes, sign, hi, scale, zero = self.keys.spikes()[:5]
@@ -316,7 +339,6 @@ class SpikeKV:
             for fn in OBSERVERS:
                 fn(sops, macs)
         probs = torch.softmax(scores, dim=-1)
-        group = q.shape[1] // self.keys.shape[1]
         if self.pv == "spike":
             a = self.spike_pv(probs, end)
         else:

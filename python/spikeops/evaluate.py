@@ -131,8 +131,9 @@ def window_nll(model, tokens: torch.Tensor, window: int = 256, stride: Optional[
             # the padding out of every scored position.
             logits = model(input_ids=ids.to(device)).logits.float()
         else:
-            # A spiking cache's key offset is the mean of a sequence's keys (spikeops.attention),
-            # so padding would change a window's codes: windows of one length run together.
+            # A spiking cache's key offset and key channel scale are set by a sequence's keys
+            # (spikeops.attention), so padding would change a window's codes: windows of one
+            # length run together.
             logits = None
             for n in sorted({end - start for start, end, _ in chunk}):
                 rows = [j for j, (start, end, _) in enumerate(chunk) if end - start == n]
