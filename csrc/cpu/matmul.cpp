@@ -252,15 +252,31 @@ inline KeyTask key_task(const MatmulArgs& a, int64_t task, int64_t block) {
           std::min<int64_t>(block, a.N - j0), (n * a.kv_heads + g) * a.Lb + j0};
 }
 
-// any[w] = whether some of the rows_g A rows from row0 has a nonzero word w (nonzero: [row][w]).
-inline void group_words(const std::vector<uint8_t>& nonzero, int64_t row0, int64_t rows_g,
-                        int64_t words, std::vector<uint8_t>& any) {
-  for (int64_t w = 0; w < words; ++w) {
-    uint8_t y = 0;
-    for (int64_t r = 0; r < rows_g; ++r) y |= nonzero[(row0 + r) * words + w];
-    any[w] = y;
+// Which words of a task's kv head group hold a nonzero code in some of its rows_g A rows
+// (nonzero: [row][w]), remade only when the task's group changes.
+class GroupWords {
+ public:
+  GroupWords(const std::vector<uint8_t>& nonzero, int64_t rows_g, int64_t words)
+      : nonzero_(nonzero), rows_g_(rows_g), words_(words), any_(words) {}
+  // any[w] for the group nk, whose first A row is row0.
+  const uint8_t* of(int64_t nk, int64_t row0) {
+    if (nk != for_) {
+      for (int64_t w = 0; w < words_; ++w) {
+        uint8_t y = 0;
+        for (int64_t r = 0; r < rows_g_; ++r) y |= nonzero_[(row0 + r) * words_ + w];
+        any_[w] = y;
+      }
+      for_ = nk;
+    }
+    return any_.data();
   }
-}
+
+ private:
+  const std::vector<uint8_t>& nonzero_;
+  int64_t rows_g_, words_;
+  std::vector<uint8_t> any_;
+  int64_t for_ = -1;
+};
 
 // Bits of 64-bit word w of a row of W 32-bit words (the high half 0 past the row).
 inline uint64_t load_word64(const uint32_t* row, int64_t w, int64_t W) {
@@ -454,17 +470,13 @@ SPIKEOPS_TARGET_AVX512 void byte_tasks(const MatmulArgs& a, const ByteRows& x, b
   const bool need_sum_b = A.zero != nullptr;
   const int64_t words64 = x.words64;
   const int64_t rows_g = a.heads / a.kv_heads * a.Ma;  // A rows per kv head
-  // The block's keys unpacked: bytes [key][w], signs [key][w]; any[w]: some row of the group
-  // has a nonzero word w.
-  std::vector<uint8_t> bbytes(64 * words64 * kByteKeyBlock), any(words64);
+  // The block's keys unpacked: bytes [key][w], signs [key][w].
+  std::vector<uint8_t> bbytes(64 * words64 * kByteKeyBlock);
   std::vector<uint64_t> bsign(words64 * kByteKeyBlock);
-  int64_t any_for = -1;
+  GroupWords groups(x.nonzero, rows_g, words64);
   for (int64_t task = begin; task < end; ++task) {
     const auto [nk, row0, j0, count, ib0] = key_task(a, task, kByteKeyBlock);
-    if (any_for != nk) {
-      group_words(x.nonzero, row0, rows_g, words64, any);
-      any_for = nk;
-    }
+    const uint8_t* any = groups.of(nk, row0);
     int64_t sum_b[kByteKeyBlock] = {};
     if (gfni) byte_cells(B, ib0, count, x, bbytes.data());
     // With GFNI the keys' bytes are in place, which leaves B's signs and S_b (if any) and the
@@ -819,17 +831,12 @@ SPIKEOPS_TARGET_AVX2 void word_tasks(const MatmulArgs& a, const WordRows<E>& x, 
   const int64_t W = A.W;
   const bool need_sum_b = A.zero != nullptr;
   const int64_t rows_g = a.heads / a.kv_heads * a.Ma;  // A rows per kv head
-  // The block's keys unpacked, E [key][w][32] (keys past the last: 0); any[w]: some row of the
-  // group has a nonzero word w.
+  // The block's keys unpacked, E [key][w][32] (keys past the last: 0).
   std::vector<E> keys(32 * W * kWordKeyBlock);
-  std::vector<uint8_t> any(W);
-  int64_t any_for = -1;
+  GroupWords groups(x.nonzero, rows_g, W);
   for (int64_t task = begin; task < end; ++task) {
     const auto [nk, row0, j0, count, ib0] = key_task(a, task, kWordKeyBlock);
-    if (any_for != nk) {
-      group_words(x.nonzero, row0, rows_g, W, any);
-      any_for = nk;
-    }
+    const uint8_t* any = groups.of(nk, row0);
     int64_t sum_b[kWordKeyBlock] = {};
     for (int64_t k = 0; k < kWordKeyBlock; ++k)
       for (int64_t w = 0; w < W; ++w) {
