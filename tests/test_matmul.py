@@ -139,8 +139,8 @@ def test_vector_kernel_matches_scalar(K, na, nb, monkeypatch):
     other run on bytes (VPDPBUSD, 16 keys a task; B's planes made bytes by GFNI, or plane by
     plane with SPIKEOPS_CPU_ISA=avx512vnni or without GFNI), others with VPOPCNTDQ 8 keys at
     once; with AVX2 (SPIKEOPS_CPU_ISA=avx2, or a CPU without AVX-512) on 16-bit integers
-    (VPMADDWD, 8 keys a task), others with popcounts; with SPIKEOPS_CPU_ISA=generic the scalar
-    kernel runs. Same outputs for ragged K (odd word counts: the half last word), 37 keys
+    (VPMADDWD) or, where no pair sum saturates, bytes (VPMADDUBSW), 8 keys a task, others with
+    popcounts; with SPIKEOPS_CPU_ISA=generic the scalar kernel runs. Same outputs for ragged K (odd word counts: the half last word), 37 keys
     (partial groups of 8 and 16), zero points on either side, signs on either or both sides,
     the unsigned bytes from either side, causal."""
     a = encode("cpu", na, (1, 4, 3, K))
@@ -218,7 +218,8 @@ def test_prob_matmul_bit_identical(K, name, isa, monkeypatch):
     at a row stride past K, peaked, flat and all-zero probability rows; with AVX2 the codes
     are made inside the byte kernel (the value codes of at most 7 planes; on AVX-512 VNNI as
     bytes, made by GFNI, or plane by plane with SPIKEOPS_CPU_ISA=avx512vnni; with
-    SPIKEOPS_CPU_ISA=avx2 or a CPU without AVX-512 as 16-bit integers), otherwise
+    SPIKEOPS_CPU_ISA=avx2 or a CPU without AVX-512 as 16-bit integers, or bytes for the 4-bit
+    value codes), otherwise
     (SPIKEOPS_CPU_ISA=generic, 15 planes, two ranges) the op composes gif_encode and
     spike_matmul."""
     monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)

@@ -299,9 +299,9 @@ def test_spike_kv_rotation_needs_power_of_two_head_dim():
 @pytest.mark.parametrize("kv", ["spike4", "spike8"])
 def test_spike_attention_against_float64(kv, rotate):
     """SpikeKV.attend: QK^T on spikes equals the float64 product of the decoded queries (times
-    the key channel scale, 8-bit, per token and head) and keys to float32 rounding, so with a float64 softmax and PV on the
-    decoded values the outputs agree to 1e-5; PV on spikes (8-bit probabilities) to 1e-2 of
-    max |v|. Grouped-query heads, a causal mask over a partly filled cache."""
+    the key channel scale, 8-bit, per token and head) and keys to float32 rounding, so with a
+    float64 softmax and PV on the decoded values the outputs agree to 1e-5; PV on spikes (8-bit
+    probabilities) to 1e-2 of max |v|. Grouped-query heads, a causal mask over a partly filled cache."""
     from spikeops.attention import QUERY_ENCODING, SpikeKV
     from spikeops.transforms import hadamard
     B, H, Hkv, D, L, T, end = 2, 4, 2, 32, 12, 3, 10
