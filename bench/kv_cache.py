@@ -10,7 +10,7 @@ absmax4 spikes (the folder's calibration), on the tokens of the --text files one
 (windows may span two texts); cache bytes per token of each cache against a
 float16 cache; decode tokens/s at a --context-token context with kv=float and kv=spike4, both
 prefilled once and then timed step by step, interleaved in one process (median of --steps
-steps each). Writes OUT.md and OUT.json, named by the CPU model (lscpu).
+steps each). Writes OUT.md and OUT.json, named by the CPU (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,28 +25,13 @@ import torch
 
 from spikeops.cli import HelpFormatter
 
+from machine import cpu_name, cpu_slug
+
 CACHE = Path.home() / ".cache" / "spikeops" / "SmolLM2-135M-Instruct.Q4_1"
 DEFAULT_MODEL = CACHE / "w4g128-rotate-seed0-GPL-3"
 DEFAULT_TEXT = Path("/usr/share/common-licenses/MPL-2.0")
 KVS = ("float", "spike4", "spike8")
 RECORD = "kv-smollm2"  # bench/results/RECORD-CPU.md and .json
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_slug(cpu: str) -> str:
-    """``Intel(R) Xeon(R) Platinum 8480+`` -> ``intel-xeon-platinum-8480``."""
-    words = re.sub(r"\((R|TM)\)", "", cpu).lower()
-    return "-".join(re.findall(r"[a-z0-9]+", words)) or "cpu"
 
 
 def parser(doc: str, record: str) -> argparse.ArgumentParser:
@@ -129,7 +111,7 @@ def main(argv=None) -> int:
     from spikeops import Encoding
     from spikeops.calibrate import set_encoding
     from spikeops.runner import Runner
-    cpu = cpu_model()
+    cpu = cpu_name()
     model, all_tokens = model_and_tokens(args)
     rows = perplexities(model, all_tokens[:args.max_tokens], args.window)
     config = model.config

@@ -10,7 +10,7 @@ spread of the ratio over the clips is the uncertainty of any one of them. Perple
 ``bench/kv_cache.py`` measures it (``spikeops.evaluate.compare``: windows of --window tokens,
 stride half of it, on the tokens of the --text files one after another), kv=float once per
 encoding, then kv=spike4 once per clip; each row under ``--encodings``. Writes OUT.md and
-OUT.json, named by the CPU model (lscpu).
+OUT.json, named by the CPU (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import statistics
 
 import torch
 
-from kv_cache import cpu_model, cpu_slug, model_and_tokens, parser, write_record
+from kv_cache import model_and_tokens, parser, write_record
+from machine import cpu_name, cpu_slug
 
 ENCODINGS = ("float", "absmax4")
 RECORD = "kv-spread-smollm2"  # bench/results/RECORD-CPU.md and .json
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
 
     from spikeops import Encoding, attention
     from spikeops.evaluate import compare
-    cpu = cpu_model()
+    cpu = cpu_name()
     model, tokens = model_and_tokens(args)
     tokens = tokens[:args.max_tokens]
     encodings = {e: None if e == "float" else Encoding("absmax", 4) for e in args.encodings}

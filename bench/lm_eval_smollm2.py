@@ -8,8 +8,8 @@ sentence follows, 100 items; licenses_ppl: perplexity of MPL-2.0, held out of th
 
 The models are the ones ``spikeops demo --gguf SmolLM2-135M-Instruct.Q4_1.gguf`` caches (float
 folder, rotated W4 g128 GPTQ on GPL-3 with the seed methods' calibration). Writes
-bench/results/lm-eval-smollm2-<cpu>.md and .json: the table and the machine (lscpu's model
-name). Each row's lm_eval output (progress bars, lm_eval's table) is shown as it runs.
+bench/results/lm-eval-smollm2-<cpu>.md and .json: the table and the machine (bench/machine.py's
+cpu_name). Each row's lm_eval output (progress bars, lm_eval's table) is shown as it runs.
 """
 
 from __future__ import annotations
@@ -24,15 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name, cpu_slug
+
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "spikeops" / "SmolLM2-135M-Instruct.Q4_1"
 TASKS = ("licenses_mc", "licenses_ppl")
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.startswith("Model name:"))
 
 
 def rows(args) -> list:
@@ -122,7 +118,7 @@ def main() -> int:
             f"CPU, float32 dense parts. Machine: {cpu}, {os.cpu_count()} CPUs; the whole run "
             f"took {time.perf_counter() - started:.0f} s (seconds per row: lm_eval's start, "
             f"the model's loading and the requests).\n\n{table(results)}\n")
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+    slug = cpu_slug(cpu)
     args.out.mkdir(parents=True, exist_ok=True)
     md, js = args.out / f"lm-eval-smollm2-{slug}.md", args.out / f"lm-eval-smollm2-{slug}.json"
     md.write_text(text)
