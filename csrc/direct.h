@@ -27,6 +27,10 @@ bool direct_call_allowed();
 // call does not apply.
 PyObject* direct_gif_encode(PyObject*, PyObject* const* args, Py_ssize_t count);
 PyObject* direct_spike_linear(PyObject*, PyObject* const* args, Py_ssize_t count);
+// spikeops._C.direct_spike_kv_step (csrc/ops.cpp): SpikeKV's CPU step (its write and attend) as
+// one call of the ops' CPU entries and ATen operations, or None where a direct call does not
+// apply.
+PyObject* direct_spike_kv_step(PyObject*, PyObject* const* args, Py_ssize_t count);
 
 // Releases the GIL for the life of the guard, as torch.ops does around an op, also when the
 // entry throws.

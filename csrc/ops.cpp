@@ -93,6 +93,8 @@ PyObject* PyInit__C(void) {
        METH_FASTCALL, "gif_encode's CPU entry called directly, or None (csrc/direct.h)"},
       {"direct_spike_linear", reinterpret_cast<PyCFunction>(spikeops::direct_spike_linear),
        METH_FASTCALL, "spike_linear's CPU entry called directly, or None (csrc/direct.h)"},
+      {"direct_spike_kv_step", reinterpret_cast<PyCFunction>(spikeops::direct_spike_kv_step),
+       METH_FASTCALL, "SpikeKV's CPU step in one call, or None (csrc/direct.h)"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
@@ -520,6 +522,112 @@ PyObject* direct_spike_linear(PyObject*, PyObject* const* args, Py_ssize_t count
                                 out_dtype, backend, group);
   }
   return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// SpikeKV's step on the CPU (python/spikeops/attention.py: SpikeKV.step's rotation, then
+// _write and _attend with pv="spike"), the same ATen operations and op entries in the same order,
+// so the same bits: q, k and v times the Hadamard rotation as one product (or none); T tokens'
+// keys ((k - key_offset) / key_scale, encoded, copied into the key cache's slots of tokens
+// start .. start + T) and values (encoded; their scales into value_scale, their words into the
+// channel-major value_bits, as wide as Python made them); then the queries times query_scale,
+// encoded, QK^T (spike_matmul) times scaling, the mask's -inf, softmax, PV (prob_matmul) and the
+// inverse rotation. One call in place of about forty Python-level tensor operations of a few
+// microseconds each (docs/performance.md, "Attention on spikes on the CPU").
+PyObject* direct_spike_kv_step(PyObject*, PyObject* const* args, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  if (!direct_call_allowed()) Py_RETURN_NONE;
+  DirectArgs in(args, count, 27);
+  const at::Tensor& q_in = in.tensor(0);
+  const at::Tensor& k_in = in.tensor(1);
+  const at::Tensor& v_in = in.tensor(2);
+  const OptTensor rotation = in.optional_tensor(3);
+  const int64_t start = in.integer(4), end = in.integer(5);
+  const double scaling = in.real(6);
+  const OptTensor mask = in.optional_tensor(7);
+  const at::Tensor& key_offset = in.tensor(8);
+  const at::Tensor& key_scale = in.tensor(9);
+  const at::Tensor& query_scale = in.tensor(10);
+  // The key cache: planes [P, rows, W], sign [rows, W] or None, scale [rows, 1], zero [rows, 1]
+  // or None, rows = (batch, kv head, token) of max_len tokens; its encoding.
+  const at::Tensor& key_planes = in.tensor(11);
+  const OptTensor key_sign = in.optional_tensor(12);
+  const at::Tensor& key_scales = in.tensor(13);
+  const OptTensor key_zero = in.optional_tensor(14);
+  const std::string key_mode = in.text(15);
+  const int64_t key_bits = in.integer(16);
+  const double key_gamma = in.real(17);
+  // The value cache: value_bits [planes + 1, (batch, kv head, channel), words], the sign last;
+  // value_scale [batch * kv_heads, max_len]; ones [rows, 1]; its encoding. The queries'.
+  const at::Tensor& value_bits = in.tensor(18);
+  const at::Tensor& value_scale = in.tensor(19);
+  const at::Tensor& ones = in.tensor(20);
+  const std::string value_mode = in.text(21);
+  const int64_t value_bits_per = in.integer(22);
+  const double value_gamma = in.real(23);
+  const std::string query_mode = in.text(24);
+  const int64_t query_bits = in.integer(25);
+  const double query_gamma = in.real(26);
+  if (!in.ok()) Py_RETURN_NONE;
+  at::Tensor out;
+  {
+    WithoutGil released;
+    const int64_t B = k_in.size(0), G = k_in.size(1), T = k_in.size(2), D = k_in.size(3);
+    const int64_t H = q_in.size(1);
+    at::Tensor q = q_in, k = k_in, v = v_in;
+    if (rotation) {
+      const auto rotated = at::cat({q, k, v}, 1).matmul(*rotation).split_with_sizes({H, G, G}, 1);
+      q = rotated[0], k = rotated[1], v = rotated[2];
+    }
+    const int64_t P = key_planes.size(0), W = key_planes.size(2);
+    const int64_t L = key_planes.size(1) / (B * G);
+    // SpikeCache.write: the fields with the token as a dimension, narrowed to the new tokens.
+    const auto keys = gif_encode<Dev::kCpu>(((k - key_offset) / key_scale).reshape({-1, D}),
+                                            key_mode, key_bits, key_gamma, c10::nullopt, 0,
+                                            c10::nullopt, c10::nullopt, 0.0, 0.0, 0);
+    key_planes.view({P, B, G, L, W}).narrow(-2, start, T).copy_(
+        std::get<0>(keys).view({P, B, G, T, W}));
+    if (key_sign)
+      key_sign->view({B, G, L, W}).narrow(-2, start, T).copy_(
+          std::get<1>(keys).view({B, G, T, W}));
+    key_scales.view({B, G, L, 1}).narrow(-2, start, T).copy_(
+        std::get<3>(keys).view({B, G, T, 1}));
+    if (key_zero)
+      key_zero->view({B, G, L, 1}).narrow(-2, start, T).copy_(
+          std::get<4>(keys).view({B, G, T, 1}));
+    // ValueCache.write (the width already made by Python).
+    const auto values = gif_encode<Dev::kCpu>(v.reshape({-1, D}), value_mode, value_bits_per,
+                                              value_gamma, c10::nullopt, 0, c10::nullopt,
+                                              c10::nullopt, 0.0, 0.0, 0);
+    value_scale.narrow(1, start, T).copy_(std::get<3>(values).view({-1, T}));
+    at::Tensor bits = value_bits;
+    channel_major_write<Dev::kCpu>(std::get<0>(values), std::get<1>(values), bits, D, start);
+    // SpikeKV._attend.
+    const auto queries = gif_encode<Dev::kCpu>((q * query_scale).reshape({-1, D}), query_mode,
+                                               query_bits, query_gamma, c10::nullopt, 0,
+                                               c10::nullopt, c10::nullopt, 0.0, 0.0, 0);
+    const auto produced = [](const at::Tensor& t) -> OptTensor {
+      return t.dim() == 1 ? OptTensor() : OptTensor(t);
+    };
+    at::Tensor scores =
+        spike_matmul<Dev::kCpu>(std::get<0>(queries), produced(std::get<1>(queries)),
+                                produced(std::get<2>(queries)), std::get<3>(queries),
+                                produced(std::get<4>(queries)), key_planes, key_sign,
+                                c10::nullopt, key_scales, key_zero, D, B, H, G, end, false,
+                                at::kFloat) *
+        scaling;
+    if (mask) scores = scores.masked_fill(mask->logical_not(), -INFINITY);
+    const at::Tensor probs = at::softmax(scores, -1);
+    // ValueCache.spikes(end): the cache's words when they are those of end tokens.
+    const int64_t words = (end + 31) / 32;
+    const at::Tensor read =
+        bits.size(2) == words ? bits : bits.narrow(2, 0, words).contiguous();
+    const int64_t vp = read.size(0) - 1;
+    out = prob_matmul<Dev::kCpu>(probs, value_scale, read.narrow(0, 0, vp), read.select(0, vp),
+                                 c10::nullopt, ones, c10::nullopt, G);
+    if (rotation) out = out.matmul(rotation->t());
+  }
+  return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
 }
 

@@ -1,6 +1,7 @@
 """gif_encode, spike_decode and spike_counts against reference.py (bit for bit) and against
 independent float64 bounds and structural invariants of docs/ops.md."""
 
+import itertools
 import math
 
 import pytest
@@ -311,9 +312,9 @@ def test_decode_float64_widens_the_float32_decode(device):
 @pytest.mark.parametrize("K", [1, 15, 16, 17, 31, 33, 100, 576, 1537])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vector_encoder_matches_scalar(K, dtype, monkeypatch):
-    """On CPUs with AVX-512 the one-range encodings run a vectorized encoder; with
-    SPIKEOPS_CPU_ISA=avx2 the scalar one runs. Same bits for every mode, ragged K, rows of
-    zeros (signed zeros too), NaN and Inf rows and static scales."""
+    """The one-range encodings run a vectorized encoder on CPUs with AVX-512 (SPIKEOPS_CPU_ISA
+    unset) or AVX2 (=avx2); =generic runs the scalar one. Same bits for every mode, ragged K,
+    rows of zeros (signed zeros too), NaN and Inf rows and static scales."""
     x = (torch.randn(9, K) * 3).to(dtype)
     x[1] = 0.0
     x[2, ::2] = -0.0
@@ -325,10 +326,10 @@ def test_vector_encoder_matches_scalar(K, dtype, monkeypatch):
              (Encoding("absmax", 4, gamma=0.7), {}), (Encoding("absmean", 3), {}),
              (Encoding("static", 4), dict(scale=0.25, zero=7)),
              (Encoding("static", 5), dict(scale=torch.rand(9) + 0.1))]
-    for enc, kw in cases:
-        monkeypatch.setenv("SPIKEOPS_CPU_ISA", "")
+    for (enc, kw), isa in itertools.product(cases, ("", "avx2")):
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", isa)
         fast = spikeops.encode(x, enc, **kw)
-        monkeypatch.setenv("SPIKEOPS_CPU_ISA", "avx2")
+        monkeypatch.setenv("SPIKEOPS_CPU_ISA", "generic")
         slow = spikeops.encode(x, enc, **kw)
         for u, v in zip(fast[:5], slow[:5]):  # planes, sign, hi, scale, zero (absent: None)
             assert (u is None) == (v is None)

@@ -354,31 +354,45 @@ def test_key_channel_scale():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("kv", ["spike4", "spike8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_spike_kv_step_is_write_then_attend(kv, threads):
-    """SpikeKV.step (the Runner's: the rotations of q, k and v as one product) gives the bits of
-    write then attend (three products), a prompt of 1,000 tokens with padding and 3 decode
-    steps, with 1 and 2 threads: a row of a product does not depend on the rows beside it."""
+def test_spike_kv_step_is_write_then_attend(monkeypatch, kv, threads, rotate):
+    """SpikeKV.step (the Runner's: the rotations of q, k and v as one product, and after the
+    prompt the C++ step, _C.direct_spike_kv_step) gives the bits of write then attend (three
+    products, Python's operations), outputs and caches: a prompt of 1,000 tokens with padding
+    (the Runner's mask), then steps of 1, 2 and 1 tokens, with 1 and 2 threads (a row of a
+    product does not depend on the rows beside it); the C++ step ran for each of the three."""
+    from spikeops import attention
     from spikeops.attention import SpikeKV
+    direct = attention._C.direct_spike_kv_step
+    calls = []
+    monkeypatch.setattr(attention._C, "direct_spike_kv_step",
+                        lambda *a: calls.append(a[4]) or direct(*a))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        B, H, Hkv, D, L = 2, 9, 3, 64, 1003
+        B, H, Hkv, D, L = 2, 9, 3, 64, 1006
         pad = torch.tensor([0, 5])
-        one = SpikeKV("test", kv, True, "spike", B, Hkv, L, D, torch.float32, "cpu")
-        two = SpikeKV("test", kv, True, "spike", B, Hkv, L, D, torch.float32, "cpu")
+        one = SpikeKV("test", kv, rotate, "spike", B, Hkv, L, D, torch.float32, "cpu")
+        two = SpikeKV("test", kv, rotate, "spike", B, Hkv, L, D, torch.float32, "cpu")
         start = 0
-        for T in (1000, 1, 1, 1):
+        for T in (1000, 1, 2, 1):
             q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
             end = start + T
-            mask = torch.ones(T, end, dtype=torch.bool).tril(start) if T > 1 else None
+            keys, query = torch.arange(end), torch.arange(start, end).unsqueeze(1)
+            mask = ((keys <= query) & (keys >= pad.view(B, 1, 1)) | (keys == query)).unsqueeze(1)
             got = one.step(q, k, v, start, end, mask, 0.125, pad if start == 0 else None)
             two.write(k, v, start, pad if start == 0 else None)
             assert torch.equal(got, two.attend(q, end, mask, 0.125)), (T, start)
+            for name in ("planes", "scale", "zero"):
+                assert torch.equal(getattr(one.keys, name), getattr(two.keys, name)), name
+            for name in ("bits", "scale"):
+                assert torch.equal(getattr(one.values, name), getattr(two.values, name)), name
             start = end
     finally:
         torch.set_num_threads(before)
+    assert calls == [1000, 1001, 1003]
 
 
 def test_value_cache_channel_major():

@@ -45,12 +45,45 @@ SPIKEOPS_TARGET_AVX512 bool row_stats_avx512(const float* x, int64_t K, float* m
   *amax = _mm512_reduce_max_ps(top);
   return true;
 }
+
+// row_stats_avx512 on AVX2, 8 lanes at a time (lanes past K read as +-inf and 0).
+SPIKEOPS_TARGET_AVX2 bool row_stats_avx2(const float* x, int64_t K, float* mn, float* mx,
+                                         float* amax) {
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 minus_inf = _mm256_sub_ps(_mm256_setzero_ps(), inf);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 lo = inf, hi = minus_inf, top = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, K - k0));
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+    const __m256 v = _mm256_maskload_ps(x + k0, valid);
+    // v - v is 0 for finite v and NaN for NaN or Inf (lanes past K: 0)
+    if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ)))
+      return false;
+    const __m256 in = _mm256_castsi256_ps(valid);
+    lo = _mm256_min_ps(lo, _mm256_blendv_ps(inf, v, in));
+    hi = _mm256_max_ps(hi, _mm256_blendv_ps(minus_inf, v, in));
+    top = _mm256_max_ps(top, _mm256_and_ps(v, magnitude));
+  }
+  alignas(32) float l[8], h[8], t[8];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(h, hi);
+  _mm256_store_ps(t, top);
+  *mn = l[0], *mx = h[0], *amax = t[0];
+  for (int i = 1; i < 8; ++i) {
+    *mn = std::min(*mn, l[i]);
+    *mx = std::max(*mx, h[i]);
+    *amax = std::max(*amax, t[i]);
+  }
+  return true;
+}
 #endif
 
 // The quantizers of channels [k0, k0 + K) of token m (the row, or one activation group of it:
 // column r of the static scale), or finite = false if they hold NaN or Inf.
 RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t K, int64_t m, int64_t r,
-                   bool vector) {
+                   Isa vector) {
   RowQuant rq{true, {}};
   float mn = std::numeric_limits<float>::infinity(), mx = -mn, amax = 0.f;
   ExactSum sum;
@@ -59,8 +92,10 @@ RowQuant row_quant(const EncodeArgs& a, const float* x, int64_t K, int64_t m, in
   const float static_scale = a.static_scale ? a.static_scale[at] : 0.f;
   const int32_t static_zero = a.static_zero ? a.static_zero[at] : 0;
 #if SPIKEOPS_X86_INTRINSICS
-  if (vector && !want_sum) {
-    if (!row_stats_avx512(x, K, &mn, &mx, &amax)) return RowQuant{false, {}};
+  if (vector != Isa::kGeneric && !want_sum) {
+    const bool finite = vector == Isa::kAvx2 ? row_stats_avx2(x, K, &mn, &mx, &amax)
+                                             : row_stats_avx512(x, K, &mn, &mx, &amax);
+    if (!finite) return RowQuant{false, {}};
     row_quantizers(a, mn, mx, amax, 0.f, static_scale, static_zero, rq.range);
     return rq;
   }
@@ -120,16 +155,64 @@ SPIKEOPS_TARGET_AVX512 void encode_words_avx512(const EncodeArgs& a, const float
     if (a.sign) a.sign[m * a.W + w] = sign_word;
   }
 }
+
+// encode_words_avx512 on AVX2, 8 channels at a time: the same IEEE operations; plane p of 8
+// codes is the sign bits of the codes shifted left by 31 - p; bits past K are dropped.
+SPIKEOPS_TARGET_AVX2 void encode_words_avx2(const EncodeArgs& a, const float* x, int64_t m,
+                                            int64_t w0, int64_t w1, const RangeQuant& q) {
+  const __m256 scale = _mm256_set1_ps(q.scale), zero = _mm256_set1_ps(q.zero);
+  const __m256 qmax = _mm256_set1_ps(static_cast<float>(q.qmax)), none = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const int64_t plane_stride = a.M * a.W;
+  for (int64_t w = w0; w < w1; ++w) {
+    uint32_t plane_word[kMaxPlanes] = {0};
+    uint32_t sign_word = 0;
+    for (int e = 0; e < 4; ++e) {
+      const int64_t k0 = 32 * w + 8 * e;
+      if (k0 >= a.K) break;
+      const int n = static_cast<int>(std::min<int64_t>(8, a.K - k0));
+      const __m256 v = _mm256_maskload_ps(x + k0, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+      __m256 c;
+      if (a.is_signed) {
+        c = _mm256_min_ps(
+            _mm256_round_ps(_mm256_div_ps(_mm256_and_ps(v, magnitude), scale), kNearest), qmax);
+      } else {
+        c = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_round_ps(
+            _mm256_div_ps(v, scale), kNearest), zero), none), qmax);
+      }
+      const __m256i code = _mm256_cvttps_epi32(c);
+      const uint32_t valid = (1u << n) - 1;
+      for (int64_t p = 0; p < a.P; ++p)
+        plane_word[p] |= (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(
+                              _mm256_sll_epi32(code, _mm_cvtsi32_si128(31 - static_cast<int>(p)))))) &
+                          valid) << (8 * e);
+      if (a.is_signed) {
+        const int negative = _mm256_movemask_ps(_mm256_cmp_ps(v, none, _CMP_LT_OQ));
+        const int silent = _mm256_movemask_ps(
+            _mm256_castsi256_ps(_mm256_cmpeq_epi32(code, _mm256_setzero_si256())));
+        sign_word |= (static_cast<uint32_t>(negative & ~silent) & valid) << (8 * e);
+      }
+    }
+    for (int64_t p = 0; p < a.P; ++p) a.planes[p * plane_stride + m * a.W + w] = plane_word[p];
+    if (a.sign) a.sign[m * a.W + w] = sign_word;
+  }
+}
 #endif
 
-// Whether encode_words_avx512 serves this call: the CPU has AVX-512 and SPIKEOPS_CPU_ISA leaves
-// it (the encoder follows spike_linear's instruction-set choice, so that the tests run both).
-bool vector_words(const EncodeArgs& a) {
+// Which vector encoder serves this call (kGeneric: none, encode_words): encode_words_avx512 or
+// _avx2 for one range without salient channels (not oat), as the CPU has it and
+// SPIKEOPS_CPU_ISA leaves it (the encoder follows spike_linear's instruction-set choice, so that
+// the tests run each).
+Isa vector_words(const EncodeArgs& a) {
 #if SPIKEOPS_X86_INTRINSICS
-  return !a.salient && a.mode != Mode::kOat && best_isa() >= Isa::kAvx512Vnni;
+  if (a.salient || a.mode == Mode::kOat) return Isa::kGeneric;
+  const Isa isa = best_isa();
+  return isa >= Isa::kAvx512Vnni ? Isa::kAvx512Vnni : isa;
 #else
   (void)a;
-  return false;
+  return Isa::kGeneric;
 #endif
 }
 
@@ -162,7 +245,7 @@ void encode_words(const EncodeArgs& a, const float* x, int64_t m, int64_t w0, in
 
 // Token m: its scale columns (quantizers) and its words. `groups` is scratch for one RowQuant
 // per activation group.
-void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector,
+void encode_row(const EncodeArgs& a, const float* x, int64_t m, Isa vector,
                 std::vector<RowQuant>& groups) {
   // Activation groups (docs/ops.md): the quantizers of each group's channels, one column each;
   // without them one "group" of every channel, whose quantizers fill the R range columns.
@@ -188,8 +271,11 @@ void encode_row(const EncodeArgs& a, const float* x, int64_t m, bool vector,
     rq.finite = finite;
     const int64_t w0 = u * words, w1 = std::min(a.W, w0 + words);
 #if SPIKEOPS_X86_INTRINSICS
-    if (vector && finite) {
-      encode_words_avx512(a, x, m, w0, w1, rq.range[0]);
+    if (vector != Isa::kGeneric && finite) {
+      if (vector == Isa::kAvx2)
+        encode_words_avx2(a, x, m, w0, w1, rq.range[0]);
+      else
+        encode_words_avx512(a, x, m, w0, w1, rq.range[0]);
       continue;
     }
 #endif
@@ -209,7 +295,7 @@ void gif_encode(const EncodeArgs& a) {
   dispatch_float(a.x_type, [&](auto tag) {
     using T = decltype(tag);
     const T* xin = static_cast<const T*>(a.x);
-    const bool vector = vector_words(a);
+    const Isa vector = vector_words(a);
     at::parallel_for(0, a.M, row_grain(a.K), [&](int64_t begin, int64_t end) {
       std::vector<float> row(a.K);
       std::vector<RowQuant> groups;

@@ -727,9 +727,10 @@ SPIKEOPS_TARGET_AVX2 inline bool unpack_words(const SpikeFields& s, int64_t r, i
     mag = _mm256_add_epi8(
         mag, _mm256_and_si256(expand_bits(s.planes[(p * s.M + r) * s.W + w] & valid),
                               _mm256_set1_epi8(static_cast<char>(1 << p))));
-  const __m256i neg = expand_bits(s.sign ? s.sign[r * s.W + w] : 0u);
+  // 0xFF where negative (no sign words: none, and no work; the keys' minmax codes)
+  const __m256i neg = s.sign ? expand_bits(s.sign[r * s.W + w]) : _mm256_setzero_si256();
   if constexpr (sizeof(E) == 1) {
-    const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(mag, neg), neg);
+    const __m256i v = s.sign ? _mm256_sub_epi8(_mm256_xor_si256(mag, neg), neg) : mag;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
     if (sum) {  // pairs of bytes times 1 (VPMADDUBSW: the first operand unsigned), then pairs
       const __m256i one = _mm256_set1_epi8(1);

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from . import _checks, ops
-from .spikes import Encoding, SpikeTensor, encode, encode_rows
+from . import _C, _checks, ops
+from .spikes import Encoding, SpikeTensor, clip_gamma, encode, encode_rows
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -136,7 +136,7 @@ class ValueCache:
         self.bits = torch.zeros(enc.bits, batch * kv_heads * head_dim, 0, dtype=torch.int32,
                                 device=device)
         self.scale = torch.ones(batch * kv_heads, max_len, dtype=torch.float32, device=device)
-        self._ones = torch.ones(batch * kv_heads * head_dim, 1, device=device)
+        self.ones = torch.ones(batch * kv_heads * head_dim, 1, device=device)
 
     @property
     def planes(self) -> torch.Tensor:
@@ -148,8 +148,10 @@ class ValueCache:
         """int32 ``[rows, words]``: the sign bits."""
         return self.bits[-1]
 
-    def _width(self, words: int, start: int) -> None:
-        """Make ``bits`` ``words`` wide, keeping the words of tokens before ``start``."""
+    def widen(self, tokens: int, start: int) -> None:
+        """Make ``bits`` as wide as ``tokens`` tokens need, keeping the words of tokens before
+        ``start``."""
+        words = (tokens + 31) // 32
         if self.bits.shape[-1] != words:
             new = self.bits.new_zeros(*self.bits.shape[:2], words)
             keep = min(self.bits.shape[-1], words, (start + 31) // 32)
@@ -165,7 +167,7 @@ class ValueCache:
         T = x.shape[2]
         planes, sign, _, scale, _ = encode_rows(x.reshape(-1, D), self.enc)
         self.scale.narrow(1, start, T).copy_(scale.view(-1, T))
-        self._width((start + T + 31) // 32, start)
+        self.widen(start + T, start)
         ops.channel_major_write(planes, sign, self.bits, D, start)
 
     def spikes(self, length: int) -> SpikeTensor:
@@ -175,7 +177,7 @@ class ValueCache:
         B, H, _, D = self.shape
         W = (length + 31) // 32
         bits = self.bits if self.bits.shape[-1] == W else self.bits[:, :, :W].contiguous()
-        return SpikeTensor(bits[:-1], bits[-1], None, self._ones, None, (B, H, D, length))
+        return SpikeTensor(bits[:-1], bits[-1], None, self.ones, None, (B, H, D, length))
 
     def token_scales(self, length: int) -> torch.Tensor:
         """float32 ``[batch, kv_heads, length]``: each token's and head's scale."""
@@ -253,18 +255,43 @@ class SpikeKV:
              mask: Optional[torch.Tensor], scaling: float,
              pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``write(k, v, start, pad)``, then ``attend(q, end, mask, scaling)`` (the Runner's
-        step), on the CPU with the three rotations as one product: a decode step's products
-        are a few microseconds of work each, and with 2 threads each costs about twice that
-        (docs/performance.md, "Attention on spikes on the CPU"). A row of the CPU's product is
-        the same whatever rows share it (tests/test_runner.py checks the bits); on other
-        devices, where that is not checked, the three products stay apart."""
-        if self.rotation is None or q.device.type != "cpu":
+        step). On the CPU the three rotations are one product (a row of the CPU's product is
+        the same whatever rows share it; tests/test_runner.py checks the bits; on other
+        devices, where that is not checked, the three products stay apart), and after the
+        prompt the whole step is one C++ call (_direct_step): a decode step's operations are a
+        few microseconds of work each, which Python's per-operation cost would double
+        (docs/performance.md, "Attention on spikes on the CPU")."""
+        if q.device.type != "cpu":
             self.write(k, v, start, pad)
             return self.attend(q, end, mask, scaling)
-        heads, kv_heads = q.shape[1], k.shape[1]
-        q, k, v = (torch.cat((q, k, v), 1) @ self.rotation).split((heads, kv_heads, kv_heads), 1)
+        a = self._direct_step(q, k, v, start, end, mask, scaling)
+        if a is not None:
+            return a
+        if self.rotation is not None:
+            heads, kv_heads = q.shape[1], k.shape[1]
+            q, k, v = (torch.cat((q, k, v), 1) @ self.rotation).split(
+                (heads, kv_heads, kv_heads), 1)
         self._write(k, v, start, pad)
         return self._attend(q, end, mask, scaling)
+
+    def _direct_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                     end: int, mask: Optional[torch.Tensor],
+                     scaling: float) -> Optional[torch.Tensor]:
+        """step on the CPU as one call of the C++ step (``_C.direct_spike_kv_step``: the same
+        operations, so the same bits; tests/test_runner.py compares them), or None where it
+        does not apply: a prompt (start 0 sets the key offset and scale here), PV in float,
+        statistics observing QK^T, a torch.compile trace, or what a direct call leaves to the
+        dispatcher (csrc/direct.h)."""
+        if start == 0 or self.pv != "spike" or OBSERVERS or torch.compiler.is_compiling():
+            return None
+        keys, values = self.keys, self.values
+        values.widen(start + k.shape[2], start)
+        return _C.direct_spike_kv_step(
+            q, k, v, self.rotation, start, end, scaling, mask, self.key_offset, self.key_scale,
+            self._query_scale(q.shape[1]), keys.planes, keys.sign, keys.scale, keys.zero,
+            keys.enc.mode, keys.enc.bits, clip_gamma(keys.enc), values.bits, values.scale,
+            values.ones, values.enc.mode, values.enc.bits, clip_gamma(values.enc),
+            QUERY_ENCODING.mode, QUERY_ENCODING.bits, clip_gamma(QUERY_ENCODING))
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int,
               pad: Optional[torch.Tensor] = None) -> None:
@@ -323,9 +350,7 @@ class SpikeKV:
                 scaling: float) -> torch.Tensor:
         """attend of queries rotated already."""
         group = q.shape[1] // self.keys.shape[1]
-        if self.query_scale is None:
-            self.query_scale = self.key_scale.repeat_interleave(group, dim=1)
-        queries = encode(q * self.query_scale, QUERY_ENCODING)
+        queries = encode(q * self._query_scale(q.shape[1]), QUERY_ENCODING)
         # spike_matmul's op without its argument checks: the shapes are the cache's own.
         B, H, _, D = queries.shape
         planes, sign, hi, scale, zero = self.keys.spikes()[:5]
@@ -345,6 +370,13 @@ class SpikeKV:
             values = self.values.decode(end, q.dtype).repeat_interleave(group, dim=1)
             a = probs.to(q.dtype) @ values
         return a if self.rotation is None else a @ self.rotation.T
+
+    def _query_scale(self, heads: int) -> torch.Tensor:
+        """The key channel scale per query head (made once after each prompt)."""
+        if self.query_scale is None:
+            group = heads // self.keys.shape[1]
+            self.query_scale = self.key_scale.repeat_interleave(group, dim=1)
+        return self.query_scale
 
     def _qk_events(self, queries: SpikeTensor, end: int, mask: Optional[torch.Tensor]):
         """(synaptic operations, dense MACs) of QK^T on spikes over the attended pairs: an

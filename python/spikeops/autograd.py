@@ -34,7 +34,7 @@ import torch
 from . import _checks, ops
 from .nn import OUT_DTYPES, kept_encodings, spike_layers
 from .reference import unpack_bits
-from .spikes import DEFAULT_GAMMA, Encoding, SpikeTensor, encode, encode_rows
+from .spikes import Encoding, SpikeTensor, clip_gamma, encode, encode_rows
 
 _F32 = torch.float32
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # the clamp of absmax / absmean / minmax scales (docs/ops.md)
@@ -128,7 +128,7 @@ def gamma_grad(grad_s: torch.Tensor, x: torch.Tensor, enc: Encoding) -> torch.Te
     else:
         stats = [v.double().mean(1).to(_F32) for v in spans]
         divs = [1.0]
-    gamma = torch.tensor(_gamma(enc), dtype=_F32)
+    gamma = torch.tensor(clip_gamma(enc), dtype=_F32)
     total = grad_s.new_zeros(())
     for ri, stat in enumerate(stats):
         div = divs[ri] if len(divs) > 1 else divs[0]
@@ -153,11 +153,6 @@ def _param(fn: str, name: str, value, numel: int) -> Optional[torch.Tensor]:
         raise ValueError(f"{fn}: {name} must hold {numel} value(s), got shape "
                          f"{tuple(value.shape)}")
     return value
-
-
-def _gamma(enc: Encoding) -> float:
-    """The gamma an absmax / absmean Encoding encodes with (None: the default, as encode_rows)."""
-    return DEFAULT_GAMMA if enc.gamma is None else float(enc.gamma)
 
 
 def _with_gamma(fn: str, enc: Encoding, gamma: torch.Tensor) -> Encoding:
@@ -369,7 +364,7 @@ def make_trainable(module: torch.nn.Module, clip: bool = True,
                 if layer.enc.mode == "oat" and layer.enc.theta is None:
                     raise ValueError(f"{fn}: layer {name!r} has an oat encoding without theta "
                                      f"(set a calibration first)")
-                value = layer.enc.theta if layer.enc.mode == "oat" else _gamma(layer.enc)
+                value = layer.enc.theta if layer.enc.mode == "oat" else clip_gamma(layer.enc)
                 p = torch.nn.Parameter(torch.tensor(value, dtype=_F32,
                                                     device=layer.device))
                 layer.register_parameter("clip", p)

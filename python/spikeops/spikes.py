@@ -249,13 +249,17 @@ def encode(x: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] 
     return SpikeTensor.wrap(fields, tuple(x.shape), enc.group)
 
 
+def clip_gamma(enc: Encoding) -> float:
+    """The clipping ratio gif_encode takes for ``enc``: its own, else DEFAULT_GAMMA."""
+    return DEFAULT_GAMMA if enc.gamma is None else float(enc.gamma)
+
+
 def encode_rows(rows: torch.Tensor, enc: Encoding, salient_mask: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None):
     """``ops.gif_encode`` of ``rows [M, K]`` under ``enc``: the op's five tensors, absent ones
     None, unchecked beyond what the op checks. ``encode`` and ``SpikeLinear`` call it."""
     theta = enc.theta or (0.0, 0.0)
-    gamma = DEFAULT_GAMMA if enc.gamma is None else enc.gamma
-    return ops.gif_encode(rows, enc.mode, enc.bits, gamma, salient_mask,
+    return ops.gif_encode(rows, enc.mode, enc.bits, clip_gamma(enc), salient_mask,
                           enc.salient_bits if salient_mask is not None else 0, scale, zero,
                           theta[0], theta[1], enc.group)
 
