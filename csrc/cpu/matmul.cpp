@@ -696,13 +696,17 @@ bool word_bytes(const MatmulArgs& a) {
   return u.P <= 8 && v.P <= 7 && 2 * ((int64_t(1) << u.P) - 1) * ((int64_t(1) << v.P) - 1) <= 32767;
 }
 
-// 0xFF in byte j where bit j of m is set: each byte of m copied to 8 bytes, one bit tested in each.
-SPIKEOPS_TARGET_AVX2 inline __m256i expand_bits(uint32_t m) {
+// 0xFF in byte j where bit j of the word in every 32-bit lane of m is set: each byte of the word
+// copied to 8 bytes, one bit tested in each.
+SPIKEOPS_TARGET_AVX2 inline __m256i expand_bits(__m256i m) {
   const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);  // byte b of a qword: 2^b
-  const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(m)), pick);
+  const __m256i x = _mm256_shuffle_epi8(m, pick);
   return _mm256_cmpeq_epi8(_mm256_and_si256(x, bit), bit);
+}
+SPIKEOPS_TARGET_AVX2 inline __m256i expand_bits(uint32_t m) {
+  return expand_bits(_mm256_set1_epi32(static_cast<int>(m)));
 }
 
 // The sum of the 8 int32 lanes of v.
@@ -723,10 +727,19 @@ template <typename E>
 SPIKEOPS_TARGET_AVX2 inline bool unpack_words(const SpikeFields& s, int64_t r, int64_t w,
                                               uint32_t valid, E* out, int64_t* sum) {
   __m256i mag = _mm256_setzero_si256();
-  for (int64_t p = 0; p < s.P; ++p)
-    mag = _mm256_add_epi8(
-        mag, _mm256_and_si256(expand_bits(s.planes[(p * s.M + r) * s.W + w] & valid),
-                              _mm256_set1_epi8(static_cast<char>(1 << p))));
+  const uint32_t* word = s.planes + r * s.W + w;
+  const int64_t plane_stride = s.M * s.W;
+  if (valid == ~0u) {  // a whole word: each plane's broadcast straight from memory
+    for (int64_t p = 0; p < s.P; ++p, word += plane_stride)
+      mag = _mm256_add_epi8(
+          mag, _mm256_and_si256(expand_bits(_mm256_castps_si256(_mm256_broadcast_ss(
+                                    reinterpret_cast<const float*>(word)))),
+                                _mm256_set1_epi8(static_cast<char>(1 << p))));
+  } else {
+    for (int64_t p = 0; p < s.P; ++p, word += plane_stride)
+      mag = _mm256_add_epi8(mag, _mm256_and_si256(expand_bits(*word & valid),
+                                                  _mm256_set1_epi8(static_cast<char>(1 << p))));
+  }
   // 0xFF where negative (no sign words: none, and no work; the keys' minmax codes)
   const __m256i neg = s.sign ? expand_bits(s.sign[r * s.W + w]) : _mm256_setzero_si256();
   if constexpr (sizeof(E) == 1) {

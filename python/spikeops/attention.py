@@ -203,9 +203,10 @@ PV_MODES = ("float", "spike")
 # The key cache's encoding per cache width: minmax (asymmetric; SpikeKV), at 4 bits with the
 # range clipped to 0.9 of each token's (the codes span [0.9 min, 0.9 max]; beyond it they
 # saturate), which was best on the calibration text (GPL-3) and held on six held-out texts (the
-# scan: bench/results/kv-smollm2-amd-epyc.md; made before the key channel scale of SpikeKV and
-# not scanned again with it). At 8 bits the range stays whole: spike8 was within 1.005x already,
-# and no clip was measured there.
+# scan: bench/results/kv-smollm2-amd-epyc.md). Scanned again on GPL-3 after the key channel
+# scale of SpikeKV: 0.95 was best on float activations and worst on absmax4 spikes, 0.9 best on
+# the mean of both (bench/results/kv-spread-gpl3-smollm2-amd-epyc-family-25-model-1.md). At 8
+# bits the range stays whole: spike8 was within 1.005x already, and no clip was measured there.
 KEY_ENCODINGS = {4: Encoding("minmax", 4, gamma=0.9), 8: Encoding("minmax", 8)}
 # Queries are encoded per token and head at 8 bits whatever the cache holds: they are not
 # stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
