@@ -395,6 +395,36 @@ def test_spike_kv_step_is_write_then_attend(monkeypatch, kv, threads, rotate):
     assert calls == [1000, 1001, 1003]
 
 
+def test_runner_decode_takes_the_one_call_step(gqa_model, monkeypatch):
+    """A Runner's decode steps with a spiking cache (PV on spikes) run the C++ step, one call
+    per layer and step, and its prompt does not (the prompt sets the key offset and scale); with
+    PV in float, or statistics observing QK^T, the Python path runs."""
+    from spikeops import attention
+    direct = attention._C.direct_spike_kv_step
+    calls = []
+    monkeypatch.setattr(attention._C, "direct_spike_kv_step",
+                        lambda *a: calls.append(a[4]) or direct(*a))
+    ids = torch.randint(0, 97, (1, 7))
+    layers = gqa_model.config.num_hidden_layers
+    runner = Runner(gqa_model, max_len=8, kv="spike4")
+    runner(ids[:, :5])
+    assert calls == []
+    runner(ids[:, 5:6])
+    runner(ids[:, 6:7])
+    assert calls == [5] * layers + [6] * layers
+    calls.clear()
+    runner = Runner(gqa_model, max_len=8, kv="spike4", kv_pv="float")
+    runner(ids[:, :5])
+    runner(ids[:, 5:6])
+    assert calls == []
+    events = []
+    monkeypatch.setattr(attention, "OBSERVERS", [lambda sops, macs: events.append(macs)])
+    runner = Runner(gqa_model, max_len=8, kv="spike4")
+    runner(ids[:, :5])
+    runner(ids[:, 5:6])
+    assert calls == [] and len(events) == 2 * layers
+
+
 def test_value_cache_channel_major():
     """The channel-major value cache holds, after writes that start and end inside 32-token
     words, the absmax encoding of every token (decoded, bit for bit), and a rewrite from token 0
