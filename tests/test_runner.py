@@ -417,11 +417,17 @@ def test_runner_decode_takes_the_one_call_step(gqa_model, monkeypatch):
     runner(ids[:, :5])
     runner(ids[:, 5:6])
     assert calls == []
-    events = []
-    monkeypatch.setattr(attention, "OBSERVERS", [lambda sops, macs: events.append(macs)])
-    runner = Runner(gqa_model, max_len=8, kv="spike4")
-    runner(ids[:, :5])
-    runner(ids[:, 5:6])
+    class Events(list):
+        def add(self, sops, macs):
+            self.append(macs)
+    events = Events()
+    attention.observe(gqa_model, events.add)
+    try:
+        runner = Runner(gqa_model, max_len=8, kv="spike4")
+        runner(ids[:, :5])
+        runner(ids[:, 5:6])
+    finally:
+        attention.unobserve(events.add)
     assert calls == [] and len(events) == 2 * layers
 
 

@@ -190,15 +190,18 @@ def test_spiking_attention_counts_its_sops(model):
     from spikeops import attention
     from spikeops.runner import Runner
     ids = torch.randint(0, 256, (1, 6))  # conftest's model: 2 layers, 4 heads of 16, 2 kv heads
-    seen = []
+    class Seen(list):
+        def add(self, sops, macs):
+            self.append((sops, macs))
+    seen = Seen()
     with spikeops.track(model) as dense_t:
         Runner(model, 8)(ids)
     with spikeops.track(model) as t:
-        attention.OBSERVERS.append(lambda sops, macs: seen.append((sops, macs)))
+        attention.observe(model, seen.add)
         try:
             Runner(model, 8, kv="spike8")(ids)
         finally:
-            attention.OBSERVERS.pop()
+            attention.unobserve(seen.add)
     whole, dense = t.whole_model(), dense_t.whole_model()
     pairs = 6 * 7 // 2
     head_dim = 16
@@ -207,6 +210,31 @@ def test_spiking_attention_counts_its_sops(model):
     assert dense["attention_sops"] == 0
     assert whole["dense_macs"]["attention"] == \
         dense["dense_macs"]["attention"] - 2 * 4 * pairs * head_dim
+
+
+def test_attention_observers_are_the_models_own(model):
+    """A tracker counts the spiking attention of its own model's Runners only, and one never
+    exited (as SpikeopsLM keeps one for its life) stops observing when it is collected: it
+    neither counts nor slows the Runners of other models."""
+    import copy
+    import gc
+    import weakref
+
+    from spikeops import attention
+    from spikeops.runner import Runner
+    ids = torch.randint(0, 256, (1, 6))
+    own = copy.deepcopy(model)  # an LM's own model
+    kept = spikeops.track(own).__enter__()  # never exited
+    with spikeops.track(model) as t:
+        Runner(model, 8, kv="spike8")(ids)
+    assert kept.whole_model()["attention_sops"] == 0 < t.whole_model()["attention_sops"]
+    assert attention.observers(own) == [kept._count_attention]
+    assert attention.observers(model) == []
+    gone = weakref.ref(kept)
+    del kept, own
+    gc.collect()
+    assert gone() is None
+    assert attention.observers(model) == [] and attention._OBSERVERS == []  # the dead dropped
 
 
 def test_qk_sops_are_coincidences_of_spikes():

@@ -4,6 +4,7 @@ per head (docs/ops.md, spike_matmul), and the bit-plane key-value cache of ``Run
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -212,9 +213,32 @@ KEY_ENCODINGS = {4: Encoding("minmax", 4, gamma=0.9), 8: Encoding("minmax", 8)}
 # stored, and on SmolLM2 4-bit queries over a 4-bit cache cost 1.12x perplexity against 1.07x
 # with 8-bit ones (README, "Attention on spikes").
 QUERY_ENCODING = Encoding("absmax", 8)
-# Callbacks fn(sops, macs) of spikeops.track: every spiking QK^T reports its synaptic operations
-# and the dense multiply-accumulates it replaced (SpikeKV.attend; docs/energy.md).
-OBSERVERS: list = []
+# spikeops.track's counters of spiking QK^T, (model, fn(sops, macs)) pairs, both weakly held:
+# every spiking QK^T of a Runner over the model reports its synaptic operations and the dense
+# multiply-accumulates it replaced (SpikeKV.attend; docs/energy.md). Held per model and weakly,
+# so that a tracker counts only its own model's attention, and one never exited (SpikeopsLM
+# keeps its tracker for its life) goes with its model instead of counting, and slowing, every
+# later Runner of the process.
+_OBSERVERS: list = []
+
+
+def observe(model: torch.nn.Module, fn) -> None:
+    """Report every spiking QK^T of the Runners over ``model`` to the bound method ``fn(sops,
+    macs)`` until ``unobserve(fn)`` or until ``fn``'s object or the model is collected."""
+    _OBSERVERS.append((weakref.ref(model), weakref.WeakMethod(fn)))
+
+
+def unobserve(fn) -> None:
+    """Stop observe's reports to ``fn``."""
+    _OBSERVERS[:] = [(m, f) for m, f in _OBSERVERS if f() is not None and f() != fn]
+
+
+def observers(model: Optional[torch.nn.Module]) -> list:
+    """The callbacks observing ``model``'s Runners (entries of collected objects dropped)."""
+    if not _OBSERVERS or model is None:
+        return []
+    _OBSERVERS[:] = [(m, f) for m, f in _OBSERVERS if m() is not None and f() is not None]
+    return [f() for m, f in _OBSERVERS if m() is model]
 
 
 class SpikeKV:
@@ -228,13 +252,16 @@ class SpikeKV:
     (README, "Attention on spikes", has the measurement)."""
 
     def __init__(self, fn: str, kv: str, rotate: bool, pv: str, batch: int, kv_heads: int,
-                 max_len: int, head_dim: int, dtype: torch.dtype, device):
+                 max_len: int, head_dim: int, dtype: torch.dtype, device,
+                 model: Optional[torch.nn.Module] = None):
         from .transforms import hadamard
         if rotate and head_dim & (head_dim - 1):
             raise ValueError(f"{fn}: kv_rotate needs a power-of-two head_dim (a Hadamard "
                              f"matrix), got head_dim = {head_dim}; pass kv_rotate=False")
         bits = int(kv[len("spike"):])
         self.pv = pv
+        # The model whose trackers observe this cache's QK^T (observers), weakly: the Runner's.
+        self._model = None if model is None else weakref.ref(model)
         self.rotation = hadamard(head_dim).to(device=device, dtype=dtype) if rotate else None
         # Keys asymmetric (minmax: a zero point per token and head; KEY_ENCODINGS), values
         # symmetric (absmax): on SmolLM2 minmax keys cost 1.008x perplexity against absmax's
@@ -283,7 +310,8 @@ class SpikeKV:
         does not apply: a prompt (start 0 sets the key offset and scale here), PV in float,
         statistics observing QK^T, a torch.compile trace, or what a direct call leaves to the
         dispatcher (csrc/direct.h)."""
-        if start == 0 or self.pv != "spike" or OBSERVERS or torch.compiler.is_compiling():
+        if start == 0 or self.pv != "spike" or self._observers() or \
+                torch.compiler.is_compiling():
             return None
         keys, values = self.keys, self.values
         values.widen(start + k.shape[2], start)
@@ -360,9 +388,10 @@ class SpikeKV:
                                   self.keys.shape[1], end, False, torch.float32) * scaling
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        if OBSERVERS:
+        fns = self._observers()
+        if fns:
             sops, macs = self._qk_events(queries, end, mask)
-            for fn in OBSERVERS:
+            for fn in fns:
                 fn(sops, macs)
         probs = torch.softmax(scores, dim=-1)
         if self.pv == "spike":
@@ -371,6 +400,9 @@ class SpikeKV:
             values = self.values.decode(end, q.dtype).repeat_interleave(group, dim=1)
             a = probs.to(q.dtype) @ values
         return a if self.rotation is None else a @ self.rotation.T
+
+    def _observers(self) -> list:
+        return observers(None if self._model is None else self._model())
 
     def _query_scale(self, heads: int) -> torch.Tensor:
         """The key channel scale per query head (made once after each prompt)."""

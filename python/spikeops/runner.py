@@ -184,7 +184,8 @@ class Runner:
             # the float product decodes the whole value cache at every step (README).
             pv = kv_pv or "spike"
             self.spike_kv = [SpikeKV(fn, kv, rotate, pv, batch, self.kv_heads, max_len,
-                                     self.head_dim, w.dtype, w.device) for _ in self.layers]
+                                     self.head_dim, w.dtype, w.device, model=model)
+                             for _ in self.layers]
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
         # Whether one-token steps take _static_step. Its inputs are allocated whatever the

@@ -302,7 +302,7 @@ class Tracker:
         for name, layer in self._layers.items():
             layer.observer = self._acc[name].observe
         self._pairs, self._head_rows, self._attention = None, 0, [0, 0]
-        attention.OBSERVERS.append(self._count_attention)
+        attention.observe(self.model, self._count_attention)
         if self._dense is not None:
             rotary, lm_head, _ = self._dense
             self._handles = [rotary.register_forward_pre_hook(self._count_pairs, with_kwargs=True),
@@ -316,7 +316,7 @@ class Tracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        attention.OBSERVERS.remove(self._count_attention)
+        attention.unobserve(self._count_attention)
         self._active = False
         return False
 
