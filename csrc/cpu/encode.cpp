@@ -184,10 +184,11 @@ SPIKEOPS_TARGET_AVX2 void encode_words_avx2(const EncodeArgs& a, const float* x,
       }
       const __m256i code = _mm256_cvttps_epi32(c);
       const uint32_t valid = (1u << n) - 1;
-      for (int64_t p = 0; p < a.P; ++p)
-        plane_word[p] |= (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(
-                              _mm256_sll_epi32(code, _mm_cvtsi32_si128(31 - static_cast<int>(p)))))) &
-                          valid) << (8 * e);
+      for (int64_t p = 0; p < a.P; ++p) {
+        const __m256i top = _mm256_sll_epi32(code, _mm_cvtsi32_si128(31 - static_cast<int>(p)));
+        const auto bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(top)));
+        plane_word[p] |= (bits & valid) << (8 * e);
+      }
       if (a.is_signed) {
         const int negative = _mm256_movemask_ps(_mm256_cmp_ps(v, none, _CMP_LT_OQ));
         const int silent = _mm256_movemask_ps(
