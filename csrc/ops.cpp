@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -579,33 +580,36 @@ PyObject* direct_spike_kv_step(PyObject*, PyObject* const* args, Py_ssize_t coun
       const auto rotated = at::cat({q, k, v}, 1).matmul(*rotation).split_with_sizes({H, G, G}, 1);
       q = rotated[0], k = rotated[1], v = rotated[2];
     }
-    const int64_t P = key_planes.size(0), W = key_planes.size(2);
     const int64_t L = key_planes.size(1) / (B * G);
-    // SpikeCache.write: the fields with the token as a dimension, narrowed to the new tokens.
-    const auto keys = gif_encode<Dev::kCpu>(((k - key_offset) / key_scale).reshape({-1, D}),
-                                            key_mode, key_bits, key_gamma, c10::nullopt, 0,
-                                            c10::nullopt, c10::nullopt, 0.0, 0.0, 0);
-    key_planes.view({P, B, G, L, W}).narrow(-2, start, T).copy_(
-        std::get<0>(keys).view({P, B, G, T, W}));
-    if (key_sign)
-      key_sign->view({B, G, L, W}).narrow(-2, start, T).copy_(
-          std::get<1>(keys).view({B, G, T, W}));
-    key_scales.view({B, G, L, 1}).narrow(-2, start, T).copy_(
-        std::get<3>(keys).view({B, G, T, 1}));
-    if (key_zero)
-      key_zero->view({B, G, L, 1}).narrow(-2, start, T).copy_(
-          std::get<4>(keys).view({B, G, T, 1}));
+    // encode_rows of rows [M, D]: one range, no salient channels, dynamic scales.
+    const auto encode = [D](const at::Tensor& x, const std::string& mode, int64_t bits,
+                            double gamma) {
+      return gif_encode<Dev::kCpu>(x.reshape({-1, D}), mode, bits, gamma, c10::nullopt, 0,
+                                   c10::nullopt, c10::nullopt, 0.0, 0.0, 0);
+    };
+    // SpikeCache.write: each field ([planes,] rows of B * G * L tokens, width) gets the new
+    // tokens' rows in the slots of tokens start .. start + T.
+    const auto into_slots = [&](const at::Tensor& field, const at::Tensor& rows) {
+      const int64_t width = field.size(-1);
+      std::vector<int64_t> slots{B, G, L, width}, fresh{B, G, T, width};
+      if (field.dim() == 3) {
+        slots.insert(slots.begin(), field.size(0));
+        fresh.insert(fresh.begin(), field.size(0));
+      }
+      field.view(slots).narrow(-2, start, T).copy_(rows.view(fresh));
+    };
+    const auto keys = encode((k - key_offset) / key_scale, key_mode, key_bits, key_gamma);
+    into_slots(key_planes, std::get<0>(keys));
+    if (key_sign) into_slots(*key_sign, std::get<1>(keys));
+    into_slots(key_scales, std::get<3>(keys));
+    if (key_zero) into_slots(*key_zero, std::get<4>(keys));
     // ValueCache.write (the width already made by Python).
-    const auto values = gif_encode<Dev::kCpu>(v.reshape({-1, D}), value_mode, value_bits_per,
-                                              value_gamma, c10::nullopt, 0, c10::nullopt,
-                                              c10::nullopt, 0.0, 0.0, 0);
+    const auto values = encode(v, value_mode, value_bits_per, value_gamma);
     value_scale.narrow(1, start, T).copy_(std::get<3>(values).view({-1, T}));
     at::Tensor bits = value_bits;
     channel_major_write<Dev::kCpu>(std::get<0>(values), std::get<1>(values), bits, D, start);
     // SpikeKV._attend.
-    const auto queries = gif_encode<Dev::kCpu>((q * query_scale).reshape({-1, D}), query_mode,
-                                               query_bits, query_gamma, c10::nullopt, 0,
-                                               c10::nullopt, c10::nullopt, 0.0, 0.0, 0);
+    const auto queries = encode(q * query_scale, query_mode, query_bits, query_gamma);
     const auto produced = [](const at::Tensor& t) -> OptTensor {
       return t.dim() == 1 ? OptTensor() : OptTensor(t);
     };
