@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 
 import torch
+from spikeops.attention import KEY_ENCODINGS
 
 from kv_cache import model_and_tokens, parser, write_record
 from machine import cpu_name, cpu_slug
@@ -28,8 +29,10 @@ RECORD = "kv-spread-smollm2"  # bench/results/RECORD-CPU.md and .json
 
 def main(argv=None) -> int:
     p = parser(__doc__, RECORD)
+    clip = KEY_ENCODINGS[4].gamma  # the cache's own, and a few thousandths about it
     p.add_argument("--clips", type=float, nargs="+",
-                   default=[0.898, 0.899, 0.8995, 0.9, 0.9005, 0.901, 0.902],
+                   default=[round(clip + d, 4) for d in
+                            (-0.002, -0.001, -0.0005, 0, 0.0005, 0.001, 0.002)],
                    help="4-bit key clips (Encoding gamma), one kv=spike4 run each")
     p.add_argument("--encodings", nargs="+", choices=ENCODINGS, default=["absmax4"],
                    help="activations: GPTQ weights on float activations, absmax4 spikes")

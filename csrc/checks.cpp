@@ -507,6 +507,26 @@ ChannelMajorArgs check_channel_major_write(Inputs& in, const at::Tensor& planes,
   return a;
 }
 
+FeedbackEncodeArgs check_feedback_encode(Inputs& in, const at::Tensor& x,
+                                         const at::Tensor& feedback, int64_t bits, double gamma) {
+  const char* op = "feedback_encode";
+  check_dtype(op, x, "x", at::kFloat);
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(2) >= 1 && x.size(2) <= kMaxFeedbackK, op,
+                    ": x must have shape [G, N, K] with 1 <= K <= ", kMaxFeedbackK, ", got ",
+                    shape_str(x));
+  FeedbackEncodeArgs a{};
+  a.G = x.size(0), a.N = x.size(1), a.K = x.size(2), a.W = (a.K + 31) / 32;
+  check_tensor(op, feedback, "feedback", at::kFloat, {a.G, a.K, a.K}, x, "x");
+  check_bits(op, "minmax", false, bits, 0);
+  a.bits = static_cast<int>(bits);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma > 0.0 && gamma <= 1.0, op,
+                    ": gamma must be in (0, 1], got ", gamma);
+  a.gamma = static_cast<float>(gamma);
+  a.x = in.data<float>(x);
+  a.feedback = in.data<float>(feedback);
+  return a;
+}
+
 // ---- the CPU layout ----------------------------------------------------------------------
 namespace {
 

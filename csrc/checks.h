@@ -145,5 +145,11 @@ ChannelMajorArgs check_channel_major_write(Inputs& in, const at::Tensor& planes,
                                            const OptTensor& sign, const at::Tensor& out,
                                            int64_t K, int64_t start);
 
+// feedback_encode's inputs: x float32 [G, N, K] with 1 <= K <= kMaxFeedbackK, feedback float32
+// [G, K, K] on x's device, bits in [1, kMaxPlanes], gamma in (0, 1]; the output pointers left
+// for the entry.
+FeedbackEncodeArgs check_feedback_encode(Inputs& in, const at::Tensor& x,
+                                         const at::Tensor& feedback, int64_t bits, double gamma);
+
 }  // namespace spikeops
 

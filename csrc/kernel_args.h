@@ -231,6 +231,20 @@ struct ChannelMajorArgs {
   int64_t P, G, T, K, Wt, words, start;
 };
 
+// feedback_encode (docs/ops.md): minmax codes of rows (g, n) of K channels, each channel's
+// rounding error carried into the later channels through the row's group's matrix F (error
+// feedback): r = x; for j < K: Q_j = code(r_j), r_l -= (r_j - s * (Q_j - z)) * F[g, j, l], l > j.
+struct FeedbackEncodeArgs {
+  const float* x;               // [G * N, K]
+  const float* feedback;        // [G, K, K], the strict upper triangle read
+  uint32_t* planes;             // [P, G * N, W]
+  float* scale;                 // [G * N]
+  int32_t* zero;                // [G * N]
+  int bits;
+  float gamma;
+  int64_t G, N, K, W;
+};
+
 // prob_matmul (docs/ops.md): spike_matmul of A, the float32 probabilities times B's token
 // scales encoded per row as static unsigned 8-bit codes, and B. `m.a` describes those codes
 // (P = 8, one range, no sign or zero; its scale is `steps`, which the kernel fills), m.b is B.

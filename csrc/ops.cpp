@@ -187,6 +187,27 @@ EncodeResult gif_encode(const at::Tensor& x, const std::string& mode, int64_t bi
 }
 
 template <Dev D>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feedback_encode(const at::Tensor& x,
+                                                              const at::Tensor& feedback,
+                                                              int64_t bits, double gamma) {
+  Inputs in;
+  FeedbackEncodeArgs a = check_feedback_encode(in, x, feedback, bits, gamma);
+  const int64_t rows = a.G * a.N;
+  const auto i32 = x.options().dtype(at::kInt);
+  at::Tensor planes = at::empty({a.bits, rows, a.W}, i32);
+  at::Tensor scale = at::empty({rows, 1}, x.options());
+  at::Tensor zero = at::empty({rows, 1}, i32);
+  if (rows > 0) {
+    a.planes = mutable_words(planes);
+    a.scale = scale.mutable_data_ptr<float>();
+    a.zero = zero.mutable_data_ptr<int32_t>();
+    run<D>("feedback_encode", x, "x", a, &cpu::feedback_encode,
+           SPIKEOPS_CUDA_LAUNCHER(launch_feedback_encode));
+  }
+  return {planes, scale, zero};
+}
+
+template <Dev D>
 at::Tensor spike_decode(const at::Tensor& planes, const OptTensor& sign, const OptTensor& hi,
                         const at::Tensor& scale, const OptTensor& zero, int64_t K,
                         at::ScalarType dtype, int64_t group) {
@@ -538,7 +559,7 @@ PyObject* direct_spike_linear(PyObject*, PyObject* const* args, Py_ssize_t count
 PyObject* direct_spike_kv_step(PyObject*, PyObject* const* args, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   if (!direct_call_allowed()) Py_RETURN_NONE;
-  DirectArgs in(args, count, 27);
+  DirectArgs in(args, count, 28);
   const at::Tensor& q_in = in.tensor(0);
   const at::Tensor& k_in = in.tensor(1);
   const at::Tensor& v_in = in.tensor(2);
@@ -569,6 +590,8 @@ PyObject* direct_spike_kv_step(PyObject*, PyObject* const* args, Py_ssize_t coun
   const std::string query_mode = in.text(24);
   const int64_t query_bits = in.integer(25);
   const double query_gamma = in.real(26);
+  // The keys' error feedback [batch * kv_heads, D, D] (SpikeKV.key_feedback), or None: gif_encode.
+  const OptTensor key_feedback = in.optional_tensor(27);
   if (!in.ok()) Py_RETURN_NONE;
   at::Tensor out;
   {
@@ -598,11 +621,22 @@ PyObject* direct_spike_kv_step(PyObject*, PyObject* const* args, Py_ssize_t coun
       }
       field.view(slots).narrow(-2, start, T).copy_(rows.view(fresh));
     };
-    const auto keys = encode((k - key_offset) / key_scale, key_mode, key_bits, key_gamma);
-    into_slots(key_planes, std::get<0>(keys));
-    if (key_sign) into_slots(*key_sign, std::get<1>(keys));
-    into_slots(key_scales, std::get<3>(keys));
-    if (key_zero) into_slots(*key_zero, std::get<4>(keys));
+    const at::Tensor key_rows = (k - key_offset) / key_scale;
+    if (key_feedback) {  // minmax keys (SpikeKV): planes, scale and zero
+      TORCH_CHECK_VALUE(key_zero.has_value(), "direct_spike_kv_step: the keys' error feedback ",
+                        "needs a minmax key cache (a zero point per token)");
+      const auto keys = feedback_encode<Dev::kCpu>(
+          key_rows.reshape({B * G, T, D}).to(at::kFloat), *key_feedback, key_bits, key_gamma);
+      into_slots(key_planes, std::get<0>(keys));
+      into_slots(key_scales, std::get<1>(keys));
+      into_slots(*key_zero, std::get<2>(keys));
+    } else {
+      const auto keys = encode(key_rows, key_mode, key_bits, key_gamma);
+      into_slots(key_planes, std::get<0>(keys));
+      if (key_sign) into_slots(*key_sign, std::get<1>(keys));
+      into_slots(key_scales, std::get<3>(keys));
+      if (key_zero) into_slots(*key_zero, std::get<4>(keys));
+    }
     // ValueCache.write (the width already made by Python).
     const auto values = encode(v, value_mode, value_bits_per, value_gamma);
     value_scale.narrow(1, start, T).copy_(std::get<3>(values).view({-1, T}));
@@ -646,6 +680,12 @@ TORCH_LIBRARY(spikeops, m) {
       "gif_encode(Tensor x, str mode, int bits, float gamma, Tensor? salient_mask, "
       "int salient_bits, Tensor? scale, Tensor? zero, float theta_nor, float theta_out, "
       "int group=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // minmax spikes (planes [bits, G * N, W], scale [G * N, 1], zero [G * N, 1]) of float32 rows
+  // x [G, N, K] whose codes are chosen in channel order, each channel's rounding error carried
+  // into the later channels l through feedback [G, K, K] (row (g, n) reads matrix g):
+  // r_l -= (r_j - s * (Q_j - z)) * feedback[g, j, l]; zero feedback gives gif_encode's minmax.
+  m.def("feedback_encode(Tensor x, Tensor feedback, int bits, float gamma) "
+        "-> (Tensor, Tensor, Tensor)");
   // Spikes -> x_hat [M, K] = scale[m, r] * (s * Q - zero[m, r]) in float32 (r: the element's
   // scale column), cast to dtype.
   m.def(
@@ -714,6 +754,7 @@ TORCH_LIBRARY(spikeops, m) {
 
 #define SPIKEOPS_REGISTER(D)                                                 \
   m.impl("gif_encode", &spikeops::gif_encode<spikeops::Dev::D>);             \
+  m.impl("feedback_encode", &spikeops::feedback_encode<spikeops::Dev::D>);   \
   m.impl("spike_decode", &spikeops::spike_decode<spikeops::Dev::D>);         \
   m.impl("spike_counts", &spikeops::spike_counts<spikeops::Dev::D>);         \
   m.impl("spike_stats", &spikeops::spike_stats<spikeops::Dev::D>);           \

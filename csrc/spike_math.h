@@ -31,6 +31,9 @@ constexpr float kScaleMax = 1e4f;
 // consumers read must lie within it, so that codes s*Q - zero stay far from int32 overflow.
 constexpr int32_t kZeroLimit = 10000;
 constexpr int64_t kMaxK = int64_t(1) << 23;  // K * 255 fits int32 per-plane accumulators
+// feedback_encode's channels per row: the CUDA kernel keeps a row's running values in shared
+// memory (4 KiB per warp); head dimensions are 64 to 256.
+constexpr int64_t kMaxFeedbackK = 1024;
 
 SPIKE_HD float clamp_f(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
 
@@ -91,6 +94,15 @@ SPIKE_HD RangeQuant minmax_quant(float gamma, float mn, float mx, int32_t qmax) 
   q.zero = rintf(clamp_f(-(gamma * mn) / q.scale, -limit, limit));
   q.qmax = qmax;
   return q;
+}
+
+// feedback_encode (docs/ops.md): the code of channel j from its running value r (x_j less the
+// earlier channels' carried errors) and the error it leaves, r - s * (Q - z), which channel
+// l > j takes times F[j, l]. Q - z is an exact integer in float32 (|Q|, |z| <= 2^16).
+SPIKE_HD int32_t feedback_code(float r, const RangeQuant& q, float* error) {
+  const int32_t code = unsigned_code(r, q);
+  *error = r - q.scale * (static_cast<float>(code) - q.zero);
+  return code;
 }
 
 // The dynamic scale of absmax (stat = max|x|) and absmean (stat = mean|x|, qmax_div = 1):

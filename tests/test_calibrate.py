@@ -26,13 +26,83 @@ def test_calibration_values_and_round_trip(model, calibration, tmp_path):
         assert set(c.gamma) == {"minmax", "absmax", "absmean"}
         assert all(0 < g <= 1 for g in c.gamma.values()) and c.gamma_bits == 4
         assert 0 < c.theta[0] < c.theta[1]
+    moments = {n for n, c in cal.layers.items() if c.query_moment is not None}
+    assert moments == {n for n in layers if n.endswith("self_attn.q_proj")}
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
     for name, c in cal.layers.items():
         d = back.layers[name]
         assert torch.equal(c.salient, d.salient) and c.gamma == d.gamma and c.theta == d.theta
         assert d.gamma_bits == 4
+        assert (d.query_moment is None) == (name not in moments)
+        if name in moments:
+            assert torch.equal(c.query_moment, d.query_moment)
     assert back.settings == cal.settings
+
+
+def test_query_moments_are_the_queries_second_moment(model, calibration):
+    """Method kv: each layer's query moment is the mean of q^T q per kv head over its query
+    heads and the batches' tokens, q the queries after the rotary embedding on float
+    activations, computed here independently through transformers' own modules and
+    apply_rotary_pos_emb, in float64."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    config = model.config
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    D = config.hidden_size // H
+    set_encoding(model, None)
+    sums, count = [0] * len(model.model.layers), 0
+    with torch.no_grad():
+        for ids in tiny_batches():
+            out = model(input_ids=ids, output_hidden_states=True)
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)
+            count += ids.numel() * (H // Hkv)
+            for i, layer in enumerate(model.model.layers):
+                h = layer.input_layernorm(out.hidden_states[i])
+                q = layer.self_attn.q_proj(h).view(1, -1, H, D).transpose(1, 2)
+                cos, sin = model.model.rotary_emb(h, positions)
+                q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+                rows = q.double()[0].reshape(Hkv, -1, D)  # heads h // (H / Hkv) together
+                sums[i] = sums[i] + rows.transpose(1, 2) @ rows
+    for i, want in enumerate(sums):
+        got = calibration.layers[f"model.layers.{i}.self_attn.q_proj"].query_moment
+        assert got.dtype == torch.float32 and got.shape == (Hkv, D, D)
+        want = want / count
+        torch.testing.assert_close(got.double(), want, rtol=1e-4,
+                                   atol=1e-6 * float(want.abs().max()))
+
+
+def test_runner_codes_keys_with_the_calibrated_moments(model, calibration):
+    """load_gptq / set_encoding give q_proj its calibration; a Runner with a spiking cache takes
+    the query moments from there (no announcement) and codes keys with feedback."""
+    import warnings
+    from spikeops.runner import Runner
+    set_encoding(model, MINMAX4, calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner = Runner(model, max_len=16, kv="spike4")
+    runner(tiny_batches()[0][:, :12])
+    assert all(kv.key_feedback is not None for kv in runner.spike_kv)
+    first = runner.spike_kv[0]
+    assert torch.equal(first.query_moment.float(),
+                       calibration.layers["model.layers.0.self_attn.q_proj"].query_moment)
+
+
+def test_malformed_query_moment_is_refused(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+    calibrate(model, tiny_batches(), methods=["kv"]).save(tmp_path)
+    raw = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    raw["masks_sha256"] = None
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(raw))
+    good = load_file(str(tmp_path / CALIBRATION_MASK_FILE))
+    key = next(iter(good))
+    for bad in (good[key].double(), good[key][0], good[key] * float("nan"),
+                good[key][:, :, :-1]):
+        save_file({**good, key: bad.contiguous()}, str(tmp_path / CALIBRATION_MASK_FILE))
+        with pytest.raises(ValueError, match="query_moment must be a finite float32"):
+            Calibration.load(tmp_path)
+    save_file({k: v for k, v in good.items() if k != key}, str(tmp_path / CALIBRATION_MASK_FILE))
+    with pytest.raises(ValueError, match="lacks tensor"):
+        Calibration.load(tmp_path)
 
 
 def test_gamma_fills_only_its_bit_width(model, calibration):

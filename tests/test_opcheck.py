@@ -202,3 +202,11 @@ def test_channel_major_write(device, name):
     planes, sign, _, _, _ = fields(spikes(name, device))
     out = torch.zeros(planes.shape[0] + (sign is not None), 5 * K, 2, dtype=I32, device=device)
     opcheck(OPS.channel_major_write, (planes, sign, out, K, 33))
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_feedback_encode(device, n):
+    # G = 2 matrices, n rows each, K = 40 channels (a partial second word).
+    x = torch.randn(2, n, K, device=device)
+    feedback = torch.randn(2, K, K, device=device).triu(1) / K
+    opcheck(OPS.feedback_encode, (x, feedback, 4, 0.9))

@@ -6,6 +6,8 @@ reason, elsewhere)."""
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -357,12 +359,14 @@ def test_key_channel_scale():
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("kv", ["spike4", "spike8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_spike_kv_step_is_write_then_attend(monkeypatch, kv, threads, rotate):
+@pytest.mark.parametrize("moment", [False, True])
+def test_spike_kv_step_is_write_then_attend(monkeypatch, kv, threads, rotate, moment):
     """SpikeKV.step (the Runner's: the rotations of q, k and v as one product, and after the
     prompt the C++ step, _C.direct_spike_kv_step) gives the bits of write then attend (three
     products, Python's operations), outputs and caches: a prompt of 1,000 tokens with padding
     (the Runner's mask), then steps of 1, 2 and 1 tokens, with 1 and 2 threads (a row of a
-    product does not depend on the rows beside it); the C++ step ran for each of the three."""
+    product does not depend on the rows beside it), with and without a query moment (the keys'
+    error feedback); the C++ step ran for each of the three."""
     from spikeops import attention
     from spikeops.attention import SpikeKV
     direct = attention._C.direct_spike_kv_step
@@ -374,8 +378,12 @@ def test_spike_kv_step_is_write_then_attend(monkeypatch, kv, threads, rotate):
     try:
         B, H, Hkv, D, L = 2, 9, 3, 64, 1006
         pad = torch.tensor([0, 5])
-        one = SpikeKV("test", kv, rotate, "spike", B, Hkv, L, D, torch.float32, "cpu")
-        two = SpikeKV("test", kv, rotate, "spike", B, Hkv, L, D, torch.float32, "cpu")
+        A = torch.randn(Hkv, D, D) * torch.logspace(0, -2, D)
+        m = A @ A.transpose(1, 2) if moment else None
+        one = SpikeKV("test", kv, rotate, "spike", B, Hkv, L, D, torch.float32, "cpu",
+                      query_moment=m)
+        two = SpikeKV("test", kv, rotate, "spike", B, Hkv, L, D, torch.float32, "cpu",
+                      query_moment=m)
         start = 0
         for T in (1000, 1, 2, 1):
             q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
@@ -390,9 +398,49 @@ def test_spike_kv_step_is_write_then_attend(monkeypatch, kv, threads, rotate):
             for name in ("bits", "scale"):
                 assert torch.equal(getattr(one.values, name), getattr(two.values, name)), name
             start = end
+        assert (one.key_feedback is not None) == moment
     finally:
         torch.set_num_threads(before)
     assert calls == [1000, 1001, 1003]
+
+
+def test_query_moment_feedback_codes_the_keys():
+    """With a query moment the key cache holds feedback_encode's codes of the keys (less the
+    offset, over the channel scale, rotated) under key_feedback's matrices, which differ from
+    gif_encode's; a moment of another shape is refused."""
+    from spikeops import ops
+    from spikeops.attention import KEY_ENCODINGS, SpikeKV, key_feedback
+    B, Hkv, D, T = 2, 3, 64, 40
+    A = torch.randn(Hkv, D, D) * torch.logspace(0, -2, D)
+    m = A @ A.transpose(1, 2)
+    k, v = torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    kvc = SpikeKV("test", "spike4", True, "spike", B, Hkv, 50, D, torch.float32, "cpu",
+                  query_moment=m)
+    kvc.write(k, v, 0)
+    F = key_feedback(m, kvc.key_scale, kvc.rotation)
+    assert torch.equal(kvc.key_feedback, F)
+    rows = ((k @ kvc.rotation - kvc.key_offset) / kvc.key_scale).reshape(B * Hkv, T, D)
+    enc = KEY_ENCODINGS[4]
+    planes, scale, zero = ops.feedback_encode(rows, F, enc.bits, enc.gamma)
+    P, W = planes.shape[0], planes.shape[-1]
+    assert torch.equal(kvc.keys.planes.view(P, B, Hkv, 50, W)[:, :, :, :T],
+                       planes.view(P, B, Hkv, T, W))
+    assert torch.equal(kvc.keys.zero.view(B, Hkv, 50)[:, :, :T], zero.view(B, Hkv, T))
+    plain = ops.gif_encode(rows.reshape(-1, D), enc.mode, enc.bits, enc.gamma)[0]
+    assert not torch.equal(plain, planes)
+    with pytest.raises(ValueError, match=r"query moment must have shape \[kv_heads, head_dim"):
+        SpikeKV("test", "spike4", True, "spike", B, Hkv, 50, D, torch.float32, "cpu",
+                query_moment=m[:2])
+
+
+def test_runner_announces_keys_without_query_moments(gqa_model):
+    """A spiking cache over a model whose calibration has no query moments says so (its keys
+    are coded without the error feedback); a float cache does not."""
+    with pytest.warns(UserWarning, match="have no query moment"):
+        Runner(gqa_model, max_len=8, kv="spike4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runner(gqa_model, max_len=8)
 
 
 def test_runner_decode_takes_the_one_call_step(gqa_model, monkeypatch):

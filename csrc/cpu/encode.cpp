@@ -308,6 +308,51 @@ void gif_encode(const EncodeArgs& a) {
   });
 }
 
+// One row per task: its statistics as gif_encode's minmax, then the channels in order, each
+// coded from its running value and its error carried into the later channels (docs/ops.md,
+// feedback_encode). The inner loop is elementwise (a product, then a difference, each rounded:
+// the build does not contract them), so the compiler's vectors give the same bits.
+void feedback_encode(const FeedbackEncodeArgs& a) {
+  const int64_t rows = a.G * a.N, K = a.K, W = a.W, qmax = (int64_t(1) << a.bits) - 1;
+  at::parallel_for(0, rows, std::max<int64_t>(1, row_grain(K * K / 2)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> r(K);
+    std::vector<uint32_t> words(a.bits * W);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* x = a.x + m * K;
+      const float* F = a.feedback + (m / a.N) * K * K;
+      float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+      bool finite = true;
+      for (int64_t k = 0; k < K; ++k) {
+        finite = finite && std::isfinite(x[k]);
+        mn = std::fmin(mn, x[k]);
+        mx = std::fmax(mx, x[k]);
+      }
+      std::fill(words.begin(), words.end(), 0u);
+      if (!finite) {  // as gif_encode: a row holding NaN or Inf is silent, its scale NaN
+        a.scale[m] = std::numeric_limits<float>::quiet_NaN();
+        a.zero[m] = 0;
+      } else {
+        const RangeQuant q = minmax_quant(a.gamma, mn, mx, static_cast<int32_t>(qmax));
+        std::copy(x, x + K, r.begin());
+        for (int64_t j = 0; j < K; ++j) {
+          float error;
+          const uint32_t code = static_cast<uint32_t>(feedback_code(r[j], q, &error));
+          for (int p = 0; p < a.bits; ++p)
+            words[p * W + j / 32] |= ((code >> p) & 1u) << (j % 32);
+          const float* Fj = F + j * K;
+          for (int64_t l = j + 1; l < K; ++l) r[l] = r[l] - error * Fj[l];
+        }
+        a.scale[m] = q.scale;
+        a.zero[m] = static_cast<int32_t>(q.zero);
+      }
+      for (int p = 0; p < a.bits; ++p)
+        std::copy(words.begin() + p * W, words.begin() + (p + 1) * W,
+                  a.planes + (p * rows + m) * W);
+    }
+  });
+}
+
 void spike_decode(const DecodeArgs& a) {
   dispatch_out_float(a.out_type, [&](auto tag) {
     using T = decltype(tag);

@@ -12,6 +12,7 @@ namespace spikeops {
 namespace cpu {
 
 void gif_encode(const EncodeArgs& a);
+void feedback_encode(const FeedbackEncodeArgs& a);  // cpu/encode.cpp
 void spike_decode(const DecodeArgs& a);
 void spike_counts(const CountsArgs& a);
 void spike_stats(const StatsArgs& a);

@@ -681,6 +681,59 @@ __global__ void __launch_bounds__(kStatsThreads) spike_stats_kernel(const StatsA
       atomicAdd(reinterpret_cast<unsigned long long*>(a.stats) + i, block_stats[i]);
 }
 
+// feedback_encode: one warp per row, kEncodeWarps rows per block, the row's running values in
+// shared memory. At step j every lane reads r_j and derives the code and the error itself (the
+// same operations as the CPU's on the same value), then updates its own later channels l = lane
+// (mod 32); the word of 32 channels is one ballot per plane of the codes the lanes kept.
+__global__ void feedback_encode_kernel(FeedbackEncodeArgs a) {
+  extern __shared__ float held[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* r = held + warp * a.K;
+  const int64_t rows = a.G * a.N;
+  const int32_t qmax = (1 << a.bits) - 1;
+  for (int64_t m = int64_t(blockIdx.x) * kEncodeWarps + warp; m < rows;
+       m += int64_t(gridDim.x) * kEncodeWarps) {
+    const float* x = a.x + m * a.K;
+    const float* F = a.feedback + (m / a.N) * a.K * a.K;
+    float mn = INFINITY, mx = -INFINITY;
+    bool finite = true;
+    for (int64_t k = lane; k < a.K; k += 32) {
+      const float v = x[k];
+      finite = finite && isfinite(v);
+      mn = fminf(mn, v);
+      mx = fmaxf(mx, v);
+      r[k] = v;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      mn = fminf(mn, __shfl_xor_sync(kFullMask, mn, o));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, o));
+    }
+    finite = __all_sync(kFullMask, finite);
+    __syncwarp();
+    const RangeQuant q = minmax_quant(a.gamma, mn, mx, qmax);
+    for (int64_t w = 0; w < a.W; ++w) {
+      uint32_t code = 0;
+      for (int t = 0; finite && t < 32 && w * 32 + t < a.K; ++t) {
+        const int64_t j = w * 32 + t;
+        float error;
+        const uint32_t c = static_cast<uint32_t>(feedback_code(r[j], q, &error));
+        if (t == lane) code = c;
+        for (int64_t l = j + 1 + lane; l < a.K; l += 32) r[l] = r[l] - error * F[j * a.K + l];
+        __syncwarp();
+      }
+      for (int p = 0; p < a.bits; ++p) {
+        const uint32_t word = __ballot_sync(kFullMask, (code >> p) & 1u);
+        if (lane == 0) a.planes[(p * rows + m) * a.W + w] = word;
+      }
+    }
+    if (lane == 0) {
+      a.scale[m] = finite ? q.scale : dev::quiet_nan();
+      a.zero[m] = finite ? static_cast<int32_t>(q.zero) : 0;
+    }
+    __syncwarp();
+  }
+}
+
 }  // namespace
 
 void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream) {
@@ -703,6 +756,13 @@ void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream) {
       kernel<<<grid, kEncodeThreads, 0, stream>>>(a);
     }
   });
+}
+
+void launch_feedback_encode(const FeedbackEncodeArgs& a, cudaStream_t stream) {
+  const int64_t rows = a.G * a.N;
+  const unsigned grid = dev::grid_size((rows + kEncodeWarps - 1) / kEncodeWarps);
+  const size_t shared = sizeof(float) * kEncodeWarps * a.K;  // K <= kMaxFeedbackK: 16 KiB
+  feedback_encode_kernel<<<grid, kEncodeThreads, shared, stream>>>(a);
 }
 
 void launch_spike_decode(const DecodeArgs& a, cudaStream_t stream) {

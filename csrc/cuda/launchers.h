@@ -28,6 +28,7 @@ namespace spikeops {
 
 // Each launcher expects at least one output element (the host skips empty outputs).
 void launch_gif_encode(const EncodeArgs& a, cudaStream_t stream);
+void launch_feedback_encode(const FeedbackEncodeArgs& a, cudaStream_t stream);
 void launch_spike_decode(const DecodeArgs& a, cudaStream_t stream);
 void launch_spike_counts(const CountsArgs& a, cudaStream_t stream);
 void launch_spike_stats(const StatsArgs& a, cudaStream_t stream);

@@ -10,9 +10,13 @@
   ``x_hat W_hat^T`` within the tolerance of docs/ops.md).
 - LAS (``"las"``): the OAT thresholds from the layer's activation statistics:
   ``theta_nor`` = the ``las_quantile`` quantile of ``|x|``, ``theta_out`` = ``max |x|``.
+- The spiking key cache (``"kv"``): each decoder layer's query moment (runner.query_moments,
+  over every batch), kept with its q_proj; ``Runner(kv="spike4" | "spike8")`` codes the keys
+  with the error feedback it gives (attention.key_feedback).
 
 A ``Calibration`` is saved beside a checkpoint as ``spikeops_calibration.json`` (gamma, theta,
-settings) and ``spikeops_calibration.safetensors`` (salient masks): never pickle.
+settings) and ``spikeops_calibration.safetensors`` (salient masks, query moments): never
+pickle.
 ``load_gptq`` applies one found there unless told otherwise (its ``calibration`` argument).
 
 ``set_encoding`` gives a model's SpikeLinear layers their encodings: one Encoding, or one per
@@ -43,7 +47,7 @@ from .files import check_output, has_file, input_file, write_file
 from .nn import SpikeLinear, kept_encodings, spike_layers
 from .spikes import DEFAULT_GAMMA, GAMMA_MODES, Encoding, check_usable, encode
 
-METHODS = ("obs", "sdllm", "las")
+METHODS = ("obs", "sdllm", "las", "kv")
 GAMMA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 # The keys of a per-layer-type encoding map: the projections' names, and "*" for the others.
 LAYER_TYPES = tuple(p.rsplit(".", 1)[1] for p in PROJECTIONS)
@@ -61,6 +65,8 @@ class LayerCalibration:
     # The spike bits gamma was searched for (Calibration.settings["bits"]): a clip that suits
     # 4-bit codes clips 8-bit ones for nothing, so other widths run unclipped. None: unknown.
     gamma_bits: Optional[int] = None
+    # q_proj's only (method "kv"): its decoder layer's query moment, float32 [kv_heads, D, D].
+    query_moment: Optional[torch.Tensor] = None
 
 
 def gamma_key(mode: str, group: int) -> str:
@@ -82,16 +88,19 @@ class Calibration:
 
     def save(self, folder) -> None:
         """Write the JSON and safetensors files into ``folder``, each whole (files.write_file),
-        masks first; the JSON names the hash of its masks, so a save interrupted between the
+        tensors first; the JSON names the hash of its tensors, so a save interrupted between the
         two loads as an error, never as a mixture."""
         from safetensors.torch import save_file
         fn = "Calibration.save"
         folder = check_output(fn, folder)
-        masks = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
+        tensors = {f"{name}.salient": c.salient.to(torch.uint8).cpu().contiguous()
                  for name, c in self.layers.items() if c.salient is not None}
-        mask_file = write_file(fn, folder / CALIBRATION_MASK_FILE, lambda tmp: save_file(masks, str(tmp)))
+        tensors.update({f"{name}.query_moment": c.query_moment.float().cpu().contiguous()
+                      for name, c in self.layers.items() if c.query_moment is not None})
+        mask_file = write_file(fn, folder / CALIBRATION_MASK_FILE, lambda tmp: save_file(tensors, str(tmp)))
         layers = {name: {"gamma": c.gamma, "theta": list(c.theta) if c.theta else None,
-                         "salient": c.salient is not None}
+                         "salient": c.salient is not None,
+                         "query_moment": c.query_moment is not None}
                   for name, c in self.layers.items()}
         text = json.dumps({"format": 1, "settings": self.settings,
                            "masks_sha256": _sha256(mask_file), "layers": layers}, indent=1)
@@ -113,32 +122,38 @@ class Calibration:
                 not isinstance(raw.get("layers"), dict):
             raise ValueError(f"{fn}: {json_file} is not a spikeops calibration "
                              f"(format 1 with a 'layers' object)")
-        masks = {}
+        tensors = {}
         if has_file(fn, folder, CALIBRATION_MASK_FILE):
             if raw.get("masks_sha256") not in (None, _sha256(mask_file)):
                 raise ValueError(f"{fn}: {mask_file} is not the mask file {json_file.name} was "
                                  f"saved with (an interrupted or mixed save); calibrate again")
             try:
-                masks = load_file(str(mask_file))
+                tensors = load_file(str(mask_file))
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"{fn}: {mask_file} must be a valid safetensors file: {e}") \
                     from e
+        def stored(name: str, entry: dict, field: str) -> Optional[torch.Tensor]:
+            """The tensor saved for a layer's field, None where its JSON entry says none."""
+            if not entry.get(field):
+                return None
+            key = f"{name}.{field}"
+            if key not in tensors:
+                raise ValueError(f"{fn}: {mask_file} lacks tensor {key!r}")
+            return tensors[key]
+
         layers = {}
         for name, entry in raw["layers"].items():
             if not isinstance(entry, dict):
-                raise ValueError(f"{fn}: layer {name!r} must be an object with gamma, theta and "
-                                 f"salient, got {entry!r}")
+                raise ValueError(f"{fn}: layer {name!r} must be an object with gamma, theta, "
+                                 f"salient and query_moment, got {entry!r}")
             gamma, theta = entry.get("gamma"), entry.get("theta")
-            salient = None
-            if entry.get("salient"):
-                key = f"{name}.salient"
-                if key not in masks:
-                    raise ValueError(f"{fn}: {mask_file} lacks tensor {key!r}")
-                mask = masks[key]
-                if mask.dtype != torch.uint8 or mask.dim() != 1 or bool((mask > 1).any()):
-                    raise ValueError(f"{fn}: {key} must be a uint8 [K] tensor of 0 and 1, got "
-                                     f"{mask.dtype} {list(mask.shape)}")
-                salient = mask.bool()
+            salient = stored(name, entry, "salient")
+            if salient is not None:
+                if salient.dtype != torch.uint8 or salient.dim() != 1 or \
+                        bool((salient > 1).any()):
+                    raise ValueError(f"{fn}: {name}.salient must be a uint8 [K] tensor of 0 "
+                                     f"and 1, got {salient.dtype} {list(salient.shape)}")
+                salient = salient.bool()
             if gamma is not None and not (
                     isinstance(gamma, dict)
                     and all(isinstance(k, str) and _GAMMA_KEY.fullmatch(k)
@@ -153,7 +168,15 @@ class Calibration:
                                           and 0 < theta[0] < theta[1] < math.inf):
                 raise ValueError(f"{fn}: layer {name!r}: theta must be [theta_nor, theta_out] "
                                  f"with 0 < theta_nor < theta_out, got {theta!r}")
-            layers[name] = LayerCalibration(salient, gamma, tuple(theta) if theta else None)
+            moment = stored(name, entry, "query_moment")
+            if moment is not None and (moment.dtype != torch.float32 or moment.dim() != 3 or
+                                       moment.shape[1] != moment.shape[2] or
+                                       not bool(torch.isfinite(moment).all())):
+                raise ValueError(f"{fn}: {name}.query_moment must be a finite float32 "
+                                 f"[kv_heads, D, D] tensor, got {moment.dtype} "
+                                 f"{list(moment.shape)}")
+            layers[name] = LayerCalibration(salient, gamma, tuple(theta) if theta else None,
+                                            query_moment=moment)
         settings = raw.get("settings", {})
         bits = settings.get("bits") if isinstance(settings, dict) else None
         if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool)):
@@ -438,7 +461,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     searched for. salient_fraction: share of channels OBS marks salient (SpikeLLM: 10%, with
     ``salient_bits = bits + 1``; 5% with ``bits + 2``). las_quantile: quantile of ``|x|`` that
     becomes ``theta_nor``. max_tokens: input rows per layer the methods use (the first ones of
-    the batches). gamma_grid: the SDLLM candidates, each in (0, 1]. groups: the activation
+    the batches; "kv" reads every batch). gamma_grid: the SDLLM candidates, each in (0, 1].
+    groups: the activation
     groupings (channels per group, 0: per token) the SDLLM gamma is searched for, one gamma per
     mode and grouping; encodings with another grouping run unclipped (announced).
     """
@@ -492,6 +516,17 @@ def calibrate(model: torch.nn.Module, batches: Iterable[torch.Tensor],
                 theta_nor = theta_out / 2
             cal.theta = (theta_nor, theta_out)
         result[name] = cal
+    if "kv" in methods:
+        from .runner import query_moments
+        names = {id(m): name for name, m in layers.items()}
+        with kept_encodings(layers, enc=None):
+            moments = query_moments(model, batches)
+        for layer, moment in zip(model.model.layers, moments):
+            name = names.get(id(getattr(layer.self_attn, "q_proj", None)))
+            if name is None:
+                raise ValueError(f"{fn}: method 'kv' needs every decoder layer's q_proj to be "
+                                 f"a SpikeLinear (a model from load_gptq)")
+            result[name].query_moment = moment
     # What was used, not what was asked for: fewer tokens than max_tokens may have run.
     settings = {"methods": list(methods), "bits": bits, "groups": list(groups),
                 "salient_fraction": salient_fraction,

@@ -117,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(one needing a calibration: calibrate --encoding)")
 
     p = command("calibrate", "calibrate the seed methods per layer (OBS salient channels, SDLLM "
-                "gamma, LAS thresholds) and save them beside the checkpoint", cmd_calibrate)
+                "gamma, LAS thresholds) and the spiking key cache (query moments) and save them "
+                "beside the checkpoint", cmd_calibrate)
     model_and_text(p, "calibration text file")
     p.add_argument("--out", help="folder for the calibration files (default: the model's)")
-    p.add_argument("--methods", default="obs,sdllm,las", help="comma list of obs, sdllm, las")
+    p.add_argument("--methods", default="obs,sdllm,las,kv",
+                   help="comma list of obs, sdllm, las, kv")
     p.add_argument("--bits", type=int, default=4, help="spike bits for the SDLLM gamma search")
     p.add_argument("--groups", default="0", help="activation groupings the SDLLM gamma is "
                    "searched for, comma list of channels per threshold (0: per token; 64: for "

@@ -140,12 +140,14 @@ def prepare_real_model(gguf, cache, transform: str, calib_text, seed: int = 0):
             "quantize", float_dir, q_dir, "--text", calib_text, "--transform", transform,
             "--bits", 4, "--group-size", 128, "--samples", 64, "--seq-len", 256,
             "--dtype", "float16", "--seed", seed)))
-    # A cache calibrated by an earlier version lacks the clips of DEMO_GROUPS: calibrated again.
-    if not calibrated or load_calibration(q_dir).settings.get("groups") != \
-            [int(g) for g in DEMO_GROUPS.split(",")]:
+    # A cache calibrated by an earlier version lacks the clips of DEMO_GROUPS or the query
+    # moments of the spiking key cache (method kv): calibrated again.
+    settings = load_calibration(q_dir).settings if calibrated else {}
+    if settings.get("groups") != [int(g) for g in DEMO_GROUPS.split(",")] or \
+            "kv" not in settings.get("methods", []):
         _step("calibrate", lambda: cmd_calibrate(_args(
-            "calibrate", q_dir, "--text", calib_text, "--methods", "obs,sdllm,las", "--bits", 4,
-            "--groups", DEMO_GROUPS, "--seed", seed)))
+            "calibrate", q_dir, "--text", calib_text, "--methods", "obs,sdllm,las,kv",
+            "--bits", 4, "--groups", DEMO_GROUPS, "--seed", seed)))
     return float_dir, q_dir
 
 

@@ -155,6 +155,27 @@ def _(x, mode, bits, gamma, salient_mask, salient_bits, scale, zero, theta_nor, 
             absent_unless(not signed, (M, R)))
 
 
+def feedback_encode(x: Tensor, feedback: Tensor, bits: int, gamma: float = 1.0):
+    """minmax spikes ``(planes [bits, G * N, W], scale [G * N, 1], zero [G * N, 1])`` of the
+    float32 rows ``x [G, N, K]`` (row ``(g, n)`` at ``g * N + n``), each row's codes chosen in
+    channel order with its rounding errors carried into the later channels through
+    ``feedback [G, K, K]`` (docs/ops.md, feedback_encode). No gradient: the codes are for the
+    key cache of attention."""
+    return _ops.feedback_encode.default(x, feedback, bits, gamma)
+
+
+@torch.library.register_fake("spikeops::feedback_encode")
+def _(x, feedback, bits, gamma):
+    torch._check_value(x.dim() == 3, lambda: f"feedback_encode: x must have shape [G, N, K], "
+                                             f"got {tuple(x.shape)}")
+    _same_device("feedback_encode", "x", x, feedback=feedback)
+    _C.check_bits("feedback_encode", "minmax", False, bits, 0)
+    G, N, K = x.shape
+    rows = G * N
+    return (x.new_empty((bits, rows, (K + 31) // 32), dtype=_INT32),
+            x.new_empty((rows, 1), dtype=torch.float32), x.new_empty((rows, 1), dtype=_INT32))
+
+
 def spike_decode(planes: Tensor, sign: Optional[Tensor], hi: Optional[Tensor], scale: Tensor,
                  zero: Optional[Tensor], K: int, dtype: torch.dtype = torch.float32,
                  group: int = 0) -> Tensor:

@@ -175,6 +175,28 @@ def gif_encode(x: Tensor, mode: str, bits: int, gamma: float = 1.0,
     return planes, sign, hi, scale_out, zero_t
 
 
+def feedback_encode(x: Tensor, feedback: Tensor, bits: int, gamma: float = 1.0):
+    """docs/ops.md, feedback_encode: gif_encode's minmax statistics per row, then the channels
+    in order, every row at once, each error carried into the later channels."""
+    G, N, K = x.shape
+    rows = x.reshape(G * N, K).to(_F32)
+    _, _, _, scale, zero = gif_encode(rows, "minmax", bits, gamma)
+    s, z = scale[:, 0], zero[:, 0].to(_F32)
+    finite = torch.isfinite(rows).all(dim=1)
+    r = torch.where(finite[:, None], rows, torch.zeros_like(rows))
+    F = feedback.to(_F32).repeat_interleave(N, dim=0)  # [G * N, K, K]: row (g, n) reads g
+    Q = torch.zeros(G * N, K, dtype=torch.int64, device=x.device)
+    qmax = (1 << bits) - 1
+    for j in range(K):
+        q = torch.clamp(torch.round(r[:, j] / s) + z, 0, qmax)
+        error = r[:, j] - s * (q - z)
+        Q[:, j] = q.to(torch.int64)
+        r[:, j + 1:] = r[:, j + 1:] - error[:, None] * F[:, j, j + 1:]
+    Q = torch.where(finite[:, None], Q, 0)
+    planes = torch.stack([pack_bits(((Q >> p) & 1).bool()) for p in range(bits)])
+    return planes, scale, zero
+
+
 # ----------------------------------------------------------------------------- consumers
 def spike_decode(planes, sign, hi, scale, zero, K, dtype=torch.float32, group=0):
     M = planes.shape[1]

@@ -19,7 +19,8 @@ CUDA graphs").
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -183,11 +184,23 @@ class Runner:
             # PV on spikes by default: the channel-major value cache is read in place, where
             # the float product decodes the whole value cache at every step (README).
             pv = kv_pv or "spike"
+            moments = [_query_moment(layer) for layer in layers]
+            missing = sum(m is None for m in moments)
+            if missing:
+                warnings.warn(
+                    f"{fn}: kv={kv!r}: {missing} of {len(moments)} layers have no query moment "
+                    f"in the model's calibration, so their keys are coded by rounding alone, "
+                    f"without the error feedback (README, 'Attention on spikes', has what it "
+                    f"gains); spikeops calibrate (method 'kv') makes them",
+                    stacklevel=2)
             self.spike_kv = [SpikeKV(fn, kv, rotate, pv, batch, self.kv_heads, max_len,
-                                     self.head_dim, w.dtype, w.device, model=model)
-                             for _ in self.layers]
+                                     self.head_dim, w.dtype, w.device, model=model,
+                                     query_moment=m)
+                             for m in moments]
         self.batch, self.max_len, self.length = batch, max_len, 0
         self.pad = None  # left padding of the sequences' rows (int64 [batch]), or None
+        # query_moments' sink: called with (layer, queries) by every eager step, or None.
+        self._query_sink = None
         # Whether one-token steps take _static_step. Its inputs are allocated whatever the
         # answer (a few bytes per row and key; the tests run the step on the CPU): the ids,
         # the position of the new token, the rows' left padding (zeros without) and the key
@@ -294,6 +307,8 @@ class Runner:
             mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start)
 
         def attend(i, q, k, v):
+            if self._query_sink is not None:
+                self._query_sink(i, q)
             if self.kv == "float":
                 keys, values = self._layer_kv[i]
                 keys[:, :, start:end] = k
@@ -398,6 +413,42 @@ class Runner:
         # Through the module, so that its hooks, such as the statistics' count of lm_head's
         # MACs, see the call.
         return torch.func.functional_call(self.lm_head, self.head_params, (h,)).float()
+
+
+def _query_moment(layer) -> Optional[torch.Tensor]:
+    """The query moment of a decoder layer's calibration (its q_proj's, calibrate method
+    "kv"), or None."""
+    cal = getattr(getattr(layer.self_attn, "q_proj", None), "calibration", None)
+    return getattr(cal, "query_moment", None)
+
+
+@torch.no_grad()
+def query_moments(model: torch.nn.Module, batches) -> List[torch.Tensor]:
+    """Per decoder layer, the second moment of its queries after the rotary embedding, per kv
+    head over the query heads that read it: float32 ``[kv_heads, head_dim, head_dim]``, the mean
+    of ``q^T q`` over every token of ``batches`` (int64 ``[B, T]`` token ids, no padding, or
+    one such tensor) and those heads, as the model runs now (calibrate runs it on float
+    activations: method "kv"). SpikeKV codes keys by it (attention.key_feedback)."""
+    fn = "query_moments"
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    batches = _checks.token_batches(fn, "batches", batches, vocab if vocab else 1 << 62)
+    sums: dict = {}
+    tokens = 0
+    for ids in batches:
+        runner = Runner(model, ids.shape[1], batch=ids.shape[0], cuda_graphs=False)
+
+        def sink(i, q):
+            B, H, T, D = q.shape
+            rows = q.double().reshape(B, runner.kv_heads, H // runner.kv_heads, T, D)
+            rows = rows.transpose(1, 0).reshape(runner.kv_heads, -1, D)
+            sums[i] = sums.get(i, 0) + rows.transpose(1, 2) @ rows
+        runner._query_sink = sink
+        runner(ids)
+        tokens += ids.numel()
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    return [(sums[i] / (tokens * group)).float().cpu() for i in range(len(sums))]
 
 
 def _hooked(module: torch.nn.Module) -> bool:
