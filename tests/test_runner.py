@@ -212,10 +212,12 @@ def test_spike_kv_cache_holds_encoded_keys_and_values(gqa_model, kv, rotate):
     """Every cached token is its float key (after the rotary embedding, less the key offset: the
     mean of the prompt's keys, divided by the key channel scale: each channel's largest
     magnitude over the prompt, at least 1/16 of the widest channel's) or value, rotated by the
-    Hadamard matrix when asked, encoded once per token and head (keys minmax, at 4 bits clipped
-    to 0.9 of the range; values absmax): bit for bit the encoding of what the float cache holds,
+    Hadamard matrix when asked, encoded once per token and head (keys under
+    attention.KEY_ENCODINGS, rounded alone: the tiny model has no query moments; values absmax):
+    bit for bit the encoding of what the float cache holds,
     whether written by a prompt or by decode steps (layer 0: the later layers' inputs depend on
     the quantized attention before them)."""
+    from spikeops.attention import KEY_ENCODINGS
     from spikeops.transforms import hadamard
     ids = torch.randint(0, 97, (2, 11))
     ref = Runner(gqa_model, max_len=16, batch=2)
@@ -233,8 +235,7 @@ def test_spike_kv_cache_holds_encoded_keys_and_values(gqa_model, kv, rotate):
     scale = torch.maximum(span, span.amax(3, keepdim=True) / 16)
     assert torch.equal(layer.key_scale, scale)
     for cache, floats, enc in (
-            (layer.keys, (keys - offset) / scale,
-             spikeops.Encoding("minmax", bits, gamma=0.9 if bits == 4 else None)),
+            (layer.keys, (keys - offset) / scale, KEY_ENCODINGS[bits]),
             (layer.values, ref.values[0][:, :, :11] @ H, spikeops.Encoding("absmax", bits))):
         expect = spikeops.fake_quantize(floats, enc)
         assert torch.equal(cache.decode(11, torch.float32), expect)
